@@ -1,0 +1,50 @@
+# conveyor — the two front-door commands are `make demo` and `make test`.
+# Everything else they need is installed here from the package registries.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SANDBOX_NAME ?= default
+
+.PHONY: venv lint types unit cluster test demo sandbox-down bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -m "not cluster" tests
+
+cluster: $(STAMP)
+	$(BIN)/conveyor sandbox up --name test
+	$(BIN)/pytest -m cluster tests
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest tests
+
+demo: $(STAMP)
+	$(BIN)/python -m conveyor.demo
+
+sandbox-down: $(STAMP)
+	$(BIN)/conveyor sandbox down --name $(SANDBOX_NAME)
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The `conveyor` command line: one thin module per command group."""

@@ -1,0 +1,35 @@
+"""The root `conveyor` command: wires each command group's module into one app."""
+
+from __future__ import annotations
+
+import typer
+
+from conveyor import __version__
+from conveyor.cli import sandbox
+
+app = typer.Typer(
+    name="conveyor",
+    help="GitOps continuous delivery for Kubernetes.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold secrets
+)
+app.add_typer(sandbox.app, name="sandbox")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"conveyor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """GitOps continuous delivery for Kubernetes."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,286 @@
+"""A small async Kubernetes client on httpx: discovery, get/list, server-side apply,
+delete and watch.
+
+conveyor applies thousands of objects per pass, so the client is async with one shared
+connection pool, and it speaks only the JSON REST API it needs. Discovery is cached per
+group-version and refreshed on a miss, so CRDs created mid-run are found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from conveyor.cluster.kubeconfig import ClusterCredentials
+
+Obj = dict[str, Any]
+
+
+class ApiError(RuntimeError):
+    """The apiserver answered with a Status failure."""
+
+    def __init__(self, status: int, reason: str, message: str, *, body: Obj | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.body = body or {}
+        super().__init__(f"HTTP {status} {reason}: {message}")
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+
+class UnknownKindError(RuntimeError):
+    def __init__(self, api_version: str, kind: str) -> None:
+        self.api_version = api_version
+        self.kind = kind
+        super().__init__(f"the cluster does not serve kind {kind} in {api_version}")
+
+
+@dataclass(frozen=True)
+class Resource:
+    api_version: str
+    kind: str
+    plural: str
+    namespaced: bool
+
+    def path(self, *, namespace: str | None = None, name: str | None = None) -> str:
+        prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        parts = [prefix]
+        if self.namespaced and namespace:
+            parts.append(f"namespaces/{quote(namespace, safe='')}")
+        parts.append(self.plural)
+        if name:
+            parts.append(quote(name, safe=""))
+        return "/".join(parts)
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    raise ApiError(
+        response.status_code,
+        str(body.get("reason") or response.reason_phrase),
+        str(body.get("message") or response.text[:500]),
+        body=body,
+    )
+
+
+class KubeClient:
+    def __init__(
+        self, credentials: ClusterCredentials, *, timeout: float = 30.0, max_connections: int = 32
+    ) -> None:
+        self.credentials = credentials
+        headers = {"Accept": "application/json", "User-Agent": "conveyor"}
+        if credentials.token:
+            headers["Authorization"] = f"Bearer {credentials.token}"
+        self._http = httpx.AsyncClient(
+            base_url=credentials.server,
+            verify=credentials.ssl_context(),
+            headers=headers,
+            timeout=timeout,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+        self._resources: dict[str, dict[str, Resource]] = {}
+        self._discovery_lock = asyncio.Lock()
+        self.writes = 0  # API writes made by this client: the "no-op costs nothing" check
+
+    async def __aenter__(self) -> KubeClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- raw requests -------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        content: bytes | None = None,
+        content_type: str | None = None,
+    ) -> Obj:
+        headers = {"Content-Type": content_type} if content_type else None
+        if method not in ("GET", "HEAD") and not (params and "dryRun" in params):
+            self.writes += 1
+        response = await self._http.request(
+            method, path, params=params, json=json_body, content=content, headers=headers
+        )
+        _raise_for_status(response)
+        return response.json() if response.content else {}
+
+    # -- discovery ------------------------------------------------------------------
+
+    async def resource(self, api_version: str, kind: str) -> Resource:
+        known = self._resources.get(api_version)
+        if known is None or kind not in known:
+            async with self._discovery_lock:
+                known = await self._discover(api_version)
+        if kind not in known:
+            raise UnknownKindError(api_version, kind)
+        return known[kind]
+
+    async def _discover(self, api_version: str) -> dict[str, Resource]:
+        path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        response = await self._http.get(path)
+        if response.status_code == 404:
+            self._resources[api_version] = {}
+            return {}
+        _raise_for_status(response)
+        found: dict[str, Resource] = {}
+        for item in response.json().get("resources", []):
+            if "/" in item["name"]:  # subresources such as deployments/status
+                continue
+            found[item["kind"]] = Resource(
+                api_version, item["kind"], item["name"], bool(item["namespaced"])
+            )
+        self._resources[api_version] = found
+        return found
+
+    def forget_discovery(self) -> None:
+        self._resources.clear()
+
+    # -- objects --------------------------------------------------------------------
+
+    async def get(
+        self, api_version: str, kind: str, name: str, *, namespace: str | None = None
+    ) -> Obj | None:
+        res = await self.resource(api_version, kind)
+        try:
+            return await self.request("GET", res.path(namespace=namespace, name=name))
+        except ApiError as error:
+            if error.not_found:
+                return None
+            raise
+
+    async def list(
+        self,
+        api_version: str,
+        kind: str,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> list[Obj]:
+        res = await self.resource(api_version, kind)
+        params = {"labelSelector": label_selector} if label_selector else {}
+        body = await self.request("GET", res.path(namespace=namespace), params=params)
+        items: list[Obj] = body.get("items", [])
+        for item in items:  # list items carry no apiVersion/kind; restore them
+            item.setdefault("apiVersion", api_version)
+            item.setdefault("kind", kind)
+        return items
+
+    async def apply(
+        self,
+        obj: Obj,
+        *,
+        field_manager: str,
+        force: bool = False,
+        dry_run: bool = False,
+        namespace: str | None = None,
+        subresource: str | None = None,
+    ) -> Obj:
+        """Server-side apply (PATCH application/apply-patch+yaml; JSON is valid YAML)."""
+        res = await self.resource(obj["apiVersion"], obj["kind"])
+        meta = obj.get("metadata", {})
+        ns = meta.get("namespace") or namespace
+        if res.namespaced and not ns:
+            ns = "default"
+        path = res.path(namespace=ns, name=meta["name"])
+        if subresource:
+            path += f"/{subresource}"
+        params = {"fieldManager": field_manager}
+        if force:
+            params["force"] = "true"
+        if dry_run:
+            params["dryRun"] = "All"
+        return await self.request(
+            "PATCH",
+            path,
+            params=params,
+            content=json.dumps(obj).encode(),
+            content_type="application/apply-patch+yaml",
+        )
+
+    async def delete(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        *,
+        namespace: str | None = None,
+        propagation: str = "Background",
+    ) -> bool:
+        res = await self.resource(api_version, kind)
+        try:
+            await self.request(
+                "DELETE",
+                res.path(namespace=namespace, name=name),
+                json_body={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "propagationPolicy": propagation,
+                },
+            )
+        except ApiError as error:
+            if error.not_found:
+                return False
+            raise
+        return True
+
+    async def watch(
+        self,
+        api_version: str,
+        kind: str,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        resource_version: str | None = None,
+        timeout_seconds: int = 300,
+    ) -> AsyncIterator[Obj]:
+        """Yield watch events ({"type", "object"}) until the server ends the stream."""
+        res = await self.resource(api_version, kind)
+        params = {
+            "watch": "true",
+            "timeoutSeconds": str(timeout_seconds),
+            "allowWatchBookmarks": "true",
+        }
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if resource_version:
+            params["resourceVersion"] = resource_version
+        async with self._http.stream(
+            "GET",
+            res.path(namespace=namespace),
+            params=params,
+            timeout=httpx.Timeout(timeout_seconds + 10, connect=10),
+        ) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _raise_for_status(response)
+            async for line in response.aiter_lines():
+                if line.strip():
+                    yield json.loads(line)

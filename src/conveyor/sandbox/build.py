@@ -1,0 +1,327 @@
+"""Build the sandbox's binaries from the Go module proxy, once, into a versioned cache.
+
+Kubernetes and etcd are built from small wrapper modules (their main modules use
+`replace` directives, which `go install pkg@version` refuses); kwok, the registry and
+Helm are plain `go install pkg@version`. Every step is named so that a failure says
+which one broke and shows the tail of its output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from conveyor.sandbox.paths import cache_root
+from conveyor.sandbox.versions import Versions, find_go
+
+# The multi-call binary answers to these names through symlinks.
+KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+KWOK_STAGES = (
+    "kustomize/stage/node/fast/node-initialize.yaml",
+    "kustomize/stage/pod/fast/pod-ready.yaml",
+    "kustomize/stage/pod/fast/pod-complete.yaml",
+    "kustomize/stage/pod/fast/pod-delete.yaml",
+)
+BINARIES = ("kube", "etcd", "kwok", "registry", "helm")
+
+Progress = Callable[[str], None]
+
+
+class BuildError(RuntimeError):
+    """A build step failed; `step` names it and `output` holds the tail of its log."""
+
+    def __init__(self, step: str, output: str, *, log: Path | None = None) -> None:
+        self.step = step
+        self.output = output
+        self.log = log
+        where = f" (full log: {log})" if log else ""
+        super().__init__(f"sandbox build failed at step '{step}'{where}:\n{output}")
+
+
+@dataclass
+class GoBuilder:
+    """Runs go commands with a pinned, reproducible environment and a log per step."""
+
+    go: str
+    go_version: str
+    log_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        flags = env.get("GOFLAGS", "").split()
+        env.update(
+            GOTOOLCHAIN="local",  # never download a toolchain behind the user's back
+            CGO_ENABLED="0",
+            GOFLAGS=" ".join([f for f in flags if not f.startswith("-mod=")] + ["-mod=mod"]),
+        )
+        env.update(self.extra_env)
+        return env
+
+    def run(self, step: str, args: list[str], *, cwd: Path) -> str:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / (re.sub(r"[^a-z0-9]+", "-", step.lower()).strip("-") + ".log")
+        with log.open("w") as out:
+            out.write(f"$ (cd {cwd} && {' '.join(args)})\n")
+            out.flush()
+            result = subprocess.run(
+                args,
+                cwd=cwd,
+                env=self.env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                check=False,
+            )
+            out.write(result.stdout)
+        if result.returncode != 0:
+            tail = "\n".join(result.stdout.strip().splitlines()[-25:])
+            raise BuildError(step, tail, log=log)
+        return result.stdout
+
+    def module_info(self, module: str, version: str, *, cwd: Path) -> dict[str, str]:
+        """`go mod download -json` of one module: its source Dir and its GoMod file."""
+        out = self.run(
+            f"download {module}@{version}",
+            [self.go, "mod", "download", "-json", f"{module}@{version}"],
+            cwd=cwd,
+        )
+        info: dict[str, str] = json.loads(out[out.index("{") :])
+        if info.get("Error"):
+            raise BuildError(f"download {module}@{version}", info["Error"])
+        return info
+
+
+def kube_ldflags(versions: Versions) -> str:
+    """The version variables that Kubernetes' hack/lib/version.sh sets, for both packages."""
+    major, minor = versions.kube_minor
+    values = {
+        "gitVersion": versions.kubernetes,
+        "gitMajor": major,
+        "gitMinor": minor,
+        "gitTreeState": "clean",
+        "buildDate": "1970-01-01T00:00:00Z",  # reproducible builds: no wall clock
+    }
+    flags = ["-s", "-w"]
+    for package in ("k8s.io/client-go/pkg/version", "k8s.io/component-base/version"):
+        flags += [f"-X {package}.{key}={value}" for key, value in values.items()]
+    return " ".join(flags)
+
+
+def helm_ldflags(versions: Versions) -> str:
+    major, minor = versions.kube_minor
+    flags = ["-s", "-w", f"-X helm.sh/helm/v3/internal/version.version={versions.helm}"]
+    for package in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+        flags += [f"-X {package}.k8sVersionMajor={major}", f"-X {package}.k8sVersionMinor={minor}"]
+    return " ".join(flags)
+
+
+def staging_replaces(kubernetes_go_mod: str, version: str) -> list[str]:
+    """Turn k/k's `replace k8s.io/x => ./staging/src/k8s.io/x` block into published versions.
+
+    Staging modules are published as v0.<minor>.<patch> for Kubernetes v1.<minor>.<patch>.
+    """
+    staging_version = "v0." + version.lstrip("v").split(".", 1)[1]
+    replaces = []
+    for line in kubernetes_go_mod.splitlines():
+        match = re.match(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/src/\1\s*$", line)
+        if match:
+            replaces.append(f"{match.group(1)} => {match.group(1)} {staging_version}")
+    if not replaces:
+        raise BuildError(
+            "generate replace lines", "no staging replace lines in k8s.io/kubernetes go.mod"
+        )
+    return replaces
+
+
+def godebug_line(go_mod: str) -> str | None:
+    match = re.search(r"^godebug\s+.+$", go_mod, flags=re.MULTILINE)
+    return match.group(0) if match else None
+
+
+def go_directive(go_mod: str) -> str:
+    match = re.search(r"^go\s+(\S+)$", go_mod, flags=re.MULTILINE)
+    return match.group(1) if match else "1.26"
+
+
+def kube_wrapper_go_mod(versions: Versions, kubernetes_go_mod: str) -> str:
+    lines = [
+        "module conveyor.local/sandbox/kube",
+        "",
+        f"go {go_directive(kubernetes_go_mod)}",
+        "",
+    ]
+    if debug := godebug_line(kubernetes_go_mod):
+        lines += [debug, ""]
+    lines += [f"require k8s.io/kubernetes {versions.kubernetes}", "", "replace ("]
+    lines += [f"\t{r}" for r in staging_replaces(kubernetes_go_mod, versions.kubernetes)]
+    lines += [")", ""]
+    return "\n".join(lines)
+
+
+def _asset(name: str) -> str:
+    return resources.files("conveyor.sandbox").joinpath("assets", name).read_text()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Two `sandbox up` at once must not build into the same directory."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def binaries_ready(bin_dir: Path) -> bool:
+    return (bin_dir / ".complete").exists() and all((bin_dir / b).exists() for b in BINARIES)
+
+
+def ensure_binaries(versions: Versions, *, progress: Progress | None = None) -> Path:
+    """Return the directory holding the sandbox binaries, building whatever is missing."""
+    say = progress or (lambda _message: None)
+    go, go_version = find_go()
+    root = cache_root() / "sandbox"
+    bin_dir = root / versions.cache_key(go_version) / "bin"
+    if binaries_ready(bin_dir):
+        return bin_dir
+    with _exclusive(root / "build.lock"):
+        if binaries_ready(bin_dir):  # another process finished while we waited
+            return bin_dir
+        builder = GoBuilder(go=go, go_version=go_version, log_dir=bin_dir.parent / "logs")
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        work = bin_dir.parent / "src"
+        work.mkdir(parents=True, exist_ok=True)
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("etcd", lambda: _build_etcd(builder, versions, work, bin_dir)),
+            ("kwok", lambda: _build_kwok(builder, versions, work, bin_dir)),
+            ("registry", lambda: _build_registry(builder, versions, work, bin_dir)),
+            ("helm", lambda: _build_helm(builder, versions, work, bin_dir)),
+            ("kube", lambda: _build_kube(builder, versions, work, bin_dir)),
+        ]
+        for name, build in steps:
+            if (bin_dir / name).exists():
+                continue
+            say(f"building {name} (first run only; cached in {bin_dir})")
+            build()
+        (bin_dir / ".complete").write_text(json.dumps({"go": go_version, **vars(versions)}))
+    return bin_dir
+
+
+def _build_into(builder: GoBuilder, step: str, args: list[str], *, cwd: Path, target: Path) -> None:
+    """Build to a temporary name and rename, so an interrupted build leaves no binary."""
+    partial = target.with_suffix(".partial")
+    builder.run(step, [*args, "-o", str(partial)], cwd=cwd)
+    partial.replace(target)
+
+
+def _wrapper_module(work: Path, name: str, go_mod: str, main_go: str) -> Path:
+    module_dir = work / name
+    module_dir.mkdir(parents=True, exist_ok=True)
+    (module_dir / "go.mod").write_text(go_mod)
+    (module_dir / "main.go").write_text(main_go)
+    return module_dir
+
+
+def _build_kube(builder: GoBuilder, versions: Versions, work: Path, bin_dir: Path) -> None:
+    info = builder.module_info("k8s.io/kubernetes", versions.kubernetes, cwd=work)
+    kubernetes_go_mod = Path(info["GoMod"]).read_text()
+    module_dir = _wrapper_module(
+        work, "kube", kube_wrapper_go_mod(versions, kubernetes_go_mod), _asset("kube_main.go")
+    )
+    builder.run("kube: go mod tidy", [builder.go, "mod", "tidy"], cwd=module_dir)
+    _build_into(
+        builder,
+        "kube: go build (kube-apiserver, controller-manager, scheduler, kubectl)",
+        [builder.go, "build", "-trimpath", "-ldflags", kube_ldflags(versions)],
+        cwd=module_dir,
+        target=bin_dir / "kube",
+    )
+    for command in KUBE_COMMANDS:
+        link = bin_dir / command
+        link.unlink(missing_ok=True)
+        link.symlink_to("kube")
+
+
+def _build_etcd(builder: GoBuilder, versions: Versions, work: Path, bin_dir: Path) -> None:
+    go_mod = (
+        "module conveyor.local/sandbox/etcd\n\ngo 1.24\n\n"
+        f"require go.etcd.io/etcd/server/v3 {versions.etcd}\n"
+    )
+    module_dir = _wrapper_module(work, "etcd", go_mod, _asset("etcd_main.go"))
+    builder.run("etcd: go mod tidy", [builder.go, "mod", "tidy"], cwd=module_dir)
+    _build_into(
+        builder,
+        "etcd: go build",
+        [builder.go, "build", "-trimpath", "-ldflags", "-s -w"],
+        cwd=module_dir,
+        target=bin_dir / "etcd",
+    )
+
+
+def _go_install(
+    builder: GoBuilder, step: str, package: str, version: str, ldflags: str, target: Path
+) -> None:
+    """`go install pkg@version` into a scratch GOBIN, then move the binary into place."""
+    with tempfile.TemporaryDirectory(dir=target.parent) as gobin:
+        installer = GoBuilder(
+            go=builder.go,
+            go_version=builder.go_version,
+            log_dir=builder.log_dir,
+            extra_env={"GOBIN": gobin, "GOFLAGS": ""},
+        )
+        installer.run(
+            step,
+            [builder.go, "install", "-trimpath", "-ldflags", ldflags, f"{package}@{version}"],
+            cwd=target.parent,
+        )
+        built = Path(gobin) / package.rsplit("/", 1)[1]
+        shutil.move(str(built), target)
+
+
+def _build_kwok(builder: GoBuilder, versions: Versions, work: Path, bin_dir: Path) -> None:
+    info = builder.module_info("sigs.k8s.io/kwok", versions.kwok, cwd=work)
+    stages = [(Path(info["Dir"]) / stage).read_text().strip() for stage in KWOK_STAGES]
+    (bin_dir / "kwok-stages.yaml").write_text("\n---\n".join(stages) + "\n")
+    _go_install(
+        builder,
+        "kwok: go install",
+        "sigs.k8s.io/kwok/cmd/kwok",
+        versions.kwok,
+        f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={versions.kwok.lstrip('v')}",
+        bin_dir / "kwok",
+    )
+
+
+def _build_registry(builder: GoBuilder, versions: Versions, work: Path, bin_dir: Path) -> None:
+    _go_install(
+        builder,
+        "registry: go install",
+        "github.com/distribution/distribution/v3/cmd/registry",
+        versions.registry,
+        f"-s -w -X github.com/distribution/distribution/v3/version.version={versions.registry}",
+        bin_dir / "registry",
+    )
+
+
+def _build_helm(builder: GoBuilder, versions: Versions, work: Path, bin_dir: Path) -> None:
+    _go_install(
+        builder,
+        "helm: go install",
+        "helm.sh/helm/v3/cmd/helm",
+        versions.helm,
+        helm_ldflags(versions),
+        bin_dir / "helm",
+    )
