@@ -59,9 +59,7 @@ def _named(entries: list[dict[str, Any]], name: str, what: str, path: Path) -> d
 def _materialize(data_b64: str | None, file: str | None, base: Path) -> str | None:
     """Inline `*-data` fields become private temp files, since ssl wants paths."""
     if data_b64:
-        handle = tempfile.NamedTemporaryFile(
-            prefix="conveyor-kube-", delete=False
-        )
+        handle = tempfile.NamedTemporaryFile(prefix="conveyor-kube-", delete=False)
         handle.write(base64.b64decode(data_b64))
         handle.close()
         os.chmod(handle.name, 0o600)

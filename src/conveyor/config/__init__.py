@@ -1,1 +1,1 @@
-
+"""Models of the files conveyor reads: conveyor.yaml, HelmReleases, channels, templates."""

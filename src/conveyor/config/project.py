@@ -1,0 +1,86 @@
+"""`conveyor.yaml` at the root of a config repo: environments, and repository policy.
+
+The file is optional: without it, `--path` picks the folder to reconcile. Environments
+are listed in promotion order (dev → staging → production).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+FILE_NAME = "conveyor.yaml"
+
+
+class ConfigError(ValueError):
+    """conveyor.yaml is missing something or malformed; the message names the file."""
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Cluster(Model):
+    context: str | None = None
+    kubeconfig: str | None = None
+
+
+class Environment(Model):
+    name: str
+    path: str = Field(description="Folder of the config repo that this environment applies.")
+    branch: str = "main"
+    cluster: Cluster = Field(default_factory=Cluster)
+    # Later sections (gates, promotion settings) are read by the packages that own them.
+    gates: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("path")
+    @classmethod
+    def _inside_repo(cls, value: str) -> str:
+        return safe_relative_path(value)
+
+
+class Guard(Model):
+    protected: list[str] = Field(default_factory=lambda: ["**"])
+    allow: list[str] = Field(default_factory=lambda: ["**/*.md"])
+    identities: list[str] = Field(default_factory=list)
+
+
+class Project(Model):
+    environments: list[Environment] = Field(default_factory=list)
+    guard: Guard = Field(default_factory=Guard)
+
+    def environment(self, name: str) -> Environment:
+        for env in self.environments:
+            if env.name == name:
+                return env
+        known = ", ".join(e.name for e in self.environments) or "none"
+        raise ConfigError(f"{FILE_NAME}: unknown environment {name!r} (known: {known})")
+
+
+def safe_relative_path(value: str) -> str:
+    """A path inside the repository: relative, no `..`, normalized to posix form."""
+    path = PurePosixPath(value.strip())
+    if path.is_absolute() or ".." in path.parts or str(path).startswith("~"):
+        raise ValueError(f"path {value!r} must stay inside the repository")
+    return str(path)
+
+
+def load_project(repo_root: Path) -> Project:
+    """Read conveyor.yaml from a checkout; an absent file gives an empty project."""
+    path = repo_root / FILE_NAME
+    if not path.exists():
+        return Project()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    try:
+        return Project.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None

@@ -1,0 +1,225 @@
+"""Git through the `git` CLI: clone, fetch and pin a revision, commit, push with retry.
+
+The CLI (not a library) so that deploy keys (`GIT_SSH_COMMAND`), credential helpers and
+every transport behave exactly as they do for the teams' own scripts. Arguments are
+always lists; URLs are shown with any password masked.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+_CREDENTIALS = re.compile(r"(://[^/@:\s]+):[^/@\s]+@")
+
+
+def mask_url(text: str) -> str:
+    """Hide the password of `https://user:password@host/...` wherever it appears."""
+    return _CREDENTIALS.sub(r"\1:***@", text)
+
+
+class GitError(RuntimeError):
+    def __init__(self, args: list[str], returncode: int, stderr: str) -> None:
+        self.args_list = [mask_url(a) for a in args]
+        self.returncode = returncode
+        self.stderr = mask_url(stderr.strip())
+        super().__init__(f"git {' '.join(self.args_list[1:])} failed ({returncode}): {self.stderr}")
+
+
+@dataclass(frozen=True)
+class Author:
+    name: str = "conveyor"
+    email: str = "conveyor@localhost"
+
+
+def git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # Never wait for a password prompt in automation; fail with a clear error instead.
+    env.setdefault("GIT_TERMINAL_PROMPT", "0")
+    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_git(
+    args: list[str],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 300,
+) -> str:
+    command = ["git", *args]
+    result = subprocess.run(
+        command,
+        cwd=cwd,
+        env=git_env(env),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise GitError(command, result.returncode, result.stderr or result.stdout)
+    return result.stdout
+
+
+@dataclass
+class Checkout:
+    """A local working copy of one branch of a remote repository."""
+
+    path: Path
+    url: str
+    branch: str
+    env: Mapping[str, str] | None = None
+
+    def git(self, *args: str, check: bool = True) -> str:
+        return run_git(list(args), cwd=self.path, env=self.env, check=check)
+
+    @classmethod
+    def open(
+        cls, url: str, path: Path, *, branch: str = "main", env: Mapping[str, str] | None = None
+    ) -> Checkout:
+        """Clone `url` into `path` (or reuse the clone there) and sync to the remote branch."""
+        checkout = cls(path=path, url=url, branch=branch, env=env)
+        if not (path / ".git").exists():
+            path.mkdir(parents=True, exist_ok=True)
+            run_git(["init", "--quiet", "--initial-branch", branch, str(path)], env=env)
+            checkout.git("remote", "add", "origin", url)
+        else:
+            checkout.git("remote", "set-url", "origin", url)
+        checkout.sync()
+        return checkout
+
+    def fetch(self) -> str | None:
+        """Fetch the branch; return the remote head SHA, or None if the branch does not exist
+        yet (an empty repository). An unreachable remote raises GitError."""
+        try:
+            self.git(
+                "fetch",
+                "--quiet",
+                "--prune",
+                "origin",
+                f"+refs/heads/{self.branch}:refs/remotes/origin/{self.branch}",
+            )
+        except GitError:
+            # Missing branch (empty repo) is fine; anything else, e.g. unreachable, raises.
+            if self.git("ls-remote", "--heads", "origin", self.branch).strip():
+                raise
+            return None
+        return self.git("rev-parse", f"refs/remotes/origin/{self.branch}").strip()
+
+    def sync(self) -> str | None:
+        """Make the working tree exactly the remote branch head (discarding local edits)."""
+        head = self.fetch()
+        if head is None:
+            self.git("checkout", "--quiet", "--orphan", self.branch, check=False)
+            return None
+        self.git("checkout", "--quiet", "-B", self.branch, head)
+        self.git("reset", "--quiet", "--hard", head)
+        self.git("clean", "--quiet", "-fdx")
+        return head
+
+    def head(self) -> str | None:
+        sha = self.git("rev-parse", "--verify", "--quiet", "HEAD", check=False).strip()
+        return sha or None
+
+    def commit_all(self, message: str, *, author: Author) -> str | None:
+        """Commit every change in the tree; None (and no commit) when nothing changed."""
+        self.git("add", "--all")
+        if not self.git("status", "--porcelain"):
+            return None
+        run_git(
+            [
+                "-c",
+                f"user.name={author.name}",
+                "-c",
+                f"user.email={author.email}",
+                "commit",
+                "--quiet",
+                "--no-verify",
+                "-m",
+                message,
+            ],
+            cwd=self.path,
+            env=self.env,
+        )
+        return self.head()
+
+    def push(self) -> bool:
+        """Push HEAD to the branch. False when the remote moved (non-fast-forward)."""
+        result = subprocess.run(
+            ["git", "push", "--porcelain", "origin", f"HEAD:refs/heads/{self.branch}"],
+            cwd=self.path,
+            env=git_env(self.env),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode == 0:
+            return True
+        output = result.stdout + result.stderr
+        if any(
+            s in output
+            for s in (
+                "[rejected]",
+                "non-fast-forward",
+                "fetch first",
+                "cannot lock ref",
+                "failed to update ref",
+            )
+        ):
+            return False
+        raise GitError(["git", "push", self.url], result.returncode, output)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 8
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Exponential backoff with full jitter, so racing pipelines spread out."""
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))  # noqa: S311
+
+
+class PushRaceLost(RuntimeError):
+    pass
+
+
+def commit_and_push(
+    checkout: Checkout,
+    change: Callable[[Path], object],
+    *,
+    message: str,
+    author: Author,
+    retry: RetryPolicy | None = None,
+) -> str | None:
+    """Apply `change` on the latest remote head, commit once, push; retry on a lost race.
+
+    Each attempt starts again from the remote head and re-runs `change`, so a concurrent
+    writer's commit is never overwritten and ours lands exactly once. Returns the commit
+    SHA, or None when `change` left the tree as it was (no empty commits).
+    """
+    policy = retry or RetryPolicy()
+    for attempt in range(policy.attempts):
+        checkout.sync()
+        change(checkout.path)
+        sha = checkout.commit_all(message, author=author)
+        if sha is None:
+            return None
+        if checkout.push():
+            return sha
+        time.sleep(policy.delay(attempt))
+    raise PushRaceLost(
+        f"could not push to {mask_url(checkout.url)} ({checkout.branch}) after "
+        f"{policy.attempts} attempts: the branch kept moving"
+    )
