@@ -66,7 +66,7 @@ def test_concurrent_pushes_all_land_exactly_once(remote: str, tmp_path: Path) ->
                 author=Author(),
                 retry=RetryPolicy(attempts=30, base_delay=0.05, max_delay=0.5),
             )
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=publish, args=(i,)) for i in range(8)]
