@@ -184,6 +184,7 @@ def test_second_named_sandbox_runs_beside_and_down_leaves_nothing(
         assert not status.ready
     finally:
         second.down()
-    assert not any(proc.is_running(r) for r in refs)
+    # Not running, and not even left as a zombie in the process table.
+    assert not any(proc.start_time_of(r.pid) == r.start_time for r in refs)
     assert not second.layout.root.exists()
     assert sandbox.sandbox.status().ready  # the first sandbox was not touched

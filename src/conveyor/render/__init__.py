@@ -1,1 +1,1 @@
-
+"""Turn a config repo's environment folder into desired objects, app by app."""

@@ -84,23 +84,36 @@ def _reap(pid: int) -> None:
         pass
 
 
+def _wait_reaped(ref: ProcessRef, *, timeout: float = 5.0) -> None:
+    """Wait until an exited process has left the process table.
+
+    Processes whose starter has exited are reaped by init, which may take a moment;
+    `down` returns only when no trace (not even a zombie) is left.
+    """
+    deadline = time.monotonic() + timeout
+    while start_time_of(ref.pid) == ref.start_time and time.monotonic() < deadline:
+        _reap(ref.pid)
+        time.sleep(0.05)
+
+
 def stop(ref: ProcessRef, *, grace: float = 10.0) -> bool:
     """SIGTERM, then SIGKILL after `grace` seconds. Returns True if it was running."""
     if not is_running(ref):
-        _reap(ref.pid)
+        _wait_reaped(ref)
         return False
     os.kill(ref.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         _reap(ref.pid)
         if not is_running(ref):
-            return True
+            break
         time.sleep(0.05)
     if is_running(ref):
         os.kill(ref.pid, signal.SIGKILL)
         while is_running(ref):
             _reap(ref.pid)
             time.sleep(0.05)
+    _wait_reaped(ref)
     return True
 
 

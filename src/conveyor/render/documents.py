@@ -1,0 +1,114 @@
+"""Read multi-document YAML files keeping where each document came from.
+
+Every render error must name the file and the line, so documents carry their source
+position from the moment they are parsed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Obj = dict[str, Any]
+
+
+class RenderError(Exception):
+    """Rendering one app failed. `file` and `line` say where, when known."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None) -> None:
+        self.file = file
+        self.line = line
+        self.detail = message
+        where = ""
+        if file:
+            where = f"{file}:{line}: " if line else f"{file}: "
+        super().__init__(f"{where}{message}")
+
+
+@dataclass(frozen=True)
+class Document:
+    obj: Obj
+    file: str  # relative to the repository root
+    line: int  # 1-based line of the document's first key
+
+    @property
+    def api_version(self) -> str:
+        return str(self.obj.get("apiVersion", ""))
+
+    @property
+    def kind(self) -> str:
+        return str(self.obj.get("kind", ""))
+
+    @property
+    def name(self) -> str:
+        return str(self.obj.get("metadata", {}).get("name", ""))
+
+    @property
+    def group(self) -> str:
+        return self.api_version.split("/", 1)[0] if "/" in self.api_version else ""
+
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def load_documents(path: Path, *, relative_to: Path) -> list[Document]:
+    """Parse every YAML document in `path`; empty documents are skipped.
+
+    Raises RenderError with the file and line of the first syntax error, or of a
+    document that is not a Kubernetes object (a mapping with apiVersion, kind and name).
+    """
+    rel = str(path.relative_to(relative_to))
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise RenderError("not a UTF-8 text file", file=rel) from None
+    documents: list[Document] = []
+    loader = yaml.SafeLoader(text)
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            line = node.start_mark.line + 1
+            obj = loader.construct_document(node)
+            if obj is None:
+                continue
+            documents.append(Document(obj=_check_object(obj, rel, line), file=rel, line=line))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark else None
+        problem = error.problem or str(error)
+        if error.context and error.context_mark:
+            problem += f" ({error.context} started on line {error.context_mark.line + 1})"
+        raise RenderError(f"invalid YAML: {problem}", file=rel, line=line) from None
+    except yaml.YAMLError as error:
+        raise RenderError(f"invalid YAML: {error}", file=rel) from None
+    finally:
+        loader.dispose()
+    return documents
+
+
+def _check_object(obj: object, file: str, line: int) -> Obj:
+    if not isinstance(obj, dict):
+        raise RenderError(
+            f"expected a Kubernetes object, got a {type(obj).__name__}", file=file, line=line
+        )
+    missing = [k for k in ("apiVersion", "kind") if not obj.get(k)]
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict) or not metadata.get("name"):
+        missing.append("metadata.name")
+    if missing:
+        raise RenderError(f"object is missing {', '.join(missing)}", file=file, line=line)
+    return obj
+
+
+def yaml_files(folder: Path) -> list[Path]:
+    """YAML files directly in `folder`, sorted for a stable order."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+    )
