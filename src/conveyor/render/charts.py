@@ -1,0 +1,162 @@
+"""Resolve where a HelmRelease's chart comes from into a local chart and a digest.
+
+Charts come from a git path (Flux v1 `chart.git`, Flux v2 GitRepository), a Helm
+repository, or OCI. The digest (git tree id or archive SHA-256) is part of the app's
+fingerprint, so an unchanged chart with unchanged values costs no Helm call at all.
+Fetches are shared within a pass: 1000 releases of one chart repo fetch it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from conveyor.config.helmrelease import (
+    ChartFromGit,
+    ChartFromRepository,
+    HelmReleaseSpec,
+    SourceRef,
+)
+from conveyor.render.documents import Document, RenderError
+from conveyor.render.helm import HelmCLI, HelmError
+from conveyor.source.git import GitError, run_git
+
+_EXACT_VERSION = re.compile(r"^v?\d+\.\d+\.\d+([-+][0-9A-Za-z.+-]+)?$")
+
+
+@dataclass(frozen=True)
+class ResolvedChart:
+    path: str  # a local chart directory or .tgz that `helm` can install
+    digest: str
+    origin: str  # for messages: where it came from
+
+
+class ChartResolver:
+    def __init__(self, cache_dir: Path, helm: HelmCLI,
+                 sources: dict[tuple[str, str, str], Document]) -> None:
+        self.cache_dir = cache_dir
+        self.helm = helm
+        self.sources = sources
+        self._memo: dict[tuple[str, ...], asyncio.Task[ResolvedChart]] = {}
+
+    async def resolve(self, spec: HelmReleaseSpec) -> ResolvedChart:
+        chart = spec.chart
+        if isinstance(chart, SourceRef):
+            chart = self._from_source(chart)
+        key: tuple[str, ...]
+        if isinstance(chart, ChartFromGit):
+            key = ("git", chart.url, chart.ref, chart.path)
+        else:
+            key = ("repo", chart.url, chart.name, chart.version or "")
+        if key not in self._memo:
+            self._memo[key] = asyncio.ensure_future(self._resolve(chart))
+        return await self._memo[key]
+
+    async def _resolve(self, chart: ChartFromGit | ChartFromRepository) -> ResolvedChart:
+        if isinstance(chart, ChartFromGit):
+            resolved = await asyncio.to_thread(self._from_git, chart)
+            if needs_dependency_build(Path(resolved.path)):
+                try:
+                    await self.helm.dependency_build(Path(resolved.path))
+                except HelmError as error:
+                    raise RenderError(f"chart {resolved.origin}: {error.message}") from None
+            return resolved
+        return await self._from_repository(chart)
+
+    def _from_source(self, ref: SourceRef) -> ChartFromGit | ChartFromRepository:
+        source = self.sources.get((ref.kind, ref.namespace, ref.name))
+        if source is None:
+            raise RenderError(f"{ref.kind} {ref.namespace}/{ref.name} is not defined in the "
+                              "repository")
+        spec = source.obj.get("spec") or {}
+        url = str(spec.get("url") or "")
+        if not url:
+            raise RenderError(f"{ref.kind} {ref.name} has no spec.url", file=source.file,
+                              line=source.line)
+        source_ref = spec.get("ref") or {}
+        if ref.kind == "GitRepository":
+            git_ref = (source_ref.get("commit") or source_ref.get("tag")
+                       or source_ref.get("branch") or "master")
+            return ChartFromGit(url=url, ref=str(git_ref), path=str(ref.chart or "."))
+        if ref.kind == "HelmRepository":
+            if spec.get("type") == "oci" and not url.startswith("oci://"):
+                url = "oci://" + url
+            return ChartFromRepository(url=url, name=str(ref.chart), version=ref.version)
+        if ref.kind == "OCIRepository":
+            version = source_ref.get("tag") or source_ref.get("semver") or ref.version
+            base, _, name = url.rstrip("/").rpartition("/")
+            return ChartFromRepository(url=base, name=name,
+                                       version=str(version) if version else None)
+        raise RenderError(f"charts from {ref.kind} are not supported", file=source.file,
+                          line=source.line)
+
+    def _from_git(self, chart: ChartFromGit) -> ResolvedChart:
+        mirror = self.cache_dir / "git" / hashlib.sha256(chart.url.encode()).hexdigest()[:16]
+        try:
+            if not (mirror / "HEAD").exists():
+                mirror.mkdir(parents=True, exist_ok=True)
+                run_git(["init", "--quiet", "--bare", str(mirror)])
+            run_git(["fetch", "--quiet", "--force", chart.url, chart.ref], cwd=mirror)
+            commit = run_git(["rev-parse", "FETCH_HEAD^{commit}"], cwd=mirror).strip()
+            path = chart.path.strip("/") or "."
+            tree_spec = f"{commit}:{path}" if path != "." else f"{commit}^{{tree}}"
+            tree = run_git(["rev-parse", tree_spec], cwd=mirror).strip()
+        except GitError as error:
+            raise RenderError(f"chart {chart.url}@{chart.ref}:{chart.path}: {error.stderr}"
+                              ) from None
+        target = self.cache_dir / "charts" / f"git-{tree}"
+        if not target.exists():
+            with tempfile.TemporaryDirectory(dir=self.cache_dir) as scratch:
+                archive = Path(scratch) / "chart.tar"
+                run_git(["archive", "--format=tar", "-o", str(archive), tree], cwd=mirror)
+                unpacked = Path(scratch) / "chart"
+                unpacked.mkdir()
+                shutil.unpack_archive(archive, unpacked)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                unpacked.rename(target)
+        if not (target / "Chart.yaml").exists():
+            raise RenderError(f"{chart.url}@{chart.ref}: {chart.path} has no Chart.yaml")
+        return ResolvedChart(path=str(target), digest=f"git:{tree}",
+                             origin=f"{chart.url}@{commit[:12]}:{chart.path}")
+
+    async def _from_repository(self, chart: ChartFromRepository) -> ResolvedChart:
+        exact = bool(chart.version and _EXACT_VERSION.match(chart.version))
+        key = hashlib.sha256(f"{chart.url}|{chart.name}|{chart.version}".encode()).hexdigest()
+        cached = self.cache_dir / "charts" / f"repo-{key[:24]}"
+        if not (exact and cached.exists()):
+            scratch = Path(tempfile.mkdtemp(dir=self.cache_dir))
+            try:
+                if chart.url.startswith("oci://"):
+                    archive = await self.helm.pull(f"{chart.url.rstrip('/')}/{chart.name}",
+                                                   destination=scratch, version=chart.version)
+                else:
+                    archive = await self.helm.pull(chart.name, destination=scratch,
+                                                   version=chart.version, repo=chart.url)
+            except HelmError as error:
+                shutil.rmtree(scratch, ignore_errors=True)
+                raise RenderError(f"chart {chart.name} from {chart.url}: {error.message}"
+                                  ) from None
+            cached.mkdir(parents=True, exist_ok=True)
+            for old in cached.glob("*.tgz"):
+                old.unlink()
+            archive.rename(cached / archive.name)
+            shutil.rmtree(scratch, ignore_errors=True)
+        archive = next(cached.glob("*.tgz"))
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        return ResolvedChart(path=str(archive), digest=f"sha256:{digest}",
+                             origin=f"{chart.url}/{chart.name}:{archive.stem}")
+
+
+def needs_dependency_build(chart_dir: Path) -> bool:
+    chart_file = chart_dir / "Chart.yaml"
+    if not chart_file.exists():
+        return False
+    dependencies = (yaml.safe_load(chart_file.read_text()) or {}).get("dependencies") or []
+    return bool(dependencies) and not (chart_dir / "charts").exists()

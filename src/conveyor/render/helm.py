@@ -1,0 +1,158 @@
+"""The real `helm` CLI, driven asynchronously: install/upgrade, status, rollback, pull.
+
+Releases are real Helm releases, so `helm list/history/rollback` keep working for the
+teams. Values are passed in a private temporary file (never on the command line, where
+`ps` would show secrets), and errors are reported without echoing values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_LOOPBACK = re.compile(r"^(oci://)?(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?(/|$)")
+
+
+class HelmError(RuntimeError):
+    def __init__(self, command: str, message: str) -> None:
+        self.command = command
+        self.message = message
+        super().__init__(f"helm {command}: {message}")
+
+
+def plain_http(url: str) -> bool:
+    """Loopback registries (the sandbox's) speak plain HTTP."""
+    return bool(_LOOPBACK.match(url))
+
+
+def _clean_error(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return "; ".join(lines[-5:]) if lines else "(no output)"
+
+
+@dataclass
+class HelmCLI:
+    binary: str = "helm"
+    kubeconfig: str | None = None
+    context: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def _global_args(self) -> list[str]:
+        args = []
+        if self.kubeconfig:
+            args += ["--kubeconfig", self.kubeconfig]
+        if self.context:
+            args += ["--kube-context", self.context]
+        return args
+
+    async def run(self, *args: str, kube: bool = True) -> str:
+        command = [self.binary, *args, *(self._global_args() if kube else [])]
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **self.extra_env},
+        )
+        stdout, stderr = await process.communicate()
+        if process.returncode != 0:
+            raise HelmError(args[0], _clean_error(stderr.decode(errors="replace")))
+        return stdout.decode()
+
+    async def status(self, release: str, namespace: str) -> dict[str, Any] | None:
+        try:
+            out = await self.run("status", release, "--namespace", namespace, "-o", "json")
+        except HelmError as error:
+            if "not found" in error.message:
+                return None
+            raise
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    async def history(self, release: str, namespace: str) -> list[dict[str, Any]]:
+        try:
+            out = await self.run("history", release, "--namespace", namespace, "-o", "json",
+                                 "--max", "256")
+        except HelmError as error:
+            if "not found" in error.message:
+                return []
+            raise
+        result: list[dict[str, Any]] = json.loads(out)
+        return result
+
+    async def upgrade_install(self, release: str, namespace: str, chart: str,
+                              values: dict[str, Any], *, timeout: float,
+                              description: str | None = None) -> dict[str, Any]:
+        with _values_file(values) as values_path:
+            args = ["upgrade", "--install", release, chart, "--namespace", namespace,
+                    "--create-namespace", "--values", str(values_path), "--reset-values",
+                    "--history-max", "10", "--timeout", f"{int(timeout)}s", "-o", "json"]
+            if description:
+                args += ["--description", description]
+            out = await self.run(*args)
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    async def template(self, release: str, namespace: str, chart: str,
+                       values: dict[str, Any]) -> str:
+        with _values_file(values) as values_path:
+            return await self.run("template", release, chart, "--namespace", namespace,
+                                  "--values", str(values_path), "--include-crds", kube=False)
+
+    async def rollback(self, release: str, namespace: str, revision: int, *,
+                       timeout: float) -> None:
+        await self.run("rollback", release, str(revision), "--namespace", namespace,
+                       "--timeout", f"{int(timeout)}s", "--history-max", "10")
+
+    async def uninstall(self, release: str, namespace: str) -> None:
+        try:
+            await self.run("uninstall", release, "--namespace", namespace)
+        except HelmError as error:
+            if "not found" not in error.message:
+                raise
+
+    async def manifest(self, release: str, namespace: str) -> str:
+        return await self.run("get", "manifest", release, "--namespace", namespace)
+
+    async def pull(self, chart: str, *, destination: Path, version: str | None = None,
+                   repo: str | None = None) -> Path:
+        """Download a chart archive; returns the .tgz path."""
+        destination.mkdir(parents=True, exist_ok=True)
+        args = ["pull", chart, "--destination", str(destination)]
+        if version:
+            args += ["--version", version]
+        if repo:
+            args += ["--repo", repo]
+        if plain_http(chart) or (repo and plain_http(repo)):
+            args.append("--plain-http")
+        await self.run(*args, kube=False)
+        archives = sorted(destination.glob("*.tgz"))
+        if len(archives) != 1:
+            raise HelmError("pull", f"expected one chart archive in {destination}")
+        return archives[0]
+
+    async def dependency_build(self, chart_dir: Path) -> None:
+        await self.run("dependency", "build", str(chart_dir), kube=False)
+
+
+@contextlib.contextmanager
+def _values_file(values: dict[str, Any]) -> Iterator[Path]:
+    """Values in a 0600 file in a private directory, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="conveyor-values-") as directory:
+        path = Path(directory) / "values.yaml"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            yaml.safe_dump(values, handle)
+        yield path
+
+
+def parse_manifest(manifest: str) -> list[dict[str, Any]]:
+    """Objects of a release manifest (`---`-separated, with `# Source:` comments)."""
+    return [o for o in yaml.safe_load_all(manifest) if isinstance(o, dict) and o.get("kind")]

@@ -1,0 +1,28 @@
+"""Render a kustomization directory with `kubectl kustomize`, the kustomize teams use."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import yaml
+
+from conveyor.render.documents import Document, RenderError
+
+
+async def render_kustomization(directory: Path, *, repo_root: Path, kubectl: str = "kubectl"
+                               ) -> list[Document]:
+    rel = str(directory.relative_to(repo_root))
+    process = await asyncio.create_subprocess_exec(
+        kubectl, "kustomize", str(directory),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    if process.returncode != 0:
+        message = stderr.decode(errors="replace").strip().replace(str(repo_root) + "/", "")
+        raise RenderError(f"kustomize build failed: {message}", file=rel)
+    try:
+        objects = [o for o in yaml.safe_load_all(stdout) if o]
+    except yaml.YAMLError as error:
+        raise RenderError(f"kustomize produced invalid YAML: {error}", file=rel) from None
+    return [Document(obj=o, file=rel, line=0) for o in objects]

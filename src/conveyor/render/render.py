@@ -1,0 +1,165 @@
+"""Render one app into what should exist: plain objects to apply, and a Helm plan.
+
+The output carries a fingerprint of everything that decides the result (objects, chart
+digest, values, release identity). When it equals the fingerprint of the last applied
+revision and the cluster shows no drift, the app costs no API write and no Helm call.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from conveyor.config.helmrelease import (
+    DriftMode,
+    HelmReleaseError,
+    HelmReleaseSpec,
+    ValuesReference,
+    parse_helmrelease,
+)
+from conveyor.render.charts import ChartResolver, ResolvedChart
+from conveyor.render.discover import AppSource
+from conveyor.render.documents import Document, Obj, RenderError
+from conveyor.render.kustomize import render_kustomization
+
+ValuesLookup = Callable[[ValuesReference], Awaitable[str | None]]
+
+
+@dataclass(frozen=True)
+class HelmPlan:
+    spec: HelmReleaseSpec
+    chart: ResolvedChart
+    values: dict[str, Any]  # may hold secrets from valuesFrom: never log it
+
+
+@dataclass
+class RenderedApp:
+    source: AppSource
+    objects: list[Obj]
+    helm: HelmPlan | None
+    fingerprint: str
+    depends_on: list[str]
+    suspend: bool
+    drift: DriftMode
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def empty(self) -> bool:
+        return not self.objects and self.helm is None
+
+
+def merge_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm's merge: maps merge key by key, anything else is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_values(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def set_path(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    result = copy.deepcopy(values)
+    node = result
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return result
+
+
+def fingerprint(payload: Any) -> str:
+    encoded = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(encoded.encode()).hexdigest()[:32]
+
+
+def _annotation(documents: list[Document], key: str) -> str | None:
+    for doc in documents:
+        value = (doc.obj.get("metadata", {}).get("annotations") or {}).get(key)
+        if value is not None:
+            return str(value)
+    return None
+
+
+class Renderer:
+    def __init__(self, repo_root: Path, *, charts: ChartResolver, values_lookup: ValuesLookup,
+                 kubectl: str = "kubectl", drift_default: DriftMode = "enabled") -> None:
+        self.repo_root = repo_root
+        self.charts = charts
+        self.values_lookup = values_lookup
+        self.kubectl = kubectl
+        self.drift_default = drift_default
+
+    async def render(self, app: AppSource) -> RenderedApp:
+        if app.error is not None:
+            raise app.error
+        if app.kind == "kustomize":
+            documents = await render_kustomization(self.repo_root / app.path,
+                                                   repo_root=self.repo_root, kubectl=self.kubectl)
+        else:
+            documents = app.documents
+        objects = [doc.obj for doc in documents]
+        drift = _annotation(documents, "conveyor.dev/drift") or self.drift_default
+        if drift not in ("enabled", "warn", "disabled"):
+            raise RenderError(f"conveyor.dev/drift must be enabled, warn or disabled, not "
+                              f"{drift!r}", file=app.path)
+        if app.helm_release is None:
+            return RenderedApp(source=app, objects=objects, helm=None,
+                               fingerprint=fingerprint({"objects": objects}), depends_on=[],
+                               suspend=False, drift=drift)  # type: ignore[arg-type]
+        release_doc = app.helm_release
+        try:
+            spec = parse_helmrelease(release_doc.obj)
+        except HelmReleaseError as error:
+            raise RenderError(str(error), file=release_doc.file, line=release_doc.line) from None
+        chart = await self._chart(spec, release_doc)
+        values = await self._values(spec, release_doc)
+        plan = HelmPlan(spec=spec, chart=chart, values=values)
+        identity = {
+            "objects": objects, "chart": chart.digest, "values": values,
+            "release": spec.release_name, "namespace": spec.target_namespace,
+        }
+        return RenderedApp(source=app, objects=objects, helm=plan,
+                           fingerprint=fingerprint(identity), depends_on=spec.depends_on,
+                           suspend=spec.suspend, drift=spec.drift)
+
+    async def _chart(self, spec: HelmReleaseSpec, doc: Document) -> ResolvedChart:
+        try:
+            return await self.charts.resolve(spec)
+        except RenderError as error:
+            raise RenderError(error.detail, file=doc.file, line=doc.line) from None
+
+    async def _values(self, spec: HelmReleaseSpec, doc: Document) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for ref in spec.values_from:
+            text = await self.values_lookup(ref)
+            if text is None:
+                if ref.optional:
+                    continue
+                raise RenderError(f"valuesFrom {ref.kind} {ref.namespace}/{ref.name} key "
+                                  f"{ref.key!r} not found", file=doc.file, line=doc.line)
+            if ref.target_path:
+                values = set_path(values, ref.target_path, text)
+                continue
+            try:
+                loaded = yaml.safe_load(text) or {}
+            except yaml.YAMLError:
+                # Never echo the content: it may come from a Secret.
+                raise RenderError(f"valuesFrom {ref.kind} {ref.name} key {ref.key!r} is not "
+                                  "valid YAML", file=doc.file, line=doc.line) from None
+            if not isinstance(loaded, dict):
+                raise RenderError(f"valuesFrom {ref.kind} {ref.name} key {ref.key!r} is not a "
+                                  "mapping", file=doc.file, line=doc.line)
+            values = merge_values(values, loaded)
+        return merge_values(values, spec.values)
