@@ -9,6 +9,7 @@ group-version and refreshed on a miss, so CRDs created mid-run are found.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -184,14 +185,28 @@ class KubeClient:
         namespace: str | None = None,
         label_selector: str | None = None,
     ) -> list[Obj]:
+        items, _ = await self.list_with_version(
+            api_version, kind, namespace=namespace, label_selector=label_selector
+        )
+        return items
+
+    async def list_with_version(
+        self,
+        api_version: str,
+        kind: str,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> tuple[builtins.list[Obj], str]:
+        """Items and the list's resourceVersion, from which a watch can continue."""
         res = await self.resource(api_version, kind)
         params = {"labelSelector": label_selector} if label_selector else {}
         body = await self.request("GET", res.path(namespace=namespace), params=params)
-        items: list[Obj] = body.get("items", [])
+        items: builtins.list[Obj] = body.get("items", [])
         for item in items:  # list items carry no apiVersion/kind; restore them
             item.setdefault("apiVersion", api_version)
             item.setdefault("kind", kind)
-        return items
+        return items, str(body.get("metadata", {}).get("resourceVersion", ""))
 
     async def apply(
         self,

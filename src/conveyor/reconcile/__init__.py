@@ -1,1 +1,1 @@
-
+"""The agent: per app, source → render → plan → apply → verify → report."""

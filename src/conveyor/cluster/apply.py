@@ -1,0 +1,115 @@
+"""Server-side apply of an app's objects, with one field manager, in a safe order.
+
+CRDs first (and waited for until they are served), then Namespaces, then the rest,
+each group concurrently. Every object is labelled with its app so that the inventory,
+drift watches and `kubectl get -l` can find it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+from typing import Any
+
+from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
+from conveyor.cluster.objects import Obj, ObjectRef, apply_order
+
+FIELD_MANAGER = "conveyor"
+APP_LABEL = "conveyor.dev/app"
+SCOPE_LABEL = "conveyor.dev/scope"
+
+
+class ApplyError(RuntimeError):
+    """Applying some objects failed; `failures` names each one and why."""
+
+    def __init__(self, failures: list[tuple[ObjectRef, str]]) -> None:
+        self.failures = failures
+        super().__init__("; ".join(f"{ref}: {why}" for ref, why in failures))
+
+
+def labelled(obj: Obj, *, app: str, scope: str) -> Obj:
+    result = copy.deepcopy(obj)
+    labels = result.setdefault("metadata", {}).setdefault("labels", {}) or {}
+    labels[APP_LABEL] = app
+    labels[SCOPE_LABEL] = scope
+    result["metadata"]["labels"] = labels
+    return result
+
+
+async def namespaced_ref(kube: KubeClient, obj: Obj) -> ObjectRef:
+    """The object's identity with the namespace it will really get."""
+    resource = await kube.resource(str(obj["apiVersion"]), str(obj["kind"]))
+    ref = ObjectRef.of(obj)
+    if resource.namespaced and not ref.namespace:
+        return ObjectRef(ref.api_version, ref.kind, "default", ref.name)
+    if not resource.namespaced and ref.namespace:
+        return ObjectRef(ref.api_version, ref.kind, "", ref.name)
+    return ref
+
+
+async def apply_objects(kube: KubeClient, objects: list[Obj], *, force: bool = True,
+                        dry_run: bool = False) -> list[Obj]:
+    """Apply in order; returns the objects as the server stored them. Every failure is
+    collected and reported together, not only the first."""
+    applied: list[Obj] = []
+    failures: list[tuple[ObjectRef, str]] = []
+    ordered = sorted(objects, key=apply_order)
+    for _, group in itertools.groupby(ordered, key=apply_order):
+        batch = list(group)
+        results = await asyncio.gather(
+            *(kube.apply(o, field_manager=FIELD_MANAGER, force=force, dry_run=dry_run)
+              for o in batch),
+            return_exceptions=True,
+        )
+        for obj, result in zip(batch, results, strict=True):
+            if isinstance(result, ApiError | UnknownKindError):
+                failures.append((ObjectRef.of(obj), str(result)))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                applied.append(result)
+        if any(o.get("kind") == "CustomResourceDefinition" for o in batch) and not dry_run:
+            await _wait_crds_established(kube, [o for o in applied
+                                                if o.get("kind") == "CustomResourceDefinition"])
+    if failures:
+        raise ApplyError(failures)
+    return applied
+
+
+async def _wait_crds_established(kube: KubeClient, crds: list[Obj], *, timeout: float = 30.0
+                                 ) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    for crd in crds:
+        name = crd["metadata"]["name"]
+        while asyncio.get_running_loop().time() < deadline:
+            live = await kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name)
+            conditions: list[dict[str, Any]] = (live or {}).get("status", {}).get(
+                "conditions", [])
+            if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                break
+            await asyncio.sleep(0.2)
+    kube.forget_discovery()
+
+
+async def delete_objects(kube: KubeClient, refs: list[ObjectRef]) -> list[ObjectRef]:
+    """Delete what left git: namespaced objects first, Namespaces and CRDs last."""
+    deleted: list[ObjectRef] = []
+    failures: list[tuple[ObjectRef, str]] = []
+    last = {"Namespace", "CustomResourceDefinition"}
+    for wave in ([r for r in refs if r.kind not in last], [r for r in refs if r.kind in last]):
+        results = await asyncio.gather(
+            *(kube.delete(r.api_version, r.kind, r.name, namespace=r.namespace or None)
+              for r in wave),
+            return_exceptions=True,
+        )
+        for ref, result in zip(wave, results, strict=True):
+            if isinstance(result, UnknownKindError):
+                continue  # its CRD is gone, and with it the object
+            if isinstance(result, BaseException):
+                failures.append((ref, str(result)))
+            elif result:
+                deleted.append(ref)
+    if failures:
+        raise ApplyError(failures)
+    return deleted

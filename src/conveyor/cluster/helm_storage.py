@@ -1,0 +1,52 @@
+"""Unlock a Helm release left `pending-*` by a crash, as `helm` itself cannot.
+
+Helm refuses to upgrade a release whose last revision is pending ("another operation
+is in progress"). When conveyor holds the environment's lease, no other operation can
+be running, so the pending revision is marked failed in Helm's own storage (the
+`sh.helm.release.v1.<name>.v<N>` Secret) and the next upgrade proceeds normally.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from typing import Any
+
+from conveyor.cluster.client import KubeClient
+
+_MAGIC_GZIP = b"\x1f\x8b\x08"
+
+
+def decode_release(data: str) -> dict[str, Any]:
+    raw = base64.b64decode(base64.b64decode(data))
+    if raw.startswith(_MAGIC_GZIP):
+        raw = gzip.decompress(raw)
+    result: dict[str, Any] = json.loads(raw)
+    return result
+
+
+def encode_release(release: dict[str, Any]) -> str:
+    packed = base64.b64encode(gzip.compress(json.dumps(release).encode()))
+    return base64.b64encode(packed).decode()
+
+
+async def unlock_pending_release(kube: KubeClient, *, release: str, namespace: str) -> int | None:
+    """Mark the latest revision failed if it is pending. Returns its number, or None."""
+    secrets = await kube.list("v1", "Secret", namespace=namespace,
+                              label_selector=f"owner=helm,name={release}")
+    if not secrets:
+        return None
+    latest = max(secrets, key=lambda s: int(s["metadata"]["labels"].get("version", "0")))
+    status = latest["metadata"]["labels"].get("status", "")
+    if not status.startswith("pending-"):
+        return None
+    body = decode_release(latest["data"]["release"])
+    body.setdefault("info", {})["status"] = "failed"
+    body["info"]["description"] = f"marked failed by conveyor: interrupted while {status}"
+    latest["data"]["release"] = encode_release(body)
+    latest["metadata"]["labels"]["status"] = "failed"
+    await kube.request(
+        "PUT", f"/api/v1/namespaces/{namespace}/secrets/{latest['metadata']['name']}",
+        json_body=latest)
+    return int(latest["metadata"]["labels"]["version"])

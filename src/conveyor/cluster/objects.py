@@ -1,0 +1,89 @@
+"""Object identity, apply order and drift comparison: pure functions over manifests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+Obj = dict[str, Any]
+
+# Cluster-scoped definitions first, then namespaces, then everything that lives in them.
+_ORDER = {"CustomResourceDefinition": 0, "Namespace": 1, "ServiceAccount": 2, "Secret": 2,
+          "ConfigMap": 2, "ClusterRole": 2, "ClusterRoleBinding": 3, "Role": 2,
+          "RoleBinding": 3}
+_UNCOMPARED_METADATA = {"namespace", "name", "creationTimestamp", "resourceVersion", "uid",
+                        "generation", "managedFields", "selfLink"}
+
+
+@dataclass(frozen=True, order=True)
+class ObjectRef:
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+
+    @property
+    def group(self) -> str:
+        return self.api_version.split("/")[0] if "/" in self.api_version else ""
+
+    def key(self) -> tuple[str, str, str, str]:
+        """Identity across API versions of the same group (apps/v1 == apps/v1beta2)."""
+        return (self.group, self.kind, self.namespace, self.name)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"apiVersion": self.api_version, "kind": self.kind,
+                "namespace": self.namespace, "name": self.name}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, str]) -> ObjectRef:
+        return cls(raw["apiVersion"], raw["kind"], raw.get("namespace", ""), raw["name"])
+
+    @classmethod
+    def of(cls, obj: Obj) -> ObjectRef:
+        meta = obj.get("metadata", {})
+        return cls(str(obj["apiVersion"]), str(obj["kind"]), str(meta.get("namespace") or ""),
+                   str(meta["name"]))
+
+    def __str__(self) -> str:
+        where = f"{self.namespace}/" if self.namespace else ""
+        return f"{self.kind} {where}{self.name}"
+
+
+def apply_order(obj: Obj) -> int:
+    return _ORDER.get(str(obj.get("kind")), 5)
+
+
+def differences(desired: Any, live: Any, path: str = "") -> list[str]:
+    """Paths where `live` does not hold what `desired` says (desired ⊆ live).
+
+    Fields the server adds (defaults, status) are not drift; a changed or removed field
+    that we set is. Empty maps and lists in desired match absent fields.
+    """
+    if isinstance(desired, dict):
+        if not isinstance(live, dict):
+            return [] if not desired and live is None else [path or "."]
+        found: list[str] = []
+        for key, value in desired.items():
+            if path == "" and key == "status":
+                continue
+            if path == ".metadata" and key in _UNCOMPARED_METADATA:
+                continue
+            if value is None:
+                continue
+            found += differences(value, live.get(key), f"{path}.{key}")
+        return found
+    if isinstance(desired, list):
+        if not isinstance(live, list):
+            return [] if not desired and live is None else [path]
+        if len(desired) != len(live):
+            return [path]
+        found = []
+        for index, (d, item) in enumerate(zip(desired, live, strict=True)):
+            found += differences(d, item, f"{path}[{index}]")
+        return found
+    if desired == live:
+        return []
+    # The API server normalises some scalars: 1 and "1", 1.0 and 1, True and "true".
+    if str(desired).lower() == str(live).lower():
+        return []
+    return [path]

@@ -1,0 +1,62 @@
+"""Report outcomes beyond the status object: Kubernetes Events and Prometheus metrics.
+
+Events are recorded only on changes (an applied revision, a failure, drift), so a no-op
+resync writes nothing; a failure to record an event never fails a reconcile.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from conveyor.cluster.client import ApiError, KubeClient
+from conveyor.reconcile.status import API_VERSION, KIND, NAMESPACE, AppStatus, now
+
+log = logging.getLogger("conveyor.reconcile")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.reconciles = Counter("conveyor_reconcile_total", "App reconciles by result",
+                                  ["scope", "app", "result"], registry=self.registry)
+        self.duration = Histogram("conveyor_reconcile_duration_seconds",
+                                  "Duration of one app reconcile", ["scope"],
+                                  registry=self.registry)
+        self.ready = Gauge("conveyor_app_ready", "1 when the app is Ready", ["scope", "app"],
+                           registry=self.registry)
+        self.writes = Counter("conveyor_api_writes_total", "API writes made by reconciles",
+                              ["scope"], registry=self.registry)
+        self.revision = Gauge("conveyor_source_revision_info", "Git revision being applied",
+                              ["scope", "revision"], registry=self.registry)
+
+
+class EventRecorder:
+    def __init__(self, kube: KubeClient, *, component: str = "conveyor") -> None:
+        self.kube = kube
+        self.component = component
+
+    async def record(self, status: AppStatus, *, warning: bool, reason: str,
+                     message: str) -> None:
+        timestamp = now()
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{status.name}.{uuid.uuid4().hex[:10]}",
+                         "namespace": NAMESPACE},
+            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": status.name,
+                               "namespace": NAMESPACE},
+            "reason": reason, "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": self.component},
+            "firstTimestamp": timestamp, "lastTimestamp": timestamp, "count": 1,
+        }
+        level = logging.WARNING if warning else logging.INFO
+        log.log(level, "%s", message, extra={"app": status.app, "scope": status.scope,
+                                              "reason": reason, "revision": status.revision})
+        try:
+            await self.kube.request("POST", f"/api/v1/namespaces/{NAMESPACE}/events",
+                                    json_body=event)
+        except (ApiError, OSError) as error:
+            log.warning("could not record event %s for %s: %s", reason, status.app, error)
