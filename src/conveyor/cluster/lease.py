@@ -1,0 +1,244 @@
+"""Leader election on a coordination.k8s.io/v1 Lease, so that two agents reconciling one
+environment never apply at the same time.
+
+Every write carries the Lease's resourceVersion: when two agents race, the apiserver
+accepts one and answers 409 to the other. Whether another holder's lease has run out is
+judged as client-go judges it, by this process's monotonic clock from the moment it saw
+the lease record last change, never by the holder's timestamps alone, so clock skew
+between machines cannot hand the lease to two holders. A leader that cannot renew stops
+calling itself leader once its last renewal is older than the lease duration, which is
+before any contender may take over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from conveyor.cluster.client import ApiError, KubeClient
+
+LEASE_API_VERSION = "coordination.k8s.io/v1"
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+
+class LeaseNotAcquiredError(RuntimeError):
+    def __init__(self, namespace: str, name: str, holder: str | None) -> None:
+        self.holder = holder
+        super().__init__(f"lease {namespace}/{name} is held by {holder or 'another agent'}")
+
+
+def _micro_time() -> str:
+    """Now as a Kubernetes MicroTime: RFC 3339 with microseconds, in UTC."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _is_transient(error: Exception) -> bool:
+    if isinstance(error, ApiError):
+        return error.status >= 500 or error.status == 429
+    return isinstance(error, httpx.TransportError)
+
+
+class LeaderElector:
+    """One candidate for one Lease. Use `acquire` then `run_renewals`, or `hold`."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        *,
+        namespace: str,
+        name: str,
+        identity: str,
+        lease_duration: float = 15.0,
+        renew_interval: float = 5.0,
+    ) -> None:
+        if not 0 < renew_interval < lease_duration:
+            raise ValueError("renew_interval must be positive and shorter than lease_duration")
+        self.client = client
+        self.namespace = namespace
+        self.name = name
+        self.identity = identity
+        self.lease_duration = lease_duration
+        self.renew_interval = renew_interval
+        self.lost = asyncio.Event()
+        """Set when this candidate stops being leader: lease lost, expired or released."""
+        self._renewed_at: float | None = None  # monotonic time the last successful write was sent
+        self._observed_spec: Obj | None = None
+        self._observed_at = 0.0  # monotonic time _observed_spec was first seen
+
+    @property
+    def is_leader(self) -> bool:
+        """True while the last successful acquire or renew is younger than the lease."""
+        return self._validity_left() > 0
+
+    @property
+    def holder(self) -> str | None:
+        """The holder as last seen on the Lease (None when free or never read)."""
+        return (self._observed_spec or {}).get("holderIdentity") or None
+
+    async def acquire(self, *, timeout: float | None = None) -> bool:
+        """Become leader: create the Lease, take over an expired or released one, or renew
+        our own. Retries every `renew_interval` until `timeout` (None: until acquired; 0:
+        one attempt). Returns whether this candidate is now leader."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                if await self._try_acquire_or_renew():
+                    self.lost.clear()
+                    return True
+            except (ApiError, httpx.TransportError) as error:
+                if not _is_transient(error):
+                    raise
+                log.warning("lease %s/%s: acquire failed: %s", self.namespace, self.name, error)
+            pause = self.renew_interval
+            if deadline is not None:
+                pause = min(pause, deadline - time.monotonic())
+                if pause <= 0:
+                    return False
+            await asyncio.sleep(pause)
+
+    async def renew(self) -> bool:
+        """Extend the lease while leader. False when not leader or the renewal failed; a
+        failed renewal leaves `is_leader` to run out, a lease taken by another ends it."""
+        if not self.is_leader:
+            return False
+        try:
+            return await self._try_acquire_or_renew()
+        except (ApiError, httpx.HTTPError) as error:
+            log.warning("lease %s/%s: renew failed: %s", self.namespace, self.name, error)
+            return False
+
+    async def release(self) -> None:
+        """Stop being leader and clear holderIdentity, so a successor need not wait for the
+        lease to run out. A failed release is logged: the lease then simply expires."""
+        was_holding = self._renewed_at is not None
+        self._renewed_at = None
+        self.lost.set()
+        if not was_holding:
+            return
+        try:
+            lease = await self._read()
+            if lease is None or lease.get("spec", {}).get("holderIdentity") != self.identity:
+                return
+            spec = dict(lease["spec"])
+            spec.pop("holderIdentity")
+            spec["leaseDurationSeconds"] = 1
+            spec["renewTime"] = _micro_time()
+            lease["spec"] = spec
+            await self.client.request("PUT", await self._path(), json_body=lease)
+        except (ApiError, httpx.HTTPError) as error:
+            log.warning("lease %s/%s: release failed: %s", self.namespace, self.name, error)
+
+    async def run_renewals(self) -> None:
+        """Renew every `renew_interval` while leader; set `lost` and return once not."""
+        while (left := self._validity_left()) > 0:
+            await asyncio.sleep(min(self.renew_interval, left))
+            left = self._validity_left()
+            if left <= 0:
+                break
+            try:
+                async with asyncio.timeout(left):
+                    await self.renew()
+            except TimeoutError:
+                log.warning("lease %s/%s: renew timed out", self.namespace, self.name)
+        self.lost.set()
+
+    @asynccontextmanager
+    async def hold(self, *, timeout: float | None = None) -> AsyncIterator[asyncio.Event]:
+        """Acquire (or raise LeaseNotAcquiredError), renew in the background, release on
+        exit. Yields `lost`: work done under the lease must stop once it is set."""
+        if not await self.acquire(timeout=timeout):
+            raise LeaseNotAcquiredError(self.namespace, self.name, self.holder)
+        renewals = asyncio.create_task(self.run_renewals())
+        try:
+            yield self.lost
+        finally:
+            renewals.cancel()
+            await asyncio.wait([renewals])
+            await self.release()
+
+    # -- one round of the protocol ---------------------------------------------------
+
+    def _validity_left(self) -> float:
+        """Seconds this candidate may still act as leader (0 when it is not leader)."""
+        if self._renewed_at is None:
+            return 0.0
+        return max(self._renewed_at + self.lease_duration - time.monotonic(), 0.0)
+
+    async def _path(self) -> str:
+        resource = await self.client.resource(LEASE_API_VERSION, "Lease")
+        return resource.path(namespace=self.namespace, name=self.name)
+
+    async def _read(self) -> Obj | None:
+        try:
+            return await self.client.request("GET", await self._path())
+        except ApiError as error:
+            if error.not_found:
+                return None
+            raise
+
+    def _observe(self, spec: Obj) -> None:
+        if spec != self._observed_spec:
+            self._observed_spec = dict(spec)
+            self._observed_at = time.monotonic()
+
+    def _held_by_another(self, spec: Obj) -> bool:
+        holder = spec.get("holderIdentity")
+        if not holder or holder == self.identity:
+            return False
+        duration = int(spec.get("leaseDurationSeconds") or math.ceil(self.lease_duration))
+        return time.monotonic() < self._observed_at + duration
+
+    def _next_spec(self, spec: Obj | None) -> Obj:
+        now = _micro_time()
+        ours = spec is not None and spec.get("holderIdentity") == self.identity
+        transitions = int((spec or {}).get("leaseTransitions") or 0)
+        return {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": math.ceil(self.lease_duration),
+            "acquireTime": (spec or {}).get("acquireTime", now) if ours else now,
+            "renewTime": now,
+            "leaseTransitions": transitions if ours or spec is None else transitions + 1,
+        }
+
+    async def _try_acquire_or_renew(self) -> bool:
+        sent_at = time.monotonic()
+        lease = await self._read()
+        if lease is None:
+            method = "POST"
+            path = (await self._path()).rpartition("/")[0]
+            lease = {
+                "apiVersion": LEASE_API_VERSION,
+                "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": self._next_spec(None),
+            }
+        else:
+            spec = lease.get("spec") or {}
+            self._observe(spec)
+            if self._held_by_another(spec):
+                if self._renewed_at is not None:
+                    self._renewed_at = None
+                    self.lost.set()
+                return False
+            method = "PUT"
+            path = await self._path()
+            lease["spec"] = self._next_spec(spec)  # metadata keeps the resourceVersion read
+        try:
+            written = await self.client.request(method, path, json_body=lease)
+        except ApiError as error:
+            if error.conflict:  # another candidate wrote first (409 on create and update)
+                return False
+            raise
+        self._observe(written.get("spec") or {})
+        self._renewed_at = sent_at
+        return True
