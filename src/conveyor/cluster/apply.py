@@ -48,8 +48,9 @@ async def namespaced_ref(kube: KubeClient, obj: Obj) -> ObjectRef:
     return ref
 
 
-async def apply_objects(kube: KubeClient, objects: list[Obj], *, force: bool = True,
-                        dry_run: bool = False) -> list[Obj]:
+async def apply_objects(
+    kube: KubeClient, objects: list[Obj], *, force: bool = True, dry_run: bool = False
+) -> list[Obj]:
     """Apply in order; returns the objects as the server stored them. Every failure is
     collected and reported together, not only the first."""
     applied: list[Obj] = []
@@ -58,8 +59,10 @@ async def apply_objects(kube: KubeClient, objects: list[Obj], *, force: bool = T
     for _, group in itertools.groupby(ordered, key=apply_order):
         batch = list(group)
         results = await asyncio.gather(
-            *(kube.apply(o, field_manager=FIELD_MANAGER, force=force, dry_run=dry_run)
-              for o in batch),
+            *(
+                kube.apply(o, field_manager=FIELD_MANAGER, force=force, dry_run=dry_run)
+                for o in batch
+            ),
             return_exceptions=True,
         )
         for obj, result in zip(batch, results, strict=True):
@@ -70,22 +73,23 @@ async def apply_objects(kube: KubeClient, objects: list[Obj], *, force: bool = T
             else:
                 applied.append(result)
         if any(o.get("kind") == "CustomResourceDefinition" for o in batch) and not dry_run:
-            await _wait_crds_established(kube, [o for o in applied
-                                                if o.get("kind") == "CustomResourceDefinition"])
+            await _wait_crds_established(
+                kube, [o for o in applied if o.get("kind") == "CustomResourceDefinition"]
+            )
     if failures:
         raise ApplyError(failures)
     return applied
 
 
-async def _wait_crds_established(kube: KubeClient, crds: list[Obj], *, timeout: float = 30.0
-                                 ) -> None:
+async def _wait_crds_established(
+    kube: KubeClient, crds: list[Obj], *, timeout: float = 30.0
+) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     for crd in crds:
         name = crd["metadata"]["name"]
         while asyncio.get_running_loop().time() < deadline:
             live = await kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name)
-            conditions: list[dict[str, Any]] = (live or {}).get("status", {}).get(
-                "conditions", [])
+            conditions: list[dict[str, Any]] = (live or {}).get("status", {}).get("conditions", [])
             if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
                 break
             await asyncio.sleep(0.2)
@@ -99,8 +103,10 @@ async def delete_objects(kube: KubeClient, refs: list[ObjectRef]) -> list[Object
     last = {"Namespace", "CustomResourceDefinition"}
     for wave in ([r for r in refs if r.kind not in last], [r for r in refs if r.kind in last]):
         results = await asyncio.gather(
-            *(kube.delete(r.api_version, r.kind, r.name, namespace=r.namespace or None)
-              for r in wave),
+            *(
+                kube.delete(r.api_version, r.kind, r.name, namespace=r.namespace or None)
+                for r in wave
+            ),
             return_exceptions=True,
         )
         for ref, result in zip(wave, results, strict=True):

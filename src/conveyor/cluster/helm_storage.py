@@ -33,8 +33,9 @@ def encode_release(release: dict[str, Any]) -> str:
 
 async def unlock_pending_release(kube: KubeClient, *, release: str, namespace: str) -> int | None:
     """Mark the latest revision failed if it is pending. Returns its number, or None."""
-    secrets = await kube.list("v1", "Secret", namespace=namespace,
-                              label_selector=f"owner=helm,name={release}")
+    secrets = await kube.list(
+        "v1", "Secret", namespace=namespace, label_selector=f"owner=helm,name={release}"
+    )
     if not secrets:
         return None
     latest = max(secrets, key=lambda s: int(s["metadata"]["labels"].get("version", "0")))
@@ -47,6 +48,8 @@ async def unlock_pending_release(kube: KubeClient, *, release: str, namespace: s
     latest["data"]["release"] = encode_release(body)
     latest["metadata"]["labels"]["status"] = "failed"
     await kube.request(
-        "PUT", f"/api/v1/namespaces/{namespace}/secrets/{latest['metadata']['name']}",
-        json_body=latest)
+        "PUT",
+        f"/api/v1/namespaces/{namespace}/secrets/{latest['metadata']['name']}",
+        json_body=latest,
+    )
     return int(latest["metadata"]["labels"]["version"])

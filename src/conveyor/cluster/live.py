@@ -46,8 +46,9 @@ class LiveCache:
 
     async def refresh(self, ref: ObjectRef) -> Obj | None:
         """Read one object now (after a write), updating the cache."""
-        live = await self.kube.get(ref.api_version, ref.kind, ref.name,
-                                   namespace=ref.namespace or None)
+        live = await self.kube.get(
+            ref.api_version, ref.kind, ref.name, namespace=ref.namespace or None
+        )
         self._store(ref, live, notify=False)
         return live
 
@@ -65,7 +66,8 @@ class LiveCache:
             self._objects.pop(ref.key(), None)
         else:
             if old is not None and old.get("metadata", {}).get("resourceVersion") == obj.get(
-                    "metadata", {}).get("resourceVersion"):
+                "metadata", {}
+            ).get("resourceVersion"):
                 return
             self._objects[ref.key()] = obj
         if notify and self.on_change is not None:
@@ -78,8 +80,7 @@ class LiveCache:
         while True:
             try:
                 if resource_version is None:
-                    items, resource_version = await self.kube.list_with_version(api_version,
-                                                                                kind)
+                    items, resource_version = await self.kube.list_with_version(api_version, kind)
                     seen = set()
                     for item in items:
                         item.setdefault("apiVersion", api_version)
@@ -87,27 +88,31 @@ class LiveCache:
                         seen.add(ref.key())
                         self._store(ref, item, notify=self._ready[key].is_set())
                     group = ObjectRef(api_version, kind, "", "").group
-                    stale = [k for k in self._objects
-                             if k[0] == group and k[1] == kind and k not in seen]
+                    stale = [
+                        k for k in self._objects if k[0] == group and k[1] == kind and k not in seen
+                    ]
                     for gone in stale:  # deleted while we were not watching
                         self._store(ObjectRef.of(self._objects[gone]), None, notify=True)
                     self._ready[key].set()
-                async for event in self.kube.watch(api_version, kind,
-                                                   resource_version=resource_version):
+                async for event in self.kube.watch(
+                    api_version, kind, resource_version=resource_version
+                ):
                     backoff = 0.5
                     obj = event.get("object", {})
                     if event.get("type") == "ERROR":
                         if obj.get("code") == 410:  # too old: list again
                             resource_version = None
                         break
-                    resource_version = obj.get("metadata", {}).get("resourceVersion",
-                                                                   resource_version)
+                    resource_version = obj.get("metadata", {}).get(
+                        "resourceVersion", resource_version
+                    )
                     if event.get("type") == "BOOKMARK":
                         continue
                     obj.setdefault("apiVersion", api_version)
                     obj.setdefault("kind", kind)
-                    self._store(ObjectRef.of(obj), None if event["type"] == "DELETED" else obj,
-                                notify=True)
+                    self._store(
+                        ObjectRef.of(obj), None if event["type"] == "DELETED" else obj, notify=True
+                    )
             except asyncio.CancelledError:
                 raise
             except (httpx.HTTPError, ApiError, OSError) as error:

@@ -8,11 +8,27 @@ from typing import Any
 Obj = dict[str, Any]
 
 # Cluster-scoped definitions first, then namespaces, then everything that lives in them.
-_ORDER = {"CustomResourceDefinition": 0, "Namespace": 1, "ServiceAccount": 2, "Secret": 2,
-          "ConfigMap": 2, "ClusterRole": 2, "ClusterRoleBinding": 3, "Role": 2,
-          "RoleBinding": 3}
-_UNCOMPARED_METADATA = {"namespace", "name", "creationTimestamp", "resourceVersion", "uid",
-                        "generation", "managedFields", "selfLink"}
+_ORDER = {
+    "CustomResourceDefinition": 0,
+    "Namespace": 1,
+    "ServiceAccount": 2,
+    "Secret": 2,
+    "ConfigMap": 2,
+    "ClusterRole": 2,
+    "ClusterRoleBinding": 3,
+    "Role": 2,
+    "RoleBinding": 3,
+}
+_UNCOMPARED_METADATA = {
+    "namespace",
+    "name",
+    "creationTimestamp",
+    "resourceVersion",
+    "uid",
+    "generation",
+    "managedFields",
+    "selfLink",
+}
 
 
 @dataclass(frozen=True, order=True)
@@ -31,8 +47,12 @@ class ObjectRef:
         return (self.group, self.kind, self.namespace, self.name)
 
     def to_dict(self) -> dict[str, str]:
-        return {"apiVersion": self.api_version, "kind": self.kind,
-                "namespace": self.namespace, "name": self.name}
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "namespace": self.namespace,
+            "name": self.name,
+        }
 
     @classmethod
     def from_dict(cls, raw: dict[str, str]) -> ObjectRef:
@@ -41,8 +61,12 @@ class ObjectRef:
     @classmethod
     def of(cls, obj: Obj) -> ObjectRef:
         meta = obj.get("metadata", {})
-        return cls(str(obj["apiVersion"]), str(obj["kind"]), str(meta.get("namespace") or ""),
-                   str(meta["name"]))
+        return cls(
+            str(obj["apiVersion"]),
+            str(obj["kind"]),
+            str(meta.get("namespace") or ""),
+            str(meta["name"]),
+        )
 
     def __str__(self) -> str:
         where = f"{self.namespace}/" if self.namespace else ""

@@ -106,7 +106,7 @@ def parse_duration(text: str | int | float | None, *, default: float) -> float:
         if unit not in units or not number:
             raise HelmReleaseError(f"invalid duration {text!r}")
         total += float(number) * units[unit]
-        number, rest = "", rest[len(unit):]
+        number, rest = "", rest[len(unit) :]
     if number:
         raise HelmReleaseError(f"invalid duration {text!r} (missing unit)")
     return total
@@ -127,8 +127,9 @@ def _dict(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def parse_helmrelease(obj: dict[str, Any], *, default_namespace: str = "default"
-                      ) -> HelmReleaseSpec:
+def parse_helmrelease(
+    obj: dict[str, Any], *, default_namespace: str = "default"
+) -> HelmReleaseSpec:
     metadata = _dict(obj.get("metadata"), "metadata")
     spec = _dict(obj.get("spec"), "spec")
     name = str(_required(metadata, "name", "metadata"))
@@ -140,8 +141,10 @@ def parse_helmrelease(obj: dict[str, Any], *, default_namespace: str = "default"
 
 
 def _automated(annotations: dict[str, Any]) -> bool:
-    return any(str(annotations.get(k, "")).lower() == "true"
-               for k in ("fluxcd.io/automated", "flux.weave.works/automated"))
+    return any(
+        str(annotations.get(k, "")).lower() == "true"
+        for k in ("fluxcd.io/automated", "flux.weave.works/automated")
+    )
 
 
 def _drift(annotations: dict[str, Any], spec_mode: str | None) -> DriftMode:
@@ -152,50 +155,78 @@ def _drift(annotations: dict[str, Any], spec_mode: str | None) -> DriftMode:
     return mode  # type: ignore[return-value]
 
 
-def _parse_v1(obj: dict[str, Any], spec: dict[str, Any], name: str, namespace: str,
-              annotations: dict[str, Any]) -> HelmReleaseSpec:
+def _parse_v1(
+    obj: dict[str, Any],
+    spec: dict[str, Any],
+    name: str,
+    namespace: str,
+    annotations: dict[str, Any],
+) -> HelmReleaseSpec:
     chart = _dict(spec.get("chart"), "spec.chart")
     parsed_chart: ChartFromGit | ChartFromRepository
     if chart.get("git"):
-        parsed_chart = ChartFromGit(url=str(chart["git"]), ref=str(chart.get("ref") or "master"),
-                                    path=str(_required(chart, "path", "spec.chart")))
+        parsed_chart = ChartFromGit(
+            url=str(chart["git"]),
+            ref=str(chart.get("ref") or "master"),
+            path=str(_required(chart, "path", "spec.chart")),
+        )
     elif chart.get("repository"):
         parsed_chart = ChartFromRepository(
-            url=str(chart["repository"]), name=str(_required(chart, "name", "spec.chart")),
-            version=str(chart["version"]) if chart.get("version") else None)
+            url=str(chart["repository"]),
+            name=str(_required(chart, "name", "spec.chart")),
+            version=str(chart["version"]) if chart.get("version") else None,
+        )
     else:
         raise HelmReleaseError("spec.chart needs either git+path or repository+name")
     values_from = []
     ref_kinds: tuple[tuple[str, Literal["ConfigMap", "Secret"]], ...] = (
-        ("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret"))
+        ("configMapKeyRef", "ConfigMap"),
+        ("secretKeyRef", "Secret"),
+    )
     for i, entry in enumerate(spec.get("valuesFrom") or []):
         for ref_key, kind in ref_kinds:
             if ref := entry.get(ref_key):
-                values_from.append(ValuesReference(
-                    kind=kind, name=str(_required(ref, "name", f"spec.valuesFrom[{i}].{ref_key}")),
-                    namespace=str(ref.get("namespace") or namespace),
-                    key=str(ref.get("key") or "values.yaml"),
-                    optional=bool(ref.get("optional", False))))
+                values_from.append(
+                    ValuesReference(
+                        kind=kind,
+                        name=str(_required(ref, "name", f"spec.valuesFrom[{i}].{ref_key}")),
+                        namespace=str(ref.get("namespace") or namespace),
+                        key=str(ref.get("key") or "values.yaml"),
+                        optional=bool(ref.get("optional", False)),
+                    )
+                )
     target = str(spec.get("targetNamespace") or namespace)
     return HelmReleaseSpec(
-        api_version=str(obj["apiVersion"]), name=name, namespace=namespace,
+        api_version=str(obj["apiVersion"]),
+        name=name,
+        namespace=namespace,
         # Flux v1's default release name is <namespace>-<name>.
         release_name=str(spec.get("releaseName") or f"{namespace}-{name}"),
-        target_namespace=target, chart=parsed_chart,
-        values=_dict(spec.get("values"), "spec.values"), values_from=values_from,
+        target_namespace=target,
+        chart=parsed_chart,
+        values=_dict(spec.get("values"), "spec.values"),
+        values_from=values_from,
         timeout_seconds=float(spec.get("timeout") or 300),
         rollback_on_failure=bool(_dict(spec.get("rollback"), "spec.rollback").get("enable", True)),
-        drift=_drift(annotations, None), automated=_automated(annotations),
+        drift=_drift(annotations, None),
+        automated=_automated(annotations),
     )
 
 
-def _parse_v2(obj: dict[str, Any], spec: dict[str, Any], name: str, namespace: str,
-              annotations: dict[str, Any]) -> HelmReleaseSpec:
+def _parse_v2(
+    obj: dict[str, Any],
+    spec: dict[str, Any],
+    name: str,
+    namespace: str,
+    annotations: dict[str, Any],
+) -> HelmReleaseSpec:
     parsed_chart: SourceRef
     if chart_ref := spec.get("chartRef"):
-        parsed_chart = SourceRef(kind=str(_required(chart_ref, "kind", "spec.chartRef")),
-                                 name=str(_required(chart_ref, "name", "spec.chartRef")),
-                                 namespace=str(chart_ref.get("namespace") or namespace))
+        parsed_chart = SourceRef(
+            kind=str(_required(chart_ref, "kind", "spec.chartRef")),
+            name=str(_required(chart_ref, "name", "spec.chartRef")),
+            namespace=str(chart_ref.get("namespace") or namespace),
+        )
     else:
         chart_spec = _dict(_dict(spec.get("chart"), "spec.chart").get("spec"), "spec.chart.spec")
         if not chart_spec:
@@ -206,16 +237,23 @@ def _parse_v2(obj: dict[str, Any], spec: dict[str, Any], name: str, namespace: s
             name=str(_required(source, "name", "spec.chart.spec.sourceRef")),
             namespace=str(source.get("namespace") or namespace),
             chart=str(_required(chart_spec, "chart", "spec.chart.spec")),
-            version=str(chart_spec["version"]) if chart_spec.get("version") else None)
+            version=str(chart_spec["version"]) if chart_spec.get("version") else None,
+        )
     values_from = []
     for i, entry in enumerate(spec.get("valuesFrom") or []):
         kind = entry.get("kind")
         if kind not in ("ConfigMap", "Secret"):
             raise HelmReleaseError(f"spec.valuesFrom[{i}].kind must be ConfigMap or Secret")
-        values_from.append(ValuesReference(
-            kind=kind, name=str(_required(entry, "name", f"spec.valuesFrom[{i}]")),
-            namespace=namespace, key=str(entry.get("valuesKey") or "values.yaml"),
-            target_path=entry.get("targetPath"), optional=bool(entry.get("optional", False))))
+        values_from.append(
+            ValuesReference(
+                kind=kind,
+                name=str(_required(entry, "name", f"spec.valuesFrom[{i}]")),
+                namespace=namespace,
+                key=str(entry.get("valuesKey") or "values.yaml"),
+                target_path=entry.get("targetPath"),
+                optional=bool(entry.get("optional", False)),
+            )
+        )
     target = str(spec.get("targetNamespace") or namespace)
     default_release = f"{target}-{name}" if spec.get("targetNamespace") else name
     install = _dict(spec.get("install"), "spec.install")
@@ -225,11 +263,16 @@ def _parse_v2(obj: dict[str, Any], spec: dict[str, Any], name: str, namespace: s
     drift_detection = _dict(spec.get("driftDetection"), "spec.driftDetection")
     depends_on = [str(_required(d, "name", "spec.dependsOn")) for d in spec.get("dependsOn") or []]
     return HelmReleaseSpec(
-        api_version=str(obj["apiVersion"]), name=name, namespace=namespace,
+        api_version=str(obj["apiVersion"]),
+        name=name,
+        namespace=namespace,
         release_name=str(spec.get("releaseName") or default_release),
-        target_namespace=target, chart=parsed_chart,
-        values=_dict(spec.get("values"), "spec.values"), values_from=values_from,
-        depends_on=depends_on, suspend=bool(spec.get("suspend", False)),
+        target_namespace=target,
+        chart=parsed_chart,
+        values=_dict(spec.get("values"), "spec.values"),
+        values_from=values_from,
+        depends_on=depends_on,
+        suspend=bool(spec.get("suspend", False)),
         timeout_seconds=parse_duration(spec.get("timeout"), default=300.0),
         install_retries=int(install_remediation.get("retries", 0)),
         upgrade_retries=int(upgrade_remediation.get("retries", 0)),

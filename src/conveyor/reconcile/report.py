@@ -20,17 +20,36 @@ log = logging.getLogger("conveyor.reconcile")
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.reconciles = Counter("conveyor_reconcile_total", "App reconciles by result",
-                                  ["scope", "app", "result"], registry=self.registry)
-        self.duration = Histogram("conveyor_reconcile_duration_seconds",
-                                  "Duration of one app reconcile", ["scope"],
-                                  registry=self.registry)
-        self.ready = Gauge("conveyor_app_ready", "1 when the app is Ready", ["scope", "app"],
-                           registry=self.registry)
-        self.writes = Counter("conveyor_api_writes_total", "API writes made by reconciles",
-                              ["scope"], registry=self.registry)
-        self.revision = Gauge("conveyor_source_revision_info", "Git revision being applied",
-                              ["scope", "revision"], registry=self.registry)
+        self.reconciles = Counter(
+            "conveyor_reconcile_total",
+            "App reconciles by result",
+            ["scope", "app", "result"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "conveyor_reconcile_duration_seconds",
+            "Duration of one app reconcile",
+            ["scope"],
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "conveyor_app_ready",
+            "1 when the app is Ready",
+            ["scope", "app"],
+            registry=self.registry,
+        )
+        self.writes = Counter(
+            "conveyor_api_writes_total",
+            "API writes made by reconciles",
+            ["scope"],
+            registry=self.registry,
+        )
+        self.revision = Gauge(
+            "conveyor_source_revision_info",
+            "Git revision being applied",
+            ["scope", "revision"],
+            registry=self.registry,
+        )
 
 
 class EventRecorder:
@@ -38,25 +57,41 @@ class EventRecorder:
         self.kube = kube
         self.component = component
 
-    async def record(self, status: AppStatus, *, warning: bool, reason: str,
-                     message: str) -> None:
+    async def record(self, status: AppStatus, *, warning: bool, reason: str, message: str) -> None:
         timestamp = now()
         event = {
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{status.name}.{uuid.uuid4().hex[:10]}",
-                         "namespace": NAMESPACE},
-            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": status.name,
-                               "namespace": NAMESPACE},
-            "reason": reason, "message": message[:1024],
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{status.name}.{uuid.uuid4().hex[:10]}", "namespace": NAMESPACE},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": status.name,
+                "namespace": NAMESPACE,
+            },
+            "reason": reason,
+            "message": message[:1024],
             "type": "Warning" if warning else "Normal",
             "source": {"component": self.component},
-            "firstTimestamp": timestamp, "lastTimestamp": timestamp, "count": 1,
+            "firstTimestamp": timestamp,
+            "lastTimestamp": timestamp,
+            "count": 1,
         }
         level = logging.WARNING if warning else logging.INFO
-        log.log(level, "%s", message, extra={"app": status.app, "scope": status.scope,
-                                              "reason": reason, "revision": status.revision})
+        log.log(
+            level,
+            "%s",
+            message,
+            extra={
+                "app": status.app,
+                "scope": status.scope,
+                "reason": reason,
+                "revision": status.revision,
+            },
+        )
         try:
-            await self.kube.request("POST", f"/api/v1/namespaces/{NAMESPACE}/events",
-                                    json_body=event)
+            await self.kube.request(
+                "POST", f"/api/v1/namespaces/{NAMESPACE}/events", json_body=event
+            )
         except (ApiError, OSError) as error:
             log.warning("could not record event %s for %s: %s", reason, status.app, error)

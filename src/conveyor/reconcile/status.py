@@ -44,30 +44,43 @@ def crd_manifest() -> dict[str, Any]:
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
-            "names": {"plural": "conveyorapps", "singular": "conveyorapp", "kind": KIND,
-                      "shortNames": ["capp"]},
-            "versions": [{
-                "name": VERSION, "served": True, "storage": True,
-                "subresources": {"status": {}},
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "properties": {
-                        "spec": {"type": "object",
-                                 "x-kubernetes-preserve-unknown-fields": True},
-                        "status": {"type": "object",
-                                   "x-kubernetes-preserve-unknown-fields": True},
+            "names": {
+                "plural": "conveyorapps",
+                "singular": "conveyorapp",
+                "kind": KIND,
+                "shortNames": ["capp"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "spec": {
+                                    "type": "object",
+                                    "x-kubernetes-preserve-unknown-fields": True,
+                                },
+                                "status": {
+                                    "type": "object",
+                                    "x-kubernetes-preserve-unknown-fields": True,
+                                },
+                            },
+                        }
                     },
-                }},
-                "additionalPrinterColumns": [
-                    {**column, "name": "App", "jsonPath": ".spec.app"},
-                    {**column, "name": "State", "jsonPath": ".status.state"},
-                    {**column, "name": "Reason", "jsonPath": ".status.reason"},
-                    {**column, "name": "Revision", "jsonPath": ".status.revision"},
-                    {**column, "name": "Message", "jsonPath": ".status.message",
-                     "priority": 1},
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                ],
-            }],
+                    "additionalPrinterColumns": [
+                        {**column, "name": "App", "jsonPath": ".spec.app"},
+                        {**column, "name": "State", "jsonPath": ".status.state"},
+                        {**column, "name": "Reason", "jsonPath": ".status.reason"},
+                        {**column, "name": "Revision", "jsonPath": ".status.revision"},
+                        {**column, "name": "Message", "jsonPath": ".status.message", "priority": 1},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                }
+            ],
         },
     }
 
@@ -107,8 +120,9 @@ class AppStatus:
         return resource_name(self.scope, self.app)
 
     def status_body(self) -> dict[str, Any]:
-        condition_status = "True" if self.ready else (
-            "Unknown" if self.state == RECONCILING else "False")
+        condition_status = (
+            "True" if self.ready else ("Unknown" if self.state == RECONCILING else "False")
+        )
         return {
             "state": self.state,
             "reason": self.reason,
@@ -125,20 +139,32 @@ class AppStatus:
             "drift": self.drift,
             "release": self.release,
             "inventory": [r.to_dict() for r in self.inventory],
-            "conditions": [{
-                "type": "Ready", "status": condition_status, "reason": self.reason,
-                "message": self.message, "observedRevision": self.revision,
-                "lastTransitionTime": self.transition_time,
-            }],
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": condition_status,
+                    "reason": self.reason,
+                    "message": self.message,
+                    "observedRevision": self.revision,
+                    "lastTransitionTime": self.transition_time,
+                }
+            ],
         }
 
     def to_summary(self) -> dict[str, Any]:
         """What `conveyor get apps -o json` shows."""
         return {
-            "name": self.app, "scope": self.scope, "kind": self.kind, "ready": self.ready,
-            "state": self.state, "reason": self.reason, "message": self.message,
-            "revision": self.revision, "helmRevision": self.helm_revision,
-            "lastAppliedTime": self.last_applied_time, "drift": self.drift,
+            "name": self.app,
+            "scope": self.scope,
+            "kind": self.kind,
+            "ready": self.ready,
+            "state": self.state,
+            "reason": self.reason,
+            "message": self.message,
+            "revision": self.revision,
+            "helmRevision": self.helm_revision,
+            "lastAppliedTime": self.last_applied_time,
+            "drift": self.drift,
             "suspended": self.suspended,
         }
 
@@ -148,15 +174,21 @@ class AppStatus:
         raw = obj.get("status") or {}
         conditions = raw.get("conditions") or [{}]
         return cls(
-            scope=str(spec.get("scope", "")), app=str(spec.get("app", "")),
-            kind=raw.get("kind", "manifests"), state=raw.get("state", RECONCILING),
-            reason=raw.get("reason", "Progressing"), message=raw.get("message", ""),
-            revision=raw.get("revision", ""), helm_revision=raw.get("helmRevision"),
+            scope=str(spec.get("scope", "")),
+            app=str(spec.get("app", "")),
+            kind=raw.get("kind", "manifests"),
+            state=raw.get("state", RECONCILING),
+            reason=raw.get("reason", "Progressing"),
+            message=raw.get("message", ""),
+            revision=raw.get("revision", ""),
+            helm_revision=raw.get("helmRevision"),
             last_applied_time=raw.get("lastAppliedTime"),
             last_applied_revision=raw.get("lastAppliedRevision"),
-            fingerprint=raw.get("fingerprint"), failures=int(raw.get("failures") or 0),
+            fingerprint=raw.get("fingerprint"),
+            failures=int(raw.get("failures") or 0),
             failed_fingerprint=raw.get("failedFingerprint"),
-            last_good_helm_revision=raw.get("lastGoodHelmRevision"), drift=raw.get("drift"),
+            last_good_helm_revision=raw.get("lastGoodHelmRevision"),
+            drift=raw.get("drift"),
             release=raw.get("release"),
             inventory=[ObjectRef.from_dict(r) for r in raw.get("inventory") or []],
             suspended=bool(spec.get("suspend", False)),
@@ -174,14 +206,16 @@ class StatusStore:
     async def install(self) -> None:
         """Create the CRD and namespace if needed (idempotent, no write when present)."""
         crd = crd_manifest()
-        live = await self.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition",
-                                   crd["metadata"]["name"])
+        live = await self.kube.get(
+            "apiextensions.k8s.io/v1", "CustomResourceDefinition", crd["metadata"]["name"]
+        )
         if live is None or live.get("spec", {}).get("versions") != crd["spec"]["versions"]:
             await apply_objects(self.kube, [crd])
         if await self.kube.get("v1", "Namespace", NAMESPACE) is None:
-            await self.kube.apply({"apiVersion": "v1", "kind": "Namespace",
-                                   "metadata": {"name": NAMESPACE}},
-                                  field_manager=FIELD_MANAGER)
+            await self.kube.apply(
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+                field_manager=FIELD_MANAGER,
+            )
 
     async def load_all(self, *, scope: str | None = None) -> dict[str, AppStatus]:
         try:
@@ -198,6 +232,10 @@ class StatusStore:
                 self._written[status.name] = status.status_body()
         return result
 
+    def stored(self, status: AppStatus) -> dict[str, Any]:
+        """The status body as last read or written (empty if never)."""
+        return self._written.get(status.name, {})
+
     async def save(self, status: AppStatus) -> bool:
         """Write the status if it differs from what is stored. Returns True if written."""
         body = status.status_body()
@@ -208,28 +246,48 @@ class StatusStore:
             if previous.get("state") == body["state"]:
                 # Same state: keep the original transition time, as conditions do.
                 body["conditions"][0]["lastTransitionTime"] = previous["conditions"][0][
-                    "lastTransitionTime"]
+                    "lastTransitionTime"
+                ]
                 status.transition_time = body["conditions"][0]["lastTransitionTime"]
         if previous is None:
             await self.kube.apply(
-                {"apiVersion": API_VERSION, "kind": KIND,
-                 "metadata": {"name": status.name, "namespace": NAMESPACE,
-                              "labels": {"conveyor.dev/scope": status.scope[:63]}},
-                 "spec": {"scope": status.scope, "app": status.app}},
-                field_manager=FIELD_MANAGER)
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": KIND,
+                    "metadata": {
+                        "name": status.name,
+                        "namespace": NAMESPACE,
+                        "labels": {"conveyor.dev/scope": status.scope[:63]},
+                    },
+                    "spec": {"scope": status.scope, "app": status.app},
+                },
+                field_manager=FIELD_MANAGER,
+            )
         await self.kube.apply(
-            {"apiVersion": API_VERSION, "kind": KIND,
-             "metadata": {"name": status.name, "namespace": NAMESPACE}, "status": body},
-            field_manager=FIELD_MANAGER, force=True, subresource="status")
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "metadata": {"name": status.name, "namespace": NAMESPACE},
+                "status": body,
+            },
+            field_manager=FIELD_MANAGER,
+            force=True,
+            subresource="status",
+        )
         self._written[status.name] = copy.deepcopy(body)
         return True
 
     async def set_suspended(self, scope: str, app: str, suspended: bool) -> None:
         await self.kube.apply(
-            {"apiVersion": API_VERSION, "kind": KIND,
-             "metadata": {"name": resource_name(scope, app), "namespace": NAMESPACE},
-             "spec": {"scope": scope, "app": app, "suspend": suspended}},
-            field_manager="conveyor-cli", force=True)
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "metadata": {"name": resource_name(scope, app), "namespace": NAMESPACE},
+                "spec": {"scope": scope, "app": app, "suspend": suspended},
+            },
+            field_manager="conveyor-cli",
+            force=True,
+        )
 
     async def delete(self, status: AppStatus) -> None:
         await self.kube.delete(API_VERSION, KIND, status.name, namespace=NAMESPACE)

@@ -39,8 +39,9 @@ class ResolvedChart:
 
 
 class ChartResolver:
-    def __init__(self, cache_dir: Path, helm: HelmCLI,
-                 sources: dict[tuple[str, str, str], Document]) -> None:
+    def __init__(
+        self, cache_dir: Path, helm: HelmCLI, sources: dict[tuple[str, str, str], Document]
+    ) -> None:
         self.cache_dir = cache_dir
         self.helm = helm
         self.sources = sources
@@ -73,17 +74,23 @@ class ChartResolver:
     def _from_source(self, ref: SourceRef) -> ChartFromGit | ChartFromRepository:
         source = self.sources.get((ref.kind, ref.namespace, ref.name))
         if source is None:
-            raise RenderError(f"{ref.kind} {ref.namespace}/{ref.name} is not defined in the "
-                              "repository")
+            raise RenderError(
+                f"{ref.kind} {ref.namespace}/{ref.name} is not defined in the repository"
+            )
         spec = source.obj.get("spec") or {}
         url = str(spec.get("url") or "")
         if not url:
-            raise RenderError(f"{ref.kind} {ref.name} has no spec.url", file=source.file,
-                              line=source.line)
+            raise RenderError(
+                f"{ref.kind} {ref.name} has no spec.url", file=source.file, line=source.line
+            )
         source_ref = spec.get("ref") or {}
         if ref.kind == "GitRepository":
-            git_ref = (source_ref.get("commit") or source_ref.get("tag")
-                       or source_ref.get("branch") or "master")
+            git_ref = (
+                source_ref.get("commit")
+                or source_ref.get("tag")
+                or source_ref.get("branch")
+                or "master"
+            )
             return ChartFromGit(url=url, ref=str(git_ref), path=str(ref.chart or "."))
         if ref.kind == "HelmRepository":
             if spec.get("type") == "oci" and not url.startswith("oci://"):
@@ -92,10 +99,12 @@ class ChartResolver:
         if ref.kind == "OCIRepository":
             version = source_ref.get("tag") or source_ref.get("semver") or ref.version
             base, _, name = url.rstrip("/").rpartition("/")
-            return ChartFromRepository(url=base, name=name,
-                                       version=str(version) if version else None)
-        raise RenderError(f"charts from {ref.kind} are not supported", file=source.file,
-                          line=source.line)
+            return ChartFromRepository(
+                url=base, name=name, version=str(version) if version else None
+            )
+        raise RenderError(
+            f"charts from {ref.kind} are not supported", file=source.file, line=source.line
+        )
 
     def _from_git(self, chart: ChartFromGit) -> ResolvedChart:
         mirror = self.cache_dir / "git" / hashlib.sha256(chart.url.encode()).hexdigest()[:16]
@@ -109,8 +118,9 @@ class ChartResolver:
             tree_spec = f"{commit}:{path}" if path != "." else f"{commit}^{{tree}}"
             tree = run_git(["rev-parse", tree_spec], cwd=mirror).strip()
         except GitError as error:
-            raise RenderError(f"chart {chart.url}@{chart.ref}:{chart.path}: {error.stderr}"
-                              ) from None
+            raise RenderError(
+                f"chart {chart.url}@{chart.ref}:{chart.path}: {error.stderr}"
+            ) from None
         target = self.cache_dir / "charts" / f"git-{tree}"
         if not target.exists():
             with tempfile.TemporaryDirectory(dir=self.cache_dir) as scratch:
@@ -123,8 +133,9 @@ class ChartResolver:
                 unpacked.rename(target)
         if not (target / "Chart.yaml").exists():
             raise RenderError(f"{chart.url}@{chart.ref}: {chart.path} has no Chart.yaml")
-        return ResolvedChart(path=str(target), digest=f"git:{tree}",
-                             origin=f"{chart.url}@{commit[:12]}:{chart.path}")
+        return ResolvedChart(
+            path=str(target), digest=f"git:{tree}", origin=f"{chart.url}@{commit[:12]}:{chart.path}"
+        )
 
     async def _from_repository(self, chart: ChartFromRepository) -> ResolvedChart:
         exact = bool(chart.version and _EXACT_VERSION.match(chart.version))
@@ -134,15 +145,18 @@ class ChartResolver:
             scratch = Path(tempfile.mkdtemp(dir=self.cache_dir))
             try:
                 if chart.url.startswith("oci://"):
-                    archive = await self.helm.pull(f"{chart.url.rstrip('/')}/{chart.name}",
-                                                   destination=scratch, version=chart.version)
+                    archive = await self.helm.pull(
+                        f"{chart.url.rstrip('/')}/{chart.name}",
+                        destination=scratch,
+                        version=chart.version,
+                    )
                 else:
-                    archive = await self.helm.pull(chart.name, destination=scratch,
-                                                   version=chart.version, repo=chart.url)
+                    archive = await self.helm.pull(
+                        chart.name, destination=scratch, version=chart.version, repo=chart.url
+                    )
             except HelmError as error:
                 shutil.rmtree(scratch, ignore_errors=True)
-                raise RenderError(f"chart {chart.name} from {chart.url}: {error.message}"
-                                  ) from None
+                raise RenderError(f"chart {chart.name} from {chart.url}: {error.message}") from None
             cached.mkdir(parents=True, exist_ok=True)
             for old in cached.glob("*.tgz"):
                 old.unlink()
@@ -150,8 +164,11 @@ class ChartResolver:
             shutil.rmtree(scratch, ignore_errors=True)
         archive = next(cached.glob("*.tgz"))
         digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-        return ResolvedChart(path=str(archive), digest=f"sha256:{digest}",
-                             origin=f"{chart.url}/{chart.name}:{archive.stem}")
+        return ResolvedChart(
+            path=str(archive),
+            digest=f"sha256:{digest}",
+            origin=f"{chart.url}/{chart.name}:{archive.stem}",
+        )
 
 
 def needs_dependency_build(chart_dir: Path) -> bool:

@@ -75,8 +75,9 @@ def discover(repo_root: Path, env_path: str) -> EnvironmentTree:
 
 def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTree) -> None:
     rel_folder = folder.relative_to(repo_root)
-    folder_app_name = app_name(str(folder.relative_to(env_root)).replace("/", "-")
-                               if folder != env_root else env_root.name)
+    folder_app_name = app_name(
+        str(folder.relative_to(env_root)).replace("/", "-") if folder != env_root else env_root.name
+    )
     if any((folder / name).is_file() for name in KUSTOMIZATION_FILES):
         tree.apps.append(AppSource(name=folder_app_name, kind="kustomize", path=str(rel_folder)))
         return
@@ -87,8 +88,14 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
         try:
             documents = load_documents(path, relative_to=repo_root)
         except RenderError as error:
-            tree.apps.append(AppSource(name=app_name(path.stem), kind="manifests",
-                                       path=str(path.relative_to(repo_root)), error=error))
+            tree.apps.append(
+                AppSource(
+                    name=app_name(path.stem),
+                    kind="manifests",
+                    path=str(path.relative_to(repo_root)),
+                    error=error,
+                )
+            )
             continue
         releases = [d for d in documents if is_helmrelease(d.obj)]
         others = []
@@ -109,13 +116,19 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
             name = app_name(str(spec.get("releaseName") or release.name))
             # The file's other objects (its Namespace, values ConfigMaps) go with the first
             # release of the file, and are applied before it.
-            tree.apps.append(AppSource(name=name, kind="helm",
-                                       path=str(path.relative_to(repo_root)),
-                                       documents=others if index == 0 else [],
-                                       helm_release=release))
+            tree.apps.append(
+                AppSource(
+                    name=name,
+                    kind="helm",
+                    path=str(path.relative_to(repo_root)),
+                    documents=others if index == 0 else [],
+                    helm_release=release,
+                )
+            )
     if plain:
-        tree.apps.append(AppSource(name=folder_app_name, kind="manifests", path=str(rel_folder),
-                                   documents=plain))
+        tree.apps.append(
+            AppSource(name=folder_app_name, kind="manifests", path=str(rel_folder), documents=plain)
+        )
     for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         _walk(child, repo_root, env_root=env_root, tree=tree)
 
@@ -127,6 +140,8 @@ def _check_unique_names(tree: EnvironmentTree) -> None:
             first = seen[app.name]
             app.error = RenderError(
                 f"app name {app.name!r} is also used by {first.path}; rename one of them",
-                file=app.path, line=app.helm_release.line if app.helm_release else None)
+                file=app.path,
+                line=app.helm_release.line if app.helm_release else None,
+            )
         else:
             seen[app.name] = app

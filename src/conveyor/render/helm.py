@@ -58,7 +58,9 @@ class HelmCLI:
     async def run(self, *args: str, kube: bool = True) -> str:
         command = [self.binary, *args, *(self._global_args() if kube else [])]
         process = await asyncio.create_subprocess_exec(
-            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            *command,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
             env={**os.environ, **self.extra_env},
         )
         stdout, stderr = await process.communicate()
@@ -78,8 +80,9 @@ class HelmCLI:
 
     async def history(self, release: str, namespace: str) -> list[dict[str, Any]]:
         try:
-            out = await self.run("history", release, "--namespace", namespace, "-o", "json",
-                                 "--max", "256")
+            out = await self.run(
+                "history", release, "--namespace", namespace, "-o", "json", "--max", "256"
+            )
         except HelmError as error:
             if "not found" in error.message:
                 return []
@@ -87,29 +90,71 @@ class HelmCLI:
         result: list[dict[str, Any]] = json.loads(out)
         return result
 
-    async def upgrade_install(self, release: str, namespace: str, chart: str,
-                              values: dict[str, Any], *, timeout: float,
-                              description: str | None = None) -> dict[str, Any]:
+    async def upgrade_install(
+        self,
+        release: str,
+        namespace: str,
+        chart: str,
+        values: dict[str, Any],
+        *,
+        timeout: float,
+        description: str | None = None,
+    ) -> dict[str, Any]:
         with _values_file(values) as values_path:
-            args = ["upgrade", "--install", release, chart, "--namespace", namespace,
-                    "--create-namespace", "--values", str(values_path), "--reset-values",
-                    "--history-max", "10", "--timeout", f"{int(timeout)}s", "-o", "json"]
+            args = [
+                "upgrade",
+                "--install",
+                release,
+                chart,
+                "--namespace",
+                namespace,
+                "--create-namespace",
+                "--values",
+                str(values_path),
+                "--reset-values",
+                "--history-max",
+                "10",
+                "--timeout",
+                f"{int(timeout)}s",
+                "-o",
+                "json",
+            ]
             if description:
                 args += ["--description", description]
             out = await self.run(*args)
         result: dict[str, Any] = json.loads(out)
         return result
 
-    async def template(self, release: str, namespace: str, chart: str,
-                       values: dict[str, Any]) -> str:
+    async def template(
+        self, release: str, namespace: str, chart: str, values: dict[str, Any]
+    ) -> str:
         with _values_file(values) as values_path:
-            return await self.run("template", release, chart, "--namespace", namespace,
-                                  "--values", str(values_path), "--include-crds", kube=False)
+            return await self.run(
+                "template",
+                release,
+                chart,
+                "--namespace",
+                namespace,
+                "--values",
+                str(values_path),
+                "--include-crds",
+                kube=False,
+            )
 
-    async def rollback(self, release: str, namespace: str, revision: int, *,
-                       timeout: float) -> None:
-        await self.run("rollback", release, str(revision), "--namespace", namespace,
-                       "--timeout", f"{int(timeout)}s", "--history-max", "10")
+    async def rollback(
+        self, release: str, namespace: str, revision: int, *, timeout: float
+    ) -> None:
+        await self.run(
+            "rollback",
+            release,
+            str(revision),
+            "--namespace",
+            namespace,
+            "--timeout",
+            f"{int(timeout)}s",
+            "--history-max",
+            "10",
+        )
 
     async def uninstall(self, release: str, namespace: str) -> None:
         try:
@@ -121,8 +166,9 @@ class HelmCLI:
     async def manifest(self, release: str, namespace: str) -> str:
         return await self.run("get", "manifest", release, "--namespace", namespace)
 
-    async def pull(self, chart: str, *, destination: Path, version: str | None = None,
-                   repo: str | None = None) -> Path:
+    async def pull(
+        self, chart: str, *, destination: Path, version: str | None = None, repo: str | None = None
+    ) -> Path:
         """Download a chart archive; returns the .tgz path."""
         destination.mkdir(parents=True, exist_ok=True)
         args = ["pull", chart, "--destination", str(destination)]

@@ -10,12 +10,16 @@ import yaml
 from conveyor.render.documents import Document, RenderError
 
 
-async def render_kustomization(directory: Path, *, repo_root: Path, kubectl: str = "kubectl"
-                               ) -> list[Document]:
+async def render_kustomization(
+    directory: Path, *, repo_root: Path, kubectl: str = "kubectl"
+) -> list[Document]:
     rel = str(directory.relative_to(repo_root))
     process = await asyncio.create_subprocess_exec(
-        kubectl, "kustomize", str(directory),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        kubectl,
+        "kustomize",
+        str(directory),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await process.communicate()
     if process.returncode != 0:

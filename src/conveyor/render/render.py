@@ -13,7 +13,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -93,8 +93,15 @@ def _annotation(documents: list[Document], key: str) -> str | None:
 
 
 class Renderer:
-    def __init__(self, repo_root: Path, *, charts: ChartResolver, values_lookup: ValuesLookup,
-                 kubectl: str = "kubectl", drift_default: DriftMode = "enabled") -> None:
+    def __init__(
+        self,
+        repo_root: Path,
+        *,
+        charts: ChartResolver,
+        values_lookup: ValuesLookup,
+        kubectl: str = "kubectl",
+        drift_default: DriftMode = "enabled",
+    ) -> None:
         self.repo_root = repo_root
         self.charts = charts
         self.values_lookup = values_lookup
@@ -105,19 +112,29 @@ class Renderer:
         if app.error is not None:
             raise app.error
         if app.kind == "kustomize":
-            documents = await render_kustomization(self.repo_root / app.path,
-                                                   repo_root=self.repo_root, kubectl=self.kubectl)
+            documents = await render_kustomization(
+                self.repo_root / app.path, repo_root=self.repo_root, kubectl=self.kubectl
+            )
         else:
             documents = app.documents
         objects = [doc.obj for doc in documents]
-        drift = _annotation(documents, "conveyor.dev/drift") or self.drift_default
-        if drift not in ("enabled", "warn", "disabled"):
-            raise RenderError(f"conveyor.dev/drift must be enabled, warn or disabled, not "
-                              f"{drift!r}", file=app.path)
+        drift_text = _annotation(documents, "conveyor.dev/drift") or self.drift_default
+        if drift_text not in ("enabled", "warn", "disabled"):
+            raise RenderError(
+                f"conveyor.dev/drift must be enabled, warn or disabled, not {drift_text!r}",
+                file=app.path,
+            )
+        drift = cast(DriftMode, drift_text)
         if app.helm_release is None:
-            return RenderedApp(source=app, objects=objects, helm=None,
-                               fingerprint=fingerprint({"objects": objects}), depends_on=[],
-                               suspend=False, drift=drift)  # type: ignore[arg-type]
+            return RenderedApp(
+                source=app,
+                objects=objects,
+                helm=None,
+                fingerprint=fingerprint({"objects": objects}),
+                depends_on=[],
+                suspend=False,
+                drift=drift,
+            )
         release_doc = app.helm_release
         try:
             spec = parse_helmrelease(release_doc.obj)
@@ -127,12 +144,21 @@ class Renderer:
         values = await self._values(spec, release_doc)
         plan = HelmPlan(spec=spec, chart=chart, values=values)
         identity = {
-            "objects": objects, "chart": chart.digest, "values": values,
-            "release": spec.release_name, "namespace": spec.target_namespace,
+            "objects": objects,
+            "chart": chart.digest,
+            "values": values,
+            "release": spec.release_name,
+            "namespace": spec.target_namespace,
         }
-        return RenderedApp(source=app, objects=objects, helm=plan,
-                           fingerprint=fingerprint(identity), depends_on=spec.depends_on,
-                           suspend=spec.suspend, drift=spec.drift)
+        return RenderedApp(
+            source=app,
+            objects=objects,
+            helm=plan,
+            fingerprint=fingerprint(identity),
+            depends_on=spec.depends_on,
+            suspend=spec.suspend,
+            drift=spec.drift,
+        )
 
     async def _chart(self, spec: HelmReleaseSpec, doc: Document) -> ResolvedChart:
         try:
@@ -147,8 +173,11 @@ class Renderer:
             if text is None:
                 if ref.optional:
                     continue
-                raise RenderError(f"valuesFrom {ref.kind} {ref.namespace}/{ref.name} key "
-                                  f"{ref.key!r} not found", file=doc.file, line=doc.line)
+                raise RenderError(
+                    f"valuesFrom {ref.kind} {ref.namespace}/{ref.name} key {ref.key!r} not found",
+                    file=doc.file,
+                    line=doc.line,
+                )
             if ref.target_path:
                 values = set_path(values, ref.target_path, text)
                 continue
@@ -156,10 +185,16 @@ class Renderer:
                 loaded = yaml.safe_load(text) or {}
             except yaml.YAMLError:
                 # Never echo the content: it may come from a Secret.
-                raise RenderError(f"valuesFrom {ref.kind} {ref.name} key {ref.key!r} is not "
-                                  "valid YAML", file=doc.file, line=doc.line) from None
+                raise RenderError(
+                    f"valuesFrom {ref.kind} {ref.name} key {ref.key!r} is not valid YAML",
+                    file=doc.file,
+                    line=doc.line,
+                ) from None
             if not isinstance(loaded, dict):
-                raise RenderError(f"valuesFrom {ref.kind} {ref.name} key {ref.key!r} is not a "
-                                  "mapping", file=doc.file, line=doc.line)
+                raise RenderError(
+                    f"valuesFrom {ref.kind} {ref.name} key {ref.key!r} is not a mapping",
+                    file=doc.file,
+                    line=doc.line,
+                )
             values = merge_values(values, loaded)
         return merge_values(values, spec.values)

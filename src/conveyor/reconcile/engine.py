@@ -1,0 +1,553 @@
+"""One reconcile pass over an environment, app by app, with the same phases for every
+app: render → plan → apply → prune → verify → report.
+
+Safety rules that the rest of conveyor relies on:
+- nothing is pruned after a failed fetch or render, and an app whose render came out
+  empty is not emptied unless that is explicitly allowed;
+- an unchanged app (same fingerprint, no drift, healthy) costs no API write;
+- every failure is reported per app; one broken app never stops the others;
+- a failed Helm upgrade is retried, then rolled back to the last good revision; the
+  failure count starts again with a new revision, so there is no dead end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from conveyor.cluster.apply import (
+    ApplyError,
+    apply_objects,
+    delete_objects,
+    labelled,
+    namespaced_ref,
+)
+from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
+from conveyor.cluster.health import Health, HealthStatus, aggregate, assess
+from conveyor.cluster.helm_storage import unlock_pending_release
+from conveyor.cluster.live import LiveCache
+from conveyor.cluster.objects import Obj, ObjectRef, differences
+from conveyor.reconcile.report import EventRecorder, Metrics
+from conveyor.reconcile.status import (
+    READY,
+    RECONCILING,
+    STALLED,
+    SUSPENDED,
+    AppStatus,
+    StatusStore,
+    now,
+)
+from conveyor.render.discover import EnvironmentTree
+from conveyor.render.documents import RenderError
+from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
+from conveyor.render.render import RenderedApp, Renderer
+
+log = logging.getLogger("conveyor.reconcile")
+
+
+@dataclass
+class EngineOptions:
+    scope: str
+    timeout: float = 300.0  # health timeout for apps that do not set their own
+    retries: int = 1  # extra attempts before an app is Stalled / rolled back
+    prune: bool = True
+    allow_empty: frozenset[str] = frozenset()
+    concurrency: int = 16
+    helm_concurrency: int = 4
+    poll_interval: float = 0.5
+
+
+@dataclass
+class PassResult:
+    revision: str
+    statuses: dict[str, AppStatus]
+    pruned_apps: list[str] = field(default_factory=list)
+    writes: int = 0
+
+    @property
+    def all_ready(self) -> bool:
+        return all(s.ready for s in self.statuses.values())
+
+
+class AppFailed(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class Engine:
+    def __init__(
+        self,
+        kube: KubeClient,
+        helm: HelmCLI,
+        *,
+        options: EngineOptions,
+        metrics: Metrics | None = None,
+        may_write: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.kube = kube
+        self.helm = helm
+        self.options = options
+        self.live = LiveCache(kube, on_change=self._on_live_change)
+        self.store = StatusStore(kube)
+        self.events = EventRecorder(kube)
+        self.metrics = metrics or Metrics()
+        self.may_write = may_write
+        self.statuses: dict[str, AppStatus] = {}
+        self.desired: dict[str, list[tuple[ObjectRef, Obj]]] = {}  # app → managed objects
+        self._owner: dict[tuple[str, str, str, str], str] = {}
+        self._loaded = False
+        self._revision = ""
+        self._apps = asyncio.Semaphore(options.concurrency)
+        self._helm_slots = asyncio.Semaphore(options.helm_concurrency)
+        self.drifted: asyncio.Queue[str] = asyncio.Queue()
+
+    async def close(self) -> None:
+        await self.live.close()
+
+    # -- the pass ------------------------------------------------------------------
+
+    async def run_pass(
+        self, tree: EnvironmentTree, renderer: Renderer, *, revision: str, only: str | None = None
+    ) -> PassResult:
+        writes_before = self.kube.writes
+        self._revision = revision
+        await self._load()
+        rendered: dict[str, RenderedApp | RenderError] = {}
+
+        async def render(app_name: str) -> None:
+            app = next(a for a in tree.apps if a.name == app_name)
+            try:
+                rendered[app_name] = await renderer.render(app)
+            except RenderError as error:
+                rendered[app_name] = error
+
+        names = [a.name for a in tree.apps if only is None or a.name == only]
+        await asyncio.gather(*(render(n) for n in names))
+        done: dict[str, asyncio.Future[AppStatus]] = {
+            n: asyncio.get_running_loop().create_future() for n in names
+        }
+
+        async def run(name: str) -> None:
+            try:
+                status = await self._reconcile_one(name, rendered[name], revision, done)
+                done[name].set_result(status)
+            except BaseException as error:
+                done[name].set_exception(error)
+                raise
+
+        await asyncio.gather(*(run(n) for n in names))
+        result = PassResult(revision=revision, statuses={n: done[n].result() for n in names})
+        render_failed = any(isinstance(r, RenderError) for r in rendered.values())
+        if only is None and self.options.prune and not render_failed:
+            result.pruned_apps = await self._prune_missing_apps(set(names))
+        elif only is None:
+            missing = sorted(set(self.statuses) - set(names))
+            if missing:
+                log.warning(
+                    "not pruning apps missing from git (%s): a render failed", ", ".join(missing)
+                )
+        result.writes = self.kube.writes - writes_before
+        self.metrics.writes.labels(self.options.scope).inc(result.writes)
+        return result
+
+    async def _load(self) -> None:
+        if not self._loaded:
+            await self.store.install()
+            self.statuses = await self.store.load_all(scope=self.options.scope)
+            self._loaded = True
+
+    async def _reconcile_one(
+        self,
+        name: str,
+        rendered: RenderedApp | RenderError,
+        revision: str,
+        done: dict[str, asyncio.Future[AppStatus]],
+    ) -> AppStatus:
+        status = self.statuses.get(name) or AppStatus(scope=self.options.scope, app=name)
+        self.statuses[name] = status
+        started = time.monotonic()
+        if isinstance(rendered, RenderError):
+            self._set(status, STALLED, "RenderFailed", str(rendered))
+            await self._report(status, warning=True)
+            return status
+        status.kind = rendered.source.kind
+        for dependency in rendered.depends_on:
+            if dependency not in done:
+                self._set(
+                    status,
+                    STALLED,
+                    "DependencyNotFound",
+                    f"depends on {dependency!r}, which is not in this environment",
+                )
+                await self._report(status, warning=True)
+                return status
+            dependency_status = await asyncio.shield(done[dependency])
+            if not dependency_status.ready:
+                self._set(
+                    status,
+                    RECONCILING,
+                    "DependencyNotReady",
+                    f"waiting for {dependency} to be Ready ({dependency_status.reason})",
+                )
+                await self._report(status, warning=False)
+                return status
+        async with self._apps:
+            try:
+                await self._reconcile_app(status, rendered)
+                result = "success" if status.ready else "not-ready"
+            except (ApiError, UnknownKindError, OSError) as error:
+                self._set(status, STALLED, "ApiError", str(error))
+                result = "error"
+            await self._report(status, warning=not status.ready and status.state != SUSPENDED)
+        self.metrics.reconciles.labels(self.options.scope, name, result).inc()
+        self.metrics.duration.labels(self.options.scope).observe(time.monotonic() - started)
+        self.metrics.ready.labels(self.options.scope, name).set(1 if status.ready else 0)
+        return status
+
+    # -- one app ---------------------------------------------------------------------
+
+    async def _reconcile_app(self, status: AppStatus, app: RenderedApp) -> None:
+        status.suspended = status.suspended or app.suspend
+        if status.suspended:
+            self._set(status, SUSPENDED, "Suspended", "reconciliation is suspended")
+            return
+        if app.empty and status.inventory and app.name not in self.options.allow_empty:
+            self._set(
+                status,
+                STALLED,
+                "EmptyRender",
+                f"{app.source.path} rendered no objects; refusing to prune "
+                f"{len(status.inventory)} objects (allow it with --allow-empty {app.name})",
+            )
+            return
+        new_content = app.fingerprint != status.fingerprint
+        if new_content and status.failed_fingerprint == app.fingerprint and status.failures:
+            # This exact content failed before and was given up on: wait for a new revision.
+            return
+        if new_content and status.failed_fingerprint != app.fingerprint:
+            status.failures = 0
+        objects = [labelled(o, app=app.name, scope=self.options.scope) for o in app.objects]
+        desired = [(await namespaced_ref(self.kube, o), o) for o in objects]
+        if app.helm is not None and not new_content:
+            desired += await self._helm_objects(status, app)
+        for ref, _ in desired:
+            await self.live.ensure(ref.api_version, ref.kind)
+        drift = self._drift(desired)
+        if not new_content and not drift:
+            status.drift = None
+            await self._settle(status, app, desired)
+            return
+        if not new_content and app.drift != "enabled":
+            if app.drift == "warn":
+                status.drift = "; ".join(drift)[:1000]
+                await self._settle(status, app, desired)
+            return
+        if not self.may_write():
+            self._set(status, RECONCILING, "NotLeader", "another agent holds the lease")
+            return
+        await self._apply_with_remediation(status, app, objects, desired, drift, new_content)
+
+    async def _apply_with_remediation(
+        self,
+        status: AppStatus,
+        app: RenderedApp,
+        objects: list[Obj],
+        desired: list[tuple[ObjectRef, Obj]],
+        drift: list[str],
+        new_content: bool,
+    ) -> None:
+        retries = self.options.retries
+        if app.helm is not None:
+            retries = max(app.helm.spec.upgrade_retries, app.helm.spec.install_retries, retries)
+        last_error: AppFailed | None = None
+        for attempt in range(retries + 1):
+            try:
+                desired = await self._apply(status, app, objects, desired, new_content)
+                await self._verify(app, desired)
+            except AppFailed as error:
+                last_error = error
+                status.failures += 1
+                log.warning("%s: attempt %d failed: %s", app.name, attempt + 1, error)
+                continue
+            corrected = not new_content and drift
+            status.fingerprint = app.fingerprint
+            status.failures = 0
+            status.failed_fingerprint = None
+            status.drift = None
+            status.last_applied_time = now()
+            status.last_applied_revision = status.revision
+            # Helm owns its release's objects; the inventory holds what conveyor applied.
+            status.inventory = sorted(ref for ref, obj in desired if obj in objects)
+            if app.helm is not None:
+                status.last_good_helm_revision = status.helm_revision
+            if corrected:
+                self._set(
+                    status, READY, "DriftCorrected", f"corrected drift in {'; '.join(drift)[:500]}"
+                )
+            else:
+                self._set(
+                    status,
+                    READY,
+                    "ReconciliationSucceeded",
+                    f"applied revision {status.revision[:12]}",
+                )
+            return
+        if last_error is None:  # retries >= 0 means at least one attempt was made
+            raise RuntimeError("no reconcile attempt was made")
+        status.failed_fingerprint = app.fingerprint
+        message = str(last_error)
+        if (
+            app.helm is not None
+            and app.helm.spec.rollback_on_failure
+            and status.last_good_helm_revision
+            and status.release
+        ):
+            namespace, release = status.release.split("/", 1)
+            try:
+                async with self._helm_slots:
+                    await self.helm.rollback(
+                        release,
+                        namespace,
+                        status.last_good_helm_revision,
+                        timeout=app.helm.spec.timeout_seconds,
+                    )
+                history = await self.helm.history(release, namespace)
+                status.helm_revision = int(history[-1]["revision"]) if history else None
+                self.desired.pop(app.name, None)
+                self._set(
+                    status,
+                    STALLED,
+                    "RolledBack",
+                    f"{message}; rolled back to Helm revision "
+                    f"{status.last_good_helm_revision} (retries exhausted for this "
+                    "revision; a new revision is tried again)",
+                )
+                return
+            except HelmError as error:
+                message += f"; rollback failed: {error.message}"
+        self._set(status, STALLED, last_error.reason, message)
+
+    async def _apply(
+        self,
+        status: AppStatus,
+        app: RenderedApp,
+        objects: list[Obj],
+        desired: list[tuple[ObjectRef, Obj]],
+        new_content: bool,
+    ) -> list[tuple[ObjectRef, Obj]]:
+        self._set(status, RECONCILING, "Progressing", f"applying revision {status.revision[:12]}")
+        try:
+            await apply_objects(self.kube, objects)
+        except ApplyError as error:
+            raise AppFailed("ApplyFailed", str(error)) from None
+        desired_refs = [ref for ref, _ in desired]
+        if app.helm is None:
+            if self.options.prune:
+                gone = [
+                    r for r in status.inventory if r.key() not in {d.key() for d in desired_refs}
+                ]
+                try:
+                    await delete_objects(self.kube, gone)
+                except ApplyError as error:
+                    raise AppFailed("PruneFailed", str(error)) from None
+            self._remember(app.name, desired)
+            return desired
+        plan = app.helm
+        spec = plan.spec
+        status.release = f"{spec.target_namespace}/{spec.release_name}"
+        if not new_content:
+            # Drift in a Helm release: put the drifted objects back with server-side apply,
+            # without a new Helm revision.
+            try:
+                await apply_objects(self.kube, [o for _, o in desired if o not in objects])
+            except ApplyError as error:
+                raise AppFailed("DriftCorrectionFailed", str(error)) from None
+            return desired
+        async with self._helm_slots:
+            try:
+                if await unlock_pending_release(
+                    self.kube, release=spec.release_name, namespace=spec.target_namespace
+                ):
+                    log.warning(
+                        "%s: release was left pending by an interrupted operation; "
+                        "marked it failed to continue",
+                        app.name,
+                    )
+                release = await self.helm.upgrade_install(
+                    spec.release_name,
+                    spec.target_namespace,
+                    plan.chart.path,
+                    plan.values,
+                    timeout=spec.timeout_seconds,
+                    description=f"conveyor {status.revision[:12]}",
+                )
+            except HelmError as error:
+                status.helm_revision = await self._current_helm_revision(spec)
+                raise AppFailed("UpgradeFailed", error.message) from None
+        status.helm_revision = int(release.get("version", 0)) or None
+        helm_desired = await self._refs_for(
+            parse_manifest(release.get("manifest", "")), default_namespace=spec.target_namespace
+        )
+        full = [(r, o) for r, o in desired if o in objects] + helm_desired
+        self._remember(app.name, full)
+        return full
+
+    async def _current_helm_revision(self, spec: Any) -> int | None:
+        history = await self.helm.history(spec.release_name, spec.target_namespace)
+        return int(history[-1]["revision"]) if history else None
+
+    async def _verify(self, app: RenderedApp, desired: list[tuple[ObjectRef, Obj]]) -> None:
+        timeout = app.helm.spec.timeout_seconds if app.helm else self.options.timeout
+        timeout = min(timeout, self.options.timeout)
+        for ref, _ in desired:
+            await self.live.ensure(ref.api_version, ref.kind)
+        deadline = time.monotonic() + timeout
+        while True:
+            health = self._health(desired)
+            if health.status is HealthStatus.CURRENT:
+                return
+            if health.status is HealthStatus.FAILED:
+                raise AppFailed("HealthCheckFailed", health.message)
+            if time.monotonic() > deadline:
+                raise AppFailed(
+                    "HealthCheckFailed", f"not healthy within {timeout:.0f}s: {health.message}"
+                )
+            await asyncio.sleep(self.options.poll_interval)
+
+    async def _settle(
+        self, status: AppStatus, app: RenderedApp, desired: list[tuple[ObjectRef, Obj]]
+    ) -> None:
+        """Unchanged app: only re-read health from the watch cache (no API call)."""
+        health = self._health(desired)
+        if health.status is HealthStatus.CURRENT:
+            if status.drift:
+                self._set(status, READY, "DriftDetected", f"drift (warn only): {status.drift}")
+            elif status.state != READY:
+                applied = status.last_applied_revision or self._revision
+                self._set(
+                    status, READY, "ReconciliationSucceeded", f"applied revision {applied[:12]}"
+                )
+        elif health.status is HealthStatus.FAILED:
+            self._set(status, STALLED, "HealthCheckFailed", health.message)
+        else:
+            self._set(status, RECONCILING, "Progressing", health.message)
+        self._remember(app.name, desired)
+
+    def _health(self, desired: list[tuple[ObjectRef, Obj]]) -> Health:
+        results = []
+        for ref, _ in desired:
+            live = self.live.get(ref)
+            results.append(
+                (
+                    str(ref),
+                    assess(live)
+                    if live is not None
+                    else Health(HealthStatus.IN_PROGRESS, f"{ref} does not exist yet"),
+                )
+            )
+        return aggregate(results)
+
+    def _drift(self, desired: list[tuple[ObjectRef, Obj]]) -> list[str]:
+        found = []
+        for ref, obj in desired:
+            live = self.live.get(ref)
+            if live is None:
+                found.append(f"{ref} is missing")
+                continue
+            paths = differences(obj, live)
+            if paths:
+                found.append(f"{ref} {', '.join(paths[:5])}")
+        return found
+
+    async def _helm_objects(
+        self, status: AppStatus, app: RenderedApp
+    ) -> list[tuple[ObjectRef, Obj]]:
+        """The release's objects for drift checks: remembered, or read once from Helm."""
+        known = [
+            (r, o)
+            for r, o in self.desired.get(app.name, [])
+            if o not in app.objects and r.key() not in {x.key() for x in status.inventory}
+        ]
+        if known or not status.release:
+            return known
+        namespace, release = status.release.split("/", 1)
+        try:
+            manifest = await self.helm.manifest(release, namespace)
+        except HelmError:
+            return []
+        return await self._refs_for(parse_manifest(manifest), default_namespace=namespace)
+
+    async def _refs_for(
+        self, objects: list[Obj], *, default_namespace: str
+    ) -> list[tuple[ObjectRef, Obj]]:
+        result = []
+        for obj in objects:
+            ref = await namespaced_ref(self.kube, obj)
+            if ref.namespace == "default" and not obj.get("metadata", {}).get("namespace"):
+                ref = ObjectRef(ref.api_version, ref.kind, default_namespace, ref.name)
+            result.append((ref, obj))
+        return result
+
+    def _remember(self, app: str, desired: list[tuple[ObjectRef, Obj]]) -> None:
+        self.desired[app] = desired
+        for ref, _ in desired:
+            self._owner[ref.key()] = app
+
+    def _on_live_change(self, ref: ObjectRef, obj: Obj | None) -> None:
+        """A watched object changed: if it belongs to an app and drifted, queue the app."""
+        app = self._owner.get(ref.key())
+        if app is None:
+            return
+        wanted = next((o for r, o in self.desired.get(app, []) if r.key() == ref.key()), None)
+        if wanted is None:
+            return
+        if obj is None or differences(wanted, obj):
+            self.drifted.put_nowait(app)
+
+    # -- pruning whole apps ------------------------------------------------------------
+
+    async def _prune_missing_apps(self, present: set[str]) -> list[str]:
+        pruned = []
+        for name, status in list(self.statuses.items()):
+            if name in present:
+                continue
+            if not self.may_write():
+                break
+            if status.release:
+                namespace, release = status.release.split("/", 1)
+                await self.helm.uninstall(release, namespace)
+            await delete_objects(self.kube, status.inventory)
+            await self.events.record(
+                status,
+                warning=False,
+                reason="Pruned",
+                message=f"{name} left git; deleted its objects",
+            )
+            await self.store.delete(status)
+            del self.statuses[name]
+            self.desired.pop(name, None)
+            pruned.append(name)
+        return pruned
+
+    # -- report --------------------------------------------------------------------------
+
+    def _set(self, status: AppStatus, state: str, reason: str, message: str) -> None:
+        # The revision moves with the app's state, not with every commit to the repo, so
+        # a commit that does not touch an app writes nothing for it.
+        status.revision = self._revision
+        status.state = state
+        status.reason = reason
+        status.message = message
+
+    async def _report(self, status: AppStatus, *, warning: bool) -> None:
+        before = self.store.stored(status)
+        changed_state = (before.get("state"), before.get("reason")) != (status.state, status.reason)
+        if await self.store.save(status) and changed_state:
+            await self.events.record(
+                status, warning=warning, reason=status.reason, message=status.message
+            )
