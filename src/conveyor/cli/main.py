@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from conveyor import __version__
-from conveyor.cli import sandbox
+from conveyor.cli import reconcile, sandbox
 
 app = typer.Typer(
     name="conveyor",
@@ -14,6 +14,10 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals can hold secrets
 )
 app.add_typer(sandbox.app, name="sandbox")
+app.command()(reconcile.reconcile)
+app.add_typer(reconcile.get_app, name="get")
+app.command()(reconcile.suspend)
+app.command()(reconcile.resume)
 
 
 def _version(value: bool) -> None:

@@ -21,6 +21,7 @@ import httpx
 from conveyor.cluster.kubeconfig import ClusterCredentials
 
 Obj = dict[str, Any]
+RETRIES = 5
 
 
 class ApiError(RuntimeError):
@@ -127,9 +128,28 @@ class KubeClient:
         headers = {"Content-Type": content_type} if content_type else None
         if method not in ("GET", "HEAD") and not (params and "dryRun" in params):
             self.writes += 1
-        response = await self._http.request(
-            method, path, params=params, json=json_body, content=content, headers=headers
-        )
+        for attempt in range(RETRIES):
+            try:
+                response = await self._http.request(
+                    method,
+                    path,
+                    params=params,
+                    json=json_body,
+                    content=content,
+                    headers=headers,
+                )
+            except httpx.TransportError:
+                # Reads are safe to repeat; a write may have landed, so let callers decide.
+                if method != "GET" or attempt == RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.2 * 2**attempt)
+                continue
+            # 429: the apiserver asks us to come back (priority and fairness, or a CRD's
+            # storage still initialising). Honour Retry-After, briefly.
+            if response.status_code == 429 and attempt < RETRIES - 1:
+                await asyncio.sleep(min(float(response.headers.get("Retry-After", "1")), 2.0))
+                continue
+            break
         _raise_for_status(response)
         return response.json() if response.content else {}
 

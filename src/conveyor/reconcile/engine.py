@@ -35,6 +35,7 @@ from conveyor.reconcile.report import EventRecorder, Metrics
 from conveyor.reconcile.status import (
     READY,
     RECONCILING,
+    SOURCE_KIND,
     STALLED,
     SUSPENDED,
     AppStatus,
@@ -156,10 +157,17 @@ class Engine:
         return result
 
     async def _load(self) -> None:
+        """Statuses from the cluster on the first pass; later passes only pick up what
+        users change there (suspend/resume), one list call."""
         if not self._loaded:
             await self.store.install()
-            self.statuses = await self.store.load_all(scope=self.options.scope)
+        loaded = await self.store.load_all(scope=self.options.scope)
+        if not self._loaded:
+            self.statuses = {n: s for n, s in loaded.items() if s.kind != SOURCE_KIND}
             self._loaded = True
+        for name, stored in loaded.items():
+            if name in self.statuses:
+                self.statuses[name].suspended = stored.suspended
 
     async def _reconcile_one(
         self,
@@ -212,8 +220,7 @@ class Engine:
     # -- one app ---------------------------------------------------------------------
 
     async def _reconcile_app(self, status: AppStatus, app: RenderedApp) -> None:
-        status.suspended = status.suspended or app.suspend
-        if status.suspended:
+        if status.suspended or app.suspend:
             self._set(status, SUSPENDED, "Suspended", "reconciliation is suspended")
             return
         if app.empty and status.inventory and app.name not in self.options.allow_empty:

@@ -29,6 +29,7 @@ RECONCILING = "Reconciling"
 STALLED = "Stalled"
 SUSPENDED = "Suspended"
 WAITING_FOR_GATE = "WaitingForGate"
+SOURCE_KIND = "source"  # the status of the git source itself, beside its apps
 
 
 def now() -> str:
@@ -86,7 +87,8 @@ def crd_manifest() -> dict[str, Any]:
 
 
 def resource_name(scope: str, app: str) -> str:
-    return f"{scope}.{app}"[:253]
+    """`<scope>.<app>`; the scope's own source status is named after the scope alone."""
+    return f"{scope}.{app}"[:253] if app else scope[:253]
 
 
 @dataclass

@@ -1,0 +1,187 @@
+"""`conveyor reconcile`, `get apps`, `suspend`, `resume`: the agent's work on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
+from conveyor.cluster.client import ApiError
+from conveyor.cluster.kubeconfig import KubeconfigError
+from conveyor.reconcile.engine import PassResult
+from conveyor.reconcile.once import SourceFailure, reconcile_once
+from conveyor.reconcile.status import READY, SOURCE_KIND, STALLED, AppStatus, StatusStore
+from conveyor.reconcile.target import Target, kube_client
+from conveyor.render.discover import app_name
+
+RepoOption = typer.Option(..., "--repo", help="Config repository URL or path.")
+BranchOption = typer.Option(None, "--branch", help="Branch (default: the repo's HEAD).")
+PathOption = typer.Option(None, "--path", help="Folder of the repo to reconcile.")
+EnvOption = typer.Option(None, "--env", help="Environment named in conveyor.yaml.")
+KubeconfigOption = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG")
+ContextOption = typer.Option(None, "--context", help="kubeconfig context.")
+
+STATE_STYLE = {READY: "green", STALLED: "red"}
+
+
+def status_table(statuses: list[AppStatus], *, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("app", "kind", "state", "reason", "revision", "helm", "applied", "message"):
+        table.add_column(column, overflow="fold")
+    for s in sorted(statuses, key=lambda s: s.app):
+        style = STATE_STYLE.get(s.state, "yellow")
+        table.add_row(
+            s.app or "(source)",
+            s.kind,
+            f"[{style}]{s.state}",
+            s.reason,
+            s.revision[:12],
+            str(s.helm_revision or ""),
+            s.last_applied_time or "",
+            escape(s.message),
+        )
+    return table
+
+
+def reconcile(
+    repo: str = RepoOption,
+    branch: str | None = BranchOption,
+    path: str | None = PathOption,
+    env: str | None = EnvOption,
+    app: str | None = typer.Option(None, "--app", help="Only this app."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Health timeout per app (s)."),
+    allow_empty: list[str] = typer.Option(
+        [], "--allow-empty", help="App allowed to render empty (prunes all)."
+    ),
+    kubeconfig: str | None = KubeconfigOption,
+    context: str | None = ContextOption,
+    output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
+) -> None:
+    """One pass: exits 0 when every app is Ready, 1 when any is not."""
+    if bool(path) == bool(env):
+        fail("give exactly one of --path DIR or --env NAME")
+    target = Target(
+        repo=repo, branch=branch, path=path, env=env, kubeconfig=kubeconfig, context=context
+    )
+    started = time.monotonic()
+    with err_console.status("reconciling") as spinner:
+        try:
+            result = asyncio.run(
+                reconcile_once(
+                    target,
+                    app=app,
+                    timeout=timeout,
+                    allow_empty=frozenset(allow_empty),
+                    progress=lambda m: spinner.update(escape(m)),
+                )
+            )
+        except KubeconfigError as error:
+            fail(str(error))
+    if isinstance(result, SourceFailure):
+        err_console.print(
+            f"[red]source failed[/]: {escape(result.message)}\n"
+            "nothing was applied or pruned; the cluster keeps the last "
+            "applied revision"
+        )
+        raise typer.Exit(1)
+    _print_result(result, output, seconds=time.monotonic() - started)
+    raise typer.Exit(0 if result.all_ready else 1)
+
+
+def _print_result(result: PassResult, output: OutputFormat, *, seconds: float) -> None:
+    statuses = list(result.statuses.values())
+    if output is not OutputFormat.table:
+        print_machine(
+            {
+                "revision": result.revision,
+                "writes": result.writes,
+                "pruned": result.pruned_apps,
+                "items": [s.to_summary() for s in statuses],
+            },
+            output,
+        )
+        return
+    console.print(status_table(statuses, title=f"revision {result.revision[:12]}"))
+    ready = sum(s.ready for s in statuses)
+    pruned = f"; pruned apps: {', '.join(result.pruned_apps)}" if result.pruned_apps else ""
+    console.print(
+        f"{ready}/{len(statuses)} apps Ready in {seconds:.1f}s, {result.writes} API writes{pruned}"
+    )
+
+
+get_app = typer.Typer(help="Show status kept in the cluster.", no_args_is_help=True)
+
+
+@get_app.command("apps")
+def get_apps(
+    scope: str | None = typer.Option(
+        None, "--scope", "--env", help="Only this environment (or path scope)."
+    ),
+    kubeconfig: str | None = KubeconfigOption,
+    context: str | None = ContextOption,
+    output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
+) -> None:
+    """Apps and their state: Ready / Reconciling / Stalled, reason, revision."""
+
+    async def load() -> list[AppStatus]:
+        async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
+            return list((await StatusStore(kube).load_all(scope=scope)).values())
+
+    try:
+        statuses = asyncio.run(load())
+    except (KubeconfigError, ApiError, OSError) as error:
+        fail(str(error))
+    apps = [s for s in statuses if s.kind != SOURCE_KIND]
+    if output is not OutputFormat.table:
+        print_machine(
+            {
+                "items": [s.to_summary() for s in apps],
+                "sources": [s.to_summary() for s in statuses if s.kind == SOURCE_KIND],
+            },
+            output,
+        )
+        return
+    console.print(status_table(statuses, title="apps"))
+
+
+def _set_suspended(
+    app: str, scope: str, suspended: bool, kubeconfig: str | None, context: str | None
+) -> None:
+    async def run() -> None:
+        async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
+            store = StatusStore(kube)
+            await store.install()
+            await store.set_suspended(app_name(scope), app, suspended)
+
+    try:
+        asyncio.run(run())
+    except (KubeconfigError, ApiError, OSError) as error:
+        fail(str(error))
+    console.print(f"{app} {'suspended' if suspended else 'resumed'} in {scope}")
+
+
+ScopeArgument = typer.Option(..., "--env", "--scope", help="Environment (or path scope).")
+
+
+def suspend(
+    app: str,
+    scope: str = ScopeArgument,
+    kubeconfig: str | None = KubeconfigOption,
+    context: str | None = ContextOption,
+) -> None:
+    """Stop reconciling APP (its objects stay as they are)."""
+    _set_suspended(app, scope, True, kubeconfig, context)
+
+
+def resume(
+    app: str,
+    scope: str = ScopeArgument,
+    kubeconfig: str | None = KubeconfigOption,
+    context: str | None = ContextOption,
+) -> None:
+    """Reconcile APP again."""
+    _set_suspended(app, scope, False, kubeconfig, context)

@@ -1,0 +1,106 @@
+"""One reconcile pass from the command line: fetch, render, apply, verify, report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from conveyor.config.project import ConfigError
+from conveyor.reconcile.engine import Engine, EngineOptions, PassResult
+from conveyor.reconcile.status import SOURCE_KIND, STALLED, AppStatus, StatusStore
+from conveyor.reconcile.target import (
+    Target,
+    build_renderer,
+    discover_target,
+    fetch_target,
+    helm_cli,
+    kube_client,
+)
+from conveyor.render.discover import app_name
+from conveyor.render.documents import RenderError
+from conveyor.source.git import GitError
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class SourceFailure:
+    scope: str
+    message: str
+
+
+async def reconcile_once(
+    target: Target,
+    *,
+    app: str | None = None,
+    timeout: float = 300.0,
+    allow_empty: frozenset[str] = frozenset(),
+    progress: Progress | None = None,
+) -> PassResult | SourceFailure:
+    say = progress or (lambda _m: None)
+    say(f"fetching {target.repo}")
+    try:
+        resolved = fetch_target(target, purpose="reconcile")
+    except (GitError, ConfigError, RenderError) as error:
+        scope = app_name(target.env or (target.path or ".").replace("/", "-"))
+        await record_source_failure(target, scope, str(error))
+        return SourceFailure(scope=scope, message=str(error))
+    kube = kube_client(resolved)
+    helm = helm_cli(resolved)
+    engine = Engine(
+        kube,
+        helm,
+        options=EngineOptions(scope=resolved.scope, timeout=timeout, allow_empty=allow_empty),
+    )
+    try:
+        say(f"rendering {resolved.env_path} at {resolved.revision[:12]}")
+        try:
+            tree = discover_target(resolved)
+        except RenderError as error:
+            await record_source_failure(target, resolved.scope, str(error))
+            return SourceFailure(scope=resolved.scope, message=str(error))
+        renderer = build_renderer(resolved, tree, kube, helm)
+        say(f"reconciling {len(tree.apps)} apps")
+        result = await engine.run_pass(tree, renderer, revision=resolved.revision, only=app)
+        await _store_source(
+            engine.store,
+            AppStatus(
+                scope=resolved.scope,
+                app="",
+                kind=SOURCE_KIND,
+                state="Ready",
+                reason="Fetched",
+                message=f"{target.repo}@{resolved.checkout.branch}",
+                revision=resolved.revision,
+            ),
+        )
+        return result
+    finally:
+        await engine.close()
+        await kube.aclose()
+
+
+async def _store_source(store: StatusStore, status: AppStatus) -> None:
+    await store.load_all(scope=status.scope)
+    await store.save(status)
+
+
+async def record_source_failure(target: Target, scope: str, message: str) -> None:
+    """Everything stays as applied; the source's own status says why nothing moved."""
+    kube = kube_client(kubeconfig_path=target.kubeconfig, context=target.context)
+    try:
+        store = StatusStore(kube)
+        await store.install()
+        await _store_source(
+            store,
+            AppStatus(
+                scope=scope,
+                app="",
+                kind=SOURCE_KIND,
+                state=STALLED,
+                reason="FetchFailed",
+                message=message,
+            ),
+        )
+    finally:
+        await kube.aclose()

@@ -1,0 +1,142 @@
+"""What to reconcile: a config repo, a branch and a folder (or a named environment from
+conveyor.yaml), against which cluster. Shared by `reconcile`, `agent`, `diff` and `get`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from conveyor.cluster import kubeconfig
+from conveyor.cluster.client import KubeClient
+from conveyor.config.helmrelease import ValuesReference
+from conveyor.config.project import ConfigError, load_project, safe_relative_path
+from conveyor.render.charts import ChartResolver
+from conveyor.render.discover import EnvironmentTree, app_name, discover
+from conveyor.render.helm import HelmCLI
+from conveyor.render.render import Renderer, ValuesLookup
+from conveyor.sandbox.paths import cache_root
+from conveyor.source.git import Checkout, run_git
+
+
+@dataclass(frozen=True)
+class Target:
+    repo: str
+    branch: str | None = None
+    path: str | None = None
+    env: str | None = None
+    kubeconfig: str | None = None
+    context: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    checkout: Checkout
+    revision: str
+    env_path: str
+    scope: str
+    context: str | None
+    kubeconfig: str | None
+
+
+def checkout_path(repo: str, branch: str, *, purpose: str = "agent") -> Path:
+    digest = hashlib.sha256(f"{repo}#{branch}".encode()).hexdigest()[:16]
+    return cache_root() / "repos" / purpose / digest
+
+
+def default_branch(repo: str) -> str:
+    out = run_git(["ls-remote", "--symref", repo, "HEAD"])
+    for line in out.splitlines():
+        if line.startswith("ref:") and "refs/heads/" in line:
+            return line.split("refs/heads/", 1)[1].split()[0]
+    return "main"
+
+
+def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
+    """Fetch the config repo and pin the revision. Raises GitError or ConfigError."""
+    if not target.path and not target.env:
+        raise ConfigError("give --path DIR or --env NAME")
+    branch = target.branch or default_branch(target.repo)
+    checkout = Checkout.open(
+        target.repo, checkout_path(target.repo, branch, purpose=purpose), branch=branch
+    )
+    context, config_file = target.context, target.kubeconfig
+    env_path = target.path
+    scope_name = None
+    if target.env:
+        environment = load_project(checkout.path).environment(target.env)
+        if environment.branch != branch and not target.branch:
+            checkout = Checkout.open(
+                target.repo,
+                checkout_path(target.repo, environment.branch, purpose=purpose),
+                branch=environment.branch,
+            )
+        env_path = environment.path
+        scope_name = environment.name
+        context = context or environment.cluster.context
+        config_file = config_file or environment.cluster.kubeconfig
+    assert_path = safe_relative_path(env_path or ".")
+    revision = checkout.head()
+    if revision is None:
+        raise ConfigError(f"branch {checkout.branch} of {target.repo} has no commits")
+    return ResolvedTarget(
+        checkout=checkout,
+        revision=revision,
+        env_path=assert_path,
+        scope=app_name(scope_name or assert_path.replace("/", "-")),
+        context=context,
+        kubeconfig=config_file,
+    )
+
+
+def kube_client(
+    resolved: ResolvedTarget | None = None,
+    *,
+    kubeconfig_path: str | None = None,
+    context: str | None = None,
+) -> KubeClient:
+    path = kubeconfig_path or (resolved.kubeconfig if resolved else None)
+    ctx = context or (resolved.context if resolved else None)
+    return KubeClient(kubeconfig.load(path, context=ctx), max_connections=64)
+
+
+def helm_cli(
+    resolved: ResolvedTarget | None = None, *, kubeconfig_path: str | None = None
+) -> HelmCLI:
+    path = (
+        kubeconfig_path
+        or (resolved.kubeconfig if resolved else None)
+        or os.environ.get("KUBECONFIG")
+    )
+    return HelmCLI(kubeconfig=path, context=resolved.context if resolved else None)
+
+
+def values_lookup(kube: KubeClient) -> ValuesLookup:
+    """valuesFrom reads ConfigMaps and Secrets from the cluster, as Flux does."""
+
+    async def lookup(ref: ValuesReference) -> str | None:
+        obj = await kube.get("v1", ref.kind, ref.name, namespace=ref.namespace)
+        if obj is None:
+            return None
+        if ref.kind == "Secret":
+            raw = (obj.get("data") or {}).get(ref.key)
+            return base64.b64decode(raw).decode() if raw is not None else None
+        value = (obj.get("data") or {}).get(ref.key)
+        return str(value) if value is not None else None
+
+    return lookup
+
+
+def build_renderer(
+    resolved: ResolvedTarget, tree: EnvironmentTree, kube: KubeClient, helm: HelmCLI
+) -> Renderer:
+    charts = ChartResolver(cache_root() / "charts", helm, tree.sources)
+    charts.cache_dir.mkdir(parents=True, exist_ok=True)
+    return Renderer(resolved.checkout.path, charts=charts, values_lookup=values_lookup(kube))
+
+
+def discover_target(resolved: ResolvedTarget) -> EnvironmentTree:
+    return discover(resolved.checkout.path, resolved.env_path)
