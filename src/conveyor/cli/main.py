@@ -18,6 +18,8 @@ app.command()(reconcile.reconcile)
 app.add_typer(reconcile.get_app, name="get")
 app.command()(reconcile.suspend)
 app.command()(reconcile.resume)
+app.command()(reconcile.diff)
+app.command()(reconcile.agent)
 
 
 def _version(value: bool) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from enum import StrEnum
+from pathlib import Path
 
 import typer
 from rich.markup import escape
@@ -12,11 +15,18 @@ from rich.table import Table
 from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
 from conveyor.cluster.client import ApiError
 from conveyor.cluster.kubeconfig import KubeconfigError
+from conveyor.config.helmrelease import parse_duration
+from conveyor.config.project import ConfigError
+from conveyor.reconcile.agent import Agent, AgentOptions
 from conveyor.reconcile.engine import PassResult
-from conveyor.reconcile.once import SourceFailure, reconcile_once
+from conveyor.reconcile.logs import configure as configure_logging
+from conveyor.reconcile.once import SourceFailure, plan_target, reconcile_once
+from conveyor.reconcile.plan import render_markdown, render_text
 from conveyor.reconcile.status import READY, SOURCE_KIND, STALLED, AppStatus, StatusStore
 from conveyor.reconcile.target import Target, kube_client
 from conveyor.render.discover import app_name
+from conveyor.render.documents import RenderError
+from conveyor.source.git import GitError
 
 RepoOption = typer.Option(..., "--repo", help="Config repository URL or path.")
 BranchOption = typer.Option(None, "--branch", help="Branch (default: the repo's HEAD).")
@@ -185,3 +195,90 @@ def resume(
 ) -> None:
     """Reconcile APP again."""
     _set_suspended(app, scope, False, kubeconfig, context)
+
+
+class DiffFormat(StrEnum):
+    text = "text"
+    markdown = "markdown"
+
+
+def diff(
+    repo: str = RepoOption,
+    branch: str | None = BranchOption,
+    path: str | None = PathOption,
+    env: str | None = EnvOption,
+    fmt: DiffFormat = typer.Option(DiffFormat.text, "--format"),
+    outfile: str | None = typer.Option(None, "--outfile", help="Write the diff to a file."),
+    kubeconfig: str | None = KubeconfigOption,
+    context: str | None = ContextOption,
+) -> None:
+    """Desired (git) against live (server-side dry run). Exit 0: no changes, 1: changes,
+    2: error. Secret values are masked."""
+    if bool(path) == bool(env):
+        fail("give exactly one of --path DIR or --env NAME")
+    target = Target(
+        repo=repo, branch=branch, path=path, env=env, kubeconfig=kubeconfig, context=context
+    )
+    try:
+        plans, title = asyncio.run(plan_target(target))
+    except (GitError, ConfigError, RenderError, KubeconfigError, ApiError, OSError) as error:
+        fail(escape(str(error)))
+    text = render_markdown(plans, title=title) if fmt is DiffFormat.markdown else render_text(plans)
+    if outfile:
+        Path(outfile).write_text(text)
+    elif fmt is DiffFormat.markdown:
+        typer.echo(text, nl=False)
+    else:
+        for line in text.splitlines():
+            style = (
+                "green"
+                if line.startswith("+")
+                else "red"
+                if line.startswith("-")
+                else "bold"
+                if line.startswith("#")
+                else None
+            )
+            console.print(escape(line), style=style, highlight=False)
+    if any(p.error for p in plans):
+        raise typer.Exit(2)
+    raise typer.Exit(1 if any(p.changes for p in plans) else 0)
+
+
+def agent(
+    repo: str = RepoOption,
+    branch: str | None = BranchOption,
+    path: str | None = PathOption,
+    env: str | None = EnvOption,
+    interval: str = typer.Option("60s", "--interval", help="Poll interval (e.g. 30s, 5m)."),
+    listen: str | None = typer.Option(
+        None, "--listen", help="127.0.0.1:PORT for /hooks/git, /metrics, probes."
+    ),
+    webhook_secret_file: Path | None = typer.Option(None, "--webhook-secret-file"),
+    timeout: float = typer.Option(300.0, "--timeout", help="Health timeout per app (s)."),
+    lease_duration: float = typer.Option(15.0, "--lease-duration"),
+    kubeconfig: str | None = KubeconfigOption,
+    context: str | None = ContextOption,
+) -> None:
+    """The long-running agent: reconcile on every new revision, interval and webhook."""
+    if bool(path) == bool(env):
+        fail("give exactly one of --path DIR or --env NAME")
+    secret = None
+    if webhook_secret_file is not None:
+        try:
+            secret = webhook_secret_file.read_bytes().strip()
+        except OSError as error:
+            fail(f"cannot read the webhook secret file: {error.strerror}")
+    configure_logging()
+    options = AgentOptions(
+        interval=parse_duration(interval, default=60.0),
+        listen=listen,
+        webhook_secret=secret,
+        timeout=timeout,
+        lease_duration=lease_duration,
+    )
+    target = Target(
+        repo=repo, branch=branch, path=path, env=env, kubeconfig=kubeconfig, context=context
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(Agent(target, options=options).run())

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from conveyor.config.project import ConfigError
 from conveyor.reconcile.engine import Engine, EngineOptions, PassResult
+from conveyor.reconcile.plan import AppPlan, plan_environment
 from conveyor.reconcile.status import SOURCE_KIND, STALLED, AppStatus, StatusStore
 from conveyor.reconcile.target import (
     Target,
@@ -104,3 +105,17 @@ async def record_source_failure(target: Target, scope: str, message: str) -> Non
         )
     finally:
         await kube.aclose()
+
+
+async def plan_target(target: Target) -> tuple[list[AppPlan], str]:
+    """Fetch, render and dry-run against the live cluster; nothing is written."""
+    resolved = fetch_target(target, purpose="diff")
+    kube = kube_client(resolved)
+    helm = helm_cli(resolved)
+    try:
+        tree = discover_target(resolved)
+        renderer = build_renderer(resolved, tree, kube, helm)
+        plans = await plan_environment(tree, renderer, kube, helm, scope=resolved.scope)
+    finally:
+        await kube.aclose()
+    return plans, f"{resolved.env_path} at {resolved.revision[:12]}"

@@ -1,0 +1,205 @@
+"""What a reconcile would change, without changing it: desired against live.
+
+Every object is sent through a server-side dry run, so defaults, admission and field
+ownership are the cluster's own, and HelmReleases are rendered with `helm template`
+(Flux cannot show those). Secret values never appear: a changed key shows as changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from conveyor.cluster.apply import labelled, namespaced_ref
+from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
+from conveyor.cluster.objects import Obj, ObjectRef
+from conveyor.reconcile.status import StatusStore
+from conveyor.render.discover import EnvironmentTree
+from conveyor.render.documents import RenderError
+from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
+from conveyor.render.render import Renderer
+
+MASK = "***"
+_VOLATILE_METADATA = (
+    "managedFields",
+    "resourceVersion",
+    "generation",
+    "uid",
+    "creationTimestamp",
+    "selfLink",
+)
+
+
+@dataclass
+class ObjectChange:
+    ref: ObjectRef
+    action: str  # create | update | delete
+    diff: str
+
+
+@dataclass
+class AppPlan:
+    app: str
+    changes: list[ObjectChange] = field(default_factory=list)
+    error: str | None = None
+
+
+def normalize(obj: Obj | None) -> Obj | None:
+    if obj is None:
+        return None
+    result = copy.deepcopy(obj)
+    result.pop("status", None)
+    metadata = result.get("metadata", {})
+    for key in _VOLATILE_METADATA:
+        metadata.pop(key, None)
+    annotations = metadata.get("annotations") or {}
+    annotations.pop("deployment.kubernetes.io/revision", None)
+    if not annotations:
+        metadata.pop("annotations", None)
+    return result
+
+
+def mask_secrets(before: Obj | None, after: Obj | None) -> tuple[Obj | None, Obj | None]:
+    """Replace Secret values by a mask; a value that changed is marked, never shown."""
+    if (after or before or {}).get("kind") != "Secret":
+        return before, after
+    before, after = copy.deepcopy(before), copy.deepcopy(after)
+    for section in ("data", "stringData"):
+        old = (before or {}).get(section) or {}
+        new = (after or {}).get(section) or {}
+        old_values, new_values = dict(old), dict(new)
+        for key in old:
+            old[key] = MASK
+        for key in new:
+            changed = key in old_values and old_values[key] != new_values[key]
+            new[key] = f"{MASK} (changed)" if changed else MASK
+    return before, after
+
+
+def unified(before: Obj | None, after: Obj | None, *, label: str) -> str:
+    a = yaml.safe_dump(before, sort_keys=True).splitlines(keepends=True) if before else []
+    b = yaml.safe_dump(after, sort_keys=True).splitlines(keepends=True) if after else []
+    return "".join(difflib.unified_diff(a, b, fromfile=f"live/{label}", tofile=f"git/{label}"))
+
+
+async def plan_environment(
+    tree: EnvironmentTree, renderer: Renderer, kube: KubeClient, helm: HelmCLI, *, scope: str
+) -> list[AppPlan]:
+    statuses = await StatusStore(kube).load_all(scope=scope)
+    plans = []
+    for app in tree.apps:
+        plan = AppPlan(app=app.name)
+        plans.append(plan)
+        try:
+            rendered = await renderer.render(app)
+        except RenderError as error:
+            plan.error = str(error)
+            continue
+        objects = [labelled(o, app=app.name, scope=scope) for o in rendered.objects]
+        if rendered.helm is not None:
+            spec = rendered.helm.spec
+            try:
+                manifest = await helm.template(
+                    spec.release_name,
+                    spec.target_namespace,
+                    rendered.helm.chart.path,
+                    rendered.helm.values,
+                )
+            except HelmError as error:
+                plan.error = f"helm template: {error.message}"
+                continue
+            for obj in parse_manifest(manifest):
+                obj.setdefault("metadata", {}).setdefault("namespace", spec.target_namespace)
+                objects.append(obj)
+        try:
+            plan.changes = await _diff_objects(kube, objects)
+        except (ApiError, UnknownKindError) as error:
+            plan.error = str(error)
+            continue
+        previous = statuses.get(app.name)
+        if previous is not None and rendered.helm is None:
+            wanted = {(await namespaced_ref(kube, o)).key() for o in objects}
+            for ref in previous.inventory:
+                if ref.key() not in wanted:
+                    live = await kube.get(
+                        ref.api_version, ref.kind, ref.name, namespace=ref.namespace or None
+                    )
+                    if live is not None:
+                        before, _ = mask_secrets(normalize(live), None)
+                        plan.changes.append(
+                            ObjectChange(ref, "delete", unified(before, None, label=str(ref)))
+                        )
+    for name, status in statuses.items():
+        if status.kind != "source" and name not in {a.name for a in tree.apps}:
+            plan = AppPlan(app=name)
+            plan.changes = [
+                ObjectChange(ref, "delete", f"--- live/{ref}\n+++ /dev/null\n")
+                for ref in status.inventory
+            ]
+            if status.release:
+                plan.changes.append(
+                    ObjectChange(
+                        ObjectRef("helm.sh/v3", "Release", *status.release.split("/", 1)),
+                        "delete",
+                        f"helm uninstall {status.release}\n",
+                    )
+                )
+            plans.append(plan)
+    return plans
+
+
+async def _diff_objects(kube: KubeClient, objects: list[Obj]) -> list[ObjectChange]:
+    changes = []
+    for obj in objects:
+        ref = await namespaced_ref(kube, obj)
+        live = await kube.get(ref.api_version, ref.kind, ref.name, namespace=ref.namespace or None)
+        if live is None and ref.kind == "Namespace":
+            dry: Any = obj
+        elif (
+            live is None
+            and ref.namespace
+            and await kube.get("v1", "Namespace", ref.namespace) is None
+        ):
+            dry = obj  # its namespace is created first by a real apply; cannot dry-run here
+        else:
+            dry = await kube.apply(obj, field_manager="conveyor", force=True, dry_run=True)
+        before, after = mask_secrets(normalize(live), normalize(dry))
+        if before == after:
+            continue
+        changes.append(
+            ObjectChange(
+                ref, "create" if live is None else "update", unified(before, after, label=str(ref))
+            )
+        )
+    return changes
+
+
+def render_text(plans: list[AppPlan]) -> str:
+    lines = []
+    for plan in plans:
+        if plan.error:
+            lines.append(f"# {plan.app}: error: {plan.error}\n")
+        for change in plan.changes:
+            lines.append(f"# {plan.app}: {change.action} {change.ref}\n{change.diff}")
+    return "".join(lines)
+
+
+def render_markdown(plans: list[AppPlan], *, title: str) -> str:
+    out = [f"## conveyor diff: {title}\n"]
+    changed = [p for p in plans if p.changes or p.error]
+    if not changed:
+        out.append("\nNo changes.\n")
+    for plan in changed:
+        out.append(f"\n### {plan.app}\n")
+        if plan.error:
+            out.append(f"\n**Error:** {plan.error}\n")
+        if plan.changes:
+            summary = ", ".join(f"{c.action} {c.ref}" for c in plan.changes)
+            out.append(f"\n{summary}\n\n```diff\n")
+            out.extend(c.diff if c.diff.endswith("\n") else c.diff + "\n" for c in plan.changes)
+            out.append("```\n")
+    return "".join(out)
