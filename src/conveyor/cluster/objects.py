@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,23 @@ class ObjectRef:
 
 def apply_order(obj: Obj) -> int:
     return _ORDER.get(str(obj.get("kind")), 5)
+
+
+def drift_paths(desired: Obj, live: Obj) -> list[str]:
+    """Fields of `desired` that `live` no longer holds, for one object."""
+    return differences(_as_stored(desired), live)
+
+
+def _as_stored(obj: Obj) -> Obj:
+    """A Secret's write-only `stringData` is stored base64-encoded in `data`."""
+    if obj.get("kind") != "Secret" or not obj.get("stringData"):
+        return obj
+    stored = {k: v for k, v in obj.items() if k != "stringData"}
+    data = dict(obj.get("data") or {})
+    for key, value in obj["stringData"].items():
+        data[key] = base64.b64encode(str(value).encode()).decode()
+    stored["data"] = data
+    return stored
 
 
 def differences(desired: Any, live: Any, path: str = "") -> list[str]:

@@ -30,7 +30,7 @@ from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.health import Health, HealthStatus, aggregate, assess
 from conveyor.cluster.helm_storage import unlock_pending_release
 from conveyor.cluster.live import LiveCache
-from conveyor.cluster.objects import Obj, ObjectRef, differences
+from conveyor.cluster.objects import Obj, ObjectRef, drift_paths
 from conveyor.reconcile.report import EventRecorder, Metrics
 from conveyor.reconcile.status import (
     READY,
@@ -466,7 +466,7 @@ class Engine:
             if live is None:
                 found.append(f"{ref} is missing")
                 continue
-            paths = differences(obj, live)
+            paths = drift_paths(obj, live)
             if paths:
                 found.append(f"{ref} {', '.join(paths[:5])}")
         return found
@@ -513,7 +513,7 @@ class Engine:
         wanted = next((o for r, o in self.desired.get(app, []) if r.key() == ref.key()), None)
         if wanted is None:
             return
-        if obj is None or differences(wanted, obj):
+        if obj is None or drift_paths(wanted, obj):
             self.drifted.put_nowait(app)
 
     # -- pruning whole apps ------------------------------------------------------------

@@ -218,6 +218,9 @@ def component_specs(
                 f"--cidr={POD_CIDR}",
                 "--node-ip=127.0.0.1",
                 f"--server-address=127.0.0.1:{ports['kwok']}",
+                # Renew the node's Lease like a kubelet; without it the node lifecycle
+                # controller marks the node (and its Pods) NotReady every grace period.
+                "--node-lease-duration-seconds=40",
             ],
             Health(f"http://127.0.0.1:{ports['kwok']}/healthz", "plain"),
         ),
