@@ -188,3 +188,18 @@ def test_second_named_sandbox_runs_beside_and_down_leaves_nothing(
     assert not any(proc.start_time_of(r.pid) == r.start_time for r in refs)
     assert not second.layout.root.exists()
     assert sandbox.sandbox.status().ready  # the first sandbox was not touched
+
+
+def test_node_lease_is_renewed_so_the_node_stays_ready(sandbox: SandboxHandle) -> None:
+    """Without renewals the node lifecycle controller marks the node and its Pods NotReady."""
+
+    def renew_time() -> str:
+        lease = json.loads(
+            sandbox.run(
+                "kubectl", "get", "lease", "-n", "kube-node-lease", "sandbox-node", "-o", "json"
+            ).stdout
+        )
+        return str(lease["spec"]["renewTime"])
+
+    first = renew_time()
+    wait_until(lambda: renew_time() != first, timeout=30, what="a node lease renewal")

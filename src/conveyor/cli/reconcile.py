@@ -139,7 +139,7 @@ def get_apps(
 
     async def load() -> list[AppStatus]:
         async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
-            return list((await StatusStore(kube).load_all(scope=scope)).values())
+            return await StatusStore(kube).list_all(scope=scope)
 
     try:
         statuses = asyncio.run(load())

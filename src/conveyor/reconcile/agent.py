@@ -18,6 +18,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+import httpx
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -25,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from conveyor.cluster.client import ApiError
 from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
 from conveyor.reconcile.engine import Engine, EngineOptions
@@ -192,7 +194,15 @@ class Agent:
             if full_pass_due:
                 resolved = resolved or await self._fetch()
                 if resolved is not None:
-                    await self._pass(engine, resolved)
+                    try:
+                        await self._pass(engine, resolved)
+                    except (ApiError, httpx.HTTPError, OSError) as error:
+                        # The apiserver went away mid-pass: nothing is lost, the next
+                        # pass (soon) picks up where this one stopped.
+                        log.error("pass interrupted: %s; retrying shortly", error)
+                        full_pass_due, resolved = True, None
+                        await asyncio.sleep(2.0)
+                        continue
                 resolved = None
             full_pass_due, drifted = await self._wait_trigger(
                 self.options.interval, engine=engine, elector=elector
@@ -239,8 +249,10 @@ class Agent:
             )
             log.error("fetch failed; keeping everything as applied: %s", error)
             await record_source_failure(self.target, scope.replace("/", "-"), str(error))
+            self.metrics.fetches.labels("error").inc()
             self.ready = True
             return None
+        self.metrics.fetches.labels("ok").inc()
         self._resolved = resolved
         return resolved
 

@@ -219,20 +219,25 @@ class StatusStore:
                 field_manager=FIELD_MANAGER,
             )
 
-    async def load_all(self, *, scope: str | None = None) -> dict[str, AppStatus]:
+    async def list_all(self, *, scope: str | None = None) -> list[AppStatus]:
+        """Every stored status (of one scope, or of all), remembering what is stored."""
         try:
             items = await self.kube.list(API_VERSION, KIND, namespace=NAMESPACE)
         except ApiError as error:
             if error.not_found:
-                return {}
+                return []
             raise
-        result = {}
+        result = []
         for item in items:
             status = AppStatus.from_object(item)
             if scope is None or status.scope == scope:
-                result[status.app] = status
+                result.append(status)
                 self._written[status.name] = status.status_body()
         return result
+
+    async def load_all(self, *, scope: str) -> dict[str, AppStatus]:
+        """The statuses of one scope by app name."""
+        return {s.app: s for s in await self.list_all(scope=scope)}
 
     def stored(self, status: AppStatus) -> dict[str, Any]:
         """The status body as last read or written (empty if never)."""

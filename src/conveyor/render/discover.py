@@ -82,25 +82,33 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
         tree.apps.append(AppSource(name=folder_app_name, kind="kustomize", path=str(rel_folder)))
         return
     plain: list[Document] = []
-    for path in yaml_files(folder):
-        if path.name in SKIPPED_FILES:
-            continue
+    has_releases = False
+    has_flux_config = False
+    folder_error: RenderError | None = None
+    files = [p for p in yaml_files(folder) if p.name not in SKIPPED_FILES]
+    for path in files:
         try:
             documents = load_documents(path, relative_to=repo_root)
         except RenderError as error:
-            tree.apps.append(
-                AppSource(
-                    name=app_name(path.stem),
-                    kind="manifests",
-                    path=str(path.relative_to(repo_root)),
-                    error=error,
+            if "HelmRelease" in path.read_text(errors="replace"):
+                # A broken HelmRelease file: its own app, named like its file.
+                tree.apps.append(
+                    AppSource(
+                        name=app_name(path.stem),
+                        kind="helm",
+                        path=str(path.relative_to(repo_root)),
+                        error=error,
+                    )
                 )
-            )
+                has_releases = True
+            else:
+                folder_error = folder_error or error  # the folder's app cannot be rendered
             continue
         releases = [d for d in documents if is_helmrelease(d.obj)]
         others = []
         for doc in documents:
             if _is_flux_config(doc):
+                has_flux_config = True
                 if doc.kind in FLUX_SOURCE_KINDS:
                     namespace = doc.obj.get("metadata", {}).get("namespace") or "default"
                     tree.sources[(doc.kind, namespace, doc.name)] = doc
@@ -111,6 +119,7 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
         if not releases:
             plain.extend(others)
             continue
+        has_releases = True
         for index, release in enumerate(releases):
             spec = release.obj.get("spec") or {}
             name = app_name(str(spec.get("releaseName") or release.name))
@@ -125,9 +134,17 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
                     helm_release=release,
                 )
             )
-    if plain:
+    # A folder whose files hold no objects any more is an app that rendered empty (which
+    # is never pruned unless allowed), not an app that left git.
+    if plain or folder_error or (files and not has_releases and not has_flux_config):
         tree.apps.append(
-            AppSource(name=folder_app_name, kind="manifests", path=str(rel_folder), documents=plain)
+            AppSource(
+                name=folder_app_name,
+                kind="manifests",
+                path=str(rel_folder),
+                documents=plain,
+                error=folder_error,
+            )
         )
     for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         _walk(child, repo_root, env_root=env_root, tree=tree)

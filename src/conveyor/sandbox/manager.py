@@ -188,6 +188,23 @@ class Sandbox:
             shutil.rmtree(self.layout.root)
         return stopped
 
+    def restart_component(self, name: str, *, down_for: float = 0.0) -> None:
+        """Stop one component, optionally wait, and start it again with the same command
+        line (same ports and data): an outage drill for tests and demos."""
+        state = self._require_state()
+        pki = Pki.at(self.layout.pki_dir)
+        specs = {
+            s.name: s for s in component_specs(self.layout, state.ports, Path(state.bin_dir), pki)
+        }
+        record = next((c for c in state.components if c.name == name), None)
+        if record is None or name not in specs:
+            raise SandboxError(f"sandbox {self.name} has no component {name!r}")
+        process.stop(record.process)
+        time.sleep(down_for)
+        state.components.remove(record)
+        self._launch(state, specs[name])
+        self._wait_healthy(state, specs[name], pki, time.monotonic() + START_TIMEOUT)
+
     # -- internals ---------------------------------------------------------------
 
     def _require_state(self) -> SandboxState:

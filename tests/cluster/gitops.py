@@ -1,0 +1,180 @@
+"""Helpers for end-to-end tests: a real config repo (bare repo on disk) and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from conveyor.source.git import run_git
+from tests.conftest import ROOT, SandboxHandle
+
+T = TypeVar("T")
+CHART = ROOT / "examples" / "charts" / "service"
+
+
+class ConfigRepo:
+    """A bare repository plus a working clone to commit into."""
+
+    def __init__(self, root: Path, *, branch: str = "main") -> None:
+        self.bare = root / "config.git"
+        self.work = root / "config"
+        self.branch = branch
+        run_git(["init", "--quiet", "--bare", "--initial-branch", branch, str(self.bare)])
+        run_git(["init", "--quiet", "--initial-branch", branch, str(self.work)])
+        run_git(["remote", "add", "origin", str(self.bare)], cwd=self.work)
+
+    @property
+    def url(self) -> str:
+        return str(self.bare)
+
+    def write(self, path: str, text: str) -> None:
+        target = self.work / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(textwrap.dedent(text).lstrip())
+
+    def remove(self, path: str) -> None:
+        run_git(["rm", "-r", "--quiet", path], cwd=self.work)
+
+    def commit(self, message: str = "change") -> str:
+        run_git(["add", "--all"], cwd=self.work)
+        run_git(
+            [
+                "-c",
+                "user.name=test",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "--quiet",
+                "--allow-empty",
+                "-m",
+                message,
+            ],
+            cwd=self.work,
+        )
+        run_git(["push", "--quiet", "origin", f"HEAD:{self.branch}"], cwd=self.work)
+        return run_git(["rev-parse", "HEAD"], cwd=self.work).strip()
+
+
+def chart_repo(root: Path) -> str:
+    """A git repository holding the example chart at charts/service (Flux v1 `chart.git`)."""
+    bare = root / "charts.git"
+    work = root / "charts"
+    run_git(["init", "--quiet", "--bare", "--initial-branch", "master", str(bare)])
+    run_git(["init", "--quiet", "--initial-branch", "master", str(work)])
+    subprocess.run(["cp", "-r", str(CHART), str(work / "service")], check=True)
+    run_git(["add", "--all"], cwd=work)
+    run_git(
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "chart"], cwd=work
+    )
+    run_git(["push", "--quiet", str(bare), "HEAD:master"], cwd=work)
+    return f"file://{bare}"
+
+
+def conveyor(
+    sandbox: SandboxHandle, *args: str, check: bool = False, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "conveyor", *args],
+        env=sandbox.env,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=timeout,
+    )
+
+
+def reconcile_json(
+    sandbox: SandboxHandle, repo: ConfigRepo, path: str, *extra: str
+) -> tuple[int, dict[str, Any]]:
+    result = conveyor(
+        sandbox, "reconcile", "--repo", repo.url, "--path", path, "-o", "json", *extra
+    )
+    try:
+        return result.returncode, json.loads(result.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(
+            f"no JSON from reconcile (exit {result.returncode}):\n{result.stdout}\n{result.stderr}"
+        ) from None
+
+
+def by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in report["items"]}
+
+
+def kubectl_json(sandbox: SandboxHandle, *args: str) -> dict[str, Any] | None:
+    result = sandbox.run("kubectl", *args, "-o", "json", check=False)
+    if result.returncode != 0:
+        return None
+    parsed: dict[str, Any] = json.loads(result.stdout)
+    return parsed
+
+
+def wait_for(check: Callable[[], T], *, timeout: float = 60.0, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def deployment(name: str, namespace: str, *, replicas: int = 1, image: str = "web:1") -> str:
+    return f"""
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      containers:
+        - name: main
+          image: registry.local/{image}
+"""
+
+
+def flux_v1_release(
+    name: str,
+    namespace: str,
+    chart_git: str,
+    *,
+    tag: str = "1.0.0",
+    replicas: int = 1,
+    timeout: int = 60,
+) -> str:
+    return f"""
+apiVersion: helm.fluxcd.io/v1
+kind: HelmRelease
+metadata:
+  name: {name}
+  namespace: {namespace}
+  annotations:
+    fluxcd.io/automated: "true"
+    filter.fluxcd.io/chart-image: semver:>=0.0.0
+spec:
+  releaseName: {name}
+  timeout: {timeout}
+  chart:
+    git: {chart_git}
+    path: service
+    ref: master
+  values:
+    replicaCount: {replicas}
+    image:
+      repository: registry.local/{name}
+      tag: "{tag}" # filled in by CI. do not modify.
+"""

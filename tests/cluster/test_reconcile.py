@@ -1,0 +1,427 @@
+"""`conveyor reconcile` and `conveyor diff` end to end: real git, real cluster, real helm."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conveyor.cluster.helm_storage import decode_release, encode_release
+from tests.cluster.gitops import (
+    CHART,
+    ConfigRepo,
+    by_name,
+    chart_repo,
+    conveyor,
+    deployment,
+    flux_v1_release,
+    kubectl_json,
+    reconcile_json,
+)
+from tests.conftest import SandboxHandle
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> ConfigRepo:
+    return ConfigRepo(tmp_path)
+
+
+@pytest.fixture
+def env_path() -> str:
+    """A unique environment folder per test, so scopes never collide."""
+    return f"envs/e{uuid.uuid4().hex[:8]}"
+
+
+def replicas(sandbox: SandboxHandle, namespace: str, name: str) -> int | None:
+    live = kubectl_json(sandbox, "get", "deployment", name, "-n", namespace)
+    return None if live is None else int(live["spec"]["replicas"])
+
+
+def test_change_in_git_reaches_cluster_and_noop_makes_no_writes(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
+) -> None:
+    charts = chart_repo(tmp_path)
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace, replicas=2))
+    repo.write(f"{env_path}/ui.yaml", flux_v1_release("ui", namespace, charts, tag="1.0.0"))
+    first = repo.commit("first")
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 0, report
+    apps = by_name(report)
+    assert apps["web"]["ready"] and apps["ui"]["ready"]
+    assert apps["web"]["revision"] == first
+    assert apps["ui"]["helmRevision"] == 1
+    releases = json.loads(sandbox.run("helm", "list", "-n", namespace, "-o", "json").stdout)
+    assert [(r["name"], r["status"]) for r in releases] == [("ui", "deployed")]
+    assert replicas(sandbox, namespace, "web") == 2
+
+    code, again = reconcile_json(sandbox, repo, env_path)
+    assert code == 0
+    assert again["writes"] == 0  # unchanged apps cost no API write and no helm call
+    assert by_name(again)["ui"]["helmRevision"] == 1
+
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace, replicas=3))
+    repo.write(f"{env_path}/ui.yaml", flux_v1_release("ui", namespace, charts, tag="1.1.0"))
+    second = repo.commit("second")
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 0
+    assert replicas(sandbox, namespace, "web") == 3
+    ui = kubectl_json(sandbox, "get", "deployment", "ui", "-n", namespace)
+    assert ui is not None
+    assert ui["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/ui:1.1.0"
+    assert by_name(report)["ui"]["helmRevision"] == 2
+    assert by_name(report)["web"]["revision"] == second
+    # Status survives in the cluster, visible to kubectl and `conveyor get apps`.
+    listed = json.loads(conveyor(sandbox, "get", "apps", "-o", "json", check=True).stdout)
+    mine = {i["name"]: i for i in listed["items"] if i["revision"] == second}
+    assert set(mine) == {"web", "ui"}
+    assert sandbox.run("kubectl", "get", "conveyorapps", "-n", "conveyor-system").returncode == 0
+
+
+def test_removed_app_and_removed_object_are_pruned(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str
+) -> None:
+    repo.write(f"{env_path}/a/deploy.yaml", deployment("a", namespace))
+    repo.write(
+        f"{env_path}/a/config.yaml",
+        f"""
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {{name: a-config, namespace: {namespace}}}
+        data: {{k: v}}
+        """,
+    )
+    repo.write(f"{env_path}/b/deploy.yaml", deployment("b", namespace))
+    repo.commit()
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+    assert replicas(sandbox, namespace, "b") == 1
+
+    repo.remove(f"{env_path}/b")
+    repo.remove(f"{env_path}/a/config.yaml")
+    repo.commit("remove b and a's config")
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 0
+    assert report["pruned"] == ["b"]
+    assert replicas(sandbox, namespace, "b") is None
+    assert kubectl_json(sandbox, "get", "configmap", "a-config", "-n", namespace) is None
+    assert replicas(sandbox, namespace, "a") == 1
+
+
+def test_broken_yaml_stalls_only_its_app_and_prunes_nothing(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str
+) -> None:
+    repo.write(f"{env_path}/good/deploy.yaml", deployment("good", namespace))
+    repo.write(f"{env_path}/bad/deploy.yaml", deployment("bad", namespace))
+    repo.commit()
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+
+    repo.write(
+        f"{env_path}/bad/deploy.yaml",
+        """
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata:
+          name: bad
+          labels: [unclosed
+        """,
+    )
+    repo.write(f"{env_path}/good/deploy.yaml", deployment("good", namespace, replicas=2))
+    repo.commit("break bad")
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 1
+    apps = by_name(report)
+    assert apps["good"]["ready"] and replicas(sandbox, namespace, "good") == 2
+    assert apps["bad"]["state"] == "Stalled"
+    assert apps["bad"]["reason"] == "RenderFailed"
+    assert f"{env_path}/bad/deploy.yaml:6: invalid YAML" in apps["bad"]["message"]
+    assert report["pruned"] == []
+    assert replicas(sandbox, namespace, "bad") == 1  # still running as last applied
+
+
+def test_unreachable_remote_leaves_everything_in_place(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
+) -> None:
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace))
+    repo.commit()
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+    shutil.move(repo.bare, tmp_path / "gone.git")
+    result = conveyor(sandbox, "reconcile", "--repo", repo.url, "--path", env_path)
+    assert result.returncode == 1
+    assert "source failed" in result.stderr and "nothing was applied or pruned" in result.stderr
+    assert replicas(sandbox, namespace, "web") == 1
+    listed = json.loads(conveyor(sandbox, "get", "apps", "-o", "json", check=True).stdout)
+    scope = env_path.replace("/", "-")
+    source = next(s for s in listed["sources"] if s["scope"] == scope)
+    assert source["state"] == "Stalled" and source["reason"] == "FetchFailed"
+    assert "gone" not in source["message"] and "config.git" in source["message"]
+    web = next(i for i in listed["items"] if i["scope"] == scope)
+    assert web["ready"]
+
+
+def test_failed_helm_upgrade_is_rolled_back_and_a_new_revision_is_tried_again(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
+) -> None:
+    charts = chart_repo(tmp_path)
+    good = flux_v1_release("api", namespace, charts, tag="1.0.0", timeout=8)
+    repo.write(f"{env_path}/api.yaml", good)
+    repo.commit()
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+
+    # Pods that can never schedule: the upgrade never becomes healthy.
+    broken = good.replace(
+        "    replicaCount: 1", "    replicaCount: 1\n    nodeSelector: {disk: none}"
+    )
+    repo.write(f"{env_path}/api.yaml", broken.replace("1.0.0", "2.0.0"))
+    repo.commit("bad upgrade")
+    code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "8")
+    assert code == 1
+    api = by_name(report)["api"]
+    assert api["state"] == "Stalled" and api["reason"] == "RolledBack"
+    assert "rolled back to Helm revision 1" in api["message"]
+    history = json.loads(
+        sandbox.run("helm", "history", "api", "-n", namespace, "-o", "json").stdout
+    )
+    assert history[-1]["status"] == "deployed"
+    assert "Rollback to 1" in history[-1]["description"]
+    live = kubectl_json(sandbox, "get", "deployment", "api", "-n", namespace)
+    assert live is not None
+    assert live["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":1.0.0")
+
+    # The same content is not retried (no loop of failing upgrades) ...
+    code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "8")
+    assert code == 1 and report["writes"] == 0
+    # ... but a new revision starts afresh: no "retries exhausted" dead end.
+    repo.write(f"{env_path}/api.yaml", good.replace("1.0.0", "2.0.1"))
+    repo.commit("fixed")
+    code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "30")
+    assert code == 0, report
+    assert by_name(report)["api"]["reason"] == "ReconciliationSucceeded"
+
+
+def test_release_left_pending_by_a_crash_is_recovered(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
+) -> None:
+    charts = chart_repo(tmp_path)
+    repo.write(f"{env_path}/worker.yaml", flux_v1_release("worker", namespace, charts))
+    repo.commit()
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+    # What a crash mid-upgrade leaves: the latest revision stuck in pending-upgrade.
+    secret_name = "sh.helm.release.v1.worker.v1"
+    secret = kubectl_json(sandbox, "get", "secret", secret_name, "-n", namespace)
+    assert secret is not None
+    body = decode_release(secret["data"]["release"])
+    body["info"]["status"] = "pending-upgrade"
+    secret["data"]["release"] = encode_release(body)
+    secret["metadata"]["labels"]["status"] = "pending-upgrade"
+    sandbox.run("kubectl", "replace", "-f", "-", input=json.dumps(secret))
+    stuck = sandbox.run("helm", "upgrade", "worker", str(CHART), "-n", namespace, check=False)
+    assert "another operation" in stuck.stderr
+
+    repo.write(f"{env_path}/worker.yaml", flux_v1_release("worker", namespace, charts, tag="1.0.1"))
+    repo.commit()
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 0, report
+    status = json.loads(
+        sandbox.run("helm", "status", "worker", "-n", namespace, "-o", "json").stdout
+    )
+    assert status["info"]["status"] == "deployed"
+    assert status["version"] == 2
+
+
+def test_flux_v2_release_from_oci_with_values_from_and_depends_on(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
+) -> None:
+    sandbox.run("helm", "package", str(CHART), "--destination", str(tmp_path))
+    sandbox.run(
+        "helm",
+        "push",
+        str(tmp_path / "service-0.1.0.tgz"),
+        f"oci://{sandbox.registry}/v2charts",
+        "--plain-http",
+    )
+    sandbox.run(
+        "kubectl",
+        "create",
+        "configmap",
+        "api-values",
+        "-n",
+        namespace,
+        "--from-literal=values.yaml=replicaCount: 3",
+    )
+    repo.write(
+        f"{env_path}/sources.yaml",
+        f"""
+        apiVersion: source.toolkit.fluxcd.io/v1
+        kind: HelmRepository
+        metadata: {{name: internal, namespace: {namespace}}}
+        spec: {{type: oci, url: "oci://{sandbox.registry}/v2charts"}}
+        ---
+        apiVersion: source.toolkit.fluxcd.io/v1beta2
+        kind: OCIRepository
+        metadata: {{name: service-chart, namespace: {namespace}}}
+        spec:
+          url: oci://{sandbox.registry}/v2charts/service
+          ref: {{tag: 0.1.0}}
+        ---
+        apiVersion: image.toolkit.fluxcd.io/v1beta2
+        kind: ImagePolicy
+        metadata: {{name: api, namespace: {namespace}}}
+        spec:
+          imageRepositoryRef: {{name: api}}
+          policy: {{semver: {{range: ">=0.0.0"}}}}
+        """,
+    )
+    repo.write(
+        f"{env_path}/api.yaml",
+        f"""
+        apiVersion: helm.toolkit.fluxcd.io/v2
+        kind: HelmRelease
+        metadata: {{name: api, namespace: {namespace}}}
+        spec:
+          interval: 5m
+          dependsOn: [{{name: db}}]
+          chart:
+            spec:
+              chart: service
+              version: 0.1.0
+              sourceRef: {{kind: HelmRepository, name: internal}}
+          valuesFrom:
+            - kind: ConfigMap
+              name: api-values
+          values:
+            image:
+              repository: registry.local/api
+              tag: 0.90.0 # {{"$imagepolicy": "{namespace}:api:tag"}}
+        """,
+    )
+    repo.write(
+        f"{env_path}/db.yaml",
+        f"""
+        apiVersion: helm.toolkit.fluxcd.io/v2
+        kind: HelmRelease
+        metadata: {{name: db, namespace: {namespace}}}
+        spec:
+          chartRef: {{kind: OCIRepository, name: service-chart}}
+          values: {{service: {{enabled: false}}}}
+        """,
+    )
+    repo.commit()
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 0, report
+    assert set(by_name(report)) == {"api", "db"}  # the ImagePolicy is not an app
+    api = kubectl_json(sandbox, "get", "deployment", "api", "-n", namespace)
+    assert api is not None and api["spec"]["replicas"] == 3  # from valuesFrom
+    assert api["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/api:0.90.0"
+    assert kubectl_json(sandbox, "get", "imagepolicy", "api", "-n", namespace) is None
+    assert kubectl_json(sandbox, "get", "service", "db", "-n", namespace) is None
+
+
+def test_kustomization_directory_is_rendered_with_kustomize(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str
+) -> None:
+    repo.write(
+        f"{env_path}/site/kustomization.yaml",
+        f"""
+        namespace: {namespace}
+        resources: [deploy.yaml]
+        configMapGenerator:
+          - name: site-config
+            literals: [mode=fast]
+        """,
+    )
+    repo.write(f"{env_path}/site/deploy.yaml", deployment("site", "placeholder"))
+    repo.commit()
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 0, report
+    assert by_name(report)["site"]["kind"] == "kustomize"
+    assert replicas(sandbox, namespace, "site") == 1
+    configs = kubectl_json(sandbox, "get", "configmaps", "-n", namespace)
+    assert configs is not None
+    assert any(c["metadata"]["name"].startswith("site-config-") for c in configs["items"])
+
+
+def test_empty_render_is_not_pruned_unless_allowed(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str
+) -> None:
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace))
+    repo.commit()
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+    repo.write(f"{env_path}/web/deploy.yaml", "# emptied by a bad merge\n")
+    repo.commit("empty")
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 1
+    assert by_name(report)["web"]["reason"] == "EmptyRender"
+    assert replicas(sandbox, namespace, "web") == 1
+    code, report = reconcile_json(sandbox, repo, env_path, "--allow-empty", "web")
+    assert code == 0
+    assert replicas(sandbox, namespace, "web") is None
+
+
+def test_suspended_app_is_left_alone_until_resumed(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str
+) -> None:
+    scope = env_path.replace("/", "-")
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace))
+    repo.commit()
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+    conveyor(sandbox, "suspend", "web", "--env", scope, check=True)
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace, replicas=2))
+    repo.commit()
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert by_name(report)["web"]["state"] == "Suspended"
+    assert replicas(sandbox, namespace, "web") == 1
+    conveyor(sandbox, "resume", "web", "--env", scope, check=True)
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 0 and replicas(sandbox, namespace, "web") == 2
+
+
+def test_diff_against_live_exit_codes_and_masked_secrets(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
+) -> None:
+    charts = chart_repo(tmp_path)
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace))
+    repo.write(
+        f"{env_path}/web/secret.yaml",
+        f"""
+        apiVersion: v1
+        kind: Secret
+        metadata: {{name: web-secret, namespace: {namespace}}}
+        stringData: {{password: first-password}}
+        """,
+    )
+    repo.write(f"{env_path}/ui.yaml", flux_v1_release("ui", namespace, charts))
+    repo.commit()
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+    same = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
+    assert same.returncode == 0, same.stdout + same.stderr
+
+    repo.write(
+        f"{env_path}/web/secret.yaml",
+        f"""
+        apiVersion: v1
+        kind: Secret
+        metadata: {{name: web-secret, namespace: {namespace}}}
+        stringData: {{password: second-password}}
+        """,
+    )
+    repo.write(f"{env_path}/ui.yaml", flux_v1_release("ui", namespace, charts, replicas=4))
+    repo.commit()
+    changed = conveyor(
+        sandbox, "diff", "--repo", repo.url, "--path", env_path, "--format", "markdown"
+    )
+    assert changed.returncode == 1
+    text = changed.stdout
+    assert "### ui" in text and "+  replicas: 4" in text  # the rendered HelmRelease change
+    assert "password: '*** (changed)'" in text
+    assert "second-password" not in text and "first-password" not in text
+    assert "c2Vjb25k" not in text  # nor base64 of it
+
+    repo.write(f"{env_path}/web/deploy.yaml", "kind: [\n")
+    repo.commit()
+    broken = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
+    assert broken.returncode == 2
