@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from conveyor import __version__
-from conveyor.cli import publish, sandbox, version
+from conveyor.cli import ci_privileges, guard, publish, sandbox, version
 
 app = typer.Typer(
     name="conveyor",
@@ -16,6 +16,8 @@ app = typer.Typer(
 app.add_typer(sandbox.app, name="sandbox")
 app.command(name="version")(version.version)
 app.command(name="publish")(publish.publish_command)
+app.command()(guard.guard)
+app.add_typer(ci_privileges.app, name="ci-privileges")
 
 
 def _version(value: bool) -> None:
