@@ -69,7 +69,7 @@ def publish_command(
     ),
     author_name: str = typer.Option(Author.name, "--author-name"),
     author_email: str = typer.Option(Author.email, "--author-email"),
-    attempts: int = typer.Option(10, "--attempts", min=1, help="Pushes to try in a race."),
+    attempts: int = typer.Option(15, "--attempts", min=1, help="Pushes to try in a race."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the filled files; push nothing."),
     output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
 ) -> None:

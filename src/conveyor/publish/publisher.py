@@ -69,10 +69,6 @@ def plan(
 
 def destination(build: Build, environment: str, *, profile: PublishProfile | None) -> str:
     """The file of `environment` in the config repo; refused if it would leave the repo."""
-    try:
-        check_name(environment, what="environment")
-    except ValueError as error:
-        raise PublishError(str(error)) from None
     settings = profile.environments.get(environment) if profile else None
     layout = settings.path if settings and settings.path else default_layout(environment)
     path = expand(layout, build.variables(environment), placeholders=[])

@@ -361,7 +361,8 @@ def _store(node: Any, key: PathPart, value: Any, setting: Setting | None, source
         old = node.get(key)
     else:
         where = setting.describe() if setting else str(key)
-        raise TemplateError(f"{source}: {where}: the parent is a value, not a mapping")
+        parent = format_field_path(setting.path[:-1]) if setting else "its parent"
+        raise TemplateError(f"{source}: {where}: {parent} is a value, not a mapping")
     scalar = isinstance(value, str | int | float | bool)
     if isinstance(old, ScalarString) and scalar:
         value = type(old)(_yaml_text(value))
