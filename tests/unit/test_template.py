@@ -102,7 +102,10 @@ def test_flux_v2_setter_gets_version_and_namespace() -> None:
 
 
 def test_leftover_setter_comment_is_reported() -> None:
-    text = 'kind: HelmRelease\nspec:\n  values:\n    tag: 1.0.0 # {"$imagepolicy": "FILLED_IN_BY_CI:ui:tag"}\n'
+    text = (
+        "kind: HelmRelease\nspec:\n  values:\n"
+        '    tag: 1.0.0 # {"$imagepolicy": "FILLED_IN_BY_CI:ui:tag"}\n'
+    )
     assert Template(text, source="t").leftover_markers() == [
         "HelmRelease spec.values.tag (image policy comment)"
     ]
@@ -140,7 +143,7 @@ def test_bad_settings_name_the_problem(setting: str, message: str) -> None:
 def test_ambiguous_document_must_be_named() -> None:
     text = "kind: ConfigMap\nmetadata:\n  name: a\n---\nkind: ConfigMap\nmetadata:\n  name: b\n"
     template = Template(text, source="t")
-    with pytest.raises(TemplateError, match="2 ConfigMap documents.*Kind/name"):
+    with pytest.raises(TemplateError, match=r"2 ConfigMap documents.*Kind/name"):
         template.assign(Setting.parse("ConfigMap:data.x=1"))
     template.assign(Setting.parse("ConfigMap/b:data.x=1"))
     assert template.render().endswith("  name: b\ndata:\n  x: 1\n")
