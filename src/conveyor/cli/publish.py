@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,14 +21,10 @@ from conveyor.cli.version import (
 )
 from conveyor.config.project import ConfigError
 from conveyor.config.publish_profile import DEFAULT_PATH, Scheme, load_publish_profile
-from conveyor.publish.publisher import DEFAULT_MESSAGE, PublishError, plan, publish, render
+from conveyor.publish.publisher import DEFAULT_MESSAGE, PublishError, plan, prepare, publish
 from conveyor.publish.template import Setting, TemplateError
-from conveyor.publish.version import Event, VersionError, expand
+from conveyor.publish.version import Event, VersionError
 from conveyor.source.git import Author, GitError, PushRaceLost, RetryPolicy, mask_url
-
-
-def _on_retry(attempt: int, delay: float) -> None:
-    err_console.print(f"push lost a race (attempt {attempt}); retrying in {delay:.1f}s")
 
 
 def publish_command(
@@ -92,42 +87,29 @@ def publish_command(
             event=event,
             timestamp=int(time.time()) if timestamp else None,
         )
-        targets = environments or list(build.environments)
-        template_file = template_path or Path(profile.template)
-        if targets and not template_file.is_file():
-            raise PublishError(f"{template_file}: template not found")
-        extra = tuple(Setting.parse(s) for s in settings)
-        files = [
-            render(
-                build,
-                environment,
-                profile=profile,
-                profile_source=str(profile_file),
-                template_text=template_file.read_text(),
-                template_source=str(template_file),
-                version=version,
-                settings=extra,
-            )
-            for environment in targets
-        ]
+        release = prepare(
+            build,
+            profile=profile,
+            profile_source=str(profile_file),
+            template_path=template_path or Path(profile.template),
+            environments=environments or list(build.environments),
+            version=version,
+            settings=tuple(Setting.parse(s) for s in settings),
+            message=message,
+        )
         url = repo or (profile.config_repo.url if profile.config_repo else None)
         if not url and not dry_run:
             raise PublishError("no config repo: pass --repo or set config-repo.url in the profile")
-        variables = build.variables(targets[0] if targets else "")
-        if version is not None:
-            variables["version"] = version
-        subject = expand(message, variables, placeholders=[])
     except (ConfigError, VersionError, PublishError, TemplateError) as error:
         fail(escape(str(error)))
-    shown_version = version or build.version
-    if not files:
+    if not release.files:
         err_console.print(
             f"nothing to publish: a {build.context.event} of {escape(build.context.ref)} "
             "deploys to no environment"
         )
         return
     if dry_run:
-        for file in files:
+        for file in release.files:
             typer.echo(f"# {file.path}\n{file.text}", nl=False)
         return
     started = time.monotonic()
@@ -135,28 +117,25 @@ def publish_command(
 
     def on_retry(attempt: int, delay: float) -> None:
         retries.append(attempt)
-        _on_retry(attempt, delay)
+        err_console.print(f"push lost a race (attempt {attempt}); retrying in {delay:.1f}s")
 
     try:
-        with tempfile.TemporaryDirectory(prefix="conveyor-publish-") as workdir:
-            commit = publish(
-                files,
-                url=url or "",
-                branch=branch or (profile.config_repo.branch if profile.config_repo else "main"),
-                workdir=Path(workdir),
-                message=subject,
-                author=Author(author_name, author_email),
-                retry=RetryPolicy(attempts=attempts),
-                on_retry=on_retry,
-            )
+        commit = publish(
+            release,
+            url=url or "",
+            branch=branch or (profile.config_repo.branch if profile.config_repo else "main"),
+            author=Author(author_name, author_email),
+            retry=RetryPolicy(attempts=attempts),
+            on_retry=on_retry,
+        )
     except (GitError, PushRaceLost) as error:
         fail(escape(mask_url(str(error))), code=1)
     result = {
         "app": build.app,
-        "version": shown_version,
+        "version": release.version,
         "commit": commit,
         "changed": commit is not None,
-        "files": {f.environment: f.path for f in files},
+        "files": {f.environment: f.path for f in release.files},
         "retries": len(retries),
         "seconds": round(time.monotonic() - started, 3),
     }
@@ -165,9 +144,9 @@ def publish_command(
     elif commit is None:
         console.print("no changes", highlight=False)
     else:
-        paths = ", ".join(escape(f.path) for f in files)
+        paths = ", ".join(escape(f.path) for f in release.files)
         console.print(
-            f"published {build.app} {escape(shown_version)} to {paths} in "
+            f"published {build.app} {escape(release.version)} to {paths} in "
             f"{escape(mask_url(url or ''))} as {commit[:12]}",
             highlight=False,
         )

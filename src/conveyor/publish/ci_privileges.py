@@ -174,7 +174,6 @@ def deploy(
     stack_name: str,
     region: str | None = None,
     endpoint_url: str | None = None,
-    wait_delay: float = 5,
 ) -> DeployResult:
     """Create the stack or update it, waiting for the outcome. An update with nothing to
     change is `unchanged`, not an error (CloudFormation reports it as one)."""
@@ -184,14 +183,14 @@ def deploy(
         "TemplateBody": body,
         "Capabilities": ["CAPABILITY_NAMED_IAM"],
     }
-    waiter_config = {"Delay": wait_delay, "MaxAttempts": 360}
+    waiter_config = {"Delay": 5, "MaxAttempts": 360}  # up to 30 minutes, as CloudFormation
     try:
         existing = client.describe_stacks(StackName=stack_name)["Stacks"]
     except ClientError as error:
         if "does not exist" not in str(error):
             raise
         existing = []
-    if not existing or existing[0]["StackStatus"] == "REVIEW_IN_PROGRESS":
+    if not existing:
         client.create_stack(**arguments)
         client.get_waiter("stack_create_complete").wait(
             StackName=stack_name, WaiterConfig=waiter_config

@@ -9,6 +9,7 @@ the race, so twenty pipelines publishing at once each land exactly once.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,13 +138,57 @@ def render(
     )
 
 
+@dataclass(frozen=True)
+class Release:
+    """What one publish writes: the filled files and the commit message."""
+
+    version: str
+    files: tuple[Rendered, ...]
+    message: str
+
+
+def prepare(
+    build: Build,
+    *,
+    profile: PublishProfile,
+    profile_source: str,
+    template_path: Path,
+    environments: list[str],
+    version: str | None = None,
+    settings: tuple[Setting, ...] = (),
+    message: str = DEFAULT_MESSAGE,
+) -> Release:
+    """Render every environment's file and the message, touching nothing yet."""
+    if environments and not template_path.is_file():
+        raise PublishError(f"{template_path}: template not found")
+    files = tuple(
+        render(
+            build,
+            environment,
+            profile=profile,
+            profile_source=profile_source,
+            template_text=template_path.read_text(),
+            template_source=str(template_path),
+            version=version,
+            settings=settings,
+        )
+        for environment in environments
+    )
+    variables = build.variables(environments[0] if environments else "")
+    if version is not None:
+        variables["version"] = version
+    return Release(
+        version=variables["version"],
+        files=files,
+        message=expand(message, variables, placeholders=[]),
+    )
+
+
 def publish(
-    files: list[Rendered],
+    release: Release,
     *,
     url: str,
     branch: str,
-    workdir: Path,
-    message: str,
     author: Author,
     retry: RetryPolicy,
     on_retry: Callable[[int, float], None] | None = None,
@@ -151,12 +196,13 @@ def publish(
     """Write every file in one commit on `branch` of `url`; None when nothing changed."""
 
     def write(root: Path) -> None:
-        for file in files:
+        for file in release.files:
             target = root / file.path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(file.text)
 
-    checkout = Checkout.open(url, workdir, branch=branch)
-    return commit_and_push(
-        checkout, write, message=message, author=author, retry=retry, on_retry=on_retry
-    )
+    with tempfile.TemporaryDirectory(prefix="conveyor-publish-") as workdir:
+        checkout = Checkout.open(url, Path(workdir), branch=branch)
+        return commit_and_push(
+            checkout, write, message=release.message, author=author, retry=retry, on_retry=on_retry
+        )
