@@ -86,7 +86,7 @@ def test_flux_v2_setter_gets_version_and_namespace() -> None:
         version="1.2.3",
         namespace="api-default",
         replicas=2,
-        filter=None,
+        tag_filter=None,
         policy={"semver": {"range": ">=0.0.0"}},
         chart_ref="abc1234",
     )

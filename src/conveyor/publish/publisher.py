@@ -115,7 +115,7 @@ def render(
         version=variables["version"],
         namespace=fill(chosen.namespace),
         replicas=chosen.replicas,
-        filter=fill(chosen.filter),
+        tag_filter=fill(chosen.filter),
         policy=fill(chosen.policy),
         chart_ref=fill(chosen.chart_ref),
     )

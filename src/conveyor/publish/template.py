@@ -161,7 +161,7 @@ class Template:
         body = out.getvalue().rstrip("\n") + ("\n" if self._ends_with_newline else "")
         return self._header + body
 
-    def _documents(self, selector: str) -> list[int]:
+    def _matching(self, selector: str) -> list[int]:
         kind, _, name = selector.partition("/")
         return [
             i
@@ -170,7 +170,7 @@ class Template:
         ]
 
     def _document(self, setting: Setting) -> CommentedMap:
-        matches = self._documents(setting.document)
+        matches = self._matching(setting.document)
         if len(matches) != 1:
             found = "no" if not matches else f"{len(matches)}"
             hint = "" if not matches else "; name one as Kind/name"
@@ -207,7 +207,7 @@ class Template:
         version: str | None,
         namespace: str | None,
         replicas: int | None,
-        filter: str | None,
+        tag_filter: str | None,
         policy: dict[str, Any] | None,
         chart_ref: str | None,
     ) -> None:
@@ -218,8 +218,8 @@ class Template:
             self._fill_version(version)
         if replicas is not None:
             self.assign(Setting("HelmRelease", ("spec", "values", "replicaCount"), replicas))
-        if filter is not None:
-            self._fill_filter(filter)
+        if tag_filter is not None:
+            self._fill_filter(tag_filter)
         if policy is not None:
             self.assign(Setting("ImagePolicy", ("spec", "policy"), policy))
         if chart_ref is not None:
