@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from conveyor import __version__
-from conveyor.cli import reconcile, sandbox
+from conveyor.cli import ci_privileges, guard, publish, reconcile, sandbox, version
 
 app = typer.Typer(
     name="conveyor",
@@ -20,6 +20,10 @@ app.command()(reconcile.suspend)
 app.command()(reconcile.resume)
 app.command()(reconcile.diff)
 app.command()(reconcile.agent)
+app.command(name="version")(version.version)
+app.command(name="publish")(publish.publish_command)
+app.command()(guard.guard)
+app.add_typer(ci_privileges.app, name="ci-privileges")
 
 
 def _version(value: bool) -> None:

@@ -34,5 +34,8 @@ def print_machine(data: Any, fmt: OutputFormat) -> None:
 
 
 def fail(message: str, *, code: int = 2) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    # soft_wrap: one error stays one line, whatever the terminal width (scripts grep it).
+    err_console.print(
+        f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True
+    )
     raise typer.Exit(code)

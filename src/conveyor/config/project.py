@@ -43,9 +43,19 @@ class Environment(Model):
 
 
 class Guard(Model):
-    protected: list[str] = Field(default_factory=lambda: ["**"])
-    allow: list[str] = Field(default_factory=lambda: ["**/*.md"])
-    identities: list[str] = Field(default_factory=list)
+    """Who may change which files: `conveyor guard` checks pull requests and pushes."""
+
+    protected: list[str] = Field(
+        default_factory=lambda: ["**"], description="Globs of files only `identities` change."
+    )
+    allow: list[str] = Field(
+        default_factory=lambda: ["**/*.md"],
+        description="Globs anyone may change even inside `protected` (documentation).",
+    )
+    identities: list[str] = Field(
+        default_factory=list, description="Names, emails or globs of the allowed identities."
+    )
+    readme: str = Field("README.md", description="Where a rejected pull request is pointed.")
 
 
 class Project(Model):
@@ -68,19 +78,26 @@ def safe_relative_path(value: str) -> str:
     return str(path)
 
 
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming each bad field, for messages that must fit on one line."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+
+
+def parse_project(text: str, *, source: str) -> Project:
+    """Parse conveyor.yaml text; `source` names it in errors (a path, or `rev:path`)."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: invalid YAML: {error}") from None
+    try:
+        return Project.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {describe_validation_error(error)}") from None
+
+
 def load_project(repo_root: Path) -> Project:
     """Read conveyor.yaml from a checkout; an absent file gives an empty project."""
     path = repo_root / FILE_NAME
     if not path.exists():
         return Project()
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {error}") from None
-    try:
-        return Project.model_validate(raw)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from None
+    return parse_project(path.read_text(), source=str(path))

@@ -44,8 +44,12 @@ class Metrics:
             ["scope"],
             registry=self.registry,
         )
-        self.fetches = Counter("conveyor_source_fetch_total", "Fetches of the config repo",
-                               ["result"], registry=self.registry)
+        self.fetches = Counter(
+            "conveyor_source_fetch_total",
+            "Fetches of the config repo",
+            ["result"],
+            registry=self.registry,
+        )
         self.revision = Gauge(
             "conveyor_source_revision_info",
             "Git revision being applied",

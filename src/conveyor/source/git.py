@@ -202,12 +202,14 @@ def commit_and_push(
     message: str,
     author: Author,
     retry: RetryPolicy | None = None,
+    on_retry: Callable[[int, float], None] | None = None,
 ) -> str | None:
     """Apply `change` on the latest remote head, commit once, push; retry on a lost race.
 
     Each attempt starts again from the remote head and re-runs `change`, so a concurrent
     writer's commit is never overwritten and ours lands exactly once. Returns the commit
-    SHA, or None when `change` left the tree as it was (no empty commits).
+    SHA, or None when `change` left the tree as it was (no empty commits). `on_retry`
+    hears of each lost race (the attempt that lost, the delay before the next one).
     """
     policy = retry or RetryPolicy()
     for attempt in range(policy.attempts):
@@ -218,8 +220,71 @@ def commit_and_push(
             return None
         if checkout.push():
             return sha
-        time.sleep(policy.delay(attempt))
+        delay = policy.delay(attempt)
+        if on_retry is not None:
+            on_retry(attempt + 1, delay)
+        time.sleep(delay)
     raise PushRaceLost(
         f"could not push to {mask_url(checkout.url)} ({checkout.branch}) after "
         f"{policy.attempts} attempts: the branch kept moving"
     )
+
+
+def shallow_clone(url: str, path: Path, *, env: Mapping[str, str] | None = None) -> Path:
+    """The default branch's latest tree of `url` in `path`, for reading files only."""
+    run_git(["clone", "--quiet", "--depth", "1", url, str(path)], env=env)
+    return path
+
+
+@dataclass(frozen=True)
+class CommitFiles:
+    """One commit and the paths it touched (against its first parent)."""
+
+    sha: str
+    author_name: str
+    author_email: str
+    paths: tuple[str, ...]
+
+
+def commits_between(repo: Path, base: str, head: str) -> list[CommitFiles]:
+    """Every commit reachable from `head` but not `base`, oldest first, with its paths."""
+    out = run_git(
+        [
+            "log",
+            "--reverse",
+            "--no-renames",
+            "--name-only",
+            "-z",
+            "--format=%x1e%H%x1f%an%x1f%ae",
+            f"{base}..{head}",
+            "--",
+        ],
+        cwd=repo,
+    )
+    commits = []
+    for record in out.split("\x1e")[1:]:
+        header, _, names = record.partition("\0")
+        sha, name, email = header.split("\x1f")
+        paths = tuple(p for p in names.lstrip("\n").split("\0") if p)
+        commits.append(CommitFiles(sha, name, email, paths))
+    return commits
+
+
+def paths_changed(repo: Path, base: str, head: str) -> list[str]:
+    """Paths that differ between the merge base of `base` and `head`, and `head`."""
+    out = run_git(["diff", "--no-renames", "--name-only", "-z", f"{base}...{head}", "--"], cwd=repo)
+    return [p for p in out.split("\0") if p]
+
+
+def resolve_revision(repo: Path, revision: str) -> str:
+    """The commit SHA `revision` names; GitError when it names none."""
+    return run_git(["rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"], cwd=repo).strip()
+
+
+def read_file_at(repo: Path, revision: str, path: str) -> str | None:
+    """The text of `path` at `revision`, or None when it has no such file."""
+    spec = f"{revision}:{path}"
+    present = subprocess.run(
+        ["git", "cat-file", "-e", spec], cwd=repo, env=git_env(), capture_output=True, check=False
+    )
+    return run_git(["show", spec], cwd=repo) if present.returncode == 0 else None
