@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -262,9 +263,10 @@ class Agent:
         except RenderError as error:
             await record_source_failure(self.target, resolved.scope, str(error))
             return
-        kube = engine.kube
-        renderer = build_renderer(resolved, tree, kube, engine.helm)
+        started = time.monotonic()
+        renderer = build_renderer(resolved, tree, engine.kube, engine.helm)
         result = await engine.run_pass(tree, renderer, revision=resolved.revision)
+        seconds = time.monotonic() - started
         self._tree, self._renderer = tree, renderer
         if self.last_revision != resolved.revision:
             if self.last_revision is not None:
@@ -286,10 +288,11 @@ class Agent:
         ready = sum(s.ready for s in result.statuses.values())
         stalled = [n for n, s in result.statuses.items() if s.state == STALLED]
         log.info(
-            "pass done: %d/%d Ready, %d writes%s",
+            "pass done: %d/%d Ready, %d writes, %.3fs%s",
             ready,
             len(result.statuses),
             result.writes,
+            seconds,
             f", stalled: {', '.join(stalled)}" if stalled else "",
             extra={"revision": resolved.revision, "scope": resolved.scope},
         )

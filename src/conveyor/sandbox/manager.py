@@ -247,20 +247,21 @@ class Sandbox:
         deadline = started + timeout
         try:
             # etcd and the registry need nothing; the apiserver needs etcd; the rest
-            # need the apiserver. Each wave starts together and is waited for together.
-            for wave in (
-                ("etcd", "registry"),
-                ("kube-apiserver",),
-                ("kube-controller-manager", "kube-scheduler", "kwok"),
-            ):
-                for name in wave:
-                    self._launch(state, specs[name])
-                for name in wave:
-                    self._wait_healthy(state, specs[name], pki, deadline)
+            # need the apiserver. The node is registered before kwok starts, so that kwok
+            # takes it over (and renews its Lease) from its first sync.
+            for wave in (("etcd", "registry"), ("kube-apiserver",)):
+                self._start_wave(state, [specs[n] for n in wave], pki, deadline)
             self._say("registering the fake node")
             with _api_client(ports["apiserver"], pki) as api:
                 _ensure_node(api, self.name)
+                self._start_wave(
+                    state,
+                    [specs[n] for n in ("kube-controller-manager", "kube-scheduler", "kwok")],
+                    pki,
+                    deadline,
+                )
                 _wait_for(lambda: _node_ready(api), "node Ready", deadline, self._say)
+                _wait_for(lambda: _node_lease(api), "node Lease", deadline, self._say)
                 _wait_for(
                     lambda: _default_service_account(api),
                     "default ServiceAccount",
@@ -274,6 +275,15 @@ class Sandbox:
         state.save(layout.state_file)
         self._say(f"sandbox {self.name} ready in {time.monotonic() - started:.1f}s")
         return state
+
+    def _start_wave(
+        self, state: SandboxState, specs: list[ComponentSpec], pki: Pki, deadline: float
+    ) -> None:
+        """Start components together, then wait for each to be healthy."""
+        for spec in specs:
+            self._launch(state, spec)
+        for spec in specs:
+            self._wait_healthy(state, spec, pki, deadline)
 
     def _launch(self, state: SandboxState, spec: ComponentSpec) -> None:
         env = {**os.environ, "OTEL_TRACES_EXPORTER": "none", "OTEL_SDK_DISABLED": "true"}
@@ -371,6 +381,16 @@ def _node_ready(api: httpx.Client) -> bool:
         return False
     conditions = response.json().get("status", {}).get("conditions", [])
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _node_lease(api: httpx.Client) -> bool:
+    """kwok renews the node's Lease like a kubelet; without it the node flaps NotReady."""
+    return (
+        api.get(
+            f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{NODE_NAME}"
+        ).status_code
+        == 200
+    )
 
 
 def _default_service_account(api: httpx.Client) -> bool:
