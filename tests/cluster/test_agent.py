@@ -171,10 +171,24 @@ def test_kubectl_edit_of_a_managed_field_is_corrected_and_warn_mode_only_reports
         "  namespace:", "  annotations: {conveyor.dev/drift: warn}\n  namespace:"
     )
     repo.write(f"{path}/watched/deploy.yaml", watched)
+    repo.write(
+        f"{path}/chart.yaml",
+        flux_v1_release("charted", namespace, chart_repo(tmp_path), replicas=2),
+    )
     repo.commit()
     agent = AgentProcess(sandbox, repo, path, tmp_path, "--interval", "600s")
     agents.append(agent)
     agent.wait_ready()
+    sandbox.run("kubectl", "scale", "deployment", "charted", "-n", namespace, "--replicas=6")
+    wait_for(
+        lambda: spec_replicas(sandbox, namespace, "charted") == 2,
+        timeout=10,
+        what="drift in a Helm release's object to be corrected",
+    )
+    history = json.loads(
+        sandbox.run("helm", "history", "charted", "-n", namespace, "-o", "json").stdout
+    )
+    assert len(history) == 1  # corrected in place, without a new Helm revision
     sandbox.run("kubectl", "scale", "deployment", "fixed", "-n", namespace, "--replicas=5")
     sandbox.run("kubectl", "scale", "deployment", "watched", "-n", namespace, "--replicas=5")
     wait_for(

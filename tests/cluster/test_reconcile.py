@@ -80,6 +80,18 @@ def test_change_in_git_reaches_cluster_and_noop_makes_no_writes(
     mine = {i["name"]: i for i in listed["items"] if i["revision"] == second}
     assert set(mine) == {"web", "ui"}
     assert sandbox.run("kubectl", "get", "conveyorapps", "-n", "conveyor-system").returncode == 0
+    scope = env_path.replace("/", "-")
+    events = kubectl_json(
+        sandbox,
+        "get",
+        "events",
+        "-n",
+        "conveyor-system",
+        "--field-selector",
+        f"involvedObject.name={scope}.web",
+    )
+    assert events is not None
+    assert {e["reason"] for e in events["items"]} >= {"ReconciliationSucceeded"}
 
 
 def test_removed_app_and_removed_object_are_pruned(

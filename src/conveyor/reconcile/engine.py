@@ -492,11 +492,14 @@ class Engine:
     async def _refs_for(
         self, objects: list[Obj], *, default_namespace: str
     ) -> list[tuple[ObjectRef, Obj]]:
+        """Helm leaves the namespace out of its manifest: it is the release's namespace.
+        Set it, so that drift corrections go to the object Helm created."""
         result = []
         for obj in objects:
             ref = await namespaced_ref(self.kube, obj)
             if ref.namespace == "default" and not obj.get("metadata", {}).get("namespace"):
                 ref = ObjectRef(ref.api_version, ref.kind, default_namespace, ref.name)
+                obj = {**obj, "metadata": {**obj["metadata"], "namespace": default_namespace}}
             result.append((ref, obj))
         return result
 
