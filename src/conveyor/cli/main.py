@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from conveyor import __version__
-from conveyor.cli import sandbox
+from conveyor.cli import images, sandbox
 
 app = typer.Typer(
     name="conveyor",
@@ -14,6 +14,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals can hold secrets
 )
 app.add_typer(sandbox.app, name="sandbox")
+app.add_typer(images.app, name="images")
 
 
 def _version(value: bool) -> None:
