@@ -125,7 +125,8 @@ def setter_comments(text: str, documents: list[Document]) -> Iterator[SetterComm
     for match in _SETTER.finditer(text):
         line = _line_of(line_starts, match.start())
         scalar = ends.get(line)
-        if scalar is None or text[scalar.end : match.start()].strip():
+        # Only a real comment: after the value, with nothing but spaces between them.
+        if scalar is None or scalar.end > match.start() or text[scalar.end : match.start()].strip():
             continue
         reference = json.loads(match.group(1))["$imagepolicy"]
         yield SetterComment(str(reference), scalar)
