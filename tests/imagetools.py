@@ -92,9 +92,12 @@ def push(
     tags: Sequence[str],
     *,
     created: str = "2024-01-01T00:00:00Z",
+    headers: Mapping[str, str] | None = None,
 ) -> None:
     async def run() -> None:
-        async with httpx.AsyncClient(base_url=f"http://{registry}", timeout=30) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://{registry}", timeout=30, headers=headers
+        ) as client:
             await push_async(client, repository, tags, created=created)
 
     asyncio.run(run())

@@ -377,10 +377,10 @@ def test_commit_message() -> None:
         Change("b.yaml", "reg/api", None, "2.0.0", "y"),
     ]
     assert commit_message(changes) == (
-        "Update images\n\nreg/ui: 1.0.0 -> 1.1.0\nreg/api: (none) -> 2.0.0\n"
+        "Update images\n\nreg/api: (none) -> 2.0.0\nreg/ui: 1.0.0 -> 1.1.0\n"
     )
     assert commit_message(changes, "Auto-release {count} images\n\n{changes}\n\n{files}") == (
-        "Auto-release 2 images\n\nreg/ui: 1.0.0 -> 1.1.0\nreg/api: (none) -> 2.0.0\n\n"
+        "Auto-release 2 images\n\nreg/api: (none) -> 2.0.0\nreg/ui: 1.0.0 -> 1.1.0\n\n"
         "a.yaml\nb.yaml"
     )
     with pytest.raises(MessageTemplateError, match="fields"):

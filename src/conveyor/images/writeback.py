@@ -50,8 +50,8 @@ def check_template(template: str) -> str:
 
 
 def commit_message(changes: list[Change], template: str = DEFAULT_MESSAGE) -> str:
-    """`{changes}` is one `<image>: <old> -> <new>` line per distinct change."""
-    lines = list(dict.fromkeys(c.line for c in changes))
+    """`{changes}` is one `<image>: <old> -> <new>` line per distinct change, sorted."""
+    lines = sorted({c.line for c in changes})
     files = sorted({c.file for c in changes})
     return template.format(changes="\n".join(lines), count=len(lines), files="\n".join(files))
 
