@@ -166,6 +166,22 @@ def test_crlf_and_plain_values_that_would_change_type(tmp_path: Path) -> None:
     assert b'tag: "1.10"   # short sha\r\n' in path.read_bytes()
 
 
+@pytest.mark.parametrize("bom", ["\ufeff", ""])
+def test_byte_order_mark_and_non_ascii_text_survive(tmp_path: Path, bom: str) -> None:
+    text = bom + (
+        "# déploiement — ünïcode 😀\r\n"
+        "apiVersion: helm.fluxcd.io/v1\r\nkind: HelmRelease\r\n"
+        "metadata:\r\n  name: ü\r\n  annotations: {fluxcd.io/automated: 'true'}\r\n"
+        "spec:\r\n  values:\r\n    note: 'çà 😀'\r\n"
+        "    image: 'reg.example.com/app:1.0.0' # 😀\r\n"
+    )
+    path = write(tmp_path, "app.yaml", text)
+    write_changes(
+        tmp_path, ".", chosen_for(tmp_path, {"HelmRelease default/ü chart-image": "2.0.0"})
+    )
+    assert path.read_bytes() == text.replace("app:1.0.0", "app:2.0.0").encode()
+
+
 @pytest.mark.parametrize(
     ("style", "value", "rendered"),
     [

@@ -16,7 +16,7 @@ from conveyor.config.project import safe_relative_path
 from conveyor.images.credentials import CredentialsError, DockerConfig
 from conveyor.images.reference import ImageReferenceError
 from conveyor.images.registry import RegistrySettings
-from conveyor.images.scan import ScanResult, Status, scan
+from conveyor.images.scan import Row, ScanResult, Status, scan
 from conveyor.images.verify import check_tags, image_names
 from conveyor.images.writeback import (
     DEFAULT_MESSAGE,
@@ -88,6 +88,14 @@ def _scan(checkout: Checkout, folder: str, settings: RegistrySettings) -> ScanRe
     return scan(checkout.path, folder, settings=settings, credentials=_credentials())
 
 
+def _where(row: Row) -> str:
+    """`file:line,line` per file holding the automation's values."""
+    lines: dict[str, list[str]] = {}
+    for site in row.automation.sites:
+        lines.setdefault(site.file, []).append(str(site.scalar.line))
+    return ", ".join(f"{file}:{','.join(numbers)}" for file, numbers in lines.items()) or "-"
+
+
 def _print_scan(result: ScanResult) -> None:
     table = Table(title="image automation")
     for column in ("automation", "image", "policy", "current", "latest", "status", "where"):
@@ -102,7 +110,7 @@ def _print_scan(result: ScanResult) -> None:
             escape(automation.current or ""),
             escape(row.outcome.latest or ""),
             f"[{STATUS_STYLE[status]}]{status.value}",
-            escape(", ".join(f"{s.file}:{s.scalar.line}" for s in automation.sites) or "-"),
+            escape(_where(row)),
         )
     console.print(table)
     for row in result.rows:
@@ -193,6 +201,9 @@ def update(
         if outcome.commit:
             lines = "\n".join(f"  {escape(c.line)} ({escape(c.file)})" for c in outcome.changes)
             err_console.print(f"pushed {outcome.commit[:12]} to {outcome.branch}:\n{lines}")
+        elif result.failed:
+            failed = sum(1 for row in result.rows if row.status is Status.error)
+            err_console.print(f"nothing to update; {failed} automation(s) could not be checked")
         else:
             err_console.print("nothing to update: every file holds the chosen tag")
     else:

@@ -103,7 +103,7 @@ async def resolve(watches: Iterable[Watch], registry: RegistryClient) -> dict[Wa
                     *(registry.built_at(watch.image, tag) for tag in matching)
                 )
                 built = dict(zip(matching, times, strict=True))
-            latest = watch.policy.select(tags, built=built)
+            latest = watch.policy.select(matching, built=built)
         except RegistryError as error:
             return Outcome(error=str(error))
         return Outcome(latest, len(tags), len(matching))

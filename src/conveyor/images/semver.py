@@ -68,6 +68,16 @@ class Version:
     patch: int
     prerelease: tuple[Identifier, ...] = ()
     build: str = field(default="", compare=False)
+    _key: tuple[int, int, int, int, tuple[tuple[int, int, str], ...]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        # Precedence as one tuple, computed once: ranges compare each tag many times.
+        # A release sorts after its prereleases; numeric identifiers before alphanumeric.
+        pre = tuple((0, i, "") if isinstance(i, int) else (1, 0, i) for i in self.prerelease)
+        key = (self.major, self.minor, self.patch, 0 if self.prerelease else 1, pre)
+        object.__setattr__(self, "_key", key)
 
     @classmethod
     def parse(cls, text: str) -> Version | None:
@@ -86,23 +96,18 @@ class Version:
             match["build"] or "",
         )
 
-    def _key(self) -> tuple[int, int, int, int, tuple[tuple[int, int, str], ...]]:
-        # A release sorts after its prereleases; numeric identifiers before alphanumeric.
-        pre = tuple((0, i, "") if isinstance(i, int) else (1, 0, i) for i in self.prerelease)
-        return (self.major, self.minor, self.patch, 0 if self.prerelease else 1, pre)
-
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, Version):
             return NotImplemented
-        return self._key() < other._key()
+        return self._key < other._key
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Version):
             return NotImplemented
-        return self._key() == other._key()
+        return self._key == other._key
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        return hash(self._key)
 
     def __str__(self) -> str:
         text = f"{self.major}.{self.minor}.{self.patch}"
@@ -129,11 +134,12 @@ class _Interval:
     negated: bool = False
 
     def contains(self, version: Version) -> bool:
+        key = version._key
         inside = True
         if self.low is not None:
-            inside = version >= self.low if self.low_inclusive else version > self.low
+            inside = key >= self.low._key if self.low_inclusive else key > self.low._key
         if inside and self.high is not None:
-            inside = version <= self.high if self.high_inclusive else version < self.high
+            inside = key <= self.high._key if self.high_inclusive else key < self.high._key
         return inside != self.negated
 
 
