@@ -365,6 +365,16 @@ def test_setter_comments(tmp_path: Path) -> None:
     )
 
 
+def test_symlinks_out_of_the_repository_are_ignored(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    write(outside, "app.yaml", SETTERS)
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "app.yaml").symlink_to(outside / "app.yaml")
+    assert discover(root).automations == []
+
+
 def test_broken_yaml_is_reported_and_skipped(tmp_path: Path) -> None:
     write(tmp_path, "bad.yaml", "a: [unclosed\n")
     write(tmp_path, ".git/config.yaml", "ignored: {\n")

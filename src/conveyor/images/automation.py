@@ -141,14 +141,16 @@ class Discovery:
 
 
 def yaml_files(root: Path, folder: str = ".") -> list[Path]:
-    """YAML files under `folder`, sorted, skipping hidden directories such as `.git`."""
-    base = root / folder
+    """YAML files under `folder`, sorted, skipping hidden directories such as `.git` and
+    anything a symlink leads outside the repository (it is never read nor written)."""
+    inside = root.resolve()
     files = [
         p
-        for p in base.rglob("*")
+        for p in (root / folder).rglob("*")
         if p.suffix in (".yaml", ".yml")
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1])
+        and p.resolve().is_relative_to(inside)
     ]
     return sorted(files)
 

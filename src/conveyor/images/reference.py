@@ -44,14 +44,6 @@ class ImageReference:
     tag: str | None = None
     digest: str | None = None
 
-    def __str__(self) -> str:
-        text = str(self.name)
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
-
 
 def _looks_like_host(component: str) -> bool:
     return "." in component or ":" in component or component == "localhost"
@@ -110,7 +102,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(bare).is_loopback
     except ValueError:
         return False
-
-
-def valid_tag(tag: str) -> bool:
-    return bool(_TAG.match(tag))

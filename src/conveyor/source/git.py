@@ -156,15 +156,7 @@ class Checkout:
 
     def push(self) -> bool:
         """Push HEAD to the branch. False when the remote moved (non-fast-forward)."""
-        result = subprocess.run(
-            ["git", "push", "--porcelain", "origin", f"HEAD:refs/heads/{self.branch}"],
-            cwd=self.path,
-            env=git_env(self.env),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        return self._pushed(result)
+        return self._push(f"HEAD:refs/heads/{self.branch}")
 
     def replace_branch(self, branch: str) -> str | None:
         """Make `branch` (a review branch, not ours) exactly HEAD: force-push with a lease on
@@ -175,25 +167,19 @@ class Checkout:
             "rev-parse", "HEAD^{tree}"
         ):
             return seen
+        lease = f"--force-with-lease=refs/heads/{branch}:{seen or ''}"
+        return self.head() if self._push(f"HEAD:refs/heads/{branch}", lease) else None
+
+    def _push(self, refspec: str, *options: str) -> bool:
+        """True when the push landed, False when it lost a race; other failures raise."""
         result = subprocess.run(
-            [
-                "git",
-                "push",
-                "--porcelain",
-                f"--force-with-lease=refs/heads/{branch}:{seen or ''}",
-                "origin",
-                f"HEAD:refs/heads/{branch}",
-            ],
+            ["git", "push", "--porcelain", *options, "origin", refspec],
             cwd=self.path,
             env=git_env(self.env),
             capture_output=True,
             text=True,
             check=False,
         )
-        return self.head() if self._pushed(result) else None
-
-    def _pushed(self, result: subprocess.CompletedProcess[str]) -> bool:
-        """True when the push landed, False when it lost a race; other failures raise."""
         if result.returncode == 0:
             return True
         output = result.stdout + result.stderr
