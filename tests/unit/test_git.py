@@ -93,3 +93,38 @@ def test_passwords_in_urls_are_masked() -> None:
         "fetch https://ci:***@example.com/x.git"
     )
     assert "s3cret" not in str(GitError(["git", "clone", "https://u:s3cret@h/r"], 128, "nope"))
+
+
+def test_review_branch_is_replaced_and_message_describes_the_change(
+    remote: str, tmp_path: Path
+) -> None:
+    seed = Checkout.open(remote, tmp_path / "seed")
+    commit_and_push(seed, write("a.yaml", "v: 1\n"), message="init", author=Author())
+    checkout = Checkout.open(remote, tmp_path / "wc")
+    done: list[str] = []
+
+    def change(root: Path) -> None:
+        (root / "a.yaml").write_text("v: 2\n")
+        done.append("v: 1 -> 2")
+
+    first = commit_and_push(
+        checkout, change, message=lambda: "; ".join(done), author=Author(), push_branch="review"
+    )
+    assert log(remote) == ["init"]
+    assert run_git(["--git-dir", remote, "log", "--format=%s", "review"]).splitlines() == [
+        "v: 1 -> 2",
+        "init",
+    ]
+    # Same proposal again: the branch keeps its commit.
+    again = commit_and_push(
+        checkout, change, message="other", author=Author(), push_branch="review"
+    )
+    assert again == first
+    # The base moved: the proposal is rebuilt on top of it, still one commit.
+    commit_and_push(seed, write("b.yaml", "x: 1\n"), message="base moved", author=Author())
+    commit_and_push(checkout, change, message="rebuilt", author=Author(), push_branch="review")
+    assert run_git(["--git-dir", remote, "log", "--format=%s", "review"]).splitlines() == [
+        "rebuilt",
+        "base moved",
+        "init",
+    ]

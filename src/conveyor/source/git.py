@@ -98,23 +98,24 @@ class Checkout:
         checkout.sync()
         return checkout
 
-    def fetch(self) -> str | None:
-        """Fetch the branch; return the remote head SHA, or None if the branch does not exist
-        yet (an empty repository). An unreachable remote raises GitError."""
+    def fetch(self, branch: str | None = None) -> str | None:
+        """Fetch the branch (default: ours); return the remote head SHA, or None if the
+        branch does not exist (yet). An unreachable remote raises GitError."""
+        name = branch or self.branch
         try:
             self.git(
                 "fetch",
                 "--quiet",
                 "--prune",
                 "origin",
-                f"+refs/heads/{self.branch}:refs/remotes/origin/{self.branch}",
+                f"+refs/heads/{name}:refs/remotes/origin/{name}",
             )
         except GitError:
             # Missing branch (empty repo) is fine; anything else, e.g. unreachable, raises.
-            if self.git("ls-remote", "--heads", "origin", self.branch).strip():
+            if self.git("ls-remote", "--heads", "origin", name).strip():
                 raise
             return None
-        return self.git("rev-parse", f"refs/remotes/origin/{self.branch}").strip()
+        return self.git("rev-parse", f"refs/remotes/origin/{name}").strip()
 
     def sync(self) -> str | None:
         """Make the working tree exactly the remote branch head (discarding local edits)."""
@@ -155,8 +156,24 @@ class Checkout:
 
     def push(self) -> bool:
         """Push HEAD to the branch. False when the remote moved (non-fast-forward)."""
+        return self._push(f"HEAD:refs/heads/{self.branch}")
+
+    def replace_branch(self, branch: str) -> str | None:
+        """Make `branch` (a review branch, not ours) exactly HEAD: force-push with a lease on
+        the head just fetched. Returns the branch head, the existing one when it already
+        holds the same tree (nothing new to review); None when someone moved it meanwhile."""
+        seen = self.fetch(branch)
+        if seen is not None and self.git("rev-parse", f"{seen}^{{tree}}") == self.git(
+            "rev-parse", "HEAD^{tree}"
+        ):
+            return seen
+        lease = f"--force-with-lease=refs/heads/{branch}:{seen or ''}"
+        return self.head() if self._push(f"HEAD:refs/heads/{branch}", lease) else None
+
+    def _push(self, refspec: str, *options: str) -> bool:
+        """True when the push landed, False when it lost a race; other failures raise."""
         result = subprocess.run(
-            ["git", "push", "--porcelain", "origin", f"HEAD:refs/heads/{self.branch}"],
+            ["git", "push", "--porcelain", *options, "origin", refspec],
             cwd=self.path,
             env=git_env(self.env),
             capture_output=True,
@@ -172,6 +189,7 @@ class Checkout:
                 "[rejected]",
                 "non-fast-forward",
                 "fetch first",
+                "stale info",
                 "cannot lock ref",
                 "failed to update ref",
             )
@@ -199,27 +217,35 @@ def commit_and_push(
     checkout: Checkout,
     change: Callable[[Path], object],
     *,
-    message: str,
+    message: str | Callable[[], str],
     author: Author,
     retry: RetryPolicy | None = None,
     on_retry: Callable[[int, float], None] | None = None,
+    push_branch: str | None = None,
 ) -> str | None:
     """Apply `change` on the latest remote head, commit once, push; retry on a lost race.
 
     Each attempt starts again from the remote head and re-runs `change`, so a concurrent
     writer's commit is never overwritten and ours lands exactly once. Returns the commit
-    SHA, or None when `change` left the tree as it was (no empty commits). `on_retry`
+    SHA, or None when `change` left the tree as it was (no empty commits). `message` may
+    be a function, called after `change`, when the message describes what it did. With
+    `push_branch`, the commit goes to that branch for review instead (replacing it, see
+    `Checkout.replace_branch`), and the checked-out branch is left alone. `on_retry`
     hears of each lost race (the attempt that lost, the delay before the next one).
     """
     policy = retry or RetryPolicy()
     for attempt in range(policy.attempts):
         checkout.sync()
         change(checkout.path)
-        sha = checkout.commit_all(message, author=author)
+        text = message() if callable(message) else message
+        sha = checkout.commit_all(text, author=author)
         if sha is None:
             return None
-        if checkout.push():
-            return sha
+        if push_branch is None or push_branch == checkout.branch:
+            if checkout.push():
+                return sha
+        elif (head := checkout.replace_branch(push_branch)) is not None:
+            return head
         delay = policy.delay(attempt)
         if on_retry is not None:
             on_retry(attempt + 1, delay)
