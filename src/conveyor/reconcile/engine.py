@@ -204,14 +204,13 @@ class Engine:
                 )
                 await self._report(status, warning=False)
                 return status
-        async with self._apps:
-            try:
-                await self._reconcile_app(status, rendered)
-                result = "success" if status.ready else "not-ready"
-            except (ApiError, UnknownKindError, OSError) as error:
-                self._set(status, STALLED, "ApiError", str(error))
-                result = "error"
-            await self._report(status, warning=not status.ready and status.state != SUSPENDED)
+        try:
+            await self._reconcile_app(status, rendered)
+            result = "success" if status.ready else "not-ready"
+        except (ApiError, UnknownKindError, OSError) as error:
+            self._set(status, STALLED, "ApiError", str(error))
+            result = "error"
+        await self._report(status, warning=not status.ready and status.state != SUSPENDED)
         self.metrics.reconciles.labels(self.options.scope, name, result).inc()
         self.metrics.duration.labels(self.options.scope).observe(time.monotonic() - started)
         self.metrics.ready.labels(self.options.scope, name).set(1 if status.ready else 0)
@@ -274,7 +273,10 @@ class Engine:
         last_error: AppFailed | None = None
         for attempt in range(retries + 1):
             try:
-                desired = await self._apply(status, app, objects, desired, new_content)
+                # Bounded writes; waiting for health is not bounded, so that slow rollouts
+                # never hold up the apply of other apps.
+                async with self._apps:
+                    desired = await self._apply(status, app, objects, desired, new_content)
                 await self._verify(app, desired)
             except AppFailed as error:
                 last_error = error
