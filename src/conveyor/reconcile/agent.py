@@ -29,6 +29,7 @@ from starlette.routing import Route
 from conveyor.cluster.client import ApiError
 from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
+from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import Engine, EngineOptions
 from conveyor.reconcile.once import record_source_failure
 from conveyor.reconcile.report import Metrics
@@ -75,6 +76,7 @@ class Agent:
         self.target = target
         self.options = options
         self.metrics = Metrics()
+        self.notifier = Notifier(registry=self.metrics.registry)
         self.trigger = asyncio.Event()
         self.ready = False
         self.last_revision: str | None = None
@@ -133,6 +135,7 @@ class Agent:
 
     async def run(self) -> None:
         server = asyncio.create_task(self._serve())
+        await self.notifier.start()
         try:
             resolved = await self._fetch()
             while resolved is None:
@@ -154,6 +157,7 @@ class Agent:
                 options=EngineOptions(scope=resolved.scope, timeout=self.options.timeout),
                 metrics=self.metrics,
                 may_write=lambda: elector.is_leader,
+                notifier=self.notifier,
             )
             await engine.store.install()
             try:
@@ -165,6 +169,7 @@ class Agent:
                 await kube.aclose()
                 await lease_kube.aclose()
         finally:
+            await self.notifier.close(grace=2.0)
             server.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await server
@@ -263,6 +268,7 @@ class Agent:
             await record_source_failure(self.target, resolved.scope, str(error))
             return
         kube = engine.kube
+        self.notifier.set_rules(project_rules(resolved.checkout.path))
         renderer = build_renderer(resolved, tree, kube, engine.helm)
         result = await engine.run_pass(tree, renderer, revision=resolved.revision)
         self._tree, self._renderer = tree, renderer
