@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from conveyor import __version__
-from conveyor.cli import ci_privileges, guard, publish, reconcile, sandbox, version
+from conveyor.cli import ci_privileges, guard, publish, reconcile, sandbox, serve, version
 
 app = typer.Typer(
     name="conveyor",
@@ -24,6 +24,7 @@ app.command(name="version")(version.version)
 app.command(name="publish")(publish.publish_command)
 app.command()(guard.guard)
 app.add_typer(ci_privileges.app, name="ci-privileges")
+app.command()(serve.serve)
 
 
 def _version(value: bool) -> None:

@@ -114,15 +114,18 @@ async def record_source_failure(target: Target, scope: str, message: str) -> Non
         await kube.aclose()
 
 
-async def plan_target(target: Target) -> tuple[list[AppPlan], str]:
-    """Fetch, render and dry-run against the live cluster; nothing is written."""
-    resolved = fetch_target(target, purpose="diff")
+async def plan_target(
+    target: Target, *, app: str | None = None, purpose: str = "diff"
+) -> tuple[list[AppPlan], str]:
+    """Fetch, render and dry-run against the live cluster (one app, or all); nothing is
+    written. `purpose` keeps separate clones for callers that may run at the same time."""
+    resolved = fetch_target(target, purpose=purpose)
     kube = kube_client(resolved)
     helm = helm_cli(resolved)
     try:
         tree = discover_target(resolved)
         renderer = build_renderer(resolved, tree, kube, helm)
-        plans = await plan_environment(tree, renderer, kube, helm, scope=resolved.scope)
+        plans = await plan_environment(tree, renderer, kube, helm, scope=resolved.scope, only=app)
     finally:
         await kube.aclose()
     return plans, f"{resolved.env_path} at {resolved.revision[:12]}"
