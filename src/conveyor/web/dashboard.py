@@ -147,7 +147,9 @@ class Dashboard:
             )
             return history
         try:
-            commits = await repo.history(status.scope, status.app)
+            commits = await repo.history(
+                status.scope, status.app, revision=source.revision if source else None
+            )
         except (GitError, ConfigError) as error:
             history.notes.append(f"git history unavailable: {error}")
             return history

@@ -22,7 +22,7 @@ from conveyor.config.project import ConfigError, Project, load_project
 from conveyor.reconcile.target import Target, checkout_path, default_branch
 from conveyor.render.discover import app_name, discover
 from conveyor.render.documents import RenderError
-from conveyor.source.git import Checkout, LogEntry, file_log, read_file_at
+from conveyor.source.git import Checkout, LogEntry, file_log, read_file_at, run_git
 from conveyor.web.views import images_in, tags_of
 
 # What changed an app, told from the commit: a `Conveyor-Change:` trailer wins, then the
@@ -70,7 +70,7 @@ class ConfigRepo:
         self._fetched = 0.0
         self._lock = threading.Lock()
 
-    def _sync(self, max_age: float) -> Checkout:
+    def _sync(self, max_age: float, wanted: str | None) -> Checkout:
         with self._lock:
             if self._checkout is None:
                 branch = self.branch or default_branch(self.url)
@@ -78,13 +78,17 @@ class ConfigRepo:
                     self.url, checkout_path(self.url, branch, purpose="web"), branch=branch
                 )
                 self._fetched = time.monotonic()
-            elif time.monotonic() - self._fetched > max_age:
+            elif time.monotonic() - self._fetched > max_age or (
+                wanted and not _has_commit(self._checkout, wanted)
+            ):
                 self._checkout.sync()
                 self._fetched = time.monotonic()
             return self._checkout
 
-    async def checkout(self, *, max_age: float = 5.0) -> Checkout:
-        return await asyncio.to_thread(self._sync, max_age)
+    async def checkout(self, *, max_age: float = 5.0, wanted: str | None = None) -> Checkout:
+        """The clone, fetched when older than `max_age` or when it lacks the `wanted`
+        commit (a revision the cluster already runs)."""
+        return await asyncio.to_thread(self._sync, max_age, wanted)
 
     async def project(self) -> Project:
         checkout = await self.checkout()
@@ -111,8 +115,10 @@ class ConfigRepo:
             context=self.context,
         )
 
-    async def history(self, scope: str, app: str, *, limit: int = 30) -> list[Commit]:
-        checkout = await self.checkout()
+    async def history(
+        self, scope: str, app: str, *, revision: str | None = None, limit: int = 30
+    ) -> list[Commit]:
+        checkout = await self.checkout(wanted=revision)
         return await asyncio.to_thread(self._history, checkout, scope, app, limit)
 
     def _history(self, checkout: Checkout, scope: str, app: str, limit: int) -> list[Commit]:
@@ -146,6 +152,10 @@ class ConfigRepo:
         return [a.path for a in tree.apps if a.name == app]
 
 
+def _has_commit(checkout: Checkout, sha: str) -> bool:
+    return bool(checkout.git("rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}", check=False))
+
+
 def _folder_for_scope(root: Path, scope: str, *, depth: int = 3) -> str | None:
     """The folder whose path scope (`a/b` → `a-b`) is `scope`, searched a few levels deep."""
     frontier = [root]
@@ -164,9 +174,10 @@ def _folder_for_scope(root: Path, scope: str, *, depth: int = 3) -> str | None:
 
 
 def _version_at(root: Path, entry: LogEntry, paths: list[str], app: str) -> str:
-    """The image tags in the app's file at that commit (folders: not looked into)."""
+    """The image tags in the app's files (a file, or a folder's YAML) at that commit."""
     tags: list[str] = []
-    for path in paths:
+    listed = run_git(["ls-tree", "-r", "--name-only", "-z", entry.sha, "--", *paths], cwd=root)
+    for path in (p for p in listed.split("\0") if p.endswith((".yaml", ".yml"))):
         text = read_file_at(root, entry.sha, path)
         if text is None:
             continue
