@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -79,9 +79,12 @@ router = APIRouter(prefix="/api/v1")
 
 
 @router.get("/matrix", response_model=views.Matrix, tags=["status"])
-async def get_matrix(board: DashboardDep) -> views.Matrix:
+async def get_matrix(
+    board: DashboardDep,
+    env: Annotated[list[str] | None, Query(description="Only these environments.")] = None,
+) -> views.Matrix:
     """Environments by apps: version, state, revision, last apply and drift per cell."""
-    return await board.matrix()
+    return await board.matrix(only=env)
 
 
 @router.get("/environments", response_model=list[views.Environment], tags=["status"])

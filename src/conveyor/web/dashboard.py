@@ -99,8 +99,13 @@ class Dashboard:
                     log.warning("environment order unknown: %s", error)
         return self._order
 
-    async def matrix(self) -> views.Matrix:
-        return views.matrix(await self.statuses(), self.hub.versions, order=await self.order())
+    async def matrix(self, *, only: list[str] | None = None) -> views.Matrix:
+        """The matrix of every environment, or of those in `only` (names or `a,b` lists)."""
+        statuses = await self.statuses()
+        wanted = {name.strip() for value in only or [] for name in value.split(",")} - {""}
+        if wanted:
+            statuses = [s for s in statuses if s.scope in wanted]
+        return views.matrix(statuses, self.hub.versions, order=await self.order())
 
     async def environment(self, name: str) -> list[AppStatus]:
         statuses = await self.statuses()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, FastAPI, Form, Request
+from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
 
@@ -84,14 +84,21 @@ def render_cell(environment: str, app: str, cell: views.Cell | None) -> str:
 router = APIRouter(include_in_schema=False)
 
 
+EnvironmentFilter = Annotated[list[str] | None, Query(alias="env")]
+
+
 @router.get("/", response_class=HTMLResponse)
-async def matrix_page(request: Request, board: DashboardDep) -> HTMLResponse:
-    return page(request, board, "matrix.html", matrix=await board.matrix())
+async def matrix_page(
+    request: Request, board: DashboardDep, env: EnvironmentFilter = None
+) -> HTMLResponse:
+    return page(request, board, "matrix.html", matrix=await board.matrix(only=env))
 
 
 @router.get("/partials/matrix", response_class=HTMLResponse)
-async def matrix_partial(request: Request, board: DashboardDep) -> HTMLResponse:
-    return page(request, board, "_matrix.html", matrix=await board.matrix())
+async def matrix_partial(
+    request: Request, board: DashboardDep, env: EnvironmentFilter = None
+) -> HTMLResponse:
+    return page(request, board, "_matrix.html", matrix=await board.matrix(only=env))
 
 
 @router.get("/gates", response_class=HTMLResponse)

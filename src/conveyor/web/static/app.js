@@ -21,7 +21,9 @@
       document.querySelectorAll("[data-live]").forEach(function (region) {
         const keys = (region.dataset.keys || "").split(" ");
         const wanted = keys.includes("*") || keys.includes(change.name);
-        if (wanted || (missing && region.dataset.live === "onmiss")) refresh(region);
+        const envs = (region.dataset.envs || "").split(",").filter(Boolean);
+        const shown = !envs.length || envs.includes(change.name.split(".")[0]);
+        if (wanted || (missing && shown && region.dataset.live === "onmiss")) refresh(region);
       });
     });
     source.addEventListener("reload", function () {
