@@ -7,8 +7,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from playwright.sync_api import Page, expect, sync_playwright
 
 from conveyor.render.discover import app_name
 from tests.cluster.gitops import (
@@ -33,8 +35,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 
-sync_api = pytest.importorskip("playwright.sync_api")
-
 
 @dataclass
 class Site:
@@ -48,7 +48,7 @@ class Site:
     def cell(self, app: str) -> str:
         return f'[id="cell-{self.scope}.{app}"]'
 
-    def capp(self, app: str) -> dict[str, object]:
+    def capp(self, app: str) -> dict[str, Any]:
         live = kubectl_json(
             self.sandbox, "get", "conveyorapp", "-n", "conveyor-system", f"{self.scope}.{app}"
         )
@@ -77,8 +77,8 @@ def site(sandbox: SandboxHandle, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @pytest.fixture
-def page(site: Site) -> Iterator[object]:
-    with sync_api.sync_playwright() as playwright:
+def page(site: Site) -> Iterator[Page]:
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
         )
@@ -93,10 +93,9 @@ def page(site: Site) -> Iterator[object]:
         browser.close()
 
 
-def test_matrix_shows_the_deployed_versions(site: Site, page: object) -> None:
-    tab: sync_api.Page = page  # type: ignore[assignment]
+def test_matrix_shows_the_deployed_versions(site: Site, page: Page) -> None:
+    tab = page
     tab.goto(f"/?env={site.scope}")  # the shared sandbox holds other tests' environments
-    expect = sync_api.expect
     expect(tab.locator(f"{site.cell('frontend')} .version")).to_have_text("3.4.1")
     expect(tab.locator(f"{site.cell('api')} .version")).to_have_text("1.0.0")
     expect(tab.locator(f"{site.cell('api')} .badge").first).to_have_text("Ready")
@@ -105,10 +104,9 @@ def test_matrix_shows_the_deployed_versions(site: Site, page: object) -> None:
     tab.screenshot(path=str(ARTIFACTS / "dashboard-matrix.png"), full_page=True)
 
 
-def test_a_commit_shows_without_reload(site: Site, page: object) -> None:
-    tab: sync_api.Page = page  # type: ignore[assignment]
+def test_a_commit_shows_without_reload(site: Site, page: Page) -> None:
+    tab = page
     tab.goto("/")
-    expect = sync_api.expect
     expect(tab.locator(f"{site.cell('api')} .version")).to_have_text("1.0.0")
     wait_for(lambda: tab.evaluate("document.documentElement.dataset.stream") == "connected")
     tab.evaluate("window.__sameDocument = true")
@@ -123,19 +121,17 @@ def test_a_commit_shows_without_reload(site: Site, page: object) -> None:
     assert tab.evaluate("window.__sameDocument") is True  # no reload happened
 
 
-def test_an_action_without_the_token_is_refused(site: Site, page: object) -> None:
-    tab: sync_api.Page = page  # type: ignore[assignment]
+def test_an_action_without_the_token_is_refused(site: Site, page: Page) -> None:
+    tab = page
     tab.goto(f"/environments/{site.scope}/apps/frontend")
-    expect = sync_api.expect
     expect(tab.locator("#version")).to_have_text("3.4.1")
     tab.get_by_role("button", name="Suspend").click()
     expect(tab.locator("h1")).to_have_text("Log in first")
-    assert not site.capp("frontend")["spec"].get("suspend")  # type: ignore[union-attr]
+    assert not site.capp("frontend")["spec"].get("suspend")
 
 
-def test_suspend_and_reconcile_now_through_the_page(site: Site, page: object) -> None:
-    tab: sync_api.Page = page  # type: ignore[assignment]
-    expect = sync_api.expect
+def test_suspend_and_reconcile_now_through_the_page(site: Site, page: Page) -> None:
+    tab = page
     tab.goto(f"/login?next=/environments/{site.scope}/apps/frontend")
     tab.get_by_label("Token").fill("wrong-token-for-sure")
     tab.get_by_role("button", name="Log in").click()
@@ -147,13 +143,13 @@ def test_suspend_and_reconcile_now_through_the_page(site: Site, page: object) ->
 
     tab.get_by_role("button", name="Suspend").click()
     expect(tab.locator(".notice")).to_contain_text("suspended")
-    wait_for(lambda: site.capp("frontend")["spec"].get("suspend") is True, what="spec.suspend")  # type: ignore[union-attr]
+    wait_for(lambda: site.capp("frontend")["spec"].get("suspend") is True, what="spec.suspend")
 
     # Reconcile now: the pass sees the suspension and reports it; the page follows live.
     tab.get_by_role("button", name="Reconcile now").click()
     expect(tab.locator(".notice")).to_contain_text("reconcile of")
     expect(tab.locator("#state")).to_have_text("Suspended", timeout=60_000)
-    assert site.capp("frontend")["status"]["state"] == "Suspended"  # type: ignore[index]
+    assert site.capp("frontend")["status"]["state"] == "Suspended"
     expect(tab.locator("#events")).to_contain_text("by alice via dashboard", timeout=15_000)
 
     tab.get_by_role("button", name="Resume").click()

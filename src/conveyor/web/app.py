@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.cluster.client import KubeClient
 from conveyor.reconcile.target import kube_client
@@ -17,6 +19,30 @@ from conveyor.web import api, pages
 from conveyor.web.dashboard import Dashboard, NotFound, ServeOptions
 
 STATIC = Path(__file__).parent / "static"
+
+
+class ServerTiming:
+    """`Server-Timing: app;dur=<ms>` on every response: the time until its headers, which
+    for a rendered page is the whole server time (benchmarks and browsers read it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                spent = (time.perf_counter() - started) * 1000
+                headers = list(message.get("headers", []))
+                headers.append((b"server-timing", f"app;dur={spent:.1f}".encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, timed)
 
 
 def create_app(options: ServeOptions, *, kube: KubeClient | None = None) -> FastAPI:
@@ -52,6 +78,7 @@ def create_app(options: ServeOptions, *, kube: KubeClient | None = None) -> Fast
 
     api.install(app)
     pages.install(app)
+    app.add_middleware(ServerTiming)
     return app
 
 
