@@ -13,6 +13,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Req
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from conveyor.reconcile.status import SOURCE_KIND
 from conveyor.web import views
 from conveyor.web.actions import ActionError
 from conveyor.web.auth import Principal, cross_site, remote
@@ -98,7 +99,7 @@ async def list_apps(environment: str, board: DashboardDep) -> list[views.Cell]:
     return [
         views.cell(s, board.version(s))
         for s in sorted(statuses, key=lambda s: s.app)
-        if s.app and s.kind != "source"
+        if s.app and s.kind != SOURCE_KIND
     ]
 
 

@@ -187,17 +187,16 @@ async def environment_page(request: Request, environment: str, board: DashboardD
 
 @router.get("/stream")
 async def page_stream(board: DashboardDep) -> StreamingResponse:
-    """Each status change as the HTML of its matrix cell (or environment header)."""
+    """Each status change as the HTML of its matrix cell; a source change asks the page
+    to redraw the matrix (its environment header)."""
 
     def render(change: StatusChange) -> dict[str, Any]:
         status = change.status
         scope, _, app = change.name.partition(".")
-        html: dict[str, str] = {}
-        if status is None or status.app:
-            environment, name = (status.scope, status.app) if status else (scope, app)
-            cell = views.cell(status, change.version) if status is not None else None
-            html[f"cell-{environment}.{name}"] = render_cell(environment, name, cell)
-        return {"name": change.name, "html": html}
+        if not app:  # an environment's source (revision, fetch errors): redraw the matrix
+            return {"name": change.name, "html": {}, "refresh": True}
+        cell = views.cell(status, change.version) if status is not None else None
+        return {"name": change.name, "html": {f"cell-{scope}.{app}": render_cell(scope, app, cell)}}
 
     return StreamingResponse(
         stream(board.hub, render),

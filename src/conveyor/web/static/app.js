@@ -12,7 +12,7 @@
     const source = new EventSource("/stream");
     source.addEventListener("status", function (event) {
       const change = JSON.parse(event.data);
-      let missing = false;
+      let missing = Boolean(change.refresh);
       for (const [id, html] of Object.entries(change.html || {})) {
         const element = document.getElementById(id);
         if (element) element.outerHTML = html;
