@@ -1,8 +1,11 @@
 """The dashboard in Debian's Chromium, driven by Playwright, on the sandbox: the matrix,
-live updates without reload, actions through the page, and refusals without the token."""
+live updates without reload, actions through the page, refusals without the token, and
+environments waiting for a gate."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +15,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from conveyor.cluster import kubeconfig
+from conveyor.cluster.client import KubeClient
+from conveyor.reconcile.status import WAITING_FOR_GATE, AppStatus, StatusStore
 from conveyor.render.discover import app_name
 from tests.cluster.gitops import (
     ConfigRepo,
@@ -164,3 +170,35 @@ def test_suspend_and_reconcile_now_through_the_page(site: Site, page: Page) -> N
     deployed = kubectl_json(site.sandbox, "get", "deployment", "frontend", "-n", site.namespace)
     assert deployed is not None
     assert deployed["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":3.5.0")
+
+
+def test_gates_page_shows_what_an_environment_waits_for_live(site: Site, page: Page) -> None:
+    tab = page
+    scope = f"gate-{uuid.uuid4().hex[:6]}"
+    tab.goto("/gates")
+    wait_for(lambda: tab.evaluate("document.documentElement.dataset.stream") == "connected")
+
+    async def save() -> None:
+        async with KubeClient(kubeconfig.load(site.sandbox.kubeconfig)) as kube:
+            store = StatusStore(kube)
+            await store.list_all()
+            await store.save(
+                AppStatus(
+                    scope=scope,
+                    app="api",
+                    state=WAITING_FOR_GATE,
+                    reason="GatePending",
+                    message="waiting for approval (release-managers); soak time 10m left",
+                    revision="d" * 40,
+                )
+            )
+
+    # Playwright's sync API owns this thread's event loop: write from another thread.
+    writer = threading.Thread(target=asyncio.run, args=(save(),))
+    writer.start()
+    writer.join(timeout=30)
+    row = tab.locator("tr", has_text=scope)
+    expect(row).to_contain_text("waiting for approval (release-managers)", timeout=15_000)
+    tab.goto(f"/?env={scope}")
+    expect(tab.locator(f'[id="cell-{scope}.api"] .badge').first).to_have_text(WAITING_FOR_GATE)
+    expect(tab.locator(f'[id="cell-{scope}.api"] .gate')).to_contain_text("soak time")
