@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SANDBOX_NAME ?= default
 
-.PHONY: venv lint types unit cluster test demo sandbox-down bench clean
+.PHONY: venv browser lint types unit cluster test demo sandbox-down bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Debian's Chromium for the dashboard's Playwright tests (Playwright's own browser
+# download is not used). Installed only when missing; as root directly, else with sudo.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null; then SUDO=sudo; \
+		else echo "chromium missing: install it as root (apt-get install chromium)"; exit 1; fi; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
@@ -27,11 +38,11 @@ types: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -m "not cluster" tests
 
-cluster: $(STAMP)
+cluster: $(STAMP) browser
 	$(BIN)/conveyor sandbox up --name test
 	$(BIN)/pytest -m cluster tests
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy

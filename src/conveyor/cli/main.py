@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from conveyor import __version__
-from conveyor.cli import ci_privileges, guard, images, publish, reconcile, sandbox, version
+from conveyor.cli import ci_privileges, guard, images, publish, reconcile, sandbox, serve, version
 
 app = typer.Typer(
     name="conveyor",
@@ -25,6 +25,7 @@ app.command(name="publish")(publish.publish_command)
 app.command()(guard.guard)
 app.add_typer(ci_privileges.app, name="ci-privileges")
 app.add_typer(images.app, name="images")
+app.command()(serve.serve)
 
 
 def _version(value: bool) -> None:

@@ -1,9 +1,11 @@
-"""Unlock a Helm release left `pending-*` by a crash, as `helm` itself cannot.
+"""Helm's own release storage, read (and, for one repair, written) without running `helm`.
 
-Helm refuses to upgrade a release whose last revision is pending ("another operation
-is in progress"). When conveyor holds the environment's lease, no other operation can
-be running, so the pending revision is marked failed in Helm's own storage (the
-`sh.helm.release.v1.<name>.v<N>` Secret) and the next upgrade proceeds normally.
+`release_history` reads the `sh.helm.release.v1.<name>.v<N>` Secrets for the dashboard.
+`unlock_pending_release` unlocks a release left `pending-*` by a crash, as `helm` itself
+cannot: Helm refuses to upgrade a release whose last revision is pending ("another
+operation is in progress"). When conveyor holds the environment's lease, no other
+operation can be running, so the pending revision is marked failed in Helm's own storage
+(the release Secret) and the next upgrade proceeds normally.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from conveyor.cluster.client import KubeClient
@@ -53,3 +56,43 @@ async def unlock_pending_release(kube: KubeClient, *, release: str, namespace: s
         json_body=latest,
     )
     return int(latest["metadata"]["labels"]["version"])
+
+
+@dataclass(frozen=True)
+class ReleaseRevision:
+    """One revision of a Helm release, as `helm history` shows it, plus its manifest."""
+
+    revision: int
+    status: str
+    description: str
+    updated: str
+    chart: str
+    app_version: str
+    manifest: str
+
+
+async def release_history(
+    kube: KubeClient, *, release: str, namespace: str
+) -> list[ReleaseRevision]:
+    """Every stored revision of the release, oldest first (values are left out: they can
+    hold secrets)."""
+    secrets = await kube.list(
+        "v1", "Secret", namespace=namespace, label_selector=f"owner=helm,name={release}"
+    )
+    history = []
+    for secret in secrets:
+        body = decode_release(secret["data"]["release"])
+        info = body.get("info") or {}
+        metadata = (body.get("chart") or {}).get("metadata") or {}
+        history.append(
+            ReleaseRevision(
+                revision=int(body.get("version") or 0),
+                status=str(info.get("status", "")),
+                description=str(info.get("description", "")),
+                updated=str(info.get("last_deployed", "")),
+                chart=f"{metadata.get('name', '')}-{metadata.get('version', '')}",
+                app_version=str(metadata.get("appVersion") or ""),
+                manifest=str(body.get("manifest") or ""),
+            )
+        )
+    return sorted(history, key=lambda r: r.revision)

@@ -1,4 +1,5 @@
-"""`conveyor.yaml` at the root of a config repo: environments, and repository policy.
+"""`conveyor.yaml` at the root of a config repo: environments, repository policy and
+notification rules.
 
 The file is optional: without it, `--path` picks the folder to reconcile. Environments
 are listed in promotion order (dev → staging → production).
@@ -6,11 +7,19 @@ are listed in promotion order (dev → staging → production).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 FILE_NAME = "conveyor.yaml"
 
@@ -58,9 +67,102 @@ class Guard(Model):
     readme: str = Field("README.md", description="Where a rejected pull request is pointed.")
 
 
+NotificationEvent = Literal[
+    "applied", "failed", "drift-corrected", "waiting-for-gate", "promoted", "rolled-back"
+]
+
+
+SECRETS_DIR_ENV = "CONVEYOR_SECRETS_DIR"
+SECRET_ENV_PREFIX = "CONVEYOR_"  # noqa: S105 (a name prefix, not a secret)
+
+
+class Secret(Model):
+    """A secret that stays out of git: a file or an environment variable of the agent.
+
+    conveyor.yaml comes from git, so it may only name secrets meant for it: files inside
+    `$CONVEYOR_SECRETS_DIR` (default /etc/conveyor/secrets) and variables named
+    `CONVEYOR_*`, never the agent's own credentials.
+    """
+
+    file: str | None = None
+    env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Secret:
+        if bool(self.file) == bool(self.env):
+            raise ValueError("a secret needs exactly one of file, env")
+        if self.env and not self.env.startswith(SECRET_ENV_PREFIX):
+            raise ValueError(f"secret variables must be named {SECRET_ENV_PREFIX}*")
+        return self
+
+    def read(self) -> str:
+        if self.env:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ConfigError(f"environment variable {self.env} (a secret) is not set")
+            return value.strip()
+        base = Path(os.environ.get(SECRETS_DIR_ENV, "/etc/conveyor/secrets")).resolve()
+        path = (base / str(self.file)).resolve()
+        if not path.is_relative_to(base):
+            raise ConfigError(f"secret file {self.file} is outside {base} (${SECRETS_DIR_ENV})")
+        try:
+            return path.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"cannot read secret file {path}: {error.strerror}") from None
+
+
+class WebhookSink(Model):
+    """Generic JSON webhook, signed like GitHub's: `X-Conveyor-Signature-256: sha256=<hmac>`."""
+
+    url: str
+    secret: Secret | None = None
+
+
+class SlackSink(Model):
+    """A Slack-compatible incoming webhook: `{"text": ...}`. The URL itself is the secret."""
+
+    url: str | None = None
+    url_from: Secret | None = Field(None, alias="url-from")
+
+
+class GitStatusSink(Model):
+    """GitHub-compatible commit statuses: `POST {api}/repos/{repository}/statuses/{sha}`."""
+
+    api: str = Field("https://api.github.com", description="Base URL of the API.")
+    repository: str = Field(description="owner/name of the config repository.")
+    token: Secret
+    context: str = Field("conveyor/{environment}", description="Status context template.")
+
+
+class NotificationRule(Model):
+    events: list[NotificationEvent] = Field(
+        default_factory=lambda: list(get_args(NotificationEvent)),
+        description="Which events to send (all when not given).",
+    )
+    environments: list[str] = Field(
+        default_factory=list, description="Only these environments (all when empty)."
+    )
+    webhook: WebhookSink | None = None
+    slack: SlackSink | None = None
+    git_status: GitStatusSink | None = Field(None, alias="git-status")
+
+    @model_validator(mode="after")
+    def _one_sink(self) -> NotificationRule:
+        sinks = [s for s in (self.webhook, self.slack, self.git_status) if s is not None]
+        if len(sinks) != 1:
+            raise ValueError("a notification rule needs exactly one of webhook, slack, git-status")
+        if self.slack is not None and bool(self.slack.url) == bool(self.slack.url_from):
+            raise ValueError("slack needs exactly one of url, url-from")
+        return self
+
+    def matches(self, event: str, environment: str) -> bool:
+        return event in self.events and (not self.environments or environment in self.environments)
+
+
 class Project(Model):
     environments: list[Environment] = Field(default_factory=list)
     guard: Guard = Field(default_factory=Guard)
+    notifications: list[NotificationRule] = Field(default_factory=list)
 
     def environment(self, name: str) -> Environment:
         for env in self.environments:

@@ -30,6 +30,7 @@ from starlette.routing import Route
 from conveyor.cluster.client import ApiError
 from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
+from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import Engine, EngineOptions
 from conveyor.reconcile.once import record_source_failure
 from conveyor.reconcile.report import Metrics
@@ -76,6 +77,7 @@ class Agent:
         self.target = target
         self.options = options
         self.metrics = Metrics()
+        self.notifier = Notifier(registry=self.metrics.registry)
         self.trigger = asyncio.Event()
         self.ready = False
         self.last_revision: str | None = None
@@ -134,6 +136,7 @@ class Agent:
 
     async def run(self) -> None:
         server = asyncio.create_task(self._serve())
+        await self.notifier.start()
         try:
             resolved = await self._fetch()
             while resolved is None:
@@ -155,6 +158,7 @@ class Agent:
                 options=EngineOptions(scope=resolved.scope, timeout=self.options.timeout),
                 metrics=self.metrics,
                 may_write=lambda: elector.is_leader,
+                notifier=self.notifier,
             )
             await engine.store.install()
             try:
@@ -166,6 +170,7 @@ class Agent:
                 await kube.aclose()
                 await lease_kube.aclose()
         finally:
+            await self.notifier.close(grace=2.0)
             server.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await server
@@ -264,6 +269,7 @@ class Agent:
             await record_source_failure(self.target, resolved.scope, str(error))
             return
         started = time.monotonic()
+        self.notifier.set_rules(project_rules(resolved.checkout.path))
         renderer = build_renderer(resolved, tree, engine.kube, engine.helm)
         result = await engine.run_pass(tree, renderer, revision=resolved.revision)
         seconds = time.monotonic() - started

@@ -31,7 +31,8 @@ from conveyor.cluster.health import Health, HealthStatus, aggregate, assess
 from conveyor.cluster.helm_storage import unlock_pending_release
 from conveyor.cluster.live import LiveCache
 from conveyor.cluster.objects import Obj, ObjectRef, drift_paths
-from conveyor.reconcile.report import EventRecorder, Metrics
+from conveyor.notify.notifier import Notifier
+from conveyor.reconcile.report import EventRecorder, Metrics, notification_for
 from conveyor.reconcile.status import (
     READY,
     RECONCILING,
@@ -89,6 +90,7 @@ class Engine:
         options: EngineOptions,
         metrics: Metrics | None = None,
         may_write: Callable[[], bool] = lambda: True,
+        notifier: Notifier | None = None,
     ) -> None:
         self.kube = kube
         self.helm = helm
@@ -98,6 +100,7 @@ class Engine:
         self.events = EventRecorder(kube)
         self.metrics = metrics or Metrics()
         self.may_write = may_write
+        self.notifier = notifier
         self.statuses: dict[str, AppStatus] = {}
         self.desired: dict[str, list[tuple[ObjectRef, Obj]]] = {}  # app → managed objects
         self._owner: dict[tuple[str, str, str, str], str] = {}
@@ -559,7 +562,14 @@ class Engine:
     async def _report(self, status: AppStatus, *, warning: bool) -> None:
         before = self.store.stored(status)
         changed_state = (before.get("state"), before.get("reason")) != (status.state, status.reason)
-        if await self.store.save(status) and changed_state:
+        newly_applied = before.get("lastAppliedRevision") != status.last_applied_revision
+        if not await self.store.save(status):
+            return
+        if changed_state:
             await self.events.record(
                 status, warning=warning, reason=status.reason, message=status.message
             )
+        if self.notifier is not None and (changed_state or newly_applied):
+            note = notification_for(status, newly_applied=newly_applied)
+            if note is not None:
+                self.notifier.publish(note)

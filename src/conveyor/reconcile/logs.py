@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-_EXTRA_FIELDS = ("app", "scope", "reason", "revision")
+_EXTRA_FIELDS = ("app", "scope", "reason", "revision", "actor", "action", "remote")
 
 
 class JsonFormatter(logging.Formatter):

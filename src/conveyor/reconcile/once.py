@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from conveyor.config.project import ConfigError
+from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import Engine, EngineOptions, PassResult
 from conveyor.reconcile.plan import AppPlan, plan_environment
 from conveyor.reconcile.status import SOURCE_KIND, STALLED, AppStatus, StatusStore
@@ -37,6 +38,7 @@ async def reconcile_once(
     timeout: float = 300.0,
     allow_empty: frozenset[str] = frozenset(),
     progress: Progress | None = None,
+    notify_grace: float = 10.0,
 ) -> PassResult | SourceFailure:
     say = progress or (lambda _m: None)
     say(f"fetching {target.repo}")
@@ -48,10 +50,13 @@ async def reconcile_once(
         return SourceFailure(scope=scope, message=str(error))
     kube = kube_client(resolved)
     helm = helm_cli(resolved)
+    notifier = Notifier(project_rules(resolved.checkout.path))
+    await notifier.start()
     engine = Engine(
         kube,
         helm,
         options=EngineOptions(scope=resolved.scope, timeout=timeout, allow_empty=allow_empty),
+        notifier=notifier,
     )
     try:
         say(f"rendering {resolved.env_path} at {resolved.revision[:12]}")
@@ -79,6 +84,8 @@ async def reconcile_once(
     finally:
         await engine.close()
         await kube.aclose()
+        # One pass then exit: give queued notifications a bounded chance to go out.
+        await notifier.close(grace=notify_grace)
 
 
 async def _store_source(store: StatusStore, status: AppStatus) -> None:
@@ -107,15 +114,18 @@ async def record_source_failure(target: Target, scope: str, message: str) -> Non
         await kube.aclose()
 
 
-async def plan_target(target: Target) -> tuple[list[AppPlan], str]:
-    """Fetch, render and dry-run against the live cluster; nothing is written."""
-    resolved = fetch_target(target, purpose="diff")
+async def plan_target(
+    target: Target, *, app: str | None = None, purpose: str = "diff"
+) -> tuple[list[AppPlan], str]:
+    """Fetch, render and dry-run against the live cluster (one app, or all); nothing is
+    written. `purpose` keeps separate clones for callers that may run at the same time."""
+    resolved = fetch_target(target, purpose=purpose)
     kube = kube_client(resolved)
     helm = helm_cli(resolved)
     try:
         tree = discover_target(resolved)
         renderer = build_renderer(resolved, tree, kube, helm)
-        plans = await plan_environment(tree, renderer, kube, helm, scope=resolved.scope)
+        plans = await plan_environment(tree, renderer, kube, helm, scope=resolved.scope, only=app)
     finally:
         await kube.aclose()
     return plans, f"{resolved.env_path} at {resolved.revision[:12]}"

@@ -87,11 +87,23 @@ def unified(before: Obj | None, after: Obj | None, *, label: str) -> str:
 
 
 async def plan_environment(
-    tree: EnvironmentTree, renderer: Renderer, kube: KubeClient, helm: HelmCLI, *, scope: str
+    tree: EnvironmentTree,
+    renderer: Renderer,
+    kube: KubeClient,
+    helm: HelmCLI,
+    *,
+    scope: str,
+    only: str | None = None,
 ) -> list[AppPlan]:
+    """Plans for every app of the tree (or only the app named `only`), and for the apps
+    that left git (their deletions)."""
     statuses = await StatusStore(kube).load_all(scope=scope)
+    if only is not None:
+        statuses = {n: s for n, s in statuses.items() if n == only}
     plans = []
     for app in tree.apps:
+        if only is not None and app.name != only:
+            continue
         plan = AppPlan(app=app.name)
         plans.append(plan)
         try:

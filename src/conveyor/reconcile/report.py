@@ -1,4 +1,5 @@
-"""Report outcomes beyond the status object: Kubernetes Events and Prometheus metrics.
+"""Report outcomes beyond the status object: Kubernetes Events, Prometheus metrics and
+the notification for a change.
 
 Events are recorded only on changes (an applied revision, a failure, drift), so a no-op
 resync writes nothing; a failure to record an event never fails a reconcile.
@@ -12,7 +13,17 @@ import uuid
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from conveyor.cluster.client import ApiError, KubeClient
-from conveyor.reconcile.status import API_VERSION, KIND, NAMESPACE, AppStatus, now
+from conveyor.notify.sinks import Notification
+from conveyor.reconcile.status import (
+    API_VERSION,
+    KIND,
+    NAMESPACE,
+    READY,
+    STALLED,
+    WAITING_FOR_GATE,
+    AppStatus,
+    now,
+)
 
 log = logging.getLogger("conveyor.reconcile")
 
@@ -101,3 +112,28 @@ class EventRecorder:
             )
         except (ApiError, OSError) as error:
             log.warning("could not record event %s for %s: %s", reason, status.app, error)
+
+
+def notification_for(status: AppStatus, *, newly_applied: bool) -> Notification | None:
+    """The notification a status change is worth: a newly applied revision, a failure
+    (a remediation rollback is `rolled-back`), corrected drift, a gate to wait for."""
+    if status.state == READY and status.reason == "DriftCorrected":
+        event = "drift-corrected"
+    elif status.state == READY and newly_applied:
+        event = "applied"
+    elif status.state == STALLED:
+        event = "rolled-back" if status.reason == "RolledBack" else "failed"
+    elif status.state == WAITING_FOR_GATE:
+        event = "waiting-for-gate"
+    else:
+        return None
+    return Notification(
+        event=event,
+        environment=status.scope,
+        app=status.app,
+        state=status.state,
+        reason=status.reason,
+        message=status.message,
+        revision=status.revision,
+        time=now(),
+    )

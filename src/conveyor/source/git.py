@@ -314,3 +314,38 @@ def read_file_at(repo: Path, revision: str, path: str) -> str | None:
         ["git", "cat-file", "-e", spec], cwd=repo, env=git_env(), capture_output=True, check=False
     )
     return run_git(["show", spec], cwd=repo) if present.returncode == 0 else None
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    sha: str
+    author_name: str
+    author_email: str
+    date: str  # ISO 8601, the author date
+    subject: str
+    body: str
+
+
+def file_log(
+    repo: Path, paths: list[str], *, revision: str = "HEAD", limit: int = 50
+) -> list[LogEntry]:
+    """The commits that touched `paths` up to `revision`, newest first."""
+    out = run_git(
+        [
+            "log",
+            f"--max-count={limit}",
+            "-z",
+            "--format=%H%x1f%an%x1f%ae%x1f%aI%x1f%s%x1f%b",
+            revision,
+            "--",
+            *paths,
+        ],
+        cwd=repo,
+    )
+    entries = []
+    for record in out.split("\0"):
+        if not record.strip():
+            continue
+        sha, name, email, date, subject, body = record.lstrip("\n").split("\x1f", 5)
+        entries.append(LogEntry(sha, name, email, date, subject, body.strip()))
+    return entries

@@ -1,0 +1,1 @@
+"""Notifications: webhooks, Slack and git commit statuses, delivered in the background."""

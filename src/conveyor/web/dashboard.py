@@ -1,0 +1,289 @@
+"""The dashboard's state, shared by the pages and the API: what they read and how they act.
+
+Everything shown comes from the ConveyorApp status the CLI reads (watched once, see
+`sse.StatusHub`), the live cluster, and the config repository; every action goes through
+the action registry, which calls the same code as the CLI and records who acted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from conveyor.cluster.client import ApiError, KubeClient
+from conveyor.config.project import ConfigError
+from conveyor.reconcile.once import plan_target
+from conveyor.reconcile.report import EventRecorder
+from conveyor.reconcile.status import SOURCE_KIND, AppStatus, resource_name
+from conveyor.reconcile.target import Target
+from conveyor.render.documents import RenderError
+from conveyor.source.git import GitError
+from conveyor.web import views
+from conveyor.web.actions import ActionError, ActionRegistry, ActionRequest, ActionResult
+from conveyor.web.actions import default_registry as default_actions
+from conveyor.web.auth import Auth, Principal
+from conveyor.web.repo import Repos
+from conveyor.web.sse import StatusHub
+
+log = logging.getLogger("conveyor.web")
+audit = logging.getLogger("conveyor.audit")
+ORDER_MAX_AGE = 30.0
+
+
+class NotFound(LookupError):
+    """An unknown environment, app or action; the message says which and what exists."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    listen: str = "127.0.0.1:8080"
+    tokens: dict[str, str] | None = None  # token → name; None: read-only dashboard
+    kubeconfig: str | None = None
+    context: str | None = None
+    repo: str | None = None
+    branch: str | None = None
+
+
+class Dashboard:
+    """The server's state and the ActionContext that actions run with."""
+
+    def __init__(
+        self, options: ServeOptions, *, kube: KubeClient, actions: ActionRegistry | None = None
+    ) -> None:
+        self.options = options
+        self.kube = kube
+        self.auth = Auth(options.tokens)
+        self.actions = actions or default_actions()
+        self.hub = StatusHub(kube, version_of=lambda s: views.live_version(kube, s))
+        self.repos = Repos(
+            default=options.repo,
+            branch=options.branch,
+            kubeconfig=options.kubeconfig,
+            context=options.context,
+        )
+        self.events = EventRecorder(kube, component="conveyor-dashboard")
+        self._order: list[str] = []
+        self._order_time = 0.0
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._diff_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        await self.hub.close()
+        for task in self._running.values():
+            task.cancel()
+        for task in self._running.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def statuses(self) -> list[AppStatus]:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.hub.synced.wait(), 10.0)
+        return self.hub.snapshot()
+
+    async def order(self) -> list[str]:
+        """Environments in conveyor.yaml's promotion order (when the repo is known)."""
+        if self.options.repo and time.monotonic() - self._order_time > ORDER_MAX_AGE:
+            self._order_time = time.monotonic()
+            repo = self.repos.get(None)
+            if repo is not None:
+                try:
+                    self._order = [e.name for e in (await repo.project()).environments]
+                except (GitError, ConfigError) as error:
+                    log.warning("environment order unknown: %s", error)
+        return self._order
+
+    async def matrix(self, *, only: list[str] | None = None) -> views.Matrix:
+        """The matrix of every environment, or of those in `only` (names or `a,b` lists)."""
+        statuses = await self.statuses()
+        wanted = {name.strip() for value in only or [] for name in value.split(",")} - {""}
+        if wanted:
+            statuses = [s for s in statuses if s.scope in wanted]
+        return views.matrix(statuses, self.hub.versions, order=await self.order())
+
+    async def environment(self, name: str) -> list[AppStatus]:
+        statuses = await self.statuses()
+        found = [s for s in statuses if s.scope == name]
+        if not found:
+            known = sorted({s.scope for s in statuses})
+            raise NotFound(
+                f"unknown environment {name!r} (known: {', '.join(known) or 'none yet'})"
+            )
+        return found
+
+    async def status(self, environment: str, app: str) -> AppStatus:
+        statuses = await self.environment(environment)
+        for status in statuses:
+            if status.app == app and status.kind != SOURCE_KIND:
+                return status
+        known = sorted(s.app for s in statuses if s.kind != SOURCE_KIND)
+        raise NotFound(
+            f"unknown app {app!r} in environment {environment!r} "
+            f"(known: {', '.join(known) or 'none'})"
+        )
+
+    def version(self, status: AppStatus) -> str:
+        return self.hub.versions.get(status.name, status.revision[:12])
+
+    async def detail(self, status: AppStatus) -> views.AppDetail:
+        return views.AppDetail(
+            **views.cell(status, self.version(status)).model_dump(),
+            release=status.release,
+            inventory=[r.to_dict() for r in status.inventory],
+            actions=[a.name for a in self.actions.for_app(status)],
+        )
+
+    def _source(self, environment: str) -> AppStatus | None:
+        return self.hub.statuses.get(resource_name(environment, ""))
+
+    async def history(self, status: AppStatus) -> views.History:
+        history = views.History(helm=await views.helm_history(self.kube, status))
+        source = self._source(status.scope)
+        repo = self.repos.get(source.message if source else None)
+        if repo is None:
+            history.notes.append(
+                "git history needs the config repository: start `conveyor serve --repo URL`"
+            )
+            return history
+        try:
+            commits = await repo.history(
+                status.scope, status.app, revision=source.revision if source else None
+            )
+        except (GitError, ConfigError) as error:
+            history.notes.append(f"git history unavailable: {error}")
+            return history
+        history.git = [views.GitCommit(**c.__dict__) for c in commits]
+        return history
+
+    async def diff(self, status: AppStatus) -> views.Diff:
+        target = await self.target(status.scope)
+        async with self._diff_lock:  # one clone for diffs: one diff at a time
+            try:
+                plans, title = await asyncio.to_thread(
+                    asyncio.run, plan_target(target, app=status.app, purpose="web-diff")
+                )
+            except (GitError, ConfigError, RenderError, ApiError, OSError) as error:
+                return views.Diff(title=status.scope, changes=[], error=str(error))
+        changes = [
+            views.Change(object=str(c.ref), action=c.action, diff=c.diff)
+            for p in plans
+            for c in p.changes
+        ]
+        errors = [p.error for p in plans if p.error]
+        return views.Diff(title=title, changes=changes, error="; ".join(errors) or None)
+
+    # -- ActionContext -------------------------------------------------------------------
+
+    async def target(self, environment: str) -> Target:
+        source = self._source(environment)
+        repo = self.repos.get(source.message if source else None)
+        if repo is None:
+            raise ActionError(
+                409,
+                f"the config repository of {environment!r} is unknown: start "
+                "`conveyor serve --repo URL` or reconcile it once from the CLI",
+            )
+        try:
+            return await repo.target(environment)
+        except (GitError, ConfigError) as error:
+            raise ActionError(409, str(error)) from None
+
+    def background(self, key: str, work: Coroutine[Any, Any, None]) -> None:
+        running = self._running.get(key)
+        if running is not None and not running.done():
+            work.close()
+            raise ActionError(409, f"{key.replace(':', ' of ', 1)} is already running")
+
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("background action %s failed", key)
+
+        self._running[key] = asyncio.create_task(guarded())
+
+    # -- acting --------------------------------------------------------------------------
+
+    async def act(
+        self,
+        name: str,
+        principal: Principal,
+        *,
+        environment: str,
+        app: str | None,
+        reason: str | None = None,
+        params: dict[str, str] | None = None,
+    ) -> ActionResult:
+        action = self.actions.get(name)
+        if action is None:
+            known = ", ".join(a.name for a in self.actions)
+            raise NotFound(f"unknown action {name!r} (known: {known})")
+        if app is None:
+            await self.environment(environment)
+            if "environment" not in action.scopes:
+                raise ActionError(400, f"{name} acts on one app: name the app")
+            subject = AppStatus(scope=environment, app="")
+        else:
+            subject = await self.status(environment, app)
+            if "app" not in action.scopes:
+                raise ActionError(400, f"{name} acts on a whole environment, not an app")
+            if not action.when(subject):
+                raise ActionError(409, f"{name} does not apply to {environment}/{app} now")
+        request = ActionRequest(
+            environment=environment,
+            app=app,
+            actor=principal.name,
+            reason=reason,
+            params=params or {},
+        )
+        try:
+            result = await action.handler(self, request)
+        except ActionError as error:
+            self._audit(principal, name, request, f"refused: {error}")
+            raise
+        self._audit(principal, name, request, result.message)
+        because = f" ({reason})" if reason else ""
+        await self.events.record(
+            subject,
+            warning=False,
+            reason=f"{name.capitalize()}Requested",
+            message=f"{result.message} by {principal.name} via {principal.via} "
+            f"from {principal.remote}{because}",
+        )
+        return result
+
+    def _audit(
+        self, principal: Principal, action: str, request: ActionRequest, outcome: str
+    ) -> None:
+        audit.info(
+            "%s %s on %s by %s via %s from %s: %s",
+            "action",
+            action,
+            request.subject,
+            principal.name,
+            principal.via,
+            principal.remote,
+            outcome,
+            extra={
+                "actor": principal.name,
+                "action": action,
+                "scope": request.environment,
+                "app": request.app or "",
+                "remote": principal.remote,
+            },
+        )
+
+    def refused(self, request_path: str, remote: str, why: str) -> None:
+        audit.warning(
+            "action refused on %s from %s: %s",
+            request_path,
+            remote,
+            why,
+            extra={"remote": remote, "action": request_path},
+        )

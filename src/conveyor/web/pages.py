@@ -1,0 +1,344 @@
+"""The dashboard's HTML pages: server-rendered with Jinja, updated live over SSE.
+
+No front-end build and nothing fetched from elsewhere: a few lines of JavaScript
+(static/app.js) swap fragments the server renders. Forms post plainly, carry a CSRF
+token, and need the session that logging in with the token gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.templating import Jinja2Templates
+
+from conveyor.reconcile.status import SOURCE_KIND, AppStatus
+from conveyor.web import views
+from conveyor.web.actions import ActionError
+from conveyor.web.auth import (
+    SESSION_COOKIE,
+    SESSION_SECONDS,
+    Principal,
+    cross_site,
+    remote,
+)
+from conveyor.web.dashboard import Dashboard
+from conveyor.web.sse import StatusChange, stream
+
+templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+STATE_CLASS = {
+    "Ready": "ready",
+    "Reconciling": "reconciling",
+    "Stalled": "stalled",
+    "Suspended": "suspended",
+    "WaitingForGate": "gate",
+}
+templates.env.filters["state_class"] = lambda state: STATE_CLASS.get(str(state), "unknown")
+templates.env.filters["short"] = lambda sha: str(sha or "")[:12]
+templates.env.globals["quote"] = lambda text: quote(str(text), safe="")
+
+
+def dashboard(request: Request) -> Dashboard:
+    found: Dashboard = request.app.state.dashboard
+    return found
+
+
+DashboardDep = Annotated[Dashboard, Depends(dashboard)]
+
+
+def _context(request: Request, board: Dashboard, **extra: Any) -> dict[str, Any]:
+    session = request.cookies.get(SESSION_COOKIE)
+    user = board.auth.session_name(session)
+    return {
+        "user": user,
+        "csrf": board.auth.csrf_token(session) if user else "",
+        "actions_enabled": board.auth.enabled,
+        "notice": request.query_params.get("notice", "")[:300],
+        **extra,
+    }
+
+
+def page(
+    request: Request, board: Dashboard, template: str, *, status_code: int = 200, **extra: Any
+) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request, template, _context(request, board, **extra), status_code=status_code
+    )
+
+
+def message_page(
+    request: Request, board: Dashboard, title: str, message: str, *, status_code: int
+) -> HTMLResponse:
+    return page(
+        request, board, "message.html", status_code=status_code, title=title, message=message
+    )
+
+
+def render_cell(environment: str, app: str, cell: views.Cell | None) -> str:
+    return templates.get_template("_cell.html").render(environment=environment, app=app, cell=cell)
+
+
+router = APIRouter(include_in_schema=False)
+
+
+EnvironmentFilter = Annotated[list[str] | None, Query(alias="env")]
+
+
+@router.get("/", response_class=HTMLResponse)
+async def matrix_page(
+    request: Request, board: DashboardDep, env: EnvironmentFilter = None
+) -> HTMLResponse:
+    return page(request, board, "matrix.html", matrix=await board.matrix(only=env))
+
+
+@router.get("/partials/matrix", response_class=HTMLResponse)
+async def matrix_partial(
+    request: Request, board: DashboardDep, env: EnvironmentFilter = None
+) -> HTMLResponse:
+    return page(request, board, "_matrix.html", matrix=await board.matrix(only=env))
+
+
+@router.get("/gates", response_class=HTMLResponse)
+async def gates_page(request: Request, board: DashboardDep) -> HTMLResponse:
+    return page(request, board, "gates.html", gates=views.gates(await board.statuses()))
+
+
+@router.get("/partials/gates", response_class=HTMLResponse)
+async def gates_partial(request: Request, board: DashboardDep) -> HTMLResponse:
+    return page(request, board, "_gates.html", gates=views.gates(await board.statuses()))
+
+
+async def _app_context(board: Dashboard, status: AppStatus) -> dict[str, Any]:
+    return {
+        "status": status,
+        "detail": await board.detail(status),
+        "actions": board.actions.for_app(status),
+    }
+
+
+@router.get("/environments/{environment}/apps/{app}", response_class=HTMLResponse)
+async def app_page(request: Request, environment: str, app: str, board: DashboardDep) -> Response:
+    status = await board.status(environment, app)
+    return page(
+        request,
+        board,
+        "app.html",
+        **await _app_context(board, status),
+        history=await board.history(status),
+        objects=await views.objects(board.kube, status),
+        events=await views.events(board.kube, status),
+    )
+
+
+@router.get("/partials/status/{environment}/{app}", response_class=HTMLResponse)
+async def status_partial(
+    request: Request, environment: str, app: str, board: DashboardDep
+) -> Response:
+    status = await board.status(environment, app)
+    return page(request, board, "_status.html", **await _app_context(board, status))
+
+
+@router.get("/partials/live/{environment}/{app}", response_class=HTMLResponse)
+async def live_partial(
+    request: Request, environment: str, app: str, board: DashboardDep
+) -> Response:
+    status = await board.status(environment, app)
+    return page(
+        request,
+        board,
+        "_live.html",
+        objects=await views.objects(board.kube, status),
+        events=await views.events(board.kube, status),
+    )
+
+
+@router.get("/partials/diff/{environment}/{app}", response_class=HTMLResponse)
+async def diff_partial(
+    request: Request, environment: str, app: str, board: DashboardDep
+) -> Response:
+    status = await board.status(environment, app)
+    try:
+        diff = await board.diff(status)
+    except ActionError as error:
+        diff = views.Diff(title=environment, changes=[], error=str(error))
+    return page(request, board, "_diff.html", diff=diff)
+
+
+@router.get("/environments/{environment}", response_class=HTMLResponse)
+async def environment_page(request: Request, environment: str, board: DashboardDep) -> Response:
+    statuses = await board.environment(environment)
+    cells = [
+        views.cell(s, board.version(s))
+        for s in sorted(statuses, key=lambda s: s.app)
+        if s.kind != SOURCE_KIND
+    ]
+    return page(
+        request,
+        board,
+        "environment.html",
+        environment=environment,
+        cells=cells,
+        actions=board.actions.for_environment(),
+    )
+
+
+@router.get("/stream")
+async def page_stream(board: DashboardDep) -> StreamingResponse:
+    """Each status change as the HTML of its matrix cell; a source change asks the page
+    to redraw the matrix (its environment header)."""
+
+    def render(change: StatusChange) -> dict[str, Any]:
+        status = change.status
+        scope, _, app = change.name.partition(".")
+        if not app:  # an environment's source (revision, fetch errors): redraw the matrix
+            return {"name": change.name, "html": {}, "refresh": True}
+        cell = views.cell(status, change.version) if status is not None else None
+        return {"name": change.name, "html": {f"cell-{scope}.{app}": render_cell(scope, app, cell)}}
+
+    return StreamingResponse(
+        stream(board.hub, render),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+# -- login and actions ----------------------------------------------------------------
+
+
+def _local(next_url: str | None) -> str:
+    """Only same-site paths, so a login link cannot send anyone elsewhere."""
+    if next_url and next_url.startswith("/") and not next_url.startswith(("//", "/\\")):
+        return next_url
+    return "/"
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login_page(request: Request, board: DashboardDep, next: str = "/") -> HTMLResponse:
+    return page(request, board, "login.html", next=_local(next))
+
+
+@router.post("/login")
+async def login(
+    request: Request,
+    board: DashboardDep,
+    token: Annotated[str, Form()],
+    next: Annotated[str, Form()] = "/",
+) -> Response:
+    why = cross_site(request)
+    if why is not None:
+        board.refused("/login", remote(request), why)
+        return message_page(request, board, "Refused", why, status_code=403)
+    session = board.auth.login(token.strip())
+    if session is None:
+        board.refused("/login", remote(request), "invalid token")
+        return page(
+            request, board, "login.html", status_code=403, next=_local(next), error="Invalid token."
+        )
+    response = RedirectResponse(_local(next), status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        session,
+        max_age=SESSION_SECONDS,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/logout")
+async def logout(
+    request: Request, board: DashboardDep, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    session = request.cookies.get(SESSION_COOKIE)
+    if cross_site(request) is None and board.auth.csrf_ok(session, csrf) and session:
+        board.auth.logout(session)
+    response = RedirectResponse("/", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+async def _page_action(
+    request: Request,
+    board: Dashboard,
+    *,
+    action: str,
+    environment: str,
+    app: str | None,
+    csrf: str,
+    reason: str,
+) -> Response:
+    why = cross_site(request)
+    if why is not None:
+        board.refused(request.url.path, remote(request), why)
+        return message_page(request, board, "Refused", why, status_code=403)
+    if not board.auth.enabled:
+        return message_page(
+            request,
+            board,
+            "Actions disabled",
+            "This dashboard is read-only: start `conveyor serve --token-file F` to act.",
+            status_code=403,
+        )
+    session = request.cookies.get(SESSION_COOKIE)
+    user = board.auth.session_name(session)
+    if user is None:
+        board.refused(request.url.path, remote(request), "not logged in")
+        return message_page(
+            request, board, "Log in first", "Actions need the token: log in.", status_code=401
+        )
+    if not board.auth.csrf_ok(session, csrf):
+        board.refused(request.url.path, remote(request), "bad CSRF token")
+        return message_page(
+            request, board, "Refused", "The form's CSRF token is missing or stale.", status_code=403
+        )
+    principal = Principal(name=user, via="dashboard", remote=remote(request))
+    try:
+        result = await board.act(
+            action, principal, environment=environment, app=app, reason=reason or None
+        )
+    except ActionError as error:
+        return message_page(request, board, "Not done", str(error), status_code=error.status_code)
+    back = (
+        f"/environments/{quote(environment)}/apps/{quote(app)}"
+        if app
+        else f"/environments/{quote(environment)}"
+    )
+    return RedirectResponse(f"{back}?notice={quote(result.message)}", status_code=303)
+
+
+@router.post("/environments/{environment}/apps/{app}/actions/{action}")
+async def app_action(
+    request: Request,
+    environment: str,
+    app: str,
+    action: str,
+    board: DashboardDep,
+    csrf: Annotated[str, Form()] = "",
+    reason: Annotated[str, Form(max_length=500)] = "",
+) -> Response:
+    return await _page_action(
+        request, board, action=action, environment=environment, app=app, csrf=csrf, reason=reason
+    )
+
+
+@router.post("/environments/{environment}/actions/{action}")
+async def environment_action(
+    request: Request,
+    environment: str,
+    action: str,
+    board: DashboardDep,
+    csrf: Annotated[str, Form()] = "",
+    reason: Annotated[str, Form(max_length=500)] = "",
+) -> Response:
+    return await _page_action(
+        request, board, action=action, environment=environment, app=None, csrf=csrf, reason=reason
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(router)

@@ -1,0 +1,234 @@
+"""The config repository as the dashboard sees it: which folder an environment applies,
+which files make an app, and who changed them.
+
+The dashboard keeps its own clone (apart from the agent's and the CLI's), fetched at
+most every few seconds when a page needs it. Git runs in a worker thread, so a slow
+remote never stalls the pages or the live stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from conveyor.config.project import ConfigError, Project, load_project
+from conveyor.reconcile.target import Target, checkout_path, default_branch
+from conveyor.render.discover import app_name, discover
+from conveyor.render.documents import RenderError
+from conveyor.source.git import Checkout, LogEntry, file_log, read_file_at, run_git
+from conveyor.web.views import images_in, tags_of
+
+# What changed an app, told from the commit: a `Conveyor-Change:` trailer wins, then the
+# messages that publish, image automation (conveyor's and Flux's) and promotion write.
+_TRAILER = re.compile(r"^Conveyor-Change:\s*(\S+)", re.MULTILINE | re.IGNORECASE)
+_KINDS = (
+    ("publish", re.compile(r"^Update from ", re.IGNORECASE)),
+    ("image-automation", re.compile(r"^(Update images|Auto-release )", re.IGNORECASE)),
+    ("rollback", re.compile(r"^(Roll ?back|Revert)", re.IGNORECASE)),
+    ("promotion", re.compile(r"^Promot", re.IGNORECASE)),
+)
+
+
+def change_kind(subject: str, body: str) -> str:
+    trailer = _TRAILER.search(body)
+    if trailer:
+        return trailer.group(1).lower()
+    for kind, pattern in _KINDS:
+        if pattern.search(subject):
+            return kind
+    return "manual"
+
+
+@dataclass(frozen=True)
+class Commit:
+    sha: str
+    date: str
+    author: str
+    subject: str
+    change: str  # publish | image-automation | promotion | rollback | manual
+    version: str  # image tags in the app's file at that commit
+
+
+class ConfigRepo:
+    """One repository URL and branch, cloned for reading."""
+
+    def __init__(
+        self, url: str, *, branch: str | None = None, kubeconfig: str | None, context: str | None
+    ) -> None:
+        self.url = url
+        self.branch = branch
+        self.kubeconfig = kubeconfig
+        self.context = context
+        self._checkout: Checkout | None = None
+        self._fetched = 0.0
+        self._lock = threading.Lock()
+
+    def _sync(self, max_age: float, wanted: str | None) -> Checkout:
+        with self._lock:
+            if self._checkout is None:
+                branch = self.branch or default_branch(self.url)
+                self._checkout = Checkout.open(
+                    self.url, checkout_path(self.url, branch, purpose="web"), branch=branch
+                )
+                self._fetched = time.monotonic()
+            elif time.monotonic() - self._fetched > max_age or (
+                wanted and not _has_commit(self._checkout, wanted)
+            ):
+                self._checkout.sync()
+                self._fetched = time.monotonic()
+            return self._checkout
+
+    async def checkout(self, *, max_age: float = 5.0, wanted: str | None = None) -> Checkout:
+        """The clone, fetched when older than `max_age` or when it lacks the `wanted`
+        commit (a revision the cluster already runs)."""
+        return await asyncio.to_thread(self._sync, max_age, wanted)
+
+    async def project(self) -> Project:
+        checkout = await self.checkout()
+        return load_project(checkout.path)
+
+    async def target(self, scope: str) -> Target:
+        """What `conveyor reconcile` would be given for this environment (or path scope)."""
+        checkout = await self.checkout()
+        env_names = {e.name for e in load_project(checkout.path).environments}
+        if scope in env_names:
+            return self._target(env=scope)
+        folder = await asyncio.to_thread(_folder_for_scope, checkout.path, scope)
+        if folder is None:
+            raise ConfigError(f"no environment or folder of {self.url} is named {scope!r}")
+        return self._target(path=folder)
+
+    def _target(self, *, env: str | None = None, path: str | None = None) -> Target:
+        return Target(
+            repo=self.url,
+            branch=self.branch,
+            env=env,
+            path=path,
+            kubeconfig=self.kubeconfig,
+            context=self.context,
+        )
+
+    async def history(
+        self, scope: str, app: str, *, revision: str | None = None, limit: int = 30
+    ) -> list[Commit]:
+        checkout = await self.checkout(wanted=revision)
+        return await asyncio.to_thread(self._history, checkout, scope, app, limit)
+
+    def _history(self, checkout: Checkout, scope: str, app: str, limit: int) -> list[Commit]:
+        paths = self._app_paths(checkout.path, scope, app)
+        if not paths:
+            return []
+        commits = []
+        for entry in file_log(checkout.path, paths, limit=limit):
+            commits.append(
+                Commit(
+                    sha=entry.sha,
+                    date=entry.date,
+                    author=f"{entry.author_name} <{entry.author_email}>",
+                    subject=entry.subject,
+                    change=change_kind(entry.subject, entry.body),
+                    version=_version_at(checkout.path, entry, paths, app),
+                )
+            )
+        return commits
+
+    def _app_paths(self, root: Path, scope: str, app: str) -> list[str]:
+        project = load_project(root)
+        folder = next((e.path for e in project.environments if e.name == scope), None)
+        folder = folder or _folder_for_scope(root, scope)
+        if folder is None:
+            return []
+        try:
+            tree = discover(root, folder)
+        except RenderError:
+            return []
+        return [a.path for a in tree.apps if a.name == app]
+
+
+def _has_commit(checkout: Checkout, sha: str) -> bool:
+    return bool(checkout.git("rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}", check=False))
+
+
+def _folder_for_scope(root: Path, scope: str, *, depth: int = 3) -> str | None:
+    """The folder whose path scope (`a/b` → `a-b`) is `scope`, searched a few levels deep."""
+    frontier = [root]
+    for _ in range(depth):
+        children = []
+        for folder in frontier:
+            for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+                if child.name.startswith("."):
+                    continue
+                relative = str(child.relative_to(root))
+                if app_name(relative.replace("/", "-")) == scope:
+                    return relative
+                children.append(child)
+        frontier = children
+    return None
+
+
+def _version_at(root: Path, entry: LogEntry, paths: list[str], app: str) -> str:
+    """The image tags in the app's files (a file, or a folder's YAML) at that commit."""
+    tags: list[str] = []
+    listed = run_git(["ls-tree", "-r", "--name-only", "-z", entry.sha, "--", *paths], cwd=root)
+    for path in (p for p in listed.split("\0") if p.endswith((".yaml", ".yml"))):
+        text = read_file_at(root, entry.sha, path)
+        if text is None:
+            continue
+        try:
+            documents: list[Any] = list(yaml.safe_load_all(text))
+        except yaml.YAMLError:
+            continue
+        for doc in documents:
+            if isinstance(doc, dict) and _belongs_to(doc, app):
+                tags.extend(tags_of(images_in(doc.get("spec"))))
+    return ", ".join(dict.fromkeys(tags))
+
+
+def _belongs_to(doc: dict[str, Any], app: str) -> bool:
+    """A file may hold several HelmReleases; keep the one of this app (others: all)."""
+    if doc.get("kind") != "HelmRelease":
+        return True
+    spec = doc.get("spec") or {}
+    name = spec.get("releaseName") or (doc.get("metadata") or {}).get("name", "")
+    return app_name(str(name)) == app
+
+
+class Repos:
+    """The repositories the dashboard reads: `--repo`, or those the sources report."""
+
+    def __init__(
+        self,
+        *,
+        default: str | None,
+        branch: str | None,
+        kubeconfig: str | None,
+        context: str | None,
+    ) -> None:
+        self.default = default
+        self.branch = branch
+        self.kubeconfig = kubeconfig
+        self.context = context
+        self._repos: dict[tuple[str, str | None], ConfigRepo] = {}
+
+    def get(self, source_message: str | None) -> ConfigRepo | None:
+        """`--repo` if given, else the repo a source status names (`<url>@<branch>`)."""
+        if self.default:
+            url, branch = self.default, self.branch
+        elif source_message and "@" in source_message:
+            url, _, branch_text = source_message.rpartition("@")
+            branch = branch_text or None
+        else:
+            return None
+        key = (url, branch)
+        if key not in self._repos:
+            self._repos[key] = ConfigRepo(
+                url, branch=branch, kubeconfig=self.kubeconfig, context=self.context
+            )
+        return self._repos[key]

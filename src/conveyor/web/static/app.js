@@ -1,0 +1,42 @@
+// Live updates without a framework or a build: the server renders every fragment; this
+// only swaps them in when the status stream says something changed.
+(function () {
+  "use strict";
+
+  async function refresh(region) {
+    const response = await fetch(region.dataset.src, { headers: { Accept: "text/html" } });
+    if (response.ok) region.innerHTML = await response.text();
+  }
+
+  function connect() {
+    const source = new EventSource("/stream");
+    source.addEventListener("status", function (event) {
+      const change = JSON.parse(event.data);
+      let missing = Boolean(change.refresh);
+      for (const [id, html] of Object.entries(change.html || {})) {
+        const element = document.getElementById(id);
+        if (element) element.outerHTML = html;
+        else missing = true;
+      }
+      document.querySelectorAll("[data-live]").forEach(function (region) {
+        const keys = (region.dataset.keys || "").split(" ");
+        const wanted = keys.includes("*") || keys.includes(change.name);
+        const envs = (region.dataset.envs || "").split(",").filter(Boolean);
+        const shown = !envs.length || envs.includes(change.name.split(".")[0]);
+        if (wanted || (missing && shown && region.dataset.live === "onmiss")) refresh(region);
+      });
+    });
+    source.addEventListener("reload", function () {
+      source.close();
+      window.location.reload();
+    });
+    document.documentElement.dataset.stream = "connected";
+  }
+
+  document.addEventListener("submit", function (event) {
+    const question = event.target.dataset.confirm;
+    if (question && !window.confirm(question)) event.preventDefault();
+  });
+  document.querySelectorAll("[data-lazy]").forEach(refresh);
+  if (window.EventSource) connect();
+})();

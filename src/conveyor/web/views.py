@@ -1,0 +1,370 @@
+"""What the dashboard and the API show, shaped once for both from the stored status and
+the live cluster: matrix cells, versions, objects with their health, events, gates.
+
+The models are the API's schema (camelCase, like `conveyor get apps -o json`); pages
+render the same objects, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
+from conveyor.cluster.health import assess
+from conveyor.cluster.helm_storage import ReleaseRevision, release_history
+from conveyor.cluster.objects import ObjectRef
+from conveyor.reconcile.status import (
+    API_VERSION,
+    KIND,
+    NAMESPACE,
+    SOURCE_KIND,
+    WAITING_FOR_GATE,
+    AppStatus,
+)
+from conveyor.render.helm import parse_manifest
+
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class Cell(Model):
+    environment: str
+    app: str
+    kind: str
+    state: str
+    reason: str
+    message: str
+    revision: str
+    helm_revision: int | None = None
+    version: str
+    last_applied_time: str | None = None
+    drift: str | None = None
+    suspended: bool = False
+    since: str
+
+
+class Environment(Model):
+    name: str
+    state: str
+    reason: str
+    message: str
+    revision: str
+    apps: int
+
+
+class Matrix(Model):
+    environments: list[Environment]
+    apps: list[str]
+    cells: list[Cell]
+
+    def cell(self, environment: str, app: str) -> Cell | None:
+        return next((c for c in self.cells if c.environment == environment and c.app == app), None)
+
+
+class ObjectOut(Model):
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    managed_by: str  # conveyor | helm
+    health: str  # Current | InProgress | Failed | Missing
+    message: str
+
+
+class AppDetail(Cell):
+    release: str | None = None
+    inventory: list[dict[str, str]] = []
+    actions: list[str] = []
+
+
+class EventOut(Model):
+    type: str
+    reason: str
+    message: str
+    time: str
+    count: int
+    component: str
+
+
+class GitCommit(Model):
+    sha: str
+    date: str
+    author: str
+    subject: str
+    change: str
+    version: str
+
+
+class HelmRevision(Model):
+    revision: int
+    status: str
+    description: str
+    updated: str
+    chart: str
+    app_version: str
+    version: str
+
+
+class History(Model):
+    git: list[GitCommit] = []
+    helm: list[HelmRevision] = []
+    notes: list[str] = []
+
+
+class Change(Model):
+    object: str
+    action: str
+    diff: str
+
+
+class Diff(Model):
+    title: str
+    changes: list[Change]
+    error: str | None = None
+
+
+class Gate(Model):
+    environment: str
+    app: str
+    reason: str
+    message: str
+    revision: str
+    since: str
+
+
+# -- versions -----------------------------------------------------------------------
+
+
+def images_in(value: Any) -> list[str]:
+    """Every image named in an object: container `image:` strings and Helm-style
+    `image: {repository, tag}` values, in order of appearance."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "image" and isinstance(item, str):
+                found.append(item)
+            elif key == "image" and isinstance(item, dict) and item.get("tag") is not None:
+                found.append(f"{item.get('repository', '')}:{item['tag']}")
+            else:
+                found.extend(images_in(item))
+    elif isinstance(value, list):
+        for item in value:
+            found.extend(images_in(item))
+    return found
+
+
+def tags_of(images: list[str]) -> list[str]:
+    """The tags (or digests) of image references, de-duplicated in order."""
+    tags = []
+    for image in images:
+        name, at, digest = image.partition("@")
+        if at:
+            tags.append(digest[:19])
+            continue
+        last = name.rsplit("/", 1)[-1]
+        tags.append(last.rpartition(":")[2] if ":" in last else "latest")
+    return list(dict.fromkeys(tags))
+
+
+async def live_version(kube: KubeClient, status: AppStatus) -> str:
+    """The image tags running now: the app's workloads, else its Helm release's
+    workloads (or chart appVersion); the git revision when there is neither."""
+    tags: list[str] = []
+    for ref in status.inventory:
+        if ref.kind in WORKLOADS:
+            live = await kube.get(
+                ref.api_version, ref.kind, ref.name, namespace=ref.namespace or None
+            )
+            if live is not None:
+                tags.extend(tags_of(images_in(live.get("spec"))))
+    if not tags and status.release:
+        namespace, name = status.release.split("/", 1)
+        history = await release_history(kube, release=name, namespace=namespace)
+        deployed = [r for r in history if r.status == "deployed"] or history
+        if deployed:
+            tags = _release_tags(deployed[-1]) or [deployed[-1].app_version]
+    tags = [t for t in dict.fromkeys(tags) if t]
+    return ", ".join(tags) if tags else status.revision[:12]
+
+
+def _release_tags(revision: ReleaseRevision) -> list[str]:
+    images: list[str] = []
+    for obj in parse_manifest(revision.manifest):
+        if obj.get("kind") in WORKLOADS:
+            images.extend(images_in(obj.get("spec")))
+    return tags_of(images)
+
+
+# -- shaping statuses ----------------------------------------------------------------
+
+
+def cell(status: AppStatus, version: str) -> Cell:
+    return Cell(
+        environment=status.scope,
+        app=status.app,
+        kind=status.kind,
+        state=status.state,
+        reason=status.reason,
+        message=status.message,
+        revision=status.revision,
+        helm_revision=status.helm_revision,
+        version=version,
+        last_applied_time=status.last_applied_time,
+        drift=status.drift,
+        suspended=status.suspended,
+        since=status.transition_time,
+    )
+
+
+def matrix(
+    statuses: list[AppStatus], versions: dict[str, str], *, order: list[str] | None = None
+) -> Matrix:
+    """Environments in promotion order (conveyor.yaml), then any others by name."""
+    apps = [s for s in statuses if s.kind != SOURCE_KIND]
+    sources = {s.scope: s for s in statuses if s.kind == SOURCE_KIND}
+    scopes = {s.scope for s in statuses}
+    ordered = [e for e in order or [] if e in scopes] + sorted(scopes - set(order or []))
+    environments = []
+    for name in ordered:
+        source = sources.get(name)
+        environments.append(
+            Environment(
+                name=name,
+                state=source.state if source else "",
+                reason=source.reason if source else "",
+                message=source.message if source else "",
+                revision=source.revision if source else "",
+                apps=sum(1 for s in apps if s.scope == name),
+            )
+        )
+    return Matrix(
+        environments=environments,
+        apps=sorted({s.app for s in apps}),
+        cells=[cell(s, versions.get(s.name, s.revision[:12])) for s in apps],
+    )
+
+
+def gates(statuses: list[AppStatus]) -> list[Gate]:
+    return [
+        Gate(
+            environment=s.scope,
+            app=s.app,
+            reason=s.reason,
+            message=s.message,
+            revision=s.revision,
+            since=s.transition_time,
+        )
+        for s in sorted(statuses, key=lambda s: (s.scope, s.app))
+        if s.state == WAITING_FOR_GATE
+    ]
+
+
+# -- the live cluster, for one app ---------------------------------------------------
+
+
+async def objects(kube: KubeClient, status: AppStatus) -> list[ObjectOut]:
+    """The app's objects (conveyor's inventory, and its Helm release's) with health."""
+    refs = [(ref, "conveyor") for ref in status.inventory]
+    if status.release:
+        namespace, name = status.release.split("/", 1)
+        history = await release_history(kube, release=name, namespace=namespace)
+        deployed = [r for r in history if r.status == "deployed"] or history
+        if deployed:
+            for obj in parse_manifest(deployed[-1].manifest):
+                meta = obj.get("metadata") or {}
+                if not obj.get("kind") or not meta.get("name"):
+                    continue
+                refs.append(
+                    (
+                        ObjectRef(
+                            str(obj.get("apiVersion", "")),
+                            str(obj["kind"]),
+                            str(meta.get("namespace") or namespace),
+                            str(meta["name"]),
+                        ),
+                        "helm",
+                    )
+                )
+    limit = asyncio.Semaphore(16)
+
+    async def one(ref: ObjectRef, manager: str) -> ObjectOut:
+        async with limit:
+            try:
+                live = await kube.get(
+                    ref.api_version, ref.kind, ref.name, namespace=ref.namespace or None
+                )
+            except (ApiError, UnknownKindError) as error:
+                health, message = "Unknown", str(error)
+            else:
+                if live is None:
+                    health, message = "Missing", "not found in the cluster"
+                else:
+                    judged = assess(live)
+                    health, message = judged.status.value, judged.message
+        return ObjectOut(
+            api_version=ref.api_version,
+            kind=ref.kind,
+            namespace=ref.namespace,
+            name=ref.name,
+            managed_by=manager,
+            health=health,
+            message=message,
+        )
+
+    return list(await asyncio.gather(*(one(r, m) for r, m in refs)))
+
+
+async def events(kube: KubeClient, status: AppStatus, *, limit: int = 50) -> list[EventOut]:
+    """Kubernetes Events about the app's ConveyorApp object, newest first."""
+    body = await kube.request(
+        "GET",
+        f"/api/v1/namespaces/{NAMESPACE}/events",
+        params={"fieldSelector": f"involvedObject.name={status.name},involvedObject.kind={KIND}"},
+    )
+    found = []
+    for item in body.get("items", []):
+        involved = item.get("involvedObject") or {}
+        if involved.get("apiVersion", API_VERSION) != API_VERSION:
+            continue
+        found.append(
+            EventOut(
+                type=str(item.get("type", "")),
+                reason=str(item.get("reason", "")),
+                message=str(item.get("message", "")),
+                time=str(
+                    item.get("lastTimestamp")
+                    or item.get("eventTime")
+                    or item.get("metadata", {}).get("creationTimestamp", "")
+                ),
+                count=int(item.get("count") or 1),
+                component=str((item.get("source") or {}).get("component", "")),
+            )
+        )
+    found.sort(key=lambda e: e.time, reverse=True)
+    return found[:limit]
+
+
+async def helm_history(kube: KubeClient, status: AppStatus) -> list[HelmRevision]:
+    if not status.release:
+        return []
+    namespace, name = status.release.split("/", 1)
+    history = await release_history(kube, release=name, namespace=namespace)
+    return [
+        HelmRevision(
+            revision=r.revision,
+            status=r.status,
+            description=r.description,
+            updated=r.updated,
+            chart=r.chart,
+            app_version=r.app_version,
+            version=", ".join(_release_tags(r)) or r.app_version,
+        )
+        for r in reversed(history)
+    ]
