@@ -39,10 +39,11 @@ def publish_command(
     settings: list[str] = typer.Option(
         [],
         "--set",
-        help="KIND[/NAME]:FIELD.PATH=VALUE, applied last, e.g. "
+        # Brackets are escaped: typer renders help as rich markup.
+        help="KIND\\[/NAME]:FIELD.PATH=VALUE, applied last, e.g. "
         "HelmRelease:spec.values.replicaCount=3 or "
-        "HelmRelease/ui:metadata.annotations[filter.fluxcd.io/chart-image]=glob:x-*. "
-        "[key] quotes a key with dots; a number indexes a list; VALUE is YAML "
+        "HelmRelease/ui:metadata.annotations\\[filter.fluxcd.io/chart-image]=glob:x-*. "
+        "\\[key] quotes a key with dots; a number indexes a list; VALUE is YAML "
         "(3 is a number, '\"3\"' a string) and may use {app} {version} {ref_id} {sha}.",
     ),
     template_path: Path | None = typer.Option(
