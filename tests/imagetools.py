@@ -3,104 +3,20 @@ loopback HTTP servers (token services, broken registries), make config repositor
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import shutil
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
-
 from conveyor.source.git import Author, Checkout, commit_and_push, run_git
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "images"
 FIXTURE_REGISTRY = "000000000000.dkr.ecr.eu-west-1.amazonaws.com"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def image_manifest(created: str) -> tuple[bytes, bytes]:
-    """A minimal OCI image: a config blob (with its build time) and a manifest."""
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "created": created,
-            "rootfs": {"type": "layers", "diff_ids": []},
-            "config": {},
-        }
-    ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": _digest(config),
-                "size": len(config),
-            },
-            "layers": [],
-        }
-    ).encode()
-    return config, manifest
-
-
-async def push_async(
-    client: httpx.AsyncClient,
-    repository: str,
-    tags: Sequence[str],
-    *,
-    created: str = "2024-01-01T00:00:00Z",
-    concurrency: int = 16,
-) -> None:
-    """Upload one config blob and tag one manifest with every tag (PUT per tag)."""
-    config, manifest = image_manifest(created)
-    start = await client.post(f"/v2/{repository}/blobs/uploads/")
-    assert start.status_code == 202, start.text
-    location = start.headers["location"]
-    location += ("&" if "?" in location else "?") + f"digest={_digest(config)}"
-    done = await client.put(
-        location, content=config, headers={"Content-Type": "application/octet-stream"}
-    )
-    assert done.status_code == 201, done.text
-    limit = asyncio.Semaphore(concurrency)
-
-    async def tag(name: str) -> None:
-        async with limit:
-            answer = await client.put(
-                f"/v2/{repository}/manifests/{name}",
-                content=manifest,
-                headers={"Content-Type": OCI_MANIFEST},
-            )
-            assert answer.status_code == 201, answer.text
-
-    await asyncio.gather(*(tag(t) for t in tags))
-
-
-def push(
-    registry: str,
-    repository: str,
-    tags: Sequence[str],
-    *,
-    created: str = "2024-01-01T00:00:00Z",
-    headers: Mapping[str, str] | None = None,
-) -> None:
-    async def run() -> None:
-        async with httpx.AsyncClient(
-            base_url=f"http://{registry}", timeout=30, headers=headers
-        ) as client:
-            await push_async(client, repository, tags, created=created)
-
-    asyncio.run(run())
 
 
 @dataclass
