@@ -30,8 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.imagetools import push_async  # noqa: E402
-
+from conveyor.images.push import push_async  # noqa: E402
 from conveyor.images.registry import RegistrySettings  # noqa: E402
 from conveyor.images.scan import ScanResult, scan  # noqa: E402
 from conveyor.sandbox import Sandbox  # noqa: E402

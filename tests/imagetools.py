@@ -1,5 +1,4 @@
-"""Test helpers for image automation: push images over the registry API, run tiny
-loopback HTTP servers (token services, broken registries), make config repositories."""
+"""Test helpers for image automation: run tiny loopback HTTP servers (token services, broken registries), make config repositories."""
 
 from __future__ import annotations
 

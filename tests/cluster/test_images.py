@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from conveyor.cli.main import app
+from conveyor.images.push import push
 from conveyor.source.git import run_git
 from tests.conftest import SandboxHandle
 from tests.imagetools import (
@@ -36,7 +37,6 @@ from tests.imagetools import (
     config_repo,
     log,
     loopback_server,
-    push,
     show,
 )
 
