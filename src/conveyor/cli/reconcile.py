@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -280,5 +281,13 @@ def agent(
     target = Target(
         repo=repo, branch=branch, path=path, env=env, kubeconfig=kubeconfig, context=context
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(Agent(target, options=options).run())
+
+    async def run_until_stopped() -> None:
+        # SIGTERM (a pod being stopped) ends the agent cleanly: its Lease is released, so
+        # a successor takes over at once instead of waiting for the lease to expire.
+        if (task := asyncio.current_task()) is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await Agent(target, options=options).run()
+
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(run_until_stopped())

@@ -56,6 +56,11 @@ class Document:
         return f"{self.file}:{self.line}"
 
 
+# Parsed files by path, valid while size and mtime are unchanged: a new revision that
+# touches one file of a thousand parses one file. Documents are never mutated downstream.
+_parsed: dict[Path, tuple[tuple[int, int, str], list[Document]]] = {}
+
+
 def load_documents(path: Path, *, relative_to: Path) -> list[Document]:
     """Parse every YAML document in `path`; empty documents are skipped.
 
@@ -63,6 +68,17 @@ def load_documents(path: Path, *, relative_to: Path) -> list[Document]:
     document that is not a Kubernetes object (a mapping with apiVersion, kind and name).
     """
     rel = str(path.relative_to(relative_to))
+    stat = path.stat()
+    key = (stat.st_size, stat.st_mtime_ns, rel)
+    cached = _parsed.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    documents = _parse(path, rel)
+    _parsed[path] = (key, documents)
+    return documents
+
+
+def _parse(path: Path, rel: str) -> list[Document]:
     try:
         text = path.read_text()
     except UnicodeDecodeError:
