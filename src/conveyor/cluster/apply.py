@@ -89,7 +89,9 @@ async def _wait_crds_established(
         name = crd["metadata"]["name"]
         while asyncio.get_running_loop().time() < deadline:
             live = await kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name)
-            conditions: list[dict[str, Any]] = (live or {}).get("status", {}).get("conditions", [])
+            # A CRD just created may have `status.conditions: null`.
+            status = (live or {}).get("status") or {}
+            conditions: list[dict[str, Any]] = status.get("conditions") or []
             if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
                 break
             await asyncio.sleep(0.2)
