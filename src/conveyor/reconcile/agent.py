@@ -160,7 +160,13 @@ class Agent:
                 may_write=lambda: elector.is_leader,
                 notifier=self.notifier,
             )
-            await engine.store.install()
+            while True:  # the apiserver may still be starting: wait for it, do not exit
+                try:
+                    await engine.store.install()
+                    break
+                except (ApiError, httpx.HTTPError, OSError) as error:
+                    log.error("cannot reach the cluster yet: %s; retrying", error)
+                    await asyncio.sleep(2.0)
             try:
                 await self._lead(elector, engine, resolved)
             finally:
