@@ -152,6 +152,7 @@ class Demo:
                             "regions": ["eu-west-1"],
                             "endpoint-url": sqs_endpoint,
                             "timeout": "5m",
+                            "interval": "2s",
                         }
                     ],
                 },
