@@ -5,7 +5,17 @@ from __future__ import annotations
 import typer
 
 from conveyor import __version__
-from conveyor.cli import ci_privileges, guard, publish, reconcile, sandbox, version
+from conveyor.cli import (
+    channels,
+    ci_privileges,
+    gates,
+    guard,
+    promote,
+    publish,
+    reconcile,
+    sandbox,
+    version,
+)
 
 app = typer.Typer(
     name="conveyor",
@@ -24,6 +34,13 @@ app.command(name="version")(version.version)
 app.command(name="publish")(publish.publish_command)
 app.command()(guard.guard)
 app.add_typer(ci_privileges.app, name="ci-privileges")
+app.command(name="promote")(promote.promote_command)
+app.command()(promote.rollback)
+app.add_typer(promote.hotfix_app, name="hotfix")
+app.command()(promote.notes)
+app.add_typer(gates.app, name="gate")
+app.command()(gates.approve)
+app.command()(channels.release)
 
 
 def _version(value: bool) -> None:
