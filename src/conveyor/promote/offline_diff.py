@@ -137,8 +137,12 @@ async def diff_revisions(
                 plan.notes.append(f"base did not render ({was.error}); showing head in full")
             plan.changes = diff_objects_offline(was.objects, now.objects)
         plans.append(plan)
-    title = f"{env or env_path} {base} ({base_sha[:12]}) → {head} ({head_sha[:12]})"
+    title = f"{env or env_path}: {_named(base, base_sha)} → {_named(head, head_sha)}"
     return plans, title
+
+
+def _named(ref: str, sha: str) -> str:
+    return sha[:12] if sha.startswith(ref) else f"{ref} ({sha[:12]})"
 
 
 async def diff_against_live(
@@ -165,4 +169,4 @@ async def diff_against_live(
         renderer = _renderer(head_root, tree, helm, lookup=values_lookup(kube))
         scope = app_name(env or env_path.replace("/", "-"))
         plans = await plan_environment(tree, renderer, kube, helm, scope=scope)
-    return plans, f"{env or env_path} live → {head} ({head_sha[:12]})"
+    return plans, f"{env or env_path}: live → {_named(head, head_sha)}"

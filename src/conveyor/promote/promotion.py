@@ -259,7 +259,7 @@ async def promote(
     result.branch = branch
     if result.commit is not None and base is not None:
         say("rendering the diff")
-        plans, title = await diff_revisions(
+        plans, _ = await diff_revisions(
             checkout.path,
             base,
             result.commit,
@@ -268,5 +268,6 @@ async def promote(
             helm=helm,
             workdir=workspace.root / "diff",
         )
-        result.diff = render_markdown(plans, title=f"{target.name}: {message} ({title})")
+        title = f"{message} ({branch} against {target.branch})"
+        result.diff = render_markdown(plans, title=title)
     return result

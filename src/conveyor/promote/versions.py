@@ -357,3 +357,8 @@ def _set(document: CommentedMap, change: FieldChange) -> None:
         raise VersionError(f"{field.file}: {field.label} {field.field} is gone")
     text = join_image(field.image, change.new) if field.image is not None else change.new
     parent[last] = type(old)(text) if isinstance(old, ScalarString) else text
+    # An end-of-line comment keeps its distance from the value, not its column.
+    entry = parent.ca.items.get(last)
+    token = (entry[2] if isinstance(parent, CommentedMap) else entry[0]) if entry else None
+    if token is not None and hasattr(token, "column"):
+        token.column = max(0, token.column + len(text) - len(str(old)))
