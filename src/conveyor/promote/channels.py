@@ -134,6 +134,13 @@ async def _objects(release: ChannelRelease, files: ChannelFiles, helm: HelmCLI) 
     return objects + [d.obj for d in documents]
 
 
+async def _missing_namespace(kube: KubeClient, release: ChannelRelease) -> list[Obj]:
+    """The release's Namespace, when its secrets come before Helm would create it."""
+    if await kube.get("v1", "Namespace", str(release.namespace)) is not None:
+        return []
+    return [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": release.namespace}}]
+
+
 def _values_files(release: ChannelRelease, files: ChannelFiles) -> list[Path]:
     return [files.root / v for v in release.helm_values] + [
         _secret_file(files, name) for name in release.secret_helm_values
@@ -158,9 +165,9 @@ async def release_channel(
         say(f"releasing {release.name} ({release.driver})")
         try:
             secrets = _secrets(release, files)
-            if secrets:
-                await apply_objects(kube, secrets)
             if release.driver == "helm":
+                if secrets:
+                    await apply_objects(kube, [*await _missing_namespace(kube, release), *secrets])
                 chart = files.root / str(release.helm_chart)
                 await helm.dependency_update(chart)
                 installed = await helm.upgrade_install(
@@ -180,8 +187,9 @@ async def release_channel(
                 documents = await render_kustomization(
                     files.root / str(release.kustomize_dir), repo_root=files.root
                 )
-                applied = await apply_objects(kube, [d.obj for d in documents])
-                detail = f"applied {len(applied)} objects from {release.kustomize_dir}"
+                # Together, so that a Namespace of the kustomization exists before its Secrets.
+                await apply_objects(kube, [*secrets, *(d.obj for d in documents)])
+                detail = f"applied {len(documents)} objects from {release.kustomize_dir}"
         except (HelmError, ApplyError, RenderError, ApiError, UnknownKindError) as error:
             raise ReleaseFailed(f"release {release.name} failed: {error}") from None
         if secrets:
