@@ -29,7 +29,7 @@ HELP = {
 def _plain(value: Any) -> Any:
     """invoke's config proxies as plain dicts and lists, for YAML."""
     if hasattr(value, "keys"):
-        return {key: _plain(value[key]) for key in value.keys()}  # noqa: SIM118
+        return {key: _plain(value[key]) for key in value.keys()}
     if isinstance(value, list | tuple):
         return [_plain(item) for item in value]
     return value
@@ -55,7 +55,7 @@ def _filters(app: str | None, driver: str | None) -> list[str | None]:
 
 
 @task(help=HELP)
-def release(c, app=None, driver=None):  # type: ignore[no-untyped-def]
+def release(c: Context, app: str | None = None, driver: str | None = None) -> None:
     """Release (deploy) the channel's apps, in file order."""
     with _channel(c) as channel:
         result = _conveyor(c, "release", "-f", channel, *_filters(app, driver))
@@ -64,7 +64,9 @@ def release(c, app=None, driver=None):  # type: ignore[no-untyped-def]
 
 
 @task(help={**HELP, "outfile": "File for the pull-request comment (markdown)."})
-def diff(c, app=None, driver=None, outfile=None):  # type: ignore[no-untyped-def]
+def diff(
+    c: Context, app: str | None = None, driver: str | None = None, outfile: str | None = None
+) -> None:
     """What a release would change in the cluster, as the pull-request comment."""
     with _channel(c) as channel:
         out = ["--outfile", outfile] if outfile else [None]

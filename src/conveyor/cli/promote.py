@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
-from conveyor.cli.reconcile import ContextOption, KubeconfigOption, RepoOption, status_table
+from conveyor.cli.reconcile import RepoOption, status_table
 from conveyor.cluster.kubeconfig import KubeconfigError
 from conveyor.config.helmrelease import HelmReleaseError, parse_duration
 from conveyor.config.project import ConfigError
@@ -33,6 +33,11 @@ from conveyor.source.git import Author, GitError, PushRaceLost, mask_url
 AuthorNameOption = typer.Option(Author.name, "--author-name", help="Commit author name.")
 AuthorEmailOption = typer.Option(Author.email, "--author-email", help="Commit author email.")
 BAD_INPUT = (PromotionError, ConfigError, VersionError, TemplateError, HelmReleaseError)
+# Not read from $KUBECONFIG: each environment's cluster is the one conveyor.yaml names.
+KubeconfigOption = typer.Option(
+    None, "--kubeconfig", help="Apply with this kubeconfig instead of the environment's."
+)
+ContextOption = typer.Option(None, "--context", help="Instead of the environment's context.")
 
 
 class Mode(StrEnum):
@@ -103,6 +108,8 @@ def promote_command(
     """Copy what identifies a release (image tags, chart version or ref) from one
     environment to another, after the target's gates pass. Exit 1 when a gate stays
     closed (nothing written), 2 on bad input."""
+    if apply and mode is Mode.branch:
+        fail("--apply goes with --mode commit (a candidate branch is applied once merged)")
     try:
         wait = parse_duration(gate_timeout, default=0.0) if gate_timeout is not None else None
     except HelmReleaseError as error:
@@ -151,7 +158,7 @@ def promote_command(
         elif output is OutputFormat.table:
             console.print(f"wrote {result.branch} ({(result.commit or '')[:12]})", highlight=False)
             typer.echo(result.diff, nl=False)
-    if apply and result.commit and mode is Mode.commit:
+    if apply and result.commit:
         applied = _apply(repo, to, app, kubeconfig, context)
         if output is OutputFormat.table:
             console.print(status_table(list(applied.statuses.values()), title=f"applied in {to}"))

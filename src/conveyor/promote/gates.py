@@ -290,7 +290,7 @@ async def _check_soak(gate: SoakGate, ctx: GateContext) -> GateResult:
             waiting.append(f"{app} is not reported in {previous.name}")
             continue
         there = (
-            ctx.version_at(previous, app, status.last_applied_revision)
+            await asyncio.to_thread(ctx.version_at, previous, app, status.last_applied_revision)
             if status.last_applied_revision
             else None
         )
@@ -340,12 +340,13 @@ def cluster_client(env: Environment) -> KubeClient:
 def agent_gate(repo: str, *, kube: KubeFactory = cluster_client) -> AgentGate:
     """The agent's check before it applies new content: its environment's gates, checked
     once per pass (the agent's loop does the polling)."""
-    cache = cache_root() / "repos" / "gates" / hashlib.sha256(repo.encode()).hexdigest()[:16]
 
     async def check(resolved: ResolvedTarget, apps: list[AppSource]) -> GateHold | None:
         env, project = resolved.environment, resolved.project
         if env is None or project is None or not env.gates:
             return None
+        key = hashlib.sha256(f"{repo}#{env.name}".encode()).hexdigest()[:16]
+        cache = cache_root() / "repos" / "gates" / key
         root = resolved.checkout.path
         versions = {}
         for app in apps:

@@ -252,16 +252,15 @@ async def promote(
         return result
     branch = candidate_branch(request, {p.after for p in promotions})
     say(f"writing {branch}")
-    base = checkout.sync()
     result.commit = commit_to_review_branch(
         checkout, write, branch=branch, message=message, author=author
     )
     result.branch = branch
-    if result.commit is not None and base is not None:
+    if result.commit is not None:
         say("rendering the diff")
         plans, _ = await diff_revisions(
             checkout.path,
-            base,
+            f"{result.commit}~1",  # the target's head the candidate was made on
             result.commit,
             env=None,
             path=target.path,
