@@ -219,3 +219,12 @@ def test_bad_gates_are_named_in_conveyor_yaml(gate: dict[str, Any], message: str
     with pytest.raises(ConfigError, match=r"conveyor\.yaml: environments\.1") as error:
         project_with([gate])
     assert message in str(error.value)
+
+
+def test_a_gate_naming_an_unknown_environment_is_refused() -> None:
+    with pytest.raises(ConfigError) as error:
+        project_with([{"type": "soak", "duration": "1h", "environment": "qa"}])
+    assert str(error.value) == (
+        "conveyor.yaml: environments: Value error, production: gate soak names unknown "
+        "environment 'qa'"
+    )

@@ -83,6 +83,13 @@ class Project(Model):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"environment names must be unique: {', '.join(duplicates)}")
+        for env in value:
+            for gate in env.gates:
+                other = getattr(gate, "environment", None)
+                if other is not None and other not in names:
+                    raise ValueError(
+                        f"{env.name}: gate {gate.label} names unknown environment {other!r}"
+                    )
         return value
 
 

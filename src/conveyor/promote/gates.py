@@ -14,7 +14,7 @@ import datetime as dt
 import hashlib
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,6 @@ async def wait_for_gates(
     *,
     timeout: float | None = None,
     progress: Callable[[str], None] | None = None,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> list[GateResult]:
     """Check until all gates are open at once, or a closed gate cannot open, or a closed
     gate's timeout (or `timeout`, for all) has passed. Returns the last results."""
@@ -139,7 +138,7 @@ async def wait_for_gates(
         if progress is not None:
             progress("; ".join(f"{r.gate}: {r.message}" for _, r in closed))
         pause = min(g.interval for g, _ in closed)
-        await sleep(max(0.0, min(pause, min(limits) - waited)))
+        await asyncio.sleep(max(0.0, min(pause, min(limits) - waited)))
 
 
 # -- queue-empty ---------------------------------------------------------------------

@@ -220,6 +220,8 @@ async def promote(
     result = PromotionResult(request.source, target.name, promotions, unchanged, skipped)
     if not promotions:
         return result
+    if request.mode == "branch":
+        result.branch = candidate_branch(request, {p.after for p in promotions})
     if target.gates:
         say(f"checking the gates of {target.name}")
         context = GateContext(
@@ -250,12 +252,11 @@ async def promote(
         )
         result.branch = target.branch
         return result
-    branch = candidate_branch(request, {p.after for p in promotions})
+    branch = str(result.branch)
     say(f"writing {branch}")
     result.commit = commit_to_review_branch(
         checkout, write, branch=branch, message=message, author=author
     )
-    result.branch = branch
     if result.commit is not None:
         say("rendering the diff")
         plans, _ = await diff_revisions(
