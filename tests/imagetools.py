@@ -1,4 +1,5 @@
-"""Test helpers for image automation: run tiny loopback HTTP servers (token services, broken registries), make config repositories."""
+"""Test helpers for image automation: tiny loopback HTTP servers (token services, broken
+registries) and config repositories."""
 
 from __future__ import annotations
 

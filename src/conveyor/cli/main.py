@@ -5,7 +5,19 @@ from __future__ import annotations
 import typer
 
 from conveyor import __version__
-from conveyor.cli import ci_privileges, guard, images, publish, reconcile, sandbox, serve, version
+from conveyor.cli import (
+    channels,
+    ci_privileges,
+    gates,
+    guard,
+    images,
+    promote,
+    publish,
+    reconcile,
+    sandbox,
+    serve,
+    version,
+)
 
 app = typer.Typer(
     name="conveyor",
@@ -26,6 +38,13 @@ app.command()(guard.guard)
 app.add_typer(ci_privileges.app, name="ci-privileges")
 app.add_typer(images.app, name="images")
 app.command()(serve.serve)
+app.command(name="promote")(promote.promote_command)
+app.command()(promote.rollback)
+app.add_typer(promote.hotfix_app, name="hotfix")
+app.command()(promote.notes)
+app.add_typer(gates.app, name="gate")
+app.command()(gates.approve)
+app.command()(channels.release)
 
 
 def _version(value: bool) -> None:

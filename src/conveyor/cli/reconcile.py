@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import tempfile
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -13,21 +14,33 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from conveyor.cli.channels import (
+    ChannelAppOption,
+    ChannelFileOption,
+    Driver,
+    DriverOption,
+    RootOption,
+    SecretsDirOption,
+    channel_diff,
+)
 from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
 from conveyor.cluster.client import ApiError
 from conveyor.cluster.kubeconfig import KubeconfigError
 from conveyor.config.helmrelease import parse_duration
 from conveyor.config.project import ConfigError
+from conveyor.promote.gates import agent_gate
+from conveyor.promote.offline_diff import diff_against_live, diff_revisions
 from conveyor.reconcile.agent import Agent, AgentOptions
 from conveyor.reconcile.engine import PassResult
 from conveyor.reconcile.logs import configure as configure_logging
 from conveyor.reconcile.once import SourceFailure, plan_target, reconcile_once
-from conveyor.reconcile.plan import render_markdown, render_text
+from conveyor.reconcile.plan import AppPlan, render_markdown, render_text
 from conveyor.reconcile.status import READY, SOURCE_KIND, STALLED, AppStatus, StatusStore
 from conveyor.reconcile.target import Target, kube_client
 from conveyor.render.discover import app_name
 from conveyor.render.documents import RenderError
-from conveyor.source.git import GitError
+from conveyor.render.helm import HelmCLI
+from conveyor.source.git import GitError, mask_url
 
 RepoOption = typer.Option(..., "--repo", help="Config repository URL or path.")
 BranchOption = typer.Option(None, "--branch", help="Branch (default: the repo's HEAD).")
@@ -203,28 +216,12 @@ class DiffFormat(StrEnum):
     markdown = "markdown"
 
 
-def diff(
-    repo: str = RepoOption,
-    branch: str | None = BranchOption,
-    path: str | None = PathOption,
-    env: str | None = EnvOption,
-    fmt: DiffFormat = typer.Option(DiffFormat.text, "--format"),
-    outfile: str | None = typer.Option(None, "--outfile", help="Write the diff to a file."),
-    kubeconfig: str | None = KubeconfigOption,
-    context: str | None = ContextOption,
-) -> None:
-    """Desired (git) against live (server-side dry run). Exit 0: no changes, 1: changes,
-    2: error. Secret values are masked."""
-    if bool(path) == bool(env):
-        fail("give exactly one of --path DIR or --env NAME")
-    target = Target(
-        repo=repo, branch=branch, path=path, env=env, kubeconfig=kubeconfig, context=context
-    )
-    try:
-        plans, title = asyncio.run(plan_target(target))
-    except (GitError, ConfigError, RenderError, KubeconfigError, ApiError, OSError) as error:
-        fail(escape(str(error)))
-    text = render_markdown(plans, title=title) if fmt is DiffFormat.markdown else render_text(plans)
+class Against(StrEnum):
+    base = "base"
+    live = "live"
+
+
+def _print_diff(text: str, fmt: DiffFormat, outfile: str | None) -> None:
     if outfile:
         Path(outfile).write_text(text)
     elif fmt is DiffFormat.markdown:
@@ -241,6 +238,102 @@ def diff(
                 else None
             )
             console.print(escape(line), style=style, highlight=False)
+
+
+def _diff_revisions(
+    repo: str, base: str | None, head: str, against: Against, target: Target
+) -> tuple[list[AppPlan], str]:
+    """Two revisions of a local clone rendered offline, or the head against the cluster."""
+    with tempfile.TemporaryDirectory(prefix="conveyor-diff-") as workdir:
+        if against is Against.live:
+            return asyncio.run(
+                diff_against_live(
+                    Path(repo),
+                    head,
+                    env=target.env,
+                    path=target.path,
+                    kubeconfig=target.kubeconfig,
+                    context=target.context,
+                    helm=HelmCLI(),
+                    workdir=Path(workdir),
+                )
+            )
+        if base is None:
+            fail("give --base REF (or --against live)")
+        return asyncio.run(
+            diff_revisions(
+                Path(repo),
+                base,
+                head,
+                env=target.env,
+                path=target.path,
+                helm=HelmCLI(),
+                workdir=Path(workdir),
+            )
+        )
+
+
+def diff(
+    repo: str | None = typer.Option(
+        None, "--repo", help="Config repository URL or path (with --head: a clone, default .)."
+    ),
+    branch: str | None = BranchOption,
+    path: str | None = PathOption,
+    env: str | None = EnvOption,
+    base: str | None = typer.Option(None, "--base", help="Pull request: the base revision."),
+    head: str | None = typer.Option(None, "--head", help="Pull request: the head revision."),
+    against: Against = typer.Option(
+        Against.base, "--against", help="Compare --head with --base (offline) or the cluster."
+    ),
+    channel_file: Path | None = ChannelFileOption,
+    channel_app: str | None = ChannelAppOption,
+    driver: Driver | None = DriverOption,
+    root: Path | None = RootOption,
+    secrets_dir: Path | None = SecretsDirOption,
+    fmt: DiffFormat = typer.Option(DiffFormat.text, "--format"),
+    outfile: str | None = typer.Option(None, "--outfile", help="Write the diff to a file."),
+    kubeconfig: str | None = KubeconfigOption,
+    context: str | None = ContextOption,
+) -> None:
+    """Desired against live (server-side dry run); with --base/--head, two revisions of
+    a pull request rendered offline; with -f, a cal-itp channel as its PR comment.
+    Exit 0: no changes, 1: changes, 2: error. Secret values are masked."""
+    if channel_file is not None:
+        if path or env or head or base:
+            fail("-f (a channel file) goes without --path, --env, --base and --head")
+        text, plans = channel_diff(
+            channel_file,
+            app=channel_app,
+            driver=driver,
+            root=root,
+            secrets_dir=secrets_dir,
+            kubeconfig=kubeconfig,
+            context=context,
+        )
+        _print_diff(text, DiffFormat.markdown, outfile)
+        raise typer.Exit(
+            2 if any(p.error for p in plans) else 1 if any(p.changes for p in plans) else 0
+        )
+    if bool(path) == bool(env):
+        fail("give exactly one of --path DIR or --env NAME")
+    target = Target(
+        repo=repo or ".", branch=branch, path=path, env=env, kubeconfig=kubeconfig, context=context
+    )
+    try:
+        if head is not None or base is not None:
+            if head is None:
+                fail("give --head REF with --base")
+            plans, title = _diff_revisions(repo or ".", base, head, against, target)
+        elif repo is None:
+            fail("give --repo URL (or --base/--head for a pull request)")
+        else:
+            plans, title = asyncio.run(plan_target(target))
+    except GitError as error:
+        fail(escape(mask_url(error.stderr or str(error))))
+    except (ConfigError, RenderError, KubeconfigError, ApiError, OSError) as error:
+        fail(escape(str(error)))
+    text = render_markdown(plans, title=title) if fmt is DiffFormat.markdown else render_text(plans)
+    _print_diff(text, fmt, outfile)
     if any(p.error for p in plans):
         raise typer.Exit(2)
     raise typer.Exit(1 if any(p.changes for p in plans) else 0)
@@ -261,7 +354,8 @@ def agent(
     kubeconfig: str | None = KubeconfigOption,
     context: str | None = ContextOption,
 ) -> None:
-    """The long-running agent: reconcile on every new revision, interval and webhook."""
+    """The long-running agent: reconcile on every new revision, interval and webhook.
+    With --env, new content waits until the environment's gates are open."""
     if bool(path) == bool(env):
         fail("give exactly one of --path DIR or --env NAME")
     secret = None
@@ -281,13 +375,14 @@ def agent(
     target = Target(
         repo=repo, branch=branch, path=path, env=env, kubeconfig=kubeconfig, context=context
     )
+    gate = agent_gate(repo) if env else None
 
     async def run_until_stopped() -> None:
         # SIGTERM (a pod being stopped) ends the agent cleanly: its Lease is released, so
         # a successor takes over at once instead of waiting for the lease to expire.
         if (task := asyncio.current_task()) is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        await Agent(target, options=options).run()
+        await Agent(target, options=options, gate=gate).run()
 
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         asyncio.run(run_until_stopped())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import yaml
 from pydantic import (
@@ -20,6 +20,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from conveyor.config.gates import Gate
 
 FILE_NAME = "conveyor.yaml"
 
@@ -42,8 +44,9 @@ class Environment(Model):
     path: str = Field(description="Folder of the config repo that this environment applies.")
     branch: str = "main"
     cluster: Cluster = Field(default_factory=Cluster)
-    # Later sections (gates, promotion settings) are read by the packages that own them.
-    gates: list[dict[str, Any]] = Field(default_factory=list)
+    gates: list[Gate] = Field(
+        default_factory=list, description="Checked before a new version is applied here."
+    )
 
     @field_validator("path")
     @classmethod
@@ -170,6 +173,27 @@ class Project(Model):
                 return env
         known = ", ".join(e.name for e in self.environments) or "none"
         raise ConfigError(f"{FILE_NAME}: unknown environment {name!r} (known: {known})")
+
+    def previous(self, env: Environment) -> Environment | None:
+        """The environment before `env` in promotion order, if any."""
+        index = next(i for i, e in enumerate(self.environments) if e.name == env.name)
+        return self.environments[index - 1] if index > 0 else None
+
+    @field_validator("environments")
+    @classmethod
+    def _unique_names(cls, value: list[Environment]) -> list[Environment]:
+        names = [e.name for e in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"environment names must be unique: {', '.join(duplicates)}")
+        for env in value:
+            for gate in env.gates:
+                other = getattr(gate, "environment", None)
+                if other is not None and other not in names:
+                    raise ValueError(
+                        f"{env.name}: gate {gate.label} names unknown environment {other!r}"
+                    )
+        return value
 
 
 def safe_relative_path(value: str) -> str:

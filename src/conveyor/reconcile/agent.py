@@ -3,7 +3,9 @@
 One loop runs passes one at a time (a new revision, the interval, or drift in one app
 trigger them), so apply order stays predictable. Only the holder of the environment's
 Lease writes to the cluster; a standby agent keeps its caches warm and takes over when
-the lease expires. A fetch that fails leaves the cluster exactly as it was.
+the lease expires. A fetch that fails leaves the cluster exactly as it was. With a gate
+check, a revision the environment's gates hold back waits, and is looked at again as
+often as the closed gate asks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -31,7 +34,7 @@ from conveyor.cluster.client import ApiError
 from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
-from conveyor.reconcile.engine import Engine, EngineOptions
+from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, GateHold
 from conveyor.reconcile.once import record_source_failure
 from conveyor.reconcile.report import Metrics
 from conveyor.reconcile.status import NAMESPACE, SOURCE_KIND, STALLED, AppStatus
@@ -44,12 +47,15 @@ from conveyor.reconcile.target import (
     helm_cli,
     kube_client,
 )
-from conveyor.render.discover import EnvironmentTree
+from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.render import Renderer
 from conveyor.source.git import GitError
 
 log = logging.getLogger("conveyor.agent")
+
+# The environment's gates for a fetched revision and the apps it would change.
+AgentGate = Callable[[ResolvedTarget, list[AppSource]], Awaitable[GateHold | None]]
 
 
 def verify_signature(secret: bytes, body: bytes, header: str | None) -> bool:
@@ -73,9 +79,13 @@ class AgentOptions:
 
 
 class Agent:
-    def __init__(self, target: Target, *, options: AgentOptions) -> None:
+    def __init__(
+        self, target: Target, *, options: AgentOptions, gate: AgentGate | None = None
+    ) -> None:
         self.target = target
         self.options = options
+        self.gate = gate
+        self.held: GateHold | None = None
         self.metrics = Metrics()
         self.notifier = Notifier(registry=self.metrics.registry)
         self.trigger = asyncio.Event()
@@ -216,14 +226,21 @@ class Agent:
                         await asyncio.sleep(2.0)
                         continue
                 resolved = None
+            interval = self.options.interval
+            if self.held is not None:
+                interval = min(interval, self.held.retry_after)
             full_pass_due, drifted = await self._wait_trigger(
-                self.options.interval, engine=engine, elector=elector
+                interval, engine=engine, elector=elector
             )
             for app in drifted:
                 if self._tree is not None and self._renderer is not None and elector.is_leader:
                     log.info("drift in %s; reconciling it", app, extra={"app": app})
                     await engine.run_pass(
-                        self._tree, self._renderer, revision=self.last_revision or "", only=app
+                        self._tree,
+                        self._renderer,
+                        revision=self.last_revision or "",
+                        only=app,
+                        gate=self._gate_check(self._resolved),
                     )
 
     async def _wait_trigger(
@@ -249,6 +266,16 @@ class Agent:
         full_pass_due = not done or self.trigger.is_set()
         self.trigger.clear()
         return full_pass_due, sorted(set(drifted))
+
+    def _gate_check(self, resolved: ResolvedTarget | None) -> GateCheck | None:
+        gate = self.gate
+        if gate is None or resolved is None:
+            return None
+
+        async def check(apps: list[AppSource]) -> GateHold | None:
+            return await gate(resolved, apps)
+
+        return check
 
     async def _fetch(self) -> ResolvedTarget | None:
         try:
@@ -277,9 +304,12 @@ class Agent:
         started = time.monotonic()
         self.notifier.set_rules(project_rules(resolved.checkout.path))
         renderer = build_renderer(resolved, tree, engine.kube, engine.helm)
-        result = await engine.run_pass(tree, renderer, revision=resolved.revision)
+        result = await engine.run_pass(
+            tree, renderer, revision=resolved.revision, gate=self._gate_check(resolved)
+        )
         seconds = time.monotonic() - started
         self._tree, self._renderer = tree, renderer
+        self.held = result.held
         if self.last_revision != resolved.revision:
             if self.last_revision is not None:
                 self.metrics.revision.remove(engine.options.scope, self.last_revision)
@@ -299,13 +329,15 @@ class Agent:
         )
         ready = sum(s.ready for s in result.statuses.values())
         stalled = [n for n, s in result.statuses.items() if s.state == STALLED]
+        held = f", waiting for gate {result.held.gate}" if result.held else ""
         log.info(
-            "pass done: %d/%d Ready, %d writes, %.3fs%s",
+            "pass done: %d/%d Ready, %d writes, %.3fs%s%s",
             ready,
             len(result.statuses),
             result.writes,
             seconds,
             f", stalled: {', '.join(stalled)}" if stalled else "",
+            held,
             extra={"revision": resolved.revision, "scope": resolved.scope},
         )
         self.ready = True

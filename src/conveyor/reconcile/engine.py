@@ -7,7 +7,9 @@ Safety rules that the rest of conveyor relies on:
 - an unchanged app (same fingerprint, no drift, healthy) costs no API write;
 - every failure is reported per app; one broken app never stops the others;
 - a failed Helm upgrade is retried, then rolled back to the last good revision; the
-  failure count starts again with a new revision, so there is no dead end.
+  failure count starts again with a new revision, so there is no dead end;
+- with a gate check, apps whose content changed wait (WaitingForGate, nothing but their
+  status written) until the environment's gates are open; drift is still corrected.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +41,12 @@ from conveyor.reconcile.status import (
     SOURCE_KIND,
     STALLED,
     SUSPENDED,
+    WAITING_FOR_GATE,
     AppStatus,
     StatusStore,
     now,
 )
-from conveyor.render.discover import EnvironmentTree
+from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
 from conveyor.render.render import RenderedApp, Renderer
@@ -63,12 +66,26 @@ class EngineOptions:
     poll_interval: float = 0.5
 
 
+@dataclass(frozen=True)
+class GateHold:
+    """A closed gate keeps new content out: which gate, why, and when to look again."""
+
+    gate: str
+    message: str
+    retry_after: float
+
+
+# Called with the apps whose content would change; None lets them through.
+GateCheck = Callable[[list[AppSource]], Awaitable[GateHold | None]]
+
+
 @dataclass
 class PassResult:
     revision: str
     statuses: dict[str, AppStatus]
     pruned_apps: list[str] = field(default_factory=list)
     writes: int = 0
+    held: GateHold | None = None
 
     @property
     def all_ready(self) -> bool:
@@ -116,7 +133,13 @@ class Engine:
     # -- the pass ------------------------------------------------------------------
 
     async def run_pass(
-        self, tree: EnvironmentTree, renderer: Renderer, *, revision: str, only: str | None = None
+        self,
+        tree: EnvironmentTree,
+        renderer: Renderer,
+        *,
+        revision: str,
+        only: str | None = None,
+        gate: GateCheck | None = None,
     ) -> PassResult:
         writes_before = self.kube.writes
         self._revision = revision
@@ -132,22 +155,35 @@ class Engine:
 
         names = [a.name for a in tree.apps if only is None or a.name == only]
         await asyncio.gather(*(render(n) for n in names))
+        held: GateHold | None = None
+        changed = self._changed(names, rendered)
+        leaving = only is None and self.options.prune and bool(set(self.statuses) - set(names))
+        if gate is not None and (changed or leaving):
+            held = await gate([r.source for r in changed])
         done: dict[str, asyncio.Future[AppStatus]] = {
             n: asyncio.get_running_loop().create_future() for n in names
         }
+        waiting = {r.name for r in changed} if held is not None else set()
 
         async def run(name: str) -> None:
             try:
-                status = await self._reconcile_one(name, rendered[name], revision, done)
+                if name in waiting and held is not None:
+                    status = await self._hold(name, rendered[name], held)
+                else:
+                    status = await self._reconcile_one(name, rendered[name], revision, done)
                 done[name].set_result(status)
             except BaseException as error:
                 done[name].set_exception(error)
                 raise
 
         await asyncio.gather(*(run(n) for n in names))
-        result = PassResult(revision=revision, statuses={n: done[n].result() for n in names})
+        result = PassResult(
+            revision=revision, statuses={n: done[n].result() for n in names}, held=held
+        )
         render_failed = any(isinstance(r, RenderError) for r in rendered.values())
-        if only is None and self.options.prune and not render_failed:
+        if held is not None and only is None:
+            log.info("revision %s waits for gate %s: %s", revision[:12], held.gate, held.message)
+        elif only is None and self.options.prune and not render_failed:
             result.pruned_apps = await self._prune_missing_apps(set(names))
         elif only is None:
             missing = sorted(set(self.statuses) - set(names))
@@ -158,6 +194,37 @@ class Engine:
         result.writes = self.kube.writes - writes_before
         self.metrics.writes.labels(self.options.scope).inc(result.writes)
         return result
+
+    def _changed(
+        self, names: list[str], rendered: dict[str, RenderedApp | RenderError]
+    ) -> list[RenderedApp]:
+        """Rendered apps whose content differs from what was last applied (not suspended)."""
+        result = []
+        for name in names:
+            app = rendered[name]
+            status = self.statuses.get(name)
+            if not isinstance(app, RenderedApp) or app.suspend:
+                continue
+            if status is None or (app.fingerprint != status.fingerprint and not status.suspended):
+                result.append(app)
+        return result
+
+    async def _hold(
+        self, name: str, rendered: RenderedApp | RenderError, held: GateHold
+    ) -> AppStatus:
+        """Only the status changes: the app keeps running what it ran before."""
+        status = self.statuses.get(name) or AppStatus(scope=self.options.scope, app=name)
+        self.statuses[name] = status
+        if isinstance(rendered, RenderedApp):
+            status.kind = rendered.source.kind
+        self._set(
+            status,
+            WAITING_FOR_GATE,
+            "GateClosed",
+            f"revision {self._revision[:12]} waits for gate {held.gate}: {held.message}",
+        )
+        await self._report(status, warning=False)
+        return status
 
     async def _load(self) -> None:
         """Statuses from the cluster on the first pass; later passes only pick up what

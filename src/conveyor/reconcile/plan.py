@@ -21,7 +21,7 @@ from conveyor.reconcile.status import StatusStore
 from conveyor.render.discover import EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
-from conveyor.render.render import Renderer
+from conveyor.render.render import RenderedApp, Renderer
 
 MASK = "***"
 _VOLATILE_METADATA = (
@@ -46,6 +46,7 @@ class AppPlan:
     app: str
     changes: list[ObjectChange] = field(default_factory=list)
     error: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def normalize(obj: Obj | None) -> Obj | None:
@@ -80,10 +81,41 @@ def mask_secrets(before: Obj | None, after: Obj | None) -> tuple[Obj | None, Obj
     return before, after
 
 
-def unified(before: Obj | None, after: Obj | None, *, label: str) -> str:
+def unified(
+    before: Obj | None,
+    after: Obj | None,
+    *,
+    label: str,
+    before_name: str = "live",
+    after_name: str = "git",
+) -> str:
     a = yaml.safe_dump(before, sort_keys=True).splitlines(keepends=True) if before else []
     b = yaml.safe_dump(after, sort_keys=True).splitlines(keepends=True) if after else []
-    return "".join(difflib.unified_diff(a, b, fromfile=f"live/{label}", tofile=f"git/{label}"))
+    return "".join(
+        difflib.unified_diff(
+            a, b, fromfile=f"{before_name}/{label}", tofile=f"{after_name}/{label}"
+        )
+    )
+
+
+async def helm_objects(rendered: RenderedApp, helm: HelmCLI) -> list[Obj]:
+    """The objects of the app's Helm release as `helm template` renders them, in the
+    release's namespace; none for an app without a release. HelmError when the chart
+    does not render."""
+    if rendered.helm is None:
+        return []
+    spec = rendered.helm.spec
+    manifest = await helm.template(
+        spec.release_name, spec.target_namespace, rendered.helm.chart.path, rendered.helm.values
+    )
+    return namespaced(parse_manifest(manifest), spec.target_namespace)
+
+
+def namespaced(objects: list[Obj], namespace: str) -> list[Obj]:
+    """Rendered chart objects without a namespace get the release's, as Helm installs them."""
+    for obj in objects:
+        obj.setdefault("metadata", {}).setdefault("namespace", namespace)
+    return objects
 
 
 async def plan_environment(
@@ -111,24 +143,15 @@ async def plan_environment(
         except RenderError as error:
             plan.error = str(error)
             continue
-        objects = [labelled(o, app=app.name, scope=scope) for o in rendered.objects]
-        if rendered.helm is not None:
-            spec = rendered.helm.spec
-            try:
-                manifest = await helm.template(
-                    spec.release_name,
-                    spec.target_namespace,
-                    rendered.helm.chart.path,
-                    rendered.helm.values,
-                )
-            except HelmError as error:
-                plan.error = f"helm template: {error.message}"
-                continue
-            for obj in parse_manifest(manifest):
-                obj.setdefault("metadata", {}).setdefault("namespace", spec.target_namespace)
-                objects.append(obj)
+        plan.notes = rendered.notes
+        own = [labelled(o, app=app.name, scope=scope) for o in rendered.objects]
         try:
-            plan.changes = await _diff_objects(kube, objects)
+            objects = own + await helm_objects(rendered, helm)
+        except HelmError as error:
+            plan.error = f"helm template: {error.message}"
+            continue
+        try:
+            plan.changes = await diff_objects(kube, objects)
         except (ApiError, UnknownKindError) as error:
             plan.error = str(error)
             continue
@@ -164,7 +187,8 @@ async def plan_environment(
     return plans
 
 
-async def _diff_objects(kube: KubeClient, objects: list[Obj]) -> list[ObjectChange]:
+async def diff_objects(kube: KubeClient, objects: list[Obj]) -> list[ObjectChange]:
+    """Each object against its live self, through a server-side dry run; Secrets masked."""
     changes = []
     for obj in objects:
         ref = await namespaced_ref(kube, obj)
@@ -195,6 +219,7 @@ def render_text(plans: list[AppPlan]) -> str:
     for plan in plans:
         if plan.error:
             lines.append(f"# {plan.app}: error: {plan.error}\n")
+        lines.extend(f"# {plan.app}: note: {note}\n" for note in plan.notes)
         for change in plan.changes:
             lines.append(f"# {plan.app}: {change.action} {change.ref}\n{change.diff}")
     return "".join(lines)
@@ -209,6 +234,7 @@ def render_markdown(plans: list[AppPlan], *, title: str) -> str:
         out.append(f"\n### {plan.app}\n")
         if plan.error:
             out.append(f"\n**Error:** {plan.error}\n")
+        out.extend(f"\n_Note:_ {note}\n" for note in plan.notes)
         if plan.changes:
             summary = ", ".join(f"{c.action} {c.ref}" for c in plan.changes)
             out.append(f"\n{summary}\n\n```diff\n")

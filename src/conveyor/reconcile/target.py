@@ -13,7 +13,13 @@ from pathlib import Path
 from conveyor.cluster import kubeconfig
 from conveyor.cluster.client import KubeClient
 from conveyor.config.helmrelease import ValuesReference
-from conveyor.config.project import ConfigError, load_project, safe_relative_path
+from conveyor.config.project import (
+    ConfigError,
+    Environment,
+    Project,
+    load_project,
+    safe_relative_path,
+)
 from conveyor.render.charts import ChartResolver
 from conveyor.render.discover import EnvironmentTree, app_name, discover
 from conveyor.render.helm import HelmCLI
@@ -40,6 +46,8 @@ class ResolvedTarget:
     scope: str
     context: str | None
     kubeconfig: str | None
+    project: Project | None = None  # conveyor.yaml, when the target names an environment
+    environment: Environment | None = None
 
 
 def checkout_path(repo: str, branch: str, *, purpose: str = "agent") -> Path:
@@ -66,8 +74,10 @@ def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
     context, config_file = target.context, target.kubeconfig
     env_path = target.path
     scope_name = None
+    project = environment = None
     if target.env:
-        environment = load_project(checkout.path).environment(target.env)
+        project = load_project(checkout.path)
+        environment = project.environment(target.env)
         if environment.branch != branch and not target.branch:
             checkout = Checkout.open(
                 target.repo,
@@ -89,6 +99,8 @@ def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
         scope=app_name(scope_name or assert_path.replace("/", "-")),
         context=context,
         kubeconfig=config_file,
+        project=project,
+        environment=environment,
     )
 
 
@@ -104,14 +116,17 @@ def kube_client(
 
 
 def helm_cli(
-    resolved: ResolvedTarget | None = None, *, kubeconfig_path: str | None = None
+    resolved: ResolvedTarget | None = None,
+    *,
+    kubeconfig_path: str | None = None,
+    context: str | None = None,
 ) -> HelmCLI:
     path = (
         kubeconfig_path
         or (resolved.kubeconfig if resolved else None)
         or os.environ.get("KUBECONFIG")
     )
-    return HelmCLI(kubeconfig=path, context=resolved.context if resolved else None)
+    return HelmCLI(kubeconfig=path, context=context or (resolved.context if resolved else None))
 
 
 def values_lookup(kube: KubeClient) -> ValuesLookup:

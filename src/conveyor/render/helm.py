@@ -13,7 +13,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,9 @@ class HelmCLI:
         *,
         timeout: float,
         description: str | None = None,
+        values_files: Sequence[Path] = (),
     ) -> dict[str, Any]:
+        """`values` first, then each of `values_files` in order (later ones win)."""
         with _values_file(values) as values_path:
             args = [
                 "upgrade",
@@ -111,6 +113,7 @@ class HelmCLI:
                 "--create-namespace",
                 "--values",
                 str(values_path),
+                *_values_args(values_files),
                 "--reset-values",
                 "--history-max",
                 "10",
@@ -126,7 +129,13 @@ class HelmCLI:
         return result
 
     async def template(
-        self, release: str, namespace: str, chart: str, values: dict[str, Any]
+        self,
+        release: str,
+        namespace: str,
+        chart: str,
+        values: dict[str, Any],
+        *,
+        values_files: Sequence[Path] = (),
     ) -> str:
         with _values_file(values) as values_path:
             return await self.run(
@@ -137,6 +146,7 @@ class HelmCLI:
                 namespace,
                 "--values",
                 str(values_path),
+                *_values_args(values_files),
                 "--include-crds",
                 kube=False,
             )
@@ -186,6 +196,14 @@ class HelmCLI:
 
     async def dependency_build(self, chart_dir: Path) -> None:
         await self.run("dependency", "build", str(chart_dir), kube=False)
+
+    async def dependency_update(self, chart_dir: Path) -> None:
+        """Fetch the chart's dependencies afresh (`helm dependency update`)."""
+        await self.run("dependency", "update", str(chart_dir), kube=False)
+
+
+def _values_args(files: Sequence[Path]) -> list[str]:
+    return [arg for path in files for arg in ("--values", str(path))]
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,6 +48,8 @@ class RenderedApp:
     depends_on: list[str]
     suspend: bool
     drift: DriftMode
+    # What the render had to leave out, e.g. valuesFrom that cannot be read offline.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -101,12 +103,16 @@ class Renderer:
         values_lookup: ValuesLookup,
         kubectl: str = "kubectl",
         drift_default: DriftMode = "enabled",
+        offline: bool = False,
     ) -> None:
+        """`offline`: valuesFrom that `values_lookup` cannot find are left out and noted
+        on the app instead of failing it (a diff rendered without a cluster)."""
         self.repo_root = repo_root
         self.charts = charts
         self.values_lookup = values_lookup
         self.kubectl = kubectl
         self.drift_default = drift_default
+        self.offline = offline
 
     async def render(self, app: AppSource) -> RenderedApp:
         if app.error is not None:
@@ -141,7 +147,7 @@ class Renderer:
         except HelmReleaseError as error:
             raise RenderError(str(error), file=release_doc.file, line=release_doc.line) from None
         chart = await self._chart(spec, release_doc)
-        values = await self._values(spec, release_doc)
+        values, notes = await self._values(spec, release_doc)
         plan = HelmPlan(spec=spec, chart=chart, values=values)
         identity = {
             "objects": objects,
@@ -158,6 +164,7 @@ class Renderer:
             depends_on=spec.depends_on,
             suspend=spec.suspend,
             drift=spec.drift,
+            notes=notes,
         )
 
     async def _chart(self, spec: HelmReleaseSpec, doc: Document) -> ResolvedChart:
@@ -166,12 +173,21 @@ class Renderer:
         except RenderError as error:
             raise RenderError(error.detail, file=doc.file, line=doc.line) from None
 
-    async def _values(self, spec: HelmReleaseSpec, doc: Document) -> dict[str, Any]:
+    async def _values(
+        self, spec: HelmReleaseSpec, doc: Document
+    ) -> tuple[dict[str, Any], list[str]]:
         values: dict[str, Any] = {}
+        notes: list[str] = []
         for ref in spec.values_from:
             text = await self.values_lookup(ref)
             if text is None:
                 if ref.optional:
+                    continue
+                if self.offline:
+                    notes.append(
+                        f"valuesFrom {ref.kind} {ref.namespace}/{ref.name} key {ref.key!r} "
+                        "is not available offline; rendered without it"
+                    )
                     continue
                 raise RenderError(
                     f"valuesFrom {ref.kind} {ref.namespace}/{ref.name} key {ref.key!r} not found",
@@ -197,4 +213,4 @@ class Renderer:
                     line=doc.line,
                 )
             values = merge_values(values, loaded)
-        return merge_values(values, spec.values)
+        return merge_values(values, spec.values), notes

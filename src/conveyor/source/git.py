@@ -154,9 +154,12 @@ class Checkout:
         )
         return self.head()
 
-    def push(self) -> bool:
-        """Push HEAD to the branch. False when the remote moved (non-fast-forward)."""
-        return self._push(f"HEAD:refs/heads/{self.branch}")
+    def push(self, *, branch: str | None = None, force: bool = False) -> bool:
+        """Push HEAD to the branch (or to `branch`). False when the remote moved
+        (non-fast-forward); `force` replaces the remote branch, for review branches."""
+        return self._push(
+            f"HEAD:refs/heads/{branch or self.branch}", *(["--force"] if force else [])
+        )
 
     def replace_branch(self, branch: str) -> str | None:
         """Make `branch` (a review branch, not ours) exactly HEAD: force-push with a lease on
@@ -319,33 +322,101 @@ def read_file_at(repo: Path, revision: str, path: str) -> str | None:
 @dataclass(frozen=True)
 class LogEntry:
     sha: str
+    parents: tuple[str, ...]
     author_name: str
     author_email: str
     date: str  # ISO 8601, the author date
     subject: str
     body: str
 
+    @property
+    def author(self) -> str:
+        return self.author_name
+
+    @property
+    def merge(self) -> bool:
+        return len(self.parents) > 1
+
+
+def _log(repo: Path, args: list[str]) -> list[LogEntry]:
+    out = run_git(
+        ["log", "--format=%x1e%H%x1f%P%x1f%an%x1f%ae%x1f%aI%x1f%s%x1f%b", *args], cwd=repo
+    )
+    entries = []
+    for record in out.split("\x1e")[1:]:
+        sha, parents, name, email, date, subject, body = record.split("\x1f", 6)
+        entries.append(
+            LogEntry(sha, tuple(parents.split()), name, email, date, subject, body.strip())
+        )
+    return entries
+
 
 def file_log(
     repo: Path, paths: list[str], *, revision: str = "HEAD", limit: int = 50
 ) -> list[LogEntry]:
     """The commits that touched `paths` up to `revision`, newest first."""
-    out = run_git(
-        [
-            "log",
-            f"--max-count={limit}",
-            "-z",
-            "--format=%H%x1f%an%x1f%ae%x1f%aI%x1f%s%x1f%b",
-            revision,
-            "--",
-            *paths,
-        ],
-        cwd=repo,
-    )
-    entries = []
-    for record in out.split("\0"):
-        if not record.strip():
-            continue
-        sha, name, email, date, subject, body = record.lstrip("\n").split("\x1f", 5)
-        entries.append(LogEntry(sha, name, email, date, subject, body.strip()))
-    return entries
+    return _log(repo, [f"--max-count={limit}", revision, "--", *paths])
+
+
+def log_entries(repo: Path, base: str, head: str, *, first_parent: bool = False) -> list[LogEntry]:
+    """Commits in `head` but not `base`, newest first, with their messages."""
+    return _log(repo, [*(["--first-parent"] if first_parent else []), f"{base}..{head}", "--"])
+
+
+def export_tree(repo: Path, revision: str, destination: Path) -> Path:
+    """The files of `revision` in `destination` (no .git), to render a past revision."""
+    destination.mkdir(parents=True, exist_ok=True)
+    archive = destination / ".export.tar"
+    run_git(["archive", "--format=tar", "-o", str(archive), revision], cwd=repo)
+    try:
+        subprocess.run(
+            ["tar", "-xf", str(archive), "-C", str(destination)], check=True, capture_output=True
+        )
+    finally:
+        archive.unlink()
+    return destination
+
+
+def file_history(repo: Path, paths: list[str], *, revision: str = "HEAD") -> list[str]:
+    """Commits reachable from `revision` that touched any of `paths`, newest first."""
+    out = run_git(["log", "--format=%H", revision, "--", *paths], cwd=repo)
+    return out.split()
+
+
+def repository_root(path: Path) -> Path:
+    """The top of the git working tree holding `path`; GitError outside a repository."""
+    return Path(run_git(["rev-parse", "--show-toplevel"], cwd=path).strip())
+
+
+def create_branch(repo: Path, name: str, start: str) -> str:
+    """Create branch `name` at `start` (not checked out); returns the commit. GitError when
+    the branch exists or `start` names no commit."""
+    sha = resolve_revision(repo, start)
+    run_git(["branch", "--no-track", name, sha], cwd=repo)
+    return sha
+
+
+def commit_to_review_branch(
+    checkout: Checkout,
+    change: Callable[[Path], object],
+    *,
+    branch: str,
+    message: str,
+    author: Author,
+) -> str | None:
+    """Apply `change` on the latest head of the checkout's branch, commit once and push the
+    result to `branch`, replacing what a previous run left there (a branch for review,
+    such as `candidates/<name>`). None, and no push, when `change` changed nothing."""
+    checkout.sync()
+    change(checkout.path)
+    sha = checkout.commit_all(message, author=author)
+    if sha is None:
+        return None
+    if not checkout.push(branch=branch, force=True):
+        raise GitError(["git", "push", checkout.url, branch], 1, f"{branch} was rejected")
+    return sha
+
+
+def push_branch(repo: Path, branch: str, *, remote: str = "origin") -> None:
+    """Publish a local branch to `remote` under the same name (never forced)."""
+    run_git(["push", "--quiet", remote, f"refs/heads/{branch}:refs/heads/{branch}"], cwd=repo)

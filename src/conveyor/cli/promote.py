@@ -1,0 +1,247 @@
+"""`conveyor promote`, `rollback`, `hotfix start` and `notes`: versions between environments."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
+from conveyor.cli.reconcile import RepoOption, status_table
+from conveyor.cluster.kubeconfig import KubeconfigError
+from conveyor.config.helmrelease import HelmReleaseError, parse_duration
+from conveyor.config.project import ConfigError
+from conveyor.promote.gates import cluster_client
+from conveyor.promote.hotfix import start_hotfix
+from conveyor.promote.notes import release_notes, render_notes
+from conveyor.promote.pipeline import PromotionError, Workspace
+from conveyor.promote.promotion import GatesClosed, PromotionRequest, PromotionResult, promote
+from conveyor.promote.rollback import plan_rollback, write_rollback
+from conveyor.promote.versions import VersionError
+from conveyor.publish.template import TemplateError
+from conveyor.reconcile.engine import PassResult
+from conveyor.reconcile.once import SourceFailure, reconcile_once
+from conveyor.reconcile.target import Target
+from conveyor.render.helm import HelmCLI
+from conveyor.source.git import Author, GitError, PushRaceLost, mask_url
+
+AuthorNameOption = typer.Option(Author.name, "--author-name", help="Commit author name.")
+AuthorEmailOption = typer.Option(Author.email, "--author-email", help="Commit author email.")
+BAD_INPUT = (PromotionError, ConfigError, VersionError, TemplateError, HelmReleaseError)
+# Not read from $KUBECONFIG: each environment's cluster is the one conveyor.yaml names.
+KubeconfigOption = typer.Option(
+    None, "--kubeconfig", help="Apply with this kubeconfig instead of the environment's."
+)
+ContextOption = typer.Option(None, "--context", help="Instead of the environment's context.")
+
+
+class Mode(StrEnum):
+    commit = "commit"
+    branch = "branch"
+
+
+def _apply(
+    repo: str, env: str, app: str | None, kubeconfig: str | None, context: str | None
+) -> PassResult:
+    target = Target(repo=repo, env=env, kubeconfig=kubeconfig, context=context)
+    try:
+        result = asyncio.run(reconcile_once(target, app=app))
+    except KubeconfigError as error:
+        fail(str(error))
+    if isinstance(result, SourceFailure):
+        fail(f"applying: {escape(result.message)}", code=1)
+    return result
+
+
+def _print_promotion(result: PromotionResult) -> None:
+    table = Table(title=f"{result.source or 'version'} → {result.target}")
+    for column in ("app", "from", "to", "file", "fields"):
+        table.add_column(column, overflow="fold")
+    for app in result.apps:
+        table.add_row(
+            app.app, app.before or "", app.after or "", app.path, escape("\n".join(app.fields))
+        )
+    if result.apps:
+        console.print(table)
+    for gate in result.gates:
+        console.print(f"gate {escape(gate.gate)}: open ({escape(gate.message)})", highlight=False)
+    if result.unchanged:
+        console.print(f"already there: {', '.join(result.unchanged)}", highlight=False)
+    if result.skipped:
+        console.print(
+            f"not in {result.target} (skipped): {', '.join(result.skipped)}", highlight=False
+        )
+    if not result.apps:
+        console.print(f"nothing to promote: {result.target} has these versions already")
+    elif result.commit:
+        console.print(f"committed {result.commit[:12]} to {result.branch}", highlight=False)
+
+
+def promote_command(
+    repo: str = RepoOption,
+    to: str = typer.Option(..., "--to", help="Environment to write to."),
+    source: str | None = typer.Option(None, "--from", help="Environment to copy versions from."),
+    app: str | None = typer.Option(None, "--app", help="Only this app."),
+    version: str | None = typer.Option(
+        None, "--version", help="Deploy exactly this version (a hotfix, any version for tests)."
+    ),
+    mode: Mode = typer.Option(
+        Mode.commit, "--mode", help="commit: to the target's branch; branch: candidates/<name>."
+    ),
+    candidate: str | None = typer.Option(None, "--candidate", help="Name under candidates/."),
+    gate_timeout: str | None = typer.Option(
+        None, "--gate-timeout", help="Wait this long for closed gates (e.g. 10m), for all."
+    ),
+    apply: bool = typer.Option(False, "--apply", help="Reconcile the promoted apps at once."),
+    outfile: Path | None = typer.Option(None, "--outfile", help="Write branch mode's diff here."),
+    author_name: str = AuthorNameOption,
+    author_email: str = AuthorEmailOption,
+    kubeconfig: str | None = KubeconfigOption,
+    context: str | None = ContextOption,
+    output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
+) -> None:
+    """Copy what identifies a release (image tags, chart version or ref) from one
+    environment to another, after the target's gates pass. Exit 1 when a gate stays
+    closed (nothing written), 2 on bad input."""
+    if apply and mode is Mode.branch:
+        fail("--apply goes with --mode commit (a candidate branch is applied once merged)")
+    try:
+        wait = parse_duration(gate_timeout, default=0.0) if gate_timeout is not None else None
+    except HelmReleaseError as error:
+        fail(f"--gate-timeout: {error}")
+    request = PromotionRequest(
+        repo=repo,
+        target=to,
+        source=source,
+        app=app,
+        version=version,
+        mode="branch" if mode is Mode.branch else "commit",
+        candidate=candidate,
+        gate_timeout=wait,
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="conveyor-promote-") as workdir,
+        err_console.status("promoting") as spinner,
+    ):
+        try:
+            result = asyncio.run(
+                promote(
+                    request,
+                    workspace=Workspace(repo, Path(workdir)),
+                    author=Author(author_name, author_email),
+                    kube=cluster_client,
+                    helm=HelmCLI(),
+                    progress=lambda m: spinner.update(escape(m)),
+                )
+            )
+        except BAD_INPUT as error:
+            fail(escape(str(error)))
+        except GatesClosed as error:
+            fail(f"{escape(str(error))}; nothing was written", code=1)
+        except (GitError, PushRaceLost) as error:
+            fail(escape(mask_url(str(error))), code=1)
+    if output is not OutputFormat.table:
+        print_machine(result.to_dict() | {"diff": result.diff}, output)
+    else:
+        _print_promotion(result)
+    if result.diff is not None:
+        if outfile is not None:
+            outfile.write_text(result.diff)
+            err_console.print(
+                f"wrote {result.branch} ({(result.commit or '')[:12]}); diff in {outfile}"
+            )
+        elif output is OutputFormat.table:
+            console.print(f"wrote {result.branch} ({(result.commit or '')[:12]})", highlight=False)
+            typer.echo(result.diff, nl=False)
+    if apply and result.commit:
+        applied = _apply(repo, to, app, kubeconfig, context)
+        if output is OutputFormat.table:
+            console.print(status_table(list(applied.statuses.values()), title=f"applied in {to}"))
+        raise typer.Exit(0 if applied.all_ready else 1)
+
+
+def rollback(
+    repo: str = RepoOption,
+    env: str = typer.Option(..., "--env", help="Environment to roll back in."),
+    app: str = typer.Option(..., "--app", help="The app to roll back."),
+    to: str | None = typer.Option(None, "--to", help="This version (default: the previous)."),
+    apply: bool = typer.Option(True, "--apply/--no-apply", help="Reconcile the app at once."),
+    author_name: str = AuthorNameOption,
+    author_email: str = AuthorEmailOption,
+    kubeconfig: str | None = KubeconfigOption,
+    context: str | None = ContextOption,
+    output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
+) -> None:
+    """Restore the app's previous (or given) version by a git commit, then apply it, so
+    git and the cluster agree and automation does not undo the rollback."""
+    with tempfile.TemporaryDirectory(prefix="conveyor-rollback-") as workdir:
+        workspace = Workspace(repo, Path(workdir))
+        try:
+            plan = plan_rollback(workspace, env, app, to=to)
+            result = write_rollback(workspace, plan, author=Author(author_name, author_email))
+        except BAD_INPUT as error:
+            fail(escape(str(error)))
+        except (GitError, PushRaceLost) as error:
+            fail(escape(mask_url(str(error))), code=1)
+    if output is not OutputFormat.table:
+        print_machine(result.to_dict(), output)
+    else:
+        console.print(
+            f"{app} in {env}: {plan.current} → {plan.version} (as of {plan.revision[:12]})"
+            + (f", committed {result.commit[:12]}" if result.commit else ", git had it already"),
+            highlight=False,
+        )
+    if apply:
+        applied = _apply(repo, env, app, kubeconfig, context)
+        if output is OutputFormat.table:
+            console.print(status_table(list(applied.statuses.values()), title=f"applied in {env}"))
+        raise typer.Exit(0 if applied.all_ready else 1)
+
+
+hotfix_app = typer.Typer(help="Hotfix branches from release tags.", no_args_is_help=True)
+
+
+@hotfix_app.command("start")
+def hotfix_start(
+    from_tag: str = typer.Option(..., "--from-tag", help="The release tag to fix, e.g. v1.4.2."),
+    repo: Path = typer.Option(Path("."), "--repo", help="The app repository (a local clone)."),
+    push: bool = typer.Option(False, "--push", help="Push the branch to origin."),
+) -> None:
+    """Create `hotfix/<tag>` from the release tag. Release the fix with a new tag on it,
+    then `conveyor promote --version` it through the environments and their gates."""
+    try:
+        hotfix = start_hotfix(repo, from_tag, push=push)
+    except PromotionError as error:
+        fail(escape(str(error)))
+    except GitError as error:
+        fail(escape(mask_url(str(error))), code=1)
+    pushed = " and pushed it" if hotfix.pushed else ""
+    console.print(f"created {hotfix.branch} at {hotfix.commit[:12]}{pushed}", highlight=False)
+    if hotfix.next_version:
+        console.print(
+            f"next: fix, tag {hotfix.next_version} on {hotfix.branch}, then "
+            f"`conveyor promote --to staging --version {hotfix.next_version}`",
+            highlight=False,
+        )
+
+
+def notes(
+    from_ref: str = typer.Option(..., "--from", help="The earlier version (tag or commit)."),
+    to_ref: str = typer.Option(..., "--to", help="The later version."),
+    repo: Path = typer.Option(Path("."), "--repo", help="The app repository (a local clone)."),
+    outfile: Path | None = typer.Option(None, "--outfile", help="Write the notes to a file."),
+) -> None:
+    """Release notes in markdown: pull requests merged and commits between two versions."""
+    try:
+        text = render_notes(release_notes(repo, from_ref, to_ref))
+    except GitError as error:
+        fail(f"unknown revision or not a repository: {escape(error.stderr or str(error))}")
+    if outfile is not None:
+        outfile.write_text(text)
+    else:
+        typer.echo(text, nl=False)

@@ -1,0 +1,172 @@
+"""Diffs for pull requests: what a change to the config repo does to the rendered objects.
+
+Flux cannot show what a HelmRelease change does before it is merged. Here both
+revisions are rendered without a cluster (HelmReleases through `helm template`, charts
+resolved as the agent resolves them) and compared object by object, one section per
+app. valuesFrom that only a cluster holds are left out, and the diff says so. Secret
+values never appear; a changed one is flagged. With a cluster at hand, the head can be
+compared with what runs there instead (`against_live`), through the same server-side
+dry run as `conveyor diff`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conveyor.cluster.objects import Obj, ObjectRef
+from conveyor.config.helmrelease import ValuesReference
+from conveyor.config.project import load_project
+from conveyor.reconcile.plan import (
+    AppPlan,
+    ObjectChange,
+    helm_objects,
+    mask_secrets,
+    normalize,
+    plan_environment,
+    unified,
+)
+from conveyor.reconcile.target import kube_client, values_lookup
+from conveyor.render.charts import ChartResolver
+from conveyor.render.discover import EnvironmentTree, app_name, discover
+from conveyor.render.documents import RenderError
+from conveyor.render.helm import HelmCLI, HelmError
+from conveyor.render.render import Renderer, ValuesLookup
+from conveyor.sandbox.paths import cache_root
+from conveyor.source.git import export_tree, resolve_revision
+
+
+@dataclass
+class RenderedObjects:
+    objects: list[Obj] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+async def _unavailable(_ref: ValuesReference) -> str | None:
+    return None
+
+
+def _renderer(
+    root: Path,
+    tree: EnvironmentTree,
+    helm: HelmCLI,
+    *,
+    lookup: ValuesLookup = _unavailable,
+    offline: bool = False,
+) -> Renderer:
+    charts = ChartResolver(cache_root() / "charts", helm, tree.sources)
+    charts.cache_dir.mkdir(parents=True, exist_ok=True)
+    return Renderer(root, charts=charts, values_lookup=lookup, offline=offline)
+
+
+async def render_offline(root: Path, env_path: str, helm: HelmCLI) -> dict[str, RenderedObjects]:
+    """Every app of the folder rendered to objects, by app name; none if no folder."""
+    if not (root / env_path).is_dir():
+        return {}
+    tree = discover(root, env_path)
+    renderer = _renderer(root, tree, helm, offline=True)
+    result: dict[str, RenderedObjects] = {}
+    for app in tree.apps:
+        entry = result.setdefault(app.name, RenderedObjects())
+        try:
+            rendered = await renderer.render(app)
+            entry.notes = rendered.notes
+            entry.objects = rendered.objects + await helm_objects(rendered, helm)
+        except RenderError as error:
+            entry.error = str(error)
+        except HelmError as error:
+            entry.error = f"helm template: {error.message}"
+    return result
+
+
+def diff_objects_offline(before: list[Obj], after: list[Obj]) -> list[ObjectChange]:
+    """Object by object (matched by group, kind, namespace and name), Secrets masked."""
+    old = {ObjectRef.of(o).key(): o for o in before}
+    new = {ObjectRef.of(o).key(): o for o in after}
+    changes = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        was, now = old.get(key), new.get(key)
+        ref = ObjectRef.of(now or was or {})
+        masked_was, masked_now = mask_secrets(normalize(was), normalize(now))
+        if masked_was == masked_now and was == now:
+            continue
+        action = "create" if was is None else "delete" if now is None else "update"
+        text = unified(
+            masked_was, masked_now, label=str(ref), before_name="base", after_name="head"
+        )
+        if not text:  # only a Secret value changed and masking hides how: flag it
+            text = f"# {ref}: a Secret value changed (masked)\n"
+        changes.append(ObjectChange(ref, action, text))
+    return changes
+
+
+def environment_path(root: Path, *, env: str | None, path: str | None) -> str:
+    """The folder to diff: `path`, or the environment's folder in root's conveyor.yaml."""
+    if path is not None:
+        return path
+    return load_project(root).environment(str(env)).path
+
+
+async def diff_revisions(
+    repo: Path,
+    base: str,
+    head: str,
+    *,
+    env: str | None,
+    path: str | None,
+    helm: HelmCLI,
+    workdir: Path,
+) -> tuple[list[AppPlan], str]:
+    """Per-app changes from `base` to `head` of the folder, rendered offline, and a title.
+    GitError for an unknown revision, ConfigError for an unknown environment."""
+    base_sha, head_sha = resolve_revision(repo, base), resolve_revision(repo, head)
+    base_root = export_tree(repo, base_sha, workdir / "base")
+    head_root = export_tree(repo, head_sha, workdir / "head")
+    env_path = environment_path(head_root, env=env, path=path)
+    before = await render_offline(base_root, env_path, helm)
+    after = await render_offline(head_root, env_path, helm)
+    plans = []
+    for name in [*after, *(n for n in before if n not in after)]:
+        was, now = before.get(name, RenderedObjects()), after.get(name, RenderedObjects())
+        plan = AppPlan(app=name, notes=list(now.notes))
+        if now.error:
+            plan.error = now.error
+        else:
+            if was.error:
+                plan.notes.append(f"base did not render ({was.error}); showing head in full")
+            plan.changes = diff_objects_offline(was.objects, now.objects)
+        plans.append(plan)
+    title = f"{env or env_path}: {_named(base, base_sha)} → {_named(head, head_sha)}"
+    return plans, title
+
+
+def _named(ref: str, sha: str) -> str:
+    return sha[:12] if sha.startswith(ref) else f"{ref} ({sha[:12]})"
+
+
+async def diff_against_live(
+    repo: Path,
+    head: str,
+    *,
+    env: str | None,
+    path: str | None,
+    kubeconfig: str | None,
+    context: str | None,
+    helm: HelmCLI,
+    workdir: Path,
+) -> tuple[list[AppPlan], str]:
+    """Per-app changes from the cluster to `head` of the folder (server-side dry run), on
+    the environment's cluster unless `kubeconfig`/`context` say otherwise."""
+    head_sha = resolve_revision(repo, head)
+    head_root = export_tree(repo, head_sha, workdir / "head")
+    env_path = environment_path(head_root, env=env, path=path)
+    if env is not None:
+        cluster = load_project(head_root).environment(env).cluster
+        kubeconfig, context = kubeconfig or cluster.kubeconfig, context or cluster.context
+    tree = discover(head_root, env_path)
+    async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
+        renderer = _renderer(head_root, tree, helm, lookup=values_lookup(kube))
+        scope = app_name(env or env_path.replace("/", "-"))
+        plans = await plan_environment(tree, renderer, kube, helm, scope=scope)
+    return plans, f"{env or env_path}: live → {_named(head, head_sha)}"

@@ -1,0 +1,131 @@
+"""`conveyor rollback`: an app's previous version back in git, then in the cluster.
+
+A rollback done only in the cluster (`helm rollback`, Argo CD's rollback with auto-sync
+off) leaves git saying otherwise, and the next sync undoes it. Here the version is found
+in the git history of the app's files and restored by a commit (only its version fields
+change, the environment's settings stay as they are now), then that app alone is
+reconciled at once, so git and the cluster agree and automation keeps the rollback.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conveyor.promote.pipeline import PromotionError, Workspace, environment
+from conveyor.promote.versions import (
+    AppVersion,
+    app_files,
+    apply_changes,
+    plan_copy,
+    read_app_version,
+)
+from conveyor.render.discover import AppSource, discover
+from conveyor.source.git import Author, RetryPolicy, commit_and_push, file_history, read_file_at
+
+
+@dataclass
+class RollbackPlan:
+    env: str
+    app: str
+    path: str
+    current: str | None
+    restore: AppVersion  # the version fields as of `revision`
+    revision: str  # the commit of the app's history they come from
+
+    @property
+    def version(self) -> str | None:
+        return self.restore.version
+
+
+@dataclass
+class RollbackResult:
+    plan: RollbackPlan
+    commit: str | None
+    fields: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "env": self.plan.env,
+            "app": self.plan.app,
+            "from": self.plan.current,
+            "to": self.plan.version,
+            "restoredFrom": self.plan.revision,
+            "commit": self.commit,
+            "fields": self.fields,
+        }
+
+
+def _version_at(root: Path, app: AppSource, files: list[str], revision: str) -> AppVersion | None:
+    with tempfile.TemporaryDirectory(prefix="conveyor-history-") as scratch:
+        copy = Path(scratch)
+        found = False
+        for file in files:
+            text = read_file_at(root, revision, file)
+            if text is None:
+                continue
+            (copy / file).parent.mkdir(parents=True, exist_ok=True)
+            (copy / file).write_text(text)
+            found = True
+        if not found:
+            return None
+        return read_app_version(copy, app)
+
+
+def plan_rollback(workspace: Workspace, env_name: str, app: str, *, to: str | None) -> RollbackPlan:
+    """The version to go back to: `to`, or the last one before the current, as the
+    history of the app's files on the environment's branch shows them."""
+    env = environment(workspace.project(), env_name)
+    root = workspace.env_root(env)
+    source = workspace.app(env, app)
+    current = read_app_version(root, source)
+    if not current.fields:
+        raise PromotionError(f"{app} in {env.name} has no version fields (image tags, chart)")
+    files = app_files(root, source)
+    for revision in file_history(root, files):
+        past = _version_at(root, source, files, revision)
+        if past is None or not past.fields or past.version is None:
+            continue
+        if (to is not None and past.version == to) or (
+            to is None and past.version != current.version
+        ):
+            return RollbackPlan(env.name, app, source.path, current.version, past, revision)
+    if to is not None:
+        raise PromotionError(
+            f"{app} never ran {to} in {env.name} (per the history of {source.path})"
+        )
+    raise PromotionError(
+        f"{app} in {env.name} has no earlier version in the history of {source.path}"
+    )
+
+
+def write_rollback(
+    workspace: Workspace, plan: RollbackPlan, *, author: Author, retry: RetryPolicy | None = None
+) -> RollbackResult:
+    """One commit on the environment's branch restoring the plan's version fields."""
+    env = environment(workspace.project(), plan.env)
+    result = RollbackResult(plan=plan, commit=None)
+
+    def restore(root: Path) -> None:
+        apps = {a.name: a for a in discover(root, env.path).apps}
+        if plan.app not in apps:
+            raise PromotionError(f"{env.name} has no app {plan.app!r} any more")
+        changes = plan_copy(plan.restore, read_app_version(root, apps[plan.app]))
+        result.fields = [
+            f"{c.field.label} {c.field.field}: {c.field.value} → {c.new}" for c in changes
+        ]
+        apply_changes(root, changes)
+
+    result.commit = commit_and_push(
+        workspace.checkout(env.branch),
+        restore,
+        message=(
+            f"Roll back {plan.app} in {plan.env} to {plan.version} (was {plan.current}; "
+            f"as of {plan.revision[:12]})"
+        ),
+        author=author,
+        retry=retry,
+    )
+    return result
