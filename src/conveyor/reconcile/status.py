@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor.cluster.apply import FIELD_MANAGER, apply_objects
-from conveyor.cluster.client import ApiError, KubeClient
+from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.objects import ObjectRef
 
 NAMESPACE = "conveyor-system"
@@ -223,6 +223,8 @@ class StatusStore:
         """Every stored status (of one scope, or of all), remembering what is stored."""
         try:
             items = await self.kube.list(API_VERSION, KIND, namespace=NAMESPACE)
+        except UnknownKindError:
+            return []  # no agent has run on this cluster yet
         except ApiError as error:
             if error.not_found:
                 return []
