@@ -9,6 +9,7 @@ cluster and registry, git repositories on disk, and an SQS server (moto).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -223,9 +224,17 @@ class Demo:
         sha = run_git(["rev-parse", "HEAD"], cwd=work).strip()
         return work, bare, sha
 
-    def publish(self, app: str, work: Path, bare: Path, sha: str) -> str:
-        """What the app's CI does after pushing its image: a push to master → staging."""
-        version = f"refs-heads-master-{sha[:7]}-{int(time.time())}"
+    def publish(
+        self, app: str, work: Path, bare: Path, sha: str, *, release: str | None = None
+    ) -> str:
+        """What the app's CI does after pushing its images: a push to master goes to
+        staging, a published release (a semver tag) to production."""
+        if release is None:
+            version = f"refs-heads-master-{sha[:7]}-{int(time.time())}"
+            environment, ref, event = "staging", "refs/heads/master", "push"
+        else:
+            version = release.lstrip("v")
+            environment, ref, event = "production", f"refs/tags/{release}", "release"
         built = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for image in IMAGES[app]:
             push(self.registry, image, [version], created=built)
@@ -241,15 +250,15 @@ class Demo:
         self.conveyor(
             "publish",
             "--environment",
-            "staging",
+            environment,
             "--version",
             version,
             "--ref",
-            "refs/heads/master",
+            ref,
             "--sha",
             sha,
             "--event",
-            "push",
+            event,
             "--author-name",
             "ci-bot",
             *(arg for setting in settings for arg in ("--set", setting)),
@@ -262,6 +271,7 @@ class Demo:
 def sqs_server() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per SQS request
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -271,7 +281,8 @@ def sqs_server() -> Iterator[str]:
         server.stop()
 
 
-def queue_with_jobs(endpoint: str, *, jobs: int) -> Any:
+def create_queue(endpoint: str) -> tuple[Any, str]:
+    """The job queue production's gate watches (empty to begin with)."""
     import boto3
 
     sqs = boto3.client(
@@ -281,9 +292,7 @@ def queue_with_jobs(endpoint: str, *, jobs: int) -> Any:
         aws_access_key_id="demo",
         aws_secret_access_key="demo",  # noqa: S106 - moto accepts any credentials
     )
-    url = sqs.create_queue(QueueName=QUEUE)["QueueUrl"]
-    for i in range(jobs):
-        sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job": i}))
+    url: str = sqs.create_queue(QueueName=QUEUE)["QueueUrl"]
     return sqs, url
 
 
@@ -418,13 +427,15 @@ def _story(demo: Demo, sqs_endpoint: str, *, interactive: bool, started: float) 
             capture_output=True,
         )
 
+    sqs, queue_url = create_queue(sqs_endpoint)
     versions = {}
     for app in APPS:
         work, bare, sha = demo.app_repo(app, config)
+        demo.publish(app, work, bare, sha, release="v1.0.0")
         versions[app] = demo.publish(app, work, bare, sha)
     console.print(
-        f"[bold]2.[/] CI published ui, api and worker to staging: "
-        f"{', '.join(f'{a} {v}' for a, v in versions.items())}"
+        "[bold]2.[/] CI published release v1.0.0 of ui, api and worker to production, and "
+        f"master builds to staging: {', '.join(f'{a} {v}' for a, v in versions.items())}"
     )
 
     hook_secret = demo.root / "hook.secret"
@@ -444,8 +455,11 @@ def _story(demo: Demo, sqs_endpoint: str, *, interactive: bool, started: float) 
             "--webhook-secret-file",
             str(hook_secret),
         )
-    demo.wait("the staging agent deploys the release", lambda: demo.all_ready("staging"))
-    console.print("[bold]3.[/] the staging agent deployed it: all staging apps Ready")
+    demo.wait(
+        "the agents deploy the releases",
+        lambda: demo.all_ready("staging") and demo.all_ready("production"),
+    )
+    console.print("[bold]3.[/] the agents deployed them: staging and production Ready")
 
     new_tag = f"refs-heads-master-{secrets.token_hex(4)[:7]}-{int(time.time()) + 60}"
     push(
@@ -467,7 +481,8 @@ def _story(demo: Demo, sqs_endpoint: str, *, interactive: bool, started: float) 
         f"[bold]4.[/] image automation found ui:{new_tag} and committed it; staging runs it"
     )
 
-    sqs, queue_url = queue_with_jobs(sqs_endpoint, jobs=5)
+    for i in range(5):
+        sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps({"job": i}))
     drain_later(sqs, queue_url, after=8)
     console.print(
         f"[bold]5.[/] promoting staging → production; 5 jobs wait in {QUEUE}, a "
