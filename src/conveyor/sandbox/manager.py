@@ -184,8 +184,8 @@ class Sandbox:
             for record in reversed(state.components):
                 if process.stop(record.process):
                     stopped.append(record.name)
-        if self.layout.root.exists():
-            shutil.rmtree(self.layout.root)
+        # A file vanishing while we delete (a component's last write) is not an error.
+        shutil.rmtree(self.layout.root, onerror=_ignore_missing)
         return stopped
 
     def restart_component(self, name: str, *, down_for: float = 0.0) -> None:
@@ -326,6 +326,13 @@ class Sandbox:
         for record in reversed(state.components):
             process.stop(record.process)
         state.save(self.layout.state_file)
+
+
+def _ignore_missing(
+    _function: object, path: str, error: tuple[type, BaseException, object]
+) -> None:
+    if not isinstance(error[1], FileNotFoundError):
+        raise error[1]
 
 
 def _ssl_context(pki: Pki) -> ssl.SSLContext:
