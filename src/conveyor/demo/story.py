@@ -321,8 +321,8 @@ def drain_later(sqs: Any, url: str, *, after: float) -> threading.Thread:
 
 def summary(demo: Demo) -> Table:
     table = Table(title="conveyor demo: what runs where")
-    for column in ("environment", "app", "kind", "state", "image", "git revision", "helm"):
-        table.add_column(column)
+    for column in ("environment", "app", "state", "image tag", "git revision", "helm"):
+        table.add_column(column, overflow="fold")
     statuses = demo.statuses()
     for environment in ENVIRONMENTS:
         for app in APPS:
@@ -333,7 +333,6 @@ def summary(demo: Demo) -> Table:
             table.add_row(
                 environment,
                 app,
-                status.get("kind", ""),
                 f"[{style}]{state}",
                 image,
                 str(status.get("revision", ""))[:12],
@@ -359,7 +358,8 @@ def demo_image(demo: Demo, namespace: str, name: str) -> str:
         text=True,
         check=False,
     )
-    return result.stdout.rsplit("/", 1)[-1] if result.returncode == 0 else "-"
+    # The tag is what moves between environments; the registry is the same everywhere.
+    return result.stdout.rsplit(":", 1)[-1] if result.returncode == 0 else "-"
 
 
 def run(*, interactive: bool) -> int:
