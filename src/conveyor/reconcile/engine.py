@@ -172,6 +172,9 @@ class Engine:
                 else:
                     status = await self._reconcile_one(name, rendered[name], revision, done)
                 done[name].set_result(status)
+            except asyncio.CancelledError:
+                done[name].cancel()  # a dependant waiting on it is cancelled too
+                raise
             except BaseException as error:
                 done[name].set_exception(error)
                 raise
