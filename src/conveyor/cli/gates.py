@@ -13,7 +13,7 @@ from rich.table import Table
 from conveyor.cli.output import OutputFormat, console, fail, print_machine
 from conveyor.cli.promote import BAD_INPUT, AuthorEmailOption, AuthorNameOption
 from conveyor.cli.reconcile import RepoOption
-from conveyor.promote.approvals import approve as record_approval
+from conveyor.promote.approvals import approve_in_repo
 from conveyor.promote.gates import GateContext, GateResult, check_gates, cluster_client
 from conveyor.promote.pipeline import Workspace, environment
 from conveyor.promote.versions import check_version, read_app_version
@@ -96,13 +96,12 @@ def approve(
     if not by.strip():
         fail("--by must name someone")
     with tempfile.TemporaryDirectory(prefix="conveyor-approve-") as workdir:
-        workspace = Workspace(repo, Path(workdir))
         try:
-            target = environment(workspace.project(), env)
-            commit = record_approval(
-                workspace.checkout(target.branch),
-                env=target.name,
-                version=check_version(version),
+            branch, commit = approve_in_repo(
+                repo,
+                Path(workdir),
+                env=env,
+                version=version,
                 by=by.strip(),
                 author=Author(author_name, author_email),
             )
@@ -114,6 +113,6 @@ def approve(
         console.print(f"{by} had approved {version} for {env} already", highlight=False)
     else:
         console.print(
-            f"approved {version} for {env} by {by} ({commit[:12]} on {target.branch})",
+            f"approved {version} for {env} by {by} ({commit[:12]} on {branch})",
             highlight=False,
         )

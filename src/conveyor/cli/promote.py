@@ -21,7 +21,7 @@ from conveyor.promote.hotfix import start_hotfix
 from conveyor.promote.notes import release_notes, render_notes
 from conveyor.promote.pipeline import PromotionError, Workspace
 from conveyor.promote.promotion import GatesClosed, PromotionRequest, PromotionResult, promote
-from conveyor.promote.rollback import plan_rollback, write_rollback
+from conveyor.promote.rollback import rollback_in_repo
 from conveyor.promote.versions import VersionError
 from conveyor.publish.template import TemplateError
 from conveyor.reconcile.engine import PassResult
@@ -180,10 +180,16 @@ def rollback(
     """Restore the app's previous (or given) version by a git commit, then apply it, so
     git and the cluster agree and automation does not undo the rollback."""
     with tempfile.TemporaryDirectory(prefix="conveyor-rollback-") as workdir:
-        workspace = Workspace(repo, Path(workdir))
         try:
-            plan = plan_rollback(workspace, env, app, to=to)
-            result = write_rollback(workspace, plan, author=Author(author_name, author_email))
+            result = rollback_in_repo(
+                repo,
+                Path(workdir),
+                env=env,
+                app=app,
+                to=to,
+                author=Author(author_name, author_email),
+            )
+            plan = result.plan
         except BAD_INPUT as error:
             fail(escape(str(error)))
         except (GitError, PushRaceLost) as error:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from conveyor.promote.pipeline import Workspace, environment
 from conveyor.promote.versions import check_version
 from conveyor.reconcile.status import now
 from conveyor.source.git import Author, Checkout, RetryPolicy, commit_and_push
@@ -75,3 +76,20 @@ def approve(
         author=author,
         retry=retry,
     )
+
+
+def approve_in_repo(
+    repo: str, workdir: Path, *, env: str, version: str, by: str, author: Author
+) -> tuple[str, str | None]:
+    """`conveyor approve` and the dashboard's Approve: record the approval on the
+    environment's branch. Returns (branch, commit or None when already approved)."""
+    workspace = Workspace(repo, workdir)
+    target = environment(workspace.project(), env)
+    commit = approve(
+        workspace.checkout(target.branch),
+        env=target.name,
+        version=check_version(version),
+        by=by,
+        author=author,
+    )
+    return target.branch, commit

@@ -129,3 +129,12 @@ def write_rollback(
         retry=retry,
     )
     return result
+
+
+def rollback_in_repo(
+    repo: str, workdir: Path, *, env: str, app: str, to: str | None, author: Author
+) -> RollbackResult:
+    """`conveyor rollback` and the dashboard's Roll back: plan from the app's history and
+    commit the restored version (applying it is the caller's next step)."""
+    workspace = Workspace(repo, workdir)
+    return write_rollback(workspace, plan_rollback(workspace, env, app, to=to), author=author)

@@ -14,15 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from conveyor.cluster.client import KubeClient
+from conveyor.config.project import ConfigError
+from conveyor.promote.approvals import approve_in_repo
+from conveyor.promote.gates import cluster_client
+from conveyor.promote.pipeline import PromotionError, Workspace
+from conveyor.promote.promotion import PromotionRequest, promote
+from conveyor.promote.rollback import rollback_in_repo
+from conveyor.promote.versions import VersionError
 from conveyor.reconcile.engine import PassResult
 from conveyor.reconcile.once import SourceFailure, reconcile_once
 from conveyor.reconcile.status import StatusStore
 from conveyor.reconcile.target import Target
+from conveyor.render.helm import HelmCLI
+from conveyor.source.git import Author, mask_url
 
 log = logging.getLogger("conveyor.web")
 
@@ -136,7 +147,7 @@ class ActionRegistry:
 
 
 def default_registry() -> ActionRegistry:
-    """The actions whose package code exists: reconcile now, suspend, resume."""
+    """Every action: reconcile now, suspend, resume, promote, approve, roll back."""
     registry = ActionRegistry()
 
     @registry.action(
@@ -180,7 +191,122 @@ def default_registry() -> ActionRegistry:
         await StatusStore(context.kube).set_suspended(request.environment, str(request.app), False)
         return ActionResult(f"{request.subject} resumed")
 
+    @registry.action(
+        "promote",
+        label="Promote here",
+        scopes=("app", "environment"),
+        description="Copy release versions from the previous environment (param `from`, or "
+        "an exact `version`) once this environment's gates pass, then apply them.",
+        confirm="Promote into this environment (its gates are checked first)?",
+    )
+    async def promote_here(context: ActionContext, request: ActionRequest) -> ActionResult:
+        target = await context.target(request.environment)
+        promotion = PromotionRequest(
+            repo=target.repo,
+            target=request.environment,
+            source=request.params.get("from"),
+            app=request.app,
+            version=request.params.get("version"),
+        )
+
+        def promote_and_apply() -> str:
+            with tempfile.TemporaryDirectory(prefix="conveyor-promote-") as workdir:
+                result = asyncio.run(
+                    promote(
+                        promotion,
+                        workspace=Workspace(target.repo, Path(workdir)),
+                        author=_author(request),
+                        kube=cluster_client,
+                        helm=HelmCLI(),
+                    )
+                )
+            if not result.commit:
+                return "nothing to promote"
+            return f"committed {result.commit[:12]}; " + _outcome(
+                asyncio.run(reconcile_once(target, app=request.app))
+            )
+
+        context.background(
+            f"promote:{request.environment}", _logged(request, "promotion", promote_and_apply)
+        )
+        return ActionResult(f"promotion into {request.subject} started", accepted=True)
+
+    @registry.action(
+        "approve",
+        label="Approve",
+        scopes=("app", "environment"),
+        description="Record an approval of `version` for this environment, in git.",
+    )
+    async def approve(context: ActionContext, request: ActionRequest) -> ActionResult:
+        version = request.params.get("version")
+        if not version:
+            raise ActionError(422, "approve needs a `version` parameter")
+        target = await context.target(request.environment)
+
+        def record() -> str | None:
+            with tempfile.TemporaryDirectory(prefix="conveyor-approve-") as workdir:
+                return approve_in_repo(
+                    target.repo,
+                    Path(workdir),
+                    env=request.environment,
+                    version=version,
+                    by=request.actor,
+                    author=_author(request),
+                )[1]
+
+        try:
+            commit = await asyncio.to_thread(record)
+        except (PromotionError, ConfigError, VersionError) as error:
+            raise ActionError(422, str(error)) from None
+        if commit is None:
+            return ActionResult(f"{request.actor} had approved {version} already")
+        return ActionResult(f"approved {version} for {request.environment} ({commit[:12]})")
+
+    @registry.action(
+        "rollback",
+        label="Roll back",
+        description="Commit the app's previous version (or param `to`) and apply it.",
+        confirm="Roll this app back to its previous version?",
+    )
+    async def rollback(context: ActionContext, request: ActionRequest) -> ActionResult:
+        target = await context.target(request.environment)
+
+        def roll_back_and_apply() -> str:
+            with tempfile.TemporaryDirectory(prefix="conveyor-rollback-") as workdir:
+                result = rollback_in_repo(
+                    target.repo,
+                    Path(workdir),
+                    env=request.environment,
+                    app=str(request.app),
+                    to=request.params.get("to"),
+                    author=_author(request),
+                )
+            return f"restored {result.plan.version}; " + _outcome(
+                asyncio.run(reconcile_once(target, app=request.app))
+            )
+
+        context.background(
+            f"rollback:{request.subject}", _logged(request, "rollback", roll_back_and_apply)
+        )
+        return ActionResult(f"rollback of {request.subject} started", accepted=True)
+
     return registry
+
+
+def _author(request: ActionRequest) -> Author:
+    return Author(name=f"{request.actor} (dashboard)", email="conveyor@localhost")
+
+
+async def _logged(request: ActionRequest, what: str, work: Callable[[], str]) -> None:
+    """Run blocking git/helm work off the server's loop; its outcome goes to the log."""
+    try:
+        outcome = await asyncio.to_thread(work)
+    except Exception as error:
+        log.error(
+            "%s of %s by %s failed: %s", what, request.subject, request.actor, mask_url(str(error))
+        )
+        return
+    log.info("%s of %s by %s: %s", what, request.subject, request.actor, outcome)
 
 
 def _outcome(result: PassResult | SourceFailure) -> str:
