@@ -35,9 +35,9 @@ from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, GateHold
-from conveyor.reconcile.once import record_source_failure
+from conveyor.reconcile.once import record_source_failure, source_fetched
 from conveyor.reconcile.report import Metrics
-from conveyor.reconcile.status import NAMESPACE, SOURCE_KIND, STALLED, AppStatus
+from conveyor.reconcile.status import NAMESPACE, STALLED
 from conveyor.reconcile.target import (
     ResolvedTarget,
     Target,
@@ -316,17 +316,7 @@ class Agent:
             self.metrics.revision.labels(engine.options.scope, resolved.revision).set(1)
         self.last_revision = resolved.revision
         self.passes += 1
-        await engine.store.save(
-            AppStatus(
-                scope=resolved.scope,
-                app="",
-                kind=SOURCE_KIND,
-                state="Ready",
-                reason="Fetched",
-                message=f"{self.target.repo}@{resolved.checkout.branch}",
-                revision=resolved.revision,
-            )
-        )
+        await engine.store.save(source_fetched(self.target, resolved))
         ready = sum(s.ready for s in result.statuses.values())
         stalled = [n for n, s in result.statuses.items() if s.state == STALLED]
         held = f", waiting for gate {result.held.gate}" if result.held else ""

@@ -11,6 +11,7 @@ from conveyor.reconcile.engine import Engine, EngineOptions, PassResult
 from conveyor.reconcile.plan import AppPlan, plan_environment
 from conveyor.reconcile.status import SOURCE_KIND, STALLED, AppStatus, StatusStore
 from conveyor.reconcile.target import (
+    ResolvedTarget,
     Target,
     build_renderer,
     discover_target,
@@ -68,24 +69,26 @@ async def reconcile_once(
         renderer = build_renderer(resolved, tree, kube, helm)
         say(f"reconciling {len(tree.apps)} apps")
         result = await engine.run_pass(tree, renderer, revision=resolved.revision, only=app)
-        await _store_source(
-            engine.store,
-            AppStatus(
-                scope=resolved.scope,
-                app="",
-                kind=SOURCE_KIND,
-                state="Ready",
-                reason="Fetched",
-                message=f"{target.repo}@{resolved.checkout.branch}",
-                revision=resolved.revision,
-            ),
-        )
+        await _store_source(engine.store, source_fetched(target, resolved))
         return result
     finally:
         await engine.close()
         await kube.aclose()
         # One pass then exit: give queued notifications a bounded chance to go out.
         await notifier.close(grace=notify_grace)
+
+
+def source_fetched(target: Target, resolved: ResolvedTarget) -> AppStatus:
+    """The source's own status after a good fetch: which repo, branch and revision."""
+    return AppStatus(
+        scope=resolved.scope,
+        app="",
+        kind=SOURCE_KIND,
+        state="Ready",
+        reason="Fetched",
+        message=f"{target.repo}@{resolved.checkout.branch}",
+        revision=resolved.revision,
+    )
 
 
 async def _store_source(store: StatusStore, status: AppStatus) -> None:
