@@ -90,10 +90,11 @@ def test_actions_plug_in_with_one_function() -> None:
 
     defaults = default_registry()
     status = AppStatus(scope="dev", app="api")
-    assert [a.name for a in defaults.for_app(status)] == ["reconcile", "suspend"]
+    shared = ["promote", "approve", "rollback"]
+    assert [a.name for a in defaults.for_app(status)] == ["reconcile", "suspend", *shared]
     status.suspended = True
-    assert [a.name for a in defaults.for_app(status)] == ["reconcile", "resume"]
-    assert [a.name for a in defaults.for_environment()] == ["reconcile"]
+    assert [a.name for a in defaults.for_app(status)] == ["reconcile", "resume", *shared]
+    assert [a.name for a in defaults.for_environment()] == ["reconcile", "promote", "approve"]
 
 
 @pytest.mark.parametrize(
