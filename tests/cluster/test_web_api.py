@@ -109,7 +109,7 @@ def test_app_detail_history_objects_and_events(setup: Setup) -> None:
     assert detail["inventory"] == [
         {"apiVersion": "apps/v1", "kind": "Deployment", "namespace": setup.namespace, "name": "web"}
     ]
-    assert set(detail["actions"]) == {"reconcile", "suspend"}
+    assert set(detail["actions"]) == {"reconcile", "suspend", "promote", "approve", "rollback"}
 
     history = setup.get(setup.app_path("web", "/history")).json()
     assert [(c["change"], c["version"]) for c in history["git"]] == [
@@ -238,7 +238,13 @@ def test_suspend_and_resume_reach_the_cluster_with_who_did_it(setup: Setup) -> N
         lambda: setup.get(setup.app_path("worker")).json()["suspended"], what="suspended status"
     )
     assert cell
-    assert setup.get(setup.app_path("worker")).json()["actions"] == ["reconcile", "resume"]
+    assert setup.get(setup.app_path("worker")).json()["actions"] == [
+        "reconcile",
+        "resume",
+        "promote",
+        "approve",
+        "rollback",
+    ]
     # Suspending twice is not an action that applies.
     again = setup.post(setup.app_path("worker", "/actions/suspend"), headers=setup.serve.auth)
     assert again.status_code == 409
