@@ -97,6 +97,8 @@ def page(site: Site) -> Iterator[Page]:
         yield tab
         context.close()
         browser.close()
+    # Shown by pytest only when the test failed: what the server did meanwhile.
+    print(site.serve.log.read_text()[-6000:])
 
 
 def test_matrix_shows_the_deployed_versions(site: Site, page: Page) -> None:

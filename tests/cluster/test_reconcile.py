@@ -174,6 +174,51 @@ def test_unreachable_remote_leaves_everything_in_place(
     assert web["ready"]
 
 
+def test_plain_app_that_never_becomes_healthy_is_rolled_back_to_the_last_good_revision(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str
+) -> None:
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace, image="web:1.0.0"))
+    good = repo.commit("web 1.0.0")
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+
+    # 1.1.0 cannot schedule anywhere and brings a new ConfigMap along.
+    broken = deployment("web", namespace, image="web:1.1.0").replace(
+        "    spec:\n      containers:",
+        "    spec:\n      nodeSelector: {disk: none}\n      containers:",
+    )
+    assert "nodeSelector" in broken
+    extra = (
+        f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: web-extra, namespace: {namespace}}}\n"
+    )
+    repo.write(f"{env_path}/web/deploy.yaml", broken)
+    repo.write(f"{env_path}/web/extra.yaml", extra)
+    bad = repo.commit("web 1.1.0")
+    code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "6")
+    assert code == 1
+    web = by_name(report)["web"]
+    assert web["state"] == "Stalled" and web["reason"] == "RolledBack", web
+    assert f"rolled back to revision {good[:12]}" in web["message"]
+    live = kubectl_json(sandbox, "get", "deployment", "web", "-n", namespace)
+    assert live is not None
+    pod_spec = live["spec"]["template"]["spec"]
+    assert pod_spec["containers"][0]["image"].endswith("/web:1.0.0")
+    assert "nodeSelector" not in pod_spec
+    # What the failed revision added is gone again, as `helm rollback` would do.
+    assert kubectl_json(sandbox, "get", "configmap", "web-extra", "-n", namespace) is None
+
+    # The failed content is not retried on the next pass ...
+    code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "6")
+    assert code == 1 and report["writes"] == 0
+    assert by_name(report)["web"]["revision"] == bad
+    # ... and a fixed revision is applied afresh, the extra ConfigMap with it.
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace, image="web:1.1.1"))
+    repo.commit("web 1.1.1")
+    code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "60")
+    assert code == 0, report
+    assert by_name(report)["web"]["reason"] == "ReconciliationSucceeded"
+    assert kubectl_json(sandbox, "get", "configmap", "web-extra", "-n", namespace) is not None
+
+
 def test_failed_helm_upgrade_is_rolled_back_and_a_new_revision_is_tried_again(
     sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
 ) -> None:

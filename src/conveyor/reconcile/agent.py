@@ -46,6 +46,7 @@ from conveyor.reconcile.target import (
     fetch_target,
     helm_cli,
     kube_client,
+    past_renders,
 )
 from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
@@ -162,13 +163,15 @@ class Agent:
                 lease_duration=self.options.lease_duration,
                 renew_interval=self.options.lease_duration / 3,
             )
+            helm = helm_cli(resolved)
             engine = Engine(
                 kube,
-                helm_cli(resolved),
+                helm,
                 options=EngineOptions(scope=resolved.scope, timeout=self.options.timeout),
                 metrics=self.metrics,
                 may_write=lambda: elector.is_leader,
                 notifier=self.notifier,
+                render_past=past_renders(resolved, kube, helm),
             )
             while True:  # the apiserver may still be starting: wait for it, do not exit
                 try:

@@ -78,6 +78,9 @@ class GateHold:
 # Called with the apps whose content would change; None lets them through.
 GateCheck = Callable[[list[AppSource]], Awaitable[GateHold | None]]
 
+# Renders app NAME as it was at REVISION: a plain app's last good objects, to roll back to.
+RenderPast = Callable[[str, str], Awaitable[RenderedApp]]
+
 
 @dataclass
 class PassResult:
@@ -108,8 +111,10 @@ class Engine:
         metrics: Metrics | None = None,
         may_write: Callable[[], bool] = lambda: True,
         notifier: Notifier | None = None,
+        render_past: RenderPast | None = None,
     ) -> None:
         self.kube = kube
+        self.render_past = render_past
         self.helm = helm
         self.options = options
         self.live = LiveCache(kube, on_change=self._on_live_change)
@@ -383,12 +388,33 @@ class Engine:
             raise RuntimeError("no reconcile attempt was made")
         status.failed_fingerprint = app.fingerprint
         message = str(last_error)
-        if (
-            app.helm is not None
-            and app.helm.spec.rollback_on_failure
-            and status.last_good_helm_revision
-            and status.release
-        ):
+        try:
+            restored = await self._roll_back(status, app)
+        except (AppFailed, HelmError, RenderError, ApiError, UnknownKindError, OSError) as error:
+            message += f"; rollback failed: {error}"
+        else:
+            if restored is not None:
+                self._set(
+                    status,
+                    STALLED,
+                    "RolledBack",
+                    f"{message}; rolled back to {restored} (retries exhausted for this "
+                    "revision; a new revision is tried again)",
+                )
+                return
+        self._set(status, STALLED, last_error.reason, message)
+
+    async def _roll_back(self, status: AppStatus, app: RenderedApp) -> str | None:
+        """Put back what last worked: the last good Helm revision of a release, or the
+        objects of the last good git revision of a plain app (applied, pruned and verified
+        as a new revision would be). Returns what was restored; None if nothing to do."""
+        if app.helm is not None:
+            if not (
+                app.helm.spec.rollback_on_failure
+                and status.last_good_helm_revision
+                and status.release
+            ):
+                return None
             namespace, release = status.release.split("/", 1)
             try:
                 async with self._helm_slots:
@@ -398,21 +424,22 @@ class Engine:
                         status.last_good_helm_revision,
                         timeout=app.helm.spec.timeout_seconds,
                     )
-                history = await self.helm.history(release, namespace)
-                status.helm_revision = int(history[-1]["revision"]) if history else None
-                self.desired.pop(app.name, None)
-                self._set(
-                    status,
-                    STALLED,
-                    "RolledBack",
-                    f"{message}; rolled back to Helm revision "
-                    f"{status.last_good_helm_revision} (retries exhausted for this "
-                    "revision; a new revision is tried again)",
-                )
-                return
             except HelmError as error:
-                message += f"; rollback failed: {error.message}"
-        self._set(status, STALLED, last_error.reason, message)
+                raise AppFailed("RollbackFailed", error.message) from None
+            history = await self.helm.history(release, namespace)
+            status.helm_revision = int(history[-1]["revision"]) if history else None
+            self.desired.pop(app.name, None)
+            return f"Helm revision {status.last_good_helm_revision}"
+        good = status.last_applied_revision
+        if self.render_past is None or not good or good == status.revision:
+            return None
+        previous = await self.render_past(app.name, good)
+        objects = [labelled(o, app=app.name, scope=self.options.scope) for o in previous.objects]
+        desired = [(await namespaced_ref(self.kube, o), o) for o in objects]
+        async with self._apps:
+            desired = await self._apply(status, previous, objects, desired, True)
+        await self._verify(previous, desired)
+        return f"revision {good[:12]}"
 
     async def _apply(
         self,
@@ -437,6 +464,8 @@ class Engine:
                     await delete_objects(self.kube, gone)
                 except ApplyError as error:
                     raise AppFailed("PruneFailed", str(error)) from None
+            # Applied, healthy or not: a later revision or a rollback prunes from here.
+            status.inventory = sorted(desired_refs)
             self._remember(app.name, desired)
             return desired
         plan = app.helm

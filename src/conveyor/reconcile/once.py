@@ -18,6 +18,7 @@ from conveyor.reconcile.target import (
     fetch_target,
     helm_cli,
     kube_client,
+    past_renders,
 )
 from conveyor.render.discover import app_name
 from conveyor.render.documents import RenderError
@@ -58,6 +59,7 @@ async def reconcile_once(
         helm,
         options=EngineOptions(scope=resolved.scope, timeout=timeout, allow_empty=allow_empty),
         notifier=notifier,
+        render_past=past_renders(resolved, kube, helm),
     )
     try:
         say(f"rendering {resolved.env_path} at {resolved.revision[:12]}")

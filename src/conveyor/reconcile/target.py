@@ -4,9 +4,11 @@ conveyor.yaml), against which cluster. Shared by `reconcile`, `agent`, `diff` an
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +22,14 @@ from conveyor.config.project import (
     load_project,
     safe_relative_path,
 )
+from conveyor.reconcile.engine import RenderPast
 from conveyor.render.charts import ChartResolver
 from conveyor.render.discover import EnvironmentTree, app_name, discover
+from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
-from conveyor.render.render import Renderer, ValuesLookup
+from conveyor.render.render import RenderedApp, Renderer, ValuesLookup
 from conveyor.sandbox.paths import cache_root
-from conveyor.source.git import Checkout, run_git
+from conveyor.source.git import Checkout, export_tree, run_git
 
 
 @dataclass(frozen=True)
@@ -146,11 +150,38 @@ def values_lookup(kube: KubeClient) -> ValuesLookup:
 
 
 def build_renderer(
-    resolved: ResolvedTarget, tree: EnvironmentTree, kube: KubeClient, helm: HelmCLI
+    resolved: ResolvedTarget,
+    tree: EnvironmentTree,
+    kube: KubeClient,
+    helm: HelmCLI,
+    *,
+    root: Path | None = None,
 ) -> Renderer:
+    """A renderer of the checkout (or of `root`, a past revision exported from it)."""
     charts = ChartResolver(cache_root() / "charts", helm, tree.sources)
     charts.cache_dir.mkdir(parents=True, exist_ok=True)
-    return Renderer(resolved.checkout.path, charts=charts, values_lookup=values_lookup(kube))
+    return Renderer(
+        root or resolved.checkout.path, charts=charts, values_lookup=values_lookup(kube)
+    )
+
+
+def past_renders(resolved: ResolvedTarget, kube: KubeClient, helm: HelmCLI) -> RenderPast:
+    """Render one app as it was at an earlier revision of the checkout: the last good
+    objects of a plain app, to roll back to when a new revision never becomes healthy."""
+
+    async def render_past(app: str, revision: str) -> RenderedApp:
+        with tempfile.TemporaryDirectory(prefix="conveyor-past-") as scratch:
+            root = await asyncio.to_thread(
+                export_tree, resolved.checkout.path, revision, Path(scratch)
+            )
+            tree = discover(root, resolved.env_path)
+            source = next((a for a in tree.apps if a.name == app), None)
+            if source is None:
+                raise RenderError(f"app {app} is not in revision {revision[:12]}")
+            renderer = build_renderer(resolved, tree, kube, helm, root=root)
+            return await renderer.render(source)
+
+    return render_past
 
 
 def discover_target(resolved: ResolvedTarget) -> EnvironmentTree:

@@ -30,7 +30,13 @@
       source.close();
       window.location.reload();
     });
-    document.documentElement.dataset.stream = "connected";
+    // A change between the server rendering this page and the stream opening (or while
+    // it was reconnecting) is not replayed: fetch every live region once it is open.
+    source.addEventListener("open", async function () {
+      const regions = document.querySelectorAll("[data-live]");
+      await Promise.all(Array.from(regions, refresh));
+      document.documentElement.dataset.stream = "connected";
+    });
   }
 
   document.addEventListener("submit", function (event) {
