@@ -17,6 +17,7 @@ from conveyor.config.helmrelease import (
 )
 from conveyor.render.discover import discover
 from conveyor.render.documents import RenderError, load_documents
+from conveyor.render.helm import _warnings, parse_manifest
 from conveyor.render.render import merge_values, set_path
 
 V1 = """
@@ -267,3 +268,19 @@ def test_values_merge_like_helm() -> None:
     assert merged == {"image": {"repository": "a", "tag": "2"}, "list": [3]}
     assert base["image"]["tag"] == "1"  # inputs untouched
     assert set_path({}, "db.password", "x") == {"db": {"password": "x"}}
+
+
+def test_helm_manifest_objects_and_warnings_are_read() -> None:
+    manifest = (
+        "---\n# Source: bench/templates/app.yaml\napiVersion: v1\nkind: ServiceAccount\n"
+        "metadata: {name: a}\n---\n# Source: empty.yaml\n---\nnot: an object\n"
+    )
+    assert parse_manifest(manifest) == [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "a"}}
+    ]
+    stderr = (
+        'I1122 01:41:51.272528 21256 warnings.go:107] "Warning: unknown field \\"spec.replcas\\""\n'
+        'Release "bad" has been upgraded.\n'
+    )
+    assert _warnings(stderr) == ['unknown field "spec.replcas"']
+    assert _warnings("Release upgraded\n") == []

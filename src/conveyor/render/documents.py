@@ -17,6 +17,12 @@ Obj = dict[str, Any]
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def load_all(text: str | bytes) -> list[Any]:
+    """Every document of a multi-document YAML text, with libyaml when there is one: for
+    generated output (helm manifests, kustomize builds) where no file and line apply."""
+    return list(yaml.load_all(text, Loader=_Loader))
+
+
 class RenderError(Exception):
     """Rendering one app failed. `file` and `line` say where, when known."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from conveyor.render.documents import Document, RenderError
+from conveyor.render.documents import Document, RenderError, load_all
 
 
 async def render_kustomization(
@@ -26,7 +26,7 @@ async def render_kustomization(
         message = stderr.decode(errors="replace").strip().replace(str(repo_root) + "/", "")
         raise RenderError(f"kustomize build failed: {message}", file=rel)
     try:
-        objects = [o for o in yaml.safe_load_all(stdout) if o]
+        objects = [o for o in load_all(stdout) if o]
     except yaml.YAMLError as error:
         raise RenderError(f"kustomize produced invalid YAML: {error}", file=rel) from None
     return [Document(obj=o, file=rel, line=0) for o in objects]
