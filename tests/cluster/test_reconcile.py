@@ -324,6 +324,14 @@ def test_flux_v2_release_from_oci_with_values_from_and_depends_on(
           url: oci://{sandbox.registry}/v2charts/service
           ref: {{tag: 0.1.0}}
         ---
+        apiVersion: source.toolkit.fluxcd.io/v1
+        kind: HelmChart
+        metadata: {{name: service-range, namespace: {namespace}}}
+        spec:
+          chart: service
+          version: ">=0.1.0 <1.0.0"
+          sourceRef: {{kind: HelmRepository, name: internal}}
+        ---
         apiVersion: image.toolkit.fluxcd.io/v1beta2
         kind: ImagePolicy
         metadata: {{name: api, namespace: {namespace}}}
@@ -366,10 +374,24 @@ def test_flux_v2_release_from_oci_with_values_from_and_depends_on(
           values: {{service: {{enabled: false}}}}
         """,
     )
+    repo.write(
+        f"{env_path}/cache.yaml",
+        f"""
+        apiVersion: helm.toolkit.fluxcd.io/v2
+        kind: HelmRelease
+        metadata: {{name: cache, namespace: {namespace}}}
+        spec:
+          chartRef: {{kind: HelmChart, name: service-range}}
+          values: {{service: {{enabled: false}}}}
+        """,
+    )
     repo.commit()
     code, report = reconcile_json(sandbox, repo, env_path)
     assert code == 0, report
-    assert set(by_name(report)) == {"api", "db"}  # the ImagePolicy is not an app
+    assert set(by_name(report)) == {"api", "db", "cache"}  # the ImagePolicy is not an app
+    releases = json.loads(sandbox.run("helm", "list", "-n", namespace, "-o", "json").stdout)
+    cache = next(r for r in releases if r["name"] == "cache")
+    assert cache["chart"] == "service-0.1.0"  # the range, through the HelmChart
     api = kubectl_json(sandbox, "get", "deployment", "api", "-n", namespace)
     assert api is not None and api["spec"]["replicas"] == 3  # from valuesFrom
     assert api["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/api:0.90.0"

@@ -15,9 +15,10 @@ from conveyor.config.helmrelease import (
     parse_duration,
     parse_helmrelease,
 )
+from conveyor.render.charts import ChartResolver
 from conveyor.render.discover import discover
-from conveyor.render.documents import RenderError, load_documents
-from conveyor.render.helm import _warnings, parse_manifest
+from conveyor.render.documents import Document, RenderError, load_documents
+from conveyor.render.helm import HelmCLI, _warnings, parse_manifest
 from conveyor.render.render import merge_values, set_path
 
 V1 = """
@@ -284,3 +285,32 @@ def test_helm_manifest_objects_and_warnings_are_read() -> None:
     )
     assert _warnings(stderr) == ['unknown field "spec.replcas"']
     assert _warnings("Release upgraded\n") == []
+
+
+def test_chart_ref_to_a_helm_chart_resolves_through_its_source(tmp_path: Path) -> None:
+    def source(kind: str, name: str, spec: dict[str, object]) -> Document:
+        obj = {"kind": kind, "metadata": {"name": name, "namespace": "apps"}, "spec": spec}
+        return Document(obj=obj, file="sources.yaml", line=1)
+
+    sources = {
+        ("HelmRepository", "apps", "internal"): source(
+            "HelmRepository", "internal", {"url": "https://charts.example", "interval": "10m"}
+        ),
+        ("HelmChart", "apps", "svc"): source(
+            "HelmChart",
+            "svc",
+            {
+                "chart": "service",
+                "version": "1.x",
+                "sourceRef": {"kind": "HelmRepository", "name": "internal"},
+            },
+        ),
+        ("HelmChart", "apps", "broken"): source("HelmChart", "broken", {"chart": "service"}),
+    }
+    resolver = ChartResolver(tmp_path, HelmCLI(), sources)
+    chart = resolver._from_source(SourceRef(kind="HelmChart", name="svc", namespace="apps"))
+    assert chart == ChartFromRepository(
+        url="https://charts.example", name="service", version="1.x", refresh_seconds=600.0
+    )
+    with pytest.raises(RenderError, match=r"sources\.yaml:1: HelmChart broken needs spec\.chart"):
+        resolver._from_source(SourceRef(kind="HelmChart", name="broken", namespace="apps"))

@@ -35,12 +35,14 @@ class ChartFromRepository:
     url: str
     name: str
     version: str | None
+    # How long a pull for a version range stays good (Flux: the source's spec.interval).
+    refresh_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
 class SourceRef:
     """A Flux v2 reference to a source object (GitRepository, HelmRepository,
-    OCIRepository) that must be defined in the same config repo."""
+    OCIRepository, or a HelmChart of one of them) defined in the same config repo."""
 
     kind: str
     name: str

@@ -49,7 +49,7 @@ from conveyor.reconcile.status import (
 from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
-from conveyor.render.render import RenderedApp, Renderer
+from conveyor.render.render import HelmPlan, RenderedApp, Renderer
 
 log = logging.getLogger("conveyor.reconcile")
 
@@ -481,22 +481,7 @@ class Engine:
             return desired
         async with self._helm_slots:
             try:
-                if await unlock_pending_release(
-                    self.kube, release=spec.release_name, namespace=spec.target_namespace
-                ):
-                    log.warning(
-                        "%s: release was left pending by an interrupted operation; "
-                        "marked it failed to continue",
-                        app.name,
-                    )
-                release = await self.helm.upgrade_install(
-                    spec.release_name,
-                    spec.target_namespace,
-                    plan.chart.path,
-                    plan.values,
-                    timeout=spec.timeout_seconds,
-                    description=f"conveyor {status.revision[:12]}",
-                )
+                release = await self._upgrade_install(app.name, plan, status.revision)
             except HelmError as error:
                 status.helm_revision = await self._current_helm_revision(spec)
                 raise AppFailed("UpgradeFailed", error.message) from None
@@ -507,6 +492,36 @@ class Engine:
         full = [(r, o) for r, o in desired if o in objects] + helm_desired
         self._remember(app.name, full)
         return full
+
+    async def _upgrade_install(self, app: str, plan: HelmPlan, revision: str) -> dict[str, Any]:
+        spec = plan.spec
+
+        async def upgrade_install() -> dict[str, Any]:
+            return await self.helm.upgrade_install(
+                spec.release_name,
+                spec.target_namespace,
+                plan.chart.path,
+                plan.values,
+                timeout=spec.timeout_seconds,
+                description=f"conveyor {revision[:12]}",
+            )
+
+        try:
+            return await upgrade_install()
+        except HelmError as error:
+            # A crash mid-operation leaves the release pending-*, and helm refuses it until
+            # that revision is marked failed. Looked at only when helm says so, so that the
+            # usual upgrade costs no extra API call.
+            if "another operation" not in error.message or not await unlock_pending_release(
+                self.kube, release=spec.release_name, namespace=spec.target_namespace
+            ):
+                raise
+        log.warning(
+            "%s: release was left pending by an interrupted operation; marked it failed "
+            "to continue",
+            app,
+        )
+        return await upgrade_install()
 
     async def _current_helm_revision(self, spec: Any) -> int | None:
         history = await self.helm.history(spec.release_name, spec.target_namespace)

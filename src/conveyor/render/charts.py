@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +23,10 @@ import yaml
 from conveyor.config.helmrelease import (
     ChartFromGit,
     ChartFromRepository,
+    HelmReleaseError,
     HelmReleaseSpec,
     SourceRef,
+    parse_duration,
 )
 from conveyor.render.documents import Document, RenderError
 from conveyor.render.helm import HelmCLI, HelmError
@@ -78,6 +82,29 @@ class ChartResolver:
                 f"{ref.kind} {ref.namespace}/{ref.name} is not defined in the repository"
             )
         spec = source.obj.get("spec") or {}
+        if ref.kind == "HelmChart":
+            # `chartRef: {kind: HelmChart}`: the HelmChart names the chart, its version and
+            # the repository (or git source) it comes from.
+            chart_source = spec.get("sourceRef") or {}
+            if (
+                not spec.get("chart")
+                or not chart_source.get("kind")
+                or not chart_source.get("name")
+            ):
+                raise RenderError(
+                    f"HelmChart {ref.name} needs spec.chart and spec.sourceRef.kind/name",
+                    file=source.file,
+                    line=source.line,
+                )
+            return self._from_source(
+                SourceRef(
+                    kind=str(chart_source["kind"]),
+                    name=str(chart_source["name"]),
+                    namespace=ref.namespace,
+                    chart=str(spec["chart"]),
+                    version=str(spec["version"]) if spec.get("version") else None,
+                )
+            )
         url = str(spec.get("url") or "")
         if not url:
             raise RenderError(
@@ -92,15 +119,26 @@ class ChartResolver:
                 or "master"
             )
             return ChartFromGit(url=url, ref=str(git_ref), path=str(ref.chart or "."))
+        try:
+            refresh = parse_duration(spec.get("interval"), default=300.0)
+        except HelmReleaseError as error:
+            raise RenderError(
+                f"{ref.kind} {ref.name}: {error}", file=source.file, line=source.line
+            ) from None
         if ref.kind == "HelmRepository":
             if spec.get("type") == "oci" and not url.startswith("oci://"):
                 url = "oci://" + url
-            return ChartFromRepository(url=url, name=str(ref.chart), version=ref.version)
+            return ChartFromRepository(
+                url=url, name=str(ref.chart), version=ref.version, refresh_seconds=refresh
+            )
         if ref.kind == "OCIRepository":
             version = source_ref.get("tag") or source_ref.get("semver") or ref.version
             base, _, name = url.rstrip("/").rpartition("/")
             return ChartFromRepository(
-                url=base, name=name, version=str(version) if version else None
+                url=base,
+                name=name,
+                version=str(version) if version else None,
+                refresh_seconds=refresh,
             )
         raise RenderError(
             f"charts from {ref.kind} are not supported", file=source.file, line=source.line
@@ -141,7 +179,14 @@ class ChartResolver:
         exact = bool(chart.version and _EXACT_VERSION.match(chart.version))
         key = hashlib.sha256(f"{chart.url}|{chart.name}|{chart.version}".encode()).hexdigest()
         cached = self.cache_dir / "charts" / f"repo-{key[:24]}"
-        if not (exact and cached.exists()):
+        # An exact version never changes; a range (or latest) is asked again once the
+        # source's interval has passed, not on every pass.
+        fresh = (
+            cached.exists()
+            and any(cached.glob("*.tgz"))
+            and (exact or time.time() - cached.stat().st_mtime < chart.refresh_seconds)
+        )
+        if not fresh:
             scratch = Path(tempfile.mkdtemp(dir=self.cache_dir))
             try:
                 if chart.url.startswith("oci://"):
@@ -161,6 +206,7 @@ class ChartResolver:
             for old in cached.glob("*.tgz"):
                 old.unlink()
             archive.rename(cached / archive.name)
+            os.utime(cached)  # the pull's time, for the refresh interval
             shutil.rmtree(scratch, ignore_errors=True)
         archive = next(cached.glob("*.tgz"))
         digest = hashlib.sha256(archive.read_bytes()).hexdigest()
