@@ -324,7 +324,12 @@ def main() -> int:
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument("--helm-sizes", default="10,100,1000")
     parser.add_argument("--results", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument(
+        "--no-peers", action="store_true", help="conveyor only (while tuning; no ratios)"
+    )
     args = parser.parse_args()
+    if args.no_peers and args.results:
+        parser.error("--results needs the peers: ratios are measured in the same run")
     sandbox = Sandbox("bench-agent")
     state = sandbox.up()
     env = {
@@ -351,9 +356,10 @@ def main() -> int:
 
             row = bench.measure_agent(f"plain-{n}", bare, repo, "apps", n, change_plain)
             bench.cleanup(ns)
-            row["peer_s"] = bench.kubectl_floor(n, f"kubectl-{n}")
-            row["peer"] = "kubectl apply --server-side + wait"
-            bench.cleanup(f"kubectl-{n}")
+            if not args.no_peers:
+                row["peer_s"] = bench.kubectl_floor(n, f"kubectl-{n}")
+                row["peer"] = "kubectl apply --server-side + wait"
+                bench.cleanup(f"kubectl-{n}")
             results.append(row)
             print_row(row)
         charts_bare, charts = bench.git_repo("charts")
@@ -382,9 +388,10 @@ def main() -> int:
 
             row = bench.measure_agent(f"helm-{n}", bare, repo, "releases", n, change_helm)
             bench.cleanup(ns)
-            row["peer_s"] = bench.helm_loop(n, f"helmloop-{n}", chart)
-            row["peer"] = "sequential helm upgrade --install --wait"
-            bench.cleanup(f"helmloop-{n}")
+            if not args.no_peers:
+                row["peer_s"] = bench.helm_loop(n, f"helmloop-{n}", chart)
+                row["peer"] = "sequential helm upgrade --install --wait"
+                bench.cleanup(f"helmloop-{n}")
             results.append(row)
             print_row(row)
     finally:
@@ -396,12 +403,14 @@ def main() -> int:
 
 
 def print_row(row: dict[str, object]) -> None:
-    ratio = float(row["peer_s"]) / float(row["ready_s"])  # type: ignore[arg-type]
+    peer = ""
+    if "peer_s" in row:
+        ratio = float(row["peer_s"]) / float(row["ready_s"])  # type: ignore[arg-type]
+        peer = f" | {row['peer']} {row['peer_s']:.1f}s → conveyor is {ratio:.2f}x the peer's speed"
     print(
         f"{row['label']:>10}: all Ready {row['ready_s']:.1f}s ({row['first_writes']} writes) "
         f"| no-op {row['noop_s']:.2f}s, {row['noop_writes']} writes "
-        f"| one change {row['change_s']:.2f}s | RSS {row['rss_mib']:.0f} MiB "
-        f"| {row['peer']} {row['peer_s']:.1f}s → conveyor is {ratio:.2f}x the peer's speed",
+        f"| one change {row['change_s']:.2f}s | RSS {row['rss_mib']:.0f} MiB{peer}",
         flush=True,
     )
 

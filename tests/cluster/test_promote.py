@@ -50,9 +50,17 @@ class Clusters:
     production: SandboxHandle
 
     def env(self) -> dict[str, str]:
-        """For conveyor: the tools on PATH, no default cluster (conveyor.yaml names them)."""
-        env = {k: v for k, v in self.staging.env.items() if k != "KUBECONFIG"}
-        return {**env, **CREDENTIALS}
+        """For conveyor: the tools on PATH and a $KUBECONFIG of a third cluster, so that
+        every command proves it goes to the cluster conveyor.yaml names, not $KUBECONFIG."""
+        return {**self.staging.env, "KUBECONFIG": str(self.decoy), **CREDENTIALS}
+
+    @property
+    def decoy(self) -> Path:
+        """A kubeconfig of a cluster that is not there (port 9 on loopback)."""
+        path = self.staging.sandbox.layout.root / "decoy-kubeconfig"
+        config = self.staging.sandbox.kubeconfig.read_text()
+        path.write_text(re.sub(r"https://127\.0\.0\.1:\d+", "https://127.0.0.1:9", config))
+        return path
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
-from conveyor.cli.reconcile import RepoOption, status_table
+from conveyor.cli.reconcile import ContextOption, KubeconfigOption, RepoOption, status_table
 from conveyor.cluster.kubeconfig import KubeconfigError
 from conveyor.config.helmrelease import HelmReleaseError, parse_duration
 from conveyor.config.project import ConfigError
@@ -33,11 +33,6 @@ from conveyor.source.git import Author, GitError, PushRaceLost, mask_url
 AuthorNameOption = typer.Option(Author.name, "--author-name", help="Commit author name.")
 AuthorEmailOption = typer.Option(Author.email, "--author-email", help="Commit author email.")
 BAD_INPUT = (PromotionError, ConfigError, VersionError, TemplateError, HelmReleaseError)
-# Not read from $KUBECONFIG: each environment's cluster is the one conveyor.yaml names.
-KubeconfigOption = typer.Option(
-    None, "--kubeconfig", help="Apply with this kubeconfig instead of the environment's."
-)
-ContextOption = typer.Option(None, "--context", help="Instead of the environment's context.")
 
 
 class Mode(StrEnum):

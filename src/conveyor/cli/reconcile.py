@@ -46,8 +46,15 @@ RepoOption = typer.Option(..., "--repo", help="Config repository URL or path.")
 BranchOption = typer.Option(None, "--branch", help="Branch (default: the repo's HEAD).")
 PathOption = typer.Option(None, "--path", help="Folder of the repo to reconcile.")
 EnvOption = typer.Option(None, "--env", help="Environment named in conveyor.yaml.")
-KubeconfigOption = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG")
-ContextOption = typer.Option(None, "--context", help="kubeconfig context.")
+# $KUBECONFIG is the fallback, never an override of the cluster conveyor.yaml names.
+KubeconfigOption = typer.Option(
+    None,
+    "--kubeconfig",
+    help="kubeconfig file (default: the environment's in conveyor.yaml, else $KUBECONFIG).",
+)
+ContextOption = typer.Option(
+    None, "--context", help="kubeconfig context (default: the environment's)."
+)
 
 STATE_STYLE = {READY: "green", STALLED: "red"}
 
