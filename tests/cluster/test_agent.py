@@ -189,6 +189,16 @@ def test_kubectl_edit_of_a_managed_field_is_corrected_and_warn_mode_only_reports
         sandbox.run("helm", "history", "charted", "-n", namespace, "-o", "json").stdout
     )
     assert len(history) == 1  # corrected in place, without a new Helm revision
+    scope = path.replace("/", "-")
+
+    def fixed_status() -> dict[str, str]:
+        found = kubectl_json(
+            sandbox, "get", "conveyorapp", f"{scope}.fixed", "-n", "conveyor-system"
+        )
+        return dict((found or {}).get("status", {}))
+
+    applied_at = fixed_status()["lastAppliedTime"]
+    time.sleep(1.1)  # a new time would differ in its seconds
     sandbox.run("kubectl", "scale", "deployment", "fixed", "-n", namespace, "--replicas=5")
     sandbox.run("kubectl", "scale", "deployment", "watched", "-n", namespace, "--replicas=5")
     wait_for(
@@ -196,7 +206,13 @@ def test_kubectl_edit_of_a_managed_field_is_corrected_and_warn_mode_only_reports
         timeout=10,
         what="drift to be corrected from the watch",
     )
-    scope = path.replace("/", "-")
+    corrected = wait_for(
+        lambda: (s := fixed_status()).get("reason") == "DriftCorrected" and s,
+        timeout=10,
+        what="the correction to be reported",
+    )
+    # The same content was put back: soak time still counts from the first apply.
+    assert corrected["lastAppliedTime"] == applied_at
 
     def watched_status() -> dict[str, str] | None:
         status = kubectl_json(

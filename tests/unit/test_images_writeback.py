@@ -411,3 +411,29 @@ def test_commit_message() -> None:
     )
     with pytest.raises(MessageTemplateError, match="fields"):
         check_template("release {image}")
+
+
+def test_setters_outside_the_update_path_of_an_image_update_automation_stay(
+    tmp_path: Path,
+) -> None:
+    policies = SETTERS.split("---\napiVersion: apps/v1")[0]
+    deploy = 'image: ghcr.io/org/app:1.0.0 # {"$imagepolicy": "flux-system:app"}\n'
+    write(tmp_path, "flux/policies.yaml", policies)
+    write(tmp_path, "clusters/prod/app.yaml", deploy)
+    write(tmp_path, "clusters/production/app.yaml", deploy)
+    write(tmp_path, "clusters/staging/app.yaml", deploy)
+    [app] = discover(tmp_path).automations
+    assert sorted(s.file for s in app.sites) == [
+        "clusters/prod/app.yaml",
+        "clusters/production/app.yaml",
+        "clusters/staging/app.yaml",
+    ]
+    write(
+        tmp_path,
+        "flux/automation.yaml",
+        "apiVersion: image.toolkit.fluxcd.io/v1beta2\nkind: ImageUpdateAutomation\n"
+        "metadata: {name: prod, namespace: flux-system}\n"
+        "spec:\n  update: {path: ./clusters/prod/, strategy: Setters}\n",
+    )
+    [app] = discover(tmp_path).automations
+    assert [s.file for s in app.sites] == ["clusters/prod/app.yaml"]

@@ -12,7 +12,8 @@ Two conventions are read as the teams wrote them:
   point. Workloads (Deployment, StatefulSet, DaemonSet, CronJob) name their containers.
 - Flux v2: ImageRepository and ImagePolicy objects, and setter comments
   `# {"$imagepolicy": "NS:NAME"}` (the whole `repo:tag`), `NS:NAME:tag` and `NS:NAME:name`
-  on any YAML line, in any file under the scanned folder.
+  on any YAML line, in any file under the scanned folder (and, when the repo has
+  ImageUpdateAutomation objects, under one of their `spec.update.path`s, as Flux writes).
 
 Discovery only reads; `Watch` is what the registry is asked, `Site` where an answer goes.
 """
@@ -338,6 +339,7 @@ def discover(root: Path, folder: str = ".") -> Discovery:
     found = Discovery()
     repositories: dict[tuple[str, str], _Object] = {}
     policies: list[_Object] = []
+    update_paths: list[str] = []
     setters: list[tuple[str, str, Scalar]] = []
     for path in yaml_files(root, folder):
         file = path.relative_to(root).as_posix()
@@ -359,6 +361,11 @@ def discover(root: Path, folder: str = ".") -> Discovery:
             policy = _flux_v2_object(document, file, "ImagePolicy")
             if policy:
                 policies.append(policy)
+            updater = _flux_v2_object(document, file, "ImageUpdateAutomation")
+            if updater:
+                update = updater.spec.get("update")
+                where = update.get("path") if isinstance(update, dict) else None
+                update_paths.append(_repo_path(str(where or ".")))
         setters.extend((file, s.reference, s.scalar) for s in setter_comments(text, documents))
     by_reference: dict[str, Automation] = {}
     for policy in policies:
@@ -369,6 +376,8 @@ def discover(root: Path, folder: str = ".") -> Discovery:
             found.automations.append(result)
             by_reference[f"{policy.namespace}:{policy.name}"] = result
     for file, reference, scalar in setters:
+        if update_paths and not any(_under(file, path) for path in update_paths):
+            continue  # the repo's ImageUpdateAutomations write only under their update.path
         parts = reference.split(":")
         form = (
             _SETTER_FORMS.get(parts[2] if len(parts) == 3 else "") if len(parts) in (2, 3) else None
@@ -380,3 +389,13 @@ def discover(root: Path, folder: str = ".") -> Discovery:
             continue
         automation.sites.append(Site(file, scalar, form))
     return found
+
+
+def _repo_path(path: str) -> str:
+    """`./clusters/prod/` as Flux writes it → `clusters/prod`; the root is ``."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return "/".join(parts)
+
+
+def _under(file: str, folder: str) -> bool:
+    return not folder or file == folder or file.startswith(folder + "/")

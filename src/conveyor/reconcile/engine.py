@@ -50,6 +50,7 @@ from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
 from conveyor.render.render import HelmPlan, RenderedApp, Renderer
+from conveyor.source.git import GitError
 
 log = logging.getLogger("conveyor.reconcile")
 
@@ -366,7 +367,10 @@ class Engine:
             status.failures = 0
             status.failed_fingerprint = None
             status.drift = None
-            status.last_applied_time = now()
+            if new_content or status.last_applied_time is None:
+                # A drift correction puts the same content back: the version has run since
+                # it was first applied, which is what soak gates count from.
+                status.last_applied_time = now()
             status.last_applied_revision = status.revision
             # Helm owns its release's objects; the inventory holds what conveyor applied.
             status.inventory = sorted(ref for ref, obj in desired if obj in objects)
@@ -390,7 +394,15 @@ class Engine:
         message = str(last_error)
         try:
             restored = await self._roll_back(status, app)
-        except (AppFailed, HelmError, RenderError, ApiError, UnknownKindError, OSError) as error:
+        except (
+            AppFailed,
+            GitError,
+            HelmError,
+            RenderError,
+            ApiError,
+            UnknownKindError,
+            OSError,
+        ) as error:
             message += f"; rollback failed: {error}"
         else:
             if restored is not None:
