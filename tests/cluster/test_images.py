@@ -170,7 +170,7 @@ def test_scan_reports_without_writing(images: str, tmp_path: Path) -> None:
         "HelmRelease worker-default/worker python": ("1.4.0", "1.4.3", "update"),
         "ImagePolicy ui-production:ui": ("0.90.0", "1.0.0", "update"),
     }
-    assert rows["ImagePolicy ui-production:ui"]["sites"] == ["production/ui.yaml:34"]
+    assert rows["ImagePolicy ui-production:ui"]["sites"] == ["production/ui.yaml:48"]
     assert log(repo) == ["config"]
 
 
