@@ -446,6 +446,8 @@ class Engine:
         if self.render_past is None or not good or good == status.revision:
             return None
         previous = await self.render_past(app.name, good)
+        if previous.empty:  # never prune a whole app on the way back
+            raise AppFailed("RollbackFailed", f"revision {good[:12]} renders no objects")
         objects = [labelled(o, app=app.name, scope=self.options.scope) for o in previous.objects]
         desired = [(await namespaced_ref(self.kube, o), o) for o in objects]
         async with self._apps:

@@ -204,6 +204,10 @@ def component_specs(
                 f"--secure-port={ports['scheduler']}",
                 f"--cert-dir={layout.root / 'scheduler'}",
                 "--leader-elect=false",
+                # As for the controller-manager: the client defaults (50 QPS) would pace
+                # the binding of a thousand Pods, not the machine.
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
                 "--profiling=false",
             ],
             Health(f"https://127.0.0.1:{ports['scheduler']}/healthz", "insecure"),
