@@ -116,7 +116,7 @@ def kube_client(
 ) -> KubeClient:
     path = kubeconfig_path or (resolved.kubeconfig if resolved else None)
     ctx = context or (resolved.context if resolved else None)
-    return KubeClient(kubeconfig.load(path, context=ctx), max_connections=64)
+    return KubeClient(kubeconfig.load(path, context=ctx), max_connections=16)
 
 
 def helm_cli(
