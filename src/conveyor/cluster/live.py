@@ -44,6 +44,13 @@ class LiveCache:
             self._watches[key] = asyncio.create_task(self._run(api_version, kind))
         await self._ready[key].wait()
 
+    def seed(self, written: list[Obj]) -> None:
+        """Objects as a write returned them, so that a health check right after the write
+        never judges the copy from before it (its watch event may still be on the way)."""
+        for obj in written:
+            if self.watched(str(obj.get("apiVersion")), str(obj.get("kind"))):
+                self._store(ObjectRef.of(obj), obj, notify=False)
+
     async def refresh(self, ref: ObjectRef) -> Obj | None:
         """Read one object now (after a write), updating the cache."""
         live = await self.kube.get(
@@ -65,9 +72,7 @@ class LiveCache:
         if obj is None:
             self._objects.pop(ref.key(), None)
         else:
-            if old is not None and old.get("metadata", {}).get("resourceVersion") == obj.get(
-                "metadata", {}
-            ).get("resourceVersion"):
+            if old is not None and not _newer(obj, old):
                 return
             self._objects[ref.key()] = obj
         if notify and self.on_change is not None:
@@ -121,3 +126,13 @@ class LiveCache:
                 log.warning("watch of %s %s interrupted: %s; retrying", api_version, kind, error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
+
+
+def _newer(obj: Obj, old: Obj) -> bool:
+    """Whether `obj` is a later version than `old`. etcd's resource versions only grow;
+    when they are not numbers (another storage), any different version counts as newer."""
+    new_version = str(obj.get("metadata", {}).get("resourceVersion", ""))
+    old_version = str(old.get("metadata", {}).get("resourceVersion", ""))
+    if new_version.isdigit() and old_version.isdigit():
+        return int(new_version) > int(old_version)
+    return new_version != old_version

@@ -465,7 +465,7 @@ class Engine:
     ) -> list[tuple[ObjectRef, Obj]]:
         self._set(status, RECONCILING, "Progressing", f"applying revision {status.revision[:12]}")
         try:
-            await apply_objects(self.kube, objects)
+            self.live.seed(await apply_objects(self.kube, objects))
         except ApplyError as error:
             raise AppFailed("ApplyFailed", str(error)) from None
         desired_refs = [ref for ref, _ in desired]
@@ -489,7 +489,9 @@ class Engine:
             # Drift in a Helm release: put the drifted objects back with server-side apply,
             # without a new Helm revision.
             try:
-                await apply_objects(self.kube, [o for _, o in desired if o not in objects])
+                self.live.seed(
+                    await apply_objects(self.kube, [o for _, o in desired if o not in objects])
+                )
             except ApplyError as error:
                 raise AppFailed("DriftCorrectionFailed", str(error)) from None
             return desired
