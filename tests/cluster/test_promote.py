@@ -138,6 +138,19 @@ class Pipeline:
             timeout=timeout,
         )
 
+    def promote(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        """`conveyor promote` from staging to production, with `extra` options."""
+        return self.conveyor(
+            "promote",
+            "--repo",
+            self.repo.url,
+            "--from",
+            self.staging,
+            "--to",
+            self.production,
+            *extra,
+        )
+
     def reconcile(self, env: str) -> dict[str, Any]:
         result = self.conveyor("reconcile", "--repo", self.repo.url, "--env", env, "-o", "json")
         assert result.returncode == 0, result.stdout + result.stderr
@@ -210,16 +223,7 @@ def test_a_version_promoted_from_staging_reaches_production_with_its_own_setting
     pipeline.reconcile(pipeline.production)
     assert pipeline.image(pipeline.production) == "registry.local/ui:1.0.0"
     started = time.monotonic()
-    result = pipeline.conveyor(
-        "promote",
-        "--repo",
-        pipeline.repo.url,
-        "--from",
-        pipeline.staging,
-        "--to",
-        pipeline.production,
-        "--apply",
-    )
+    result = pipeline.promote("--apply")
     seconds = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     print(f"promote + apply in production: {seconds:.1f}s")
@@ -252,17 +256,8 @@ def test_the_queue_gate_holds_the_promotion_until_a_consumer_drains_it(
     sqs.send("us-east-2", QUEUE, 2)
     running = sqs.take("us-east-2", QUEUE)  # a job is running: its message is in flight
     sqs.send("us-east-2", QUEUE, 1)
-    promote = [
-        "promote",
-        "--repo",
-        pipeline.repo.url,
-        "--from",
-        pipeline.staging,
-        "--to",
-        pipeline.production,
-    ]
     before = pipeline.head()
-    timed_out = pipeline.conveyor(*promote, "--gate-timeout", "3s", "--apply")
+    timed_out = pipeline.promote("--gate-timeout", "3s", "--apply")
     assert timed_out.returncode == 1, timed_out.stdout + timed_out.stderr
     message = " ".join(timed_out.stderr.split())
     assert f"gate queue-empty closed: queue {QUEUE} in us-east-2 has 3 messages" in message
@@ -271,7 +266,7 @@ def test_the_queue_gate_holds_the_promotion_until_a_consumer_drains_it(
     assert pipeline.image(pipeline.production) == "registry.local/ui:1.0.0"
     consumer = sqs.drain_later("us-east-2", QUEUE, after=4.0, running=tuple(running))
     started = time.monotonic()
-    result = pipeline.conveyor(*promote, "--apply")
+    result = pipeline.promote("--apply")
     waited = time.monotonic() - started
     consumer.join()
     assert result.returncode == 0, result.stdout + result.stderr
@@ -370,14 +365,7 @@ def test_branch_mode_writes_a_candidate_branch_with_the_rendered_diff(
     pipeline.reconcile(pipeline.production)
     before = pipeline.head()
     diff = tmp_path / "diff.md"
-    result = pipeline.conveyor(
-        "promote",
-        "--repo",
-        pipeline.repo.url,
-        "--from",
-        pipeline.staging,
-        "--to",
-        pipeline.production,
+    result = pipeline.promote(
         "--mode",
         "branch",
         "--outfile",
@@ -402,16 +390,7 @@ def test_branch_mode_writes_a_candidate_branch_with_the_rendered_diff(
 def test_rollback_restores_the_previous_version_in_git_and_the_cluster(pipeline: Pipeline) -> None:
     pipeline.setup()
     pipeline.reconcile(pipeline.production)
-    promote = pipeline.conveyor(
-        "promote",
-        "--repo",
-        pipeline.repo.url,
-        "--from",
-        pipeline.staging,
-        "--to",
-        pipeline.production,
-        "--apply",
-    )
+    promote = pipeline.promote("--apply")
     assert promote.returncode == 0, promote.stdout + promote.stderr
     assert pipeline.image(pipeline.production) == "registry.local/ui:1.1.0"
     started = time.monotonic()
@@ -516,15 +495,7 @@ def test_approval_soak_and_healthy_gates(pipeline: Pipeline) -> None:
     healthy = check("1.1.0")["healthy"]
     assert healthy["state"] == "closed"
     assert healthy["message"].startswith(f"{pipeline.staging}: broken is Stalled (RenderFailed)")
-    promote = pipeline.conveyor(
-        "promote",
-        "--repo",
-        pipeline.repo.url,
-        "--from",
-        pipeline.staging,
-        "--to",
-        pipeline.production,
-    )
+    promote = pipeline.promote()
     assert promote.returncode == 1 and "gate healthy closed" in promote.stderr
 
 
