@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -339,7 +339,7 @@ def discover(root: Path, folder: str = ".") -> Discovery:
     found = Discovery()
     repositories: dict[tuple[str, str], _Object] = {}
     policies: list[_Object] = []
-    update_paths: list[str] = []
+    update_paths: list[PurePosixPath] = []
     setters: list[tuple[str, str, Scalar]] = []
     for path in yaml_files(root, folder):
         file = path.relative_to(root).as_posix()
@@ -365,7 +365,7 @@ def discover(root: Path, folder: str = ".") -> Discovery:
             if updater:
                 update = updater.spec.get("update")
                 where = update.get("path") if isinstance(update, dict) else None
-                update_paths.append(_repo_path(str(where or ".")))
+                update_paths.append(PurePosixPath(str(where or ".")))
         setters.extend((file, s.reference, s.scalar) for s in setter_comments(text, documents))
     by_reference: dict[str, Automation] = {}
     for policy in policies:
@@ -376,7 +376,7 @@ def discover(root: Path, folder: str = ".") -> Discovery:
             found.automations.append(result)
             by_reference[f"{policy.namespace}:{policy.name}"] = result
     for file, reference, scalar in setters:
-        if update_paths and not any(_under(file, path) for path in update_paths):
+        if update_paths and not any(PurePosixPath(file).is_relative_to(p) for p in update_paths):
             continue  # the repo's ImageUpdateAutomations write only under their update.path
         parts = reference.split(":")
         form = (
@@ -389,13 +389,3 @@ def discover(root: Path, folder: str = ".") -> Discovery:
             continue
         automation.sites.append(Site(file, scalar, form))
     return found
-
-
-def _repo_path(path: str) -> str:
-    """`./clusters/prod/` as Flux writes it → `clusters/prod`; the root is ``."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    return "/".join(parts)
-
-
-def _under(file: str, folder: str) -> bool:
-    return not folder or file == folder or file.startswith(folder + "/")
