@@ -218,9 +218,12 @@ def _warnings(stderr: str) -> list[str]:
     `I1122 ... warnings.go:107] "Warning: unknown field \\"spec.replcas\\""`."""
     found = []
     for line in stderr.splitlines():
-        if "Warning: " in line:
-            text = line.split("Warning: ", 1)[1].replace('\\"', '"')
-            found.append(text[:-1] if text.endswith('"') and text.count('"') % 2 else text)
+        if "Warning: " not in line:
+            continue
+        text = line.split("Warning: ", 1)[1]
+        if '"Warning: ' in line:  # klog's quoted form: unquote it
+            text = text.removesuffix('"').replace('\\"', '"')
+        found.append(text)
     return found
 
 
