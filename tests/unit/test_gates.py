@@ -48,6 +48,7 @@ def context(project: Project, root: Path, versions: dict[str, str] | None = None
         approvals_root=root,
         kube=no_cluster,
         version_at=lambda _env, _app, _rev: None,
+        repository=str(root),
     )
 
 

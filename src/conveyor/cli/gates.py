@@ -41,6 +41,7 @@ def _check(repo: str, env: str, version: str | None, app_name: str | None) -> li
             approvals_root=root,
             kube=cluster_client,
             version_at=workspace.version_at,
+            repository=workspace.url,
         )
         return asyncio.run(check_gates(context))
 

@@ -35,7 +35,14 @@ from conveyor.reconcile.engine import PassResult
 from conveyor.reconcile.logs import configure as configure_logging
 from conveyor.reconcile.once import SourceFailure, plan_target, reconcile_once
 from conveyor.reconcile.plan import AppPlan, render_markdown, render_text
-from conveyor.reconcile.status import READY, SOURCE_KIND, STALLED, AppStatus, StatusStore
+from conveyor.reconcile.status import (
+    READY,
+    SOURCE_KIND,
+    STALLED,
+    AppStatus,
+    StatusError,
+    StatusStore,
+)
 from conveyor.reconcile.target import Target, kube_client
 from conveyor.render.discover import app_name
 from conveyor.render.documents import RenderError
@@ -179,20 +186,40 @@ def get_apps(
     console.print(status_table(statuses, title="apps"))
 
 
-def _set_suspended(
-    app: str, scope: str, suspended: bool, kubeconfig: str | None, context: str | None
-) -> None:
-    async def run() -> None:
+def _request(
+    app: str,
+    environment: str,
+    kubeconfig: str | None,
+    context: str | None,
+    *,
+    suspended: bool | None = None,
+    adopt_from: str | None = None,
+) -> str:
+    """Record a person's request on the app's status, for its environment's writer.
+    Returns the scope of the environment that has the app."""
+
+    async def run() -> str:
         async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
             store = StatusStore(kube)
             await store.install()
-            await store.set_suspended(app_name(scope), app, suspended)
+            status = await store.find_app(app_name(environment), app)
+            if suspended is not None:
+                await store.set_suspended(status.scope, app, suspended)
+            if adopt_from is not None:
+                await store.set_adopt_from(status.scope, app, adopt_from)
+            return status.scope
 
     try:
-        asyncio.run(run())
-    except (KubeconfigError, ApiError, OSError) as error:
+        return asyncio.run(run())
+    except (KubeconfigError, ApiError, StatusError, OSError) as error:
         fail(str(error))
-    console.print(f"{app} {'suspended' if suspended else 'resumed'} in {scope}")
+
+
+def _set_suspended(
+    app: str, scope: str, suspended: bool, kubeconfig: str | None, context: str | None
+) -> None:
+    found = _request(app, scope, kubeconfig, context, suspended=suspended)
+    console.print(f"{app} {'suspended' if suspended else 'resumed'} in {found}")
 
 
 ScopeArgument = typer.Option(..., "--env", "--scope", help="Environment (or path scope).")
@@ -216,6 +243,26 @@ def resume(
 ) -> None:
     """Reconcile APP again."""
     _set_suspended(app, scope, False, kubeconfig, context)
+
+
+def adopt(
+    app: str,
+    source: str = typer.Option(
+        ...,
+        "--from",
+        help="The environment to take APP's objects and Helm release over from: its owner "
+        "id or source, as the OwnershipConflict message names it.",
+    ),
+    scope: str = ScopeArgument,
+    kubeconfig: str | None = KubeconfigOption,
+    context: str | None = ContextOption,
+) -> None:
+    """Let APP take over what another environment owns (its next pass applies it)."""
+    found = _request(app, scope, kubeconfig, context, adopt_from=source)
+    console.print(
+        f"{app} in {found} will take over what {source} owns on its next pass "
+        "(conveyor reconcile, or the agent's next interval)"
+    )
 
 
 class DiffFormat(StrEnum):

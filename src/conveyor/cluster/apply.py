@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import logging
 from typing import Any
 
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.objects import Obj, ObjectRef, apply_order
+from conveyor.cluster.ownership import ADOPT_ANNOTATION, EnvironmentIdentity, foreign_owner
+
+log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "conveyor"
 APP_LABEL = "conveyor.dev/app"
@@ -28,12 +32,22 @@ class ApplyError(RuntimeError):
         super().__init__("; ".join(f"{ref}: {why}" for ref, why in failures))
 
 
-def labelled(obj: Obj, *, app: str, scope: str) -> Obj:
+def labelled(obj: Obj, *, app: str, identity: EnvironmentIdentity, scope: str) -> Obj:
+    """The object as conveyor applies it: stamped with its app, its environment's scope
+    and the environment's identity (owner label, readable source annotation). The adopt
+    annotation is a request to conveyor, not part of the object, so it is not applied."""
     result = copy.deepcopy(obj)
-    labels = result.setdefault("metadata", {}).setdefault("labels", {}) or {}
+    metadata = result.setdefault("metadata", {})
+    labels = metadata.get("labels") or {}
     labels[APP_LABEL] = app
     labels[SCOPE_LABEL] = scope
-    result["metadata"]["labels"] = labels
+    labels.update(identity.labels())
+    metadata["labels"] = labels
+    annotations = {
+        k: v for k, v in (metadata.get("annotations") or {}).items() if k != ADOPT_ANNOTATION
+    }
+    annotations.update(identity.annotations())
+    metadata["annotations"] = annotations
     return result
 
 
@@ -98,18 +112,17 @@ async def _wait_crds_established(
     kube.forget_discovery()
 
 
-async def delete_objects(kube: KubeClient, refs: list[ObjectRef]) -> list[ObjectRef]:
-    """Delete what left git: namespaced objects first, Namespaces and CRDs last."""
+async def delete_objects(
+    kube: KubeClient, refs: list[ObjectRef], *, identity: EnvironmentIdentity
+) -> list[ObjectRef]:
+    """Delete what left git: namespaced objects first, Namespaces and CRDs last. An
+    object that another environment owns by now (it was adopted) is left alone."""
     deleted: list[ObjectRef] = []
     failures: list[tuple[ObjectRef, str]] = []
     last = {"Namespace", "CustomResourceDefinition"}
     for wave in ([r for r in refs if r.kind not in last], [r for r in refs if r.kind in last]):
         results = await asyncio.gather(
-            *(
-                kube.delete(r.api_version, r.kind, r.name, namespace=r.namespace or None)
-                for r in wave
-            ),
-            return_exceptions=True,
+            *(_delete_owned(kube, r, identity) for r in wave), return_exceptions=True
         )
         for ref, result in zip(wave, results, strict=True):
             if isinstance(result, UnknownKindError):
@@ -121,3 +134,20 @@ async def delete_objects(kube: KubeClient, refs: list[ObjectRef]) -> list[Object
     if failures:
         raise ApplyError(failures)
     return deleted
+
+
+async def _delete_owned(kube: KubeClient, ref: ObjectRef, identity: EnvironmentIdentity) -> bool:
+    live = await kube.get(ref.api_version, ref.kind, ref.name, namespace=ref.namespace or None)
+    if live is None:
+        return False
+    owner = foreign_owner(live, identity)
+    if owner is not None:
+        log.warning("not deleting %s: it belongs to %s now", ref, owner.describe())
+        return False
+    return await kube.delete(
+        ref.api_version,
+        ref.kind,
+        ref.name,
+        namespace=ref.namespace or None,
+        uid=(live.get("metadata") or {}).get("uid"),
+    )

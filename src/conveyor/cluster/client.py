@@ -283,17 +283,21 @@ class KubeClient:
         *,
         namespace: str | None = None,
         propagation: str = "Background",
+        uid: str | None = None,
     ) -> bool:
+        """Delete one object (only the one with `uid`, when given: not a namesake that
+        replaced it since it was read). False if it was not there."""
         res = await self.resource(api_version, kind)
+        options: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": propagation,
+        }
+        if uid:
+            options["preconditions"] = {"uid": uid}
         try:
             await self.request(
-                "DELETE",
-                res.path(namespace=namespace, name=name),
-                json_body={
-                    "kind": "DeleteOptions",
-                    "apiVersion": "v1",
-                    "propagationPolicy": propagation,
-                },
+                "DELETE", res.path(namespace=namespace, name=name), json_body=options
             )
         except ApiError as error:
             if error.not_found:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.cluster.client import KubeClient
+from conveyor.cluster.ownership import OWNER_LABEL, EnvironmentIdentity
 
 _MAGIC_GZIP = b"\x1f\x8b\x08"
 
@@ -36,12 +37,9 @@ def encode_release(release: dict[str, Any]) -> str:
 
 async def unlock_pending_release(kube: KubeClient, *, release: str, namespace: str) -> int | None:
     """Mark the latest revision failed if it is pending. Returns its number, or None."""
-    secrets = await kube.list(
-        "v1", "Secret", namespace=namespace, label_selector=f"owner=helm,name={release}"
-    )
-    if not secrets:
+    latest = await _latest_revision(kube, release=release, namespace=namespace)
+    if latest is None:
         return None
-    latest = max(secrets, key=lambda s: int(s["metadata"]["labels"].get("version", "0")))
     status = latest["metadata"]["labels"].get("status", "")
     if not status.startswith("pending-"):
         return None
@@ -56,6 +54,47 @@ async def unlock_pending_release(kube: KubeClient, *, release: str, namespace: s
         json_body=latest,
     )
     return int(latest["metadata"]["labels"]["version"])
+
+
+async def _latest_revision(kube: KubeClient, *, release: str, namespace: str) -> Any:
+    secrets = await kube.list(
+        "v1", "Secret", namespace=namespace, label_selector=f"owner=helm,name={release}"
+    )
+    if not secrets:
+        return None
+    return max(secrets, key=lambda s: int(s["metadata"]["labels"].get("version", "0")))
+
+
+@dataclass(frozen=True)
+class ReleaseOwnership:
+    """Whether a release exists, and the environment id its latest revision carries."""
+
+    exists: bool
+    owner: str | None
+
+
+async def release_ownership(kube: KubeClient, *, release: str, namespace: str) -> ReleaseOwnership:
+    latest = await _latest_revision(kube, release=release, namespace=namespace)
+    if latest is None:
+        return ReleaseOwnership(exists=False, owner=None)
+    return ReleaseOwnership(exists=True, owner=latest["metadata"]["labels"].get(OWNER_LABEL))
+
+
+async def claim_release(
+    kube: KubeClient, *, release: str, namespace: str, identity: EnvironmentIdentity
+) -> None:
+    """Stamp the environment's identity on the latest revision of a release that has
+    none (installed before identities), as `helm upgrade --labels` would: only labels
+    change, the release itself is untouched."""
+    latest = await _latest_revision(kube, release=release, namespace=namespace)
+    if latest is None:
+        return
+    await kube.request(
+        "PATCH",
+        f"/api/v1/namespaces/{namespace}/secrets/{latest['metadata']['name']}",
+        json_body={"metadata": {"labels": identity.labels()}},
+        content_type="application/merge-patch+json",
+    )
 
 
 @dataclass(frozen=True)

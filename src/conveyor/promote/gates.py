@@ -26,6 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 
 from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.kubeconfig import KubeconfigError
+from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.gates import (
     ApprovalGate,
     Gate,
@@ -83,6 +84,7 @@ class GateContext:
     approvals_root: Path  # a working tree of the environment's branch
     kube: KubeFactory  # a client for an environment's cluster
     version_at: VersionAt  # an app's version in an environment at a revision
+    repository: str  # the config repo: environments are known by their source
     clock: Callable[[], float] = time.time
 
     def previous(self, name: str | None) -> Environment | None:
@@ -92,8 +94,11 @@ class GateContext:
 
     async def statuses(self, env: Environment) -> list[AppStatus]:
         """The environment's stored app statuses (its source status included)."""
+        identity = EnvironmentIdentity.of(
+            self.repository, branch=env.branch, path=env.path, name=app_name(env.name)
+        )
         async with self.kube(env) as kube:
-            return await StatusStore(kube).list_all(scope=app_name(env.name))
+            return await StatusStore(kube).environment_statuses(identity)
 
 
 async def check_gate(gate: Gate, ctx: GateContext) -> GateResult:
@@ -362,6 +367,7 @@ def agent_gate(repo: str, *, kube: KubeFactory = cluster_client) -> AgentGate:
             approvals_root=root,
             kube=kube,
             version_at=Workspace(repo, cache).version_at,
+            repository=repo,
         )
         results = await check_gates(context)
         closed = [(g, r) for g, r in zip(env.gates, results, strict=True) if not r.open]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conveyor.cluster.objects import Obj, ObjectRef
+from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ValuesReference
 from conveyor.config.project import load_project
 from conveyor.reconcile.plan import (
@@ -26,14 +27,14 @@ from conveyor.reconcile.plan import (
     plan_environment,
     unified,
 )
-from conveyor.reconcile.target import kube_client, values_lookup
+from conveyor.reconcile.target import default_branch, kube_client, values_lookup
 from conveyor.render.charts import ChartResolver
 from conveyor.render.discover import EnvironmentTree, app_name, discover
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError
 from conveyor.render.render import Renderer, ValuesLookup
 from conveyor.sandbox.paths import cache_root
-from conveyor.source.git import export_tree, resolve_revision
+from conveyor.source.git import export_tree, origin_url, resolve_revision
 
 
 @dataclass
@@ -161,12 +162,19 @@ async def diff_against_live(
     head_sha = resolve_revision(repo, head)
     head_root = export_tree(repo, head_sha, workdir / "head")
     env_path = environment_path(head_root, env=env, path=path)
+    source = origin_url(repo)
     if env is not None:
-        cluster = load_project(head_root).environment(env).cluster
+        environment = load_project(head_root).environment(env)
+        cluster, branch = environment.cluster, environment.branch
         kubeconfig, context = kubeconfig or cluster.kubeconfig, context or cluster.context
+    else:
+        branch = default_branch(source)
+    # The deployed environment this folder is: the agent knows it by its source.
+    identity = EnvironmentIdentity.of(
+        source, branch=branch, path=env_path, name=app_name(env or env_path.replace("/", "-"))
+    )
     tree = discover(head_root, env_path)
     async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
         renderer = _renderer(head_root, tree, helm, lookup=values_lookup(kube))
-        scope = app_name(env or env_path.replace("/", "-"))
-        plans = await plan_environment(tree, renderer, kube, helm, scope=scope)
+        plans = await plan_environment(tree, renderer, kube, helm, identity=identity)
     return plans, f"{env or env_path}: live → {_named(head, head_sha)}"

@@ -231,6 +231,7 @@ async def promote(
             approvals_root=root,
             kube=kube,
             version_at=workspace.version_at,
+            repository=workspace.url,
         )
         result.gates = await wait_for_gates(context, timeout=request.gate_timeout, progress=say)
         if not all(g.open for g in result.gates):

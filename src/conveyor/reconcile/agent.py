@@ -37,7 +37,7 @@ from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, GateHold
 from conveyor.reconcile.once import record_source_failure, source_fetched
 from conveyor.reconcile.report import Metrics
-from conveyor.reconcile.status import NAMESPACE, STALLED
+from conveyor.reconcile.status import NAMESPACE, STALLED, StatusStore
 from conveyor.reconcile.target import (
     ResolvedTarget,
     Target,
@@ -155,10 +155,19 @@ class Agent:
                 resolved = await self._fetch()
             kube = kube_client(resolved)
             lease_kube = kube_client(resolved)  # lease traffic apart from reconcile writes
+            while True:  # the apiserver may still be starting: wait for it, do not exit
+                try:
+                    scope = await StatusStore(kube).scope_for(
+                        resolved.identity, scope=resolved.scope
+                    )
+                    break
+                except (ApiError, httpx.HTTPError, OSError) as error:
+                    log.error("cannot reach the cluster yet: %s; retrying", error)
+                    await asyncio.sleep(2.0)
             elector = LeaderElector(
                 lease_kube,
                 namespace=NAMESPACE,
-                name=f"conveyor-{resolved.scope}"[:63],
+                name=f"conveyor-{scope}"[:63],
                 identity=self.options.identity,
                 lease_duration=self.options.lease_duration,
                 renew_interval=self.options.lease_duration / 3,
@@ -167,7 +176,9 @@ class Agent:
             engine = Engine(
                 kube,
                 helm,
-                options=EngineOptions(scope=resolved.scope, timeout=self.options.timeout),
+                options=EngineOptions(
+                    scope=scope, identity=resolved.identity, timeout=self.options.timeout
+                ),
                 metrics=self.metrics,
                 may_write=lambda: elector.is_leader,
                 notifier=self.notifier,
@@ -284,13 +295,8 @@ class Agent:
         try:
             resolved = await asyncio.to_thread(fetch_target, self.target)
         except (GitError, ConfigError) as error:
-            scope = (
-                self._resolved.scope
-                if self._resolved
-                else (self.target.env or (self.target.path or "."))
-            )
             log.error("fetch failed; keeping everything as applied: %s", error)
-            await record_source_failure(self.target, scope.replace("/", "-"), str(error))
+            await record_source_failure(self.target, str(error), resolved=self._resolved)
             self.metrics.fetches.labels("error").inc()
             self.ready = True
             return None
@@ -302,7 +308,7 @@ class Agent:
         try:
             tree = discover_target(resolved)
         except RenderError as error:
-            await record_source_failure(self.target, resolved.scope, str(error))
+            await record_source_failure(self.target, str(error), resolved=resolved)
             return
         started = time.monotonic()
         self.notifier.set_rules(project_rules(resolved.checkout.path))
@@ -319,7 +325,7 @@ class Agent:
             self.metrics.revision.labels(engine.options.scope, resolved.revision).set(1)
         self.last_revision = resolved.revision
         self.passes += 1
-        await engine.store.save(source_fetched(self.target, resolved))
+        await engine.store.save(source_fetched(self.target, resolved, scope=engine.options.scope))
         ready = sum(s.ready for s in result.statuses.values())
         stalled = [n for n, s in result.statuses.items() if s.state == STALLED]
         held = f", waiting for gate {result.held.gate}" if result.held else ""

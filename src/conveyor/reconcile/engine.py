@@ -30,9 +30,20 @@ from conveyor.cluster.apply import (
 )
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.health import Health, HealthStatus, aggregate, assess
-from conveyor.cluster.helm_storage import unlock_pending_release
+from conveyor.cluster.helm_storage import (
+    claim_release,
+    release_ownership,
+    unlock_pending_release,
+)
 from conveyor.cluster.live import LiveCache
 from conveyor.cluster.objects import Obj, ObjectRef, drift_paths
+from conveyor.cluster.ownership import (
+    EnvironmentIdentity,
+    Owner,
+    adoption_requested,
+    foreign_owner,
+    owner_of,
+)
 from conveyor.notify.notifier import Notifier
 from conveyor.reconcile.report import EventRecorder, Metrics, notification_for
 from conveyor.reconcile.status import (
@@ -57,7 +68,8 @@ log = logging.getLogger("conveyor.reconcile")
 
 @dataclass
 class EngineOptions:
-    scope: str
+    scope: str  # this environment's prefix in the cluster (StatusStore.claim_scope)
+    identity: EnvironmentIdentity  # what it owns
     timeout: float = 300.0  # health timeout for apps that do not set their own
     retries: int = 1  # extra attempts before an app is Stalled / rolled back
     prune: bool = True
@@ -127,6 +139,9 @@ class Engine:
         self.statuses: dict[str, AppStatus] = {}
         self.desired: dict[str, list[tuple[ObjectRef, Obj]]] = {}  # app → managed objects
         self._owner: dict[tuple[str, str, str, str], str] = {}
+        # Statuses of this scope written before identities: claimed when rendered again.
+        self._legacy: dict[str, AppStatus] = {}
+        self._releases_checked: set[str] = set()  # releases whose owner was looked at
         self._loaded = False
         self._revision = ""
         self._apps = asyncio.Semaphore(options.concurrency)
@@ -222,8 +237,7 @@ class Engine:
         self, name: str, rendered: RenderedApp | RenderError, held: GateHold
     ) -> AppStatus:
         """Only the status changes: the app keeps running what it ran before."""
-        status = self.statuses.get(name) or AppStatus(scope=self.options.scope, app=name)
-        self.statuses[name] = status
+        status = self._status_for(name)
         if isinstance(rendered, RenderedApp):
             status.kind = rendered.source.kind
         self._set(
@@ -240,13 +254,34 @@ class Engine:
         users change there (suspend/resume), one list call."""
         if not self._loaded:
             await self.store.install()
-        loaded = await self.store.load_all(scope=self.options.scope)
+        loaded, legacy = await self.store.load_environment(
+            self.options.identity, scope=self.options.scope
+        )
         if not self._loaded:
             self.statuses = {n: s for n, s in loaded.items() if s.kind != SOURCE_KIND}
+            self._legacy = {n: s for n, s in legacy.items() if s.kind != SOURCE_KIND}
             self._loaded = True
         for name, stored in loaded.items():
             if name in self.statuses:
                 self.statuses[name].suspended = stored.suspended
+                self.statuses[name].adopt_from = stored.adopt_from
+
+    def _status_for(self, name: str) -> AppStatus:
+        """The app's status: its own, a claimed one from before identities, or new."""
+        status = self.statuses.get(name)
+        if status is None:
+            status = self._legacy.pop(name, None)
+            if status is not None:
+                log.info(
+                    "%s: claiming its status, written before environment identities, for %s",
+                    name,
+                    self.options.identity.source,
+                )
+            else:
+                status = AppStatus(scope=self.options.scope, app=name)
+            self.store.stamp(status, self.options.identity)
+            self.statuses[name] = status
+        return status
 
     async def _reconcile_one(
         self,
@@ -255,8 +290,7 @@ class Engine:
         revision: str,
         done: dict[str, asyncio.Future[AppStatus]],
     ) -> AppStatus:
-        status = self.statuses.get(name) or AppStatus(scope=self.options.scope, app=name)
-        self.statuses[name] = status
+        status = self._status_for(name)
         started = time.monotonic()
         if isinstance(rendered, RenderError):
             self._set(status, STALLED, "RenderFailed", str(rendered))
@@ -316,12 +350,20 @@ class Engine:
             return
         if new_content and status.failed_fingerprint != app.fingerprint:
             status.failures = 0
-        objects = [labelled(o, app=app.name, scope=self.options.scope) for o in app.objects]
+        objects = self._labelled(app)
         desired = [(await namespaced_ref(self.kube, o), o) for o in objects]
         if app.helm is not None and not new_content:
             desired += await self._helm_objects(status, app)
         for ref, _ in desired:
             await self.live.ensure(ref.api_version, ref.kind)
+        conflicts = self._object_conflicts(status, app, desired[: len(objects)])
+        if app.helm is not None and (
+            new_content or _release_key(app.helm) not in self._releases_checked
+        ):
+            conflicts += await self._release_conflicts(status, app, app.helm)
+        if conflicts:
+            self._set(status, STALLED, "OwnershipConflict", "; ".join(conflicts))
+            return
         drift = self._drift(desired)
         if not new_content and not drift:
             status.drift = None
@@ -336,6 +378,65 @@ class Engine:
             self._set(status, RECONCILING, "NotLeader", "another agent holds the lease")
             return
         await self._apply_with_remediation(status, app, objects, desired, drift, new_content)
+
+    def _labelled(self, app: RenderedApp) -> list[Obj]:
+        return [
+            labelled(o, app=app.name, identity=self.options.identity, scope=self.options.scope)
+            for o in app.objects
+        ]
+
+    def _object_conflicts(
+        self, status: AppStatus, app: RenderedApp, desired: list[tuple[ObjectRef, Obj]]
+    ) -> list[str]:
+        """Objects of the app that another environment owns, unless a takeover from that
+        environment was asked for. Objects nobody owns yet (applied by hand, or by a
+        conveyor from before identities) are claimed by applying them, logged once."""
+        conflicts, unowned = [], 0
+        for (ref, _), in_git in zip(desired, app.objects, strict=True):
+            live = self.live.get(ref)
+            if live is None:
+                continue
+            owner = foreign_owner(live, self.options.identity)
+            if owner is None:
+                unowned += owner_of(live) is None
+            elif adoption_requested(in_git, owner, requested=status.adopt_from):
+                log.warning("%s: taking %s over from %s, as asked", app.name, ref, owner.describe())
+            else:
+                conflicts.append(_conflict_message(f"{ref}", owner, app.name))
+        if unowned and status.fingerprint is None:
+            log.info(
+                "%s: claiming %d existing objects that no environment owned", app.name, unowned
+            )
+        return conflicts
+
+    async def _release_conflicts(
+        self, status: AppStatus, app: RenderedApp, plan: HelmPlan
+    ) -> list[str]:
+        """The app's Helm release, if another environment installed it. A release that
+        no environment owns (installed before identities) is stamped as this one's."""
+        spec = plan.spec
+        ownership = await release_ownership(
+            self.kube, release=spec.release_name, namespace=spec.target_namespace
+        )
+        key = _release_key(plan)
+        if ownership.owner is not None and ownership.owner != self.options.identity.id:
+            owner = Owner(ownership.owner, await self.store.source_of(ownership.owner))
+            in_git = app.source.helm_release.obj if app.source.helm_release else {}
+            if not adoption_requested(in_git, owner, requested=status.adopt_from):
+                return [_conflict_message(f"Helm release {key}", owner, app.name)]
+            log.warning(
+                "%s: taking Helm release %s over from %s, as asked", app.name, key, owner.describe()
+            )
+        elif ownership.exists and ownership.owner is None and self.may_write():
+            log.info("%s: claiming Helm release %s, which no environment owned", app.name, key)
+            await claim_release(
+                self.kube,
+                release=spec.release_name,
+                namespace=spec.target_namespace,
+                identity=self.options.identity,
+            )
+        self._releases_checked.add(key)
+        return []
 
     async def _apply_with_remediation(
         self,
@@ -448,7 +549,7 @@ class Engine:
         previous = await self.render_past(app.name, good)
         if previous.empty:  # never prune a whole app on the way back
             raise AppFailed("RollbackFailed", f"revision {good[:12]} renders no objects")
-        objects = [labelled(o, app=app.name, scope=self.options.scope) for o in previous.objects]
+        objects = self._labelled(previous)
         desired = [(await namespaced_ref(self.kube, o), o) for o in objects]
         async with self._apps:
             desired = await self._apply(status, previous, objects, desired, True)
@@ -475,7 +576,7 @@ class Engine:
                     r for r in status.inventory if r.key() not in {d.key() for d in desired_refs}
                 ]
                 try:
-                    await delete_objects(self.kube, gone)
+                    await delete_objects(self.kube, gone, identity=self.options.identity)
                 except ApplyError as error:
                     raise AppFailed("PruneFailed", str(error)) from None
             # Applied, healthy or not: a later revision or a rollback prunes from here.
@@ -520,6 +621,7 @@ class Engine:
                 plan.values,
                 timeout=spec.timeout_seconds,
                 description=f"conveyor {revision[:12]}",
+                labels=self.options.identity.labels(),
             )
 
         try:
@@ -665,8 +767,16 @@ class Engine:
                 break
             if status.release:
                 namespace, release = status.release.split("/", 1)
-                await self.helm.uninstall(release, namespace)
-            await delete_objects(self.kube, status.inventory)
+                ownership = await release_ownership(self.kube, release=release, namespace=namespace)
+                if ownership.owner in (None, self.options.identity.id):
+                    await self.helm.uninstall(release, namespace)
+                else:
+                    log.warning(
+                        "%s: not uninstalling Helm release %s: another environment owns it now",
+                        name,
+                        status.release,
+                    )
+            await delete_objects(self.kube, status.inventory, identity=self.options.identity)
             await self.events.record(
                 status,
                 warning=False,
@@ -703,3 +813,14 @@ class Engine:
             note = notification_for(status, newly_applied=newly_applied)
             if note is not None:
                 self.notifier.publish(note)
+
+
+def _release_key(plan: HelmPlan) -> str:
+    return f"{plan.spec.target_namespace}/{plan.spec.release_name}"
+
+
+def _conflict_message(what: str, owner: Owner, app: str) -> str:
+    return (
+        f"{what} belongs to environment {owner.describe()}; nothing of it was changed "
+        f"(take it over with: conveyor adopt {app} --from {owner.id})"
+    )

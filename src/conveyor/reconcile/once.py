@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import Engine, EngineOptions, PassResult
@@ -47,17 +48,19 @@ async def reconcile_once(
     try:
         resolved = fetch_target(target, purpose="reconcile")
     except (GitError, ConfigError, RenderError) as error:
-        scope = app_name(target.env or (target.path or ".").replace("/", "-"))
-        await record_source_failure(target, scope, str(error))
+        scope = await record_source_failure(target, str(error))
         return SourceFailure(scope=scope, message=str(error))
     kube = kube_client(resolved)
     helm = helm_cli(resolved)
+    scope = await StatusStore(kube).scope_for(resolved.identity, scope=resolved.scope)
     notifier = Notifier(project_rules(resolved.checkout.path))
     await notifier.start()
     engine = Engine(
         kube,
         helm,
-        options=EngineOptions(scope=resolved.scope, timeout=timeout, allow_empty=allow_empty),
+        options=EngineOptions(
+            scope=scope, identity=resolved.identity, timeout=timeout, allow_empty=allow_empty
+        ),
         notifier=notifier,
         render_past=past_renders(resolved, kube, helm),
     )
@@ -66,12 +69,12 @@ async def reconcile_once(
         try:
             tree = discover_target(resolved)
         except RenderError as error:
-            await record_source_failure(target, resolved.scope, str(error))
-            return SourceFailure(scope=resolved.scope, message=str(error))
+            await record_source_failure(target, str(error), resolved=resolved)
+            return SourceFailure(scope=scope, message=str(error))
         renderer = build_renderer(resolved, tree, kube, helm)
         say(f"reconciling {len(tree.apps)} apps")
         result = await engine.run_pass(tree, renderer, revision=resolved.revision, only=app)
-        await _store_source(engine.store, source_fetched(target, resolved))
+        await _store_source(engine.store, source_fetched(target, resolved, scope=scope))
         return result
     finally:
         await engine.close()
@@ -80,10 +83,10 @@ async def reconcile_once(
         await notifier.close(grace=notify_grace)
 
 
-def source_fetched(target: Target, resolved: ResolvedTarget) -> AppStatus:
+def source_fetched(target: Target, resolved: ResolvedTarget, *, scope: str) -> AppStatus:
     """The source's own status after a good fetch: which repo, branch and revision."""
-    return AppStatus(
-        scope=resolved.scope,
+    status = AppStatus(
+        scope=scope,
         app="",
         kind=SOURCE_KIND,
         state="Ready",
@@ -91,6 +94,8 @@ def source_fetched(target: Target, resolved: ResolvedTarget) -> AppStatus:
         message=f"{target.repo}@{resolved.checkout.branch}",
         revision=resolved.revision,
     )
+    StatusStore.stamp(status, resolved.identity)
+    return status
 
 
 async def _store_source(store: StatusStore, status: AppStatus) -> None:
@@ -98,23 +103,38 @@ async def _store_source(store: StatusStore, status: AppStatus) -> None:
     await store.save(status)
 
 
-async def record_source_failure(target: Target, scope: str, message: str) -> None:
-    """Everything stays as applied; the source's own status says why nothing moved."""
-    kube = kube_client(kubeconfig_path=target.kubeconfig, context=target.context)
+async def record_source_failure(
+    target: Target, message: str, *, resolved: ResolvedTarget | None = None
+) -> str:
+    """Everything stays as applied; the source's own status says why nothing moved.
+    Before a fetch there is no branch to know the environment by: the status goes to
+    the one environment of that repository and name the cluster knows, if there is one.
+    Returns the scope it was recorded under."""
+    name = app_name(target.env or (target.path or ".").replace("/", "-"))
+    if resolved is not None:
+        kube = kube_client(resolved)
+    else:
+        kube = kube_client(kubeconfig_path=target.kubeconfig, context=target.context)
     try:
         store = StatusStore(kube)
         await store.install()
-        await _store_source(
-            store,
-            AppStatus(
-                scope=scope,
-                app="",
-                kind=SOURCE_KIND,
-                state=STALLED,
-                reason="FetchFailed",
-                message=message,
-            ),
+        if resolved is not None:
+            identity: EnvironmentIdentity | None = resolved.identity
+            scope = await store.scope_for(resolved.identity, scope=resolved.scope)
+        else:
+            identity, scope = await store.find_source(target.repo, name=name)
+        status = AppStatus(
+            scope=scope,
+            app="",
+            kind=SOURCE_KIND,
+            state=STALLED,
+            reason="FetchFailed",
+            message=message,
         )
+        if identity is not None:
+            StatusStore.stamp(status, identity)
+        await _store_source(store, status)
+        return scope
     finally:
         await kube.aclose()
 
@@ -130,7 +150,9 @@ async def plan_target(
     try:
         tree = discover_target(resolved)
         renderer = build_renderer(resolved, tree, kube, helm)
-        plans = await plan_environment(tree, renderer, kube, helm, scope=resolved.scope, only=app)
+        plans = await plan_environment(
+            tree, renderer, kube, helm, identity=resolved.identity, only=app
+        )
     finally:
         await kube.aclose()
     return plans, f"{resolved.env_path} at {resolved.revision[:12]}"

@@ -17,6 +17,7 @@ import yaml
 from conveyor.cluster.apply import labelled, namespaced_ref
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.objects import Obj, ObjectRef
+from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.reconcile.status import StatusStore
 from conveyor.render.discover import EnvironmentTree
 from conveyor.render.documents import RenderError
@@ -124,12 +125,14 @@ async def plan_environment(
     kube: KubeClient,
     helm: HelmCLI,
     *,
-    scope: str,
+    identity: EnvironmentIdentity,
     only: str | None = None,
 ) -> list[AppPlan]:
     """Plans for every app of the tree (or only the app named `only`), and for the apps
-    that left git (their deletions)."""
-    statuses = await StatusStore(kube).load_all(scope=scope)
+    of this environment that left git (their deletions)."""
+    store = StatusStore(kube)
+    scope = await store.scope_for(identity, scope=identity.name)
+    statuses, legacy = await store.load_environment(identity, scope=scope)
     if only is not None:
         statuses = {n: s for n, s in statuses.items() if n == only}
     plans = []
@@ -144,9 +147,11 @@ async def plan_environment(
             plan.error = str(error)
             continue
         plan.notes = rendered.notes
-        own = [labelled(o, app=app.name, scope=scope) for o in rendered.objects]
+        labelled_objects = [
+            labelled(o, app=app.name, identity=identity, scope=scope) for o in rendered.objects
+        ]
         try:
-            objects = own + await helm_objects(rendered, helm)
+            objects = labelled_objects + await helm_objects(rendered, helm)
         except HelmError as error:
             plan.error = f"helm template: {error.message}"
             continue
@@ -155,7 +160,7 @@ async def plan_environment(
         except (ApiError, UnknownKindError) as error:
             plan.error = str(error)
             continue
-        previous = statuses.get(app.name)
+        previous = statuses.get(app.name) or legacy.get(app.name)
         if previous is not None and rendered.helm is None:
             wanted = {(await namespaced_ref(kube, o)).key() for o in objects}
             for ref in previous.inventory:

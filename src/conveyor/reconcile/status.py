@@ -17,6 +17,14 @@ from typing import Any
 from conveyor.cluster.apply import FIELD_MANAGER, apply_objects
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.objects import ObjectRef
+from conveyor.cluster.ownership import (
+    OWNER_LABEL,
+    SOURCE_ANNOTATION,
+    EnvironmentIdentity,
+    normalise_repository_url,
+    owner_of,
+)
+from conveyor.errors import ConveyorError
 
 NAMESPACE = "conveyor-system"
 GROUP = "conveyor.dev"
@@ -112,6 +120,11 @@ class AppStatus:
     inventory: list[ObjectRef] = field(default_factory=list)
     suspended: bool = False
     transition_time: str = field(default_factory=now)
+    # The owning environment (EnvironmentIdentity.id and .source); None on a status
+    # written before identities, until an environment that renders the app claims it.
+    owner: str | None = None
+    source: str | None = None
+    adopt_from: str | None = None  # `conveyor adopt --from`: whose objects to take over
 
     @property
     def ready(self) -> bool:
@@ -168,6 +181,7 @@ class AppStatus:
             "lastAppliedTime": self.last_applied_time,
             "drift": self.drift,
             "suspended": self.suspended,
+            "source": self.source,
         }
 
     @classmethod
@@ -195,6 +209,9 @@ class AppStatus:
             inventory=[ObjectRef.from_dict(r) for r in raw.get("inventory") or []],
             suspended=bool(spec.get("suspend", False)),
             transition_time=conditions[0].get("lastTransitionTime") or now(),
+            owner=owner.id if (owner := owner_of(obj)) else None,
+            source=owner.source if owner else None,
+            adopt_from=spec.get("adoptFrom") or None,
         )
 
 
@@ -204,6 +221,7 @@ class StatusStore:
     def __init__(self, kube: KubeClient) -> None:
         self.kube = kube
         self._written: dict[str, dict[str, Any]] = {}
+        self._owners: dict[str, str | None] = {}  # the owner label as last read or written
 
     async def install(self) -> None:
         """Create the CRD and namespace if needed (idempotent, no write when present)."""
@@ -219,8 +237,11 @@ class StatusStore:
                 field_manager=FIELD_MANAGER,
             )
 
-    async def list_all(self, *, scope: str | None = None) -> list[AppStatus]:
-        """Every stored status (of one scope, or of all), remembering what is stored."""
+    async def list_all(
+        self, *, scope: str | None = None, owner: str | None = None
+    ) -> list[AppStatus]:
+        """Every stored status (of one scope or owner, or of all), remembering what is
+        stored."""
         try:
             items = await self.kube.list(API_VERSION, KIND, namespace=NAMESPACE)
         except UnknownKindError:
@@ -232,7 +253,10 @@ class StatusStore:
         result = []
         for item in items:
             status = AppStatus.from_object(item)
-            if scope is None or status.scope == scope:
+            self._owners[status.name] = status.owner
+            if (scope is None or status.scope == scope) and (
+                owner is None or status.owner == owner
+            ):
                 result.append(status)
                 self._written[status.name] = status.status_body()
         return result
@@ -240,6 +264,89 @@ class StatusStore:
     async def load_all(self, *, scope: str) -> dict[str, AppStatus]:
         """The statuses of one scope by app name."""
         return {s.app: s for s in await self.list_all(scope=scope)}
+
+    async def load_environment(
+        self, identity: EnvironmentIdentity, *, scope: str
+    ) -> tuple[dict[str, AppStatus], dict[str, AppStatus]]:
+        """The environment's own statuses by app name, and, apart, the statuses of its
+        scope written before identities existed: those are claimed only by rendering
+        the app again, and never pruned for lacking the identity."""
+        own: dict[str, AppStatus] = {}
+        legacy: dict[str, AppStatus] = {}
+        for status in await self.list_all(scope=scope):
+            if status.owner == identity.id:
+                own[status.app] = status
+            elif status.owner is None:
+                legacy[status.app] = status
+        return own, legacy
+
+    async def scope_for(self, identity: EnvironmentIdentity, *, scope: str) -> str:
+        """The scope (the prefix of its ConveyorApps, Lease and labels) this environment
+        uses in this cluster. An environment keeps the scope it used before; a new one
+        takes its name as scope unless another environment already has it, and then its
+        name with its id's first six digits: two repos' `staging` never share statuses."""
+        statuses = await self.list_all()
+        for status in statuses:
+            if status.owner == identity.id and status.kind == SOURCE_KIND:
+                return status.scope
+        taken = {s.scope for s in statuses if s.owner is not None and s.owner != identity.id}
+        return scope if scope not in taken else f"{scope}-{identity.id[:6]}"
+
+    async def source_of(self, owner: str) -> str:
+        """The readable source of the environment with id `owner`, from its statuses."""
+        try:
+            items = await self.kube.list(
+                API_VERSION, KIND, namespace=NAMESPACE, label_selector=f"{OWNER_LABEL}={owner}"
+            )
+        except (ApiError, UnknownKindError):
+            return ""
+        sources = sorted({s.source for s in map(AppStatus.from_object, items) if s.source})
+        return sources[0] if sources else ""
+
+    async def environment_statuses(self, identity: EnvironmentIdentity) -> list[AppStatus]:
+        """What an environment reported (its source status included): the statuses it
+        owns, or, before it has run with identities, those of its name's scope."""
+        statuses = await self.list_all()
+        own = [s for s in statuses if s.owner == identity.id]
+        return own or [s for s in statuses if s.owner is None and s.scope == identity.name]
+
+    async def find_source(
+        self, repository: str, *, name: str
+    ) -> tuple[EnvironmentIdentity | None, str]:
+        """The environment named `name` of `repository`, found by its source status when
+        its branch is not known (the fetch failed): its identity and scope; else None and
+        the name itself."""
+        wanted = normalise_repository_url(repository)
+        found = []
+        for status in await self.list_all():
+            identity = EnvironmentIdentity.parse(status.source or "")
+            if status.kind == SOURCE_KIND and identity and identity.repository == wanted:
+                if identity.name == name:
+                    found.append((identity, status.scope))
+        return found[0] if len(found) == 1 else (None, name)
+
+    async def find_app(self, environment: str, app: str) -> AppStatus:
+        """The status of `app` in the environment a person names: by its scope, or by
+        its name when exactly one environment of that name has the app."""
+        statuses = [s for s in await self.list_all() if s.app == app and s.kind != SOURCE_KIND]
+        exact = [s for s in statuses if s.scope == environment]
+        if exact:
+            return exact[0]
+        named = [s for s in statuses if _environment_name(s) == environment]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            choices = ", ".join(sorted(f"{s.scope} ({s.source})" for s in named))
+            raise StatusError(
+                f"{len(named)} environments named {environment!r} have an app {app!r}: "
+                f"{choices}; name one by its scope with --env"
+            )
+        raise StatusError(f"no app {app!r} in environment {environment!r} on this cluster")
+
+    @staticmethod
+    def stamp(status: AppStatus, identity: EnvironmentIdentity) -> None:
+        """Make `status` the environment's (a new one, or a claimed legacy one)."""
+        status.owner, status.source = identity.id, identity.source
 
     def stored(self, status: AppStatus) -> dict[str, Any]:
         """The status body as last read or written (empty if never)."""
@@ -258,20 +365,9 @@ class StatusStore:
                     "lastTransitionTime"
                 ]
                 status.transition_time = body["conditions"][0]["lastTransitionTime"]
-        if previous is None:
-            await self.kube.apply(
-                {
-                    "apiVersion": API_VERSION,
-                    "kind": KIND,
-                    "metadata": {
-                        "name": status.name,
-                        "namespace": NAMESPACE,
-                        "labels": {"conveyor.dev/scope": status.scope[:63]},
-                    },
-                    "spec": {"scope": status.scope, "app": status.app},
-                },
-                field_manager=FIELD_MANAGER,
-            )
+        if previous is None or self._owners.get(status.name) != status.owner:
+            await self.kube.apply(_resource(status), field_manager=FIELD_MANAGER)
+            self._owners[status.name] = status.owner
         await self.kube.apply(
             {
                 "apiVersion": API_VERSION,
@@ -287,20 +383,61 @@ class StatusStore:
         return True
 
     async def set_suspended(self, scope: str, app: str, suspended: bool) -> None:
+        await self._set_spec(scope, app, {"suspend": suspended}, manager="conveyor-cli")
+
+    async def set_adopt_from(self, scope: str, app: str, source: str) -> None:
+        """Ask the environment's writer to take the app's objects over from `source`."""
+        await self._set_spec(scope, app, {"adoptFrom": source}, manager="conveyor-adopt")
+
+    async def _set_spec(
+        self, scope: str, app: str, fields: dict[str, Any], *, manager: str
+    ) -> None:
+        """A person's request on an app. Each kind of request has its own field manager,
+        so that neither the agent's writes nor another request undo it."""
         await self.kube.apply(
             {
                 "apiVersion": API_VERSION,
                 "kind": KIND,
                 "metadata": {"name": resource_name(scope, app), "namespace": NAMESPACE},
-                "spec": {"scope": scope, "app": app, "suspend": suspended},
+                "spec": {"scope": scope, "app": app, **fields},
             },
-            field_manager="conveyor-cli",
+            field_manager=manager,
             force=True,
         )
 
     async def delete(self, status: AppStatus) -> None:
         await self.kube.delete(API_VERSION, KIND, status.name, namespace=NAMESPACE)
         self._written.pop(status.name, None)
+
+
+class StatusError(ConveyorError):
+    """A person named an app or environment the cluster's statuses do not have."""
+
+
+def _environment_name(status: AppStatus) -> str:
+    identity = EnvironmentIdentity.parse(status.source or "")
+    return identity.name if identity else status.scope
+
+
+def _resource(status: AppStatus) -> dict[str, Any]:
+    """A ConveyorApp's metadata and spec: which app of which environment it reports."""
+    labels = {"conveyor.dev/scope": status.scope[:63]}
+    annotations = {}
+    spec: dict[str, Any] = {"scope": status.scope, "app": status.app}
+    if status.owner:
+        labels[OWNER_LABEL] = status.owner
+        annotations[SOURCE_ANNOTATION] = status.source or ""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": status.name,
+            "namespace": NAMESPACE,
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": spec,
+    }
 
 
 def _without_time(body: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from conveyor.cluster import kubeconfig
 from conveyor.cluster.client import KubeClient
+from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ValuesReference
 from conveyor.config.project import (
     ConfigError,
@@ -52,6 +53,13 @@ class ResolvedTarget:
     kubeconfig: str | None
     project: Project | None = None  # conveyor.yaml, when the target names an environment
     environment: Environment | None = None
+
+    @property
+    def identity(self) -> EnvironmentIdentity:
+        """The environment as its source defines it: what it owns in the cluster."""
+        return EnvironmentIdentity.of(
+            self.checkout.url, branch=self.checkout.branch, path=self.env_path, name=self.scope
+        )
 
 
 def checkout_path(repo: str, branch: str, *, purpose: str = "agent") -> Path:

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,8 +105,10 @@ class HelmCLI:
         timeout: float,
         description: str | None = None,
         values_files: Sequence[Path] = (),
+        labels: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """`values` first, then each of `values_files` in order (later ones win)."""
+        """`values` first, then each of `values_files` in order (later ones win).
+        `labels` go on the release's storage (`helm upgrade --labels`)."""
         with _values_file(values) as values_path:
             args = [
                 "upgrade",
@@ -135,6 +137,8 @@ class HelmCLI:
             ]
             if description:
                 args += ["--description", description]
+            if labels:
+                args += ["--labels", ",".join(f"{k}={v}" for k, v in sorted(labels.items()))]
             out = await self.run(*args)
         result: dict[str, Any] = json.loads(out)
         return result

@@ -383,6 +383,13 @@ def file_history(repo: Path, paths: list[str], *, revision: str = "HEAD") -> lis
     return out.split()
 
 
+def origin_url(repo: Path) -> str:
+    """Where a local clone came from (its `origin`), or the clone itself if it has none:
+    the repository an environment deployed from it is known by."""
+    result = run_git(["remote", "get-url", "origin"], cwd=repo, check=False).strip()
+    return result or str(repo)
+
+
 def repository_root(path: Path) -> Path:
     """The top of the git working tree holding `path`; GitError outside a repository."""
     return Path(run_git(["rev-parse", "--show-toplevel"], cwd=path).strip())

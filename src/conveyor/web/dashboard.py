@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.cluster.client import ApiError, KubeClient
+from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.project import ConfigError
 from conveyor.reconcile.once import plan_target
 from conveyor.reconcile.report import EventRecorder
@@ -189,8 +190,9 @@ class Dashboard:
                 f"the config repository of {environment!r} is unknown: start "
                 "`conveyor serve --repo URL` or reconcile it once from the CLI",
             )
+        identity = EnvironmentIdentity.parse(source.source or "") if source else None
         try:
-            return await repo.target(environment)
+            return await repo.target(environment, identity=identity)
         except (GitError, ConfigError) as error:
             raise ActionError(409, str(error)) from None
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from conveyor.cluster.ownership import EnvironmentIdentity, normalise_repository_url
 from conveyor.config.project import ConfigError, Project, load_project
 from conveyor.reconcile.target import Target, checkout_path, default_branch
 from conveyor.render.discover import app_name, discover
@@ -94,10 +95,19 @@ class ConfigRepo:
         checkout = await self.checkout()
         return load_project(checkout.path)
 
-    async def target(self, scope: str) -> Target:
-        """What `conveyor reconcile` would be given for this environment (or path scope)."""
+    async def target(self, scope: str, *, identity: EnvironmentIdentity | None = None) -> Target:
+        """What `conveyor reconcile` would be given for this environment (or path scope).
+        With the identity its statuses carry, only an environment of this repository."""
         checkout = await self.checkout()
         env_names = {e.name for e in load_project(checkout.path).environments}
+        if identity is not None:
+            if identity.repository != normalise_repository_url(self.url):
+                raise ConfigError(
+                    f"{scope!r} is deployed from {identity.source}, not from {self.url}"
+                )
+            if identity.name in env_names:
+                return self._target(env=identity.name, branch=identity.branch)
+            return self._target(path=identity.path, branch=identity.branch)
         if scope in env_names:
             return self._target(env=scope)
         folder = await asyncio.to_thread(_folder_for_scope, checkout.path, scope)
@@ -105,10 +115,12 @@ class ConfigRepo:
             raise ConfigError(f"no environment or folder of {self.url} is named {scope!r}")
         return self._target(path=folder)
 
-    def _target(self, *, env: str | None = None, path: str | None = None) -> Target:
+    def _target(
+        self, *, env: str | None = None, path: str | None = None, branch: str | None = None
+    ) -> Target:
         return Target(
             repo=self.url,
-            branch=self.branch,
+            branch=branch or self.branch,
             env=env,
             path=path,
             kubeconfig=self.kubeconfig,
