@@ -356,8 +356,9 @@ class StatusStore:
         """Write the status if it differs from what is stored. Returns True if written."""
         body = status.status_body()
         previous = self._written.get(status.name)
+        claimed = self._owners.get(status.name) != status.owner
         if previous is not None:
-            if _without_time(previous) == _without_time(body):
+            if _without_time(previous) == _without_time(body) and not claimed:
                 return False
             if previous.get("state") == body["state"]:
                 # Same state: keep the original transition time, as conditions do.
@@ -365,9 +366,11 @@ class StatusStore:
                     "lastTransitionTime"
                 ]
                 status.transition_time = body["conditions"][0]["lastTransitionTime"]
-        if previous is None or self._owners.get(status.name) != status.owner:
+        if previous is None or claimed:
             await self.kube.apply(_resource(status), field_manager=FIELD_MANAGER)
             self._owners[status.name] = status.owner
+        if previous is not None and _without_time(previous) == _without_time(body):
+            return True  # only claimed: the status itself is as stored
         await self.kube.apply(
             {
                 "apiVersion": API_VERSION,
