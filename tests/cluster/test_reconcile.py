@@ -81,6 +81,22 @@ def test_change_in_git_reaches_cluster_and_noop_makes_no_writes(
     assert set(mine) == {"web", "ui"}
     assert sandbox.run("kubectl", "get", "conveyorapps", "-n", "conveyor-system").returncode == 0
     scope = env_path.replace("/", "-")
+    # kstatus conditions: kubectl waits on them, and the columns show them.
+    waited = sandbox.run(
+        "kubectl",
+        "wait",
+        "--for=condition=Ready",
+        f"conveyorapp/{scope}.web",
+        "-n",
+        "conveyor-system",
+        "--timeout=20s",
+        check=False,
+    )
+    assert waited.returncode == 0, waited.stderr
+    table = sandbox.run("kubectl", "get", "conveyorapp", f"{scope}.ui", "-n", "conveyor-system")
+    header, row = table.stdout.splitlines()[:2]
+    assert header.split()[:5] == ["NAME", "APP", "READY", "REASON", "APPLIED"]
+    assert row.split()[1:5] == ["ui", "True", "ReconciliationSucceeded", second]
     events = kubectl_json(
         sandbox,
         "get",
@@ -209,7 +225,9 @@ def test_plain_app_that_never_becomes_healthy_is_rolled_back_to_the_last_good_re
     # The failed content is not retried on the next pass ...
     code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "6")
     assert code == 1 and report["writes"] == 0
-    assert by_name(report)["web"]["revision"] == bad
+    # What runs is the last good revision; the failed one is only the attempted one.
+    assert by_name(report)["web"]["revision"] == good
+    assert by_name(report)["web"]["lastAttemptedRevision"] == bad
     # ... and a fixed revision is applied afresh, the extra ConfigMap with it.
     repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace, image="web:1.1.1"))
     repo.commit("web 1.1.1")

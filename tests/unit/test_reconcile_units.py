@@ -5,10 +5,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+import pytest
+
 from conveyor.cluster.objects import ObjectRef, apply_order, drift_paths
 from conveyor.reconcile.agent import verify_signature
 from conveyor.reconcile.plan import mask_secrets, normalize
-from conveyor.reconcile.status import AppStatus, resource_name
+from conveyor.reconcile.status import (
+    READY,
+    RECONCILING,
+    STALLED,
+    SUSPENDED,
+    WAITING_FOR_GATE,
+    AppStatus,
+    Reason,
+    crd_manifest,
+    resource_name,
+)
 
 DESIRED = {
     "apiVersion": "apps/v1",
@@ -130,7 +142,7 @@ def test_status_body_round_trip_and_names() -> None:
         state="Ready",
         reason="ReconciliationSucceeded",
         message="ok",
-        revision="abc",
+        attempted_revision="abc",
         helm_revision=3,
         inventory=[ObjectRef("v1", "ConfigMap", "ns", "c")],
     )
@@ -140,3 +152,64 @@ def test_status_body_round_trip_and_names() -> None:
     assert obj["status"]["conditions"][0]["status"] == "True"
     assert resource_name("staging", "ui") == "staging.ui"
     assert resource_name("staging", "") == "staging"
+
+
+@pytest.mark.parametrize(
+    ("reason", "state", "conditions"),
+    [
+        (Reason.SUCCEEDED, READY, {"Ready": "True"}),
+        (Reason.DRIFT_CORRECTED, READY, {"Ready": "True"}),
+        (Reason.PROGRESSING, RECONCILING, {"Ready": "Unknown", "Reconciling": "True"}),
+        (Reason.NOT_LEADER, RECONCILING, {"Ready": "Unknown", "Reconciling": "True"}),
+        (Reason.ROLLED_BACK, STALLED, {"Ready": "False", "Stalled": "True"}),
+        (Reason.OWNERSHIP_CONFLICT, STALLED, {"Ready": "False", "Stalled": "True"}),
+        (Reason.SUSPENDED, SUSPENDED, {"Ready": "False"}),
+        (Reason.GATE_CLOSED, WAITING_FOR_GATE, {"Ready": "False"}),
+    ],
+)
+def test_each_reason_has_one_state_and_kstatus_conditions(
+    reason: Reason, state: str, conditions: dict[str, str]
+) -> None:
+    assert reason.state == state
+    status = AppStatus(scope="s", app="a", state=reason.state, reason=reason, generation=4)
+    found = status.status_body()["conditions"]
+    assert {c["type"]: c["status"] for c in found} == conditions
+    assert all(c["reason"] == reason and c["observedGeneration"] == 4 for c in found)
+
+
+def test_status_from_before_conditions_is_read_in_place() -> None:
+    """What the version before conditions wrote: one Ready condition, `revision` for
+    the attempted revision. It is read without loss, so an upgrade re-applies nothing."""
+    old = {
+        "metadata": {"name": "staging.ui", "generation": 2},
+        "spec": {"scope": "staging", "app": "ui"},
+        "status": {
+            "state": "Stalled",
+            "reason": "RolledBack",
+            "message": "rolled back",
+            "revision": "bad",
+            "lastAppliedRevision": "good",
+            "fingerprint": "f",
+            "conditions": [
+                {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+            ],
+        },
+    }
+    status = AppStatus.from_object(old)
+    assert (status.attempted_revision, status.last_applied_revision) == ("bad", "good")
+    assert status.fingerprint == "f" and status.generation == 2
+    summary = status.to_summary()
+    assert summary["revision"] == "good" and summary["lastAttemptedRevision"] == "bad"
+    assert {"name", "kind", "ready", "reason", "message", "revision"} <= set(summary)
+    body = status.status_body()
+    assert {c["type"] for c in body["conditions"]} == {"Ready", "Stalled"}
+    assert body["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+
+
+def test_printer_columns_show_ready_reason_and_the_applied_revision() -> None:
+    version = crd_manifest()["spec"]["versions"][0]
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert columns["Reason"] == '.status.conditions[?(@.type=="Ready")].reason'
+    assert columns["Applied"] == ".status.lastAppliedRevision"
+    assert "Age" in columns

@@ -133,10 +133,12 @@ def test_versions_from_images() -> None:
 
 def test_matrix_orders_environments_and_fills_cells() -> None:
     statuses = [
-        AppStatus(scope="production", app="api", state=READY, revision="b" * 40),
-        AppStatus(scope="dev", app="api", state=READY, revision="a" * 40),
+        AppStatus(scope="production", app="api", state=READY, last_applied_revision="b" * 40),
+        AppStatus(scope="dev", app="api", state=READY, last_applied_revision="a" * 40),
         AppStatus(scope="dev", app="web", state=WAITING_FOR_GATE, message="approval"),
-        AppStatus(scope="dev", app="", kind=SOURCE_KIND, state=READY, revision="a" * 40),
+        AppStatus(
+            scope="dev", app="", kind=SOURCE_KIND, state=READY, last_applied_revision="a" * 40
+        ),
         AppStatus(scope="adhoc", app="tool"),
     ]
     matrix = views.matrix(statuses, {"dev.api": "1.2.0"}, order=["dev", "staging", "production"])

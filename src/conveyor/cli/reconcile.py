@@ -77,7 +77,7 @@ def status_table(statuses: list[AppStatus], *, title: str) -> Table:
             s.kind,
             f"[{style}]{s.state}",
             s.reason,
-            s.revision[:12],
+            (s.last_applied_revision or "")[:12],
             str(s.helm_revision or ""),
             s.last_applied_time or "",
             escape(s.message),

@@ -48,12 +48,10 @@ from conveyor.notify.notifier import Notifier
 from conveyor.reconcile.report import EventRecorder, Metrics, notification_for
 from conveyor.reconcile.status import (
     READY,
-    RECONCILING,
     SOURCE_KIND,
-    STALLED,
     SUSPENDED,
-    WAITING_FOR_GATE,
     AppStatus,
+    Reason,
     StatusStore,
     now,
 )
@@ -109,7 +107,7 @@ class PassResult:
 
 
 class AppFailed(Exception):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         self.reason = reason
         super().__init__(message)
 
@@ -242,8 +240,7 @@ class Engine:
             status.kind = rendered.source.kind
         self._set(
             status,
-            WAITING_FOR_GATE,
-            "GateClosed",
+            Reason.GATE_CLOSED,
             f"revision {self._revision[:12]} waits for gate {held.gate}: {held.message}",
         )
         await self._report(status, warning=False)
@@ -265,6 +262,7 @@ class Engine:
             if name in self.statuses:
                 self.statuses[name].suspended = stored.suspended
                 self.statuses[name].adopt_from = stored.adopt_from
+                self.statuses[name].generation = stored.generation
 
     def _status_for(self, name: str) -> AppStatus:
         """The app's status: its own, a claimed one from before identities, or new."""
@@ -293,7 +291,7 @@ class Engine:
         status = self._status_for(name)
         started = time.monotonic()
         if isinstance(rendered, RenderError):
-            self._set(status, STALLED, "RenderFailed", str(rendered))
+            self._set(status, Reason.RENDER_FAILED, str(rendered))
             await self._report(status, warning=True)
             return status
         status.kind = rendered.source.kind
@@ -301,8 +299,7 @@ class Engine:
             if dependency not in done:
                 self._set(
                     status,
-                    STALLED,
-                    "DependencyNotFound",
+                    Reason.DEPENDENCY_NOT_FOUND,
                     f"depends on {dependency!r}, which is not in this environment",
                 )
                 await self._report(status, warning=True)
@@ -311,8 +308,7 @@ class Engine:
             if not dependency_status.ready:
                 self._set(
                     status,
-                    RECONCILING,
-                    "DependencyNotReady",
+                    Reason.DEPENDENCY_NOT_READY,
                     f"waiting for {dependency} to be Ready ({dependency_status.reason})",
                 )
                 await self._report(status, warning=False)
@@ -321,7 +317,7 @@ class Engine:
             await self._reconcile_app(status, rendered)
             result = "success" if status.ready else "not-ready"
         except (ApiError, UnknownKindError, OSError) as error:
-            self._set(status, STALLED, "ApiError", str(error))
+            self._set(status, Reason.API_ERROR, str(error))
             result = "error"
         await self._report(status, warning=not status.ready and status.state != SUSPENDED)
         self.metrics.reconciles.labels(self.options.scope, name, result).inc()
@@ -333,13 +329,12 @@ class Engine:
 
     async def _reconcile_app(self, status: AppStatus, app: RenderedApp) -> None:
         if status.suspended or app.suspend:
-            self._set(status, SUSPENDED, "Suspended", "reconciliation is suspended")
+            self._set(status, Reason.SUSPENDED, "reconciliation is suspended")
             return
         if app.empty and status.inventory and app.name not in self.options.allow_empty:
             self._set(
                 status,
-                STALLED,
-                "EmptyRender",
+                Reason.EMPTY_RENDER,
                 f"{app.source.path} rendered no objects; refusing to prune "
                 f"{len(status.inventory)} objects (allow it with --allow-empty {app.name})",
             )
@@ -362,7 +357,7 @@ class Engine:
         ):
             conflicts += await self._release_conflicts(status, app, app.helm)
         if conflicts:
-            self._set(status, STALLED, "OwnershipConflict", "; ".join(conflicts))
+            self._set(status, Reason.OWNERSHIP_CONFLICT, "; ".join(conflicts))
             return
         drift = self._drift(desired)
         if not new_content and not drift:
@@ -375,7 +370,7 @@ class Engine:
                 await self._settle(status, app, desired)
             return
         if not self.may_write():
-            self._set(status, RECONCILING, "NotLeader", "another agent holds the lease")
+            self._set(status, Reason.NOT_LEADER, "another agent holds the lease")
             return
         await self._apply_with_remediation(status, app, objects, desired, drift, new_content)
 
@@ -472,21 +467,20 @@ class Engine:
                 # A drift correction puts the same content back: the version has run since
                 # it was first applied, which is what soak gates count from.
                 status.last_applied_time = now()
-            status.last_applied_revision = status.revision
+            status.last_applied_revision = status.attempted_revision
             # Helm owns its release's objects; the inventory holds what conveyor applied.
             status.inventory = sorted(ref for ref, obj in desired if obj in objects)
             if app.helm is not None:
                 status.last_good_helm_revision = status.helm_revision
             if corrected:
                 self._set(
-                    status, READY, "DriftCorrected", f"corrected drift in {'; '.join(drift)[:500]}"
+                    status, Reason.DRIFT_CORRECTED, f"corrected drift in {'; '.join(drift)[:500]}"
                 )
             else:
                 self._set(
                     status,
-                    READY,
-                    "ReconciliationSucceeded",
-                    f"applied revision {status.revision[:12]}",
+                    Reason.SUCCEEDED,
+                    f"applied revision {status.attempted_revision[:12]}",
                 )
             return
         if last_error is None:  # retries >= 0 means at least one attempt was made
@@ -509,13 +503,12 @@ class Engine:
             if restored is not None:
                 self._set(
                     status,
-                    STALLED,
-                    "RolledBack",
+                    Reason.ROLLED_BACK,
                     f"{message}; rolled back to {restored} (retries exhausted for this "
                     "revision; a new revision is tried again)",
                 )
                 return
-        self._set(status, STALLED, last_error.reason, message)
+        self._set(status, last_error.reason, message)
 
     async def _roll_back(self, status: AppStatus, app: RenderedApp) -> str | None:
         """Put back what last worked: the last good Helm revision of a release, or the
@@ -538,17 +531,17 @@ class Engine:
                         timeout=app.helm.spec.timeout_seconds,
                     )
             except HelmError as error:
-                raise AppFailed("RollbackFailed", error.message) from None
+                raise AppFailed(Reason.ROLLBACK_FAILED, error.message) from None
             history = await self.helm.history(release, namespace)
             status.helm_revision = int(history[-1]["revision"]) if history else None
             self.desired.pop(app.name, None)
             return f"Helm revision {status.last_good_helm_revision}"
         good = status.last_applied_revision
-        if self.render_past is None or not good or good == status.revision:
+        if self.render_past is None or not good or good == status.attempted_revision:
             return None
         previous = await self.render_past(app.name, good)
         if previous.empty:  # never prune a whole app on the way back
-            raise AppFailed("RollbackFailed", f"revision {good[:12]} renders no objects")
+            raise AppFailed(Reason.ROLLBACK_FAILED, f"revision {good[:12]} renders no objects")
         objects = self._labelled(previous)
         desired = [(await namespaced_ref(self.kube, o), o) for o in objects]
         async with self._apps:
@@ -564,11 +557,11 @@ class Engine:
         desired: list[tuple[ObjectRef, Obj]],
         new_content: bool,
     ) -> list[tuple[ObjectRef, Obj]]:
-        self._set(status, RECONCILING, "Progressing", f"applying revision {status.revision[:12]}")
+        self._set(status, Reason.PROGRESSING, f"applying revision {status.attempted_revision[:12]}")
         try:
             self.live.seed(await apply_objects(self.kube, objects))
         except ApplyError as error:
-            raise AppFailed("ApplyFailed", str(error)) from None
+            raise AppFailed(Reason.APPLY_FAILED, str(error)) from None
         desired_refs = [ref for ref, _ in desired]
         if app.helm is None:
             if self.options.prune:
@@ -578,7 +571,7 @@ class Engine:
                 try:
                     await delete_objects(self.kube, gone, identity=self.options.identity)
                 except ApplyError as error:
-                    raise AppFailed("PruneFailed", str(error)) from None
+                    raise AppFailed(Reason.PRUNE_FAILED, str(error)) from None
             # Applied, healthy or not: a later revision or a rollback prunes from here.
             status.inventory = sorted(desired_refs)
             self._remember(app.name, desired)
@@ -594,14 +587,14 @@ class Engine:
                     await apply_objects(self.kube, [o for _, o in desired if o not in objects])
                 )
             except ApplyError as error:
-                raise AppFailed("DriftCorrectionFailed", str(error)) from None
+                raise AppFailed(Reason.DRIFT_CORRECTION_FAILED, str(error)) from None
             return desired
         async with self._helm_slots:
             try:
-                release = await self._upgrade_install(app.name, plan, status.revision)
+                release = await self._upgrade_install(app.name, plan, status.attempted_revision)
             except HelmError as error:
                 status.helm_revision = await self._current_helm_revision(spec)
-                raise AppFailed("UpgradeFailed", error.message) from None
+                raise AppFailed(Reason.UPGRADE_FAILED, error.message) from None
         status.helm_revision = int(release.get("version", 0)) or None
         helm_desired = await self._refs_for(
             parse_manifest(release.get("manifest", "")), default_namespace=spec.target_namespace
@@ -656,10 +649,11 @@ class Engine:
             if health.status is HealthStatus.CURRENT:
                 return
             if health.status is HealthStatus.FAILED:
-                raise AppFailed("HealthCheckFailed", health.message)
+                raise AppFailed(Reason.HEALTH_CHECK_FAILED, health.message)
             if time.monotonic() > deadline:
                 raise AppFailed(
-                    "HealthCheckFailed", f"not healthy within {timeout:.0f}s: {health.message}"
+                    Reason.HEALTH_CHECK_FAILED,
+                    f"not healthy within {timeout:.0f}s: {health.message}",
                 )
             await asyncio.sleep(self.options.poll_interval)
 
@@ -670,16 +664,14 @@ class Engine:
         health = self._health(desired)
         if health.status is HealthStatus.CURRENT:
             if status.drift:
-                self._set(status, READY, "DriftDetected", f"drift (warn only): {status.drift}")
+                self._set(status, Reason.DRIFT_DETECTED, f"drift (warn only): {status.drift}")
             elif status.state != READY:
                 applied = status.last_applied_revision or self._revision
-                self._set(
-                    status, READY, "ReconciliationSucceeded", f"applied revision {applied[:12]}"
-                )
+                self._set(status, Reason.SUCCEEDED, f"applied revision {applied[:12]}")
         elif health.status is HealthStatus.FAILED:
-            self._set(status, STALLED, "HealthCheckFailed", health.message)
+            self._set(status, Reason.HEALTH_CHECK_FAILED, health.message)
         else:
-            self._set(status, RECONCILING, "Progressing", health.message)
+            self._set(status, Reason.PROGRESSING, health.message)
         self._remember(app.name, desired)
 
     def _health(self, desired: list[tuple[ObjectRef, Obj]]) -> Health:
@@ -791,11 +783,11 @@ class Engine:
 
     # -- report --------------------------------------------------------------------------
 
-    def _set(self, status: AppStatus, state: str, reason: str, message: str) -> None:
+    def _set(self, status: AppStatus, reason: Reason, message: str) -> None:
         # The revision moves with the app's state, not with every commit to the repo, so
         # a commit that does not touch an app writes nothing for it.
-        status.revision = self._revision
-        status.state = state
+        status.attempted_revision = self._revision
+        status.state = reason.state
         status.reason = reason
         status.message = message
 

@@ -91,8 +91,11 @@ def source_fetched(target: Target, resolved: ResolvedTarget, *, scope: str) -> A
         kind=SOURCE_KIND,
         state="Ready",
         reason="Fetched",
-        message=f"{target.repo}@{resolved.checkout.branch}",
-        revision=resolved.revision,
+        message=f"fetched {resolved.revision[:12]} of {target.repo}@{resolved.checkout.branch}",
+        attempted_revision=resolved.revision,
+        last_applied_revision=resolved.revision,
+        repository=target.repo,
+        branch=resolved.checkout.branch,
     )
     StatusStore.stamp(status, resolved.identity)
     return status

@@ -103,7 +103,7 @@ class EventRecorder:
                 "app": status.app,
                 "scope": status.scope,
                 "reason": reason,
-                "revision": status.revision,
+                "revision": status.attempted_revision,
             },
         )
         try:
@@ -134,6 +134,6 @@ def notification_for(status: AppStatus, *, newly_applied: bool) -> Notification 
         state=status.state,
         reason=status.reason,
         message=status.message,
-        revision=status.revision,
+        revision=status.attempted_revision,
         time=now(),
     )

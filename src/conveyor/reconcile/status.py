@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from conveyor.cluster.apply import FIELD_MANAGER, apply_objects
@@ -32,6 +33,7 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "ConveyorApp"
 
+# An app's state in one word, as tables show it; the conditions say it the kstatus way.
 READY = "Ready"
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
@@ -40,8 +42,56 @@ WAITING_FOR_GATE = "WaitingForGate"
 SOURCE_KIND = "source"  # the status of the git source itself, beside its apps
 
 
+class Reason(StrEnum):
+    """Why an app is in its state; each reason belongs to one state (`Reason.state`)."""
+
+    SUCCEEDED = "ReconciliationSucceeded"
+    DRIFT_CORRECTED = "DriftCorrected"
+    DRIFT_DETECTED = "DriftDetected"
+    FETCHED = "Fetched"
+    PROGRESSING = "Progressing"
+    DEPENDENCY_NOT_READY = "DependencyNotReady"
+    NOT_LEADER = "NotLeader"
+    SUSPENDED = "Suspended"
+    GATE_CLOSED = "GateClosed"
+    RENDER_FAILED = "RenderFailed"
+    DEPENDENCY_NOT_FOUND = "DependencyNotFound"
+    API_ERROR = "ApiError"
+    EMPTY_RENDER = "EmptyRender"
+    OWNERSHIP_CONFLICT = "OwnershipConflict"
+    APPLY_FAILED = "ApplyFailed"
+    PRUNE_FAILED = "PruneFailed"
+    DRIFT_CORRECTION_FAILED = "DriftCorrectionFailed"
+    UPGRADE_FAILED = "UpgradeFailed"
+    ROLLBACK_FAILED = "RollbackFailed"
+    ROLLED_BACK = "RolledBack"
+    HEALTH_CHECK_FAILED = "HealthCheckFailed"
+    FETCH_FAILED = "FetchFailed"
+    INTERNAL_ERROR = "InternalError"
+
+    @property
+    def state(self) -> str:
+        return _STATE_OF.get(self, STALLED)
+
+
+_STATE_OF = {
+    Reason.SUCCEEDED: READY,
+    Reason.DRIFT_CORRECTED: READY,
+    Reason.DRIFT_DETECTED: READY,
+    Reason.FETCHED: READY,
+    Reason.PROGRESSING: RECONCILING,
+    Reason.DEPENDENCY_NOT_READY: RECONCILING,
+    Reason.NOT_LEADER: RECONCILING,
+    Reason.SUSPENDED: SUSPENDED,
+    Reason.GATE_CLOSED: WAITING_FOR_GATE,
+}
+
+
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_READY = '.status.conditions[?(@.type=="Ready")]'
 
 
 def crd_manifest() -> dict[str, Any]:
@@ -82,10 +132,16 @@ def crd_manifest() -> dict[str, Any]:
                     },
                     "additionalPrinterColumns": [
                         {**column, "name": "App", "jsonPath": ".spec.app"},
-                        {**column, "name": "State", "jsonPath": ".status.state"},
-                        {**column, "name": "Reason", "jsonPath": ".status.reason"},
-                        {**column, "name": "Revision", "jsonPath": ".status.revision"},
-                        {**column, "name": "Message", "jsonPath": ".status.message", "priority": 1},
+                        {**column, "name": "Ready", "jsonPath": _READY + ".status"},
+                        {**column, "name": "Reason", "jsonPath": _READY + ".reason"},
+                        {**column, "name": "Applied", "jsonPath": ".status.lastAppliedRevision"},
+                        {**column, "name": "State", "jsonPath": ".status.state", "priority": 1},
+                        {
+                            **column,
+                            "name": "Message",
+                            "jsonPath": _READY + ".message",
+                            "priority": 1,
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                 }
@@ -107,7 +163,9 @@ class AppStatus:
     state: str = RECONCILING
     reason: str = "Progressing"
     message: str = ""
-    revision: str = ""
+    # The revision last worked on (applied, held or failed); lastAppliedRevision is the
+    # one that runs. They differ while a newer revision is tried, held or given up on.
+    attempted_revision: str = ""
     helm_revision: int | None = None
     last_applied_time: str | None = None
     last_applied_revision: str | None = None
@@ -125,6 +183,10 @@ class AppStatus:
     owner: str | None = None
     source: str | None = None
     adopt_from: str | None = None  # `conveyor adopt --from`: whose objects to take over
+    generation: int | None = None  # the ConveyorApp's metadata.generation as last read
+    # A source status's own fields: which repository and branch were fetched.
+    repository: str | None = None
+    branch: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -134,15 +196,34 @@ class AppStatus:
     def name(self) -> str:
         return resource_name(self.scope, self.app)
 
+    def conditions(self) -> list[dict[str, Any]]:
+        """kstatus conditions: Ready always; Reconciling and Stalled while they are true
+        (`kubectl wait --for=condition=Ready` works on them)."""
+        ready = "True" if self.ready else ("Unknown" if self.state == RECONCILING else "False")
+        types = [("Ready", ready)]
+        if self.state == RECONCILING:
+            types.append(("Reconciling", "True"))
+        if self.state == STALLED:
+            types.append(("Stalled", "True"))
+        return [
+            {
+                "type": kind,
+                "status": value,
+                "reason": self.reason,
+                "message": self.message,
+                "observedGeneration": self.generation,
+                "lastTransitionTime": self.transition_time,
+            }
+            for kind, value in types
+        ]
+
     def status_body(self) -> dict[str, Any]:
-        condition_status = (
-            "True" if self.ready else ("Unknown" if self.state == RECONCILING else "False")
-        )
-        return {
+        body = {
             "state": self.state,
             "reason": self.reason,
             "message": self.message,
-            "revision": self.revision,
+            "lastAttemptedRevision": self.attempted_revision,
+            "observedGeneration": self.generation,
             "kind": self.kind,
             "helmRevision": self.helm_revision,
             "lastAppliedTime": self.last_applied_time,
@@ -154,17 +235,11 @@ class AppStatus:
             "drift": self.drift,
             "release": self.release,
             "inventory": [r.to_dict() for r in self.inventory],
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": condition_status,
-                    "reason": self.reason,
-                    "message": self.message,
-                    "observedRevision": self.revision,
-                    "lastTransitionTime": self.transition_time,
-                }
-            ],
+            "conditions": self.conditions(),
         }
+        if self.kind == SOURCE_KIND:
+            body["repository"], body["branch"] = self.repository, self.branch
+        return body
 
     def to_summary(self) -> dict[str, Any]:
         """What `conveyor get apps -o json` shows."""
@@ -176,7 +251,8 @@ class AppStatus:
             "state": self.state,
             "reason": self.reason,
             "message": self.message,
-            "revision": self.revision,
+            "revision": self.last_applied_revision or "",
+            "lastAttemptedRevision": self.attempted_revision,
             "helmRevision": self.helm_revision,
             "lastAppliedTime": self.last_applied_time,
             "drift": self.drift,
@@ -189,6 +265,7 @@ class AppStatus:
         spec = obj.get("spec", {})
         raw = obj.get("status") or {}
         conditions = raw.get("conditions") or [{}]
+        generation = (obj.get("metadata") or {}).get("generation")
         return cls(
             scope=str(spec.get("scope", "")),
             app=str(spec.get("app", "")),
@@ -196,7 +273,8 @@ class AppStatus:
             state=raw.get("state", RECONCILING),
             reason=raw.get("reason", "Progressing"),
             message=raw.get("message", ""),
-            revision=raw.get("revision", ""),
+            # `revision` is what versions before conditions called the attempted one.
+            attempted_revision=raw.get("lastAttemptedRevision") or raw.get("revision", ""),
             helm_revision=raw.get("helmRevision"),
             last_applied_time=raw.get("lastAppliedTime"),
             last_applied_revision=raw.get("lastAppliedRevision"),
@@ -212,6 +290,9 @@ class AppStatus:
             owner=owner.id if (owner := owner_of(obj)) else None,
             source=owner.source if owner else None,
             adopt_from=spec.get("adoptFrom") or None,
+            generation=generation if isinstance(generation, int) else None,
+            repository=raw.get("repository"),
+            branch=raw.get("branch"),
         )
 
 
@@ -222,6 +303,7 @@ class StatusStore:
         self.kube = kube
         self._written: dict[str, dict[str, Any]] = {}
         self._owners: dict[str, str | None] = {}  # the owner label as last read or written
+        self._generations: dict[str, int | None] = {}
 
     async def install(self) -> None:
         """Create the CRD and namespace if needed (idempotent, no write when present)."""
@@ -254,6 +336,7 @@ class StatusStore:
         for item in items:
             status = AppStatus.from_object(item)
             self._owners[status.name] = status.owner
+            self._generations[status.name] = status.generation
             if (scope is None or status.scope == scope) and (
                 owner is None or status.owner == owner
             ):
@@ -354,6 +437,10 @@ class StatusStore:
 
     async def save(self, status: AppStatus) -> bool:
         """Write the status if it differs from what is stored. Returns True if written."""
+        if status.generation is None:
+            # A status made afresh (a source's, each pass) observes what is stored; a
+            # ConveyorApp that does not exist yet is created at generation 1.
+            status.generation = self._generations.get(status.name) or 1
         body = status.status_body()
         previous = self._written.get(status.name)
         claimed = self._owners.get(status.name) != status.owner
@@ -362,10 +449,8 @@ class StatusStore:
                 return False
             if previous.get("state") == body["state"]:
                 # Same state: keep the original transition time, as conditions do.
-                body["conditions"][0]["lastTransitionTime"] = previous["conditions"][0][
-                    "lastTransitionTime"
-                ]
-                status.transition_time = body["conditions"][0]["lastTransitionTime"]
+                status.transition_time = previous["conditions"][0]["lastTransitionTime"]
+                body["conditions"] = status.conditions()
         if previous is None or claimed:
             await self.kube.apply(_resource(status), field_manager=FIELD_MANAGER)
             self._owners[status.name] = status.owner

@@ -130,7 +130,7 @@ class Dashboard:
         )
 
     def version(self, status: AppStatus) -> str:
-        return self.hub.versions.get(status.name, status.revision[:12])
+        return self.hub.versions.get(status.name, (status.last_applied_revision or "")[:12])
 
     async def detail(self, status: AppStatus) -> views.AppDetail:
         return views.AppDetail(
@@ -146,7 +146,7 @@ class Dashboard:
     async def history(self, status: AppStatus) -> views.History:
         history = views.History(helm=await views.helm_history(self.kube, status))
         source = self._source(status.scope)
-        repo = self.repos.get(source.message if source else None)
+        repo = self.repos.get(source)
         if repo is None:
             history.notes.append(
                 "git history needs the config repository: start `conveyor serve --repo URL`"
@@ -154,7 +154,7 @@ class Dashboard:
             return history
         try:
             commits = await repo.history(
-                status.scope, status.app, revision=source.revision if source else None
+                status.scope, status.app, revision=source.attempted_revision if source else None
             )
         except (GitError, ConfigError) as error:
             history.notes.append(f"git history unavailable: {error}")
@@ -183,7 +183,7 @@ class Dashboard:
 
     async def target(self, environment: str) -> Target:
         source = self._source(environment)
-        repo = self.repos.get(source.message if source else None)
+        repo = self.repos.get(source)
         if repo is None:
             raise ActionError(
                 409,

@@ -20,6 +20,7 @@ import yaml
 
 from conveyor.cluster.ownership import EnvironmentIdentity, normalise_repository_url
 from conveyor.config.project import ConfigError, Project, load_project
+from conveyor.reconcile.status import AppStatus
 from conveyor.reconcile.target import Target, checkout_path, default_branch
 from conveyor.render.discover import app_name, discover
 from conveyor.render.documents import RenderError
@@ -229,13 +230,12 @@ class Repos:
         self.context = context
         self._repos: dict[tuple[str, str | None], ConfigRepo] = {}
 
-    def get(self, source_message: str | None) -> ConfigRepo | None:
-        """`--repo` if given, else the repo a source status names (`<url>@<branch>`)."""
+    def get(self, source: AppStatus | None) -> ConfigRepo | None:
+        """`--repo` if given, else the repository and branch a source status names."""
         if self.default:
             url, branch = self.default, self.branch
-        elif source_message and "@" in source_message:
-            url, _, branch_text = source_message.rpartition("@")
-            branch = branch_text or None
+        elif source is not None and source.repository:
+            url, branch = source.repository, source.branch
         else:
             return None
         key = (url, branch)

@@ -36,7 +36,8 @@ class StatusChange:
 
 def _version_key(status: AppStatus) -> tuple[Any, ...]:
     return (
-        status.revision,
+        status.attempted_revision,
+        status.last_applied_revision,
         status.helm_revision,
         status.last_applied_time,
         status.release,
@@ -95,7 +96,7 @@ class StatusHub:
                 self.versions[status.name] = await self.version_of(status)
             except (ApiError, UnknownKindError, httpx.HTTPError, OSError) as error:
                 log.warning("version of %s unknown: %s", status.name, error)
-                self.versions[status.name] = status.revision[:12]
+                self.versions[status.name] = (status.last_applied_revision or "")[:12]
             self._version_keys[status.name] = key
         return self.versions[status.name]
 

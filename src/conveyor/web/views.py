@@ -191,7 +191,7 @@ async def live_version(kube: KubeClient, status: AppStatus) -> str:
         if deployed:
             tags = _release_tags(deployed[-1]) or [deployed[-1].app_version]
     tags = [t for t in dict.fromkeys(tags) if t]
-    return ", ".join(tags) if tags else status.revision[:12]
+    return ", ".join(tags) if tags else (status.last_applied_revision or "")[:12]
 
 
 def _release_tags(revision: ReleaseRevision) -> list[str]:
@@ -213,7 +213,7 @@ def cell(status: AppStatus, version: str) -> Cell:
         state=status.state,
         reason=status.reason,
         message=status.message,
-        revision=status.revision,
+        revision=status.last_applied_revision or "",
         helm_revision=status.helm_revision,
         version=version,
         last_applied_time=status.last_applied_time,
@@ -240,14 +240,14 @@ def matrix(
                 state=source.state if source else "",
                 reason=source.reason if source else "",
                 message=source.message if source else "",
-                revision=source.revision if source else "",
+                revision=(source.last_applied_revision or "") if source else "",
                 apps=sum(1 for s in apps if s.scope == name),
             )
         )
     return Matrix(
         environments=environments,
         apps=sorted({s.app for s in apps}),
-        cells=[cell(s, versions.get(s.name, s.revision[:12])) for s in apps],
+        cells=[cell(s, versions.get(s.name, (s.last_applied_revision or "")[:12])) for s in apps],
     )
 
 
@@ -258,7 +258,7 @@ def gates(statuses: list[AppStatus]) -> list[Gate]:
             app=s.app,
             reason=s.reason,
             message=s.message,
-            revision=s.revision,
+            revision=s.attempted_revision,
             since=s.transition_time,
         )
         for s in sorted(statuses, key=lambda s: (s.scope, s.app))
