@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from conveyor.errors import ConveyorError
+
 # Helm's own rule (pkg/chartutil/validate_name.go): a DNS-1123 subdomain of at most 53
 # characters, so that the names Helm derives from it still fit Kubernetes' limits.
 _HELM_RELEASE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -20,14 +22,14 @@ HELM_RELEASE_MAX = 53
 # A Kubernetes namespace is a DNS-1123 label.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 NAMESPACE_MAX = 63
-# What Helm repositories and registries name charts: letters, digits, `_`, `.`, `-`,
-# never starting with `-` or `.`; OCI repositories add `/` between path components.
+# What Helm repositories and registries name charts (and Docker names credential
+# helpers): letters, digits, `_`, `.`, `-`, never starting with `-` or `.`.
 _BARE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _SHA = re.compile(r"^([0-9a-f]{7,40}|[0-9a-f]{64})$")
 # Characters `git check-ref-format` refuses anywhere in a ref name.
 _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 # `<transport>::<address>` hands the address to `git-remote-<transport>`; `ext::` runs it
-# as a command. Only the transports below are ever allowed (see `git_env`).
+# as a command. Only the schemes below are allowed (and `git_env` allows no others).
 _REMOTE_HELPER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/]*)")
 GIT_SCHEMES = ("https", "http", "ssh", "git", "file")
@@ -36,7 +38,7 @@ _SCP_LIKE = re.compile(r"^([^/:]+):")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class UnsafeValueError(ValueError):
+class UnsafeValueError(ConveyorError, ValueError):
     """A value that cannot safely be given to git, helm or kubectl; the message names
     what it is for, shows the value and says which rule it breaks."""
 
