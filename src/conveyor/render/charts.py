@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import yaml
 
@@ -46,7 +45,6 @@ from conveyor.render.documents import Document, RenderError
 from conveyor.render.helm import HelmCLI, HelmError
 from conveyor.source.git import GitError, fetch_commit, run_git
 
-_Chart = TypeVar("_Chart", bound=ChartFromGit | ChartFromRepository)
 _EXACT_VERSION = re.compile(r"^v?\d+\.\d+\.\d+([-+][0-9A-Za-z.+-]+)?$")
 
 
@@ -71,11 +69,11 @@ class ChartResolver:
         # HelmRelease's file and line, rather than by HelmCLI with no file to name.
         _check(helm_release_name, spec.release_name, "spec.releaseName")
         _check(kubernetes_namespace, spec.target_namespace, "spec.targetNamespace")
-        chart = spec.chart
+        chart, origin = spec.chart, None
         if isinstance(chart, SourceRef):
+            origin = self.sources.get((chart.kind, chart.namespace, chart.name))
             chart = self._from_source(chart)
-        else:
-            _check_chart(chart)
+        _check_chart(chart, source=origin)
         key: tuple[str, ...]
         if isinstance(chart, ChartFromGit):
             key = ("git", chart.url, chart.ref, chart.path)
@@ -139,9 +137,7 @@ class ChartResolver:
                 or source_ref.get("branch")
                 or "master"
             )
-            return _check_chart(
-                ChartFromGit(url=url, ref=str(git_ref), path=str(ref.chart or ".")), source=source
-            )
+            return ChartFromGit(url=url, ref=str(git_ref), path=str(ref.chart or "."))
         try:
             refresh = parse_duration(spec.get("interval"), default=300.0)
         except HelmReleaseError as error:
@@ -151,23 +147,17 @@ class ChartResolver:
         if ref.kind == "HelmRepository":
             if spec.get("type") == "oci" and not url.startswith("oci://"):
                 url = "oci://" + url
-            return _check_chart(
-                ChartFromRepository(
-                    url=url, name=str(ref.chart), version=ref.version, refresh_seconds=refresh
-                ),
-                source=source,
+            return ChartFromRepository(
+                url=url, name=str(ref.chart), version=ref.version, refresh_seconds=refresh
             )
         if ref.kind == "OCIRepository":
             version = source_ref.get("tag") or source_ref.get("semver") or ref.version
             base, _, name = url.rstrip("/").rpartition("/")
-            return _check_chart(
-                ChartFromRepository(
-                    url=base,
-                    name=name,
-                    version=str(version) if version else None,
-                    refresh_seconds=refresh,
-                ),
-                source=source,
+            return ChartFromRepository(
+                url=base,
+                name=name,
+                version=str(version) if version else None,
+                refresh_seconds=refresh,
             )
         raise RenderError(
             f"charts from {ref.kind} are not supported", file=source.file, line=source.line
@@ -263,15 +253,17 @@ def _check(
         raise RenderError(f"{source.where()}: {error}" if source else str(error)) from None
 
 
-def _check_chart(chart: _Chart, *, source: Document | None = None) -> _Chart:
-    """The chart, once its URL, ref, path, name and version are safe to pass to git and helm."""
+def _check_chart(
+    chart: ChartFromGit | ChartFromRepository, *, source: Document | None = None
+) -> None:
+    """RenderError unless the chart's URL, ref, path, name and version are safe to pass
+    to git and helm; `source` is the Flux source (or HelmChart) the HelmRelease names."""
     if isinstance(chart, ChartFromGit):
         _check(git_url, chart.url, "chart git URL", source=source)
         _check(git_ref, chart.ref, "chart ref", source=source)
         _check(chart_path, chart.path, "chart path", source=source)
-        return chart
+        return
     _check(helm_repository_url, chart.url, "chart repository URL", source=source)
     _check(chart_name, chart.name, "chart name", source=source)
     if chart.version is not None:
         _check(chart_version, chart.version, "chart version", source=source)
-    return chart
