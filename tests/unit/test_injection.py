@@ -220,6 +220,20 @@ def test_git_url_rule_refuses_options_helpers_and_ssh_options(url: str, reason: 
         names.git_url(url)
 
 
+def test_refusals_never_show_a_password(tmp_path: Path) -> None:
+    url = "s3://ci:s3cr3t-token@bucket/charts.git"
+    with pytest.raises(UnsafeValueError) as refused:
+        names.git_url(url)
+    assert "s3cr3t" not in str(refused.value) and "ci:***@bucket" in str(refused.value)
+    with pytest.raises(GitError) as failed:
+        Checkout.open(url, tmp_path / "wc")
+    assert "s3cr3t" not in str(failed.value)
+    root = tmp_path / "repo"
+    write(root, "prod/api.yaml", helm_release(chart_git=url))
+    error = render_all(root, "prod")["prod/api.yaml"]
+    assert error is not None and "s3cr3t" not in str(error)
+
+
 def test_helm_and_kubernetes_name_rules() -> None:
     assert names.helm_release_name("ui-default-ui") == "ui-default-ui"
     assert names.helm_release_name("a.b-c") == "a.b-c"

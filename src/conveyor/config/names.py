@@ -36,6 +36,13 @@ GIT_SCHEMES = ("https", "http", "ssh", "git", "file")
 # scp-like `[user@]host:path`: git's rule is a colon before any slash.
 _SCP_LIKE = re.compile(r"^([^/:]+):")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CREDENTIALS = re.compile(r"(://[^/@:\s]+):[^/@\s]+@")
+
+
+def mask_url(text: str) -> str:
+    """Hide the password of `https://user:password@host/...` wherever it appears: every
+    refusal below shows the value, and a URL may carry a token."""
+    return _CREDENTIALS.sub(r"\1:***@", text)
 
 
 class UnsafeValueError(ConveyorError, ValueError):
@@ -44,7 +51,7 @@ class UnsafeValueError(ConveyorError, ValueError):
 
 
 def _refuse(what: str, value: str, rule: str) -> UnsafeValueError:
-    return UnsafeValueError(f"{what} {value!r} {rule}")
+    return UnsafeValueError(f"{what} {mask_url(repr(value))} {rule}")
 
 
 def _plain(value: object, what: str) -> str:

@@ -281,7 +281,7 @@ def _warnings(stderr: str) -> list[str]:
 
 
 def _values_args(files: Sequence[Path]) -> list[str]:
-    return [arg for path in files for arg in ("--values", str(path))]
+    return [f"--values={path}" for path in files]
 
 
 @contextlib.contextmanager

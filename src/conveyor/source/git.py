@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -20,13 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conveyor.config.names import UnsafeValueError, git_ref, git_revision, git_url
-
-_CREDENTIALS = re.compile(r"(://[^/@:\s]+):[^/@\s]+@")
-
-
-def mask_url(text: str) -> str:
-    """Hide the password of `https://user:password@host/...` wherever it appears."""
-    return _CREDENTIALS.sub(r"\1:***@", text)
+from conveyor.config.names import mask_url as mask_url  # where callers have always found it
 
 
 class GitError(RuntimeError):
