@@ -25,6 +25,7 @@ from tests.cluster.gitops import (
     flux_v1_release,
     reconcile_json,
 )
+from tests.cluster.test_agent import AgentProcess, agents  # noqa: F401 (a fixture)
 from tests.conftest import SandboxHandle
 from tests.unit.test_injection import hostile_script, upload_pack
 
@@ -80,6 +81,36 @@ def test_reconcile_stalls_only_the_hostile_apps_and_runs_nothing(
     assert not marker.exists()
     releases = sandbox.run("helm", "list", "-n", namespace, "-q").stdout.split()
     assert releases == ["ui"]
+
+
+def test_agent_applies_the_good_apps_and_runs_nothing_for_the_hostile_ones(
+    sandbox: SandboxHandle,
+    tmp_path: Path,
+    namespace: str,
+    marker: Path,
+    agents: list[AgentProcess],  # noqa: F811 (the fixture)
+) -> None:
+    repo = ConfigRepo(tmp_path)
+    charts = chart_repo(tmp_path)
+    env = f"envs/e{uuid.uuid4().hex[:8]}"
+    script = hostile_script(tmp_path, marker)
+    repo.write(f"{env}/web/deploy.yaml", deployment("web", namespace))
+    repo.write(f"{env}/ui.yaml", flux_v1_release("ui", namespace, charts))
+    for path, text in hostile_releases(env, namespace, charts, marker, script).items():
+        repo.write(path, text)
+    repo.commit("two hostile releases among good apps")
+
+    agent = AgentProcess(sandbox, repo, env, tmp_path, "--interval", "600s")
+    agents.append(agent)
+    agent.wait_ready()
+
+    assert agent.process.poll() is None  # still serving
+    assert sandbox.run("helm", "list", "-n", namespace, "-q").stdout.split() == ["ui"]
+    assert sandbox.run("kubectl", "get", "deployment", "web", "-n", namespace).returncode == 0
+    log = agent.log.read_text()
+    assert f"{env}/api.yaml:1: chart ref" in log, log
+    assert f"{env}/worker.yaml:1: spec.releaseName" in log, log
+    assert not marker.exists()
 
 
 def test_diff_of_a_pull_request_with_hostile_releases_runs_nothing(
