@@ -22,6 +22,7 @@ import pytest
 from conveyor.config import names
 from conveyor.config.names import UnsafeValueError
 from conveyor.images.credentials import CredentialsError, DockerConfig
+from conveyor.reconcile.target import default_branch
 from conveyor.render.charts import ChartResolver
 from conveyor.render.discover import discover
 from conveyor.render.documents import RenderError
@@ -446,6 +447,15 @@ def test_checkout_refuses_hostile_urls_and_branches(tmp_path: Path, marker: Path
         with pytest.raises(GitError, match="branch '--upload-pack"):
             call(upload_pack(marker))
     assert not marker.exists()
+
+
+def test_default_branch_lookup_keeps_the_url_positional(tmp_path: Path, marker: Path) -> None:
+    """`reconcile --repo URL` asks the remote for its default branch before cloning."""
+    with pytest.raises(GitError):
+        default_branch(upload_pack(marker))
+    assert not marker.exists()
+    bare = ConfigRepo(tmp_path / "remote").bare
+    assert default_branch(str(bare)) == "main"
 
 
 def test_fetch_commit_checks_url_and_ref_and_ends_options(tmp_path: Path, marker: Path) -> None:
