@@ -58,7 +58,7 @@ def _plain(value: object, what: str) -> str:
     """Common to every rule: a non-empty string without control characters that does not
     start with `-` (where every tool would read it as an option)."""
     if not isinstance(value, str) or not value:
-        raise UnsafeValueError(f"{what} must be a non-empty string, not {value!r}")
+        raise UnsafeValueError(f"{what} must be a non-empty string, not {mask_url(repr(value))}")
     if _CONTROL.search(value):
         raise _refuse(what, value, "contains a control character")
     if value.startswith("-"):
