@@ -3,7 +3,8 @@
 `$DOCKER_CONFIG/config.json` (else `~/.docker/config.json`): `auths.<host>.auth` (base64
 `user:password`) or `username`/`password`, and `credHelpers`/`credsStore` through the
 `docker-credential-<helper>` programs (ECR, GCR, ...). Passwords never reach `repr`,
-logs or error messages.
+logs or error messages. A helper is a bare program name, checked when the file is read:
+`credHelpers: {host: ../../tmp/x}` must not run `docker-credential-../../tmp/x`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from conveyor.config.names import UnsafeValueError, credential_helper
 from conveyor.images.reference import DOCKER_HUB_API
 
 _DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io")
@@ -85,8 +87,16 @@ class DockerConfig:
             credentials = _decode(entry) if isinstance(entry, dict) else None
             if credentials:
                 auths[_host_of(key)] = credentials
-        helpers = {_host_of(k): str(v) for k, v in (raw.get("credHelpers") or {}).items()}
-        store = raw.get("credsStore")
+        try:
+            helpers = {
+                _host_of(k): credential_helper(v, what=f"credHelpers.{k}")
+                for k, v in (raw.get("credHelpers") or {}).items()
+            }
+            store = raw.get("credsStore")
+            if store:
+                credential_helper(store, what="credsStore")
+        except UnsafeValueError as error:
+            raise CredentialsError(f"{path}: {error}") from None
         return cls(auths, helpers, str(store) if store else None)
 
     def for_host(self, host: str) -> Credentials | None:

@@ -68,7 +68,7 @@ def checkout_path(repo: str, branch: str, *, purpose: str = "agent") -> Path:
 
 
 def default_branch(repo: str) -> str:
-    out = run_git(["ls-remote", "--symref", repo, "HEAD"])
+    out = run_git(["ls-remote", "--symref", "--end-of-options", repo, "HEAD"])
     for line in out.splitlines():
         if line.startswith("ref:") and "refs/heads/" in line:
             return line.split("refs/heads/", 1)[1].split()[0]

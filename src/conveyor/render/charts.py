@@ -4,6 +4,7 @@ Charts come from a git path (Flux v1 `chart.git`, Flux v2 GitRepository), a Helm
 repository, or OCI. The digest (git tree id or archive SHA-256) is part of the app's
 fingerprint, so an unchanged chart with unchanged values costs no Helm call at all.
 Fetches are shared within a pass: 1000 releases of one chart repo fetch it once.
+Every name, URL and ref is checked (`conveyor.config.names`) before git or helm sees it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +30,20 @@ from conveyor.config.helmrelease import (
     SourceRef,
     parse_duration,
 )
+from conveyor.config.names import (
+    UnsafeValueError,
+    chart_name,
+    chart_path,
+    chart_version,
+    git_ref,
+    git_url,
+    helm_release_name,
+    helm_repository_url,
+    kubernetes_namespace,
+)
 from conveyor.render.documents import Document, RenderError
 from conveyor.render.helm import HelmCLI, HelmError
-from conveyor.source.git import GitError, run_git
+from conveyor.source.git import GitError, fetch_commit, run_git
 
 _EXACT_VERSION = re.compile(r"^v?\d+\.\d+\.\d+([-+][0-9A-Za-z.+-]+)?$")
 
@@ -52,9 +65,15 @@ class ChartResolver:
         self._memo: dict[tuple[str, ...], asyncio.Task[ResolvedChart]] = {}
 
     async def resolve(self, spec: HelmReleaseSpec) -> ResolvedChart:
-        chart = spec.chart
+        # The release's names reach helm too; refused here, where the caller knows the
+        # HelmRelease's file and line, rather than by HelmCLI with no file to name.
+        _check(helm_release_name, spec.release_name, "spec.releaseName")
+        _check(kubernetes_namespace, spec.target_namespace, "spec.targetNamespace")
+        chart, origin = spec.chart, None
         if isinstance(chart, SourceRef):
+            origin = self.sources.get((chart.kind, chart.namespace, chart.name))
             chart = self._from_source(chart)
+        _check_chart(chart, source=origin)
         key: tuple[str, ...]
         if isinstance(chart, ChartFromGit):
             key = ("git", chart.url, chart.ref, chart.path)
@@ -150,8 +169,7 @@ class ChartResolver:
             if not (mirror / "HEAD").exists():
                 mirror.mkdir(parents=True, exist_ok=True)
                 run_git(["init", "--quiet", "--bare", str(mirror)])
-            run_git(["fetch", "--quiet", "--force", chart.url, chart.ref], cwd=mirror)
-            commit = run_git(["rev-parse", "FETCH_HEAD^{commit}"], cwd=mirror).strip()
+            commit = fetch_commit(mirror, chart.url, chart.ref)
             path = chart.path.strip("/") or "."
             tree_spec = f"{commit}:{path}" if path != "." else f"{commit}^{{tree}}"
             tree = run_git(["rev-parse", tree_spec], cwd=mirror).strip()
@@ -223,3 +241,29 @@ def needs_dependency_build(chart_dir: Path) -> bool:
         return False
     dependencies = (yaml.safe_load(chart_file.read_text()) or {}).get("dependencies") or []
     return bool(dependencies) and not (chart_dir / "charts").exists()
+
+
+def _check(
+    rule: Callable[..., str], value: object, what: str, *, source: Document | None = None
+) -> None:
+    """RenderError when `value` breaks `rule`; `source` is the Flux source it came from."""
+    try:
+        rule(value, what=what)
+    except UnsafeValueError as error:
+        raise RenderError(f"{source.where()}: {error}" if source else str(error)) from None
+
+
+def _check_chart(
+    chart: ChartFromGit | ChartFromRepository, *, source: Document | None = None
+) -> None:
+    """RenderError unless the chart's URL, ref, path, name and version are safe to pass
+    to git and helm; `source` is the Flux source (or HelmChart) the HelmRelease names."""
+    if isinstance(chart, ChartFromGit):
+        _check(git_url, chart.url, "chart git URL", source=source)
+        _check(git_ref, chart.ref, "chart ref", source=source)
+        _check(chart_path, chart.path, "chart path", source=source)
+        return
+    _check(helm_repository_url, chart.url, "chart repository URL", source=source)
+    _check(chart_name, chart.name, "chart name", source=source)
+    if chart.version is not None:
+        _check(chart_version, chart.version, "chart version", source=source)

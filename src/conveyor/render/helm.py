@@ -2,7 +2,11 @@
 
 Releases are real Helm releases, so `helm list/history/rollback` keep working for the
 teams. Values are passed in a private temporary file (never on the command line, where
-`ps` would show secrets), and errors are reported without echoing values.
+`ps` would show secrets), and errors are reported without echoing values. Release
+names, namespaces, charts and versions come from files: each is checked by Helm's and
+Kubernetes' rules (`conveyor.config.names`) before helm runs, option values are joined to
+their flag (`--namespace=<ns>`) and positional arguments follow `--`, so that none of them
+is ever read as an option (`--post-renderer=<program>` would run that program).
 """
 
 from __future__ import annotations
@@ -19,6 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conveyor.config.names import (
+    UnsafeValueError,
+    chart_name,
+    chart_version,
+    helm_release_name,
+    helm_repository_url,
+    kubernetes_namespace,
+    oci_reference,
+)
 from conveyor.render.documents import load_all
 
 log = logging.getLogger(__name__)
@@ -31,6 +44,36 @@ class HelmError(RuntimeError):
         self.command = command
         self.message = message
         super().__init__(f"helm {command}: {message}")
+
+
+def _release(command: str, release: str, namespace: str) -> list[str]:
+    """`release` and `--namespace=<namespace>` once both are valid; HelmError otherwise."""
+    try:
+        helm_release_name(release)
+        kubernetes_namespace(namespace)
+    except UnsafeValueError as error:
+        raise HelmError(command, str(error)) from None
+    return [release, f"--namespace={namespace}"]
+
+
+def _chart_source(chart: str, repo: str | None, version: str | None) -> None:
+    """A chart to pull: a name in `repo`, or an OCI reference; HelmError otherwise."""
+    try:
+        if repo is None:
+            oci_reference(chart)
+        else:
+            helm_repository_url(repo)
+            chart_name(chart)
+        if version:
+            chart_version(version)
+    except UnsafeValueError as error:
+        raise HelmError("pull", str(error)) from None
+
+
+def _local_chart(chart: str) -> str:
+    """A chart on disk (resolved by us) as an absolute path: never read as an option,
+    nor as `repo/name` in a repository the user configured."""
+    return os.path.abspath(chart)
 
 
 def plain_http(url: str) -> bool:
@@ -58,8 +101,10 @@ class HelmCLI:
             args += ["--kube-context", self.context]
         return args
 
-    async def run(self, *args: str, kube: bool = True) -> str:
-        command = [self.binary, *args, *(self._global_args() if kube else [])]
+    async def run(self, *args: str, positional: Sequence[str] = (), kube: bool = True) -> str:
+        """`helm <args> -- <positional>`: `args` are the subcommand and our own options,
+        `positional` the values (release, chart, path) that must never read as options."""
+        command = [self.binary, *args, *(self._global_args() if kube else []), "--", *positional]
         process = await asyncio.create_subprocess_exec(
             *command,
             stdout=asyncio.subprocess.PIPE,
@@ -75,7 +120,8 @@ class HelmCLI:
 
     async def status(self, release: str, namespace: str) -> dict[str, Any] | None:
         try:
-            out = await self.run("status", release, "--namespace", namespace, "-o", "json")
+            release, namespace_arg = _release("status", release, namespace)
+            out = await self.run("status", namespace_arg, "-o", "json", positional=[release])
         except HelmError as error:
             if "not found" in error.message:
                 return None
@@ -85,8 +131,9 @@ class HelmCLI:
 
     async def history(self, release: str, namespace: str) -> list[dict[str, Any]]:
         try:
+            release, namespace_arg = _release("history", release, namespace)
             out = await self.run(
-                "history", release, "--namespace", namespace, "-o", "json", "--max", "256"
+                "history", namespace_arg, "-o", "json", "--max", "256", positional=[release]
             )
         except HelmError as error:
             if "not found" in error.message:
@@ -109,14 +156,13 @@ class HelmCLI:
     ) -> dict[str, Any]:
         """`values` first, then each of `values_files` in order (later ones win).
         `labels` go on the release's storage (`helm upgrade --labels`)."""
+        release, namespace_arg = _release("upgrade", release, namespace)
+        chart = _local_chart(chart)
         with _values_file(values) as values_path:
             args = [
                 "upgrade",
                 "--install",
-                release,
-                chart,
-                "--namespace",
-                namespace,
+                namespace_arg,
                 "--create-namespace",
                 "--values",
                 str(values_path),
@@ -136,10 +182,10 @@ class HelmCLI:
                 "json",
             ]
             if description:
-                args += ["--description", description]
+                args.append(f"--description={description}")
             if labels:
-                args += ["--labels", ",".join(f"{k}={v}" for k, v in sorted(labels.items()))]
-            out = await self.run(*args)
+                args.append("--labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())))
+            out = await self.run(*args, positional=[release, chart])
         result: dict[str, Any] = json.loads(out)
         return result
 
@@ -152,69 +198,72 @@ class HelmCLI:
         *,
         values_files: Sequence[Path] = (),
     ) -> str:
+        release, namespace_arg = _release("template", release, namespace)
+        chart = _local_chart(chart)
         with _values_file(values) as values_path:
             return await self.run(
                 "template",
-                release,
-                chart,
-                "--namespace",
-                namespace,
+                namespace_arg,
                 "--values",
                 str(values_path),
                 *_values_args(values_files),
                 "--include-crds",
+                positional=[release, chart],
                 kube=False,
             )
 
     async def rollback(
         self, release: str, namespace: str, revision: int, *, timeout: float
     ) -> None:
+        release, namespace_arg = _release("rollback", release, namespace)
         await self.run(
             "rollback",
-            release,
-            str(revision),
-            "--namespace",
-            namespace,
+            namespace_arg,
             "--timeout",
             f"{int(timeout)}s",
             "--history-max",
             "10",
+            positional=[release, str(int(revision))],
         )
 
     async def uninstall(self, release: str, namespace: str) -> None:
+        release, namespace_arg = _release("uninstall", release, namespace)
         try:
-            await self.run("uninstall", release, "--namespace", namespace)
+            await self.run("uninstall", namespace_arg, positional=[release])
         except HelmError as error:
             if "not found" not in error.message:
                 raise
 
     async def manifest(self, release: str, namespace: str) -> str:
-        return await self.run("get", "manifest", release, "--namespace", namespace)
+        release, namespace_arg = _release("get", release, namespace)
+        return await self.run("get", "manifest", namespace_arg, positional=[release])
 
     async def pull(
         self, chart: str, *, destination: Path, version: str | None = None, repo: str | None = None
     ) -> Path:
-        """Download a chart archive; returns the .tgz path."""
+        """Download a chart archive (`chart` in `repo`, or the OCI reference `chart`);
+        returns the .tgz path."""
+        _chart_source(chart, repo, version)
         destination.mkdir(parents=True, exist_ok=True)
-        args = ["pull", chart, "--destination", str(destination)]
+        args = ["pull", f"--destination={destination}"]
         if version:
-            args += ["--version", version]
+            args.append(f"--version={version}")
         if repo:
-            args += ["--repo", repo]
+            args.append(f"--repo={repo}")
         if plain_http(chart) or (repo and plain_http(repo)):
             args.append("--plain-http")
-        await self.run(*args, kube=False)
+        await self.run(*args, positional=[chart], kube=False)
         archives = sorted(destination.glob("*.tgz"))
         if len(archives) != 1:
             raise HelmError("pull", f"expected one chart archive in {destination}")
         return archives[0]
 
     async def dependency_build(self, chart_dir: Path) -> None:
-        await self.run("dependency", "build", str(chart_dir), kube=False)
+        await self.run("dependency", "build", positional=[str(chart_dir)], kube=False)
 
     async def dependency_update(self, chart_dir: Path) -> None:
         """Fetch the chart's dependencies afresh (`helm dependency update`)."""
-        await self.run("dependency", "update", str(chart_dir), kube=False)
+        await self.run("dependency", "update", positional=[str(chart_dir)], kube=False)
 
 
 def _warnings(stderr: str) -> list[str]:
@@ -232,7 +281,7 @@ def _warnings(stderr: str) -> list[str]:
 
 
 def _values_args(files: Sequence[Path]) -> list[str]:
-    return [arg for path in files for arg in ("--values", str(path))]
+    return [f"--values={path}" for path in files]
 
 
 @contextlib.contextmanager

@@ -1,4 +1,8 @@
-"""Render a kustomization directory with `kubectl kustomize`, the kustomize teams use."""
+"""Render a kustomization directory with `kubectl kustomize`, the kustomize teams use.
+
+kustomize fetches remote bases with git itself, so it runs with conveyor's git
+environment (no prompts, only the transports conveyor allows: never `ext::`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from conveyor.render.documents import Document, RenderError, load_all
+from conveyor.source.git import git_env
 
 
 async def render_kustomization(
@@ -17,9 +22,11 @@ async def render_kustomization(
     process = await asyncio.create_subprocess_exec(
         kubectl,
         "kustomize",
+        "--",
         str(directory),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=git_env(),
     )
     stdout, stderr = await process.communicate()
     if process.returncode != 0:

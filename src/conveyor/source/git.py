@@ -2,26 +2,24 @@
 
 The CLI (not a library) so that deploy keys (`GIT_SSH_COMMAND`), credential helpers and
 every transport behave exactly as they do for the teams' own scripts. Arguments are
-always lists; URLs are shown with any password masked.
+always lists; URLs are shown with any password masked. URLs, branches and revisions that
+come from files or requests are checked (`conveyor.config.names`) before git runs, and
+`--end-of-options` ends the options wherever a subcommand takes it, so no such value
+ever becomes an option (`--upload-pack=<command>`) or a transport that runs a command.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-_CREDENTIALS = re.compile(r"(://[^/@:\s]+):[^/@\s]+@")
-
-
-def mask_url(text: str) -> str:
-    """Hide the password of `https://user:password@host/...` wherever it appears."""
-    return _CREDENTIALS.sub(r"\1:***@", text)
+from conveyor.config.names import UnsafeValueError, git_ref, git_revision, git_url
+from conveyor.config.names import mask_url as mask_url  # where callers have always found it
 
 
 class GitError(RuntimeError):
@@ -30,6 +28,24 @@ class GitError(RuntimeError):
         self.returncode = returncode
         self.stderr = mask_url(stderr.strip())
         super().__init__(f"git {' '.join(self.args_list[1:])} failed ({returncode}): {self.stderr}")
+
+
+class UnsafeGitArgument(GitError):
+    """A value refused before git ran: git would have read it as an option or a command."""
+
+    def __init__(self, command: str, reason: str) -> None:
+        self.args_list = ["git", command]
+        self.returncode = 2
+        self.stderr = mask_url(reason)
+        RuntimeError.__init__(self, f"git {command} refused: {self.stderr}")
+
+
+def _checked(check: Callable[..., str], value: object, *, command: str, what: str) -> str:
+    """`value` as `check` (a rule of conveyor.config.names) accepts it, else a GitError."""
+    try:
+        return check(value, what=what)
+    except UnsafeValueError as error:
+        raise UnsafeGitArgument(command, str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,9 @@ def git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     # Never wait for a password prompt in automation; fail with a clear error instead.
     env.setdefault("GIT_TERMINAL_PROMPT", "0")
     env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+    # The transports a repository may be fetched over: never `ext::` (runs a command) nor
+    # another remote helper, whatever a URL in a file asks for.
+    env.setdefault("GIT_ALLOW_PROTOCOL", "https:http:ssh:git:file")
     if extra:
         env.update(extra)
     return env
@@ -80,6 +99,10 @@ class Checkout:
     branch: str
     env: Mapping[str, str] | None = None
 
+    def __post_init__(self) -> None:
+        _checked(git_url, self.url, command="remote", what="repository URL")
+        _checked(git_ref, self.branch, command="fetch", what="branch")
+
     def git(self, *args: str, check: bool = True) -> str:
         return run_git(list(args), cwd=self.path, env=self.env, check=check)
 
@@ -91,28 +114,29 @@ class Checkout:
         checkout = cls(path=path, url=url, branch=branch, env=env)
         if not (path / ".git").exists():
             path.mkdir(parents=True, exist_ok=True)
-            run_git(["init", "--quiet", "--initial-branch", branch, str(path)], env=env)
-            checkout.git("remote", "add", "origin", url)
+            run_git(["init", "--quiet", f"--initial-branch={branch}", str(path)], env=env)
+            checkout.git("remote", "add", "--end-of-options", "origin", url)
         else:
-            checkout.git("remote", "set-url", "origin", url)
+            checkout.git("remote", "set-url", "--end-of-options", "origin", url)
         checkout.sync()
         return checkout
 
     def fetch(self, branch: str | None = None) -> str | None:
         """Fetch the branch (default: ours); return the remote head SHA, or None if the
         branch does not exist (yet). An unreachable remote raises GitError."""
-        name = branch or self.branch
+        name = _checked(git_ref, branch or self.branch, command="fetch", what="branch")
         try:
             self.git(
                 "fetch",
                 "--quiet",
                 "--prune",
+                "--end-of-options",
                 "origin",
                 f"+refs/heads/{name}:refs/remotes/origin/{name}",
             )
         except GitError:
             # Missing branch (empty repo) is fine; anything else, e.g. unreachable, raises.
-            if self.git("ls-remote", "--heads", "origin", name).strip():
+            if self.git("ls-remote", "--heads", "--end-of-options", "origin", name).strip():
                 raise
             return None
         return self.git("rev-parse", f"refs/remotes/origin/{name}").strip()
@@ -123,8 +147,10 @@ class Checkout:
         if head is None:
             self.git("checkout", "--quiet", "--orphan", self.branch, check=False)
             return None
-        self.git("checkout", "--quiet", "-B", self.branch, head)
-        self.git("reset", "--quiet", "--hard", head)
+        # `head` is a SHA git just printed and the branch was checked on creation;
+        # `checkout` and `reset` take no --end-of-options before these arguments.
+        self.git("checkout", "--quiet", "-B", self.branch, head, "--")
+        self.git("reset", "--quiet", "--hard", head, "--")
         self.git("clean", "--quiet", "-fdx")
         return head
 
@@ -157,14 +183,14 @@ class Checkout:
     def push(self, *, branch: str | None = None, force: bool = False) -> bool:
         """Push HEAD to the branch (or to `branch`). False when the remote moved
         (non-fast-forward); `force` replaces the remote branch, for review branches."""
-        return self._push(
-            f"HEAD:refs/heads/{branch or self.branch}", *(["--force"] if force else [])
-        )
+        name = _checked(git_ref, branch or self.branch, command="push", what="branch")
+        return self._push(f"HEAD:refs/heads/{name}", *(["--force"] if force else []))
 
     def replace_branch(self, branch: str) -> str | None:
         """Make `branch` (a review branch, not ours) exactly HEAD: force-push with a lease on
         the head just fetched. Returns the branch head, the existing one when it already
         holds the same tree (nothing new to review); None when someone moved it meanwhile."""
+        branch = _checked(git_ref, branch, command="push", what="branch")
         seen = self.fetch(branch)
         if seen is not None and self.git("rev-parse", f"{seen}^{{tree}}") == self.git(
             "rev-parse", "HEAD^{tree}"
@@ -176,7 +202,7 @@ class Checkout:
     def _push(self, refspec: str, *options: str) -> bool:
         """True when the push landed, False when it lost a race; other failures raise."""
         result = subprocess.run(
-            ["git", "push", "--porcelain", *options, "origin", refspec],
+            ["git", "push", "--porcelain", *options, "--end-of-options", "origin", refspec],
             cwd=self.path,
             env=git_env(self.env),
             capture_output=True,
@@ -261,7 +287,8 @@ def commit_and_push(
 
 def shallow_clone(url: str, path: Path, *, env: Mapping[str, str] | None = None) -> Path:
     """The default branch's latest tree of `url` in `path`, for reading files only."""
-    run_git(["clone", "--quiet", "--depth", "1", url, str(path)], env=env)
+    url = _checked(git_url, url, command="clone", what="repository URL")
+    run_git(["clone", "--quiet", "--depth", "1", "--end-of-options", url, str(path)], env=env)
     return path
 
 
@@ -277,6 +304,7 @@ class CommitFiles:
 
 def commits_between(repo: Path, base: str, head: str) -> list[CommitFiles]:
     """Every commit reachable from `head` but not `base`, oldest first, with its paths."""
+    base, head = _revisions("log", base, head)
     out = run_git(
         [
             "log",
@@ -285,6 +313,7 @@ def commits_between(repo: Path, base: str, head: str) -> list[CommitFiles]:
             "--name-only",
             "-z",
             "--format=%x1e%H%x1f%an%x1f%ae",
+            "--end-of-options",
             f"{base}..{head}",
             "--",
         ],
@@ -301,22 +330,50 @@ def commits_between(repo: Path, base: str, head: str) -> list[CommitFiles]:
 
 def paths_changed(repo: Path, base: str, head: str) -> list[str]:
     """Paths that differ between the merge base of `base` and `head`, and `head`."""
-    out = run_git(["diff", "--no-renames", "--name-only", "-z", f"{base}...{head}", "--"], cwd=repo)
+    base, head = _revisions("diff", base, head)
+    out = run_git(
+        ["diff", "--no-renames", "--name-only", "-z", "--end-of-options", f"{base}...{head}", "--"],
+        cwd=repo,
+    )
     return [p for p in out.split("\0") if p]
+
+
+def _revisions(command: str, *revisions: str) -> tuple[str, ...]:
+    return tuple(_checked(git_revision, r, command=command, what="revision") for r in revisions)
+
+
+def fetch_commit(mirror: Path, url: str, ref: str) -> str:
+    """Fetch `ref` (a branch, tag, full ref or commit SHA) of `url` into the bare
+    repository `mirror` and return its commit. Both come from files (a chart's git
+    source), so both are checked first, and `--end-of-options` keeps them positional."""
+    url = _checked(git_url, url, command="fetch", what="repository URL")
+    ref = _checked(git_ref, ref, command="fetch", what="ref")
+    run_git(["fetch", "--quiet", "--force", "--end-of-options", url, ref], cwd=mirror)
+    return run_git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], cwd=mirror).strip()
 
 
 def resolve_revision(repo: Path, revision: str) -> str:
     """The commit SHA `revision` names; GitError when it names none."""
-    return run_git(["rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"], cwd=repo).strip()
+    (revision,) = _revisions("rev-parse", revision)
+    return run_git(
+        ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}^{{commit}}"], cwd=repo
+    ).strip()
 
 
 def read_file_at(repo: Path, revision: str, path: str) -> str | None:
     """The text of `path` at `revision`, or None when it has no such file."""
+    (revision,) = _revisions("show", revision)
     spec = f"{revision}:{path}"
     present = subprocess.run(
-        ["git", "cat-file", "-e", spec], cwd=repo, env=git_env(), capture_output=True, check=False
+        ["git", "cat-file", "-e", "--end-of-options", spec],
+        cwd=repo,
+        env=git_env(),
+        capture_output=True,
+        check=False,
     )
-    return run_git(["show", spec], cwd=repo) if present.returncode == 0 else None
+    return (
+        run_git(["show", "--end-of-options", spec], cwd=repo) if present.returncode == 0 else None
+    )
 
 
 @dataclass(frozen=True)
@@ -338,9 +395,18 @@ class LogEntry:
         return len(self.parents) > 1
 
 
-def _log(repo: Path, args: list[str]) -> list[LogEntry]:
+def _log(repo: Path, options: list[str], revisions: list[str], paths: list[str]) -> list[LogEntry]:
     out = run_git(
-        ["log", "--format=%x1e%H%x1f%P%x1f%an%x1f%ae%x1f%aI%x1f%s%x1f%b", *args], cwd=repo
+        [
+            "log",
+            "--format=%x1e%H%x1f%P%x1f%an%x1f%ae%x1f%aI%x1f%s%x1f%b",
+            *options,
+            "--end-of-options",
+            *revisions,
+            "--",
+            *paths,
+        ],
+        cwd=repo,
     )
     entries = []
     for record in out.split("\x1e")[1:]:
@@ -355,19 +421,21 @@ def file_log(
     repo: Path, paths: list[str], *, revision: str = "HEAD", limit: int = 50
 ) -> list[LogEntry]:
     """The commits that touched `paths` up to `revision`, newest first."""
-    return _log(repo, [f"--max-count={limit}", revision, "--", *paths])
+    return _log(repo, [f"--max-count={limit}"], [*_revisions("log", revision)], paths)
 
 
 def log_entries(repo: Path, base: str, head: str, *, first_parent: bool = False) -> list[LogEntry]:
     """Commits in `head` but not `base`, newest first, with their messages."""
-    return _log(repo, [*(["--first-parent"] if first_parent else []), f"{base}..{head}", "--"])
+    base, head = _revisions("log", base, head)
+    return _log(repo, ["--first-parent"] if first_parent else [], [f"{base}..{head}"], [])
 
 
 def export_tree(repo: Path, revision: str, destination: Path) -> Path:
     """The files of `revision` in `destination` (no .git), to render a past revision."""
+    (revision,) = _revisions("archive", revision)
     destination.mkdir(parents=True, exist_ok=True)
     archive = destination / ".export.tar"
-    run_git(["archive", "--format=tar", "-o", str(archive), revision], cwd=repo)
+    run_git(["archive", "--format=tar", "-o", str(archive), "--end-of-options", revision], cwd=repo)
     try:
         subprocess.run(
             ["tar", "-xf", str(archive), "-C", str(destination)], check=True, capture_output=True
@@ -379,7 +447,8 @@ def export_tree(repo: Path, revision: str, destination: Path) -> Path:
 
 def file_history(repo: Path, paths: list[str], *, revision: str = "HEAD") -> list[str]:
     """Commits reachable from `revision` that touched any of `paths`, newest first."""
-    out = run_git(["log", "--format=%H", revision, "--", *paths], cwd=repo)
+    (revision,) = _revisions("log", revision)
+    out = run_git(["log", "--format=%H", "--end-of-options", revision, "--", *paths], cwd=repo)
     return out.split()
 
 
@@ -398,8 +467,9 @@ def repository_root(path: Path) -> Path:
 def create_branch(repo: Path, name: str, start: str) -> str:
     """Create branch `name` at `start` (not checked out); returns the commit. GitError when
     the branch exists or `start` names no commit."""
+    name = _checked(git_ref, name, command="branch", what="branch")
     sha = resolve_revision(repo, start)
-    run_git(["branch", "--no-track", name, sha], cwd=repo)
+    run_git(["branch", "--no-track", "--end-of-options", name, sha], cwd=repo)
     return sha
 
 
@@ -426,4 +496,9 @@ def commit_to_review_branch(
 
 def push_branch(repo: Path, branch: str, *, remote: str = "origin") -> None:
     """Publish a local branch to `remote` under the same name (never forced)."""
-    run_git(["push", "--quiet", remote, f"refs/heads/{branch}:refs/heads/{branch}"], cwd=repo)
+    branch = _checked(git_ref, branch, command="push", what="branch")
+    remote = _checked(git_url, remote, command="push", what="remote")
+    run_git(
+        ["push", "--quiet", "--end-of-options", remote, f"refs/heads/{branch}:refs/heads/{branch}"],
+        cwd=repo,
+    )
