@@ -22,10 +22,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 from yaml.constructor import ConstructorError
+
+from conveyor.config.validation import describe_problem
 
 
 class ConfigError(ValueError):
@@ -168,14 +171,18 @@ def load_documents(
     return list(_documents(text, file=file, limits=limits, construct=True))
 
 
-def check_yaml(text: str | bytes, *, file: str | None, limits: Limits = USER_FILE) -> None:
-    """Refuse what a loader without bounds (ruamel.yaml's round trip) must never see; tags
-    are not interpreted, so a custom `!Tag` still passes."""
-    for _ in _documents(text, file=file, limits=limits, construct=False):
-        pass
+def check_yaml(
+    text: str | bytes, *, file: str | None, limits: Limits = USER_FILE
+) -> list[yaml.Node]:
+    """Refuse what a loader without bounds (ruamel.yaml's round trip) must never see, and
+    return the checked nodes of the documents (for lines in messages). Tags are not
+    interpreted, so a custom `!Tag` still passes."""
+    return [d.node for d in _documents(text, file=file, limits=limits, construct=False)]
 
 
-def load_yaml(text: str | bytes, *, file: str | None, limits: Limits = USER_FILE) -> Any:
+def load_document(
+    text: str | bytes, *, file: str | None, limits: Limits = USER_FILE
+) -> YamlDocument | None:
     """The one document of a YAML text (None when empty), like `yaml.safe_load`."""
     documents = _documents(text, file=file, limits=limits, construct=True)
     first = next(documents, None)
@@ -184,7 +191,13 @@ def load_yaml(text: str | bytes, *, file: str | None, limits: Limits = USER_FILE
         raise UserFileError(
             "expected one YAML document, found another", file=file, line=second.line
         )
-    return first.data if first is not None else None
+    return first
+
+
+def load_yaml(text: str | bytes, *, file: str | None, limits: Limits = USER_FILE) -> Any:
+    """The data of `load_document`: None for an empty text."""
+    document = load_document(text, file=file, limits=limits)
+    return document.data if document is not None else None
 
 
 def load_yaml_file(path: Path, *, file: str | None = None, limits: Limits = USER_FILE) -> Any:
@@ -374,3 +387,73 @@ def _check_json_depth(value: Any, *, limits: Limits, file: str | None) -> None:
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
             stack.extend((v, depth + 1) for v in item)
+
+
+# -- typed models -------------------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+PathPart = str | int
+
+
+def validate(
+    model: type[M],
+    data: Any,
+    *,
+    file: str,
+    node: yaml.Node | None = None,
+    at: tuple[PathPart, ...] = (),
+) -> M:
+    """`data` as a `model`, or a UserFileError naming the file, the line and the field
+    (`conveyor.yaml:7: environments[1].gates[0].duration: expected …`). `node` is the
+    YAML node `data` came from and `at` the path of `data` inside it, so that the line
+    is the field's own and the path reads as written in the file."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise invalid(error, file=file, node=node, at=at) from None
+
+
+def invalid(
+    error: ValidationError,
+    *,
+    file: str,
+    node: yaml.Node | None,
+    at: tuple[PathPart, ...] = (),
+) -> UserFileError:
+    """The UserFileError for pydantic's `error`: its first problem, and how many more."""
+    problems = error.errors(include_url=False)
+    first = problems[0]
+    path, line = locate(node, (*at, *first["loc"]))
+    message = describe_problem({**first, "loc": tuple(path)})
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more)"
+    return UserFileError(message, file=file, line=line)
+
+
+def locate(node: yaml.Node | None, loc: tuple[PathPart, ...]) -> tuple[list[PathPart], int | None]:
+    """Pydantic's `loc` as the path written in the file, and the line of the deepest node
+    on it. Parts the file does not have are a union's tag (`soak` in a gate) and dropped,
+    except the last one: a field that is missing."""
+    if node is None:
+        return list(loc), None
+    path: list[PathPart] = []
+    line = node.start_mark.line + 1
+    for index, part in enumerate(loc):
+        child = _child(node, part)
+        if child is not None:
+            path.append(part)
+            node, line = child, child.start_mark.line + 1
+        elif part == "[key]" or (index == len(loc) - 1 and isinstance(node, yaml.MappingNode)):
+            path.append(part)
+    return path, line
+
+
+def _child(node: yaml.Node, part: PathPart) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                return value  # type: ignore[no-any-return]
+    elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+        if 0 <= part < len(node.value):
+            return node.value[part]  # type: ignore[no-any-return]
+    return None

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from conveyor.config.userfile import UserFileError, YamlDocument
+from conveyor.config.userfile import read_text as read_user_text
 from conveyor.images.policy import PolicyError, TagPolicy, flux_v1_filter, go_regex, image_policy
 from conveyor.images.reference import (
     ImageName,
@@ -36,7 +38,6 @@ from conveyor.images.reference import (
     parse_image_name,
 )
 from conveyor.images.yamltext import (
-    Document,
     Scalar,
     YamlTextError,
     child,
@@ -156,9 +157,10 @@ def yaml_files(root: Path, folder: str = ".") -> list[Path]:
     return sorted(files)
 
 
-def read_text(path: Path) -> str:
-    """The file as text with every byte (line endings, BOM) preserved on a round trip."""
-    return path.read_bytes().decode("utf-8")
+def read_text(path: Path, *, file: str | None = None) -> str:
+    """The file as text with every byte (line endings, BOM) preserved on a round trip;
+    too large or not UTF-8 is a UserFileError naming `file`."""
+    return read_user_text(path, file=file)
 
 
 # -- Flux v1 ------------------------------------------------------------------------
@@ -242,7 +244,7 @@ def _truthy(value: object) -> bool:
     return value is True or str(value).lower() == "true"
 
 
-def _flux_v1(document: Document, file: str) -> Iterator[Automation | Problem]:
+def _flux_v1(document: YamlDocument, file: str) -> Iterator[Automation | Problem]:
     data = document.data
     if not isinstance(data, dict):
         return
@@ -294,7 +296,7 @@ class _Object:
     spec: Mapping[str, Any]
 
 
-def _flux_v2_object(document: Document, file: str, kind: str) -> _Object | None:
+def _flux_v2_object(document: YamlDocument, file: str, kind: str) -> _Object | None:
     data = document.data
     if not isinstance(data, dict) or data.get("kind") != kind:
         return None
@@ -344,9 +346,9 @@ def discover(root: Path, folder: str = ".") -> Discovery:
     for path in yaml_files(root, folder):
         file = path.relative_to(root).as_posix()
         try:
-            text = read_text(path)
-            documents = load_documents(text)
-        except (UnicodeDecodeError, YamlTextError) as error:
+            text = read_text(path, file=file)
+            documents = load_documents(text, file=file)
+        except (UserFileError, YamlTextError) as error:
             found.problems.append(Problem(file, f"skipped: {error}"))
             continue
         for document in documents:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from conveyor.config.userfile import UserFileError, load_yaml, read_text
 from conveyor.promote.pipeline import Workspace, environment
 from conveyor.promote.versions import check_version
 from conveyor.reconcile.status import now
@@ -33,9 +34,9 @@ def _load(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        return {}
+        loaded = load_yaml(read_text(path), file=str(path))
+    except UserFileError:
+        return {}  # a file that does not read records no approval
     return loaded if isinstance(loaded, dict) else {}
 
 
