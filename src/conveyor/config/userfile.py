@@ -75,9 +75,9 @@ _INT_TAG = "tag:yaml.org,2002:int"
 _INTEGER_TEXT = re.compile(r"[-+]?[0-9][0-9_]*")
 
 
-# PyYAML's scalar constructors let built-in errors out for a scalar that matches a tag's
-# pattern but not its value (a tagged `!!int abc`, a date like 2024-02-30).
-_CONSTRUCTOR_ERRORS = (ValueError, TypeError, KeyError, AttributeError, OverflowError)
+# PyYAML's (and ruamel.yaml's) scalar constructors let built-in errors out for a scalar
+# that matches a tag's pattern but not its value (`!!int abc`, a date like 2024-02-30).
+CONSTRUCTOR_ERRORS = (ValueError, TypeError, KeyError, AttributeError, OverflowError)
 
 
 def _construct(loader: Any, node: yaml.Node) -> Any:
@@ -85,24 +85,36 @@ def _construct(loader: Any, node: yaml.Node) -> Any:
         return loader.construct_document(node)
     except yaml.YAMLError:
         raise
-    except _CONSTRUCTOR_ERRORS:
+    except CONSTRUCTOR_ERRORS:
         # Rare, so the culprit is looked for only now: the first scalar that fails alone.
-        raise _unreadable_scalar(node) from None
+        culprit = unreadable_scalar(node)
+        raise culprit or ConstructorError(None, None, "cannot build it", node.start_mark) from None
 
 
-def _unreadable_scalar(root: yaml.Node) -> ConstructorError:
+def unreadable_scalar(root: yaml.Node) -> ConstructorError | None:
+    """The error for the first scalar under `root` (checked nodes) that cannot be built."""
     level = [root]
     while level:
         for node in level:
             if isinstance(node, yaml.ScalarNode):
                 try:
                     _Loader("").construct_object(node)
-                except _CONSTRUCTOR_ERRORS:
+                except (*CONSTRUCTOR_ERRORS, yaml.YAMLError):
                     tag = node.tag.rsplit(":", 1)[-1]
                     problem = f"cannot read {_short(node.value)} as {tag}"
                     return ConstructorError(None, None, problem, node.start_mark)
         level = [child for node in level for child in _children(node)]
-    return ConstructorError(None, None, "cannot build the document", root.start_mark)
+    return None
+
+
+def unreadable(nodes: list[yaml.Node], *, file: str | None) -> UserFileError:
+    """What another YAML reader (ruamel.yaml) could not build in these checked nodes, with
+    the line of the scalar PyYAML cannot build either, when there is one."""
+    for node in nodes:
+        culprit = unreadable_scalar(node)
+        if culprit is not None:
+            return _marked(culprit, file)
+    return UserFileError("invalid YAML: a value cannot be read", file=file)
 
 
 def _short(value: object) -> str:

@@ -22,7 +22,14 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString, ScalarString
 
-from conveyor.config.userfile import UserFileError, check_yaml, load_yaml, validate
+from conveyor.config.userfile import (
+    CONSTRUCTOR_ERRORS,
+    UserFileError,
+    check_yaml,
+    load_yaml,
+    unreadable,
+    validate,
+)
 
 MARKER = "FILLED_IN_BY_CI"
 
@@ -178,6 +185,8 @@ class Template:
             raise TemplateError(str(error)) from None
         except YAMLError as error:
             raise TemplateError(f"{source}: invalid YAML: {' '.join(str(error).split())}") from None
+        except CONSTRUCTOR_ERRORS:
+            raise TemplateError(str(unreadable(nodes, file=source))) from None
         if not self.documents:
             raise TemplateError(f"{source}: no YAML documents")
         for index, document in enumerate(self.documents):
