@@ -33,6 +33,7 @@ from starlette.routing import Route
 from conveyor.cluster.client import ApiError
 from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
+from conveyor.config.userfile import UserFileError, load_json
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, GateHold
 from conveyor.reconcile.once import record_source_failure, source_fetched
@@ -65,6 +66,20 @@ def verify_signature(secret: bytes, body: bytes, header: str | None) -> bool:
         return False
     expected = hmac.new(secret, body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, header.removeprefix("sha256="))
+
+
+def pushed_branch(body: bytes) -> str | None:
+    """The branch a push event names (`"ref": "refs/heads/<branch>"`, as GitHub, Gitea and
+    GitLab send it); None for any other body (a ping, a tag, a form-encoded payload), which
+    triggers a fetch as before. The body is read by the bounded loader: it is input."""
+    try:
+        event = load_json(body, file="webhook body")
+    except UserFileError:
+        return None
+    ref = event.get("ref") if isinstance(event, dict) else None
+    if isinstance(ref, str) and ref.startswith("refs/heads/"):
+        return ref.removeprefix("refs/heads/")
+    return None
 
 
 @dataclass
@@ -107,6 +122,10 @@ class Agent:
                 secret, body, request.headers.get("X-Hub-Signature-256")
             ):
                 return JSONResponse({"error": "invalid or missing signature"}, status_code=401)
+            branch = pushed_branch(body)
+            tracked = self._resolved.checkout.branch if self._resolved else None
+            if branch is not None and tracked is not None and branch != tracked:
+                return JSONResponse({"status": f"ignored: a push to {branch}, not {tracked}"})
             self.trigger.set()
             return JSONResponse({"status": "reconcile scheduled"}, status_code=202)
 
