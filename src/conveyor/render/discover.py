@@ -12,11 +12,15 @@ broken file affects only that app.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from conveyor.config.helmrelease import is_helmrelease
+from pydantic import ValidationError
+
+from conveyor.config.helmrelease import HelmReleaseError, is_helmrelease, parse_helmrelease
+from conveyor.config.manifest import check_metadata, check_object
+from conveyor.config.validation import describe
 from conveyor.render.documents import Document, RenderError, load_documents, yaml_files
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
@@ -87,51 +91,58 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
     folder_error: RenderError | None = None
     files = [p for p in yaml_files(folder) if p.name not in SKIPPED_FILES]
     for path in files:
+        rel_path = str(path.relative_to(repo_root))
         try:
             documents = load_documents(path, relative_to=repo_root)
         except RenderError as error:
             if "HelmRelease" in path.read_text(errors="replace"):
                 # A broken HelmRelease file: its own app, named like its file.
                 tree.apps.append(
-                    AppSource(
-                        name=app_name(path.stem),
-                        kind="helm",
-                        path=str(path.relative_to(repo_root)),
-                        error=error,
-                    )
+                    AppSource(name=app_name(path.stem), kind="helm", path=rel_path, error=error)
                 )
                 has_releases = True
             else:
                 folder_error = folder_error or error  # the folder's app cannot be rendered
             continue
-        releases = [d for d in documents if is_helmrelease(d.obj)]
-        others = []
+        file_error: RenderError | None = None
+        releases: list[tuple[Document, RenderError | None]] = []
+        others: list[Document] = []
         for doc in documents:
-            if _is_flux_config(doc):
-                has_flux_config = True
-                if doc.kind in FLUX_SOURCE_KINDS:
-                    namespace = doc.obj.get("metadata", {}).get("namespace") or "default"
-                    tree.sources[(doc.kind, namespace, doc.name)] = doc
-                else:
-                    tree.flux_config.append(doc)
-            elif not is_helmrelease(doc.obj):
-                others.append(doc)
+            if is_helmrelease(doc.obj):
+                releases.append((doc, _release_error(doc)))
+                continue
+            try:
+                checked = checked_document(doc, applied=not _is_flux_config(doc))
+            except RenderError as error:
+                file_error = file_error or error
+                continue
+            if not _is_flux_config(checked):
+                others.append(checked)
+                continue
+            has_flux_config = True
+            if checked.kind in FLUX_SOURCE_KINDS:
+                metadata = checked.obj["metadata"]
+                namespace = metadata.get("namespace") or "default"
+                tree.sources[(checked.kind, namespace, checked.name)] = checked
+            else:
+                tree.flux_config.append(checked)
         if not releases:
             plain.extend(others)
+            folder_error = folder_error or file_error
             continue
         has_releases = True
-        for index, release in enumerate(releases):
-            spec = release.obj.get("spec") or {}
-            name = app_name(str(spec.get("releaseName") or release.name))
+        for index, (release, release_error) in enumerate(releases):
             # The file's other objects (its Namespace, values ConfigMaps) go with the first
-            # release of the file, and are applied before it.
+            # release of the file, and are applied before it: a broken one fails that app.
+            app_error = release_error or (file_error if index == 0 else None)
             tree.apps.append(
                 AppSource(
-                    name=name,
+                    name=_release_app_name(release, fallback=path.stem),
                     kind="helm",
-                    path=str(path.relative_to(repo_root)),
-                    documents=others if index == 0 else [],
-                    helm_release=release,
+                    path=rel_path,
+                    documents=others if index == 0 and app_error is None else [],
+                    helm_release=release if app_error is None else None,
+                    error=app_error,
                 )
             )
     # A folder whose files hold no objects any more is an app that rendered empty (which
@@ -148,6 +159,40 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
         )
     for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         _walk(child, repo_root, env_root=env_root, tree=tree)
+
+
+def checked_document(doc: Document, *, applied: bool = True) -> Document:
+    """`doc` with the shape that rendering relies on (see config/manifest.py), or a
+    RenderError naming its file, line and field. An `applied` object is also checked as
+    a whole and comes back as JSON; a Flux object only needs its identity."""
+    try:
+        if not applied:
+            check_metadata(doc.obj)
+            return doc
+        obj = check_object(doc.obj)
+    except ValidationError as error:
+        raise RenderError(
+            describe(error, reveal=doc.obj.get("kind") != "Secret"), file=doc.file, line=doc.line
+        ) from None
+    return doc if obj == doc.obj else replace(doc, obj=obj)
+
+
+def _release_error(doc: Document) -> RenderError | None:
+    try:
+        parse_helmrelease(doc.obj)
+    except HelmReleaseError as error:
+        return RenderError(str(error), file=doc.file, line=doc.line)
+    return None
+
+
+def _release_app_name(doc: Document, *, fallback: str) -> str:
+    """The release's name (or, when it has none that is usable, its file's)."""
+    spec = doc.obj.get("spec")
+    release_name = spec.get("releaseName") if isinstance(spec, dict) else None
+    for candidate in (release_name, doc.obj["metadata"].get("name"), fallback):
+        if isinstance(candidate, str) and app_name(candidate) != "root":
+            return app_name(candidate)
+    return app_name(fallback)
 
 
 def _check_unique_names(tree: EnvironmentTree) -> None:

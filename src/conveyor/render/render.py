@@ -171,6 +171,8 @@ class Renderer:
         try:
             return await self.charts.resolve(spec)
         except RenderError as error:
+            if error.file:  # a source object's own file and line
+                raise
             raise RenderError(error.detail, file=doc.file, line=doc.line) from None
 
     async def _values(
