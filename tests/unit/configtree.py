@@ -1,6 +1,6 @@
 """A config repo on disk with apps that render, for tests that break one of them.
 
-The good apps are real: a folder of plain manifests, and a Flux v2 HelmRelease whose
+The good apps are real: a folder of plain manifests, and a Flux v2 HelmRelease (`billing`) whose
 chart comes from a GitRepository (a bare git repo holding examples/charts/service), so
 rendering them fetches with the real git. `render_all` renders every app of the tree
 through `discover()` and `Renderer.render()`, the entry points the engine uses.
@@ -41,17 +41,17 @@ metadata: {name: web-token, namespace: web}
 stringData: {token: not-a-real-token}
 """
 
-API = """\
+BILLING = """\
 apiVersion: v1
 kind: Namespace
 metadata:
-  name: api
+  name: billing
 ---
 apiVersion: source.toolkit.fluxcd.io/v1
 kind: GitRepository
 metadata:
   name: charts
-  namespace: api
+  namespace: billing
 spec:
   interval: 5m
   url: {charts_url}
@@ -61,12 +61,12 @@ spec:
 apiVersion: helm.toolkit.fluxcd.io/v2
 kind: HelmRelease
 metadata:
-  name: api
-  namespace: api
+  name: billing
+  namespace: billing
 spec:
   interval: 5m
   timeout: 1h30m
-  releaseName: api
+  releaseName: billing
   chart:
     spec:
       chart: charts/service
@@ -74,7 +74,7 @@ spec:
         kind: GitRepository
         name: charts
   values:
-    image: {repository: registry.local/api, tag: "1.0.0"}
+    image: {repository: registry.local/billing, tag: "1.0.0"}
     service: {port: 8080}
 """
 
@@ -111,10 +111,10 @@ def chart_repository(directory: Path) -> str:
 
 
 def config_tree(directory: Path, charts_url: str) -> ConfigTree:
-    """Two apps that render: `web` (plain manifests) and `api` (a HelmRelease)."""
+    """Two apps that render: `web` (plain manifests) and `billing` (a HelmRelease)."""
     tree = ConfigTree(root=directory, charts_url=charts_url)
     tree.write("web/settings.yaml", WEB)
-    tree.write("api.yaml", API)
+    tree.write("billing.yaml", BILLING)
     return tree
 
 
@@ -124,11 +124,15 @@ async def _no_values(_reference: ValuesReference) -> str | None:
 
 async def render_all(tree: ConfigTree, cache: Path) -> dict[str, RenderedApp | RenderError]:
     """Every app of the tree rendered, or the RenderError it failed with. Any other
-    exception propagates: that is what the tests look for."""
+    exception propagates: that is what the tests look for.
+
+    Charts from git are fetched with the real git; helm is `false`, a helm that fails
+    every command (a pull from a Helm or OCI repository): these tests are about reading
+    files, and the cluster tests render with the real helm."""
     found = discover(tree.root, ENV)
     renderer = Renderer(
         tree.root,
-        charts=ChartResolver(cache, HelmCLI(), found.sources),
+        charts=ChartResolver(cache, HelmCLI(binary="false"), found.sources),
         values_lookup=_no_values,
     )
     results: dict[str, RenderedApp | RenderError] = {}

@@ -148,7 +148,7 @@ def rendered_fine(results: dict[str, RenderedApp | RenderError]) -> dict[str, st
     return {
         name: result.fingerprint
         for name, result in results.items()
-        if name in ("web", "api") and isinstance(result, RenderedApp)
+        if name in ("web", "billing") and isinstance(result, RenderedApp)
     }
 
 
@@ -159,7 +159,7 @@ def test_reproducer_fails_only_its_app_naming_file_line_and_field(
     relative, text, app, message = REPRODUCERS[case]
     tree = config_tree(tmp_path / "repo", charts_url)
     before = rendered_fine(asyncio.run(render_all(tree, tmp_path / "cache")))
-    assert sorted(before) == ["api", "web"]
+    assert sorted(before) == ["billing", "web"]
 
     tree.write(relative, text)
     results = asyncio.run(render_all(tree, tmp_path / "cache"))
