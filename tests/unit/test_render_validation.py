@@ -282,6 +282,10 @@ def test_flux_accepted_forms_are_accepted() -> None:
         }
     )
     assert v1.timeout_seconds == 600
+    assert v1.unread_values_from == [
+        "spec.valuesFrom[2].externalSourceRef",
+        "spec.valuesFrom[3].chartFileRef",
+    ]
     assert [(r.kind, r.name, r.key) for r in v1.values_from] == [
         ("ConfigMap", "c", "values.yaml"),
         ("Secret", "s", "k"),

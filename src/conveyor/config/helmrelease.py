@@ -96,6 +96,9 @@ class HelmReleaseSpec:
     rollback_on_failure: bool = True
     drift: DriftMode = "enabled"
     automated: bool = False
+    # Flux v1 valuesFrom that conveyor does not read (a URL, a file inside the chart):
+    # named, so that the render says what it left out.
+    unread_values_from: list[str] = field(default_factory=list)
 
     @property
     def flux_v1(self) -> bool:
@@ -337,7 +340,12 @@ def _from_v1(api_version: str, release: _V1Release, namespace: str) -> HelmRelea
     else:
         raise HelmReleaseError("spec.chart needs either git+path or repository+name")
     values_from = []
-    for entry in spec.values_from or []:
+    unread = []
+    for index, entry in enumerate(spec.values_from or []):
+        if entry.external_source_ref is not None:
+            unread.append(f"spec.valuesFrom[{index}].externalSourceRef")
+        if entry.chart_file_ref is not None:
+            unread.append(f"spec.valuesFrom[{index}].chartFileRef")
         refs: tuple[tuple[_V1KeyRef | None, Literal["ConfigMap", "Secret"]], ...] = (
             (entry.config_map_key_ref, "ConfigMap"),
             (entry.secret_key_ref, "Secret"),
@@ -367,6 +375,7 @@ def _from_v1(api_version: str, release: _V1Release, namespace: str) -> HelmRelea
         rollback_on_failure=spec.rollback.enable,
         drift=_drift(annotations, None),
         automated=_automated(annotations),
+        unread_values_from=unread,
     )
 
 

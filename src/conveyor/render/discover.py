@@ -72,6 +72,7 @@ def discover(repo_root: Path, env_path: str) -> EnvironmentTree:
     if not root.is_dir():
         raise RenderError(f"environment folder {env_path!r} does not exist in the repository")
     tree = EnvironmentTree(apps=[], sources={}, flux_config=[])
+    _CHECKED.next_pass()
     _walk(root, repo_root.resolve(), env_root=root, tree=tree)
     _check_unique_names(tree)
     return tree
@@ -165,24 +166,65 @@ def checked_document(doc: Document, *, applied: bool = True) -> Document:
     """`doc` with the shape that rendering relies on (see config/manifest.py), or a
     RenderError naming its file, line and field. An `applied` object is also checked as
     a whole and comes back as JSON; a Flux object only needs its identity."""
-    try:
-        if not applied:
-            check_metadata(doc.obj)
-            return doc
-        obj = check_object(doc.obj)
-    except ValidationError as error:
-        raise RenderError(
-            describe(error, reveal=doc.obj.get("kind") != "Secret"), file=doc.file, line=doc.line
-        ) from None
-    return doc if obj == doc.obj else replace(doc, obj=obj)
+    checked = _CHECKED.get(doc, "applied" if applied else "identity")
+    if isinstance(checked, Document):
+        return checked
+    raise RenderError(checked, file=doc.file, line=doc.line)
 
 
 def _release_error(doc: Document) -> RenderError | None:
+    checked = _CHECKED.get(doc, "release")
+    if isinstance(checked, Document):
+        return None
+    return RenderError(checked, file=doc.file, line=doc.line)
+
+
+_Check = Literal["applied", "identity", "release"]
+
+
+def _check(doc: Document, check: _Check) -> Document | str:
+    """`doc` (or its JSON copy) when it passes `check`, else the message saying why."""
     try:
-        parse_helmrelease(doc.obj)
+        if check == "release":
+            parse_helmrelease(doc.obj)
+            return doc
+        if check == "identity":
+            check_metadata(doc.obj)
+            return doc
+        obj = check_object(doc.obj)
     except HelmReleaseError as error:
-        return RenderError(str(error), file=doc.file, line=doc.line)
-    return None
+        return str(error)
+    except ValidationError as error:
+        return describe(error, reveal=doc.obj.get("kind") != "Secret")
+    return doc if obj == doc.obj else replace(doc, obj=obj)
+
+
+class _CheckedDocuments:
+    """Check results by document. documents.py hands out the same Document objects while
+    a file is unchanged, so a pass over a thousand unchanged files checks none of them.
+    Results of this pass and the one before are kept: two trees discovered in turn (the
+    agent's and the dashboard's) both stay cached, and nothing else is held."""
+
+    def __init__(self) -> None:
+        self.current: dict[tuple[int, _Check], tuple[Document, Document | str]] = {}
+        self.previous: dict[tuple[int, _Check], tuple[Document, Document | str]] = {}
+
+    def get(self, doc: Document, check: _Check) -> Document | str:
+        key = (id(doc), check)
+        for generation in (self.current, self.previous):
+            hit = generation.get(key)
+            if hit is not None and hit[0] is doc:
+                self.current[key] = hit
+                return hit[1]
+        result = _check(doc, check)
+        self.current[key] = (doc, result)
+        return result
+
+    def next_pass(self) -> None:
+        self.previous, self.current = self.current, {}
+
+
+_CHECKED = _CheckedDocuments()
 
 
 def _release_app_name(doc: Document, *, fallback: str) -> str:

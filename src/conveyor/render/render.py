@@ -182,7 +182,9 @@ class Renderer:
         self, spec: HelmReleaseSpec, doc: Document
     ) -> tuple[dict[str, Any], list[str]]:
         values: dict[str, Any] = {}
-        notes: list[str] = []
+        notes = [
+            f"{unread} is not supported; rendered without it" for unread in spec.unread_values_from
+        ]
         for ref in spec.values_from:
             text = await self.values_lookup(ref)
             if text is None:
