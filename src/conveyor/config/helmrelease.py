@@ -22,6 +22,7 @@ from conveyor.config.validation import (
     FileModel,
     JsonObject,
     ObjectName,
+    OrNull,
     Text,
     describe,
     expected,
@@ -202,18 +203,18 @@ class _V1Rollback(FileModel):
 
 
 class _V1Spec(FileModel):
-    release_name: Text | None = None
+    release_name: Argument | None = None
     target_namespace: ObjectName | None = None
-    chart: _V1Chart = Field(default_factory=_V1Chart)
+    chart: OrNull[_V1Chart] = Field(default_factory=_V1Chart)
     values: JsonObject | None = None
     values_from: list[_V1ValuesFrom] | None = None
     timeout: Seconds | None = None
-    rollback: _V1Rollback = Field(default_factory=_V1Rollback)
+    rollback: OrNull[_V1Rollback] = Field(default_factory=_V1Rollback)
 
 
 class _V1Release(FileModel):
     metadata: ObjectMeta
-    spec: _V1Spec = Field(default_factory=_V1Spec)
+    spec: OrNull[_V1Spec] = Field(default_factory=_V1Spec)
 
 
 # -- Flux v2: helm.toolkit.fluxcd.io/v2 (and v2beta1, v2beta2) --------------------------
@@ -226,7 +227,7 @@ class _V2SourceRef(FileModel):
 
 
 class _V2ChartSpec(FileModel):
-    chart: Text
+    chart: Argument  # a chart name (to helm) or a path in a git source
     version: Argument | None = None
     source_ref: _V2SourceRef
 
@@ -260,7 +261,7 @@ class _V2Remediation(FileModel):
 
 
 class _V2Action(FileModel):
-    remediation: _V2Remediation = Field(default_factory=_V2Remediation)
+    remediation: OrNull[_V2Remediation] = Field(default_factory=_V2Remediation)
 
 
 class _V2DriftDetection(FileModel):
@@ -268,7 +269,7 @@ class _V2DriftDetection(FileModel):
 
 
 class _V2Spec(FileModel):
-    release_name: Text | None = None
+    release_name: Argument | None = None
     target_namespace: ObjectName | None = None
     chart: _V2Chart | None = None
     chart_ref: _V2ChartRef | None = None
@@ -277,14 +278,14 @@ class _V2Spec(FileModel):
     depends_on: list[_V2Dependency] | None = None
     suspend: bool = False
     timeout: Duration | None = None
-    install: _V2Action = Field(default_factory=_V2Action)
-    upgrade: _V2Action = Field(default_factory=_V2Action)
-    drift_detection: _V2DriftDetection = Field(default_factory=_V2DriftDetection)
+    install: OrNull[_V2Action] = Field(default_factory=_V2Action)
+    upgrade: OrNull[_V2Action] = Field(default_factory=_V2Action)
+    drift_detection: OrNull[_V2DriftDetection] = Field(default_factory=_V2DriftDetection)
 
 
 class _V2Release(FileModel):
     metadata: ObjectMeta
-    spec: _V2Spec = Field(default_factory=_V2Spec)
+    spec: OrNull[_V2Spec] = Field(default_factory=_V2Spec)
 
 
 def parse_helmrelease(

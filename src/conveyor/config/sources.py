@@ -68,7 +68,7 @@ class HelmChartSourceRef(FileModel):
 
 
 class HelmChartSpec(FileModel):
-    chart: Text
+    chart: Argument
     version: Argument | None = None
     source_ref: HelmChartSourceRef
     interval: Duration | None = None
