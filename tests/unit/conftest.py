@@ -7,21 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
 
 from conveyor.source.git import Author, Checkout, commit_and_push, run_git
-
-# Property tests run few examples in the unit run (seconds); `HYPOTHESIS_PROFILE=fuzz`
-# (make fuzz) runs thousands. Both without deadlines (the tests bound time themselves)
-# and without the explain phase, which re-runs a failure hundreds of times.
-_PROPERTY = {
-    "deadline": None,
-    "suppress_health_check": [HealthCheck.too_slow],
-    "phases": [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
-}
-settings.register_profile("unit", max_examples=25, **_PROPERTY)
-settings.register_profile("fuzz", max_examples=2000, **_PROPERTY)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "unit"))
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_APPS = ROOT / "examples" / "apps"

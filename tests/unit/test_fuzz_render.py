@@ -10,7 +10,7 @@ the two good apps (web, billing) render exactly as before; no other exception, w
 time and memory bound; and what consumes a render (fingerprint, JSON for the API server,
 Secret masking, object identity, helm's values file) takes its output.
 
-The unit run keeps the example count small; `HYPOTHESIS_PROFILE=fuzz` runs thousands
+The unit run keeps the example count small; `CONVEYOR_FUZZ_PROFILE=fuzz` runs thousands
 (add `--hypothesis-show-statistics` to see what the examples found).
 """
 
@@ -20,6 +20,7 @@ import asyncio
 import copy
 import datetime
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -30,7 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from conveyor.cluster.objects import ObjectRef, apply_order, drift_paths
@@ -42,8 +43,22 @@ from tests.unit.configtree import ROOT, ConfigTree, chart_repository, config_tre
 # One example may take this long and allocate this much (Python allocations, traced).
 SECONDS_PER_EXAMPLE = 15.0
 PEAK_BYTES = 64 * 1024 * 1024
-# A whole test: a second per example is ten times what one takes.
-FUZZ_TIMEOUT = pytest.mark.timeout(60 + settings.default.max_examples)
+
+# The same switches as the other fuzz suite (`make fuzz`): CONVEYOR_FUZZ_PROFILE=fuzz runs
+# CONVEYOR_FUZZ_EXAMPLES (1500) new examples per test; the unit run a few, the same each
+# time. No explain phase: its line tracing makes a slow case look like a hang.
+PROFILE = os.environ.get("CONVEYOR_FUZZ_PROFILE", "unit")
+EXAMPLES = int(os.environ.get("CONVEYOR_FUZZ_EXAMPLES", "25" if PROFILE == "unit" else "1500"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    derandomize=PROFILE == "unit",
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# A whole test: a second per example is several times what one takes.
+FUZZ_TIMEOUT = pytest.mark.timeout(60 + EXAMPLES)
 
 V1_GIT = """\
 apiVersion: helm.fluxcd.io/v1
@@ -403,6 +418,7 @@ def _fuzz(
 
 
 @FUZZ_TIMEOUT
+@FUZZ
 @given(data=st.data())
 def test_fuzzed_manifests_fail_only_their_app(
     data: st.DataObject, charts_url: str, baseline: dict[str, str]
@@ -411,6 +427,7 @@ def test_fuzzed_manifests_fail_only_their_app(
 
 
 @FUZZ_TIMEOUT
+@FUZZ
 @given(data=st.data())
 def test_fuzzed_helmreleases_fail_only_their_app(
     data: st.DataObject, charts_url: str, baseline: dict[str, str]
@@ -419,6 +436,7 @@ def test_fuzzed_helmreleases_fail_only_their_app(
 
 
 @FUZZ_TIMEOUT
+@FUZZ
 @given(data=st.data())
 def test_fuzzed_flux_sources_fail_only_their_apps(
     data: st.DataObject, charts_url: str, baseline: dict[str, str]

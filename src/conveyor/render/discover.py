@@ -6,7 +6,9 @@ configure Flux itself are recognised and kept aside: sources are used to resolve
 charts, the rest (Flux Kustomizations, image automation) is never applied blindly.
 
 A file that cannot be read becomes an app in error, named after the file, so that one
-broken file affects only that app.
+broken file affects only that app. So does an object without the shape conveyor relies
+on (config/manifest.py, config/helmrelease.py): every object is checked here, before
+anything reads it, and the error names its file, line and field.
 """
 
 from __future__ import annotations
