@@ -438,5 +438,8 @@ def agent(
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         await Agent(target, options=options, gate=gate).run()
 
-    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
-        asyncio.run(run_until_stopped())
+    try:
+        with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+            asyncio.run(run_until_stopped())
+    except KubeconfigError as error:  # the one error at run time that no retry can mend
+        fail(escape(str(error)))
