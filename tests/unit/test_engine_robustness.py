@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ChartFromGit, HelmReleaseSpec
 from conveyor.reconcile.engine import Engine, EngineOptions
 from conveyor.reconcile.status import READY, STALLED
@@ -40,11 +41,21 @@ class MemoryKube:
         found = self.objects.get((kind, namespace or "", name))
         return copy.deepcopy(found) if found else None
 
-    async def list(self, _api_version: str, kind: str, *, namespace: str | None = None) -> list[Obj]:
+    async def list(
+        self,
+        _api_version: str,
+        kind: str,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> list[Obj]:
+        wanted = dict(term.split("=", 1) for term in (label_selector or "").split(",") if term)
         return [
             copy.deepcopy(o)
             for (k, ns, _), o in self.objects.items()
-            if k == kind and ns == (namespace or "")
+            if k == kind
+            and ns == (namespace or "")
+            and wanted.items() <= (o["metadata"].get("labels") or {}).items()
         ]
 
     async def apply(self, obj: Obj, **_options: Any) -> Obj:
@@ -143,8 +154,12 @@ def tree(names: list[str]) -> EnvironmentTree:
     )
 
 
+IDENTITY = EnvironmentIdentity.of("file:///config.git", branch="main", path="env", name="env")
+
+
 def engine(kube: MemoryKube, helm: ScriptedHelm) -> Engine:
-    return Engine(kube, helm, options=EngineOptions(scope="env", poll_interval=0.01))  # type: ignore[arg-type]
+    options = EngineOptions(scope="env", identity=IDENTITY, poll_interval=0.01)
+    return Engine(kube, helm, options=options)  # type: ignore[arg-type]
 
 
 def run_pass(engine: Engine, apps: dict[str, RenderedApp | Exception]) -> dict[str, Any]:
