@@ -14,7 +14,8 @@ tried again after an exponential backoff (capped), which a good pass resets. Onl
 startup misconfiguration stops it, because no retry can fix it: the command line
 (checked before `run`), and a kubeconfig or context that cannot be loaded
 (`KubeconfigError` from `run`). A repository that cannot be fetched or a broken
-conveyor.yaml are not: a push can mend them, so they are retried like any failure.
+conveyor.yaml are not: a push can mend them, so they are recorded (FetchFailed) and
+fetched again at the poll interval.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ class Agent:
 
     async def _cluster_not_ready(self, error: Exception) -> None:
         delay = self._backoff.next_delay()
-        log.error("cannot use the cluster yet: %s; retrying in %.0fs", error_summary(error), delay)
+        log.error("cannot use the cluster yet: %s; retrying in %gs", error_summary(error), delay)
         await asyncio.sleep(delay)
 
     async def _lead(
@@ -302,7 +303,7 @@ class Agent:
         delay = self._backoff.next_delay()
         summary = error_summary(error)
         log.error(
-            "%s failed: %s; retrying in %.0fs",
+            "%s failed: %s; retrying in %gs",
             what,
             summary,
             delay,
@@ -361,8 +362,13 @@ class Agent:
     async def _fetch(self) -> ResolvedTarget | None:
         try:
             resolved = await asyncio.to_thread(fetch_target, self.target)
-        except (GitError, ConfigError) as error:
-            log.error("fetch failed; keeping everything as applied: %s", error)
+        except Exception as error:  # GitError, ConfigError; anything else is a surprise
+            expected = isinstance(error, GitError | ConfigError)
+            log.error(
+                "fetch failed; keeping everything as applied: %s",
+                error,
+                exc_info=None if expected else error,
+            )
             await self._record_source_failure(
                 str(error), resolved=self._resolved, reason="FetchFailed"
             )

@@ -1,0 +1,90 @@
+"""The agent's loop outlives any error of a pass and backs off between failures.
+
+Fast checks with a scripted pass; tests/cluster/test_agent_outage.py kills a real
+apiserver under a running agent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conveyor.cluster.client import ApiError
+from conveyor.reconcile.agent import Agent, AgentOptions, Backoff
+from conveyor.reconcile.target import Target
+from conveyor.render.helm import HelmError
+from conveyor.source.git import GitError
+
+
+def test_backoff_doubles_up_to_its_cap_and_starts_again_after_a_success() -> None:
+    backoff = Backoff(first=1.0, cap=30.0)
+    assert [backoff.next_delay() for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    backoff.reset()
+    assert backoff.next_delay() == 1
+
+
+class Elector:
+    def __init__(self) -> None:
+        self.is_leader = True
+        self.lost = asyncio.Event()
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.drifted: asyncio.Queue[str] = asyncio.Queue()
+
+    class options:  # noqa: N801 - stands in for EngineOptions
+        scope = "env"
+
+
+def test_every_kind_of_pass_error_is_logged_counted_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    errors: list[Exception] = [
+        HelmError("history", "Kubernetes cluster unreachable"),
+        httpx.ConnectError("All connection attempts failed"),
+        ApiError(503, "ServiceUnavailable", "apiserver is shutting down"),
+        GitError(["git", "fetch"], 128, "fatal: could not read from remote"),
+        OSError(28, "No space left on device"),
+        KeyError("a bug"),
+    ]
+    target = Target(repo=str(tmp_path), path="env", kubeconfig=str(tmp_path / "no-kubeconfig"))
+    agent = Agent(target, options=AgentOptions(interval=0.01, backoff_first=0.01, backoff_cap=0.04))
+    elector, engine = Elector(), Engine()
+    passes = 0
+
+    async def fetch() -> object:
+        return object()
+
+    async def scripted_pass(_engine: Any, _resolved: Any) -> None:
+        nonlocal passes
+        passes += 1
+        if errors:
+            raise errors.pop(0)
+        elector.is_leader = False  # a good pass; then stop the loop
+
+    agent._fetch = fetch  # type: ignore[method-assign]
+    agent._pass = scripted_pass  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="conveyor.agent"):
+        asyncio.run(agent._loop(engine, elector, None))  # type: ignore[arg-type]
+
+    assert passes == 7
+    failures = [r for r in caplog.records if r.getMessage().startswith("pass failed")]
+    assert [r.getMessage().split(";")[0] for r in failures] == [
+        "pass failed: helm history: Kubernetes cluster unreachable",
+        "pass failed: ConnectError: All connection attempts failed",
+        "pass failed: HTTP 503 ServiceUnavailable: apiserver is shutting down",
+        "pass failed: git fetch failed (128): fatal: could not read from remote",
+        "pass failed: OSError: [Errno 28] No space left on device",
+        "pass failed: KeyError: 'a bug'",
+    ]
+    assert all(r.exc_info for r in failures)  # with the traceback
+    assert agent._backoff.failures == 0  # the good pass reset it
+    counted = agent.metrics.registry.get_sample_value(
+        "conveyor_pass_failures_total", {"error": "KeyError"}
+    )
+    assert counted == 1
