@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -36,9 +37,7 @@ class Elector:
 class Engine:
     def __init__(self) -> None:
         self.drifted: asyncio.Queue[str] = asyncio.Queue()
-
-    class options:  # noqa: N801 - stands in for EngineOptions
-        scope = "env"
+        self.options = SimpleNamespace(scope="env")
 
 
 def test_every_kind_of_pass_error_is_logged_counted_and_retried(
