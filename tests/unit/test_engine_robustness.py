@@ -12,12 +12,13 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ChartFromGit, HelmReleaseSpec
 from conveyor.reconcile.engine import Engine, EngineOptions
-from conveyor.reconcile.status import READY, STALLED
+from conveyor.reconcile.status import NAMESPACE, READY, STALLED, resource_name
 from conveyor.render.charts import ResolvedChart
 from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
@@ -34,6 +35,7 @@ class MemoryKube:
         self.objects: dict[tuple[str, str, str], Obj] = {}
         self.events: list[Obj] = []
         self.writes = 0
+        self.refuse: str | None = None  # a ConveyorApp name whose writes fail
 
     async def get(
         self, _api_version: str, kind: str, name: str, *, namespace: str | None = None
@@ -59,8 +61,10 @@ class MemoryKube:
         ]
 
     async def apply(self, obj: Obj, **_options: Any) -> Obj:
-        self.writes += 1
         meta = obj["metadata"]
+        if meta["name"] == self.refuse:
+            raise httpx.ConnectError("All connection attempts failed")
+        self.writes += 1
         key = (obj["kind"], meta.get("namespace", ""), meta["name"])
         stored = self.objects.setdefault(key, {})
         stored.update(copy.deepcopy(obj))
@@ -236,3 +240,17 @@ def test_a_crash_while_rendering_one_app_stalls_it_and_prunes_nothing(tmp_path: 
     assert b.message == "env/b: ValueError: bad chart index"
     assert "gone" in reconciler.statuses  # a render failed: the app that left git stays
     assert not isinstance(b, RenderError)
+
+
+def test_a_status_that_cannot_be_saved_ends_neither_the_app_nor_the_pass() -> None:
+    kube, helm = MemoryKube(), ScriptedHelm()
+    reconciler = engine(kube, helm)
+    kube.refuse = name = resource_name("env", "b")
+    statuses = run_pass(reconciler, {"a": plain("a"), "b": plain("b"), "c": plain("c")})
+    assert {n: s.state for n, s in statuses.items()} == {"a": READY, "b": READY, "c": READY}
+    assert asyncio.run(kube.get("", "ConveyorApp", name, namespace=NAMESPACE)) is None
+
+    kube.refuse = None  # the apiserver is back: the next pass writes what was missed
+    run_pass(reconciler, {"a": plain("a"), "b": plain("b"), "c": plain("c")})
+    stored = asyncio.run(kube.get("", "ConveyorApp", name, namespace=NAMESPACE))
+    assert stored is not None and stored["status"]["state"] == READY

@@ -819,7 +819,12 @@ class Engine:
         before = self.store.stored(status)
         changed_state = (before.get("state"), before.get("reason")) != (status.state, status.reason)
         newly_applied = before.get("lastAppliedRevision") != status.last_applied_revision
-        if not await self.store.save(status):
+        try:
+            if not await self.store.save(status):
+                return
+        except Exception as error:  # the apiserver away: one app's report never ends the pass
+            # The store still holds what was written before, so a later pass writes it.
+            log.warning("%s: could not save its status: %s", status.app, error_summary(error))
             return
         if changed_state:
             await self.events.record(
