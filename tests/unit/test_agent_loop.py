@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +20,7 @@ from conveyor.cluster.client import ApiError
 from conveyor.reconcile.agent import Agent, AgentOptions, Backoff
 from conveyor.reconcile.target import Target
 from conveyor.render.helm import HelmError
-from conveyor.source.git import GitError
+from conveyor.source.git import GitError, run_git
 
 
 def test_backoff_doubles_up_to_its_cap_and_starts_again_after_a_success() -> None:
@@ -87,3 +89,43 @@ def test_every_kind_of_pass_error_is_logged_counted_and_retried(
         "conveyor_pass_failures_total", {"error": "KeyError"}
     )
     assert counted == 1
+
+
+def agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "conveyor", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--interval", "abc"], "error: --interval: invalid duration 'abc'"),
+        (["--lease-duration", "0"], "error: --lease-duration must be positive, not 0.0"),
+        (["--listen", "127.0.0.1:http"], "error: --listen wants HOST:PORT, not '127.0.0.1:http'"),
+    ],
+)
+def test_a_startup_misconfiguration_stops_the_agent_with_one_line(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    result = agent_cli("--repo", str(tmp_path), "--path", "env", *flags)
+    assert (result.returncode, result.stderr.strip()) == (2, message)
+
+
+def test_a_kubeconfig_that_cannot_be_loaded_stops_the_agent_after_the_first_fetch(
+    tmp_path: Path,
+) -> None:
+    work = tmp_path / "config"
+    (work / "env").mkdir(parents=True)
+    (work / "env" / "config.yaml").write_text("apiVersion: v1\nkind: ConfigMap\n")
+    run_git(["init", "--quiet", "--initial-branch", "main", str(work)])
+    run_git(["add", "--all"], cwd=work)
+    run_git(["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "env"], cwd=work)
+    missing = tmp_path / "no-such-kubeconfig"
+    result = agent_cli("--repo", str(work), "--path", "env", "--kubeconfig", str(missing))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: ")
+    assert str(missing) in result.stderr.splitlines()[-1]
