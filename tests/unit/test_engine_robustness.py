@@ -186,12 +186,12 @@ def test_helm_and_its_history_failing_stall_one_app_and_the_next_pass_retries_it
     statuses = run_pass(reconciler, apps)
     assert (statuses["a"].state, statuses["z"].state) == (READY, READY)
     web = statuses["web"]
-    assert (web.state, web.reason) == (STALLED, "HelmError")
+    assert (web.state, web.reason) == (STALLED, "ApiError")
     assert web.message == "helm upgrade: Kubernetes cluster unreachable: connection refused"
     assert helm.upgrades == 1  # no retries burnt while the cluster is away
     assert web.failures == 0 and web.failed_fingerprint is None
     stored = asyncio.run(kube.get("", "ConveyorApp", web.name, namespace="conveyor-system"))
-    assert stored is not None and stored["status"]["reason"] == "HelmError"
+    assert stored is not None and stored["status"]["reason"] == "ApiError"
 
     helm.upgrade_error = helm.history_error = None  # the cluster is back
     statuses = run_pass(reconciler, apps)

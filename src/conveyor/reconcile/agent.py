@@ -9,7 +9,7 @@ often as the closed gate asks.
 
 The agent outlives every error of a pass: the apiserver going away, Helm or git failing,
 a network error, a bug. The error is logged with its traceback, recorded on the source's
-status (reason PassFailed) and counted in `conveyor_pass_failures_total`; the pass is
+status (reason ReconcileFailed) and counted in `conveyor_pass_failures_total`; the pass is
 tried again after an exponential backoff (capped), which a good pass resets. Only a
 startup misconfiguration stops it, because no retry can fix it: the command line
 (checked before `run`), and a kubeconfig or context that cannot be loaded
@@ -45,7 +45,7 @@ from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, GateHold
 from conveyor.reconcile.once import record_source_failure, source_fetched
 from conveyor.reconcile.report import Metrics, error_summary
-from conveyor.reconcile.status import NAMESPACE, STALLED, StatusStore
+from conveyor.reconcile.status import NAMESPACE, STALLED, Reason, StatusStore
 from conveyor.reconcile.target import (
     ResolvedTarget,
     Target,
@@ -312,12 +312,12 @@ class Agent:
         )
         self.metrics.pass_failures.labels(type(error).__name__).inc()
         await self._record_source_failure(
-            f"{what} failed: {summary}", resolved=self._resolved, reason="PassFailed"
+            f"{what} failed: {summary}", resolved=self._resolved, reason=Reason.RECONCILE_FAILED
         )
         await asyncio.sleep(delay)
 
     async def _record_source_failure(
-        self, message: str, *, resolved: ResolvedTarget | None, reason: str
+        self, message: str, *, resolved: ResolvedTarget | None, reason: Reason
     ) -> None:
         """The failure on the source's status; when the cluster is what failed, only logged."""
         try:
@@ -370,7 +370,7 @@ class Agent:
                 exc_info=None if expected else error,
             )
             await self._record_source_failure(
-                str(error), resolved=self._resolved, reason="FetchFailed"
+                str(error), resolved=self._resolved, reason=Reason.FETCH_FAILED
             )
             self.metrics.fetches.labels("error").inc()
             self.ready = True
@@ -383,7 +383,9 @@ class Agent:
         try:
             tree = discover_target(resolved)
         except RenderError as error:
-            await self._record_source_failure(str(error), resolved=resolved, reason="FetchFailed")
+            await self._record_source_failure(
+                str(error), resolved=resolved, reason=Reason.FETCH_FAILED
+            )
             return
         started = time.monotonic()
         self.notifier.set_rules(project_rules(resolved.checkout.path))

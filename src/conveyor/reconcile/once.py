@@ -10,7 +10,7 @@ from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import Engine, EngineOptions, PassResult
 from conveyor.reconcile.plan import AppPlan, plan_environment
-from conveyor.reconcile.status import SOURCE_KIND, STALLED, AppStatus, StatusStore
+from conveyor.reconcile.status import SOURCE_KIND, STALLED, AppStatus, Reason, StatusStore
 from conveyor.reconcile.target import (
     ResolvedTarget,
     Target,
@@ -111,7 +111,7 @@ async def record_source_failure(
     message: str,
     *,
     resolved: ResolvedTarget | None = None,
-    reason: str = "FetchFailed",
+    reason: Reason = Reason.FETCH_FAILED,
 ) -> str:
     """Everything stays as applied; the source's own status says why nothing moved.
     Before a fetch there is no branch to know the environment by: the status goes to
