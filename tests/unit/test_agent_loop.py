@@ -17,7 +17,9 @@ import httpx
 import pytest
 
 from conveyor.cluster.client import ApiError
+from conveyor.reconcile import agent as agent_module
 from conveyor.reconcile.agent import Agent, AgentOptions, Backoff
+from conveyor.reconcile.status import Reason
 from conveyor.reconcile.target import Target
 from conveyor.render.helm import HelmError
 from conveyor.source.git import GitError, run_git
@@ -43,7 +45,7 @@ class Engine:
 
 
 def test_every_kind_of_pass_error_is_logged_counted_and_retried(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     errors: list[Exception] = [
         HelmError("history", "Kubernetes cluster unreachable"),
@@ -68,6 +70,15 @@ def test_every_kind_of_pass_error_is_logged_counted_and_retried(
             raise errors.pop(0)
         elector.is_leader = False  # a good pass; then stop the loop
 
+    recorded: list[tuple[str, str]] = []
+
+    async def record(_target: Target, message: str, **options: Any) -> str:
+        recorded.append((options["reason"], message))
+        if len(recorded) % 2:  # and when the cluster is what failed, recording fails too
+            raise httpx.ConnectError("All connection attempts failed")
+        return "env"
+
+    monkeypatch.setattr(agent_module, "record_source_failure", record)
     agent._fetch = fetch  # type: ignore[method-assign]
     agent._pass = scripted_pass  # type: ignore[method-assign]
     with caplog.at_level(logging.ERROR, logger="conveyor.agent"):
@@ -84,6 +95,8 @@ def test_every_kind_of_pass_error_is_logged_counted_and_retried(
         "pass failed: KeyError: 'a bug'",
     ]
     assert all(r.exc_info for r in failures)  # with the traceback
+    assert [message for _, message in recorded] == [r.getMessage().split(";")[0] for r in failures]
+    assert {reason for reason, _ in recorded} == {Reason.RECONCILE_FAILED}
     assert agent._backoff.failures == 0  # the good pass reset it
     counted = agent.metrics.registry.get_sample_value(
         "conveyor_pass_failures_total", {"error": "KeyError"}
