@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from conveyor.cluster.apply import (
     ApplyError,
     apply_objects,
@@ -45,7 +47,7 @@ from conveyor.cluster.ownership import (
     owner_of,
 )
 from conveyor.notify.notifier import Notifier
-from conveyor.reconcile.report import EventRecorder, Metrics, notification_for
+from conveyor.reconcile.report import EventRecorder, Metrics, error_summary, notification_for
 from conveyor.reconcile.status import (
     READY,
     SOURCE_KIND,
@@ -171,6 +173,9 @@ class Engine:
                 rendered[app_name] = await renderer.render(app)
             except RenderError as error:
                 rendered[app_name] = error
+            except Exception as error:  # a bug or a failed fetch of one app's chart
+                log.error("%s: render failed", app_name, exc_info=error, extra={"app": app_name})
+                rendered[app_name] = RenderError(error_summary(error), file=app.path)
 
         names = [a.name for a in tree.apps if only is None or a.name == only]
         await asyncio.gather(*(render(n) for n in names))
@@ -316,8 +321,15 @@ class Engine:
         try:
             await self._reconcile_app(status, rendered)
             result = "success" if status.ready else "not-ready"
-        except (ApiError, UnknownKindError, OSError) as error:
-            self._set(status, Reason.API_ERROR, str(error))
+        except (ApiError, UnknownKindError, OSError, httpx.HTTPError, HelmError) as error:
+            # The cluster away or refusing (helm says so when even its history cannot be
+            # read): not this content's fault, so not counted against its retries.
+            log.warning("%s: %s", name, error, extra={"app": name})
+            self._set(status, Reason.API_ERROR, error_summary(error))
+            result = "error"
+        except Exception as error:  # a bug in one app's reconcile never stops the others
+            log.error("%s: reconcile failed", name, exc_info=error, extra={"app": name})
+            self._set(status, Reason.INTERNAL_ERROR, error_summary(error))
             result = "error"
         await self._report(status, warning=not status.ready and status.state != SUSPENDED)
         self.metrics.reconciles.labels(self.options.scope, name, result).inc()
@@ -593,7 +605,11 @@ class Engine:
             try:
                 release = await self._upgrade_install(app.name, plan, status.attempted_revision)
             except HelmError as error:
-                status.helm_revision = await self._current_helm_revision(spec)
+                if not await self._refresh_helm_revision(status, spec):
+                    # Helm cannot read the release either: the cluster is out of reach,
+                    # which is no fault of this content. Not counted against its
+                    # retries; the next pass tries again.
+                    raise
                 raise AppFailed(Reason.UPGRADE_FAILED, error.message) from None
         status.helm_revision = int(release.get("version", 0)) or None
         helm_desired = await self._refs_for(
@@ -634,9 +650,17 @@ class Engine:
         )
         return await upgrade_install()
 
-    async def _current_helm_revision(self, spec: Any) -> int | None:
-        history = await self.helm.history(spec.release_name, spec.target_namespace)
-        return int(history[-1]["revision"]) if history else None
+    async def _refresh_helm_revision(self, status: AppStatus, spec: Any) -> bool:
+        """After a failed upgrade, the release's latest revision into `status`. False when
+        helm cannot read the history either (logged, never raised): `helm_revision` then
+        stays as it was."""
+        try:
+            history = await self.helm.history(spec.release_name, spec.target_namespace)
+        except HelmError as error:
+            log.warning("%s: cannot read the release history: %s", status.app, error.message)
+            return False
+        status.helm_revision = int(history[-1]["revision"]) if history else None
+        return True
 
     async def _verify(self, app: RenderedApp, desired: list[tuple[ObjectRef, Obj]]) -> None:
         timeout = app.helm.spec.timeout_seconds if app.helm else self.options.timeout
@@ -795,7 +819,12 @@ class Engine:
         before = self.store.stored(status)
         changed_state = (before.get("state"), before.get("reason")) != (status.state, status.reason)
         newly_applied = before.get("lastAppliedRevision") != status.last_applied_revision
-        if not await self.store.save(status):
+        try:
+            if not await self.store.save(status):
+                return
+        except Exception as error:  # the apiserver away: one app's report never ends the pass
+            # The store still holds what was written before, so a later pass writes it.
+            log.warning("%s: could not save its status: %s", status.app, error_summary(error))
             return
         if changed_state:
             await self.events.record(
