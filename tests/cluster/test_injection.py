@@ -113,7 +113,7 @@ def test_agent_applies_the_good_apps_and_runs_nothing_for_the_hostile_ones(
     assert sandbox.run("helm", "list", "-n", namespace, "-q").stdout.split() == ["ui"]
     assert sandbox.run("kubectl", "get", "deployment", "web", "-n", namespace).returncode == 0
     log = agent.log.read_text()
-    assert f"{env}/api.yaml:1: chart ref" in log, log
+    assert f"{env}/api.yaml:1: spec.chart.ref: expected" in log, log
     assert f"{env}/worker.yaml:1: spec.releaseName" in log, log
     assert not marker.exists()
 

@@ -316,3 +316,11 @@ def test_chart_ref_to_a_helm_chart_resolves_through_its_source(tmp_path: Path) -
         RenderError, match=r"^sources\.yaml:1: HelmChart broken: spec\.sourceRef is required$"
     ):
         resolver._from_source(SourceRef(kind="HelmChart", name="broken", namespace="apps"))
+
+
+def test_app_names_cut_to_a_dns_label_never_end_with_a_dash() -> None:
+    from conveyor.render.discover import app_name
+
+    name = app_name("--post-renderer=/tmp/pytest-of-root/pytest-182/test-agent-applies-x")
+    assert len(name) <= 63 and not name.endswith("-") and not name.startswith("-")
+    assert app_name("---") == "root"

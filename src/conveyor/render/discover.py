@@ -62,7 +62,8 @@ class EnvironmentTree:
 def app_name(text: str) -> str:
     """A DNS-label-like app name from a release name, file stem or folder path."""
     name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
-    return name[:63] or "root"
+    # Cut to a DNS label, which never ends with '-' (it names a ConveyorApp).
+    return name[:63].rstrip("-") or "root"
 
 
 def _is_flux_config(doc: Document) -> bool:
