@@ -48,6 +48,7 @@ from conveyor.render.discover import app_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
 from conveyor.source.git import GitError, mask_url
+from conveyor.source.webhook import WebhookError, load_secret
 
 RepoOption = typer.Option(..., "--repo", help="Config repository URL or path.")
 BranchOption = typer.Option(None, "--branch", help="Branch (default: the repo's HEAD).")
@@ -415,9 +416,9 @@ def agent(
     secret = None
     if webhook_secret_file is not None:
         try:
-            secret = webhook_secret_file.read_bytes().strip()
-        except OSError as error:
-            fail(f"cannot read the webhook secret file: {error.strerror}")
+            secret = load_secret(webhook_secret_file)
+        except WebhookError as error:
+            fail(str(error))
     configure_logging()
     options = AgentOptions(
         interval=parse_duration(interval, default=60.0),
