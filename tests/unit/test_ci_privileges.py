@@ -160,3 +160,13 @@ def test_apply_creates_updates_then_is_unchanged(aws: str, tmp_path: Path) -> No
     stack = cloudformation.describe_stacks(StackName="ci-roles")["Stacks"][0]
     assert stack["StackStatus"] == "UPDATE_COMPLETE"
     assert {o["OutputKey"] for o in stack["Outputs"]} == {"CiRoleUiArn", "CiRoleApiArn"}
+
+
+def test_render_out_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "missing" / "roles.yaml"
+    result = runner.invoke(
+        app, ["ci-privileges", "render", APPS[0], "--github-owner", "o", "--out", str(out)]
+    )
+    assert result.exit_code == 2
+    assert isinstance(result.exception, SystemExit)
+    assert f"--out: cannot write {out}: No such file or directory" in result.stderr

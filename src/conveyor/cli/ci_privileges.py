@@ -8,7 +8,7 @@ import typer
 from botocore.exceptions import BotoCoreError, ClientError
 from rich.markup import escape
 
-from conveyor.cli.output import console, err_console, fail
+from conveyor.cli.output import console, err_console, fail, write_file
 from conveyor.publish.ci_privileges import (
     CiPrivilegesError,
     CiRepository,
@@ -64,7 +64,7 @@ def render(
     if out is None:
         typer.echo(body, nl=False)
     else:
-        out.write_text(body)
+        write_file(out, body, what="--out")
 
 
 @app.command()

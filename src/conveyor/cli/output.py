@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -39,3 +40,13 @@ def fail(message: str, *, code: int = 2) -> NoReturn:
         f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True
     )
     raise typer.Exit(code)
+
+
+def write_file(path: Path, text: str, *, what: str, append: bool = False) -> None:
+    """Write (or append) `text`, or fail with one line that names `what` asked for the
+    file, the path and the cause: a directory, a missing folder, no permission."""
+    try:
+        with path.open("a" if append else "w", encoding="utf-8") as stream:
+            stream.write(text)
+    except OSError as error:
+        fail(f"{what}: cannot write {path}: {error.strerror or error}")
