@@ -42,7 +42,11 @@ class Cluster(Model):
 class Environment(Model):
     name: str
     path: str = Field(description="Folder of the config repo that this environment applies.")
-    branch: str = "main"
+    branch: str = Field(
+        "main",
+        description="Branch of the config repo; when unset, the repository's default branch "
+        "(its HEAD) where the reader knows it (see `load_project`).",
+    )
     cluster: Cluster = Field(default_factory=Cluster)
     gates: list[Gate] = Field(
         default_factory=list, description="Checked before a new version is applied here."
@@ -221,9 +225,16 @@ def parse_project(text: str, *, source: str) -> Project:
         raise ConfigError(f"{source}: {describe_validation_error(error)}") from None
 
 
-def load_project(repo_root: Path) -> Project:
-    """Read conveyor.yaml from a checkout; an absent file gives an empty project."""
+def load_project(repo_root: Path, *, default_branch: str | None = None) -> Project:
+    """Read conveyor.yaml from a checkout; an absent file gives an empty project. With
+    `default_branch` (the repository's HEAD), an environment that names no branch lives
+    there, so that master-based repositories need not say so."""
     path = repo_root / FILE_NAME
     if not path.exists():
         return Project()
-    return parse_project(path.read_text(), source=str(path))
+    project = parse_project(path.read_text(), source=str(path))
+    if default_branch is not None:
+        for env in project.environments:
+            if "branch" not in env.model_fields_set:
+                env.branch = default_branch
+    return project

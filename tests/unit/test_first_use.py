@@ -1,0 +1,52 @@
+"""The command line as a new user meets it, on real git repositories: master-based
+repos, `file://` URLs, repos without conveyor.yaml, branches that do not exist yet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from conveyor.source.git import run_git
+from tests.unit.test_promotion import Repo, deployment, invoke
+
+
+def master_repo(tmp_path: Path, *, project: bool = True) -> Repo:
+    """A config repo whose default branch is master; conveyor.yaml names no branch."""
+    repo = Repo(tmp_path, branch="master")
+    files = {
+        "staging/web/deploy.yaml": deployment("web", "web-staging", tag="1.2.0", replicas=1),
+        "production/web/deploy.yaml": deployment("web", "web-prod", tag="1.1.0", replicas=3),
+    }
+    if project:
+        environments = [{"name": "staging", "path": "staging"}]
+        environments.append({"name": "production", "path": "production"})
+        files["conveyor.yaml"] = yaml.safe_dump({"environments": environments})
+    repo.commit(files, message="1.1.0")
+    path = "production/web/deploy.yaml"
+    repo.commit({path: deployment("web", "web-prod", tag="1.2.0", replicas=3)}, message="1.2.0")
+    return repo
+
+
+def test_rollback_and_promote_use_the_repositorys_head_branch(tmp_path: Path) -> None:
+    repo = master_repo(tmp_path)
+    rollback = ["rollback", "--repo", repo.url, "--env", "production", "--app", "web"]
+    result = invoke(*rollback, "--no-apply", "-o", "json")
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["from"], json.loads(result.stdout)["to"]) == (
+        "1.2.0",
+        "1.1.0",
+    )
+    assert "registry.local/web:1.1.0" in repo.show("production/web/deploy.yaml", "master")
+    promote = invoke("promote", "--repo", repo.url, "--from", "staging", "--to", "production")
+    assert promote.exit_code == 0, promote.output
+    assert "registry.local/web:1.2.0" in repo.show("production/web/deploy.yaml", "master")
+
+
+def test_images_scan_reads_the_repositorys_head_branch(tmp_path: Path) -> None:
+    repo = master_repo(tmp_path)
+    result = invoke("images", "scan", "--repo", repo.url, "--path", "production", "-o", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["automations"] == []
+    assert run_git(["--git-dir", repo.url, "branch", "--list", "main"]).strip() == ""
