@@ -202,3 +202,18 @@ def test_unreachable_config_repo_is_exit_1(ui: Path, tmp_path: Path) -> None:
     result = publish(tmp_path / "missing.git", "--ref", "refs/tags/1.0.0", "--sha", SHA)
     assert result.exit_code == 1
     assert "missing.git" in result.stderr
+
+
+def test_a_branch_the_config_repo_lacks_is_refused_unless_asked_for(
+    ui: Path, config_remote: Path
+) -> None:
+    env = github("refs/heads/master", "push")
+    refused = publish(config_remote, "--branch", "nosuch", env=env)
+    assert refused.exit_code == 2
+    assert "branch 'nosuch' does not exist in" in refused.stderr
+    assert "--create-branch" in refused.stderr
+    branches = ["--git-dir", str(config_remote), "branch", "--list", "nosuch"]
+    assert run_git(branches).strip() == ""
+    created = publish(config_remote, "--branch", "nosuch", "--create-branch", env=env)
+    assert created.exit_code == 0, created.output
+    assert run_git(branches).strip() == "nosuch"

@@ -24,6 +24,7 @@ from conveyor.config.publish_profile import DEFAULT_PATH, Scheme, load_publish_p
 from conveyor.publish.publisher import DEFAULT_MESSAGE, PublishError, plan, prepare, publish
 from conveyor.publish.template import Setting, TemplateError
 from conveyor.publish.version import Event, VersionError
+from conveyor.reconcile.target import default_branch
 from conveyor.source.git import Author, GitError, PushRaceLost, RetryPolicy, mask_url
 
 
@@ -53,7 +54,12 @@ def publish_command(
     repo: str | None = typer.Option(
         None, "--repo", help="Config repo URL; default the profile's config-repo.url."
     ),
-    branch: str | None = typer.Option(None, "--branch", help="Default: the profile's, else main."),
+    branch: str | None = typer.Option(
+        None, "--branch", help="Default: the profile's, else the config repo's HEAD branch."
+    ),
+    create_branch: bool = typer.Option(
+        False, "--create-branch", help="Create --branch when the config repo lacks it."
+    ),
     app_name: str | None = AppOption,
     scheme: Scheme | None = SchemeOption,
     ref: str | None = RefOption,
@@ -124,11 +130,16 @@ def publish_command(
         commit = publish(
             release,
             url=url or "",
-            branch=branch or (profile.config_repo.branch if profile.config_repo else "main"),
+            branch=branch
+            or (profile.config_repo.branch if profile.config_repo else None)
+            or default_branch(url or ""),
             author=Author(author_name, author_email),
             retry=RetryPolicy(attempts=attempts),
             on_retry=on_retry,
+            create_branch=create_branch,
         )
+    except PublishError as error:
+        fail(escape(str(error)))
     except (GitError, PushRaceLost) as error:
         fail(escape(mask_url(str(error))), code=1)
     result = {

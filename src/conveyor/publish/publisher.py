@@ -26,7 +26,7 @@ from conveyor.publish.version import (
     expand,
     plan_build,
 )
-from conveyor.source.git import Author, Checkout, RetryPolicy, commit_and_push
+from conveyor.source.git import Author, Checkout, RetryPolicy, commit_and_push, mask_url
 
 DEFAULT_MESSAGE = "Update from {source}"
 
@@ -192,8 +192,11 @@ def publish(
     author: Author,
     retry: RetryPolicy,
     on_retry: Callable[[int, float], None] | None = None,
+    create_branch: bool = False,
 ) -> str | None:
-    """Write every file in one commit on `branch` of `url`; None when nothing changed."""
+    """Write every file in one commit on `branch` of `url`; None when nothing changed.
+    A branch that does not exist is refused unless `create_branch`: a typo in CI must not
+    publish to a branch no agent reads."""
 
     def write(root: Path) -> None:
         for file in release.files:
@@ -203,6 +206,11 @@ def publish(
 
     with tempfile.TemporaryDirectory(prefix="conveyor-publish-") as workdir:
         checkout = Checkout.open(url, Path(workdir), branch=branch)
+        if checkout.head() is None and not create_branch:
+            raise PublishError(
+                f"branch {branch!r} does not exist in {mask_url(url)}; "
+                "pass --create-branch to create it"
+            )
         return commit_and_push(
             checkout, write, message=release.message, author=author, retry=retry, on_retry=on_retry
         )
