@@ -50,3 +50,17 @@ def test_images_scan_reads_the_repositorys_head_branch(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["automations"] == []
     assert run_git(["--git-dir", repo.url, "branch", "--list", "main"]).strip() == ""
+
+
+def test_diff_of_two_revisions_takes_a_file_url(tmp_path: Path) -> None:
+    repo = master_repo(tmp_path)
+    clone = f"file://{repo.work}"
+    result = invoke(
+        "diff", "--repo", clone, "--base", "HEAD~1", "--head", "HEAD", "--path", "production"
+    )
+    assert result.exit_code in (0, 1), result.output  # 1: there are changes
+    assert "web" in result.stdout and "1.2.0" in result.stdout
+    url = "https://example.invalid/x.git"
+    remote = invoke("diff", "--repo", url, "--base", "a", "--head", "b", "--path", "production")
+    assert remote.exit_code == 2
+    assert "read a local clone, not https://example.invalid/x.git" in remote.stderr
