@@ -4,8 +4,12 @@ repos, `file://` URLs, repos without conveyor.yaml, branches that do not exist y
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conveyor.source.git import run_git
@@ -64,3 +68,40 @@ def test_diff_of_two_revisions_takes_a_file_url(tmp_path: Path) -> None:
     remote = invoke("diff", "--repo", url, "--base", "a", "--head", "b", "--path", "production")
     assert remote.exit_code == 2
     assert "read a local clone, not https://example.invalid/x.git" in remote.stderr
+
+
+def test_env_without_conveyor_yaml_is_the_folder_of_that_name(tmp_path: Path) -> None:
+    repo = master_repo(tmp_path, project=False)
+    rollback = ["rollback", "--repo", repo.url, "--env", "production", "--app", "web"]
+    # As a person runs it, so that the warning goes where logging puts it: stderr, once.
+    result = subprocess.run(
+        [sys.executable, "-m", "conveyor", *rollback, "--no-apply"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    note = "environment 'production': no conveyor.yaml declares it; using the folder production/"
+    assert result.stderr.count(note) == 1, result.stderr
+    assert "registry.local/web:1.1.0" in repo.show("production/web/deploy.yaml", "master")
+    promote = ["promote", "--repo", repo.url, "--from", "staging", "--to", "production"]
+    assert invoke(*promote).exit_code == 0
+    assert "registry.local/web:1.2.0" in repo.show("production/web/deploy.yaml", "master")
+    missing = invoke("rollback", "--repo", repo.url, "--env", "dev", "--app", "web", "--no-apply")
+    assert missing.exit_code == 2
+    assert "repository has no folder dev/ or releases/dev/" in missing.stderr
+
+
+def test_env_without_conveyor_yaml_finds_releases_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = Repo(tmp_path, branch="master")
+    path = "releases/staging/web/deploy.yaml"
+    repo.commit({path: deployment("web", "web", tag="1.0.0", replicas=1)}, message="1.0.0")
+    repo.commit({path: deployment("web", "web", tag="1.1.0", replicas=1)}, message="1.1.0")
+    rollback = ["rollback", "--repo", repo.url, "--env", "staging", "--app", "web"]
+    with caplog.at_level(logging.WARNING, logger="conveyor.config"):
+        result = invoke(*rollback, "--no-apply")
+    assert result.exit_code == 0, result.output
+    assert "using the folder releases/staging/" in caplog.text
+    assert "registry.local/web:1.0.0" in repo.show(path, "master")
