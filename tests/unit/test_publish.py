@@ -217,3 +217,17 @@ def test_a_branch_the_config_repo_lacks_is_refused_unless_asked_for(
     created = publish(config_remote, "--branch", "nosuch", "--create-branch", env=env)
     assert created.exit_code == 0, created.output
     assert run_git(branches).strip() == "nosuch"
+
+
+def test_an_unknown_placeholder_is_warned_about_and_the_rest_publishes(
+    ui: Path, config_remote: Path
+) -> None:
+    template = ui / ".flux.yaml"
+    template.write_text(template.read_text().replace("port: 3000", "port: ${PORT}"))
+    result = publish(config_remote, env=github("refs/heads/master", "push"))
+    assert result.exit_code == 0, result.output
+    warning = (
+        ".flux.yaml: HelmRelease/ui spec.values.service.port: ${PORT} looks like a "
+        "placeholder, but nothing fills it"
+    )
+    assert " ".join(result.stderr.split()).count(warning) == 1, result.stderr

@@ -109,6 +109,8 @@ def publish_command(
             raise PublishError("no config repo: pass --repo or set config-repo.url in the profile")
     except (ConfigError, VersionError, PublishError, TemplateError) as error:
         fail(escape(str(error)))
+    for warning in sorted({w for file in release.files for w in file.warnings}):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if not release.files:
         err_console.print(
             f"nothing to publish: a {build.context.event} of {escape(build.context.ref)} "

@@ -17,7 +17,7 @@ from typing import Any
 
 from conveyor.config.project import safe_relative_path
 from conveyor.config.publish_profile import PublishProfile, Scheme, check_name
-from conveyor.publish.template import Setting, Template
+from conveyor.publish.template import MARKER, Setting, Template
 from conveyor.publish.version import (
     Build,
     Event,
@@ -42,6 +42,7 @@ class Rendered:
     environment: str
     path: str
     text: str
+    warnings: tuple[str, ...] = ()
 
 
 def plan(
@@ -131,10 +132,16 @@ def render(
             f"{template_source}: FILLED_IN_BY_CI left for {environment} in "
             f"{', '.join(leftovers)}; fill it in {profile_source} or with --set"
         )
+    lookalikes = template.lookalike_markers(known=profile.placeholders)
     return Rendered(
         environment=environment,
         path=destination(build, environment, profile=profile),
         text=template.render(),
+        warnings=tuple(
+            f"{template_source}: {found} looks like a placeholder, but nothing fills it "
+            f"(only {MARKER} and the profile's placeholders are filled)"
+            for found in lookalikes
+        ),
     )
 
 

@@ -23,6 +23,12 @@ from ruamel.yaml.error import YAMLError
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString, ScalarString
 
 MARKER = "FILLED_IN_BY_CI"
+# Values that look like some other tool's placeholder: `${X}`, `@REGISTRY@`, `{{ x }}`,
+# `FILL_ME_IN`, `CHANGEME`. Nothing fills them, so they are warned about.
+_LOOKALIKE = re.compile(
+    r"\$\{[^}]*\}|@[A-Z][A-Z0-9_]*@|\{\{[^}]*\}\}"
+    r"|^(?=[A-Z0-9_]*(?:FILL|TODO|CHANGE_?ME|REPLACE_?ME|PLACEHOLDER|TBD))[A-Z0-9_]+$"
+)
 
 PathPart = str | int
 # `{"$imagepolicy": "<namespace>:<policy>:tag"}` on a scalar: a Flux v2 image setter.
@@ -144,6 +150,16 @@ class Template:
         starts_with_marker = head < len(lines) and lines[head].startswith("---")
         self._header = "".join(lines[:head]) if starts_with_marker else ""
         self._yaml.explicit_start = starts_with_marker
+        # Comments ending the file (Cellenics' `# filled in by CI. do not modify.`) stay
+        # last: ruamel.yaml would tie them to the last key, and keys added after it by
+        # `values` would land below them.
+        tail = len(lines)
+        while tail > head and (not lines[tail - 1].strip() or lines[tail - 1].startswith("#")):
+            tail -= 1
+        footer = "".join(lines[tail:])
+        self._footer = footer if footer.strip() else ""
+        if self._footer:
+            text = "".join(lines[:tail])
         self._ends_with_newline = text.endswith("\n")
         try:
             self.documents: list[Any] = [d for d in self._yaml.load_all(text) if d is not None]
@@ -159,7 +175,7 @@ class Template:
         out = io.StringIO()
         self._yaml.dump_all(self.documents, out)
         body = out.getvalue().rstrip("\n") + ("\n" if self._ends_with_newline else "")
-        return self._header + body
+        return self._header + body + self._footer
 
     def _matching(self, selector: str) -> list[int]:
         kind, _, name = selector.partition("/")
@@ -310,6 +326,19 @@ class Template:
                 elif comment is not None and _SETTER.search(comment) and MARKER in comment:
                     field = format_field_path(path)
                     found.append(f"{_label(document, index)} {field} (image policy comment)")
+        return found
+
+    def lookalike_markers(self, *, known: list[str]) -> list[str]:
+        """`Kind/name field.path: value` of values that look like a placeholder that
+        nothing fills (`${X}`, `@REGISTRY@`, `FILL_ME_IN`); `known` ones are meant."""
+        found = []
+        for index, document in enumerate(self.documents):
+            for path, value, _ in _scalars(document, ()):
+                if not isinstance(value, str) or value in known:
+                    continue
+                if _LOOKALIKE.search(value):
+                    field = format_field_path(path)
+                    found.append(f"{_label(document, index)} {field}: {value}")
         return found
 
 
