@@ -7,6 +7,8 @@ import json
 import logging
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,46 @@ def test_env_without_conveyor_yaml_finds_releases_name(
     assert result.exit_code == 0, result.output
     assert "using the folder releases/staging/" in caplog.text
     assert "registry.local/web:1.0.0" in repo.show(path, "master")
+
+
+class Unavailable(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(503)
+        self.end_headers()
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def test_promote_shows_the_gate_it_waits_on_and_the_time_left(tmp_path: Path) -> None:
+    server = HTTPServer(("127.0.0.1", 0), Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}/ready"
+    try:
+        repo = Repo(tmp_path)
+        gate = {"type": "http", "url": url, "interval": "1s"}
+        environments = [
+            {"name": "staging", "path": "staging"},
+            {"name": "production", "path": "production", "gates": [gate]},
+        ]
+        repo.commit(
+            {
+                "conveyor.yaml": yaml.safe_dump({"environments": environments}),
+                "staging/web/deploy.yaml": deployment("web", "s", tag="1.2.0", replicas=1),
+                "production/web/deploy.yaml": deployment("web", "p", tag="1.1.0", replicas=1),
+            }
+        )
+        before = repo.head()
+        promote = ["promote", "--repo", repo.url, "--from", "staging", "--to", "production"]
+        result = invoke(*promote, "--gate-timeout", "2s")
+    finally:
+        server.shutdown()
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.stderr.split())
+    assert (
+        f"waiting on gate http: closed (GET {url} answered 503, expected 200); 2s left, "
+        "next check in 1s" in said
+    ), said
+    assert "waiting on gate http: closed" in said and "1s left" in said
+    assert repo.head() == before

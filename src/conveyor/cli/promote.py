@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
 
 from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
@@ -77,6 +78,14 @@ def _print_promotion(result: PromotionResult) -> None:
         console.print(f"committed {result.commit[:12]} to {result.branch}", highlight=False)
 
 
+def _progress(spinner: Status, message: str) -> None:
+    """On a terminal, the spinner; in a CI log, where a spinner shows nothing, a line
+    for each step and each wait on a gate."""
+    spinner.update(escape(message))
+    if not err_console.is_terminal:
+        err_console.print(escape(message), highlight=False, soft_wrap=True)
+
+
 def promote_command(
     repo: str = RepoOption,
     to: str = typer.Option(..., "--to", help="Environment to write to."),
@@ -90,7 +99,12 @@ def promote_command(
     ),
     candidate: str | None = typer.Option(None, "--candidate", help="Name under candidates/."),
     gate_timeout: str | None = typer.Option(
-        None, "--gate-timeout", help="Wait this long for closed gates (e.g. 10m), for all."
+        None,
+        "--gate-timeout",
+        help="Wait this long for closed gates (e.g. 10m), for all (default: each gate's "
+        "`timeout`), checking each at its `interval` (default 10s). An approval gate is not "
+        "waited for: approvals are read from the config repo as fetched when promote "
+        "starts, so record the approval (`conveyor approve`) and run promote again.",
     ),
     apply: bool = typer.Option(False, "--apply", help="Reconcile the promoted apps at once."),
     outfile: Path | None = typer.Option(None, "--outfile", help="Write branch mode's diff here."),
@@ -131,7 +145,7 @@ def promote_command(
                     author=Author(author_name, author_email),
                     kube=cluster_client,
                     helm=HelmCLI(),
-                    progress=lambda m: spinner.update(escape(m)),
+                    progress=lambda m: _progress(spinner, m),
                 )
             )
         except BAD_INPUT as error:
