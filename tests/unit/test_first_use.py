@@ -150,3 +150,17 @@ def test_promote_shows_the_gate_it_waits_on_and_the_time_left(tmp_path: Path) ->
     ), said
     assert "waiting on gate http: closed" in said and "1s left" in said
     assert repo.head() == before
+
+
+def test_a_promotion_keeps_the_files_trailing_document_marker(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    prod = deployment("web", "p", tag="1.1.0", replicas=3) + "---\n"
+    repo.commit(
+        {
+            "staging/web/deploy.yaml": deployment("web", "s", tag="1.2.0", replicas=1),
+            "production/web/deploy.yaml": prod,
+        }
+    )
+    result = invoke("promote", "--repo", repo.url, "--from", "staging", "--to", "production")
+    assert result.exit_code == 0, result.output
+    assert repo.show("production/web/deploy.yaml") == prod.replace("web:1.1.0", "web:1.2.0")

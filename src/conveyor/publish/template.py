@@ -150,11 +150,11 @@ class Template:
         starts_with_marker = head < len(lines) and lines[head].startswith("---")
         self._header = "".join(lines[:head]) if starts_with_marker else ""
         self._yaml.explicit_start = starts_with_marker
-        # Comments ending the file (Cellenics' `# filled in by CI. do not modify.`) stay
-        # last: ruamel.yaml would tie them to the last key, and keys added after it by
-        # `values` would land below them.
+        # Comments ending the file (Cellenics' `# filled in by CI. do not modify.`) and a
+        # closing `---` stay last as they are: ruamel.yaml would tie the comments to the
+        # last key (keys added by `values` would land below them) and drop the `---`.
         tail = len(lines)
-        while tail > head and (not lines[tail - 1].strip() or lines[tail - 1].startswith("#")):
+        while tail > head and _ends_a_file(lines[tail - 1]):
             tail -= 1
         footer = "".join(lines[tail:])
         self._footer = footer if footer.strip() else ""
@@ -340,6 +340,10 @@ class Template:
                     field = format_field_path(path)
                     found.append(f"{_label(document, index)} {field}: {value}")
         return found
+
+
+def _ends_a_file(line: str) -> bool:
+    return not line.strip() or line.startswith("#") or line.rstrip() == "---"
 
 
 def _mappings(node: Any) -> Iterator[CommentedMap]:
