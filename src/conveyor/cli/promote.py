@@ -78,9 +78,9 @@ def _print_promotion(result: PromotionResult) -> None:
         console.print(f"committed {result.commit[:12]} to {result.branch}", highlight=False)
 
 
-def _progress(spinner: Status, message: str) -> None:
-    """On a terminal, the spinner; in a CI log, where a spinner shows nothing, a line
-    for each step and each wait on a gate."""
+def _waiting(spinner: Status, message: str) -> None:
+    """A wait on a gate: on a terminal, in the spinner; in a CI log, where a spinner
+    shows nothing, as a line."""
     spinner.update(escape(message))
     if not err_console.is_terminal:
         err_console.print(escape(message), highlight=False, soft_wrap=True)
@@ -145,7 +145,8 @@ def promote_command(
                     author=Author(author_name, author_email),
                     kube=cluster_client,
                     helm=HelmCLI(),
-                    progress=lambda m: _progress(spinner, m),
+                    progress=lambda m: spinner.update(escape(m)),
+                    waiting=lambda m: _waiting(spinner, m),
                 )
             )
         except BAD_INPUT as error:

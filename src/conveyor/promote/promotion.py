@@ -182,10 +182,12 @@ async def promote(
     helm: HelmCLI,
     retry: RetryPolicy | None = None,
     progress: Callable[[str], None] | None = None,
+    waiting: Callable[[str], None] | None = None,
 ) -> PromotionResult:
     """Check the target's gates, then write the promotion. PromotionError for a request
     that cannot be carried out, GatesClosed when a gate stays closed; in both cases
-    nothing is written. GitError / PushRaceLost when git fails."""
+    nothing is written. GitError / PushRaceLost when git fails. `progress` hears each
+    step, `waiting` (default: `progress`) each wait on a closed gate."""
     say = progress or (lambda _m: None)
     if request.source is None and request.version is None:
         raise PromotionError("give --from ENV (copy its versions) or --version V")
@@ -233,7 +235,9 @@ async def promote(
             version_at=workspace.version_at,
             repository=workspace.url,
         )
-        result.gates = await wait_for_gates(context, timeout=request.gate_timeout, progress=say)
+        result.gates = await wait_for_gates(
+            context, timeout=request.gate_timeout, progress=waiting or say
+        )
         if not all(g.open for g in result.gates):
             raise GatesClosed(target.name, result.gates)
     chosen = {p.app for p in promotions}
