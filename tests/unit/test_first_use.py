@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conveyor.source.git import run_git
-from tests.unit.test_promotion import Repo, deployment, invoke
+from tests.unit.test_promotion import Repo, app_repo, deployment, invoke
 
 
 def master_repo(tmp_path: Path, *, project: bool = True) -> Repo:
@@ -164,3 +164,38 @@ def test_a_promotion_keeps_the_files_trailing_document_marker(tmp_path: Path) ->
     result = invoke("promote", "--repo", repo.url, "--from", "staging", "--to", "production")
     assert result.exit_code == 0, result.output
     assert repo.show("production/web/deploy.yaml") == prod.replace("web:1.1.0", "web:1.2.0")
+
+
+def test_versions_with_or_without_v_mean_the_same_release(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    repo.commit({"staging/web/deploy.yaml": deployment("web", "s", tag="1.4.2", replicas=1)})
+    result = invoke("promote", "--repo", repo.url, "--to", "staging", "--version", "v1.4.3")
+    assert result.exit_code == 0, result.output
+    assert 'image: "registry.local/web:1.4.3"' in repo.show("staging/web/deploy.yaml")
+    again = invoke("promote", "--repo", repo.url, "--to", "staging", "--version", "1.4.3")
+    assert again.exit_code == 0 and "nothing to promote" in again.stdout
+
+
+def test_notes_take_versions_with_or_without_v_and_refuse_swapped_ones(tmp_path: Path) -> None:
+    app = app_repo(tmp_path)  # tags v1.0.0 and v1.1.0
+    plain = invoke("notes", "--repo", str(app), "--from", "1.0.0", "--to", "1.1.0")
+    assert plain.exit_code == 0, plain.output
+    assert "#12 Retry failed jobs" in plain.stdout
+    swapped = invoke("notes", "--repo", str(app), "--from", "v1.1.0", "--to", "v1.0.0")
+    assert swapped.exit_code == 2
+    assert "--from v1.1.0 is later than --to v1.0.0: swap them" in swapped.stderr
+    missing = invoke("notes", "--repo", str(app), "--from", "1.0.9", "--to", "v1.1.0")
+    assert missing.exit_code == 2
+    assert "--from: unknown revision '1.0.9' nor 'v1.0.9'" in missing.stderr
+    assert "rev-parse" not in missing.stderr
+
+
+def test_the_hotfix_hint_is_a_command_that_runs(tmp_path: Path) -> None:
+    app = app_repo(tmp_path)
+    result = invoke("hotfix", "start", "--repo", str(app), "--from-tag", "v1.1.0")
+    assert result.exit_code == 0, result.output
+    hint = " ".join(result.stdout.split())
+    assert (
+        "`conveyor promote --repo CONFIG_REPO_URL --to staging --version v1.1.1` (image tag 1.1.1)"
+        in hint
+    )

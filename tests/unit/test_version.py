@@ -80,7 +80,9 @@ def test_codefresh_main_merge_and_release_follow_unileaf() -> None:
     assert (build.version, build.environments) == (SHA[:7], ("dev",))
     release = {**merge, "CF_RELEASE_TAG": "v2.3.1"}
     build = plan_build(detect_context(release), Scheme.short_sha, app="unileaf")
-    assert (build.version, build.environments) == ("v2.3.1", ("staging",))
+    # The release's image tag: the git tag without its `v` (`image_tag`), the same
+    # version that promote, gate check and approve use for `v2.3.1` or `2.3.1`.
+    assert (build.version, build.environments) == ("2.3.1", ("staging",))
     assert detect_context(release).system == "codefresh"
 
 

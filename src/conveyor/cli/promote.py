@@ -25,6 +25,7 @@ from conveyor.promote.promotion import GatesClosed, PromotionRequest, PromotionR
 from conveyor.promote.rollback import rollback_in_repo
 from conveyor.promote.versions import VersionError
 from conveyor.publish.template import TemplateError
+from conveyor.publish.version import image_tag
 from conveyor.reconcile.engine import PassResult
 from conveyor.reconcile.once import SourceFailure, reconcile_once
 from conveyor.reconcile.target import Target
@@ -240,8 +241,9 @@ def hotfix_start(
     console.print(f"created {hotfix.branch} at {hotfix.commit[:12]}{pushed}", highlight=False)
     if hotfix.next_version:
         console.print(
-            f"next: fix, tag {hotfix.next_version} on {hotfix.branch}, then "
-            f"`conveyor promote --to staging --version {hotfix.next_version}`",
+            f"next: fix, tag {hotfix.next_version} on {hotfix.branch}, then `conveyor promote "
+            f"--repo CONFIG_REPO_URL --to staging --version {hotfix.next_version}` (image tag "
+            f"{image_tag(hotfix.next_version)})",
             highlight=False,
         )
 
@@ -255,6 +257,8 @@ def notes(
     """Release notes in markdown: pull requests merged and commits between two versions."""
     try:
         text = render_notes(release_notes(repo, from_ref, to_ref))
+    except PromotionError as error:
+        fail(escape(str(error)))
     except GitError as error:
         fail(f"unknown revision or not a repository: {escape(error.stderr or str(error))}")
     if outfile is not None:

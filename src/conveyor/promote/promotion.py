@@ -10,6 +10,7 @@ which is also how a hotfix or an arbitrary version for testing is deployed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -194,7 +195,7 @@ async def promote(
     if request.source == request.target:
         raise PromotionError("--from and --to name the same environment")
     if request.version is not None:
-        check_version(request.version)
+        request = dataclasses.replace(request, version=check_version(request.version))
     project = workspace.project()
     target = environment(project, request.target)
     source = environment(project, request.source) if request.source else None
