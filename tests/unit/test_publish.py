@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,8 @@ def _break_profile(ui: Path, old: str, new: str) -> None:
 @pytest.mark.parametrize(
     ("prepare", "args", "message"),
     [
-        (lambda ui: (ui / ".conveyor" / "publish.yaml").unlink(), [], "publish profile not found"),
+        # (Without --profile and without the default file, the built-in profile is used.)
+        (lambda ui: None, ["--profile", "missing.yaml"], "publish profile not found"),
         (lambda ui: (ui / ".flux.yaml").write_text("kind: [\n"), [], "invalid YAML"),
         (lambda ui: None, ["-e", "qa"], "no environment 'qa' (known: production, staging"),
         (
@@ -231,3 +233,49 @@ def test_an_unknown_placeholder_is_warned_about_and_the_rest_publishes(
         "placeholder, but nothing fills it"
     )
     assert " ".join(result.stderr.split()).count(warning) == 1, result.stderr
+
+
+def test_a_cellenics_shaped_app_publishes_with_no_profile(ui: Path, config_remote: Path) -> None:
+    shutil.rmtree(ui / ".conveyor")
+    env = {**github("refs/heads/master", "push"), "AWS_ACCOUNT_ID": "123456789012"}
+    env["AWS_REGION"] = "eu-west-1"
+    result = publish(config_remote, env=env)
+    assert result.exit_code == 0, result.output
+    assert "publishing with the built-in Cellenics profile" in " ".join(result.stderr.split())
+    staging = documents(remote_file(config_remote, "staging/ui.yaml"))
+    release = staging["HelmRelease"]
+    assert staging["Namespace"]["metadata"] == {
+        "name": "ui-default",
+        "labels": {"sandboxId": "default"},
+    }
+    assert release["metadata"]["annotations"]["filter.fluxcd.io/chart-image"] == (
+        "glob:refs-heads-master-*"
+    )
+    assert release["spec"]["chart"]["ref"] == SHA
+    values = release["spec"]["values"]
+    assert values["image"] == {
+        "repository": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/ui",
+        "tag": f"refs-heads-master-{SHA}",
+    }
+    assert values["serviceAccount"]["iamRole"] == "arn:aws:iam::123456789012:role/ui-role-staging"
+    assert (values["clusterEnv"], values["replicaCount"], values["sandboxId"]) == (
+        "staging",
+        1,
+        "default",
+    )
+    candidate = documents(
+        remote_file(config_remote, "staging-candidates/ui/refs-heads-master.yaml")
+    )
+    assert candidate["Namespace"]["metadata"]["name"] == "ui-STAGING_SANDBOX_ID"
+
+
+def test_without_a_profile_the_fields_only_the_account_knows_are_named(
+    ui: Path, config_remote: Path
+) -> None:
+    shutil.rmtree(ui / ".conveyor")
+    result = publish(config_remote, env=github("refs/heads/master", "push"))
+    assert result.exit_code == 2
+    said = " ".join(result.stderr.split())
+    assert "HelmRelease/ui spec.values.image.repository" in said
+    assert "AWS_ACCOUNT_ID and AWS_REGION fill image.repository" in said
+    assert remote_subjects(config_remote) == ["init"]

@@ -21,6 +21,7 @@ from conveyor.cli.version import (
 )
 from conveyor.config.project import ConfigError
 from conveyor.config.publish_profile import DEFAULT_PATH, Scheme, load_publish_profile
+from conveyor.publish.defaults import SOURCE, TEMPLATES, cellenics_profile
 from conveyor.publish.publisher import DEFAULT_MESSAGE, PublishError, plan, prepare, publish
 from conveyor.publish.template import Setting, TemplateError
 from conveyor.publish.version import Event, VersionError
@@ -78,12 +79,18 @@ def publish_command(
     """Fill the app's template for each environment and commit it to the config repo.
 
     The profile (.conveyor/publish.yaml) gives each environment's destination path,
-    namespace, replicas, image filter or policy, chart ref and extra `values`/`set`.
+    namespace, replicas, image filter or policy, chart ref and extra `values`/`set`;
+    without one, Cellenics' rules are built in (README: "The publish profile").
     One commit per publish, none when nothing changed; a lost push race is retried.
     """
     try:
-        profile_file = profile_path or DEFAULT_PATH
-        profile = load_publish_profile(profile_file)
+        if profile_path is None and not DEFAULT_PATH.is_file():
+            template = next((t for t in TEMPLATES if Path(t).is_file()), TEMPLATES[0])
+            profile, profile_source = cellenics_profile(os.environ, template=template), SOURCE
+            err_console.print(f"no {DEFAULT_PATH}: publishing with {SOURCE}", highlight=False)
+        else:
+            profile_file = profile_path or DEFAULT_PATH
+            profile, profile_source = load_publish_profile(profile_file), str(profile_file)
         build = plan(
             os.environ,
             profile=profile,
@@ -97,7 +104,7 @@ def publish_command(
         release = prepare(
             build,
             profile=profile,
-            profile_source=str(profile_file),
+            profile_source=profile_source,
             template_path=template_path or Path(profile.template),
             environments=environments or list(build.environments),
             version=version,
