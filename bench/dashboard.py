@@ -109,6 +109,7 @@ def start_serve(box: Sandbox, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     tokens = tmp / "tokens"
     tokens.write_text(f"bench {secrets.token_urlsafe(24)}\n")
+    tokens.chmod(0o600)
     process = subprocess.Popen(
         [
             sys.executable,

@@ -29,6 +29,7 @@ class ServeProcess:
         if tokens:
             token_file = tmp / f"tokens-{self.port}"
             token_file.write_text(f"# who may act\nalice {self.token}\n")
+            token_file.chmod(0o600)
             args += ["--token-file", str(token_file)]
         self.process = subprocess.Popen(
             [*args, *extra],

@@ -129,6 +129,24 @@ def test_a_commit_shows_without_reload(site: Site, page: Page) -> None:
     assert tab.evaluate("window.__sameDocument") is True  # no reload happened
 
 
+def test_api_docs_render_from_the_server_alone(site: Site, page: Page) -> None:
+    tab = page
+    requested: list[str] = []
+    refused: list[str] = []
+    tab.on("request", lambda request: requested.append(request.url))
+    tab.on(
+        "console",
+        lambda message: (
+            refused.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
+    tab.goto("/api/docs")
+    expect(tab.locator(".swagger-ui .title").first).to_contain_text("conveyor")
+    expect(tab.locator(".opblock").first).to_be_visible()
+    assert requested and all(url.startswith(site.serve.url) for url in requested), requested
+    assert refused == []
+
+
 def test_an_action_without_the_token_is_refused(site: Site, page: Page) -> None:
     tab = page
     tab.goto(f"/environments/{site.scope}/apps/frontend")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
@@ -394,6 +395,45 @@ def test_without_a_token_file_the_dashboard_is_read_only(setup: Setup, tmp_path:
         assert httpx.get(f"{readonly.url}{API}/matrix").status_code == 200
     finally:
         readonly.stop()
+
+
+def test_every_response_carries_the_security_headers(setup: Setup) -> None:
+    for path in ("/", "/login", f"{API}/matrix", "/static/app.js", "/no-such-page"):
+        headers = setup.get(path).headers
+        policy = headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "script-src 'self'" in policy, path
+        assert "unsafe-inline" not in policy, path
+        assert headers["x-frame-options"] == "DENY", path
+        assert headers["x-content-type-options"] == "nosniff", path
+
+
+def test_api_docs_are_served_without_a_cdn(setup: Setup) -> None:
+    docs = setup.get("/api/docs")
+    assert docs.status_code == 200
+    assert "http" not in docs.text.replace('charset="utf-8"', "")  # no absolute URL at all
+    assert "script-src 'self'" in docs.headers["content-security-policy"]
+    for asset in re.findall(r'(?:src|href)="([^"]+)"', docs.text):
+        assert asset.startswith("/"), asset
+        assert setup.get(asset).status_code == 200, asset
+
+
+def test_wrong_tokens_are_limited_per_client(setup: Setup, tmp_path: Path) -> None:
+    # A server of its own: the module's server must keep accepting this client.
+    server = ServeProcess(setup.sandbox, tmp_path)
+    url = f"{server.url}{setup.app_path('web', '/actions/reconcile')}"
+    try:
+        wrong = {"Authorization": "Bearer " + "g" * 40}
+        statuses = [httpx.post(url, headers=wrong).status_code for _ in range(5)]
+        assert statuses == [403] * 5
+        throttled = httpx.post(url, headers=server.auth)  # even the right token, for now
+        assert throttled.status_code == 429
+        assert int(throttled.headers["Retry-After"]) >= 1
+        assert "too many wrong tokens" in throttled.json()["detail"]
+        login = httpx.post(f"{server.url}/login", data={"token": server.token})
+        assert login.status_code == 429 and "try again in" in login.text
+        assert "too many wrong tokens" in server.log.read_text()
+    finally:
+        server.stop()
 
 
 def test_cells_by_name_helper_matches_cli(setup: Setup) -> None:

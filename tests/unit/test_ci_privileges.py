@@ -163,3 +163,47 @@ def test_apply_creates_updates_then_is_unchanged(aws: str, tmp_path: Path) -> No
     stack = cloudformation.describe_stacks(StackName="ci-roles")["Stacks"][0]
     assert stack["StackStatus"] == "UPDATE_COMPLETE"
     assert {o["OutputKey"] for o in stack["Outputs"]} == {"CiRoleUiArn", "CiRoleApiArn"}
+
+
+def test_render_out_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "missing" / "roles.yaml"
+    result = runner.invoke(
+        app, ["ci-privileges", "render", APPS[0], "--github-owner", "o", "--out", str(out)]
+    )
+    assert result.exit_code == 2
+    assert isinstance(result.exception, SystemExit)
+    assert f"--out: cannot write {out}: No such file or directory" in result.stderr
+
+
+def test_the_oidc_provider_is_created_on_request_and_otherwise_named(tmp_path: Path) -> None:
+    base = ["ci-privileges", "render", APPS[0], "--github-owner", "hms-dbmi-cellenics"]
+    plain = runner.invoke(app, base)
+    assert plain.exit_code == 0, plain.output
+    assert "which must exist in the account; --create-oidc-provider" in plain.stderr
+    template = yaml.safe_load(plain.stdout)
+    assert "needs GitHub's OIDC provider" in template["Description"]
+    assert "GitHubActionsOidcProvider" not in template["Resources"]
+    created = runner.invoke(app, [*base, "--create-oidc-provider"])
+    assert created.exit_code == 0, created.output
+    template = yaml.safe_load(created.stdout)
+    provider = template["Resources"]["GitHubActionsOidcProvider"]
+    assert provider["Type"] == "AWS::IAM::OIDCProvider"
+    assert provider["Properties"]["Url"] == "https://token.actions.githubusercontent.com"
+    assert provider["Properties"]["ClientIdList"] == ["sts.amazonaws.com"]
+    statement = template["Resources"]["CiRoleUi"]["Properties"]["AssumeRolePolicyDocument"]
+    assert statement["Statement"][0]["Principal"] == {
+        "Federated": {"Ref": "GitHubActionsOidcProvider"}
+    }
+
+
+def test_excluded_repositories_get_no_role(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            *("ci-privileges", "render", *APPS, "--github-owner", "hms-dbmi-cellenics"),
+            *("--exclude", "api", "--exclude", "hms-dbmi-cellenics/worker"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert list(yaml.safe_load(result.stdout)["Resources"]) == ["CiRoleUi"]
+    assert result.stderr.count("excluded") == 2

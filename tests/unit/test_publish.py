@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,8 @@ def _break_profile(ui: Path, old: str, new: str) -> None:
 @pytest.mark.parametrize(
     ("prepare", "args", "message"),
     [
-        (lambda ui: (ui / ".conveyor" / "publish.yaml").unlink(), [], "publish profile not found"),
+        # (Without --profile and without the default file, the built-in profile is used.)
+        (lambda ui: None, ["--profile", "missing.yaml"], "publish profile not found"),
         (lambda ui: (ui / ".flux.yaml").write_text("kind: [\n"), [], "invalid YAML"),
         (lambda ui: None, ["-e", "qa"], "no environment 'qa' (known: production, staging"),
         (
@@ -202,3 +204,78 @@ def test_unreachable_config_repo_is_exit_1(ui: Path, tmp_path: Path) -> None:
     result = publish(tmp_path / "missing.git", "--ref", "refs/tags/1.0.0", "--sha", SHA)
     assert result.exit_code == 1
     assert "missing.git" in result.stderr
+
+
+def test_a_branch_the_config_repo_lacks_is_refused_unless_asked_for(
+    ui: Path, config_remote: Path
+) -> None:
+    env = github("refs/heads/master", "push")
+    refused = publish(config_remote, "--branch", "nosuch", env=env)
+    assert refused.exit_code == 2
+    assert "branch 'nosuch' does not exist in" in refused.stderr
+    assert "--create-branch" in refused.stderr
+    branches = ["--git-dir", str(config_remote), "branch", "--list", "nosuch"]
+    assert run_git(branches).strip() == ""
+    created = publish(config_remote, "--branch", "nosuch", "--create-branch", env=env)
+    assert created.exit_code == 0, created.output
+    assert run_git(branches).strip() == "nosuch"
+
+
+def test_an_unknown_placeholder_is_warned_about_and_the_rest_publishes(
+    ui: Path, config_remote: Path
+) -> None:
+    template = ui / ".flux.yaml"
+    template.write_text(template.read_text().replace("port: 3000", "port: ${PORT}"))
+    result = publish(config_remote, env=github("refs/heads/master", "push"))
+    assert result.exit_code == 0, result.output
+    warning = (
+        ".flux.yaml: HelmRelease/ui spec.values.service.port: ${PORT} looks like a "
+        "placeholder, but nothing fills it"
+    )
+    assert " ".join(result.stderr.split()).count(warning) == 1, result.stderr
+
+
+def test_a_cellenics_shaped_app_publishes_with_no_profile(ui: Path, config_remote: Path) -> None:
+    shutil.rmtree(ui / ".conveyor")
+    env = {**github("refs/heads/master", "push"), "AWS_ACCOUNT_ID": "123456789012"}
+    env["AWS_REGION"] = "eu-west-1"
+    result = publish(config_remote, env=env)
+    assert result.exit_code == 0, result.output
+    assert "publishing with the built-in Cellenics profile" in " ".join(result.stderr.split())
+    staging = documents(remote_file(config_remote, "staging/ui.yaml"))
+    release = staging["HelmRelease"]
+    assert staging["Namespace"]["metadata"] == {
+        "name": "ui-default",
+        "labels": {"sandboxId": "default"},
+    }
+    assert release["metadata"]["annotations"]["filter.fluxcd.io/chart-image"] == (
+        "glob:refs-heads-master-*"
+    )
+    assert release["spec"]["chart"]["ref"] == SHA
+    values = release["spec"]["values"]
+    assert values["image"] == {
+        "repository": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/ui",
+        "tag": f"refs-heads-master-{SHA}",
+    }
+    assert values["serviceAccount"]["iamRole"] == "arn:aws:iam::123456789012:role/ui-role-staging"
+    assert (values["clusterEnv"], values["replicaCount"], values["sandboxId"]) == (
+        "staging",
+        1,
+        "default",
+    )
+    candidate = documents(
+        remote_file(config_remote, "staging-candidates/ui/refs-heads-master.yaml")
+    )
+    assert candidate["Namespace"]["metadata"]["name"] == "ui-STAGING_SANDBOX_ID"
+
+
+def test_without_a_profile_the_fields_only_the_account_knows_are_named(
+    ui: Path, config_remote: Path
+) -> None:
+    shutil.rmtree(ui / ".conveyor")
+    result = publish(config_remote, env=github("refs/heads/master", "push"))
+    assert result.exit_code == 2
+    said = " ".join(result.stderr.split())
+    assert "HelmRelease/ui spec.values.image.repository" in said
+    assert "AWS_ACCOUNT_ID and AWS_REGION fill image.repository" in said
+    assert remote_subjects(config_remote) == ["init"]

@@ -8,7 +8,6 @@ import hmac
 import pytest
 
 from conveyor.cluster.objects import ObjectRef, apply_order, drift_paths
-from conveyor.reconcile.agent import verify_signature
 from conveyor.reconcile.plan import mask_secrets, normalize
 from conveyor.reconcile.status import (
     READY,
@@ -21,6 +20,7 @@ from conveyor.reconcile.status import (
     crd_manifest,
     resource_name,
 )
+from conveyor.source.webhook import verify_signature
 
 DESIRED = {
     "apiVersion": "apps/v1",

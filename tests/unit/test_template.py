@@ -160,3 +160,26 @@ def test_ambiguous_document_must_be_named() -> None:
 def test_malformed_templates_are_refused(text: str, message: str) -> None:
     with pytest.raises(TemplateError, match=message):
         Template(text, source="t")
+
+
+def test_keys_added_by_values_land_above_the_trailing_do_not_modify_comment() -> None:
+    text = (EXAMPLE_APPS / "ui" / ".flux.yaml").read_text()
+    assert text.endswith("# filled in by CI. do not modify.\n")
+    template = Template(text, source=".flux.yaml")
+    template.assign(Setting.from_target("HelmRelease:spec.values.newKey", "added"))
+    template.assign(Setting.from_target("HelmRelease:spec.values.service.extra", 1))
+    out = template.render()
+    assert out.endswith("    newKey: added\n# filled in by CI. do not modify.\n"), out[-200:]
+    assert "      port: 3000\n      extra: 1\n" in out
+    assert out.count("# filled in by CI. do not modify.") == 1
+
+
+@pytest.mark.parametrize(
+    "value", ["FILL_ME_IN", "${REGISTRY}", "@REGISTRY@", "{{ .Values.tag }}", "CHANGEME"]
+)
+def test_values_that_look_like_other_placeholders_are_reported(value: str) -> None:
+    text = f'kind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: "{value}"\n  b: AWS_REGION\n'
+    assert Template(text, source="t.yaml").lookalike_markers(known=[]) == [
+        f"ConfigMap/c data.a: {value}"
+    ]
+    assert Template(text, source="t.yaml").lookalike_markers(known=[value]) == []

@@ -25,10 +25,11 @@ from conveyor.config.userfile import (
 )
 from conveyor.images.yamltext import Scalar
 from conveyor.publish.template import Template, TemplateError
-from conveyor.reconcile.agent import Agent, AgentOptions, pushed_branch
+from conveyor.reconcile.agent import Agent, AgentOptions
 from conveyor.reconcile.target import ResolvedTarget, Target
 from conveyor.render.documents import RenderError, load_all
 from conveyor.source.git import Checkout
+from conveyor.source.webhook import pushed_branch
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -80,7 +80,9 @@ def test_codefresh_main_merge_and_release_follow_unileaf() -> None:
     assert (build.version, build.environments) == (SHA[:7], ("dev",))
     release = {**merge, "CF_RELEASE_TAG": "v2.3.1"}
     build = plan_build(detect_context(release), Scheme.short_sha, app="unileaf")
-    assert (build.version, build.environments) == ("v2.3.1", ("staging",))
+    # The release's image tag: the git tag without its `v` (`image_tag`), the same
+    # version that promote, gate check and approve use for `v2.3.1` or `2.3.1`.
+    assert (build.version, build.environments) == ("2.3.1", ("staging",))
     assert detect_context(release).system == "codefresh"
 
 
@@ -171,3 +173,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(
     )
     assert result.exit_code == 2
     assert "not a plain name" in result.stderr
+
+
+def test_github_output_that_cannot_be_written_is_one_line_not_a_traceback(
+    no_ci_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    env = {**github("refs/heads/master", "push"), "GITHUB_OUTPUT": str(tmp_path)}
+    result = runner.invoke(app, ["version", "--app", "ui", "--github-output"], env=env)
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"--github-output ($GITHUB_OUTPUT): cannot write {tmp_path}: Is a directory" in (
+        result.stderr
+    )
+    assert result.stderr.count("\n") == 1

@@ -3,6 +3,8 @@ what changed an app, versions from images, and the matrix's shape."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,11 +13,18 @@ from starlette.requests import Request
 from conveyor.reconcile.status import READY, SOURCE_KIND, WAITING_FOR_GATE, AppStatus
 from conveyor.web import views
 from conveyor.web.actions import ActionRegistry, ActionRequest, ActionResult, default_registry
-from conveyor.web.auth import Auth, TokenFileError, cross_site, load_tokens
+from conveyor.web.auth import (
+    Auth,
+    FailureLimiter,
+    Throttled,
+    TokenFileError,
+    cross_site,
+    load_tokens,
+)
 from conveyor.web.repo import change_kind
 from conveyor.web.sse import sse_message
 
-TOKEN = "0123456789abcdef-token"
+TOKEN = "0123456789abcdef-0123456789abcdef-token"
 
 
 def request(headers: dict[str, str]) -> Request:
@@ -35,9 +44,13 @@ def request(headers: dict[str, str]) -> Request:
 def test_token_file_lines(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     path.write_text(f"# ops\nalice {TOKEN}\n{TOKEN}-2  # the CI\n\n")
+    path.chmod(0o600)
     assert load_tokens(path) == {TOKEN: "alice", f"{TOKEN}-2": "operator"}
     path.write_text("bob short\n")
-    with pytest.raises(TokenFileError, match="16"):
+    with pytest.raises(TokenFileError, match=r"tokens:1: the token has 5 characters; .* need 32"):
+        load_tokens(path)
+    path.write_text(f"bob {'x' * 31}\n")
+    with pytest.raises(TokenFileError, match="need 32 or more"):
         load_tokens(path)
     path.write_text("# nothing\n")
     with pytest.raises(TokenFileError, match="no token"):
@@ -46,17 +59,51 @@ def test_token_file_lines(tmp_path: Path) -> None:
         load_tokens(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_a_token_file_open_to_others_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"alice {TOKEN}\n")
+    path.chmod(mode)
+    with pytest.raises(TokenFileError, match=rf"open to others \(mode {mode:04o}\): run `chmod"):
+        load_tokens(path)
+
+
+def test_wrong_tokens_are_limited_per_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("conveyor.web.auth.time.monotonic", lambda: now[0])
+    auth = Auth({TOKEN: "alice"})
+    for _ in range(5):
+        assert auth.verify("guess", client="10.0.0.9") is None
+    with pytest.raises(Throttled) as throttled:
+        auth.verify(TOKEN, client="10.0.0.9")  # refused before the token is compared
+    assert throttled.value.retry_after == 12
+    assert auth.verify(TOKEN, client="10.0.0.8") == "alice"  # others are not affected
+    now[0] += 12
+    assert auth.verify(TOKEN, client="10.0.0.9") == "alice"  # one more try a refill
+    assert auth.verify("guess", client="10.0.0.9") is None
+    with pytest.raises(Throttled):
+        auth.login(TOKEN, client="10.0.0.9")
+
+
+def test_the_failure_limiter_forgets_the_quietest_clients_first() -> None:
+    limiter = FailureLimiter(burst=1, refill=60, clients=2)
+    for client in ("a", "b", "c"):
+        limiter.failed(client)
+    assert limiter.retry_after("a") is None  # forgotten: memory stays bounded
+    assert limiter.retry_after("c") is not None
+
+
 def test_sessions_and_csrf_tokens() -> None:
     auth = Auth({TOKEN: "alice"})
     assert auth.enabled and not Auth().enabled
     assert auth.name_for(TOKEN) == "alice" and auth.name_for("nope") is None
-    assert auth.login("wrong") is None
-    session = auth.login(TOKEN)
+    assert auth.login("wrong", client="127.0.0.1") is None
+    session = auth.login(TOKEN, client="127.0.0.1")
     assert session is not None and auth.session_name(session) == "alice"
     csrf = auth.csrf_token(session)
     assert auth.csrf_ok(session, csrf)
     assert not auth.csrf_ok(session, "forged") and not auth.csrf_ok(None, csrf)
-    other = auth.login(TOKEN)
+    other = auth.login(TOKEN, client="127.0.0.1")
     assert not auth.csrf_ok(other, csrf)  # bound to its session
     auth.logout(session)
     assert auth.session_name(session) is None
@@ -156,3 +203,28 @@ def test_matrix_orders_environments_and_fills_cells() -> None:
 
 def test_sse_messages_are_single_data_lines() -> None:
     assert sse_message("status", {"a": "x\ny"}) == 'event: status\ndata: {"a":"x\\ny"}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("mode", "content", "message"),
+    [
+        (0o644, f"alice {TOKEN}\n", "is open to others (mode 0644): run `chmod 600"),
+        (0o600, "alice too-short-a-token\n", "the token has 17 characters; tokens need 32"),
+    ],
+    ids=["readable-by-others", "short-token"],
+)
+def test_serve_refuses_a_weak_token_file_with_one_line(
+    tmp_path: Path, mode: int, content: str, message: str
+) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(content)
+    path.chmod(mode)
+    result = subprocess.run(
+        [sys.executable, "-m", "conveyor", "serve", "--token-file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -8,8 +8,9 @@ import typer
 from botocore.exceptions import BotoCoreError, ClientError
 from rich.markup import escape
 
-from conveyor.cli.output import console, err_console, fail
+from conveyor.cli.output import console, err_console, fail, write_file
 from conveyor.publish.ci_privileges import (
+    OIDC_HOST,
     CiPrivilegesError,
     CiRepository,
     TemplateFormat,
@@ -31,24 +32,57 @@ OwnerOption = typer.Option(
 )
 PrefixOption = typer.Option("ci-", "--role-prefix", help="Role name = prefix + repository name.")
 FormatOption = typer.Option(TemplateFormat.yaml, "--format", help="Template format.")
+OidcOption = typer.Option(
+    False,
+    "--create-oidc-provider",
+    help=f"Create GitHub's OIDC provider ({OIDC_HOST}) in the stack. Without it the roles "
+    "trust the one the account must have already (an account has it once).",
+)
+ExcludeOption = typer.Option(
+    [],
+    "--exclude",
+    help="A repository (NAME or OWNER/NAME) to leave out, e.g. an archived one, as "
+    "Cellenics' rotate-ci skipped archived repositories. Repeatable.",
+)
 
 
-def _template(sources: list[str], owner: str | None, prefix: str, fmt: TemplateFormat) -> str:
+def _template(
+    sources: list[str],
+    owner: str | None,
+    prefix: str,
+    fmt: TemplateFormat,
+    *,
+    create_oidc_provider: bool,
+    exclude: list[str],
+) -> str:
     try:
         repositories = load_repositories(sources, owner=owner)
-        body = dump_template(render_template(repositories, role_prefix=prefix), fmt)
+        template = render_template(
+            repositories,
+            role_prefix=prefix,
+            create_oidc_provider=create_oidc_provider,
+            exclude=exclude,
+        )
+        body = dump_template(template, fmt)
     except CiPrivilegesError as error:
         fail(escape(str(error)))
-    _report_skipped(repositories)
+    _report_skipped(repositories, exclude)
+    if not create_oidc_provider:
+        err_console.print(
+            f"the roles trust GitHub's OIDC provider ({OIDC_HOST}), which must exist in the "
+            "account; --create-oidc-provider creates it with the stack",
+            highlight=False,
+        )
     return body
 
 
-def _report_skipped(repositories: list[CiRepository]) -> None:
+def _report_skipped(repositories: list[CiRepository], exclude: list[str]) -> None:
     for repo in repositories:
-        if not repo.policies:
-            err_console.print(
-                f"skipped {escape(mask_url(repo.source))}: no ci-policies", highlight=False
-            )
+        where = escape(mask_url(repo.source))
+        if {repo.name, f"{repo.owner}/{repo.name}"} & set(exclude):
+            err_console.print(f"skipped {where}: excluded", highlight=False)
+        elif not repo.policies:
+            err_console.print(f"skipped {where}: no ci-policies", highlight=False)
 
 
 @app.command()
@@ -58,13 +92,22 @@ def render(
     role_prefix: str = PrefixOption,
     fmt: TemplateFormat = FormatOption,
     out: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
+    create_oidc_provider: bool = OidcOption,
+    exclude: list[str] = ExcludeOption,
 ) -> None:
     """Print the CloudFormation template of the CI roles."""
-    body = _template(sources, owner, role_prefix, fmt)
+    body = _template(
+        sources,
+        owner,
+        role_prefix,
+        fmt,
+        create_oidc_provider=create_oidc_provider,
+        exclude=exclude,
+    )
     if out is None:
         typer.echo(body, nl=False)
     else:
-        out.write_text(body)
+        write_file(out, body, what="--out")
 
 
 @app.command()
@@ -78,9 +121,18 @@ def apply(
     owner: str | None = OwnerOption,
     role_prefix: str = PrefixOption,
     fmt: TemplateFormat = FormatOption,
+    create_oidc_provider: bool = OidcOption,
+    exclude: list[str] = ExcludeOption,
 ) -> None:
     """Create or update the stack of CI roles; no change is success."""
-    body = _template(sources, owner, role_prefix, fmt)
+    body = _template(
+        sources,
+        owner,
+        role_prefix,
+        fmt,
+        create_oidc_provider=create_oidc_provider,
+        exclude=exclude,
+    )
     try:
         result = deploy(body, stack_name=stack_name, region=region, endpoint_url=endpoint_url)
     except (ClientError, BotoCoreError) as error:

@@ -25,6 +25,7 @@ from conveyor.images.writeback import (
     update_repository,
 )
 from conveyor.images.yamltext import YamlTextError
+from conveyor.reconcile.target import default_branch
 from conveyor.source.git import Author, Checkout, GitError, PushRaceLost
 
 app = typer.Typer(
@@ -33,7 +34,9 @@ app = typer.Typer(
 )
 
 RepoOption = typer.Option(..., "--repo", help="Config repository URL or path.")
-BranchOption = typer.Option("main", "--branch", help="Branch to read (and write).")
+BranchOption = typer.Option(
+    None, "--branch", help="Branch to read (and write); default: the repository's HEAD."
+)
 PathOption = typer.Option(".", "--path", help="Folder of the repository to scan.")
 InsecureOption = typer.Option(
     [],
@@ -71,9 +74,10 @@ def _folder(path: str) -> str:
 
 
 @contextmanager
-def _checkout(repo: str, branch: str) -> Iterator[Checkout]:
+def _checkout(repo: str, branch: str | None) -> Iterator[Checkout]:
     with tempfile.TemporaryDirectory(prefix="conveyor-images-") as scratch:
         try:
+            branch = branch or default_branch(repo)
             checkout = Checkout.open(repo, Path(scratch) / "repo", branch=branch)
         except GitError as error:
             fail(escape(str(error)))
@@ -131,7 +135,7 @@ def _scan_dict(result: ScanResult) -> dict[str, object]:
 @app.command("scan")
 def scan_command(
     repo: str = RepoOption,
-    branch: str = BranchOption,
+    branch: str | None = BranchOption,
     path: str = PathOption,
     insecure_registry: list[str] = InsecureOption,
     concurrency: int = ConcurrencyOption,
@@ -156,7 +160,7 @@ def scan_command(
 @app.command()
 def update(
     repo: str = RepoOption,
-    branch: str = BranchOption,
+    branch: str | None = BranchOption,
     path: str = PathOption,
     push_branch: str | None = typer.Option(
         None, "--push-branch", help="Push to this branch for review instead of --branch."

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -47,3 +48,13 @@ def check_listen(listen: str) -> None:
     port = listen.rpartition(":")[2]
     if not port.isdigit() or not 0 < int(port) < 65536:
         fail(f"--listen wants HOST:PORT, not {listen!r}")
+
+
+def write_file(path: Path, text: str, *, what: str, append: bool = False) -> None:
+    """Write (or append) `text`, or fail with one line that names `what` asked for the
+    file, the path and the cause: a directory, a missing folder, no permission."""
+    try:
+        with path.open("a" if append else "w", encoding="utf-8") as stream:
+            stream.write(text)
+    except OSError as error:
+        fail(f"{what}: cannot write {path}: {error.strerror or error}")

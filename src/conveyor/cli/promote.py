@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
 
 from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
@@ -24,6 +25,7 @@ from conveyor.promote.promotion import GatesClosed, PromotionRequest, PromotionR
 from conveyor.promote.rollback import rollback_in_repo
 from conveyor.promote.versions import VersionError
 from conveyor.publish.template import TemplateError
+from conveyor.publish.version import image_tag
 from conveyor.reconcile.engine import PassResult
 from conveyor.reconcile.once import SourceFailure, reconcile_once
 from conveyor.reconcile.target import Target
@@ -77,6 +79,14 @@ def _print_promotion(result: PromotionResult) -> None:
         console.print(f"committed {result.commit[:12]} to {result.branch}", highlight=False)
 
 
+def _waiting(spinner: Status, message: str) -> None:
+    """A wait on a gate: on a terminal, in the spinner; in a CI log, where a spinner
+    shows nothing, as a line."""
+    spinner.update(escape(message))
+    if not err_console.is_terminal:
+        err_console.print(escape(message), highlight=False, soft_wrap=True)
+
+
 def promote_command(
     repo: str = RepoOption,
     to: str = typer.Option(..., "--to", help="Environment to write to."),
@@ -90,7 +100,12 @@ def promote_command(
     ),
     candidate: str | None = typer.Option(None, "--candidate", help="Name under candidates/."),
     gate_timeout: str | None = typer.Option(
-        None, "--gate-timeout", help="Wait this long for closed gates (e.g. 10m), for all."
+        None,
+        "--gate-timeout",
+        help="Wait this long for closed gates (e.g. 10m), for all (default: each gate's "
+        "`timeout`), checking each at its `interval` (default 10s). An approval gate is not "
+        "waited for: approvals are read from the config repo as fetched when promote "
+        "starts, so record the approval (`conveyor approve`) and run promote again.",
     ),
     apply: bool = typer.Option(False, "--apply", help="Reconcile the promoted apps at once."),
     outfile: Path | None = typer.Option(None, "--outfile", help="Write branch mode's diff here."),
@@ -132,6 +147,7 @@ def promote_command(
                     kube=cluster_client,
                     helm=HelmCLI(),
                     progress=lambda m: spinner.update(escape(m)),
+                    waiting=lambda m: _waiting(spinner, m),
                 )
             )
         except BAD_INPUT as error:
@@ -225,8 +241,9 @@ def hotfix_start(
     console.print(f"created {hotfix.branch} at {hotfix.commit[:12]}{pushed}", highlight=False)
     if hotfix.next_version:
         console.print(
-            f"next: fix, tag {hotfix.next_version} on {hotfix.branch}, then "
-            f"`conveyor promote --to staging --version {hotfix.next_version}`",
+            f"next: fix, tag {hotfix.next_version} on {hotfix.branch}, then `conveyor promote "
+            f"--repo CONFIG_REPO_URL --to staging --version {hotfix.next_version}` (image tag "
+            f"{image_tag(hotfix.next_version)})",
             highlight=False,
         )
 
@@ -240,6 +257,8 @@ def notes(
     """Release notes in markdown: pull requests merged and commits between two versions."""
     try:
         text = render_notes(release_notes(repo, from_ref, to_ref))
+    except PromotionError as error:
+        fail(escape(str(error)))
     except GitError as error:
         fail(f"unknown revision or not a repository: {escape(error.stderr or str(error))}")
     if outfile is not None:

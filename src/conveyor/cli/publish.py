@@ -21,9 +21,11 @@ from conveyor.cli.version import (
 )
 from conveyor.config.project import ConfigError
 from conveyor.config.publish_profile import DEFAULT_PATH, Scheme, load_publish_profile
+from conveyor.publish.defaults import SOURCE, TEMPLATES, cellenics_profile
 from conveyor.publish.publisher import DEFAULT_MESSAGE, PublishError, plan, prepare, publish
 from conveyor.publish.template import Setting, TemplateError
 from conveyor.publish.version import Event, VersionError
+from conveyor.reconcile.target import default_branch
 from conveyor.source.git import Author, GitError, PushRaceLost, RetryPolicy, mask_url
 
 
@@ -53,7 +55,12 @@ def publish_command(
     repo: str | None = typer.Option(
         None, "--repo", help="Config repo URL; default the profile's config-repo.url."
     ),
-    branch: str | None = typer.Option(None, "--branch", help="Default: the profile's, else main."),
+    branch: str | None = typer.Option(
+        None, "--branch", help="Default: the profile's, else the config repo's HEAD branch."
+    ),
+    create_branch: bool = typer.Option(
+        False, "--create-branch", help="Create --branch when the config repo lacks it."
+    ),
     app_name: str | None = AppOption,
     scheme: Scheme | None = SchemeOption,
     ref: str | None = RefOption,
@@ -72,12 +79,18 @@ def publish_command(
     """Fill the app's template for each environment and commit it to the config repo.
 
     The profile (.conveyor/publish.yaml) gives each environment's destination path,
-    namespace, replicas, image filter or policy, chart ref and extra `values`/`set`.
+    namespace, replicas, image filter or policy, chart ref and extra `values`/`set`;
+    without one, Cellenics' rules are built in (README: "The publish profile").
     One commit per publish, none when nothing changed; a lost push race is retried.
     """
     try:
-        profile_file = profile_path or DEFAULT_PATH
-        profile = load_publish_profile(profile_file)
+        if profile_path is None and not DEFAULT_PATH.is_file():
+            template = next((t for t in TEMPLATES if Path(t).is_file()), TEMPLATES[0])
+            profile, profile_source = cellenics_profile(os.environ, template=template), SOURCE
+            err_console.print(f"no {DEFAULT_PATH}: publishing with {SOURCE}", highlight=False)
+        else:
+            profile_file = profile_path or DEFAULT_PATH
+            profile, profile_source = load_publish_profile(profile_file), str(profile_file)
         build = plan(
             os.environ,
             profile=profile,
@@ -91,7 +104,7 @@ def publish_command(
         release = prepare(
             build,
             profile=profile,
-            profile_source=str(profile_file),
+            profile_source=profile_source,
             template_path=template_path or Path(profile.template),
             environments=environments or list(build.environments),
             version=version,
@@ -103,6 +116,8 @@ def publish_command(
             raise PublishError("no config repo: pass --repo or set config-repo.url in the profile")
     except (ConfigError, VersionError, PublishError, TemplateError) as error:
         fail(escape(str(error)))
+    for warning in sorted({w for file in release.files for w in file.warnings}):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if not release.files:
         err_console.print(
             f"nothing to publish: a {build.context.event} of {escape(build.context.ref)} "
@@ -124,11 +139,16 @@ def publish_command(
         commit = publish(
             release,
             url=url or "",
-            branch=branch or (profile.config_repo.branch if profile.config_repo else "main"),
+            branch=branch
+            or (profile.config_repo.branch if profile.config_repo else None)
+            or default_branch(url or ""),
             author=Author(author_name, author_email),
             retry=RetryPolicy(attempts=attempts),
             on_retry=on_retry,
+            create_branch=create_branch,
         )
+    except PublishError as error:
+        fail(escape(str(error)))
     except (GitError, PushRaceLost) as error:
         fail(escape(mask_url(str(error))), code=1)
     result = {

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import tempfile
 import time
 from enum import StrEnum
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import typer
 from rich.markup import escape
@@ -55,6 +57,7 @@ from conveyor.render.discover import app_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
 from conveyor.source.git import GitError, mask_url
+from conveyor.source.webhook import WebhookError, load_secret
 
 RepoOption = typer.Option(..., "--repo", help="Config repository URL or path.")
 BranchOption = typer.Option(None, "--branch", help="Branch (default: the repo's HEAD).")
@@ -301,15 +304,27 @@ def _print_diff(text: str, fmt: DiffFormat, outfile: str | None) -> None:
             console.print(escape(line), style=style, highlight=False)
 
 
+def _local_clone(repo: str) -> Path:
+    """The clone that --base/--head read: a path, or a `file://` URL as every other
+    command takes; a remote URL is refused with what to do instead."""
+    parsed = urlparse(repo)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme or re.match(r"^[\w.-]+@[\w.-]+:", repo):
+        fail(f"--base/--head read a local clone, not {mask_url(repo)}: clone it and pass its path")
+    return Path(repo)
+
+
 def _diff_revisions(
     repo: str, base: str | None, head: str, against: Against, target: Target
 ) -> tuple[list[AppPlan], str]:
     """Two revisions of a local clone rendered offline, or the head against the cluster."""
+    clone = _local_clone(repo)
     with tempfile.TemporaryDirectory(prefix="conveyor-diff-") as workdir:
         if against is Against.live:
             return asyncio.run(
                 diff_against_live(
-                    Path(repo),
+                    clone,
                     head,
                     env=target.env,
                     path=target.path,
@@ -323,7 +338,7 @@ def _diff_revisions(
             fail("give --base REF (or --against live)")
         return asyncio.run(
             diff_revisions(
-                Path(repo),
+                clone,
                 base,
                 head,
                 env=target.env,
@@ -432,9 +447,9 @@ def agent(
     secret = None
     if webhook_secret_file is not None:
         try:
-            secret = webhook_secret_file.read_bytes().strip()
-        except OSError as error:
-            fail(f"cannot read the webhook secret file: {error.strerror}")
+            secret = load_secret(webhook_secret_file)
+        except WebhookError as error:
+            fail(str(error))
     configure_logging()
     options = AgentOptions(
         interval=poll_interval,

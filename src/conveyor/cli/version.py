@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from conveyor.cli.output import OutputFormat, console, fail, print_machine
+from conveyor.cli.output import OutputFormat, console, fail, print_machine, write_file
 from conveyor.config.project import ConfigError
 from conveyor.config.publish_profile import (
     DEFAULT_PATH,
@@ -104,11 +104,12 @@ def version(
         target = os.environ.get("GITHUB_OUTPUT")
         if not target:
             fail("--github-output: GITHUB_OUTPUT is not set")
-        with open(target, "a", encoding="utf-8") as stream:
-            for key in ("version", "environment", "file"):
-                stream.write(f"{key}={result[key]}\n")
-            stream.write(f"environments={' '.join(build.environments)}\n")
-            stream.write(f"files={' '.join(files)}\n")
+        lines = [f"{key}={result[key]}\n" for key in ("version", "environment", "file")]
+        lines.append(f"environments={' '.join(build.environments)}\n")
+        lines.append(f"files={' '.join(files)}\n")
+        write_file(
+            Path(target), "".join(lines), what="--github-output ($GITHUB_OUTPUT)", append=True
+        )
     if output is not OutputFormat.table:
         print_machine(result, output)
         return

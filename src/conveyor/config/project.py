@@ -1,12 +1,14 @@
 """`conveyor.yaml` at the root of a config repo: environments, repository policy and
 notification rules.
 
-The file is optional: without it, `--path` picks the folder to reconcile. Environments
+The file is optional: without it, `--path` picks the folder to reconcile, and `--env
+NAME` the folder `NAME/` or `releases/NAME/`, the layouts the teams keep. Environments
 are listed in promotion order (dev → staging → production).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path, PurePosixPath
 from typing import Literal, get_args
@@ -15,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
@@ -24,6 +27,11 @@ from conveyor.config.userfile import ConfigError as ConfigError
 from conveyor.config.userfile import load_document, read_text, validate
 
 FILE_NAME = "conveyor.yaml"
+# Where an environment that no conveyor.yaml declares lives, in the order tried.
+ENVIRONMENT_FOLDERS = ("{name}", "releases/{name}")
+
+log = logging.getLogger("conveyor.config")
+_ANNOUNCED: set[tuple[Path, str]] = set()
 
 
 class Model(BaseModel):
@@ -38,7 +46,11 @@ class Cluster(Model):
 class Environment(Model):
     name: str
     path: str = Field(description="Folder of the config repo that this environment applies.")
-    branch: str = "main"
+    branch: str = Field(
+        "main",
+        description="Branch of the config repo; when unset, the repository's default branch "
+        "(its HEAD) where the reader knows it (see `load_project`).",
+    )
     cluster: Cluster = Field(default_factory=Cluster)
     gates: list[Gate] = Field(
         default_factory=list, description="Checked before a new version is applied here."
@@ -163,16 +175,46 @@ class Project(Model):
     guard: Guard = Field(default_factory=Guard)
     notifications: list[NotificationRule] = Field(default_factory=list)
 
+    # Set by `load_project`: the checkout, for environments that no conveyor.yaml declares.
+    _root: Path | None = PrivateAttr(None)
+    _default_branch: str | None = PrivateAttr(None)
+
     def environment(self, name: str) -> Environment:
         for env in self.environments:
             if env.name == name:
                 return env
+        if not self.environments and self._root is not None:
+            return self._folder_environment(name, self._root)
         known = ", ".join(e.name for e in self.environments) or "none"
         raise ConfigError(f"{FILE_NAME}: unknown environment {name!r} (known: {known})")
 
+    def _folder_environment(self, name: str, root: Path) -> Environment:
+        """Without declared environments, NAME is a folder of the repository, as the
+        README's layouts have it; which one was chosen is logged (a warning, so that a
+        command line shows it)."""
+        tried = [layout.format(name=name) for layout in ENVIRONMENT_FOLDERS]
+        plain = bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+        for folder in tried:
+            if plain and (root / folder).is_dir():
+                if (root, name) not in _ANNOUNCED:  # once, though a command reads it often
+                    _ANNOUNCED.add((root, name))
+                    log.warning(
+                        "environment %r: no %s declares it; using the folder %s/",
+                        name,
+                        FILE_NAME,
+                        folder,
+                    )
+                branch = {"branch": self._default_branch} if self._default_branch else {}
+                return Environment(name=name, path=folder, **branch)
+        raise ConfigError(
+            f"unknown environment {name!r}: no {FILE_NAME} declares environments, and the "
+            f"repository has no folder {' or '.join(f + '/' for f in tried)}"
+        )
+
     def previous(self, env: Environment) -> Environment | None:
         """The environment before `env` in promotion order, if any."""
-        index = next(i for i, e in enumerate(self.environments) if e.name == env.name)
+        names = [e.name for e in self.environments]
+        index = names.index(env.name) if env.name in names else 0  # a folder: no order
         return self.environments[index - 1] if index > 0 else None
 
     @field_validator("environments")
@@ -208,9 +250,15 @@ def parse_project(text: str | bytes, *, source: str) -> Project:
     return validate(Project, document.data, file=source, node=document.node)
 
 
-def load_project(repo_root: Path) -> Project:
-    """Read conveyor.yaml from a checkout; an absent file gives an empty project."""
+def load_project(repo_root: Path, *, default_branch: str | None = None) -> Project:
+    """Read conveyor.yaml from a checkout; an absent file gives an empty project. With
+    `default_branch` (the repository's HEAD), an environment that names no branch lives
+    there, so that master-based repositories need not say so."""
     path = repo_root / FILE_NAME
-    if not path.exists():
-        return Project()
-    return parse_project(read_text(path), source=str(path))
+    project = parse_project(read_text(path), source=str(path)) if path.exists() else Project()
+    project._root, project._default_branch = repo_root, default_branch
+    if default_branch is not None:
+        for env in project.environments:
+            if "branch" not in env.model_fields_set:
+                env.branch = default_branch
+    return project

@@ -42,7 +42,7 @@ class Scheme(StrEnum):
 
 class ConfigRepo(Model):
     url: str
-    branch: str = "main"
+    branch: str | None = Field(None, description="Default: the repository's HEAD branch.")
 
 
 class EnvironmentProfile(Model):

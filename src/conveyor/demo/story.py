@@ -511,8 +511,9 @@ def _story(demo: Demo, sqs_endpoint: str, *, interactive: bool, started: float) 
     )
     console.print("[bold]6.[/] production runs the versions tested on staging")
 
-    token = secrets.token_urlsafe(16)
+    token = secrets.token_urlsafe(32)
     (demo.root / "dashboard.tokens").write_text(f"demo {token}\n")
+    (demo.root / "dashboard.tokens").chmod(0o600)
     port = free_port()
     demo.background(
         "dashboard",

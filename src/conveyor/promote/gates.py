@@ -140,10 +140,18 @@ async def wait_for_gates(
         limits = [timeout if timeout is not None else g.timeout for g, _ in closed]
         if any(waited >= limit for limit in limits):
             return results
+        pause = max(0.0, min(min(g.interval for g, _ in closed), min(limits) - waited))
         if progress is not None:
-            progress("; ".join(f"{r.gate}: {r.message}" for _, r in closed))
-        pause = min(g.interval for g, _ in closed)
-        await asyncio.sleep(max(0.0, min(pause, min(limits) - waited)))
+            for (_, result), limit in zip(closed, limits, strict=True):
+                progress(
+                    f"waiting on gate {result.gate}: closed ({result.message}); "
+                    f"{_seconds(limit - waited)} left, next check in {_seconds(pause)}"
+                )
+        await asyncio.sleep(pause)
+
+
+def _seconds(value: float) -> str:
+    return f"{max(0, round(value))}s"
 
 
 # -- queue-empty ---------------------------------------------------------------------

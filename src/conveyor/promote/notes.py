@@ -12,8 +12,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from conveyor.source.git import LogEntry, log_entries, resolve_revision
+from conveyor.promote.pipeline import PromotionError
+from conveyor.source.git import GitError, LogEntry, log_entries, resolve_revision
 
+_VERSION = re.compile(r"^v?\d+\.\d+\.\d+")
 _MERGE = re.compile(r"^Merge pull request #(\d+) from (\S+)")
 _SQUASH = re.compile(r"^(.+) \(#(\d+)\)$")
 
@@ -36,12 +38,34 @@ class ReleaseNotes:
     commits: list[LogEntry]
 
 
+def _commit_of(repo: Path, ref: str, *, option: str) -> str:
+    """The commit a version names: as given, else with or without its `v`, since tags are
+    spelled both ways (`1.4.2`, `v1.4.2`). PromotionError naming what was tried."""
+    spellings = [ref]
+    if _VERSION.match(ref):
+        spellings.append(ref[1:] if ref.startswith("v") else f"v{ref}")
+    for spelling in spellings:
+        try:
+            return resolve_revision(repo, spelling)
+        except GitError:
+            continue
+    tried = " nor ".join(repr(s) for s in spellings)
+    raise PromotionError(f"{option}: unknown revision {tried} (no such tag, branch or commit)")
+
+
 def release_notes(repo: Path, base: str, head: str) -> ReleaseNotes:
-    """Oldest first. GitError when a ref names no commit."""
-    base_sha, head_sha = resolve_revision(repo, base), resolve_revision(repo, head)
+    """Oldest first. PromotionError when a ref names no commit, or when `base` comes
+    after `head` (swapped, which would otherwise read as "no changes")."""
+    base_sha = _commit_of(repo, base, option="--from")
+    head_sha = _commit_of(repo, head, option="--to")
+    forward = log_entries(repo, base_sha, head_sha, first_parent=True)
+    if not forward and base_sha != head_sha and log_entries(repo, head_sha, base_sha):
+        raise PromotionError(
+            f"--from {base} is later than --to {head}: swap them (--from {head} --to {base})"
+        )
     pulls: list[PullRequest] = []
     commits: list[LogEntry] = []
-    for entry in reversed(log_entries(repo, base_sha, head_sha, first_parent=True)):
+    for entry in reversed(forward):
         if merge := _MERGE.match(entry.subject):
             title = entry.body.splitlines()[0].strip() if entry.body else merge.group(2)
             pulls.append(PullRequest(int(merge.group(1)), title, merge.group(2), entry.sha))

@@ -166,12 +166,11 @@ async def diff_against_live(
     head_root = export_tree(repo, head_sha, workdir / "head")
     env_path = environment_path(head_root, env=env, path=path)
     source = origin_url(repo)
+    branch = default_branch(source)
     if env is not None:
-        environment = load_project(head_root).environment(env)
+        environment = load_project(head_root, default_branch=branch).environment(env)
         cluster, branch = environment.cluster, environment.branch
         kubeconfig, context = kubeconfig or cluster.kubeconfig, context or cluster.context
-    else:
-        branch = default_branch(source)
     # The deployed environment this folder is: the agent knows it by its source.
     identity = EnvironmentIdentity.of(
         source, branch=branch, path=env_path, name=app_name(env or env_path.replace("/", "-"))

@@ -45,11 +45,12 @@ class Workspace:
         return self._checkouts[branch]
 
     def project(self, *, branch: str | None = None) -> Project:
-        """conveyor.yaml of `branch`, or of the repository's default branch."""
-        if branch is None:
-            self._default = self._default or default_branch(self.url)
-            branch = self._default
-        return load_project(self.checkout(branch).path)
+        """conveyor.yaml of `branch`, or of the repository's default branch; environments
+        that name no branch live on the default branch."""
+        self._default = self._default or default_branch(self.url)
+        return load_project(
+            self.checkout(branch or self._default).path, default_branch=self._default
+        )
 
     def env_root(self, env: Environment) -> Path:
         return self.checkout(env.branch).path

@@ -10,6 +10,7 @@ which is also how a hotfix or an arbitrary version for testing is deployed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,17 +183,19 @@ async def promote(
     helm: HelmCLI,
     retry: RetryPolicy | None = None,
     progress: Callable[[str], None] | None = None,
+    waiting: Callable[[str], None] | None = None,
 ) -> PromotionResult:
     """Check the target's gates, then write the promotion. PromotionError for a request
     that cannot be carried out, GatesClosed when a gate stays closed; in both cases
-    nothing is written. GitError / PushRaceLost when git fails."""
+    nothing is written. GitError / PushRaceLost when git fails. `progress` hears each
+    step, `waiting` (default: `progress`) each wait on a closed gate."""
     say = progress or (lambda _m: None)
     if request.source is None and request.version is None:
         raise PromotionError("give --from ENV (copy its versions) or --version V")
     if request.source == request.target:
         raise PromotionError("--from and --to name the same environment")
     if request.version is not None:
-        check_version(request.version)
+        request = dataclasses.replace(request, version=check_version(request.version))
     project = workspace.project()
     target = environment(project, request.target)
     source = environment(project, request.source) if request.source else None
@@ -233,7 +236,9 @@ async def promote(
             version_at=workspace.version_at,
             repository=workspace.url,
         )
-        result.gates = await wait_for_gates(context, timeout=request.gate_timeout, progress=say)
+        result.gates = await wait_for_gates(
+            context, timeout=request.gate_timeout, progress=waiting or say
+        )
         if not all(g.open for g in result.gates):
             raise GatesClosed(target.name, result.gates)
     chosen = {p.app for p in promotions}

@@ -22,6 +22,7 @@ from ruamel.yaml.scalarstring import ScalarString
 
 from conveyor.config.userfile import UserFileError, read_text
 from conveyor.publish.template import PathPart, Template, TemplateError
+from conveyor.publish.version import image_tag
 from conveyor.render.discover import KUSTOMIZATION_FILES, SKIPPED_FILES, AppSource
 from conveyor.render.documents import yaml_files
 
@@ -102,6 +103,9 @@ def join_image(repository: str, version: str) -> str:
 
 
 def check_version(version: str) -> str:
+    """The image tag that `version` (a release's git tag or an image tag) deploys, see
+    `image_tag`; VersionError when it cannot be an image tag."""
+    version = image_tag(version)
     if not VERSION_PATTERN.match(version):
         raise VersionError(
             f"version {version!r} is not a valid image tag (letters, digits, _ . + -; at most 128)"

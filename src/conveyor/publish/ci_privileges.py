@@ -26,6 +26,13 @@ from conveyor.config.userfile import UserFileError, load_document, load_yaml, re
 from conveyor.source.git import GitError, mask_url, shallow_clone
 
 OIDC_HOST = "token.actions.githubusercontent.com"
+OIDC_PROVIDER_ID = "GitHubActionsOidcProvider"
+# GitHub's published certificate thumbprints; IAM trusts GitHub's OIDC through its own
+# root CAs now, but older partitions still check these.
+OIDC_THUMBPRINTS = [
+    "6938fd4d98bab03faadb97b34396831e3780aea1",
+    "1c58a3a8518e8759bf075b76b750d4f2df264fcd",
+]
 _GITHUB_URL = re.compile(r"github\.com[:/]([^/]+)/([^/]+?)(?:\.git)?/?$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://|^[^/\s]+@[^/\s]+:")
 
@@ -99,12 +106,35 @@ def _logical_id(name: str) -> str:
     return "CiRole" + "".join(w[:1].upper() + w[1:] for w in words if w)
 
 
-def render_template(repositories: Iterable[CiRepository], *, role_prefix: str) -> dict[str, Any]:
-    """One CloudFormation template: an IAM role per repository that declares privileges."""
+def render_template(
+    repositories: Iterable[CiRepository],
+    *,
+    role_prefix: str,
+    create_oidc_provider: bool = False,
+    exclude: Iterable[str] = (),
+) -> dict[str, Any]:
+    """One CloudFormation template: an IAM role per repository that declares privileges,
+    except the `exclude`d ones (`name` or `owner/name`: archived repositories, say).
+    The roles trust GitHub's OIDC provider, which an AWS account has once: the stack
+    creates it with `create_oidc_provider`, and otherwise expects it to exist."""
     resources: dict[str, Any] = {}
     outputs: dict[str, Any] = {}
+    excluded = set(exclude)
+    provider: Any = {
+        "Fn::Sub": f"arn:${{AWS::Partition}}:iam::${{AWS::AccountId}}:oidc-provider/{OIDC_HOST}"
+    }
+    if create_oidc_provider:
+        resources[OIDC_PROVIDER_ID] = {
+            "Type": "AWS::IAM::OIDCProvider",
+            "Properties": {
+                "Url": f"https://{OIDC_HOST}",
+                "ClientIdList": ["sts.amazonaws.com"],
+                "ThumbprintList": OIDC_THUMBPRINTS,
+            },
+        }
+        provider = {"Ref": OIDC_PROVIDER_ID}  # its ARN, and the roles wait for it
     for repo in repositories:
-        if not repo.policies:
+        if not repo.policies or {repo.name, f"{repo.owner}/{repo.name}"} & excluded:
             continue
         logical_id = _logical_id(repo.name)
         if logical_id in resources:
@@ -122,12 +152,7 @@ def render_template(repositories: Iterable[CiRepository], *, role_prefix: str) -
                     "Statement": [
                         {
                             "Effect": "Allow",
-                            "Principal": {
-                                "Federated": {
-                                    "Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}"
-                                    f":oidc-provider/{OIDC_HOST}"
-                                }
-                            },
+                            "Principal": {"Federated": provider},
                             "Action": "sts:AssumeRoleWithWebIdentity",
                             "Condition": {
                                 "StringEquals": {f"{OIDC_HOST}:aud": "sts.amazonaws.com"},
@@ -145,11 +170,17 @@ def render_template(repositories: Iterable[CiRepository], *, role_prefix: str) -
             "Description": f"Role for the CI of {repo.owner}/{repo.name}",
             "Value": {"Fn::GetAtt": [logical_id, "Arn"]},
         }
-    if not resources:
+    if not outputs:
         raise CiPrivilegesError("no repository declares CI privileges (.ci.yaml ci-policies)")
+    trust = (
+        "creates GitHub's OIDC provider"
+        if create_oidc_provider
+        else f"needs GitHub's OIDC provider ({OIDC_HOST}) in the account"
+    )
     return {
         "AWSTemplateFormatVersion": "2010-09-09",
-        "Description": "CI roles rendered by conveyor ci-privileges from each app's .ci.yaml",
+        "Description": "CI roles rendered by conveyor ci-privileges from each app's .ci.yaml; "
+        f"{trust}",
         "Resources": resources,
         "Outputs": outputs,
     }

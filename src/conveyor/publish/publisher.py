@@ -18,7 +18,7 @@ from typing import Any
 from conveyor.config.project import safe_relative_path
 from conveyor.config.publish_profile import PublishProfile, Scheme, check_name
 from conveyor.config.userfile import read_text
-from conveyor.publish.template import Setting, Template
+from conveyor.publish.template import MARKER, Setting, Template
 from conveyor.publish.version import (
     Build,
     Event,
@@ -27,7 +27,7 @@ from conveyor.publish.version import (
     expand,
     plan_build,
 )
-from conveyor.source.git import Author, Checkout, RetryPolicy, commit_and_push
+from conveyor.source.git import Author, Checkout, RetryPolicy, commit_and_push, mask_url
 
 DEFAULT_MESSAGE = "Update from {source}"
 
@@ -43,6 +43,7 @@ class Rendered:
     environment: str
     path: str
     text: str
+    warnings: tuple[str, ...] = ()
 
 
 def plan(
@@ -132,10 +133,16 @@ def render(
             f"{template_source}: FILLED_IN_BY_CI left for {environment} in "
             f"{', '.join(leftovers)}; fill it in {profile_source} or with --set"
         )
+    lookalikes = template.lookalike_markers(known=profile.placeholders)
     return Rendered(
         environment=environment,
         path=destination(build, environment, profile=profile),
         text=template.render(),
+        warnings=tuple(
+            f"{template_source}: {found} looks like a placeholder, but nothing fills it "
+            f"(only {MARKER} and the profile's placeholders are filled)"
+            for found in lookalikes
+        ),
     )
 
 
@@ -194,8 +201,11 @@ def publish(
     author: Author,
     retry: RetryPolicy,
     on_retry: Callable[[int, float], None] | None = None,
+    create_branch: bool = False,
 ) -> str | None:
-    """Write every file in one commit on `branch` of `url`; None when nothing changed."""
+    """Write every file in one commit on `branch` of `url`; None when nothing changed.
+    A branch that does not exist is refused unless `create_branch`: a typo in CI must not
+    publish to a branch no agent reads."""
 
     def write(root: Path) -> None:
         for file in release.files:
@@ -205,6 +215,11 @@ def publish(
 
     with tempfile.TemporaryDirectory(prefix="conveyor-publish-") as workdir:
         checkout = Checkout.open(url, Path(workdir), branch=branch)
+        if checkout.head() is None and not create_branch:
+            raise PublishError(
+                f"branch {branch!r} does not exist in {mask_url(url)}; "
+                "pass --create-branch to create it"
+            )
         return commit_and_push(
             checkout, write, message=release.message, author=author, retry=retry, on_retry=on_retry
         )

@@ -32,6 +32,12 @@ from conveyor.config.userfile import (
 )
 
 MARKER = "FILLED_IN_BY_CI"
+# Values that look like some other tool's placeholder: `${X}`, `@REGISTRY@`, `{{ x }}`,
+# `FILL_ME_IN`, `CHANGEME`. Nothing fills them, so they are warned about.
+_LOOKALIKE = re.compile(
+    r"\$\{[^}]*\}|@[A-Z][A-Z0-9_]*@|\{\{[^}]*\}\}"
+    r"|^(?=[A-Z0-9_]*(?:FILL|TODO|CHANGE_?ME|REPLACE_?ME|PLACEHOLDER|TBD))[A-Z0-9_]+$"
+)
 
 PathPart = str | int
 # `{"$imagepolicy": "<namespace>:<policy>:tag"}` on a scalar: a Flux v2 image setter.
@@ -176,6 +182,16 @@ class Template:
         starts_with_marker = head < len(lines) and lines[head].startswith("---")
         self._header = "".join(lines[:head]) if starts_with_marker else ""
         self._yaml.explicit_start = starts_with_marker
+        # Comments ending the file (Cellenics' `# filled in by CI. do not modify.`) and a
+        # closing `---` stay last as they are: ruamel.yaml would tie the comments to the
+        # last key (keys added by `values` would land below them) and drop the `---`.
+        tail = len(lines)
+        while tail > head and _ends_a_file(lines[tail - 1]):
+            tail -= 1
+        footer = "".join(lines[tail:])
+        self._footer = footer if footer.strip() else ""
+        if self._footer:
+            text = "".join(lines[:tail])
         self._ends_with_newline = text.endswith("\n")
         try:
             # ruamel.yaml has no bounds of its own: the bounded loader reads the text first.
@@ -203,7 +219,7 @@ class Template:
         out = io.StringIO()
         self._yaml.dump_all(self.documents, out)
         body = out.getvalue().rstrip("\n") + ("\n" if self._ends_with_newline else "")
-        return self._header + body
+        return self._header + body + self._footer
 
     def _matching(self, selector: str) -> list[int]:
         kind, _, name = selector.partition("/")
@@ -355,6 +371,23 @@ class Template:
                     field = format_field_path(path)
                     found.append(f"{_label(document, index)} {field} (image policy comment)")
         return found
+
+    def lookalike_markers(self, *, known: list[str]) -> list[str]:
+        """`Kind/name field.path: value` of values that look like a placeholder that
+        nothing fills (`${X}`, `@REGISTRY@`, `FILL_ME_IN`); `known` ones are meant."""
+        found = []
+        for index, document in enumerate(self.documents):
+            for path, value, _ in _scalars(document, ()):
+                if not isinstance(value, str) or value in known:
+                    continue
+                if _LOOKALIKE.search(value):
+                    field = format_field_path(path)
+                    found.append(f"{_label(document, index)} {field}: {value}")
+        return found
+
+
+def _ends_a_file(line: str) -> bool:
+    return not line.strip() or line.startswith("#") or line.rstrip() == "---"
 
 
 def _mappings(node: Any) -> Iterator[CommentedMap]:

@@ -199,11 +199,19 @@ class Build:
         }
 
 
+def image_tag(version: str) -> str:
+    """The image tag of a release: its git tag without a leading `v` when the rest is
+    semver (`v1.4.3` → `1.4.3`, as docker/metadata-action's semver tags have it); any
+    other version is its own tag. Publish, promote, gate check and approve all use this,
+    so `--version v1.4.3` and `--version 1.4.3` mean the same release."""
+    return version[1:] if version.startswith("v") and _SEMVER.match(version) else version
+
+
 def _release_version(context: BuildContext) -> str:
     tag = context.tag
     if tag is None or not _SEMVER.match(tag):
         raise VersionError(f"release ref {context.ref!r} is not a semver tag (like 1.4.0)")
-    return tag
+    return image_tag(tag)
 
 
 def plan_build(

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import os
 import socket
@@ -36,12 +34,11 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
-from conveyor.config.userfile import UserFileError, load_json
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, GateHold
 from conveyor.reconcile.once import record_source_failure, source_fetched
@@ -61,33 +58,12 @@ from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.render import Renderer
 from conveyor.source.git import GitError
+from conveyor.source.webhook import GitWebhook, ListenerLimits, listener_config
 
 log = logging.getLogger("conveyor.agent")
 
 # The environment's gates for a fetched revision and the apps it would change.
 AgentGate = Callable[[ResolvedTarget, list[AppSource]], Awaitable[GateHold | None]]
-
-
-def verify_signature(secret: bytes, body: bytes, header: str | None) -> bool:
-    """GitHub's X-Hub-Signature-256: `sha256=` + hex HMAC of the raw body."""
-    if not header or not header.startswith("sha256="):
-        return False
-    expected = hmac.new(secret, body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, header.removeprefix("sha256="))
-
-
-def pushed_branch(body: bytes) -> str | None:
-    """The branch a push event names (`"ref": "refs/heads/<branch>"`, as GitHub, Gitea and
-    GitLab send it); None for any other body (a ping, a tag, a form-encoded payload), which
-    triggers a fetch as before. The body is read by the bounded loader: it is input."""
-    try:
-        event = load_json(body, file="webhook body")
-    except UserFileError:
-        return None
-    ref = event.get("ref") if isinstance(event, dict) else None
-    if isinstance(ref, str) and ref.startswith("refs/heads/"):
-        return ref.removeprefix("refs/heads/")
-    return None
 
 
 @dataclass
@@ -143,19 +119,11 @@ class Agent:
     # -- HTTP: webhook, metrics, probes ---------------------------------------------
 
     def http_app(self) -> Starlette:
-        async def hook(request: Request) -> Response:
-            body = await request.body()
-            secret = self.options.webhook_secret
-            if secret is None or not verify_signature(
-                secret, body, request.headers.get("X-Hub-Signature-256")
-            ):
-                return JSONResponse({"error": "invalid or missing signature"}, status_code=401)
-            branch = pushed_branch(body)
-            tracked = self._resolved.checkout.branch if self._resolved else None
-            if branch is not None and tracked is not None and branch != tracked:
-                return JSONResponse({"status": f"ignored: a push to {branch}, not {tracked}"})
-            self.trigger.set()
-            return JSONResponse({"status": "reconcile scheduled"}, status_code=202)
+        hook = GitWebhook(
+            self.options.webhook_secret,
+            on_push=self.trigger.set,
+            tracked_branch=lambda: self._resolved.checkout.branch if self._resolved else None,
+        )
 
         async def metrics(_request: Request) -> Response:
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -170,7 +138,7 @@ class Agent:
 
         return Starlette(
             routes=[
-                Route("/hooks/git", hook, methods=["POST"]),
+                Route("/hooks/git", hook.receive, methods=["POST"]),
                 Route("/metrics", metrics),
                 Route("/healthz", healthz),
                 Route("/readyz", readyz),
@@ -180,11 +148,10 @@ class Agent:
     async def _serve(self) -> None:
         if not self.options.listen:
             return
-        host, _, port = self.options.listen.rpartition(":")
-        config = uvicorn.Config(
+        config = listener_config(
             self.http_app(),
-            host=host or "127.0.0.1",
-            port=int(port),
+            self.options.listen,
+            limits=ListenerLimits(concurrency=64),
             log_level="warning",
             lifespan="off",
         )

@@ -88,7 +88,9 @@ def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
     scope_name = None
     project = environment = None
     if target.env:
-        project = load_project(checkout.path)
+        # Environments that name no branch live on the repository's HEAD.
+        head = default_branch(target.repo) if target.branch else branch
+        project = load_project(checkout.path, default_branch=head)
         environment = project.environment(target.env)
         if environment.branch != branch and not target.branch:
             checkout = Checkout.open(

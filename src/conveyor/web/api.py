@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from conveyor.reconcile.status import SOURCE_KIND
 from conveyor.web import views
 from conveyor.web.actions import ActionError
-from conveyor.web.auth import Principal, cross_site, remote
+from conveyor.web.auth import Principal, Throttled, cross_site, remote
 from conveyor.web.dashboard import Dashboard
 from conveyor.web.sse import StatusChange, stream
 
@@ -45,7 +45,13 @@ def api_principal(request: Request, board: DashboardDep) -> Principal:
             "this action needs a token: `Authorization: Bearer <token>`",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    name = board.auth.name_for(token.strip())
+    try:
+        name = board.auth.verify(token.strip(), client=remote(request))
+    except Throttled as error:
+        board.refused(request.url.path, remote(request), str(error))
+        raise HTTPException(
+            429, str(error), headers={"Retry-After": str(error.retry_after)}
+        ) from None
     if name is None:
         board.refused(request.url.path, remote(request), "invalid token")
         raise HTTPException(403, "invalid token")

@@ -7,23 +7,38 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import swagger_ui_bundle
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.cluster.client import KubeClient
 from conveyor.reconcile.target import kube_client
+from conveyor.source.webhook import listener_config
 from conveyor.web import api, pages
 from conveyor.web.dashboard import Dashboard, NotFound, ServeOptions
 
 STATIC = Path(__file__).parent / "static"
+SWAGGER_UI = Path(swagger_ui_bundle.swagger_ui_path)
+
+# Everything the pages load comes from this server, and no other site may frame them
+# (clickjacking an action button). Swagger UI styles its elements inline, so /api/docs
+# alone allows inline styles; no page allows inline scripts.
+_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'{inline}; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+CONTENT_SECURITY_POLICY = _POLICY.format(inline="")
+DOCS_CONTENT_SECURITY_POLICY = _POLICY.format(inline=" 'unsafe-inline'")
 
 
-class ServerTiming:
-    """`Server-Timing: app;dur=<ms>` on every response: the time until its headers, which
-    for a rendered page is the whole server time (benchmarks and browsers read it)."""
+class ResponseHeaders:
+    """Headers on every response: `Server-Timing: app;dur=<ms>`, the time until its
+    headers, which for a rendered page is the whole server time (benchmarks and
+    browsers read it); and the security headers, unless the route set its own policy."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -39,6 +54,10 @@ class ServerTiming:
                 spent = (time.perf_counter() - started) * 1000
                 headers = list(message.get("headers", []))
                 headers.append((b"server-timing", f"app;dur={spent:.1f}".encode()))
+                if not any(name == b"content-security-policy" for name, _ in headers):
+                    headers.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
+                headers += [(b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff")]
+                headers.append((b"referrer-policy", b"same-origin"))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -64,10 +83,17 @@ def create_app(options: ServeOptions, *, kube: KubeClient | None = None) -> Fast
         summary="GitOps continuous delivery: status, history, diffs and actions",
         version="v1",
         lifespan=lifespan,
-        docs_url="/api/docs",
+        docs_url=None,  # served below from local files, not from a CDN
         redoc_url=None,
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/api/docs/assets", StaticFiles(directory=SWAGGER_UI), name="swagger-ui")
+
+    @app.get("/api/docs", include_in_schema=False)
+    async def api_docs(request: Request) -> HTMLResponse:
+        response = pages.templates.TemplateResponse(request, "api_docs.html", {})
+        response.headers["Content-Security-Policy"] = DOCS_CONTENT_SECURITY_POLICY
+        return response
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, error: Exception) -> Response:
@@ -78,16 +104,15 @@ def create_app(options: ServeOptions, *, kube: KubeClient | None = None) -> Fast
 
     api.install(app)
     pages.install(app)
-    app.add_middleware(ServerTiming)
+    app.add_middleware(ResponseHeaders)
     return app
 
 
 def serve(options: ServeOptions) -> None:
-    host, _, port = options.listen.rpartition(":")
-    config = uvicorn.Config(
+    # The default limits: no cap on connections, as each open page holds an event stream.
+    config = listener_config(
         create_app(options),
-        host=host or "127.0.0.1",
-        port=int(port),
+        options.listen,
         log_level="warning",
         timeout_graceful_shutdown=2,
     )

@@ -22,6 +22,7 @@ from conveyor.web.auth import (
     SESSION_COOKIE,
     SESSION_SECONDS,
     Principal,
+    Throttled,
     cross_site,
     remote,
 )
@@ -231,7 +232,15 @@ async def login(
     if why is not None:
         board.refused("/login", remote(request), why)
         return message_page(request, board, "Refused", why, status_code=403)
-    session = board.auth.login(token.strip())
+    try:
+        session = board.auth.login(token.strip(), client=remote(request))
+    except Throttled as error:
+        board.refused("/login", remote(request), str(error))
+        throttled = page(
+            request, board, "login.html", status_code=429, next=_local(next), error=f"{error}."
+        )
+        throttled.headers["Retry-After"] = str(error.retry_after)
+        return throttled
     if session is None:
         board.refused("/login", remote(request), "invalid token")
         return page(
