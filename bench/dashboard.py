@@ -61,7 +61,7 @@ def statuses(prefix: str) -> list[AppStatus]:
                 state=READY,
                 reason="Fetched",
                 message="bench@main",
-                revision=revision,
+                attempted_revision=revision,
             )
         )
         for index in range(APPS):
@@ -72,7 +72,7 @@ def statuses(prefix: str) -> list[AppStatus]:
                     state=READY,
                     reason="ReconciliationSucceeded",
                     message=f"applied revision {revision[:12]}",
-                    revision=revision,
+                    attempted_revision=revision,
                     last_applied_time="2026-01-01T00:00:00Z",
                     last_applied_revision=revision,
                 )

@@ -209,7 +209,7 @@ def test_gates_page_shows_what_an_environment_waits_for_live(site: Site, page: P
                     state=WAITING_FOR_GATE,
                     reason="GatePending",
                     message="waiting for approval (release-managers); soak time 10m left",
-                    revision="d" * 40,
+                    attempted_revision="d" * 40,
                 )
             )
 

@@ -153,7 +153,7 @@ def test_gates_show_what_an_environment_waits_for(setup: Setup) -> None:
             state=WAITING_FOR_GATE,
             reason="GatePending",
             message="waiting for approval by release-managers; queue jobs not empty (3)",
-            revision="c" * 40,
+            attempted_revision="c" * 40,
         ),
     )
     gates = wait_for(
