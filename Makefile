@@ -7,15 +7,24 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SANDBOX_NAME ?= default
 
-.PHONY: venv browser lint types unit cluster test demo sandbox-down bench clean
+.PHONY: venv lock image image-context browser lint types unit cluster test demo sandbox-down bench clean
 
-$(STAMP): pyproject.toml
+# Installs are reproducible: every package comes from the lock (uv.lock, exported with
+# hashes to requirements/), the same lock `make image` installs from; conveyor itself
+# goes on top without resolving anything. tests/unit/test_lock.py fails when pyproject.toml
+# and the lock disagree; `make lock` brings them back together.
+$(STAMP): pyproject.toml uv.lock requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+lock: $(STAMP)
+	$(BIN)/uv lock
+	$(BIN)/uv export --frozen --no-emit-project --no-header -q -o requirements/runtime.txt
+	$(BIN)/uv export --frozen --no-emit-project --extra dev --no-header -q -o requirements/dev.txt
 
 # Debian's Chromium for the dashboard's Playwright tests (Playwright's own browser
 # download is not used). Installed only when missing; as root directly, else with sudo.
