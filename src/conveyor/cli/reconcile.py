@@ -23,7 +23,14 @@ from conveyor.cli.channels import (
     SecretsDirOption,
     channel_diff,
 )
-from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
+from conveyor.cli.output import (
+    LogFormatOption,
+    OutputFormat,
+    console,
+    err_console,
+    fail,
+    print_machine,
+)
 from conveyor.cluster.client import ApiError
 from conveyor.cluster.kubeconfig import KubeconfigError
 from conveyor.config.helmrelease import parse_duration
@@ -32,6 +39,7 @@ from conveyor.promote.gates import agent_gate
 from conveyor.promote.offline_diff import diff_against_live, diff_revisions
 from conveyor.reconcile.agent import Agent, AgentOptions
 from conveyor.reconcile.engine import PassResult
+from conveyor.reconcile.logs import LogFormat
 from conveyor.reconcile.logs import configure as configure_logging
 from conveyor.reconcile.once import SourceFailure, plan_target, reconcile_once
 from conveyor.reconcile.plan import AppPlan, render_markdown, render_text
@@ -407,6 +415,7 @@ def agent(
     lease_duration: float = typer.Option(15.0, "--lease-duration"),
     kubeconfig: str | None = KubeconfigOption,
     context: str | None = ContextOption,
+    log_format: LogFormat | None = LogFormatOption,
 ) -> None:
     """The long-running agent: reconcile on every new revision, interval and webhook.
     With --env, new content waits until the environment's gates are open."""
@@ -418,7 +427,7 @@ def agent(
             secret = webhook_secret_file.read_bytes().strip()
         except OSError as error:
             fail(f"cannot read the webhook secret file: {error.strerror}")
-    configure_logging()
+    configure_logging(log_format=log_format)
     options = AgentOptions(
         interval=parse_duration(interval, default=60.0),
         listen=listen,

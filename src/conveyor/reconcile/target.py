@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,11 +132,8 @@ def helm_cli(
     kubeconfig_path: str | None = None,
     context: str | None = None,
 ) -> HelmCLI:
-    path = (
-        kubeconfig_path
-        or (resolved.kubeconfig if resolved else None)
-        or os.environ.get("KUBECONFIG")
-    )
+    # helm's --kubeconfig takes one file: $KUBECONFIG's list is handed over merged.
+    path = kubeconfig.for_tools(kubeconfig_path or (resolved.kubeconfig if resolved else None))
     return HelmCLI(kubeconfig=path, context=context or (resolved.context if resolved else None))
 
 
