@@ -5,13 +5,13 @@ image registry is reachable here (only Debian's, PyPI and the Go proxy), so the 
 built from Debian's packages by mmdebstrap instead of pulled as debian:bookworm-slim;
 helm and kubectl are the sandbox's own builds (~/.cache/conveyor/sandbox), the very
 binaries the tests run; the Python packages are the hashed lock export, downloaded once
-into a wheelhouse. buildah then runs the Containerfile with chroot isolation (no daemon,
-no OCI runtime: crun and runc cannot set rlimits in this VM) and pushes the result to
-the sandbox registry.
+into a wheelhouse. buildah then runs the Containerfile with chroot isolation (no daemon
+and no OCI runtime, which this VM makes fragile: see tests/cluster/test_image.py) and
+pushes the result to the sandbox registry.
 
 Heavy pieces are cached under ~/.cache/conveyor/image, keyed by their inputs: the
-Debian base by the package list, the wheels by their hashes. A warm build reruns only
-the Containerfile's own steps.
+Debian base by the package list, the wheels by their hashes; buildah keeps the
+Containerfile's layers, so a build after a commit redoes only conveyor's own.
 
     python image/build.py [--push SANDBOX] [--context DIR]
 """
@@ -216,7 +216,7 @@ def build(context: Path, base: str, tag: str, timings: dict[str, float]) -> str:
     reference = f"{IMAGE}:{tag}"
     run(
         [
-            "buildah", "build", "--quiet", "--isolation=chroot", "--layers=false",
+            "buildah", "build", "--quiet", "--isolation=chroot", "--layers",
             f"--timestamp={source_date_epoch()}", f"--build-arg=BASE={base}",
             f"--label=org.opencontainers.image.version={__version__}",
             f"--label=org.opencontainers.image.revision={tag}",

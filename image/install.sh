@@ -1,12 +1,10 @@
 #!/bin/sh
-# One install recipe, run inside the image's root filesystem by both build paths: the
-# Containerfile's RUN steps and `make image` (build.py, through chroot). Keeping it in
-# one place is what makes the two paths build the same image.
+# One install recipe, run inside the image's root filesystem by the Containerfile's RUN
+# steps, on both build paths (podman/docker build, and make image's buildah build).
 #
 #   install.sh packages            Debian packages from packages.txt (Containerfile path;
 #                                  make image hands the same list to mmdebstrap)
 #   install.sh deps WHEELHOUSE     Python dependencies from the hashed lock export
-#   install.sh tools DIR           helm, kubectl (sops, age) built by conveyor's build cache
 #   install.sh conveyor DIST       conveyor's wheel from DIST, on top, resolving nothing
 #   install.sh user                the non-root user the image runs as
 set -eu
@@ -40,9 +38,6 @@ packages)
 deps)
     python3 -m venv --without-pip "$venv"
     pip install --no-index --find-links "$2" --require-hashes --no-deps -r "$here/runtime.txt"
-    ;;
-tools)
-    install -m 0755 "$2"/* /usr/local/bin/
     ;;
 conveyor)
     pip install --no-index --no-deps "$2"/conveyor-*.whl

@@ -1,0 +1,156 @@
+"""conveyor's image, built as `make image` builds it and run, not only built.
+
+The image is pulled back from the sandbox registry it was pushed to and run with rootful
+podman on the host network, against the sandbox's apiserver. What the kubelet would give
+a Pod is given by hand: the service account's token, CA and namespace mounted at
+/var/run/secrets/kubernetes.io/serviceaccount, and KUBERNETES_SERVICE_HOST/_PORT. kwok's
+node runs no containers, so this is the Pod, simulated on the host.
+
+podman runs the image with runc and cgroupfs, and rlimits below the host's: in this VM
+crun cannot set up the hybrid cgroup hierarchy, and no runtime may raise an rlimit
+(CAP_SYS_RESOURCE is not in the bounding set), only lower it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conveyor import __version__
+from tests.cluster.gitops import (
+    ConfigRepo,
+    by_name,
+    chart_repo,
+    deployment,
+    flux_v1_release,
+)
+from tests.cluster.test_in_cluster import apiserver, pod_files, service_account
+from tests.conftest import ROOT, SANDBOX_NAME, SandboxHandle
+
+pytestmark = pytest.mark.cluster
+IMAGE_USER = 65532  # image/install.sh
+ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+PODMAN_RUN = [
+    "podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs", "run", "--rm",
+    "--network", "host", "--ulimit", "nofile=16384:16384", "--ulimit", "nproc=4096:4096",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    local: str
+    pushed: str
+
+
+@pytest.fixture(scope="module")
+def image(sandbox: SandboxHandle) -> BuiltImage:
+    """`make image`'s build (cached under ~/.cache/conveyor/image), then a pull of what
+    it pushed, so the image that runs is the registry's."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "image" / "build.py"), "--push", SANDBOX_NAME],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    print(result.stdout, result.stderr)  # build timings and size, in the test's output
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    pushed = lines["pushed"]
+    subprocess.run(
+        ["podman", "pull", "--quiet", "--tls-verify=false", pushed],
+        capture_output=True,
+        check=True,
+    )
+    return BuiltImage(local=lines["image"], pushed=pushed)
+
+
+def podman_run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PODMAN_RUN, *args], capture_output=True, text=True, check=check, timeout=600
+    )
+
+
+def test_image_runs_conveyor_and_its_tools_as_non_root(
+    image: BuiltImage, sandbox: SandboxHandle
+) -> None:
+    assert __version__ in podman_run(image.pushed, "--version").stdout
+    agent_help = podman_run(image.pushed, "agent", "--help").stdout
+    assert "--log-format" in agent_help and "--repo" in agent_help
+    assert podman_run("--entrypoint", "id", image.pushed, "-u").stdout.strip() == str(IMAGE_USER)
+    # The image's helm is the sandbox's own build, and kubectl is that Kubernetes version.
+    in_image = podman_run("--entrypoint", "helm", image.pushed, "version", "--short").stdout
+    assert in_image == sandbox.run("helm", "version", "--short").stdout
+    kubectl = json.loads(
+        podman_run(
+            "--entrypoint", "kubectl", image.pushed, "version", "--client", "-o", "json"
+        ).stdout
+    )
+    server = json.loads(sandbox.run("kubectl", "version", "-o", "json").stdout)
+    assert kubectl["clientVersion"]["gitVersion"] == server["serverVersion"]["gitVersion"]
+    assert "git version" in podman_run("--entrypoint", "git", image.pushed, "--version").stdout
+
+
+@pytest.fixture
+def cluster_admin(sandbox: SandboxHandle, namespace: str) -> Iterator[str]:
+    """A ServiceAccount allowed everything, as the chart's cluster-wide mode will be; the
+    chart's least-privilege RBAC is its own issue. Yields the account's token."""
+    token = service_account(sandbox, namespace, "conveyor")
+    binding = f"conveyor-image-{uuid.uuid4().hex[:6]}"
+    sandbox.run(
+        "kubectl", "create", "clusterrolebinding", binding, "--clusterrole=cluster-admin",
+        f"--serviceaccount={namespace}:conveyor",
+    )  # fmt: skip
+    yield token
+    sandbox.run("kubectl", "delete", "clusterrolebinding", binding, check=False)
+
+
+def test_image_reconciles_with_only_its_service_account(
+    image: BuiltImage,
+    sandbox: SandboxHandle,
+    namespace: str,
+    cluster_admin: str,
+    tmp_path: Path,
+) -> None:
+    """One real `conveyor reconcile` from the image: a manifest and a Helm chart from
+    git, with in-cluster credentials only (no kubeconfig anywhere in the container)."""
+    work = tmp_path / "work"
+    repo = ConfigRepo(work)
+    charts = chart_repo(work)
+    path = f"envs/{namespace}"
+    repo.write(f"{path}/web/deploy.yaml", deployment("web", namespace, replicas=2))
+    repo.write(f"{path}/ui.yaml", flux_v1_release("ui", namespace, charts, tag="1.0.0"))
+    revision = repo.commit("two apps, one of them helm")
+    # The repositories stand for a git server: owned by the image's user, as git
+    # refuses to read a repository another user owns.
+    subprocess.run(["chown", "-R", f"{IMAGE_USER}:{IMAGE_USER}", str(work)], check=True)
+    account = pod_files(sandbox, tmp_path / "account", token=cluster_admin, namespace=namespace)
+    host, port = apiserver(sandbox)
+
+    result = podman_run(
+        "--env", f"KUBERNETES_SERVICE_HOST={host}",
+        "--env", f"KUBERNETES_SERVICE_PORT={port}",
+        "--volume", f"{account}:{ACCOUNT_DIR}:ro",
+        "--volume", f"{work}:{work}:ro",
+        image.pushed,
+        "reconcile", "--repo", repo.url, "--path", path, "-o", "json",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    apps = by_name(json.loads(result.stdout))
+    assert apps["web"]["ready"] and apps["ui"]["ready"], result.stdout
+    assert apps["web"]["revision"] == revision
+    assert apps["ui"]["helmRevision"] == 1
+    releases = json.loads(sandbox.run("helm", "list", "-n", namespace, "-o", "json").stdout)
+    assert [(r["name"], r["status"]) for r in releases] == [("ui", "deployed")]
+    live = json.loads(
+        sandbox.run("kubectl", "get", "deployment", "web", "-n", namespace, "-o", "json").stdout
+    )
+    assert live["spec"]["replicas"] == 2
