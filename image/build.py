@@ -99,10 +99,14 @@ def image_tag() -> str:
 
 
 def wheelhouse(cache: Path) -> Path:
-    """The locked dependencies as wheels for the image's Python, hash-checked by pip."""
+    """The locked dependencies as wheels for the image's Python, hash-checked by pip
+    once per lock (the Containerfile's pip checks the hashes again)."""
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     requirements = ROOT / "requirements" / "runtime.txt"
+    complete = wheels / f".complete-{hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]}"
+    if complete.exists():
+        return wheels
     run(
         [
             sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
@@ -110,6 +114,7 @@ def wheelhouse(cache: Path) -> Path:
             "--dest", str(wheels), "-r", str(requirements),
         ]
     )  # fmt: skip
+    complete.touch()
     return wheels
 
 
@@ -180,34 +185,35 @@ def stage_context(context: Path, cache: Path, timings: dict[str, float]) -> None
     timed("conveyor wheel", started, timings)
 
 
-def base_image(cache: Path, timings: dict[str, float]) -> str:
-    """Debian with the image's packages, from mmdebstrap; keyed by what goes in."""
-    packages = [
-        line.strip()
-        for line in (HERE / "packages.txt").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    recipe = "\n".join([SUITE, *MIRRORS, (HERE / "dpkg.cfg").read_text(), *packages])
+def image_packages() -> list[str]:
+    lines = (HERE / "packages.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def debian_base(cache: Path, timings: dict[str, float], *, variant: str, include: list[str]) -> str:
+    """A Debian root filesystem from mmdebstrap, imported as an image; keyed by what
+    goes in. `essential` with the image's packages is make image's base (no apt: nothing
+    installs after the build); `minbase` alone stands in for debian:bookworm-slim."""
+    options = [f"--variant={variant}", f"--dpkgopt={HERE / 'dpkg.cfg'}"]
+    if include:
+        options.append(f"--include={','.join(include)}")
+    recipe = "\n".join([SUITE, *MIRRORS, (HERE / "dpkg.cfg").read_text(), *options])
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
-    reference = f"localhost/conveyor-base:{key}"
+    reference = f"localhost/conveyor-base:{variant}-{key}"
     if subprocess.run(["podman", "image", "exists", reference], check=False).returncode == 0:
         say(f"base {reference}: cached")
         return reference
     started = time.monotonic()
-    tarball = cache / f"base-{key}.tar"
+    tarball = cache / f"base-{variant}-{key}.tar"
     if not tarball.exists():
         partial = tarball.with_suffix(".partial")
         run(
-            [
-                "mmdebstrap", "--quiet", "--variant=essential", f"--include={','.join(packages)}",
-                f"--dpkgopt={HERE / 'dpkg.cfg'}",
-                "--format=tar", SUITE, str(partial), *MIRRORS,
-            ],
+            ["mmdebstrap", "--quiet", *options, "--format=tar", SUITE, str(partial), *MIRRORS],
             env={**os.environ, "SOURCE_DATE_EPOCH": source_date_epoch()},
-        )  # fmt: skip
+        )
         partial.rename(tarball)
     run(["podman", "import", "--quiet", str(tarball), reference])
-    timed("Debian base (mmdebstrap)", started, timings)
+    timed(f"Debian base ({variant}, mmdebstrap)", started, timings)
     return reference
 
 
@@ -243,6 +249,11 @@ def main() -> None:
     parser.add_argument(
         "--context", metavar="DIR", type=Path, help="only stage the build context into DIR"
     )
+    parser.add_argument(
+        "--slim-base",
+        action="store_true",
+        help="only build a debian:bookworm-slim stand-in (mmdebstrap minbase) and print it",
+    )
     options = parser.parse_args()
     cache = cache_root() / "image"
     cache.mkdir(parents=True, exist_ok=True)
@@ -253,10 +264,13 @@ def main() -> None:
         say(f"context: {options.context}")
         return
     require_tools()
+    if options.slim_base:
+        print(f"base: {debian_base(cache, timings, variant='minbase', include=[])}")
+        return
     with tempfile.TemporaryDirectory(prefix="context-", dir=cache) as staging:
         context = Path(staging)
         stage_context(context, cache, timings)
-        base = base_image(cache, timings)
+        base = debian_base(cache, timings, variant="essential", include=image_packages())
         reference = build(context, base, image_tag(), timings)
     size = int(run(["podman", "image", "inspect", "--format", "{{.Size}}", reference]))
     say(f"built {reference}: {size / 1e6:.0f} MB uncompressed")

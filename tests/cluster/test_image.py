@@ -53,16 +53,7 @@ class BuiltImage:
 def image(sandbox: SandboxHandle) -> BuiltImage:
     """`make image`'s build (cached under ~/.cache/conveyor/image), then a pull of what
     it pushed, so the image that runs is the registry's."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "image" / "build.py"), "--push", SANDBOX_NAME],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=900,
-    )
-    print(result.stdout, result.stderr)  # build timings and size, in the test's output
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    lines = build_script("--push", SANDBOX_NAME)
     pushed = lines["pushed"]
     subprocess.run(
         ["podman", "pull", "--quiet", "--tls-verify=false", pushed],
@@ -70,6 +61,20 @@ def image(sandbox: SandboxHandle) -> BuiltImage:
         check=True,
     )
     return BuiltImage(local=lines["image"], pushed=pushed)
+
+
+def build_script(*args: str) -> dict[str, str]:
+    """Run image/build.py; its `key: value` lines (image, pushed, base) as a dict."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "image" / "build.py"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    print(result.stdout, result.stderr)  # build timings and size, in the test's output
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
 
 
 def podman_run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -154,3 +159,43 @@ def test_image_reconciles_with_only_its_service_account(
         sandbox.run("kubectl", "get", "deployment", "web", "-n", namespace, "-o", "json").stdout
     )
     assert live["spec"]["replicas"] == 2
+
+
+PACKAGES = (
+    "import importlib.metadata as m, json; "
+    "print(json.dumps(sorted(f'{d.name}=={d.version}' for d in m.distributions())))"
+)
+
+
+def test_containerfile_builds_the_same_image_with_podman(image: BuiltImage, tmp_path: Path) -> None:
+    """The path for teams with Docker or Podman: `podman build` of the Containerfile on
+    a Debian base that has apt. docker.io is out of reach here, so an mmdebstrap minbase
+    stands in for debian:bookworm-slim (BASE build argument); the packages then come
+    from apt inside the build, as they would elsewhere."""
+    base = build_script("--slim-base")["base"]
+    context = tmp_path / "context"
+    build_script("--context", str(context))
+    reference = f"localhost/conveyor-containerfile:{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        [
+            "podman", "build", "--quiet", "--isolation=chroot", f"--build-arg=BASE={base}",
+            "--tag", reference, str(context),
+        ],
+        capture_output=True, check=True, timeout=900,
+    )  # fmt: skip
+    try:
+        assert __version__ in podman_run(reference, "--version").stdout
+        python = ("--entrypoint", "/opt/conveyor/bin/python")
+        containerfile_packages = json.loads(podman_run(*python, reference, "-c", PACKAGES).stdout)
+        make_image_packages = json.loads(podman_run(*python, image.pushed, "-c", PACKAGES).stdout)
+        assert containerfile_packages == make_image_packages  # one lock, one set
+        assert "conveyor==" + __version__ in containerfile_packages
+        assert len(containerfile_packages) > 30
+        helm = ("--entrypoint", "helm")
+        assert podman_run(*helm, reference, "version").stdout == (
+            podman_run(*helm, image.pushed, "version").stdout
+        )
+        user = podman_run("--entrypoint", "id", reference, "-u").stdout.strip()
+        assert user == str(IMAGE_USER)
+    finally:
+        subprocess.run(["podman", "rmi", "--force", reference], capture_output=True, check=False)
