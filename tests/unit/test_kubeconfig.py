@@ -14,6 +14,7 @@ import yaml
 from conveyor.cluster import kubeconfig
 from conveyor.cluster.client import BearerToken
 from conveyor.cluster.kubeconfig import ClusterCredentials, KubeconfigError
+from conveyor.reconcile.target import helm_cli
 
 
 def _config(path: Path, name: str, *, server: str, current: bool = True, **user: str) -> Path:
@@ -132,6 +133,21 @@ def test_in_cluster_only_when_no_kubeconfig_is_named(
     monkeypatch.setenv("KUBECONFIG", str(config))
     assert not kubeconfig.in_cluster_wanted()
     assert kubeconfig.load().server == "https://dev:6443"
+
+
+def test_helm_in_a_pod_gets_no_kubeconfig_and_no_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helm then finds the service account itself; a context would make it look for a
+    kubeconfig entry that does not exist."""
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    helm = helm_cli(context="production")
+    assert (helm.kubeconfig, helm.context) == (None, None)
+    config = _config(tmp_path / "config", "production", server="https://prod:6443")
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    helm = helm_cli(context="production")
+    assert (helm.kubeconfig, helm.context) == (str(config), "production")
 
 
 def test_in_cluster_without_a_token_says_where_it_looked(

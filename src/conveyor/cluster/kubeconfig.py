@@ -150,8 +150,8 @@ def _materialize(data_b64: str | None, file: str | None) -> str | None:
 
 def load(path: Path | str | None = None, *, context: str | None = None) -> ClusterCredentials:
     """Credentials for `context` (default: the current one) from `path`, else from the
-    files `$KUBECONFIG` lists, else the service account inside a Pod, else
-    ~/.kube/config."""
+    files `$KUBECONFIG` lists, else the service account inside a Pod (where `context`,
+    which names an entry of people's kubeconfigs, does not apply), else ~/.kube/config."""
     if path is None and in_cluster_wanted():
         return in_cluster()
     paths = [Path(path)] if path else env_paths() or [default_path()]

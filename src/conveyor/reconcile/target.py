@@ -134,7 +134,13 @@ def helm_cli(
 ) -> HelmCLI:
     # helm's --kubeconfig takes one file: $KUBECONFIG's list is handed over merged.
     path = kubeconfig.for_tools(kubeconfig_path or (resolved.kubeconfig if resolved else None))
-    return HelmCLI(kubeconfig=path, context=context or (resolved.context if resolved else None))
+    ctx = context or (resolved.context if resolved else None)
+    if path is None and kubeconfig.in_cluster_wanted():
+        # In a Pod the service account is the cluster, as for conveyor's own client: a
+        # context named in conveyor.yaml is for people's kubeconfigs, and helm would
+        # refuse to look for it in none.
+        ctx = None
+    return HelmCLI(kubeconfig=path, context=ctx)
 
 
 def values_lookup(kube: KubeClient) -> ValuesLookup:
