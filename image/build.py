@@ -13,7 +13,9 @@ Heavy pieces are cached under ~/.cache/conveyor/image, keyed by their inputs: th
 Debian base by the package list, the wheels by their hashes; buildah keeps the
 Containerfile's layers, so a build after a commit redoes only conveyor's own.
 
-    python image/build.py [--push SANDBOX] [--context DIR]
+    python image/build.py [--push SANDBOX]   build (and push to that sandbox's registry)
+    python image/build.py --context DIR      only stage the Containerfile's build context
+    python image/build.py --slim-base        only build the debian:bookworm-slim stand-in
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from conveyor import __version__  # noqa: E402
-from conveyor.sandbox import Sandbox  # noqa: E402
+from conveyor.sandbox import Sandbox, SandboxError  # noqa: E402
 from conveyor.sandbox.build import GoBuilder, ensure_binaries, kube_ldflags  # noqa: E402
 from conveyor.sandbox.paths import cache_root  # noqa: E402
 from conveyor.sandbox.versions import VERSIONS, find_go  # noqa: E402
@@ -66,17 +68,16 @@ def say(message: str) -> None:
     print(f"[image] {message}", flush=True)
 
 
-def run(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
-    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, check=False)
+def run(args: list[str], *, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
         raise SystemExit(f"[image] {args[0]} {args[1] if len(args) > 1 else ''} failed:\n{tail}")
     return result.stdout
 
 
-def timed(step: str, started: float, timings: dict[str, float]) -> None:
-    timings[step] = time.monotonic() - started
-    say(f"{step}: {timings[step]:.1f}s")
+def timed(step: str, started: float) -> None:
+    say(f"{step}: {time.monotonic() - started:.1f}s")
 
 
 def require_tools() -> None:
@@ -146,7 +147,7 @@ def standalone_kubectl(bin_dir: Path, cache: Path) -> Path:
     return target
 
 
-def stage_context(context: Path, cache: Path, timings: dict[str, float]) -> None:
+def stage_context(context: Path, cache: Path) -> None:
     """Everything the Containerfile reads, in one directory (also for podman/docker)."""
     started = time.monotonic()
     context.mkdir(parents=True, exist_ok=True)
@@ -159,11 +160,11 @@ def stage_context(context: Path, cache: Path, timings: dict[str, float]) -> None
     shutil.copy2(standalone_kubectl(bin_dir, cache), context / "bin" / "kubectl")
     for tool in TOOLS + tuple(t for t in OPTIONAL_TOOLS if (bin_dir / t).exists()):
         shutil.copy2(bin_dir / tool, context / "bin" / tool)
-    timed("tools from the sandbox cache", started, timings)
+    timed("tools from the sandbox cache", started)
 
     started = time.monotonic()
     shutil.copytree(wheelhouse(cache), context / "wheels", dirs_exist_ok=True)
-    timed("wheelhouse (locked dependencies)", started, timings)
+    timed("wheelhouse (locked dependencies)", started)
 
     started = time.monotonic()
     dist = context / "dist"
@@ -182,7 +183,7 @@ def stage_context(context: Path, cache: Path, timings: dict[str, float]) -> None
             ],
             env={**os.environ, "SOURCE_DATE_EPOCH": source_date_epoch()},
         )  # fmt: skip
-    timed("conveyor wheel", started, timings)
+    timed("conveyor wheel", started)
 
 
 def image_packages() -> list[str]:
@@ -190,7 +191,7 @@ def image_packages() -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-def debian_base(cache: Path, timings: dict[str, float], *, variant: str, include: list[str]) -> str:
+def debian_base(cache: Path, *, variant: str, include: list[str]) -> str:
     """A Debian root filesystem from mmdebstrap, imported as an image; keyed by what
     goes in. `essential` with the image's packages is make image's base (no apt: nothing
     installs after the build); `minbase` alone stands in for debian:bookworm-slim."""
@@ -213,11 +214,11 @@ def debian_base(cache: Path, timings: dict[str, float], *, variant: str, include
         )
         partial.rename(tarball)
     run(["podman", "import", "--quiet", str(tarball), reference])
-    timed(f"Debian base ({variant}, mmdebstrap)", started, timings)
+    timed(f"Debian base ({variant}, mmdebstrap)", started)
     return reference
 
 
-def build(context: Path, base: str, tag: str, timings: dict[str, float]) -> str:
+def build(context: Path, base: str, tag: str) -> str:
     started = time.monotonic()
     reference = f"{IMAGE}:{tag}"
     run(
@@ -229,17 +230,23 @@ def build(context: Path, base: str, tag: str, timings: dict[str, float]) -> str:
             "--tag", reference, "--file", str(context / "Containerfile"), str(context),
         ]
     )  # fmt: skip
-    timed("buildah build (Containerfile)", started, timings)
+    timed("buildah build (Containerfile)", started)
     return reference
 
 
-def push(reference: str, sandbox_name: str, timings: dict[str, float]) -> str:
+def sandbox_registry(sandbox_name: str) -> str:
+    try:
+        return Sandbox(sandbox_name).registry()
+    except SandboxError as error:
+        raise SystemExit(f"[image] cannot push: {error}") from None
+
+
+def push(reference: str, registry: str) -> str:
     started = time.monotonic()
-    registry = Sandbox(sandbox_name).registry()
     target = f"{registry}/conveyor:{reference.rsplit(':', 1)[1]}"
     # The sandbox registry listens on loopback without TLS.
     run(["buildah", "push", "--quiet", "--tls-verify=false", reference, f"docker://{target}"])
-    timed(f"push to {registry}", started, timings)
+    timed(f"push to {registry}", started)
     return target
 
 
@@ -257,24 +264,24 @@ def main() -> None:
     options = parser.parse_args()
     cache = cache_root() / "image"
     cache.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
     started = time.monotonic()
     if options.context:
-        stage_context(options.context, cache, timings)
+        stage_context(options.context, cache)
         say(f"context: {options.context}")
         return
     require_tools()
+    registry = sandbox_registry(options.push) if options.push else None  # before building
     if options.slim_base:
-        print(f"base: {debian_base(cache, timings, variant='minbase', include=[])}")
+        print(f"base: {debian_base(cache, variant='minbase', include=[])}")
         return
     with tempfile.TemporaryDirectory(prefix="context-", dir=cache) as staging:
         context = Path(staging)
-        stage_context(context, cache, timings)
-        base = debian_base(cache, timings, variant="essential", include=image_packages())
-        reference = build(context, base, image_tag(), timings)
+        stage_context(context, cache)
+        base = debian_base(cache, variant="essential", include=image_packages())
+        reference = build(context, base, image_tag())
     size = int(run(["podman", "image", "inspect", "--format", "{{.Size}}", reference]))
     say(f"built {reference}: {size / 1e6:.0f} MB uncompressed")
-    pushed = push(reference, options.push, timings) if options.push else None
+    pushed = push(reference, registry) if registry else None
     say(f"total: {time.monotonic() - started:.1f}s")
     print(f"image: {reference}")
     if pushed:

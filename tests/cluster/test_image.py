@@ -101,6 +101,8 @@ def test_image_runs_conveyor_and_its_tools_as_non_root(
     server = json.loads(sandbox.run("kubectl", "version", "-o", "json").stdout)
     assert kubectl["clientVersion"]["gitVersion"] == server["serverVersion"]["gitVersion"]
     assert "git version" in podman_run("--entrypoint", "git", image.pushed, "--version").stdout
+    # ssh, for git with a deploy key; it prints its version on stderr.
+    assert "OpenSSH" in podman_run("--entrypoint", "ssh", image.pushed, "-V").stderr
 
 
 @pytest.fixture
