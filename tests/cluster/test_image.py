@@ -1,7 +1,8 @@
 """conveyor's image, built as `make image` builds it and run, not only built.
 
 The image is pulled back from the sandbox registry it was pushed to and run with rootful
-podman on the host network, against the sandbox's apiserver. What the kubelet would give
+podman on the host network, against the sandbox's apiserver: `--version`, `agent --help`,
+one real `reconcile`, and the agent itself until its first pass, then SIGTERM. What the kubelet would give
 a Pod is given by hand: the service account's token, CA and namespace mounted at
 /var/run/secrets/kubernetes.io/serviceaccount, and KUBERNETES_SERVICE_HOST/_PORT. kwok's
 node runs no containers, so this is the Pod, simulated on the host.
@@ -119,15 +120,22 @@ def cluster_admin(sandbox: SandboxHandle, namespace: str) -> Iterator[str]:
     sandbox.run("kubectl", "delete", "clusterrolebinding", binding, check=False)
 
 
-def test_image_reconciles_with_only_its_service_account(
-    image: BuiltImage,
-    sandbox: SandboxHandle,
-    namespace: str,
-    cluster_admin: str,
-    tmp_path: Path,
-) -> None:
-    """One real `conveyor reconcile` from the image: a manifest and a Helm chart from
-    git, with in-cluster credentials only (no kubeconfig anywhere in the container)."""
+@dataclass(frozen=True)
+class Pod:
+    """What the kubelet would hand the container, as podman arguments, and the config
+    repository it reads (a manifest app and a Helm chart from git)."""
+
+    args: tuple[str, ...]
+    repo: ConfigRepo
+    path: str
+    revision: str
+    token: str
+
+
+@pytest.fixture
+def pod(
+    sandbox: SandboxHandle, namespace: str, cluster_admin: str, tmp_path: Path
+) -> Pod:
     work = tmp_path / "work"
     repo = ConfigRepo(work)
     charts = chart_repo(work)
@@ -140,20 +148,29 @@ def test_image_reconciles_with_only_its_service_account(
     subprocess.run(["chown", "-R", f"{IMAGE_USER}:{IMAGE_USER}", str(work)], check=True)
     account = pod_files(sandbox, tmp_path / "account", token=cluster_admin, namespace=namespace)
     host, port = apiserver(sandbox)
-
-    result = podman_run(
+    args = (
         "--env", f"KUBERNETES_SERVICE_HOST={host}",
         "--env", f"KUBERNETES_SERVICE_PORT={port}",
         "--volume", f"{account}:{ACCOUNT_DIR}:ro",
         "--volume", f"{work}:{work}:ro",
-        image.pushed,
-        "reconcile", "--repo", repo.url, "--path", path, "-o", "json",
+    )  # fmt: skip
+    return Pod(args, repo, path, revision, cluster_admin)
+
+
+def test_image_reconciles_with_only_its_service_account(
+    image: BuiltImage, sandbox: SandboxHandle, namespace: str, pod: Pod
+) -> None:
+    """One real `conveyor reconcile` from the image, with in-cluster credentials only
+    (no kubeconfig anywhere in the container)."""
+    result = podman_run(
+        *pod.args, image.pushed,
+        "reconcile", "--repo", pod.repo.url, "--path", pod.path, "-o", "json",
         check=False,
     )  # fmt: skip
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     apps = by_name(json.loads(result.stdout))
     assert apps["web"]["ready"] and apps["ui"]["ready"], result.stdout
-    assert apps["web"]["revision"] == revision
+    assert apps["web"]["revision"] == pod.revision
     assert apps["ui"]["helmRevision"] == 1
     releases = json.loads(sandbox.run("helm", "list", "-n", namespace, "-o", "json").stdout)
     assert [(r["name"], r["status"]) for r in releases] == [("ui", "deployed")]
@@ -162,6 +179,32 @@ def test_image_reconciles_with_only_its_service_account(
     )
     assert live["spec"]["replicas"] == 2
 
+
+def test_image_agent_logs_json_on_stdout_and_stops_on_sigterm(image: BuiltImage, pod: Pod) -> None:
+    """The agent as a Pod runs it: no --log-format given, so JSON (in-cluster default),
+    every stdout line one object, the token never in it; `podman stop` sends SIGTERM."""
+    name = f"conveyor-agent-{uuid.uuid4().hex[:8]}"
+    agent = subprocess.Popen(
+        [
+            *PODMAN_RUN, "--name", name, *pod.args, image.pushed,
+            "agent", "--repo", pod.repo.url, "--path", pod.path, "--interval", "1h",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert agent.stdout is not None
+        for line in agent.stdout:
+            lines.append(line)
+            if json.loads(line)["message"].startswith("pass done"):
+                break
+    finally:
+        subprocess.run(["podman", "stop", "--time", "20", name], capture_output=True, check=False)
+        _, stderr = agent.communicate(timeout=60)
+    passes = [json.loads(line) for line in lines if '"pass done' in line]
+    assert passes and passes[0]["message"].startswith("pass done: 2/2 Ready"), [*lines, stderr]
+    assert all(pod.token not in line for line in lines)
+    assert agent.returncode == 0, stderr[-2000:]
 
 PACKAGES = (
     "import importlib.metadata as m, json; "
