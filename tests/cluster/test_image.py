@@ -133,9 +133,7 @@ class Pod:
 
 
 @pytest.fixture
-def pod(
-    sandbox: SandboxHandle, namespace: str, cluster_admin: str, tmp_path: Path
-) -> Pod:
+def pod(sandbox: SandboxHandle, namespace: str, cluster_admin: str, tmp_path: Path) -> Pod:
     work = tmp_path / "work"
     repo = ConfigRepo(work)
     charts = chart_repo(work)
@@ -205,6 +203,7 @@ def test_image_agent_logs_json_on_stdout_and_stops_on_sigterm(image: BuiltImage,
     assert passes and passes[0]["message"].startswith("pass done: 2/2 Ready"), [*lines, stderr]
     assert all(pod.token not in line for line in lines)
     assert agent.returncode == 0, stderr[-2000:]
+
 
 PACKAGES = (
     "import importlib.metadata as m, json; "
