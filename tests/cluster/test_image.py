@@ -2,8 +2,8 @@
 
 The image is pulled back from the sandbox registry it was pushed to and run with rootful
 podman on the host network, against the sandbox's apiserver: `--version`, `agent --help`,
-one real `reconcile`, and the agent itself until its first pass, then SIGTERM. What the kubelet would give
-a Pod is given by hand: the service account's token, CA and namespace mounted at
+one real `reconcile`, and the agent itself until its first pass, then SIGTERM. What the
+kubelet would give a Pod is given by hand: the service account's token, CA and namespace mounted at
 /var/run/secrets/kubernetes.io/serviceaccount, and KUBERNETES_SERVICE_HOST/_PORT. kwok's
 node runs no containers, so this is the Pod, simulated on the host.
 
