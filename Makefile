@@ -7,15 +7,25 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SANDBOX_NAME ?= default
 
-.PHONY: venv browser lint types unit fuzz cluster test demo sandbox-down bench clean
+.PHONY: venv lock image image-context image-tools browser lint types unit fuzz cluster test demo \
+	sandbox-down bench clean
 
-$(STAMP): pyproject.toml
+# Installs are reproducible: every package comes from the lock (uv.lock, exported with
+# hashes to requirements/), the same lock `make image` installs from; conveyor itself
+# goes on top without resolving anything. tests/unit/test_lock.py fails when pyproject.toml
+# and the lock disagree; `make lock` brings them back together.
+$(STAMP): pyproject.toml uv.lock requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+lock: $(STAMP)
+	$(BIN)/uv lock
+	$(BIN)/uv export --frozen --no-emit-project --no-header -q -o requirements/runtime.txt
+	$(BIN)/uv export --frozen --no-emit-project --extra dev --no-header -q -o requirements/dev.txt
 
 # Debian's Chromium for the dashboard's Playwright tests (Playwright's own browser
 # download is not used). Installed only when missing; as root directly, else with sudo.
@@ -28,9 +38,35 @@ browser:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; \
 	fi
 
+# Debian's daemonless image tools: mmdebstrap builds the base, buildah runs the
+# Containerfile (chroot isolation) and pushes, podman runs the image in the tests (with
+# runc: crun cannot set up this VM's hybrid cgroups). Installed only when missing.
+IMAGE_TOOLS := mmdebstrap buildah podman runc
+image-tools:
+	@missing=; for tool in $(IMAGE_TOOLS); do \
+		command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null; then SUDO=sudo; \
+		else echo "missing:$$missing: install them as root (apt-get install$$missing)"; exit 1; fi; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+# conveyor's image, built without a daemon (image/build.py runs the Containerfile
+# on a Debian base from mmdebstrap) and pushed to the sandbox's registry.
+image: $(STAMP) image-tools
+	$(BIN)/conveyor sandbox up --name $(SANDBOX_NAME)
+	$(BIN)/python image/build.py --push $(SANDBOX_NAME)
+
+# The Containerfile's build context, for podman or docker elsewhere:
+#   make image-context && podman build -t conveyor .image-context
+image-context: $(STAMP)
+	$(BIN)/python image/build.py --context .image-context
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench image
+	$(BIN)/ruff format --check src tests bench image
 
 types: $(STAMP)
 	$(BIN)/mypy
@@ -45,13 +81,13 @@ fuzz: $(STAMP)
 	CONVEYOR_FUZZ_PROFILE=fuzz CONVEYOR_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
 		$(BIN)/pytest -m "not cluster" tests/unit/test_fuzz_config.py -q
 
-cluster: $(STAMP) browser
+cluster: $(STAMP) browser image-tools
 	$(BIN)/conveyor sandbox up --name test
 	$(BIN)/pytest -m cluster tests
 
-test: $(STAMP) browser
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+test: $(STAMP) browser image-tools
+	$(BIN)/ruff check src tests bench image
+	$(BIN)/ruff format --check src tests bench image
 	$(BIN)/mypy
 	$(BIN)/pytest tests
 
@@ -68,4 +104,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/dashboard.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .image-context

@@ -174,10 +174,12 @@ class Bench:
                 str(secret),
                 "--timeout",
                 "600",
+                "--log-format",
+                "json",
             ],
             env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("w"),
+            stdout=log.open("w"),  # the agent logs on stdout
+            stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
         try:

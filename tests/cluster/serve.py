@@ -34,8 +34,8 @@ class ServeProcess:
         self.process = subprocess.Popen(
             [*args, *extra],
             env=sandbox.env,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("w"),
+            stdout=self.log.open("w"),  # serve logs on stdout
+            stderr=subprocess.STDOUT,
         )
         self.wait_ready()
 

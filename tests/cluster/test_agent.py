@@ -66,11 +66,13 @@ class AgentProcess:
                 f"127.0.0.1:{self.port}",
                 "--webhook-secret-file",
                 str(secret_file),
+                "--log-format",
+                "json",
                 *extra,
             ],
             env=sandbox.env,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("w"),
+            stdout=self.log.open("w"),  # the agent logs on stdout
+            stderr=subprocess.STDOUT,
         )
 
     @property

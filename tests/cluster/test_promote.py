@@ -313,8 +313,8 @@ def test_the_agent_holds_a_gated_revision_and_applies_it_when_the_gate_opens(
             f"127.0.0.1:{free_port()}",
         ],
         env=pipeline.clusters.env(),
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),
+        stdout=log.open("w"),  # the agent logs on stdout
+        stderr=subprocess.STDOUT,
     )
     agent_logs.append(agent)
     wait_for(

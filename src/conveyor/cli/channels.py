@@ -97,7 +97,11 @@ def release(
     driver: Driver | None = DriverOption,
     root: Path | None = RootOption,
     secrets_dir: Path | None = SecretsDirOption,
-    kubeconfig: str | None = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"),
+    kubeconfig: str | None = typer.Option(
+        None,
+        "--kubeconfig",
+        help="kubeconfig file (default: the files $KUBECONFIG lists, merged as kubectl does).",
+    ),
     context: str | None = typer.Option(None, "--context", help="kubeconfig context."),
     output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
 ) -> None:

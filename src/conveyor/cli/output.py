@@ -16,6 +16,11 @@ import typer
 import yaml
 from rich.console import Console
 
+# Long-running commands (agent, serve) log to stdout in this format.
+LogFormatOption = typer.Option(
+    None, "--log-format", help="Logs on stdout as json or text (default: json inside a Pod)."
+)
+
 console = Console()
 err_console = Console(stderr=True)
 

@@ -26,6 +26,7 @@ from conveyor.cli.channels import (
     channel_diff,
 )
 from conveyor.cli.output import (
+    LogFormatOption,
     OutputFormat,
     check_listen,
     console,
@@ -41,6 +42,7 @@ from conveyor.promote.gates import agent_gate
 from conveyor.promote.offline_diff import diff_against_live, diff_revisions
 from conveyor.reconcile.agent import Agent, AgentOptions
 from conveyor.reconcile.engine import PassResult
+from conveyor.reconcile.logs import LogFormat
 from conveyor.reconcile.logs import configure as configure_logging
 from conveyor.reconcile.once import SourceFailure, plan_target, reconcile_once
 from conveyor.reconcile.plan import AppPlan, render_markdown, render_text
@@ -429,6 +431,7 @@ def agent(
     lease_duration: float = typer.Option(15.0, "--lease-duration"),
     kubeconfig: str | None = KubeconfigOption,
     context: str | None = ContextOption,
+    log_format: LogFormat | None = LogFormatOption,
 ) -> None:
     """The long-running agent: reconcile on every new revision, interval and webhook.
     With --env, new content waits until the environment's gates are open."""
@@ -450,7 +453,7 @@ def agent(
             secret = load_secret(webhook_secret_file)
         except WebhookError as error:
             fail(str(error))
-    configure_logging()
+    configure_logging(log_format=log_format)
     options = AgentOptions(
         interval=poll_interval,
         listen=listen,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from conveyor.cli.output import check_listen, err_console, fail
+from conveyor.cli.output import LogFormatOption, check_listen, err_console, fail
+from conveyor.reconcile.logs import LogFormat
 from conveyor.reconcile.logs import configure as configure_logging
 from conveyor.web.app import serve as run_server
 from conveyor.web.auth import TokenFileError, load_tokens
@@ -23,12 +24,17 @@ def serve(
         help="Tokens allowed to act, one `TOKEN` or `NAME TOKEN` per line (without it the "
         "dashboard is read-only).",
     ),
-    kubeconfig: str | None = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"),
+    kubeconfig: str | None = typer.Option(
+        None,
+        "--kubeconfig",
+        help="kubeconfig file (default: the files $KUBECONFIG lists, merged as kubectl does).",
+    ),
     context: str | None = typer.Option(None, "--context", help="kubeconfig context."),
     repo: str | None = typer.Option(
         None, "--repo", help="Config repository, for history, diffs and reconcile now."
     ),
     branch: str | None = typer.Option(None, "--branch", help="Branch of --repo."),
+    log_format: LogFormat | None = LogFormatOption,
 ) -> None:
     """Dashboard and JSON API: the environments x apps matrix, app history, diffs against
     the cluster, gates, live updates, and token-protected actions."""
@@ -39,7 +45,7 @@ def serve(
         except TokenFileError as error:
             fail(str(error))
     check_listen(listen)
-    configure_logging()
+    configure_logging(log_format=log_format)
     logging.getLogger("conveyor.web").info("serving on http://%s", listen)
     if tokens is None:
         err_console.print("no --token-file: the dashboard is read-only")

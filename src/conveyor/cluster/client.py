@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
-from collections.abc import AsyncIterator, Mapping
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +25,7 @@ from conveyor.cluster.kubeconfig import ClusterCredentials
 
 Obj = dict[str, Any]
 RETRIES = 5
+TOKEN_REFRESH_SECONDS = 60.0
 
 
 class ApiError(RuntimeError):
@@ -83,19 +87,69 @@ def _raise_for_status(response: httpx.Response) -> None:
     )
 
 
+class BearerToken(httpx.Auth):
+    """The bearer token of a kubeconfig user or of a Pod's service account.
+
+    A token file is read again once a minute, and at once when the apiserver answers 401
+    (the request is then sent once more with the new token): the kubelet rotates a bound
+    service-account token in place, well before the old one expires, as client-go expects.
+    """
+
+    def __init__(
+        self,
+        credentials: ClusterCredentials,
+        *,
+        refresh_every: float = TOKEN_REFRESH_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._file = Path(credentials.token_file) if credentials.token_file else None
+        self._token = credentials.token or ""
+        self._refresh_every = refresh_every
+        self._clock = clock
+        self._read_at = -math.inf
+        self._reread()
+
+    def _reread(self) -> bool:
+        """Read the file again; True if the token changed. A file caught mid-rotation
+        (missing, empty) keeps the token we had: the apiserver is the judge of it."""
+        if self._file is None:
+            return False
+        self._read_at = self._clock()
+        try:
+            token = self._file.read_text().strip()
+        except OSError:
+            return False
+        changed = bool(token) and token != self._token
+        if changed:
+            self._token = token
+        return changed
+
+    def token(self) -> str:
+        if self._file is not None and self._clock() - self._read_at >= self._refresh_every:
+            self._reread()
+        return self._token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self.token()}"
+        response = yield request
+        if response.status_code == 401 and self._reread():
+            request.headers["Authorization"] = f"Bearer {self._token}"
+            yield request
+
+
 class KubeClient:
     def __init__(
         self, credentials: ClusterCredentials, *, timeout: float = 30.0, max_connections: int = 32
     ) -> None:
         self.credentials = credentials
         headers = {"Accept": "application/json", "User-Agent": "conveyor"}
-        if credentials.token:
-            headers["Authorization"] = f"Bearer {credentials.token}"
+        auth = BearerToken(credentials) if credentials.token or credentials.token_file else None
         ssl_context = credentials.ssl_context()
         self._http = httpx.AsyncClient(
             base_url=credentials.server,
             verify=ssl_context,
             headers=headers,
+            auth=auth,
             timeout=timeout,
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
@@ -110,6 +164,7 @@ class KubeClient:
             base_url=credentials.server,
             verify=ssl_context,
             headers=headers,
+            auth=auth,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
         )
         self._in_flight = asyncio.Semaphore(max_connections)

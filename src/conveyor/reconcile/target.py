@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,12 +134,15 @@ def helm_cli(
     kubeconfig_path: str | None = None,
     context: str | None = None,
 ) -> HelmCLI:
-    path = (
-        kubeconfig_path
-        or (resolved.kubeconfig if resolved else None)
-        or os.environ.get("KUBECONFIG")
-    )
-    return HelmCLI(kubeconfig=path, context=context or (resolved.context if resolved else None))
+    # helm's --kubeconfig takes one file: $KUBECONFIG's list is handed over merged.
+    path = kubeconfig.for_tools(kubeconfig_path or (resolved.kubeconfig if resolved else None))
+    ctx = context or (resolved.context if resolved else None)
+    if path is None and kubeconfig.in_cluster_wanted():
+        # In a Pod the service account is the cluster, as for conveyor's own client: a
+        # context named in conveyor.yaml is for people's kubeconfigs, and helm would
+        # refuse to look for it in none.
+        ctx = None
+    return HelmCLI(kubeconfig=path, context=ctx)
 
 
 def values_lookup(kube: KubeClient) -> ValuesLookup:
