@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SANDBOX_NAME ?= default
 
-.PHONY: venv browser lint types unit cluster test demo sandbox-down bench clean
+.PHONY: venv browser lint types unit fuzz cluster test demo sandbox-down bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ types: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -m "not cluster" tests
+
+# The readers of users' files fuzzed at length: the unit run's tests with many more
+# examples, new ones each run (FUZZ_EXAMPLES per test; about 10 minutes at 1500).
+FUZZ_EXAMPLES ?= 1500
+fuzz: $(STAMP)
+	CONVEYOR_FUZZ_PROFILE=fuzz CONVEYOR_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(BIN)/pytest -m "not cluster" tests/unit/test_fuzz_config.py -q
 
 cluster: $(STAMP) browser
 	$(BIN)/conveyor sandbox up --name test

@@ -46,10 +46,9 @@ class SandboxHandle:
         return KubeClient(kubeconfig.load(self.kubeconfig))
 
 
-@pytest.fixture(scope="session")
-def sandbox() -> Iterator[SandboxHandle]:
-    box = Sandbox(SANDBOX_NAME, progress=lambda m: print(f"[sandbox] {m}", flush=True))
-    was_running = box.status().ready
+def start_sandbox(name: str) -> SandboxHandle:
+    """Bring sandbox `name` up (or find it up), with an environment that points at it."""
+    box = Sandbox(name, progress=lambda m: print(f"[sandbox {name}] {m}", flush=True))
     state = box.up()
     env = dict(os.environ)
     env["KUBECONFIG"] = str(box.kubeconfig)
@@ -58,9 +57,16 @@ def sandbox() -> Iterator[SandboxHandle]:
     env["HELM_CACHE_HOME"] = str(box.layout.root / "helm-cache")
     env["HELM_CONFIG_HOME"] = str(box.layout.root / "helm-config")
     env["HELM_DATA_HOME"] = str(box.layout.root / "helm-data")
-    yield SandboxHandle(box, env, box.registry())
+    return SandboxHandle(box, env, box.registry())
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[SandboxHandle]:
+    was_running = Sandbox(SANDBOX_NAME).status().ready
+    handle = start_sandbox(SANDBOX_NAME)
+    yield handle
     if not was_running and not os.environ.get("CONVEYOR_KEEP_SANDBOX"):
-        box.down()
+        handle.sandbox.down()
 
 
 @pytest.fixture

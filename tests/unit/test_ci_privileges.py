@@ -85,7 +85,10 @@ def test_render_json_from_a_clone_url(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("ci-policies:\n  - PolicyName: x\n", "PolicyDocument: Field required"),
+        (
+            "ci-policies:\n  - PolicyName: x\n",
+            ".ci.yaml:2: ci-policies[0].PolicyDocument is required",
+        ),
         (
             "ci-policies:\n  - PolicyName: x\n    PolicyDocument:\n      Version: '2012-10-17'\n"
             "      Statement: []\n",

@@ -208,16 +208,22 @@ def test_approval_gate_reads_approvals_committed_to_git(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("gate", "message"),
     [
-        ({"type": "queue-empty"}, "gates.0.queue-empty.queues: Field required"),
-        ({"type": "queue-empty", "queues": []}, "List should have at least 1 item"),
-        ({"type": "soak"}, "gates.0.soak.duration: Field required"),
-        ({"type": "soak", "duration": "5 minutes"}, "invalid duration '5 minutes'"),
+        ({"type": "queue-empty"}, ":5: environments[1].gates[0].queues is required"),
+        ({"type": "queue-empty", "queues": []}, ":5: environments[1].gates[0].queues: List"),
+        ({"type": "soak"}, ":5: environments[1].gates[0].duration is required"),
+        ({"type": "soak", "duration": "5 minutes"}, "duration like 24h: invalid duration '5 min"),
+        (
+            {"type": "soak", "duration": [1]},
+            ":6: environments[1].gates[0].duration: expected a dur",
+        ),
         ({"type": "coffee"}, "does not match any of the expected tags"),
         ({"type": "approval", "count": 0}, "greater than or equal to 1"),
     ],
 )
 def test_bad_gates_are_named_in_conveyor_yaml(gate: dict[str, Any], message: str) -> None:
-    with pytest.raises(ConfigError, match=r"conveyor\.yaml: environments\.1") as error:
+    with pytest.raises(
+        ConfigError, match=r"conveyor\.yaml:\d+: environments\[1\]\.gates\[0\]"
+    ) as error:
         project_with([gate])
     assert message in str(error.value)
 
@@ -226,6 +232,5 @@ def test_a_gate_naming_an_unknown_environment_is_refused() -> None:
     with pytest.raises(ConfigError) as error:
         project_with([{"type": "soak", "duration": "1h", "environment": "qa"}])
     assert str(error.value) == (
-        "conveyor.yaml: environments: Value error, production: gate soak names unknown "
-        "environment 'qa'"
+        "conveyor.yaml:2: environments: production: gate soak names unknown environment 'qa'"
     )

@@ -149,7 +149,7 @@ def test_malformed_policy_is_exit_2(tmp_path: Path) -> None:
     repo.commit({"x.yaml": "1\n"})
     result = guard(repo)
     assert result.exit_code == 2
-    assert "master:conveyor.yaml: guard.protected" in result.stderr
+    assert "master:conveyor.yaml:2: guard.protected: expected a list, got 7" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -227,13 +227,13 @@ def test_flux_v2_fields_remediation_and_drift() -> None:
     ("bad", "message"),
     [
         ({"chart": {}}, "spec.chart.spec or spec.chartRef is required"),
-        ({"chart": {"spec": {"chart": "x"}}}, "sourceRef.kind is required"),
+        ({"chart": {"spec": {"chart": "x"}}}, r"^spec\.chart\.spec\.sourceRef is required$"),
         (
             {
                 "chartRef": {"kind": "OCIRepository", "name": "o"},
                 "valuesFrom": [{"kind": "Bucket", "name": "b"}],
             },
-            "valuesFrom\\[0\\].kind must be ConfigMap or Secret",
+            r"^spec\.valuesFrom\[0\]\.kind: expected 'ConfigMap' or 'Secret', got 'Bucket'$",
         ),
     ],
 )
@@ -312,5 +312,7 @@ def test_chart_ref_to_a_helm_chart_resolves_through_its_source(tmp_path: Path) -
     assert chart == ChartFromRepository(
         url="https://charts.example", name="service", version="1.x", refresh_seconds=600.0
     )
-    with pytest.raises(RenderError, match=r"sources\.yaml:1: HelmChart broken needs spec\.chart"):
+    with pytest.raises(
+        RenderError, match=r"^sources\.yaml:1: HelmChart broken: spec\.sourceRef is required$"
+    ):
         resolver._from_source(SourceRef(kind="HelmChart", name="broken", namespace="apps"))

@@ -39,3 +39,11 @@ def fail(message: str, *, code: int = 2) -> NoReturn:
         f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True
     )
     raise typer.Exit(code)
+
+
+def check_listen(listen: str) -> None:
+    """`--listen` wants HOST:PORT (or a port alone); anything else is an error exit,
+    before any server starts."""
+    port = listen.rpartition(":")[2]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        fail(f"--listen wants HOST:PORT, not {listen!r}")

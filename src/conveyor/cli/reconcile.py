@@ -23,7 +23,14 @@ from conveyor.cli.channels import (
     SecretsDirOption,
     channel_diff,
 )
-from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
+from conveyor.cli.output import (
+    OutputFormat,
+    check_listen,
+    console,
+    err_console,
+    fail,
+    print_machine,
+)
 from conveyor.cluster.client import ApiError
 from conveyor.cluster.kubeconfig import KubeconfigError
 from conveyor.config.helmrelease import parse_duration
@@ -412,6 +419,16 @@ def agent(
     With --env, new content waits until the environment's gates are open."""
     if bool(path) == bool(env):
         fail("give exactly one of --path DIR or --env NAME")
+    # Startup misconfiguration stops the agent here, with one line; everything after
+    # this is retried (see reconcile/agent.py).
+    if listen is not None:
+        check_listen(listen)
+    if lease_duration <= 0:
+        fail(f"--lease-duration must be positive, not {lease_duration}")
+    try:
+        poll_interval = parse_duration(interval, default=60.0)
+    except ValueError as error:
+        fail(f"--interval: {error}")
     secret = None
     if webhook_secret_file is not None:
         try:
@@ -420,7 +437,7 @@ def agent(
             fail(f"cannot read the webhook secret file: {error.strerror}")
     configure_logging()
     options = AgentOptions(
-        interval=parse_duration(interval, default=60.0),
+        interval=poll_interval,
         listen=listen,
         webhook_secret=secret,
         timeout=timeout,
@@ -438,5 +455,8 @@ def agent(
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         await Agent(target, options=options, gate=gate).run()
 
-    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
-        asyncio.run(run_until_stopped())
+    try:
+        with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+            asyncio.run(run_until_stopped())
+    except KubeconfigError as error:  # the one error at run time that no retry can mend
+        fail(escape(str(error)))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from conveyor.cli.output import err_console, fail
+from conveyor.cli.output import check_listen, err_console, fail
 from conveyor.reconcile.logs import configure as configure_logging
 from conveyor.web.app import serve as run_server
 from conveyor.web.auth import TokenFileError, load_tokens
@@ -38,9 +38,7 @@ def serve(
             tokens = load_tokens(token_file)
         except TokenFileError as error:
             fail(str(error))
-    port = listen.rpartition(":")[2]
-    if not port.isdigit():
-        fail(f"--listen wants HOST:PORT, not {listen!r}")
+    check_listen(listen)
     configure_logging()
     logging.getLogger("conveyor.web").info("serving on http://%s", listen)
     if tokens is None:

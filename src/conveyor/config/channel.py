@@ -24,10 +24,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from conveyor.config.project import ConfigError, describe_validation_error, safe_relative_path
+from conveyor.config.project import ConfigError, safe_relative_path
+from conveyor.config.userfile import load_document, read_text, validate
 
 
 class _Model(BaseModel):
@@ -93,17 +93,11 @@ class Channel(_Model):
 
 
 def load_channel(path: Path) -> Channel:
-    """Read a channel file; ConfigError (naming the file) when it is not one."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(error).split())}") from None
+    """Read a channel file; ConfigError (naming the file and line) when it is not one."""
+    source = str(path)
+    document = load_document(read_text(path), file=source)
+    raw = document.data if document is not None else None
     section = raw.get("calitp") if isinstance(raw, dict) else None
-    if not isinstance(section, dict):
+    if document is None or not isinstance(section, dict):
         raise ConfigError(f"{path}: no `calitp:` section (channel, releases)")
-    try:
-        return Channel.model_validate(section)
-    except ValidationError as error:
-        raise ConfigError(f"{path}: calitp.{describe_validation_error(error)}") from None
+    return validate(Channel, section, file=source, node=document.node, at=("calitp",))

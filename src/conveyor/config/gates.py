@@ -21,14 +21,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from conveyor.config.helmrelease import HelmReleaseError, parse_duration
+from conveyor.config.helmrelease import parse_duration
+from conveyor.config.validation import shown
 
 
 def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, str | int | float | None):
+        raise ValueError(f"expected a duration like 24h, got {shown(value, reveal=True)}")
     try:
         return parse_duration(value, default=0.0)
-    except HelmReleaseError as error:
-        raise ValueError(str(error)) from None
+    except ValueError as error:  # HelmReleaseError, or a number float() refuses
+        raise ValueError(f"expected a duration like 24h: {error}") from None
 
 
 Duration = Annotated[float, BeforeValidator(_seconds)]

@@ -11,23 +11,19 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Literal, get_args
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from conveyor.config.gates import Gate
+from conveyor.config.userfile import ConfigError as ConfigError
+from conveyor.config.userfile import load_document, read_text, validate
 
 FILE_NAME = "conveyor.yaml"
-
-
-class ConfigError(ValueError):
-    """conveyor.yaml is missing something or malformed; the message names the file."""
 
 
 class Model(BaseModel):
@@ -204,21 +200,12 @@ def safe_relative_path(value: str) -> str:
     return str(path)
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """One line naming each bad field, for messages that must fit on one line."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-
-
-def parse_project(text: str, *, source: str) -> Project:
+def parse_project(text: str | bytes, *, source: str) -> Project:
     """Parse conveyor.yaml text; `source` names it in errors (a path, or `rev:path`)."""
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: invalid YAML: {error}") from None
-    try:
-        return Project.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(f"{source}: {describe_validation_error(error)}") from None
+    document = load_document(text, file=source)
+    if document is None or not document.data:
+        return Project()
+    return validate(Project, document.data, file=source, node=document.node)
 
 
 def load_project(repo_root: Path) -> Project:
@@ -226,4 +213,4 @@ def load_project(repo_root: Path) -> Project:
     path = repo_root / FILE_NAME
     if not path.exists():
         return Project()
-    return parse_project(path.read_text(), source=str(path))
+    return parse_project(read_text(path), source=str(path))

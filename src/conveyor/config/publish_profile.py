@@ -14,10 +14,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from conveyor.config.project import ConfigError, Model, describe_validation_error
+from conveyor.config.project import ConfigError, Model
+from conveyor.config.userfile import load_document, read_text, validate
 
 DEFAULT_PATH = Path(".conveyor/publish.yaml")
 
@@ -112,11 +112,7 @@ def load_publish_profile(path: Path) -> PublishProfile:
     """Read the profile; a missing or malformed file is a ConfigError naming it."""
     if not path.is_file():
         raise ConfigError(f"{path}: publish profile not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(error).split())}") from None
-    try:
-        return PublishProfile.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(f"{path}: {describe_validation_error(error)}") from None
+    document = load_document(read_text(path), file=str(path))
+    if document is None or not document.data:
+        return PublishProfile()
+    return validate(PublishProfile, document.data, file=str(path), node=document.node)

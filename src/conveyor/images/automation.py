@@ -28,7 +28,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
+from conveyor.config.userfile import UserFileError, YamlDocument, validate
+from conveyor.config.userfile import read_text as read_user_text
 from conveyor.images.policy import PolicyError, TagPolicy, flux_v1_filter, go_regex, image_policy
 from conveyor.images.reference import (
     ImageName,
@@ -36,7 +39,6 @@ from conveyor.images.reference import (
     parse_image_name,
 )
 from conveyor.images.yamltext import (
-    Document,
     Scalar,
     YamlTextError,
     child,
@@ -156,9 +158,77 @@ def yaml_files(root: Path, folder: str = ".") -> list[Path]:
     return sorted(files)
 
 
-def read_text(path: Path) -> str:
-    """The file as text with every byte (line endings, BOM) preserved on a round trip."""
-    return path.read_bytes().decode("utf-8")
+def read_text(path: Path, *, file: str | None = None) -> str:
+    """The file as text with every byte (line endings, BOM) preserved on a round trip;
+    too large or not UTF-8 is a UserFileError naming `file`."""
+    return read_user_text(path, file=file)
+
+
+# -- what is read of each object, checked before it is used ----------------------------
+
+
+class _Model(BaseModel):
+    # Fields beyond these are the objects' own; numbers are taken where text is (a tag
+    # filter `1.2`), as the code before these models did.
+    model_config = ConfigDict(extra="allow", populate_by_name=True, coerce_numbers_to_str=True)
+
+
+class ObjectMeta(_Model):
+    name: str | None = None
+    namespace: str | None = None
+    # Flux v1 reads `fluxcd.io/automated: true` and `"true"` alike: values of any type.
+    annotations: dict[str, Any] | None = None
+
+
+class ObjectHead(_Model):
+    api_version: str = Field("", alias="apiVersion")
+    kind: str = ""
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+
+
+class _RepositoryRef(_Model):
+    name: str
+    namespace: str | None = None
+
+
+class ImagePolicySpec(_Model):
+    """What discovery reads; `filterTags` and `policy` are read by `image_policy`, which
+    names their problems."""
+
+    image_repository_ref: _RepositoryRef = Field(alias="imageRepositoryRef")
+
+
+class ImageRepositorySpec(_Model):
+    image: str
+    exclusion_list: list[str] | None = Field(None, alias="exclusionList")
+    insecure: bool | str | None = None
+
+
+class _Update(_Model):
+    path: str | None = None
+
+
+class ImageUpdateAutomationSpec(_Model):
+    update: _Update | None = None
+
+
+_SPECS: dict[str, type[_Model]] = {
+    "ImageRepository": ImageRepositorySpec,
+    "ImagePolicy": ImagePolicySpec,
+    "ImageUpdateAutomation": ImageUpdateAutomationSpec,
+}
+
+
+def _head(document: YamlDocument, file: str) -> ObjectHead | Problem | None:
+    """kind, apiVersion and metadata of a document that is an object (has a `kind`)."""
+    data = document.data
+    if not isinstance(data, dict) or "kind" not in data:
+        return None
+    fields = {k: data[k] for k in ("apiVersion", "kind", "metadata") if data.get(k) is not None}
+    try:
+        return validate(ObjectHead, fields, file=file, node=document.node)
+    except UserFileError as error:
+        return Problem(file, f"line {error.line}: skipped: {error.detail}")
 
 
 # -- Flux v1 ------------------------------------------------------------------------
@@ -242,14 +312,10 @@ def _truthy(value: object) -> bool:
     return value is True or str(value).lower() == "true"
 
 
-def _flux_v1(document: Document, file: str) -> Iterator[Automation | Problem]:
+def _flux_v1(document: YamlDocument, head: ObjectHead, file: str) -> Iterator[Automation | Problem]:
     data = document.data
-    if not isinstance(data, dict):
-        return
-    metadata = data.get("metadata") or {}
-    annotations = metadata.get("annotations") or {}
-    if not isinstance(annotations, dict):
-        return
+    metadata = head.metadata
+    annotations = metadata.annotations or {}
     automated = any(_truthy(annotations.get(a)) for a in FLUX_V1_AUTOMATED)
     locked = any(_truthy(annotations.get(a)) for a in FLUX_V1_LOCKED)
     if not automated or locked:
@@ -261,9 +327,9 @@ def _flux_v1(document: Document, file: str) -> Iterator[Automation | Problem]:
         images = _workload_images(document.node, kind, file)
     else:
         return
-    namespace = metadata.get("namespace") or "default"
+    namespace = metadata.namespace or "default"
     for container, found in images.items():
-        name = f"{kind} {namespace}/{metadata.get('name')} {container}"
+        name = f"{kind} {namespace}/{metadata.name} {container}"
         filter_text = next(
             (
                 str(annotations[f.format(container)])
@@ -288,26 +354,27 @@ def _flux_v1(document: Document, file: str) -> Iterator[Automation | Problem]:
 
 @dataclass(frozen=True)
 class _Object:
+    kind: str  # ImageRepository, ImagePolicy or ImageUpdateAutomation
     file: str
     namespace: str
     name: str
-    spec: Mapping[str, Any]
+    spec: Mapping[str, Any]  # checked by the kind's model
 
 
-def _flux_v2_object(document: Document, file: str, kind: str) -> _Object | None:
-    data = document.data
-    if not isinstance(data, dict) or data.get("kind") != kind:
+def _flux_v2_object(
+    document: YamlDocument, head: ObjectHead, file: str
+) -> _Object | Problem | None:
+    kind = head.kind
+    if kind not in _SPECS or not head.api_version.startswith("image.toolkit.fluxcd.io/"):
         return None
-    if not str(data.get("apiVersion", "")).startswith("image.toolkit.fluxcd.io/"):
-        return None
-    metadata = data.get("metadata") or {}
-    spec = data.get("spec")
-    return _Object(
-        file,
-        str(metadata.get("namespace") or "default"),
-        str(metadata.get("name")),
-        spec if isinstance(spec, dict) else {},
-    )
+    spec = document.data.get("spec")
+    spec = spec if spec is not None else {}
+    try:
+        validate(_SPECS[kind], spec, file=file, node=document.node, at=("spec",))
+    except UserFileError as error:
+        return Problem(file, f"line {error.line}: {kind} {head.metadata.name}: {error.detail}")
+    namespace = head.metadata.namespace or "default"
+    return _Object(kind, file, namespace, str(head.metadata.name), spec)
 
 
 def _policy_automation(
@@ -344,28 +411,35 @@ def discover(root: Path, folder: str = ".") -> Discovery:
     for path in yaml_files(root, folder):
         file = path.relative_to(root).as_posix()
         try:
-            text = read_text(path)
-            documents = load_documents(text)
-        except (UnicodeDecodeError, YamlTextError) as error:
+            text = read_text(path, file=file)
+            documents = load_documents(text, file=file)
+        except (UserFileError, YamlTextError) as error:
             found.problems.append(Problem(file, f"skipped: {error}"))
             continue
         for document in documents:
-            for item in _flux_v1(document, file):
+            head = _head(document, file)
+            if isinstance(head, Problem):
+                found.problems.append(head)
+                continue
+            if head is None:
+                continue
+            for item in _flux_v1(document, head, file):
                 if isinstance(item, Automation):
                     found.automations.append(item)
                 else:
                     found.problems.append(item)
-            repository = _flux_v2_object(document, file, "ImageRepository")
-            if repository:
-                repositories[(repository.namespace, repository.name)] = repository
-            policy = _flux_v2_object(document, file, "ImagePolicy")
-            if policy:
-                policies.append(policy)
-            updater = _flux_v2_object(document, file, "ImageUpdateAutomation")
-            if updater:
-                update = updater.spec.get("update")
-                where = update.get("path") if isinstance(update, dict) else None
-                update_paths.append(PurePosixPath(str(where or ".")))
+            flux_object = _flux_v2_object(document, head, file)
+            if isinstance(flux_object, Problem):
+                found.problems.append(flux_object)
+            elif flux_object is None:
+                continue
+            elif flux_object.kind == "ImageRepository":
+                repositories[(flux_object.namespace, flux_object.name)] = flux_object
+            elif flux_object.kind == "ImagePolicy":
+                policies.append(flux_object)
+            else:
+                update = flux_object.spec.get("update") or {}
+                update_paths.append(PurePosixPath(str(update.get("path") or ".")))
         setters.extend((file, s.reference, s.scalar) for s in setter_comments(text, documents))
     by_reference: dict[str, Automation] = {}
     for policy in policies:

@@ -13,22 +13,17 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import yaml
 
-_FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+from conveyor.config.userfile import UserFileError, YamlDocument, load_json, load_yaml
+from conveyor.config.userfile import load_documents as load_yaml_documents
+
 _SETTER = re.compile(r"#\s*(\{\s*\"\$imagepolicy\"\s*:\s*\"[^\"]*\"\s*\})")
 
 
 class YamlTextError(ValueError):
     """The file does not parse, or a value cannot be rewritten in place."""
-
-
-@dataclass(frozen=True)
-class Document:
-    node: yaml.Node
-    data: Any
 
 
 @dataclass(frozen=True)
@@ -54,16 +49,13 @@ class Scalar:
         )
 
 
-def load_documents(text: str) -> list[Document]:
-    """Every document of a (multi-document) YAML text, as nodes and as plain data."""
-    # libyaml is several times faster; its offsets are right except after a byte order mark.
-    loader = yaml.SafeLoader if text.startswith("\ufeff") else _FAST_LOADER
+def load_documents(text: str, *, file: str | None = None) -> list[YamlDocument]:
+    """Every document of a (multi-document) YAML text, as nodes (with exact character
+    offsets, a byte order mark included) and as plain data, within the loader's bounds."""
     try:
-        nodes = [n for n in yaml.compose_all(text, Loader=loader) if n is not None]
-        constructor = loader("")
-        return [Document(n, constructor.construct_document(n)) for n in nodes]
-    except yaml.YAMLError as error:
-        raise YamlTextError(f"invalid YAML: {error}") from None
+        return load_yaml_documents(text, file=file)
+    except UserFileError as error:
+        raise YamlTextError(str(error)) from None
 
 
 def child(node: yaml.Node | None, key: str) -> yaml.Node | None:
@@ -113,7 +105,7 @@ class SetterComment:
     scalar: Scalar
 
 
-def setter_comments(text: str, documents: list[Document]) -> Iterator[SetterComment]:
+def setter_comments(text: str, documents: list[YamlDocument]) -> Iterator[SetterComment]:
     """Each setter comment that trails a scalar on the same line, as kyaml reads them."""
     ends: dict[int, Scalar] = {}
     for document in documents:
@@ -131,7 +123,10 @@ def setter_comments(text: str, documents: list[Document]) -> Iterator[SetterComm
         # Only a real comment: after the value, with nothing but spaces between them.
         if scalar is None or scalar.end > match.start() or text[scalar.end : match.start()].strip():
             continue
-        reference = json.loads(match.group(1))["$imagepolicy"]
+        try:
+            reference = load_json(match.group(1), file=None)["$imagepolicy"]
+        except UserFileError:
+            continue  # `"\q"` and the like: not JSON, so not a setter to kyaml either
         yield SetterComment(str(reference), scalar)
 
 
@@ -156,8 +151,8 @@ def render_like(scalar: Scalar, value: str) -> str:
         return "'" + value.replace("'", "''") + "'"
     if scalar.style is None:
         try:
-            plain_reads_back = yaml.safe_load(value) == value
-        except yaml.YAMLError:
+            plain_reads_back = load_yaml(value, file=None) == value
+        except UserFileError:
             plain_reads_back = False
         return value if plain_reads_back and "\n" not in value else json.dumps(value)
     raise YamlTextError(f"line {scalar.line}: cannot rewrite a {scalar.style} block scalar")

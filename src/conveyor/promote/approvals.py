@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
+from conveyor.config.userfile import UserFileError, load_document, read_text, validate
 from conveyor.promote.pipeline import Workspace, environment
 from conveyor.promote.versions import check_version
 from conveyor.reconcile.status import now
@@ -29,21 +31,43 @@ def approval_path(env: str, version: str) -> str:
     return f"{FOLDER}/{env}/{check_version(version)}.yaml"
 
 
+class _Approval(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    by: str | None = None  # an entry without one is no approval
+    at: str | None = None
+
+
+class _ApprovalFile(BaseModel):
+    """An approvals file as `approve` writes it; fields added by hand are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    environment: str | None = None
+    version: str | None = None
+    approvals: list[_Approval] = Field(default_factory=list)
+
+
 def _load(path: Path) -> dict[str, Any]:
+    """The file's data ({} when absent); UserFileError when it is not an approvals file."""
     if not path.is_file():
         return {}
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+    document = load_document(read_text(path), file=str(path))
+    if document is None or not document.data:
         return {}
-    return loaded if isinstance(loaded, dict) else {}
+    validate(_ApprovalFile, document.data, file=str(path), node=document.node)
+    data: dict[str, Any] = document.data
+    return data
 
 
 def approvers(root: Path, env: str, version: str) -> list[str]:
-    """Who approved `version` for `env`, in the order they did, each once."""
-    entries = _load(root / approval_path(env, version)).get("approvals") or []
-    names = [str(e.get("by")) for e in entries if isinstance(e, dict) and e.get("by")]
-    return list(dict.fromkeys(names))
+    """Who approved `version` for `env`, in the order they did, each once (nobody, when
+    the file is not an approvals file: a gate stays closed rather than guess)."""
+    try:
+        entries = _load(root / approval_path(env, version)).get("approvals") or []
+    except UserFileError:
+        return []
+    return list(dict.fromkeys(str(e["by"]) for e in entries if e.get("by")))
 
 
 def approve(

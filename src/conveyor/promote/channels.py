@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from conveyor.cluster.apply import ApplyError, apply_objects
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.objects import Obj
 from conveyor.config.channel import Channel, ChannelRelease
 from conveyor.config.helmrelease import parse_duration
 from conveyor.config.project import ConfigError
+from conveyor.config.userfile import UserFileError, load_documents, read_text
 from conveyor.reconcile.plan import AppPlan, diff_objects, namespaced, render_text
 from conveyor.render.discover import KUSTOMIZATION_FILES
 from conveyor.render.documents import RenderError
@@ -101,10 +100,14 @@ def _secrets(release: ChannelRelease, files: ChannelFiles) -> list[Obj]:
     for name in release.secrets:
         path = _secret_file(files, name)
         try:
-            documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
-        except yaml.YAMLError:
+            documents = [d.data for d in load_documents(read_text(path), file=None) if d.data]
+        except UserFileError:
             raise ConfigError(f"secret {name!r}: not valid YAML") from None  # never echo it
         for document in documents:
+            if not isinstance(document, dict) or not isinstance(
+                document.setdefault("metadata", {}), dict
+            ):
+                raise ConfigError(f"secret {name!r}: a document is not a Kubernetes object")
             metadata = document.setdefault("metadata", {})
             if not metadata.get("namespace"):
                 if not release.namespace:

@@ -25,6 +25,7 @@ from conveyor.reconcile.plan import (
     mask_secrets,
     normalize,
     plan_environment,
+    secret_values,
     unified,
 )
 from conveyor.reconcile.target import default_branch, kube_client, values_lookup
@@ -82,14 +83,16 @@ async def render_offline(root: Path, env_path: str, helm: HelmCLI) -> dict[str, 
 
 
 def diff_objects_offline(before: list[Obj], after: list[Obj]) -> list[ObjectChange]:
-    """Object by object (matched by group, kind, namespace and name), Secrets masked."""
+    """Object by object (matched by group, kind, namespace and name), Secrets masked,
+    and their values in any other object's annotations too."""
     old = {ObjectRef.of(o).key(): o for o in before}
     new = {ObjectRef.of(o).key(): o for o in after}
+    known = secret_values([*before, *after])
     changes = []
     for key in [*new, *(k for k in old if k not in new)]:
         was, now = old.get(key), new.get(key)
         ref = ObjectRef.of(now or was or {})
-        masked_was, masked_now = mask_secrets(normalize(was), normalize(now))
+        masked_was, masked_now = mask_secrets(normalize(was), normalize(now), known=known)
         if masked_was == masked_now and was == now:
             continue
         action = "create" if was is None else "delete" if now is None else "update"

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.scalarstring import ScalarString
 
+from conveyor.config.userfile import UserFileError, read_text
 from conveyor.publish.template import PathPart, Template, TemplateError
 from conveyor.render.discover import KUSTOMIZATION_FILES, SKIPPED_FILES, AppSource
 from conveyor.render.documents import yaml_files
@@ -127,11 +128,13 @@ def app_files(repo_root: Path, app: AppSource) -> list[str]:
 
 def load_template(repo_root: Path, file: str) -> Template | None:
     """The file's documents for reading and editing; None for a file with none."""
-    text = (repo_root / file).read_text()
-    if not text.strip():
-        return None
     try:
+        text = read_text(repo_root / file, file=file)
+        if not text.strip():
+            return None
         return Template(text, source=file)
+    except UserFileError as error:
+        raise VersionError(str(error)) from None
     except TemplateError as error:
         if "no YAML documents" in str(error):
             return None

@@ -20,10 +20,9 @@ from typing import Any
 import boto3
 import yaml
 from botocore.exceptions import ClientError
-from pydantic import ValidationError
 
 from conveyor.config.ci_policies import FILE_NAMES, CiFile, CiPolicy
-from conveyor.config.project import describe_validation_error
+from conveyor.config.userfile import UserFileError, load_document, load_yaml, read_text, validate
 from conveyor.source.git import GitError, mask_url, shallow_clone
 
 OIDC_HOST = "token.actions.githubusercontent.com"
@@ -57,13 +56,13 @@ def _read_declaration(root: Path, source: str) -> tuple[CiPolicy, ...]:
             continue
         where = f"{mask_url(source)}: {file_name}"
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-            return tuple(CiFile.model_validate(raw).ci_policies or ())
-        except yaml.YAMLError as error:
-            message = " ".join(str(error).split())
-            raise CiPrivilegesError(f"{where}: invalid YAML: {message}") from None
-        except ValidationError as error:
-            raise CiPrivilegesError(f"{where}: {describe_validation_error(error)}") from None
+            document = load_document(read_text(path, file=where), file=where)
+            if document is None or not document.data:
+                return ()
+            ci_file = validate(CiFile, document.data, file=where, node=document.node)
+        except UserFileError as error:
+            raise CiPrivilegesError(str(error)) from None
+        return tuple(ci_file.ci_policies or ())
     return ()
 
 
@@ -213,5 +212,8 @@ def deploy(
 
 def _same(current: Any, body: str) -> bool:
     """Whether the deployed template equals ours (boto3 hands JSON bodies back parsed)."""
-    deployed = yaml.safe_load(current) if isinstance(current, str) else current
-    return bool(deployed == yaml.safe_load(body))
+    try:
+        deployed = load_yaml(current, file="stack") if isinstance(current, str) else current
+    except UserFileError:
+        return False  # not ours (a hand-edited stack with `!Ref` tags): let the update tell
+    return bool(deployed == load_yaml(body, file="rendered template"))

@@ -17,6 +17,7 @@ from typing import Any
 
 from conveyor.config.project import safe_relative_path
 from conveyor.config.publish_profile import PublishProfile, Scheme, check_name
+from conveyor.config.userfile import read_text
 from conveyor.publish.template import Setting, Template
 from conveyor.publish.version import (
     Build,
@@ -161,13 +162,14 @@ def prepare(
     """Render every environment's file and the message, touching nothing yet."""
     if environments and not template_path.is_file():
         raise PublishError(f"{template_path}: template not found")
+    template_text = read_text(template_path) if environments else ""
     files = tuple(
         render(
             build,
             environment,
             profile=profile,
             profile_source=profile_source,
-            template_text=template_path.read_text(),
+            template_text=template_text,
             template_source=str(template_path),
             version=version,
             settings=settings,

@@ -16,11 +16,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
+from pydantic import BaseModel, ConfigDict
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString, ScalarString
+
+from conveyor.config.userfile import (
+    CONSTRUCTOR_ERRORS,
+    UserFileError,
+    check_yaml,
+    load_yaml,
+    unreadable,
+    validate,
+)
 
 MARKER = "FILLED_IN_BY_CI"
 
@@ -89,13 +98,36 @@ class Setting:
         if not sep:
             raise TemplateError(f"setting {text!r} must look like Kind[/name]:field.path=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml(raw, file="--set") if raw.strip() else ""
+        except UserFileError:
             value = raw
         return cls.from_target(target, value)
 
     def describe(self) -> str:
         return f"{self.document}:{format_field_path(self.path)}"
+
+
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+
+class _Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    namespace: str | None = None
+    labels: dict[str, Any] | None = None
+    annotations: dict[str, Any] | None = None
+
+
+class TemplateDocument(BaseModel):
+    """What filling reads of each document: a `kind` and `metadata` of the usual shapes;
+    everything else is the template's own and kept as written."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: str | None = None
+    metadata: _Metadata | None = None
+    spec: dict[str, Any] | None = None
 
 
 def _label(document: Any, index: int) -> str:
@@ -146,14 +178,26 @@ class Template:
         self._yaml.explicit_start = starts_with_marker
         self._ends_with_newline = text.endswith("\n")
         try:
+            # ruamel.yaml has no bounds of its own: the bounded loader reads the text first.
+            nodes = [n for n in check_yaml(text, file=source) if n.tag != _NULL_TAG]
             self.documents: list[Any] = [d for d in self._yaml.load_all(text) if d is not None]
+        except UserFileError as error:
+            raise TemplateError(str(error)) from None
         except YAMLError as error:
             raise TemplateError(f"{source}: invalid YAML: {' '.join(str(error).split())}") from None
+        except CONSTRUCTOR_ERRORS:
+            raise TemplateError(str(unreadable(nodes, file=source))) from None
         if not self.documents:
             raise TemplateError(f"{source}: no YAML documents")
         for index, document in enumerate(self.documents):
             if not isinstance(document, CommentedMap):
                 raise TemplateError(f"{source}: {_label(document, index)} is not a mapping")
+            # The two readers agree on documents, except on tags only ruamel keeps.
+            node = nodes[index] if len(nodes) == len(self.documents) else None
+            try:
+                validate(TemplateDocument, document, file=source, node=node)
+            except UserFileError as error:
+                raise TemplateError(str(error)) from None
 
     def render(self) -> str:
         out = io.StringIO()

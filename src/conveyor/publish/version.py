@@ -8,7 +8,6 @@ it into a `Build`: the version and the environments it publishes to.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from conveyor.config.publish_profile import Scheme
+from conveyor.config.userfile import UserFileError, load_json, read_text
 
 _SEMVER = re.compile(
     r"^v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -98,9 +98,9 @@ def _pull_request_head(event_path: str | None) -> str | None:
     if not event_path or not Path(event_path).is_file():
         return None
     try:
-        payload = json.loads(Path(event_path).read_text())
+        payload = load_json(read_text(Path(event_path)), file=event_path)
         head = payload["pull_request"]["head"]["sha"]
-    except (ValueError, KeyError, TypeError):
+    except (UserFileError, KeyError, TypeError):
         return None
     return head if isinstance(head, str) else None
 

@@ -6,6 +6,16 @@ Lease writes to the cluster; a standby agent keeps its caches warm and takes ove
 the lease expires. A fetch that fails leaves the cluster exactly as it was. With a gate
 check, a revision the environment's gates hold back waits, and is looked at again as
 often as the closed gate asks.
+
+The agent outlives every error of a pass: the apiserver going away, Helm or git failing,
+a network error, a bug. The error is logged with its traceback, recorded on the source's
+status (reason ReconcileFailed) and counted in `conveyor_pass_failures_total`; the pass is
+tried again after an exponential backoff (capped), which a good pass resets. Only a
+startup misconfiguration stops it, because no retry can fix it: the command line
+(checked before `run`), and a kubeconfig or context that cannot be loaded
+(`KubeconfigError` from `run`). A repository that cannot be fetched or a broken
+conveyor.yaml are not: a push can mend them, so they are recorded (FetchFailed) and
+fetched again at the poll interval.
 """
 
 from __future__ import annotations
@@ -22,7 +32,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httpx
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -30,15 +39,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from conveyor.cluster.client import ApiError
 from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
+from conveyor.config.userfile import UserFileError, load_json
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.actions.hold import GateHold
 from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, build_engine
 from conveyor.reconcile.once import record_source_failure, source_fetched
-from conveyor.reconcile.report import Metrics
-from conveyor.reconcile.status import NAMESPACE, STALLED, StatusStore
+from conveyor.reconcile.report import Metrics, error_summary
+from conveyor.reconcile.status import NAMESPACE, STALLED, Reason, StatusStore
 from conveyor.reconcile.target import (
     ResolvedTarget,
     Target,
@@ -68,6 +77,37 @@ def verify_signature(secret: bytes, body: bytes, header: str | None) -> bool:
     return hmac.compare_digest(expected, header.removeprefix("sha256="))
 
 
+def pushed_branch(body: bytes) -> str | None:
+    """The branch a push event names (`"ref": "refs/heads/<branch>"`, as GitHub, Gitea and
+    GitLab send it); None for any other body (a ping, a tag, a form-encoded payload), which
+    triggers a fetch as before. The body is read by the bounded loader: it is input."""
+    try:
+        event = load_json(body, file="webhook body")
+    except UserFileError:
+        return None
+    ref = event.get("ref") if isinstance(event, dict) else None
+    if isinstance(ref, str) and ref.startswith("refs/heads/"):
+        return ref.removeprefix("refs/heads/")
+    return None
+
+
+@dataclass
+class Backoff:
+    """How long to wait after failures in a row: `first`, doubled each time, at most `cap`."""
+
+    first: float = 1.0
+    cap: float = 30.0
+    failures: int = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.first * 2.0 ** min(self.failures, 32), self.cap)
+        self.failures += 1
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
 @dataclass
 class AgentOptions:
     interval: float = 60.0
@@ -75,6 +115,8 @@ class AgentOptions:
     webhook_secret: bytes | None = None
     timeout: float = 300.0
     lease_duration: float = 15.0
+    backoff_first: float = 1.0  # after a failed pass; doubled while passes keep failing
+    backoff_cap: float = 30.0
     identity: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     )
@@ -97,6 +139,7 @@ class Agent:
         self._tree: EnvironmentTree | None = None
         self._renderer: Renderer | None = None
         self._resolved: ResolvedTarget | None = None
+        self._backoff = Backoff(first=options.backoff_first, cap=options.backoff_cap)
 
     # -- HTTP: webhook, metrics, probes ---------------------------------------------
 
@@ -108,6 +151,10 @@ class Agent:
                 secret, body, request.headers.get("X-Hub-Signature-256")
             ):
                 return JSONResponse({"error": "invalid or missing signature"}, status_code=401)
+            branch = pushed_branch(body)
+            tracked = self._resolved.checkout.branch if self._resolved else None
+            if branch is not None and tracked is not None and branch != tracked:
+                return JSONResponse({"status": f"ignored: a push to {branch}, not {tracked}"})
             self.trigger.set()
             return JSONResponse({"status": "reconcile scheduled"}, status_code=202)
 
@@ -162,9 +209,8 @@ class Agent:
                         resolved.identity, scope=resolved.scope
                     )
                     break
-                except (ApiError, httpx.HTTPError, OSError) as error:
-                    log.error("cannot reach the cluster yet: %s; retrying", error)
-                    await asyncio.sleep(2.0)
+                except Exception as error:  # away, or refusing (RBAC): both can be mended
+                    await self._cluster_not_ready(error)
             elector = LeaderElector(
                 lease_kube,
                 namespace=NAMESPACE,
@@ -189,9 +235,9 @@ class Agent:
                 try:
                     await engine.store.install()
                     break
-                except (ApiError, httpx.HTTPError, OSError) as error:
-                    log.error("cannot reach the cluster yet: %s; retrying", error)
-                    await asyncio.sleep(2.0)
+                except Exception as error:  # as above
+                    await self._cluster_not_ready(error)
+            self._backoff.reset()
             try:
                 await self._lead(elector, engine, resolved)
             finally:
@@ -206,12 +252,21 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await server
 
+    async def _cluster_not_ready(self, error: Exception) -> None:
+        delay = self._backoff.next_delay()
+        log.error("cannot use the cluster yet: %s; retrying in %gs", error_summary(error), delay)
+        await asyncio.sleep(delay)
+
     async def _lead(
         self, elector: LeaderElector, engine: Engine, resolved: ResolvedTarget | None
     ) -> None:
         while True:
             log.info("waiting to lead %s as %s", engine.options.scope, self.options.identity)
-            await elector.acquire()
+            try:
+                await elector.acquire()  # retries by itself while the apiserver is away
+            except Exception as error:  # refused for good (RBAC): fixable without a restart
+                await self._failed(engine.options.scope, error, what="taking the lease")
+                continue
             log.info("leading %s", engine.options.scope)
             renewals = asyncio.create_task(elector.run_renewals())
             try:
@@ -228,35 +283,67 @@ class Agent:
     ) -> None:
         full_pass_due = True
         while elector.is_leader:
-            if full_pass_due:
-                resolved = resolved or await self._fetch()
-                if resolved is not None:
-                    try:
+            try:
+                if full_pass_due:
+                    resolved = resolved or await self._fetch()
+                    if resolved is not None:
                         await self._pass(engine, resolved)
-                    except (ApiError, httpx.HTTPError, OSError) as error:
-                        # The apiserver went away mid-pass: nothing is lost, the next
-                        # pass (soon) picks up where this one stopped.
-                        log.error("pass interrupted: %s; retrying shortly", error)
-                        full_pass_due, resolved = True, None
-                        await asyncio.sleep(2.0)
-                        continue
-                resolved = None
-            interval = self.options.interval
-            if self.held is not None:
-                interval = min(interval, self.held.retry_after)
-            full_pass_due, drifted = await self._wait_trigger(
-                interval, engine=engine, elector=elector
-            )
-            for app in drifted:
-                if self._tree is not None and self._renderer is not None and elector.is_leader:
-                    log.info("drift in %s; reconciling it", app, extra={"app": app})
-                    await engine.run_pass(
-                        self._tree,
-                        self._renderer,
-                        revision=self.last_revision or "",
-                        only=app,
-                        gate=self._gate_check(self._resolved),
-                    )
+                        self._backoff.reset()
+                    resolved = None
+                interval = self.options.interval
+                if self.held is not None:
+                    interval = min(interval, self.held.retry_after)
+                full_pass_due, drifted = await self._wait_trigger(
+                    interval, engine=engine, elector=elector
+                )
+                await self._correct_drift(engine, elector, drifted)
+            except Exception as error:  # the agent outlives any error of a pass
+                # Nothing is lost: the next pass starts from a fresh fetch and picks up
+                # where this one stopped.
+                await self._failed(engine.options.scope, error, what="pass")
+                full_pass_due, resolved = True, None
+
+    async def _correct_drift(
+        self, engine: Engine, elector: LeaderElector, drifted: list[str]
+    ) -> None:
+        for app in drifted:
+            if self._tree is not None and self._renderer is not None and elector.is_leader:
+                log.info("drift in %s; reconciling it", app, extra={"app": app})
+                await engine.run_pass(
+                    self._tree,
+                    self._renderer,
+                    revision=self.last_revision or "",
+                    only=app,
+                    gate=self._gate_check(self._resolved),
+                )
+
+    async def _failed(self, scope: str, error: Exception, *, what: str) -> None:
+        """Log the error with its traceback, count it, record it on the source's status
+        (when the cluster answers) and wait out the backoff."""
+        delay = self._backoff.next_delay()
+        summary = error_summary(error)
+        log.error(
+            "%s failed: %s; retrying in %gs",
+            what,
+            summary,
+            delay,
+            exc_info=error,
+            extra={"scope": scope},
+        )
+        self.metrics.pass_failures.labels(type(error).__name__).inc()
+        await self._record_source_failure(
+            f"{what} failed: {summary}", resolved=self._resolved, reason=Reason.RECONCILE_FAILED
+        )
+        await asyncio.sleep(delay)
+
+    async def _record_source_failure(
+        self, message: str, *, resolved: ResolvedTarget | None, reason: Reason
+    ) -> None:
+        """The failure on the source's status; when the cluster is what failed, only logged."""
+        try:
+            await record_source_failure(self.target, message, resolved=resolved, reason=reason)
+        except Exception as error:  # recording is best effort: the agent goes on without it
+            log.warning("could not record the failure on its status: %s", error_summary(error))
 
     async def _wait_trigger(
         self, timeout: float, *, engine: Engine | None = None, elector: LeaderElector | None = None
@@ -295,9 +382,16 @@ class Agent:
     async def _fetch(self) -> ResolvedTarget | None:
         try:
             resolved = await asyncio.to_thread(fetch_target, self.target)
-        except (GitError, ConfigError) as error:
-            log.error("fetch failed; keeping everything as applied: %s", error)
-            await record_source_failure(self.target, str(error), resolved=self._resolved)
+        except Exception as error:  # GitError, ConfigError; anything else is a surprise
+            expected = isinstance(error, GitError | ConfigError)
+            log.error(
+                "fetch failed; keeping everything as applied: %s",
+                error,
+                exc_info=None if expected else error,
+            )
+            await self._record_source_failure(
+                str(error), resolved=self._resolved, reason=Reason.FETCH_FAILED
+            )
             self.metrics.fetches.labels("error").inc()
             self.ready = True
             return None
@@ -309,7 +403,9 @@ class Agent:
         try:
             tree = discover_target(resolved)
         except RenderError as error:
-            await record_source_failure(self.target, str(error), resolved=resolved)
+            await self._record_source_failure(
+                str(error), resolved=resolved, reason=Reason.FETCH_FAILED
+            )
             return
         started = time.monotonic()
         self.notifier.set_rules(project_rules(resolved.checkout.path))

@@ -10,7 +10,7 @@ from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import EngineOptions, PassResult, build_engine
 from conveyor.reconcile.plan import AppPlan, plan_environment
-from conveyor.reconcile.status import SOURCE_KIND, STALLED, AppStatus, StatusStore
+from conveyor.reconcile.status import SOURCE_KIND, STALLED, AppStatus, Reason, StatusStore
 from conveyor.reconcile.target import (
     ResolvedTarget,
     Target,
@@ -107,7 +107,11 @@ async def _store_source(store: StatusStore, status: AppStatus) -> None:
 
 
 async def record_source_failure(
-    target: Target, message: str, *, resolved: ResolvedTarget | None = None
+    target: Target,
+    message: str,
+    *,
+    resolved: ResolvedTarget | None = None,
+    reason: Reason = Reason.FETCH_FAILED,
 ) -> str:
     """Everything stays as applied; the source's own status says why nothing moved.
     Before a fetch there is no branch to know the environment by: the status goes to
@@ -131,7 +135,7 @@ async def record_source_failure(
             app="",
             kind=SOURCE_KIND,
             state=STALLED,
-            reason="FetchFailed",
+            reason=reason,
             message=message,
         )
         if identity is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from conveyor.cluster.client import ApiError, KubeClient
@@ -26,6 +27,16 @@ from conveyor.reconcile.status import (
 )
 
 log = logging.getLogger("conveyor.reconcile")
+
+
+def error_summary(error: BaseException) -> str:
+    """An error as one line for a status, an event or a log message. conveyor's own errors
+    say what failed; any other (httpx's, a KeyError from a bug) is named by its type."""
+    lines = str(error).strip().splitlines()
+    name = type(error).__name__
+    if not lines:
+        return name
+    return lines[0] if type(error).__module__.startswith("conveyor.") else f"{name}: {lines[0]}"
 
 
 class Metrics:
@@ -59,6 +70,12 @@ class Metrics:
             "conveyor_source_fetch_total",
             "Fetches of the config repo",
             ["result"],
+            registry=self.registry,
+        )
+        self.pass_failures = Counter(
+            "conveyor_pass_failures_total",
+            "Agent passes interrupted by an error, retried after a backoff",
+            ["error"],
             registry=self.registry,
         )
         self.revision = Gauge(
@@ -110,7 +127,7 @@ class EventRecorder:
             await self.kube.request(
                 "POST", f"/api/v1/namespaces/{NAMESPACE}/events", json_body=event
             )
-        except (ApiError, OSError) as error:
+        except (ApiError, OSError, httpx.HTTPError) as error:
             log.warning("could not record event %s for %s: %s", reason, status.app, error)
 
 

@@ -67,6 +67,7 @@ class Reason(StrEnum):
     ROLLED_BACK = "RolledBack"
     HEALTH_CHECK_FAILED = "HealthCheckFailed"
     FETCH_FAILED = "FetchFailed"
+    RECONCILE_FAILED = "ReconcileFailed"  # the source's: the last agent pass hit an error
     INTERNAL_ERROR = "InternalError"
 
     @property

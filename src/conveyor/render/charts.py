@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from conveyor.config.helmrelease import (
     ChartFromGit,
     ChartFromRepository,
-    HelmReleaseError,
     HelmReleaseSpec,
     SourceRef,
-    parse_duration,
 )
 from conveyor.config.names import (
     UnsafeValueError,
@@ -41,6 +40,16 @@ from conveyor.config.names import (
     helm_repository_url,
     kubernetes_namespace,
 )
+from conveyor.config.sources import (
+    CHART_SOURCES,
+    GitReference,
+    GitRepository,
+    HelmChart,
+    HelmRepository,
+    OCIReference,
+    parse_source,
+)
+from conveyor.config.validation import describe
 from conveyor.render.documents import Document, RenderError
 from conveyor.render.helm import HelmCLI, HelmError
 from conveyor.source.git import GitError, fetch_commit, run_git
@@ -95,72 +104,57 @@ class ChartResolver:
         return await self._from_repository(chart)
 
     def _from_source(self, ref: SourceRef) -> ChartFromGit | ChartFromRepository:
-        source = self.sources.get((ref.kind, ref.namespace, ref.name))
-        if source is None:
+        document = self.sources.get((ref.kind, ref.namespace, ref.name))
+        if document is None:
             raise RenderError(
                 f"{ref.kind} {ref.namespace}/{ref.name} is not defined in the repository"
             )
-        spec = source.obj.get("spec") or {}
-        if ref.kind == "HelmChart":
+
+        def error(message: str) -> RenderError:
+            return RenderError(
+                f"{ref.kind} {ref.name}: {message}", file=document.file, line=document.line
+            )
+
+        if ref.kind not in CHART_SOURCES:
+            raise error("charts from this kind of source are not supported")
+        try:
+            source = parse_source(ref.kind, document.obj)
+        except ValidationError as invalid:
+            raise error(describe(invalid)) from None
+        if isinstance(source, HelmChart):
             # `chartRef: {kind: HelmChart}`: the HelmChart names the chart, its version and
             # the repository (or git source) it comes from.
-            chart_source = spec.get("sourceRef") or {}
-            if (
-                not spec.get("chart")
-                or not chart_source.get("kind")
-                or not chart_source.get("name")
-            ):
-                raise RenderError(
-                    f"HelmChart {ref.name} needs spec.chart and spec.sourceRef.kind/name",
-                    file=source.file,
-                    line=source.line,
-                )
             return self._from_source(
                 SourceRef(
-                    kind=str(chart_source["kind"]),
-                    name=str(chart_source["name"]),
+                    kind=source.spec.source_ref.kind,
+                    name=source.spec.source_ref.name,
                     namespace=ref.namespace,
-                    chart=str(spec["chart"]),
-                    version=str(spec["version"]) if spec.get("version") else None,
+                    chart=source.spec.chart,
+                    version=source.spec.version,
                 )
             )
-        url = str(spec.get("url") or "")
-        if not url:
-            raise RenderError(
-                f"{ref.kind} {ref.name} has no spec.url", file=source.file, line=source.line
-            )
-        source_ref = spec.get("ref") or {}
-        if ref.kind == "GitRepository":
-            git_ref = (
-                source_ref.get("commit")
-                or source_ref.get("tag")
-                or source_ref.get("branch")
-                or "master"
-            )
-            return ChartFromGit(url=url, ref=str(git_ref), path=str(ref.chart or "."))
-        try:
-            refresh = parse_duration(spec.get("interval"), default=300.0)
-        except HelmReleaseError as error:
-            raise RenderError(
-                f"{ref.kind} {ref.name}: {error}", file=source.file, line=source.line
-            ) from None
-        if ref.kind == "HelmRepository":
-            if spec.get("type") == "oci" and not url.startswith("oci://"):
+        if isinstance(source, GitRepository):
+            git_ref = source.spec.ref or GitReference()
+            if git_ref.semver and not (git_ref.commit or git_ref.name):
+                raise error("spec.ref.semver is not supported for charts; name a tag or branch")
+            # Flux's precedence: commit, then name, then tag, then branch.
+            chosen = git_ref.commit or git_ref.name or git_ref.tag or git_ref.branch or "master"
+            return ChartFromGit(url=source.spec.url, ref=chosen, path=ref.chart or ".")
+        refresh = source.spec.interval or 300.0
+        if isinstance(source, HelmRepository):
+            url = source.spec.url
+            if source.spec.type == "oci" and not url.startswith("oci://"):
                 url = "oci://" + url
             return ChartFromRepository(
                 url=url, name=str(ref.chart), version=ref.version, refresh_seconds=refresh
             )
-        if ref.kind == "OCIRepository":
-            version = source_ref.get("tag") or source_ref.get("semver") or ref.version
-            base, _, name = url.rstrip("/").rpartition("/")
-            return ChartFromRepository(
-                url=base,
-                name=name,
-                version=str(version) if version else None,
-                refresh_seconds=refresh,
-            )
-        raise RenderError(
-            f"charts from {ref.kind} are not supported", file=source.file, line=source.line
+        oci_ref = source.spec.ref or OCIReference()
+        base, _, name = source.spec.url.rstrip("/").rpartition("/")
+        return ChartFromRepository(
+            url=base,
+            name=name,
+            version=oci_ref.tag or oci_ref.semver or ref.version,
+            refresh_seconds=refresh,
         )
 
     def _from_git(self, chart: ChartFromGit) -> ResolvedChart:

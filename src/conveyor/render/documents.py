@@ -10,17 +10,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from conveyor.config.userfile import GENERATED, UserFileError, read_text
+from conveyor.config.userfile import load_documents as load_yaml_documents
 
 Obj = dict[str, Any]
-# libyaml's parser when PyYAML has it (it parses a thousand files several times faster).
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def load_all(text: str | bytes) -> list[Any]:
-    """Every document of a multi-document YAML text, with libyaml when there is one: for
-    generated output (helm manifests, kustomize builds) where no file and line apply."""
-    return list(yaml.load_all(text, Loader=_Loader))
+    """Every document of a multi-document YAML text, for generated output (helm manifests,
+    kustomize builds) where no file and line apply; bounded like a user's file (a chart
+    can carry an alias bomb too). RenderError when it does not parse."""
+    try:
+        return [d.data for d in load_yaml_documents(text, file=None, limits=GENERATED)]
+    except UserFileError as error:
+        raise RenderError(error.detail, line=error.line) from None
 
 
 class RenderError(Exception):
@@ -86,33 +89,14 @@ def load_documents(path: Path, *, relative_to: Path) -> list[Document]:
 
 def _parse(path: Path, rel: str) -> list[Document]:
     try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise RenderError("not a UTF-8 text file", file=rel) from None
-    documents: list[Document] = []
-    loader = _Loader(text)
-    try:
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:
-                continue
-            line = node.start_mark.line + 1
-            obj = loader.construct_document(node)
-            if obj is None:
-                continue
-            documents.append(Document(obj=_check_object(obj, rel, line), file=rel, line=line))
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line = mark.line + 1 if mark else None
-        problem = error.problem or str(error)
-        if error.context and error.context_mark:
-            problem += f" ({error.context} started on line {error.context_mark.line + 1})"
-        raise RenderError(f"invalid YAML: {problem}", file=rel, line=line) from None
-    except yaml.YAMLError as error:
-        raise RenderError(f"invalid YAML: {error}", file=rel) from None
-    finally:
-        loader.dispose()
-    return documents
+        parsed = load_yaml_documents(read_text(path, file=rel), file=rel)
+    except UserFileError as error:
+        raise RenderError(error.detail, file=rel, line=error.line) from None
+    return [
+        Document(obj=_check_object(d.data, rel, d.line), file=rel, line=d.line)
+        for d in parsed
+        if d.data is not None
+    ]
 
 
 def _check_object(obj: object, file: str, line: int) -> Obj:

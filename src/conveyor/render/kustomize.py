@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import yaml
-
 from conveyor.render.documents import Document, RenderError, load_all
 from conveyor.source.git import git_env
 
@@ -34,6 +32,6 @@ async def render_kustomization(
         raise RenderError(f"kustomize build failed: {message}", file=rel)
     try:
         objects = [o for o in load_all(stdout) if o]
-    except yaml.YAMLError as error:
-        raise RenderError(f"kustomize produced invalid YAML: {error}", file=rel) from None
+    except RenderError as error:
+        raise RenderError(f"kustomize output: {error.detail}", file=rel) from None
     return [Document(obj=o, file=rel, line=0) for o in objects]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import yaml
+from pydantic_core import PydanticCustomError
 
 from conveyor.config.helmrelease import (
     DriftMode,
@@ -24,8 +25,9 @@ from conveyor.config.helmrelease import (
     ValuesReference,
     parse_helmrelease,
 )
+from conveyor.config.validation import json_compatible
 from conveyor.render.charts import ChartResolver, ResolvedChart
-from conveyor.render.discover import AppSource
+from conveyor.render.discover import AppSource, checked_document
 from conveyor.render.documents import Document, Obj, RenderError
 from conveyor.render.kustomize import render_kustomization
 
@@ -118,9 +120,10 @@ class Renderer:
         if app.error is not None:
             raise app.error
         if app.kind == "kustomize":
-            documents = await render_kustomization(
+            built = await render_kustomization(
                 self.repo_root / app.path, repo_root=self.repo_root, kubectl=self.kubectl
             )
+            documents = [checked_document(doc) for doc in built]
         else:
             documents = app.documents
         objects = [doc.obj for doc in documents]
@@ -171,13 +174,17 @@ class Renderer:
         try:
             return await self.charts.resolve(spec)
         except RenderError as error:
+            if error.file:  # a source object's own file and line
+                raise
             raise RenderError(error.detail, file=doc.file, line=doc.line) from None
 
     async def _values(
         self, spec: HelmReleaseSpec, doc: Document
     ) -> tuple[dict[str, Any], list[str]]:
         values: dict[str, Any] = {}
-        notes: list[str] = []
+        notes = [
+            f"{unread} is not supported; rendered without it" for unread in spec.unread_values_from
+        ]
         for ref in spec.values_from:
             text = await self.values_lookup(ref)
             if text is None:
@@ -197,14 +204,18 @@ class Renderer:
             if ref.target_path:
                 values = set_path(values, ref.target_path, text)
                 continue
+            where = f"valuesFrom {ref.kind} {ref.name} key {ref.key!r}"
             try:
-                loaded = yaml.safe_load(text) or {}
+                loaded = json_compatible(yaml.safe_load(text) or {})
             except yaml.YAMLError:
                 # Never echo the content: it may come from a Secret.
                 raise RenderError(
-                    f"valuesFrom {ref.kind} {ref.name} key {ref.key!r} is not valid YAML",
-                    file=doc.file,
-                    line=doc.line,
+                    f"{where} is not valid YAML", file=doc.file, line=doc.line
+                ) from None
+            except PydanticCustomError as error:
+                path = str((error.context or {}).get("inside", "")).removeprefix(".")
+                raise RenderError(
+                    f"{where}: {path or 'values'}: {error.message()}", file=doc.file, line=doc.line
                 ) from None
             if not isinstance(loaded, dict):
                 raise RenderError(

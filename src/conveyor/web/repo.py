@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from conveyor.cluster.ownership import EnvironmentIdentity, normalise_repository_url
 from conveyor.config.project import ConfigError, Project, load_project
+from conveyor.config.userfile import UserFileError, load_documents
 from conveyor.reconcile.status import AppStatus
 from conveyor.reconcile.target import Target, checkout_path, default_branch
 from conveyor.render.discover import app_name, discover
@@ -195,8 +194,8 @@ def _version_at(root: Path, entry: LogEntry, paths: list[str], app: str) -> str:
         if text is None:
             continue
         try:
-            documents: list[Any] = list(yaml.safe_load_all(text))
-        except yaml.YAMLError:
+            documents = [d.data for d in load_documents(text, file=path)]
+        except UserFileError:
             continue
         for doc in documents:
             if isinstance(doc, dict) and _belongs_to(doc, app):

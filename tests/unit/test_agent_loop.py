@@ -1,0 +1,144 @@
+"""The agent's loop outlives any error of a pass and backs off between failures.
+
+Fast checks with a scripted pass; tests/cluster/test_agent_outage.py kills a real
+apiserver under a running agent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+
+from conveyor.cluster.client import ApiError
+from conveyor.reconcile import agent as agent_module
+from conveyor.reconcile.agent import Agent, AgentOptions, Backoff
+from conveyor.reconcile.status import Reason
+from conveyor.reconcile.target import Target
+from conveyor.render.helm import HelmError
+from conveyor.source.git import GitError, run_git
+
+
+def test_backoff_doubles_up_to_its_cap_and_starts_again_after_a_success() -> None:
+    backoff = Backoff(first=1.0, cap=30.0)
+    assert [backoff.next_delay() for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    backoff.reset()
+    assert backoff.next_delay() == 1
+
+
+class Elector:
+    def __init__(self) -> None:
+        self.is_leader = True
+        self.lost = asyncio.Event()
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.drifted: asyncio.Queue[str] = asyncio.Queue()
+        self.options = SimpleNamespace(scope="env")
+
+
+def test_every_kind_of_pass_error_is_logged_counted_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    errors: list[Exception] = [
+        HelmError("history", "Kubernetes cluster unreachable"),
+        httpx.ConnectError("All connection attempts failed"),
+        ApiError(503, "ServiceUnavailable", "apiserver is shutting down"),
+        GitError(["git", "fetch"], 128, "fatal: could not read from remote"),
+        OSError(28, "No space left on device"),
+        KeyError("a bug"),
+    ]
+    target = Target(repo=str(tmp_path), path="env", kubeconfig=str(tmp_path / "no-kubeconfig"))
+    agent = Agent(target, options=AgentOptions(interval=0.01, backoff_first=0.01, backoff_cap=0.04))
+    elector, engine = Elector(), Engine()
+    passes = 0
+
+    async def fetch() -> object:
+        return object()
+
+    async def scripted_pass(_engine: Any, _resolved: Any) -> None:
+        nonlocal passes
+        passes += 1
+        if errors:
+            raise errors.pop(0)
+        elector.is_leader = False  # a good pass; then stop the loop
+
+    recorded: list[tuple[str, str]] = []
+
+    async def record(_target: Target, message: str, **options: Any) -> str:
+        recorded.append((options["reason"], message))
+        if len(recorded) % 2:  # and when the cluster is what failed, recording fails too
+            raise httpx.ConnectError("All connection attempts failed")
+        return "env"
+
+    monkeypatch.setattr(agent_module, "record_source_failure", record)
+    agent._fetch = fetch  # type: ignore[method-assign]
+    agent._pass = scripted_pass  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="conveyor.agent"):
+        asyncio.run(agent._loop(engine, elector, None))  # type: ignore[arg-type]
+
+    assert passes == 7
+    failures = [r for r in caplog.records if r.getMessage().startswith("pass failed")]
+    assert [r.getMessage().split(";")[0] for r in failures] == [
+        "pass failed: helm history: Kubernetes cluster unreachable",
+        "pass failed: ConnectError: All connection attempts failed",
+        "pass failed: HTTP 503 ServiceUnavailable: apiserver is shutting down",
+        "pass failed: git fetch failed (128): fatal: could not read from remote",
+        "pass failed: OSError: [Errno 28] No space left on device",
+        "pass failed: KeyError: 'a bug'",
+    ]
+    assert all(r.exc_info for r in failures)  # with the traceback
+    assert [message for _, message in recorded] == [r.getMessage().split(";")[0] for r in failures]
+    assert {reason for reason, _ in recorded} == {Reason.RECONCILE_FAILED}
+    assert agent._backoff.failures == 0  # the good pass reset it
+    counted = agent.metrics.registry.get_sample_value(
+        "conveyor_pass_failures_total", {"error": "KeyError"}
+    )
+    assert counted == 1
+
+
+def agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "conveyor", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--interval", "abc"], "error: --interval: invalid duration 'abc'"),
+        (["--lease-duration", "0"], "error: --lease-duration must be positive, not 0.0"),
+        (["--listen", "127.0.0.1:http"], "error: --listen wants HOST:PORT, not '127.0.0.1:http'"),
+    ],
+)
+def test_a_startup_misconfiguration_stops_the_agent_with_one_line(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    result = agent_cli("--repo", str(tmp_path), "--path", "env", *flags)
+    assert (result.returncode, result.stderr.strip()) == (2, message)
+
+
+def test_a_kubeconfig_that_cannot_be_loaded_stops_the_agent_after_the_first_fetch(
+    tmp_path: Path,
+) -> None:
+    work = tmp_path / "config"
+    (work / "env").mkdir(parents=True)
+    (work / "env" / "config.yaml").write_text("apiVersion: v1\nkind: ConfigMap\n")
+    run_git(["init", "--quiet", "--initial-branch", "main", str(work)])
+    run_git(["add", "--all"], cwd=work)
+    run_git(["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "env"], cwd=work)
+    missing = tmp_path / "no-such-kubeconfig"
+    result = agent_cli("--repo", str(work), "--path", "env", "--kubeconfig", str(missing))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: ")
+    assert str(missing) in result.stderr.splitlines()[-1]
