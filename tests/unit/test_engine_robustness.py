@@ -17,7 +17,7 @@ import pytest
 
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ChartFromGit, HelmReleaseSpec
-from conveyor.reconcile.engine import Engine, EngineOptions
+from conveyor.reconcile.engine import Engine, EngineOptions, build_engine
 from conveyor.reconcile.status import NAMESPACE, READY, STALLED, resource_name
 from conveyor.render.charts import ResolvedChart
 from conveyor.render.discover import AppSource, EnvironmentTree
@@ -163,7 +163,7 @@ IDENTITY = EnvironmentIdentity.of("file:///config.git", branch="main", path="env
 
 def engine(kube: MemoryKube, helm: ScriptedHelm) -> Engine:
     options = EngineOptions(scope="env", identity=IDENTITY, poll_interval=0.01)
-    return Engine(kube, helm, options=options)  # type: ignore[arg-type]
+    return build_engine(kube, helm, options=options)  # type: ignore[arg-type]
 
 
 def run_pass(engine: Engine, apps: dict[str, RenderedApp | Exception]) -> dict[str, Any]:

@@ -39,8 +39,8 @@ from conveyor.config.project import Environment, Project
 from conveyor.promote.approvals import approvers
 from conveyor.promote.pipeline import Workspace
 from conveyor.promote.versions import VersionError, read_app_version
+from conveyor.reconcile.actions.hold import GateHold
 from conveyor.reconcile.agent import AgentGate
-from conveyor.reconcile.engine import GateHold
 from conveyor.reconcile.status import READY, SOURCE_KIND, SUSPENDED, AppStatus, StatusStore
 from conveyor.reconcile.target import ResolvedTarget, kube_client
 from conveyor.render.discover import AppSource, app_name

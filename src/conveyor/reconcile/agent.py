@@ -40,7 +40,8 @@ from starlette.routing import Route
 from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
-from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, GateHold
+from conveyor.reconcile.actions.hold import GateHold
+from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, build_engine
 from conveyor.reconcile.once import record_source_failure, source_fetched
 from conveyor.reconcile.report import Metrics, error_summary
 from conveyor.reconcile.status import NAMESPACE, STALLED, Reason, StatusStore
@@ -186,7 +187,7 @@ class Agent:
                 renew_interval=self.options.lease_duration / 3,
             )
             helm = helm_cli(resolved)
-            engine = Engine(
+            engine = build_engine(
                 kube,
                 helm,
                 options=EngineOptions(

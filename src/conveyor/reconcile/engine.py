@@ -1,15 +1,17 @@
-"""One reconcile pass over an environment, app by app, with the same phases for every
-app: render → plan → apply → prune → verify → report.
+"""One reconcile pass over an environment: render every app, then for each app determine
+its state (reconcile/state.py) and run the action that state calls for
+(reconcile/actions/), again after every failed attempt, then report.
 
 Safety rules that the rest of conveyor relies on:
 - nothing is pruned after a failed fetch or render, and an app whose render came out
   empty is not emptied unless that is explicitly allowed;
 - an unchanged app (same fingerprint, no drift, healthy) costs no API write;
 - every failure is reported per app; one broken app never stops the others;
-- a failed Helm upgrade is retried, then rolled back to the last good revision; the
-  failure count starts again with a new revision, so there is no dead end;
+- a failed attempt is retried, then rolled back to the last good revision; the failure
+  count starts again with a new revision, so there is no dead end;
+- only what carries this environment's identity is changed, pruned or reported;
 - with a gate check, apps whose content changed wait (WaitingForGate, nothing but their
-  status written) until the environment's gates are open; drift is still corrected.
+  status written) until the environment's gates are open.
 """
 
 from __future__ import annotations
@@ -18,27 +20,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import httpx
 
-from conveyor.cluster.apply import (
-    ApplyError,
-    apply_objects,
-    delete_objects,
-    labelled,
-    namespaced_ref,
-)
+from conveyor.cluster.apply import namespaced_ref
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
-from conveyor.cluster.health import Health, HealthStatus, aggregate, assess
-from conveyor.cluster.helm_storage import (
-    claim_release,
-    release_ownership,
-    unlock_pending_release,
-)
+from conveyor.cluster.helm_storage import claim_release, release_ownership
 from conveyor.cluster.live import LiveCache
-from conveyor.cluster.objects import Obj, ObjectRef, drift_paths
+from conveyor.cluster.objects import Obj
 from conveyor.cluster.ownership import (
     EnvironmentIdentity,
     Owner,
@@ -47,16 +37,25 @@ from conveyor.cluster.ownership import (
     owner_of,
 )
 from conveyor.notify.notifier import Notifier
-from conveyor.reconcile.report import EventRecorder, Metrics, error_summary, notification_for
-from conveyor.reconcile.status import (
-    READY,
-    SOURCE_KIND,
-    SUSPENDED,
-    AppStatus,
-    Reason,
-    StatusStore,
-    now,
+from conveyor.reconcile.actions import (
+    ActionContext,
+    AppFailed,
+    Desired,
+    DesiredObjects,
+    ReleaseLocked,
+    RenderPast,
 )
+from conveyor.reconcile.actions.apply import install_or_upgrade, record_applied
+from conveyor.reconcile.actions.correct_drift import correct_drift
+from conveyor.reconcile.actions.hold import GateHold, hold
+from conveyor.reconcile.actions.prune import prune_app
+from conveyor.reconcile.actions.rollback import roll_back
+from conveyor.reconcile.actions.settle import settle
+from conveyor.reconcile.actions.unlock import unlock_release
+from conveyor.reconcile.actions.verify import drift_of, release_objects
+from conveyor.reconcile.report import EventRecorder, Metrics, error_summary, notification_for
+from conveyor.reconcile.state import AppState, Attempt, Observation, determine_state
+from conveyor.reconcile.status import SOURCE_KIND, SUSPENDED, AppStatus, Reason, StatusStore
 from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
@@ -68,7 +67,7 @@ log = logging.getLogger("conveyor.reconcile")
 
 @dataclass
 class EngineOptions:
-    scope: str  # this environment's prefix in the cluster (StatusStore.claim_scope)
+    scope: str  # this environment's prefix in the cluster (StatusStore.scope_for)
     identity: EnvironmentIdentity  # what it owns
     timeout: float = 300.0  # health timeout for apps that do not set their own
     retries: int = 1  # extra attempts before an app is Stalled / rolled back
@@ -79,20 +78,8 @@ class EngineOptions:
     poll_interval: float = 0.5
 
 
-@dataclass(frozen=True)
-class GateHold:
-    """A closed gate keeps new content out: which gate, why, and when to look again."""
-
-    gate: str
-    message: str
-    retry_after: float
-
-
 # Called with the apps whose content would change; None lets them through.
 GateCheck = Callable[[list[AppSource]], Awaitable[GateHold | None]]
-
-# Renders app NAME as it was at REVISION: a plain app's last good objects, to roll back to.
-RenderPast = Callable[[str, str], Awaitable[RenderedApp]]
 
 
 @dataclass
@@ -108,48 +95,68 @@ class PassResult:
         return all(s.ready for s in self.statuses.values())
 
 
-class AppFailed(Exception):
-    def __init__(self, reason: Reason, message: str) -> None:
-        self.reason = reason
-        super().__init__(message)
-
-
 class Engine:
+    """Orchestrates passes; what it works with is handed to it (`build_engine` wires the
+    usual parts), so that each part can be replaced in a test."""
+
     def __init__(
         self,
         kube: KubeClient,
         helm: HelmCLI,
         *,
         options: EngineOptions,
+        store: StatusStore,
+        live: LiveCache,
+        desired: DesiredObjects,
+        events: EventRecorder,
         metrics: Metrics | None = None,
         may_write: Callable[[], bool] = lambda: True,
         notifier: Notifier | None = None,
         render_past: RenderPast | None = None,
     ) -> None:
         self.kube = kube
-        self.render_past = render_past
         self.helm = helm
         self.options = options
-        self.live = LiveCache(kube, on_change=self._on_live_change)
-        self.store = StatusStore(kube)
-        self.events = EventRecorder(kube)
+        self.store = store
+        self.live = live
+        self.desired = desired
+        self.events = events
         self.metrics = metrics or Metrics()
         self.may_write = may_write
         self.notifier = notifier
+        self.render_past = render_past
         self.statuses: dict[str, AppStatus] = {}
-        self.desired: dict[str, list[tuple[ObjectRef, Obj]]] = {}  # app → managed objects
-        self._owner: dict[tuple[str, str, str, str], str] = {}
         # Statuses of this scope written before identities: claimed when rendered again.
         self._legacy: dict[str, AppStatus] = {}
         self._releases_checked: set[str] = set()  # releases whose owner was looked at
         self._loaded = False
-        self._revision = ""
-        self._apps = asyncio.Semaphore(options.concurrency)
+        self._apply_slots = asyncio.Semaphore(options.concurrency)
         self._helm_slots = asyncio.Semaphore(options.helm_concurrency)
-        self.drifted: asyncio.Queue[str] = asyncio.Queue()
+
+    @property
+    def drifted(self) -> asyncio.Queue[str]:
+        """Apps whose objects drifted, as the watches saw it."""
+        return self.desired.drifted
 
     async def close(self) -> None:
         await self.live.close()
+
+    def _context(self, revision: str) -> ActionContext:
+        return ActionContext(
+            kube=self.kube,
+            helm=self.helm,
+            live=self.live,
+            identity=self.options.identity,
+            scope=self.options.scope,
+            revision=revision,
+            desired=self.desired,
+            apply_slots=self._apply_slots,
+            helm_slots=self._helm_slots,
+            prune=self.options.prune,
+            timeout=self.options.timeout,
+            poll_interval=self.options.poll_interval,
+            render_past=self.render_past,
+        )
 
     # -- the pass ------------------------------------------------------------------
 
@@ -163,22 +170,22 @@ class Engine:
         gate: GateCheck | None = None,
     ) -> PassResult:
         writes_before = self.kube.writes
-        self._revision = revision
+        ctx = self._context(revision)
         await self._load()
         rendered: dict[str, RenderedApp | RenderError] = {}
 
-        async def render(app_name: str) -> None:
-            app = next(a for a in tree.apps if a.name == app_name)
+        async def render(app: AppSource) -> None:
             try:
-                rendered[app_name] = await renderer.render(app)
+                rendered[app.name] = await renderer.render(app)
             except RenderError as error:
-                rendered[app_name] = error
+                rendered[app.name] = error
             except Exception as error:  # a bug or a failed fetch of one app's chart
-                log.error("%s: render failed", app_name, exc_info=error, extra={"app": app_name})
-                rendered[app_name] = RenderError(error_summary(error), file=app.path)
+                log.error("%s: render failed", app.name, exc_info=error, extra={"app": app.name})
+                rendered[app.name] = RenderError(error_summary(error), file=app.path)
 
-        names = [a.name for a in tree.apps if only is None or a.name == only]
-        await asyncio.gather(*(render(n) for n in names))
+        apps = [a for a in tree.apps if only is None or a.name == only]
+        names = [a.name for a in apps]
+        await asyncio.gather(*(render(a) for a in apps))
         held: GateHold | None = None
         changed = self._changed(names, rendered)
         leaving = only is None and self.options.prune and bool(set(self.statuses) - set(names))
@@ -187,15 +194,12 @@ class Engine:
         done: dict[str, asyncio.Future[AppStatus]] = {
             n: asyncio.get_running_loop().create_future() for n in names
         }
-        waiting = {r.name for r in changed} if held is not None else set()
 
         async def run(name: str) -> None:
             try:
-                if name in waiting and held is not None:
-                    status = await self._hold(name, rendered[name], held)
-                else:
-                    status = await self._reconcile_one(name, rendered[name], revision, done)
-                done[name].set_result(status)
+                done[name].set_result(
+                    await self._reconcile_one(ctx, name, rendered[name], done, held)
+                )
             except asyncio.CancelledError:
                 done[name].cancel()  # a dependant waiting on it is cancelled too
                 raise
@@ -211,7 +215,7 @@ class Engine:
         if held is not None and only is None:
             log.info("revision %s waits for gate %s: %s", revision[:12], held.gate, held.message)
         elif only is None and self.options.prune and not render_failed:
-            result.pruned_apps = await self._prune_missing_apps(set(names))
+            result.pruned_apps = await self._prune_missing_apps(ctx, set(names))
         elif only is None:
             missing = sorted(set(self.statuses) - set(names))
             if missing:
@@ -236,24 +240,9 @@ class Engine:
                 result.append(app)
         return result
 
-    async def _hold(
-        self, name: str, rendered: RenderedApp | RenderError, held: GateHold
-    ) -> AppStatus:
-        """Only the status changes: the app keeps running what it ran before."""
-        status = self._status_for(name)
-        if isinstance(rendered, RenderedApp):
-            status.kind = rendered.source.kind
-        self._set(
-            status,
-            Reason.GATE_CLOSED,
-            f"revision {self._revision[:12]} waits for gate {held.gate}: {held.message}",
-        )
-        await self._report(status, warning=False)
-        return status
-
     async def _load(self) -> None:
         """Statuses from the cluster on the first pass; later passes only pick up what
-        users change there (suspend/resume), one list call."""
+        people change there (suspend/resume, adopt), one list call."""
         if not self._loaded:
             await self.store.install()
         loaded, legacy = await self.store.load_environment(
@@ -286,115 +275,230 @@ class Engine:
             self.statuses[name] = status
         return status
 
+    # -- one app ---------------------------------------------------------------------
+
     async def _reconcile_one(
         self,
+        ctx: ActionContext,
         name: str,
         rendered: RenderedApp | RenderError,
-        revision: str,
         done: dict[str, asyncio.Future[AppStatus]],
+        held: GateHold | None,
     ) -> AppStatus:
         status = self._status_for(name)
         started = time.monotonic()
-        if isinstance(rendered, RenderError):
-            self._set(status, Reason.RENDER_FAILED, str(rendered))
-            await self._report(status, warning=True)
-            return status
-        status.kind = rendered.source.kind
-        for dependency in rendered.depends_on:
-            if dependency not in done:
-                self._set(
-                    status,
-                    Reason.DEPENDENCY_NOT_FOUND,
-                    f"depends on {dependency!r}, which is not in this environment",
-                )
-                await self._report(status, warning=True)
-                return status
-            dependency_status = await asyncio.shield(done[dependency])
-            if not dependency_status.ready:
-                self._set(
-                    status,
-                    Reason.DEPENDENCY_NOT_READY,
-                    f"waiting for {dependency} to be Ready ({dependency_status.reason})",
-                )
-                await self._report(status, warning=False)
-                return status
         try:
-            await self._reconcile_app(status, rendered)
+            await self._reconcile_app(ctx, status, rendered, done, held)
             result = "success" if status.ready else "not-ready"
         except (ApiError, UnknownKindError, OSError, httpx.HTTPError, HelmError) as error:
             # The cluster away or refusing (helm says so when even its history cannot be
             # read): not this content's fault, so not counted against its retries.
             log.warning("%s: %s", name, error, extra={"app": name})
-            self._set(status, Reason.API_ERROR, error_summary(error))
+            ctx.set(status, Reason.API_ERROR, error_summary(error))
             result = "error"
         except Exception as error:  # a bug in one app's reconcile never stops the others
             log.error("%s: reconcile failed", name, exc_info=error, extra={"app": name})
-            self._set(status, Reason.INTERNAL_ERROR, error_summary(error))
+            ctx.set(status, Reason.INTERNAL_ERROR, error_summary(error))
             result = "error"
-        await self._report(status, warning=not status.ready and status.state != SUSPENDED)
-        self.metrics.reconciles.labels(self.options.scope, name, result).inc()
-        self.metrics.duration.labels(self.options.scope).observe(time.monotonic() - started)
-        self.metrics.ready.labels(self.options.scope, name).set(1 if status.ready else 0)
+        warning = (
+            not status.ready
+            and status.state != SUSPENDED
+            and status.reason
+            not in (
+                Reason.DEPENDENCY_NOT_READY,
+                Reason.GATE_CLOSED,
+            )
+        )
+        await self._report(status, warning=warning)
+        if isinstance(rendered, RenderedApp):
+            self.metrics.reconciles.labels(self.options.scope, name, result).inc()
+            self.metrics.duration.labels(self.options.scope).observe(time.monotonic() - started)
+            self.metrics.ready.labels(self.options.scope, name).set(1 if status.ready else 0)
         return status
 
-    # -- one app ---------------------------------------------------------------------
+    async def _observe(
+        self,
+        status: AppStatus,
+        rendered: RenderedApp | RenderError,
+        done: dict[str, asyncio.Future[AppStatus]],
+        held: GateHold | None,
+    ) -> Observation:
+        """What determines the app's state before anything is looked up in the cluster."""
+        if isinstance(rendered, RenderError):
+            return Observation(render_error=str(rendered))
+        status.kind = rendered.source.kind
+        missing = tuple(d for d in rendered.depends_on if d not in done)
+        not_ready = []
+        for dependency in rendered.depends_on:
+            if dependency in done:
+                found = await asyncio.shield(done[dependency])
+                if not found.ready:
+                    not_ready.append(f"{dependency} ({found.reason})")
+        new_content = rendered.fingerprint != status.fingerprint
+        if new_content and status.failed_fingerprint != rendered.fingerprint:
+            status.failures = 0
+        retries = self.options.retries
+        if rendered.helm is not None:
+            spec = rendered.helm.spec
+            retries = max(spec.upgrade_retries, spec.install_retries, retries)
+        return Observation(
+            dependencies_missing=missing,
+            dependencies_not_ready=tuple(not_ready),
+            suspended=status.suspended or rendered.suspend,
+            held=held is not None,
+            empty=rendered.empty,
+            empty_allowed=rendered.name in self.options.allow_empty,
+            has_inventory=bool(status.inventory),
+            new_content=new_content,
+            given_up=status.failed_fingerprint == rendered.fingerprint and status.failures > 0,
+            drift_mode=rendered.drift,
+            may_write=self.may_write(),
+            retries=retries,
+        )
 
-    async def _reconcile_app(self, status: AppStatus, app: RenderedApp) -> None:
-        if status.suspended or app.suspend:
-            self._set(status, Reason.SUSPENDED, "reconciliation is suspended")
+    async def _desired(
+        self, status: AppStatus, app: RenderedApp, objects: list[Obj], *, new_content: bool
+    ) -> Desired:
+        """The app's objects and, when its content is unchanged, its release's (for drift),
+        with their kinds watched."""
+        desired = [(await namespaced_ref(self.kube, o), o) for o in objects]
+        if app.helm is not None and not new_content:
+            desired += await self._helm_objects(status, app)
+        for ref, _ in desired:
+            await self.live.ensure(ref.api_version, ref.kind)
+        return desired
+
+    async def _reconcile_app(
+        self,
+        ctx: ActionContext,
+        status: AppStatus,
+        rendered: RenderedApp | RenderError,
+        done: dict[str, asyncio.Future[AppStatus]],
+        held: GateHold | None,
+    ) -> None:
+        seen = await self._observe(status, rendered, done, held)
+        decision = determine_state(seen)
+        if isinstance(rendered, RenderError):
+            ctx.set(status, Reason.RENDER_FAILED, str(rendered))
             return
-        if app.empty and status.inventory and app.name not in self.options.allow_empty:
-            self._set(
+        app = rendered
+        if decision.state is AppState.DEPENDENCY_MISSING:
+            names = ", ".join(repr(d) for d in decision.detail)
+            ctx.set(
+                status,
+                Reason.DEPENDENCY_NOT_FOUND,
+                f"depends on {names}, which is not in this environment",
+            )
+            return
+        if decision.state is AppState.DEPENDENCY_NOT_READY:
+            waiting = ", ".join(decision.detail)
+            ctx.set(status, Reason.DEPENDENCY_NOT_READY, f"waiting for {waiting} to be Ready")
+            return
+        if decision.state is AppState.SUSPENDED:
+            ctx.set(status, Reason.SUSPENDED, "reconciliation is suspended")
+            return
+        if decision.state is AppState.EMPTY_RENDER:
+            ctx.set(
                 status,
                 Reason.EMPTY_RENDER,
                 f"{app.source.path} rendered no objects; refusing to prune "
                 f"{len(status.inventory)} objects (allow it with --allow-empty {app.name})",
             )
             return
-        new_content = app.fingerprint != status.fingerprint
-        if new_content and status.failed_fingerprint == app.fingerprint and status.failures:
-            # This exact content failed before and was given up on: wait for a new revision.
+        if decision.state is AppState.HELD and held is not None:
+            hold(ctx, status, held)
             return
-        if new_content and status.failed_fingerprint != app.fingerprint:
-            status.failures = 0
-        objects = self._labelled(app)
-        desired = [(await namespaced_ref(self.kube, o), o) for o in objects]
-        if app.helm is not None and not new_content:
-            desired += await self._helm_objects(status, app)
-        for ref, _ in desired:
-            await self.live.ensure(ref.api_version, ref.kind)
+        objects = ctx.labelled(app)
+        desired = await self._desired(status, app, objects, new_content=seen.new_content)
         conflicts = self._object_conflicts(status, app, desired[: len(objects)])
         if app.helm is not None and (
-            new_content or _release_key(app.helm) not in self._releases_checked
+            seen.new_content or _release_key(app.helm) not in self._releases_checked
         ):
             conflicts += await self._release_conflicts(status, app, app.helm)
-        if conflicts:
-            self._set(status, Reason.OWNERSHIP_CONFLICT, "; ".join(conflicts))
-            return
-        drift = self._drift(desired)
-        if not new_content and not drift:
-            status.drift = None
-            await self._settle(status, app, desired)
-            return
-        if not new_content and app.drift != "enabled":
-            if app.drift == "warn":
-                status.drift = "; ".join(drift)[:1000]
-                await self._settle(status, app, desired)
-            return
-        if not self.may_write():
-            self._set(status, Reason.NOT_LEADER, "another agent holds the lease")
-            return
-        await self._apply_with_remediation(status, app, objects, desired, drift, new_content)
+        seen = replace(seen, conflicts=tuple(conflicts), drift=tuple(drift_of(self.live, desired)))
+        last_error: AppFailed | None = None
+        while True:
+            decision = determine_state(seen)
+            state = decision.state
+            if state is AppState.OWNERSHIP_CONFLICT:
+                ctx.set(status, Reason.OWNERSHIP_CONFLICT, "; ".join(decision.detail))
+                return
+            if state is AppState.EXHAUSTED:
+                return  # this exact content failed and was given up on: wait for new content
+            if state is AppState.HELD and held is not None:
+                hold(ctx, status, held)
+                return
+            if state is AppState.UNCHANGED:
+                status.drift = None
+                settle(ctx, status, app.name, desired)
+                return
+            if state is AppState.DRIFT_REPORTED:
+                if app.drift == "warn":
+                    status.drift = "; ".join(decision.detail)[:1000]
+                    settle(ctx, status, app.name, desired)
+                return
+            if state is AppState.NOT_LEADER:
+                ctx.set(status, Reason.NOT_LEADER, "another agent holds the lease")
+                return
+            if state is AppState.PENDING_RELEASE and app.helm is not None:
+                unlocked = await unlock_release(ctx, app.name, app.helm)
+                if unlocked:  # a release locked by a crash is no fault of this content
+                    status.failures -= 1
+                seen = replace(seen, unlocked=True, failures=seen.failures - unlocked)
+                continue
+            if state is AppState.NEEDS_ROLLBACK and last_error is not None:
+                await self._give_up(ctx, status, app, last_error)
+                return
+            try:
+                if seen.new_content:
+                    desired = await install_or_upgrade(ctx, status, app, objects, desired)
+                    record_applied(ctx, status, app, objects, desired, corrected=[])
+                else:
+                    desired = await correct_drift(ctx, status, app, objects, desired)
+                    record_applied(ctx, status, app, objects, desired, corrected=list(seen.drift))
+                return
+            except AppFailed as error:
+                last_error = error
+                status.failures += 1
+                log.warning("%s: attempt %d failed: %s", app.name, seen.failures + 1, error)
+                attempt = (
+                    Attempt.RELEASE_LOCKED if isinstance(error, ReleaseLocked) else Attempt.FAILED
+                )
+                seen = replace(seen, attempt=attempt, failures=seen.failures + 1)
 
-    def _labelled(self, app: RenderedApp) -> list[Obj]:
-        return [
-            labelled(o, app=app.name, identity=self.options.identity, scope=self.options.scope)
-            for o in app.objects
-        ]
+    async def _give_up(
+        self, ctx: ActionContext, status: AppStatus, app: RenderedApp, error: AppFailed
+    ) -> None:
+        """Retries are exhausted for this content: roll back to what last worked, and
+        leave this content alone until a new revision."""
+        status.failed_fingerprint = app.fingerprint
+        message = str(error)
+        try:
+            restored = await roll_back(ctx, status, app)
+        except (
+            AppFailed,
+            GitError,
+            HelmError,
+            RenderError,
+            ApiError,
+            UnknownKindError,
+            OSError,
+        ) as failure:
+            message += f"; rollback failed: {failure}"
+        else:
+            if restored is not None:
+                ctx.set(
+                    status,
+                    Reason.ROLLED_BACK,
+                    f"{message}; rolled back to {restored} (retries exhausted for this "
+                    "revision; a new revision is tried again)",
+                )
+                return
+        ctx.set(status, error.reason, message)
 
-    def _object_conflicts(
-        self, status: AppStatus, app: RenderedApp, desired: list[tuple[ObjectRef, Obj]]
-    ) -> list[str]:
+    # -- ownership ---------------------------------------------------------------------
+
+    def _object_conflicts(self, status: AppStatus, app: RenderedApp, desired: Desired) -> list[str]:
         """Objects of the app that another environment owns, unless a takeover from that
         environment was asked for. Objects nobody owns yet (applied by hand, or by a
         conveyor from before identities) are claimed by applying them, logged once."""
@@ -445,293 +549,13 @@ class Engine:
         self._releases_checked.add(key)
         return []
 
-    async def _apply_with_remediation(
-        self,
-        status: AppStatus,
-        app: RenderedApp,
-        objects: list[Obj],
-        desired: list[tuple[ObjectRef, Obj]],
-        drift: list[str],
-        new_content: bool,
-    ) -> None:
-        retries = self.options.retries
-        if app.helm is not None:
-            retries = max(app.helm.spec.upgrade_retries, app.helm.spec.install_retries, retries)
-        last_error: AppFailed | None = None
-        for attempt in range(retries + 1):
-            try:
-                # Bounded writes; waiting for health is not bounded, so that slow rollouts
-                # never hold up the apply of other apps.
-                async with self._apps:
-                    desired = await self._apply(status, app, objects, desired, new_content)
-                await self._verify(app, desired)
-            except AppFailed as error:
-                last_error = error
-                status.failures += 1
-                log.warning("%s: attempt %d failed: %s", app.name, attempt + 1, error)
-                continue
-            corrected = not new_content and drift
-            status.fingerprint = app.fingerprint
-            status.failures = 0
-            status.failed_fingerprint = None
-            status.drift = None
-            if new_content or status.last_applied_time is None:
-                # A drift correction puts the same content back: the version has run since
-                # it was first applied, which is what soak gates count from.
-                status.last_applied_time = now()
-            status.last_applied_revision = status.attempted_revision
-            # Helm owns its release's objects; the inventory holds what conveyor applied.
-            status.inventory = sorted(ref for ref, obj in desired if obj in objects)
-            if app.helm is not None:
-                status.last_good_helm_revision = status.helm_revision
-            if corrected:
-                self._set(
-                    status, Reason.DRIFT_CORRECTED, f"corrected drift in {'; '.join(drift)[:500]}"
-                )
-            else:
-                self._set(
-                    status,
-                    Reason.SUCCEEDED,
-                    f"applied revision {status.attempted_revision[:12]}",
-                )
-            return
-        if last_error is None:  # retries >= 0 means at least one attempt was made
-            raise RuntimeError("no reconcile attempt was made")
-        status.failed_fingerprint = app.fingerprint
-        message = str(last_error)
-        try:
-            restored = await self._roll_back(status, app)
-        except (
-            AppFailed,
-            GitError,
-            HelmError,
-            RenderError,
-            ApiError,
-            UnknownKindError,
-            OSError,
-        ) as error:
-            message += f"; rollback failed: {error}"
-        else:
-            if restored is not None:
-                self._set(
-                    status,
-                    Reason.ROLLED_BACK,
-                    f"{message}; rolled back to {restored} (retries exhausted for this "
-                    "revision; a new revision is tried again)",
-                )
-                return
-        self._set(status, last_error.reason, message)
-
-    async def _roll_back(self, status: AppStatus, app: RenderedApp) -> str | None:
-        """Put back what last worked: the last good Helm revision of a release, or the
-        objects of the last good git revision of a plain app (applied, pruned and verified
-        as a new revision would be). Returns what was restored; None if nothing to do."""
-        if app.helm is not None:
-            if not (
-                app.helm.spec.rollback_on_failure
-                and status.last_good_helm_revision
-                and status.release
-            ):
-                return None
-            namespace, release = status.release.split("/", 1)
-            try:
-                async with self._helm_slots:
-                    await self.helm.rollback(
-                        release,
-                        namespace,
-                        status.last_good_helm_revision,
-                        timeout=app.helm.spec.timeout_seconds,
-                    )
-            except HelmError as error:
-                raise AppFailed(Reason.ROLLBACK_FAILED, error.message) from None
-            history = await self.helm.history(release, namespace)
-            status.helm_revision = int(history[-1]["revision"]) if history else None
-            self.desired.pop(app.name, None)
-            return f"Helm revision {status.last_good_helm_revision}"
-        good = status.last_applied_revision
-        if self.render_past is None or not good or good == status.attempted_revision:
-            return None
-        previous = await self.render_past(app.name, good)
-        if previous.empty:  # never prune a whole app on the way back
-            raise AppFailed(Reason.ROLLBACK_FAILED, f"revision {good[:12]} renders no objects")
-        objects = self._labelled(previous)
-        desired = [(await namespaced_ref(self.kube, o), o) for o in objects]
-        async with self._apps:
-            desired = await self._apply(status, previous, objects, desired, True)
-        await self._verify(previous, desired)
-        return f"revision {good[:12]}"
-
-    async def _apply(
-        self,
-        status: AppStatus,
-        app: RenderedApp,
-        objects: list[Obj],
-        desired: list[tuple[ObjectRef, Obj]],
-        new_content: bool,
-    ) -> list[tuple[ObjectRef, Obj]]:
-        self._set(status, Reason.PROGRESSING, f"applying revision {status.attempted_revision[:12]}")
-        try:
-            self.live.seed(await apply_objects(self.kube, objects))
-        except ApplyError as error:
-            raise AppFailed(Reason.APPLY_FAILED, str(error)) from None
-        desired_refs = [ref for ref, _ in desired]
-        if app.helm is None:
-            if self.options.prune:
-                gone = [
-                    r for r in status.inventory if r.key() not in {d.key() for d in desired_refs}
-                ]
-                try:
-                    await delete_objects(self.kube, gone, identity=self.options.identity)
-                except ApplyError as error:
-                    raise AppFailed(Reason.PRUNE_FAILED, str(error)) from None
-            # Applied, healthy or not: a later revision or a rollback prunes from here.
-            status.inventory = sorted(desired_refs)
-            self._remember(app.name, desired)
-            return desired
-        plan = app.helm
-        spec = plan.spec
-        status.release = f"{spec.target_namespace}/{spec.release_name}"
-        if not new_content:
-            # Drift in a Helm release: put the drifted objects back with server-side apply,
-            # without a new Helm revision.
-            try:
-                self.live.seed(
-                    await apply_objects(self.kube, [o for _, o in desired if o not in objects])
-                )
-            except ApplyError as error:
-                raise AppFailed(Reason.DRIFT_CORRECTION_FAILED, str(error)) from None
-            return desired
-        async with self._helm_slots:
-            try:
-                release = await self._upgrade_install(app.name, plan, status.attempted_revision)
-            except HelmError as error:
-                if not await self._refresh_helm_revision(status, spec):
-                    # Helm cannot read the release either: the cluster is out of reach,
-                    # which is no fault of this content. Not counted against its
-                    # retries; the next pass tries again.
-                    raise
-                raise AppFailed(Reason.UPGRADE_FAILED, error.message) from None
-        status.helm_revision = int(release.get("version", 0)) or None
-        helm_desired = await self._refs_for(
-            parse_manifest(release.get("manifest", "")), default_namespace=spec.target_namespace
-        )
-        full = [(r, o) for r, o in desired if o in objects] + helm_desired
-        self._remember(app.name, full)
-        return full
-
-    async def _upgrade_install(self, app: str, plan: HelmPlan, revision: str) -> dict[str, Any]:
-        spec = plan.spec
-
-        async def upgrade_install() -> dict[str, Any]:
-            return await self.helm.upgrade_install(
-                spec.release_name,
-                spec.target_namespace,
-                plan.chart.path,
-                plan.values,
-                timeout=spec.timeout_seconds,
-                description=f"conveyor {revision[:12]}",
-                labels=self.options.identity.labels(),
-            )
-
-        try:
-            return await upgrade_install()
-        except HelmError as error:
-            # A crash mid-operation leaves the release pending-*, and helm refuses it until
-            # that revision is marked failed. Looked at only when helm says so, so that the
-            # usual upgrade costs no extra API call.
-            if "another operation" not in error.message or not await unlock_pending_release(
-                self.kube, release=spec.release_name, namespace=spec.target_namespace
-            ):
-                raise
-        log.warning(
-            "%s: release was left pending by an interrupted operation; marked it failed "
-            "to continue",
-            app,
-        )
-        return await upgrade_install()
-
-    async def _refresh_helm_revision(self, status: AppStatus, spec: Any) -> bool:
-        """After a failed upgrade, the release's latest revision into `status`. False when
-        helm cannot read the history either (logged, never raised): `helm_revision` then
-        stays as it was."""
-        try:
-            history = await self.helm.history(spec.release_name, spec.target_namespace)
-        except HelmError as error:
-            log.warning("%s: cannot read the release history: %s", status.app, error.message)
-            return False
-        status.helm_revision = int(history[-1]["revision"]) if history else None
-        return True
-
-    async def _verify(self, app: RenderedApp, desired: list[tuple[ObjectRef, Obj]]) -> None:
-        timeout = app.helm.spec.timeout_seconds if app.helm else self.options.timeout
-        timeout = min(timeout, self.options.timeout)
-        for ref, _ in desired:
-            await self.live.ensure(ref.api_version, ref.kind)
-        deadline = time.monotonic() + timeout
-        while True:
-            health = self._health(desired)
-            if health.status is HealthStatus.CURRENT:
-                return
-            if health.status is HealthStatus.FAILED:
-                raise AppFailed(Reason.HEALTH_CHECK_FAILED, health.message)
-            if time.monotonic() > deadline:
-                raise AppFailed(
-                    Reason.HEALTH_CHECK_FAILED,
-                    f"not healthy within {timeout:.0f}s: {health.message}",
-                )
-            await asyncio.sleep(self.options.poll_interval)
-
-    async def _settle(
-        self, status: AppStatus, app: RenderedApp, desired: list[tuple[ObjectRef, Obj]]
-    ) -> None:
-        """Unchanged app: only re-read health from the watch cache (no API call)."""
-        health = self._health(desired)
-        if health.status is HealthStatus.CURRENT:
-            if status.drift:
-                self._set(status, Reason.DRIFT_DETECTED, f"drift (warn only): {status.drift}")
-            elif status.state != READY:
-                applied = status.last_applied_revision or self._revision
-                self._set(status, Reason.SUCCEEDED, f"applied revision {applied[:12]}")
-        elif health.status is HealthStatus.FAILED:
-            self._set(status, Reason.HEALTH_CHECK_FAILED, health.message)
-        else:
-            self._set(status, Reason.PROGRESSING, health.message)
-        self._remember(app.name, desired)
-
-    def _health(self, desired: list[tuple[ObjectRef, Obj]]) -> Health:
-        results = []
-        for ref, _ in desired:
-            live = self.live.get(ref)
-            results.append(
-                (
-                    str(ref),
-                    assess(live)
-                    if live is not None
-                    else Health(HealthStatus.IN_PROGRESS, f"{ref} does not exist yet"),
-                )
-            )
-        return aggregate(results)
-
-    def _drift(self, desired: list[tuple[ObjectRef, Obj]]) -> list[str]:
-        found = []
-        for ref, obj in desired:
-            live = self.live.get(ref)
-            if live is None:
-                found.append(f"{ref} is missing")
-                continue
-            paths = drift_paths(obj, live)
-            if paths:
-                found.append(f"{ref} {', '.join(paths[:5])}")
-        return found
-
-    async def _helm_objects(
-        self, status: AppStatus, app: RenderedApp
-    ) -> list[tuple[ObjectRef, Obj]]:
+    async def _helm_objects(self, status: AppStatus, app: RenderedApp) -> Desired:
         """The release's objects for drift checks: remembered, or read once from Helm."""
+        inventory = {x.key() for x in status.inventory}
         known = [
             (r, o)
-            for r, o in self.desired.get(app.name, [])
-            if o not in app.objects and r.key() not in {x.key() for x in status.inventory}
+            for r, o in self.desired.by_app.get(app.name, [])
+            if o not in app.objects and r.key() not in inventory
         ]
         if known or not status.release:
             return known
@@ -740,59 +564,18 @@ class Engine:
             manifest = await self.helm.manifest(release, namespace)
         except HelmError:
             return []
-        return await self._refs_for(parse_manifest(manifest), default_namespace=namespace)
-
-    async def _refs_for(
-        self, objects: list[Obj], *, default_namespace: str
-    ) -> list[tuple[ObjectRef, Obj]]:
-        """Helm leaves the namespace out of its manifest: it is the release's namespace.
-        Set it, so that drift corrections go to the object Helm created."""
-        result = []
-        for obj in objects:
-            ref = await namespaced_ref(self.kube, obj)
-            if ref.namespace == "default" and not obj.get("metadata", {}).get("namespace"):
-                ref = ObjectRef(ref.api_version, ref.kind, default_namespace, ref.name)
-                obj = {**obj, "metadata": {**obj["metadata"], "namespace": default_namespace}}
-            result.append((ref, obj))
-        return result
-
-    def _remember(self, app: str, desired: list[tuple[ObjectRef, Obj]]) -> None:
-        self.desired[app] = desired
-        for ref, _ in desired:
-            self._owner[ref.key()] = app
-
-    def _on_live_change(self, ref: ObjectRef, obj: Obj | None) -> None:
-        """A watched object changed: if it belongs to an app and drifted, queue the app."""
-        app = self._owner.get(ref.key())
-        if app is None:
-            return
-        wanted = next((o for r, o in self.desired.get(app, []) if r.key() == ref.key()), None)
-        if wanted is None:
-            return
-        if obj is None or drift_paths(wanted, obj):
-            self.drifted.put_nowait(app)
+        return await release_objects(self.kube, parse_manifest(manifest), namespace=namespace)
 
     # -- pruning whole apps ------------------------------------------------------------
 
-    async def _prune_missing_apps(self, present: set[str]) -> list[str]:
+    async def _prune_missing_apps(self, ctx: ActionContext, present: set[str]) -> list[str]:
         pruned = []
         for name, status in list(self.statuses.items()):
             if name in present:
                 continue
             if not self.may_write():
                 break
-            if status.release:
-                namespace, release = status.release.split("/", 1)
-                ownership = await release_ownership(self.kube, release=release, namespace=namespace)
-                if ownership.owner in (None, self.options.identity.id):
-                    await self.helm.uninstall(release, namespace)
-                else:
-                    log.warning(
-                        "%s: not uninstalling Helm release %s: another environment owns it now",
-                        name,
-                        status.release,
-                    )
-            await delete_objects(self.kube, status.inventory, identity=self.options.identity)
+            await prune_app(ctx, status)
             await self.events.record(
                 status,
                 warning=False,
@@ -801,19 +584,10 @@ class Engine:
             )
             await self.store.delete(status)
             del self.statuses[name]
-            self.desired.pop(name, None)
             pruned.append(name)
         return pruned
 
     # -- report --------------------------------------------------------------------------
-
-    def _set(self, status: AppStatus, reason: Reason, message: str) -> None:
-        # The revision moves with the app's state, not with every commit to the repo, so
-        # a commit that does not touch an app writes nothing for it.
-        status.attempted_revision = self._revision
-        status.state = reason.state
-        status.reason = reason
-        status.message = message
 
     async def _report(self, status: AppStatus, *, warning: bool) -> None:
         before = self.store.stored(status)
@@ -834,6 +608,34 @@ class Engine:
             note = notification_for(status, newly_applied=newly_applied)
             if note is not None:
                 self.notifier.publish(note)
+
+
+def build_engine(
+    kube: KubeClient,
+    helm: HelmCLI,
+    *,
+    options: EngineOptions,
+    metrics: Metrics | None = None,
+    may_write: Callable[[], bool] = lambda: True,
+    notifier: Notifier | None = None,
+    render_past: RenderPast | None = None,
+) -> Engine:
+    """An engine with the usual parts: statuses in ConveyorApps, a watch cache that
+    reports drift of what the engine applied, Events."""
+    desired = DesiredObjects()
+    return Engine(
+        kube,
+        helm,
+        options=options,
+        store=StatusStore(kube),
+        live=LiveCache(kube, on_change=desired.on_change),
+        desired=desired,
+        events=EventRecorder(kube),
+        metrics=metrics,
+        may_write=may_write,
+        notifier=notifier,
+        render_past=render_past,
+    )
 
 
 def _release_key(plan: HelmPlan) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
-from conveyor.reconcile.engine import Engine, EngineOptions, PassResult
+from conveyor.reconcile.engine import EngineOptions, PassResult, build_engine
 from conveyor.reconcile.plan import AppPlan, plan_environment
 from conveyor.reconcile.status import SOURCE_KIND, STALLED, AppStatus, Reason, StatusStore
 from conveyor.reconcile.target import (
@@ -55,7 +55,7 @@ async def reconcile_once(
     scope = await StatusStore(kube).scope_for(resolved.identity, scope=resolved.scope)
     notifier = Notifier(project_rules(resolved.checkout.path))
     await notifier.start()
-    engine = Engine(
+    engine = build_engine(
         kube,
         helm,
         options=EngineOptions(

@@ -22,7 +22,7 @@ from conveyor.config.project import (
     load_project,
     safe_relative_path,
 )
-from conveyor.reconcile.engine import RenderPast
+from conveyor.reconcile.actions import RenderPast
 from conveyor.render.charts import ChartResolver
 from conveyor.render.discover import EnvironmentTree, app_name, discover
 from conveyor.render.documents import RenderError

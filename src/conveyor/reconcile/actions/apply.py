@@ -1,0 +1,130 @@
+"""Install or upgrade an app's new content: server-side apply of its objects (pruning
+what left it), then `helm upgrade --install` of its release, then the wait for health."""
+
+from __future__ import annotations
+
+import logging
+
+from conveyor.cluster.apply import ApplyError, apply_objects, delete_objects
+from conveyor.cluster.objects import Obj
+from conveyor.reconcile.actions import ActionContext, AppFailed, Desired, ReleaseLocked
+from conveyor.reconcile.actions.verify import release_objects, wait_healthy
+from conveyor.reconcile.status import AppStatus, Reason, now
+from conveyor.render.helm import HelmError, parse_manifest
+from conveyor.render.render import HelmPlan, RenderedApp
+
+log = logging.getLogger("conveyor.reconcile")
+
+
+async def install_or_upgrade(
+    ctx: ActionContext, status: AppStatus, app: RenderedApp, objects: list[Obj], desired: Desired
+) -> Desired:
+    """Apply, then verify. Returns everything the app now consists of (its objects and
+    its release's), for drift checks."""
+    async with ctx.apply_slots:
+        desired = await apply_plain(ctx, status, app, objects, desired)
+        if app.helm is not None:
+            desired = await _upgrade_release(ctx, status, app.helm, objects, desired)
+    ctx.desired.remember(app.name, desired)
+    await wait_healthy(ctx, app, desired)
+    return desired
+
+
+async def apply_plain(
+    ctx: ActionContext, status: AppStatus, app: RenderedApp, objects: list[Obj], desired: Desired
+) -> Desired:
+    """Server-side apply of the app's own objects; for an app without a release, prune
+    what it had and no longer has (the inventory)."""
+    ctx.set(status, Reason.PROGRESSING, f"applying revision {ctx.revision[:12]}")
+    try:
+        ctx.live.seed(await apply_objects(ctx.kube, objects))
+    except ApplyError as error:
+        raise AppFailed(Reason.APPLY_FAILED, str(error)) from None
+    if app.helm is not None:
+        return desired
+    refs = [ref for ref, _ in desired]
+    if ctx.prune:
+        wanted = {r.key() for r in refs}
+        gone = [r for r in status.inventory if r.key() not in wanted]
+        try:
+            await delete_objects(ctx.kube, gone, identity=ctx.identity)
+        except ApplyError as error:
+            raise AppFailed(Reason.PRUNE_FAILED, str(error)) from None
+    # Applied, healthy or not: a later revision or a rollback prunes from here.
+    status.inventory = sorted(refs)
+    ctx.desired.remember(app.name, desired)
+    return desired
+
+
+async def _upgrade_release(
+    ctx: ActionContext, status: AppStatus, plan: HelmPlan, objects: list[Obj], desired: Desired
+) -> Desired:
+    spec = plan.spec
+    status.release = f"{spec.target_namespace}/{spec.release_name}"
+    async with ctx.helm_slots:
+        try:
+            release = await ctx.helm.upgrade_install(
+                spec.release_name,
+                spec.target_namespace,
+                plan.chart.path,
+                plan.values,
+                timeout=spec.timeout_seconds,
+                description=f"conveyor {ctx.revision[:12]}",
+                labels=ctx.identity.labels(),
+            )
+        except HelmError as error:
+            if "another operation" in error.message:
+                raise ReleaseLocked(error.message) from None
+            if not await _refresh_helm_revision(ctx, status, plan):
+                # Helm cannot read the release either: the cluster is out of reach, which
+                # is no fault of this content. Not counted against its retries; the next
+                # pass tries again.
+                raise
+            raise AppFailed(Reason.UPGRADE_FAILED, error.message) from None
+    status.helm_revision = int(release.get("version", 0)) or None
+    helm_desired = await release_objects(
+        ctx.kube, parse_manifest(release.get("manifest", "")), namespace=spec.target_namespace
+    )
+    return [(r, o) for r, o in desired if o in objects] + helm_desired
+
+
+async def _refresh_helm_revision(ctx: ActionContext, status: AppStatus, plan: HelmPlan) -> bool:
+    """After a failed upgrade, the release's latest revision (the failed one) into
+    `status`. False when helm cannot read the history either (logged, never raised):
+    `helm_revision` then stays as it was."""
+    try:
+        history = await ctx.helm.history(plan.spec.release_name, plan.spec.target_namespace)
+    except HelmError as error:
+        log.warning("%s: cannot read the release history: %s", status.app, error.message)
+        return False
+    status.helm_revision = int(history[-1]["revision"]) if history else None
+    return True
+
+
+def record_applied(
+    ctx: ActionContext,
+    status: AppStatus,
+    app: RenderedApp,
+    objects: list[Obj],
+    desired: Desired,
+    *,
+    corrected: list[str],
+) -> None:
+    """The app runs this content now: what later passes compare with and prune from."""
+    status.fingerprint = app.fingerprint
+    status.failures = 0
+    status.failed_fingerprint = None
+    status.drift = None
+    if not corrected or status.last_applied_time is None:
+        # A drift correction puts the same content back: the version has run since it
+        # was first applied, which is what soak gates count from.
+        status.last_applied_time = now()
+    status.last_applied_revision = ctx.revision
+    # Helm owns its release's objects; the inventory holds what conveyor applied.
+    status.inventory = sorted(ref for ref, obj in desired if obj in objects)
+    if app.helm is not None:
+        status.last_good_helm_revision = status.helm_revision
+    if corrected:
+        ctx.set(status, Reason.DRIFT_CORRECTED, f"corrected drift in {'; '.join(corrected)[:500]}")
+    else:
+        ctx.set(status, Reason.SUCCEEDED, f"applied revision {ctx.revision[:12]}")
