@@ -6,3 +6,17 @@ from __future__ import annotations
 
 class ConveyorError(Exception):
     """An error conveyor explains in its message."""
+
+
+class LocatedError(ConveyorError):
+    """An error in a user's file: `file` and `line` say where, when known, and lead the
+    message (`staging/api.yaml:12: ...`); `detail` is the message without them."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None) -> None:
+        self.file = file
+        self.line = line
+        self.detail = message
+        where = ""
+        if file:
+            where = f"{file}:{line}: " if line else f"{file}: "
+        super().__init__(f"{where}{message}")

@@ -16,6 +16,7 @@ from typing import Any
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.objects import Obj, ObjectRef, apply_order
 from conveyor.cluster.ownership import ADOPT_ANNOTATION, EnvironmentIdentity, foreign_owner
+from conveyor.errors import ConveyorError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ APP_LABEL = "conveyor.dev/app"
 SCOPE_LABEL = "conveyor.dev/scope"
 
 
-class ApplyError(RuntimeError):
+class ApplyError(ConveyorError, RuntimeError):
     """Applying some objects failed; `failures` names each one and why."""
 
     def __init__(self, failures: list[tuple[ObjectRef, str]]) -> None:

@@ -22,13 +22,14 @@ from urllib.parse import quote
 import httpx
 
 from conveyor.cluster.kubeconfig import ClusterCredentials
+from conveyor.errors import ConveyorError
 
 Obj = dict[str, Any]
 RETRIES = 5
 TOKEN_REFRESH_SECONDS = 60.0
 
 
-class ApiError(RuntimeError):
+class ApiError(ConveyorError, RuntimeError):
     """The apiserver answered with a Status failure."""
 
     def __init__(self, status: int, reason: str, message: str, *, body: Obj | None = None) -> None:
@@ -47,7 +48,7 @@ class ApiError(RuntimeError):
         return self.status == 404
 
 
-class UnknownKindError(RuntimeError):
+class UnknownKindError(ConveyorError, RuntimeError):
     def __init__(self, api_version: str, kind: str) -> None:
         self.api_version = api_version
         self.kind = kind

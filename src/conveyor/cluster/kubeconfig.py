@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from conveyor.errors import ConveyorError
+
 # Where the kubelet mounts a Pod's service account (token, ca.crt, namespace).
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 IN_CLUSTER = "in-cluster"
@@ -33,7 +35,7 @@ _PATH_FIELDS = {
 }
 
 
-class KubeconfigError(RuntimeError):
+class KubeconfigError(ConveyorError, RuntimeError):
     pass
 
 

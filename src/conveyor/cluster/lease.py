@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from conveyor.cluster.client import ApiError, KubeClient
+from conveyor.errors import ConveyorError
 
 LEASE_API_VERSION = "coordination.k8s.io/v1"
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
 
-class LeaseNotAcquiredError(RuntimeError):
+class LeaseNotAcquiredError(ConveyorError, RuntimeError):
     def __init__(self, namespace: str, name: str, holder: str | None) -> None:
         self.holder = holder
         super().__init__(f"lease {namespace}/{name} is held by {holder or 'another agent'}")

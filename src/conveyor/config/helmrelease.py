@@ -27,6 +27,7 @@ from conveyor.config.validation import (
     describe,
     expected,
 )
+from conveyor.errors import ConveyorError
 
 FLUX_V1_GROUP = "helm.fluxcd.io"
 FLUX_V2_GROUP = "helm.toolkit.fluxcd.io"
@@ -35,7 +36,7 @@ HELMRELEASE_GROUPS = (FLUX_V1_GROUP, FLUX_V2_GROUP)
 DriftMode = Literal["enabled", "warn", "disabled"]
 
 
-class HelmReleaseError(ValueError):
+class HelmReleaseError(ConveyorError, ValueError):
     """The HelmRelease is missing something it needs; the message names the field."""
 
 

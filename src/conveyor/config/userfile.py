@@ -29,25 +29,16 @@ from pydantic import BaseModel, ValidationError
 from yaml.constructor import ConstructorError
 
 from conveyor.config.validation import describe_problem
+from conveyor.errors import ConveyorError, LocatedError
 
 
-class ConfigError(ValueError):
+class ConfigError(ConveyorError, ValueError):
     """A user's file (conveyor.yaml, a channel, a profile…) is malformed or misses
     something; the message names the file."""
 
 
-class UserFileError(ConfigError):
-    """A file could not be read within bounds or does not parse. `file` and `line` say
-    where, when known; `detail` is the message without them."""
-
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None) -> None:
-        self.file = file
-        self.line = line
-        self.detail = message
-        where = ""
-        if file:
-            where = f"{file}:{line}: " if line else f"{file}: "
-        super().__init__(f"{where}{message}")
+class UserFileError(LocatedError, ConfigError):
+    """A file could not be read within bounds or does not parse."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from conveyor.errors import ConveyorError
 from conveyor.images.push import push
 from conveyor.sandbox import Sandbox
 from conveyor.sandbox.paths import state_root
@@ -43,7 +44,7 @@ ECR = "000000000000.dkr.ecr.eu-west-1.amazonaws.com"
 IMAGES = {"ui": ["ui"], "api": ["api"], "worker": ["worker-r", "worker-python"]}
 
 
-class DemoError(RuntimeError):
+class DemoError(ConveyorError, RuntimeError):
     pass
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from conveyor.config.names import UnsafeValueError, credential_helper
+from conveyor.errors import ConveyorError
 from conveyor.images.reference import DOCKER_HUB_API
 
 _DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io")
@@ -35,7 +36,7 @@ class CredentialSource(Protocol):
     def for_host(self, host: str) -> Credentials | None: ...
 
 
-class CredentialsError(ValueError):
+class CredentialsError(ConveyorError, ValueError):
     """The Docker config exists but cannot be read; names the file, never a secret."""
 
 

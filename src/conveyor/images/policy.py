@@ -20,6 +20,7 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any, Protocol
 
+from conveyor.errors import ConveyorError
 from conveyor.images.semver import SemverRange, SemverRangeError, Version
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -27,7 +28,7 @@ _NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
 _TEMPLATE_REFERENCE = re.compile(r"\$(?:\$|\{(\w+)\}|(\w+))")
 
 
-class PolicyError(ValueError):
+class PolicyError(ConveyorError, ValueError):
     """A policy that cannot be used as written (bad range, bad regex, unknown kind)."""
 
 

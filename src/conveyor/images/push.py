@@ -14,10 +14,12 @@ from collections.abc import Mapping, Sequence
 
 import httpx
 
+from conveyor.errors import ConveyorError
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
-class PushError(RuntimeError):
+class PushError(ConveyorError, RuntimeError):
     pass
 
 

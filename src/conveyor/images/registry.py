@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from conveyor import __version__
+from conveyor.errors import ConveyorError
 from conveyor.images.credentials import Credentials, CredentialSource
 from conveyor.images.reference import ImageName, is_loopback
 
@@ -40,7 +41,7 @@ _AUTH_ITEM = re.compile(
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(ConveyorError, RuntimeError):
     """A registry could not answer a question; `host` says which one."""
 
     def __init__(self, host: str, message: str) -> None:

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from functools import total_ordering
 
+from conveyor.errors import ConveyorError
+
 _IDENT = r"[0-9A-Za-z-]+"
 _VERSION = re.compile(
     rf"^v?(?P<major>\d+)\.(?P<minor>\d+)\.(?P<patch>\d+)"
@@ -41,7 +43,7 @@ _ANY_VERSION = "*"
 Identifier = int | str
 
 
-class SemverRangeError(ValueError):
+class SemverRangeError(ConveyorError, ValueError):
     """A range that does not parse; the message quotes the part that failed."""
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from conveyor.errors import ConveyorError
 from conveyor.images.automation import Watch, discover, read_text
 from conveyor.images.yamltext import Edit, YamlTextError, apply_edits, load_documents
 from conveyor.source.git import Author, Checkout, RetryPolicy, commit_and_push
@@ -21,7 +22,7 @@ DEFAULT_MESSAGE = "Update images\n\n{changes}\n"
 MESSAGE_FIELDS = ("changes", "count", "files")
 
 
-class MessageTemplateError(ValueError):
+class MessageTemplateError(ConveyorError, ValueError):
     """A commit message template with a field other than {changes}, {count}, {files}."""
 
 

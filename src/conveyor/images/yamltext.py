@@ -18,11 +18,12 @@ import yaml
 
 from conveyor.config.userfile import UserFileError, YamlDocument, load_json, load_yaml
 from conveyor.config.userfile import load_documents as load_yaml_documents
+from conveyor.errors import ConveyorError
 
 _SETTER = re.compile(r"#\s*(\{\s*\"\$imagepolicy\"\s*:\s*\"[^\"]*\"\s*\})")
 
 
-class YamlTextError(ValueError):
+class YamlTextError(ConveyorError, ValueError):
     """The file does not parse, or a value cannot be rewritten in place."""
 
 

@@ -24,6 +24,7 @@ from conveyor.config.channel import Channel, ChannelRelease
 from conveyor.config.helmrelease import parse_duration
 from conveyor.config.project import ConfigError
 from conveyor.config.userfile import UserFileError, load_documents, read_text
+from conveyor.errors import ConveyorError
 from conveyor.reconcile.plan import AppPlan, diff_objects, namespaced, render_text
 from conveyor.render.discover import KUSTOMIZATION_FILES
 from conveyor.render.documents import RenderError
@@ -32,7 +33,7 @@ from conveyor.render.kustomize import render_kustomization
 from conveyor.source.git import GitError, repository_root
 
 
-class ReleaseFailed(RuntimeError):
+class ReleaseFailed(ConveyorError, RuntimeError):
     """A release of the channel failed; the ones before it were applied."""
 
 

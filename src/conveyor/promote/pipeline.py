@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from conveyor.config.project import ConfigError, Environment, Project, load_project
+from conveyor.errors import ConveyorError
 from conveyor.promote.versions import VersionError, read_app_version
 from conveyor.reconcile.target import default_branch
 from conveyor.render.discover import AppSource, EnvironmentTree, discover
@@ -20,7 +21,7 @@ from conveyor.render.documents import RenderError
 from conveyor.source.git import Checkout, GitError, export_tree
 
 
-class PromotionError(ValueError):
+class PromotionError(ConveyorError, ValueError):
     """The request cannot be carried out as asked; nothing was written."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from conveyor.config.project import Environment
+from conveyor.errors import ConveyorError
 from conveyor.promote.gates import GateContext, GateResult, KubeFactory, wait_for_gates
 from conveyor.promote.offline_diff import diff_revisions
 from conveyor.promote.pipeline import PromotionError, Workspace, environment
@@ -94,7 +95,7 @@ class PromotionResult:
         }
 
 
-class GatesClosed(RuntimeError):
+class GatesClosed(ConveyorError, RuntimeError):
     """A gate of the target stayed closed; nothing was written."""
 
     def __init__(self, environment: str, results: list[GateResult]) -> None:

@@ -21,6 +21,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.scalarstring import ScalarString
 
 from conveyor.config.userfile import UserFileError, read_text
+from conveyor.errors import ConveyorError
 from conveyor.publish.template import PathPart, Template, TemplateError
 from conveyor.publish.version import image_tag
 from conveyor.render.discover import KUSTOMIZATION_FILES, SKIPPED_FILES, AppSource
@@ -42,7 +43,7 @@ VERSION_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
 _SETTER_TAG = re.compile(r'\{"\$imagepolicy":\s*"[^"]*:tag"\}')
 
 
-class VersionError(ValueError):
+class VersionError(ConveyorError, ValueError):
     """A file of the app cannot be read or edited; the message names it."""
 
 

@@ -23,6 +23,7 @@ from botocore.exceptions import ClientError
 
 from conveyor.config.ci_policies import FILE_NAMES, CiFile, CiPolicy
 from conveyor.config.userfile import UserFileError, load_document, load_yaml, read_text, validate
+from conveyor.errors import ConveyorError
 from conveyor.source.git import GitError, mask_url, shallow_clone
 
 OIDC_HOST = "token.actions.githubusercontent.com"
@@ -37,7 +38,7 @@ _GITHUB_URL = re.compile(r"github\.com[:/]([^/]+)/([^/]+?)(?:\.git)?/?$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://|^[^/\s]+@[^/\s]+:")
 
 
-class CiPrivilegesError(ValueError):
+class CiPrivilegesError(ConveyorError, ValueError):
     """A repository cannot be read, or its `.ci.yaml` is malformed; the message names it."""
 
 

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from conveyor.config.project import FILE_NAME, Guard, parse_project
+from conveyor.errors import ConveyorError
 from conveyor.source.git import (
     GitError,
     commits_between,
@@ -25,7 +26,7 @@ from conveyor.source.git import (
 )
 
 
-class GuardError(ValueError):
+class GuardError(ConveyorError, ValueError):
     """A revision does not exist or the policy file is malformed."""
 
 

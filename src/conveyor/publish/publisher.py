@@ -18,6 +18,7 @@ from typing import Any
 from conveyor.config.project import safe_relative_path
 from conveyor.config.publish_profile import PublishProfile, Scheme, check_name
 from conveyor.config.userfile import read_text
+from conveyor.errors import ConveyorError
 from conveyor.publish.template import MARKER, Setting, Template
 from conveyor.publish.version import (
     Build,
@@ -32,7 +33,7 @@ from conveyor.source.git import Author, Checkout, RetryPolicy, commit_and_push, 
 DEFAULT_MESSAGE = "Update from {source}"
 
 
-class PublishError(ValueError):
+class PublishError(ConveyorError, ValueError):
     """The request cannot be published as asked (a destination outside the repo, …)."""
 
 

@@ -30,6 +30,7 @@ from conveyor.config.userfile import (
     unreadable,
     validate,
 )
+from conveyor.errors import ConveyorError
 
 MARKER = "FILLED_IN_BY_CI"
 # Values that look like some other tool's placeholder: `${X}`, `@REGISTRY@`, `{{ x }}`,
@@ -46,7 +47,7 @@ _PATH_PART = re.compile(r"\[([^\]]+)\]|([^.\[\]]+)")
 _FILTER_ANNOTATIONS = ("filter.fluxcd.io/", "flux.weave.works/tag.")
 
 
-class TemplateError(ValueError):
+class TemplateError(ConveyorError, ValueError):
     """The template or a setting for it is wrong; the message names the file and field."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from conveyor.config.publish_profile import Scheme
 from conveyor.config.userfile import UserFileError, load_json, read_text
+from conveyor.errors import ConveyorError
 
 _SEMVER = re.compile(
     r"^v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -28,7 +29,7 @@ DEFAULT_LAYOUT = "{environment}/{app}.yaml"
 CANDIDATE_LAYOUT = "staging-candidates/{app}/{ref_id}.yaml"
 
 
-class VersionError(ValueError):
+class VersionError(ConveyorError, ValueError):
     """The build context is incomplete or contradictory; the message says what to pass."""
 
 

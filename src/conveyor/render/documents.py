@@ -12,6 +12,7 @@ from typing import Any
 
 from conveyor.config.userfile import GENERATED, UserFileError, read_text
 from conveyor.config.userfile import load_documents as load_yaml_documents
+from conveyor.errors import LocatedError
 
 Obj = dict[str, Any]
 
@@ -26,17 +27,8 @@ def load_all(text: str | bytes) -> list[Any]:
         raise RenderError(error.detail, line=error.line) from None
 
 
-class RenderError(Exception):
-    """Rendering one app failed. `file` and `line` say where, when known."""
-
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None) -> None:
-        self.file = file
-        self.line = line
-        self.detail = message
-        where = ""
-        if file:
-            where = f"{file}:{line}: " if line else f"{file}: "
-        super().__init__(f"{where}{message}")
+class RenderError(LocatedError):
+    """Rendering one app failed."""
 
 
 @dataclass(frozen=True)

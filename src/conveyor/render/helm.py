@@ -32,6 +32,7 @@ from conveyor.config.names import (
     kubernetes_namespace,
     oci_reference,
 )
+from conveyor.errors import ConveyorError
 from conveyor.render.documents import load_all
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 _LOOPBACK = re.compile(r"^(oci://)?(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?(/|$)")
 
 
-class HelmError(RuntimeError):
+class HelmError(ConveyorError, RuntimeError):
     def __init__(self, command: str, message: str) -> None:
         self.command = command
         self.message = message

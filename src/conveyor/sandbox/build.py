@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from conveyor.errors import ConveyorError
 from conveyor.sandbox.paths import cache_root
 from conveyor.sandbox.versions import Versions, find_go
 
@@ -37,7 +38,7 @@ BINARIES = ("kube", "etcd", "kwok", "registry", "helm")
 Progress = Callable[[str], None]
 
 
-class BuildError(RuntimeError):
+class BuildError(ConveyorError, RuntimeError):
     """A build step failed; `step` names it and `output` holds the tail of its log."""
 
     def __init__(self, step: str, output: str, *, log: Path | None = None) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from conveyor.errors import ConveyorError
 from conveyor.sandbox import pki as pki_module
 from conveyor.sandbox import process
 from conveyor.sandbox.build import ensure_binaries
@@ -41,7 +42,7 @@ Progress = Callable[[str], None]
 START_TIMEOUT = 120.0
 
 
-class SandboxError(RuntimeError):
+class SandboxError(ConveyorError, RuntimeError):
     """Something a user can act on: which component, what happened, its log tail."""
 
     def __init__(self, message: str, *, component: str | None = None, log_tail: str = "") -> None:

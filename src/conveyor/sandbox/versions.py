@@ -13,6 +13,8 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 
+from conveyor.errors import ConveyorError
+
 MIN_GO = (1, 26)
 
 # Bump when the way binaries are built changes (wrapper code, flags), so that caches
@@ -20,7 +22,7 @@ MIN_GO = (1, 26)
 RECIPE = 1
 
 
-class GoToolchainError(RuntimeError):
+class GoToolchainError(ConveyorError, RuntimeError):
     """Go is missing or too old to build the sandbox."""
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from conveyor.config.names import UnsafeValueError, git_ref, git_revision, git_url
 from conveyor.config.names import mask_url as mask_url  # where callers have always found it
+from conveyor.errors import ConveyorError
 
 
-class GitError(RuntimeError):
+class GitError(ConveyorError, RuntimeError):
     def __init__(self, args: list[str], returncode: int, stderr: str) -> None:
         self.args_list = [mask_url(a) for a in args]
         self.returncode = returncode
@@ -238,7 +239,7 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))  # noqa: S311
 
 
-class PushRaceLost(RuntimeError):
+class PushRaceLost(ConveyorError, RuntimeError):
     pass
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 from conveyor.cluster.client import KubeClient
 from conveyor.config.project import ConfigError
+from conveyor.errors import ConveyorError
 from conveyor.promote.approvals import approve_in_repo
 from conveyor.promote.gates import cluster_client
 from conveyor.promote.pipeline import PromotionError, Workspace
@@ -40,7 +41,7 @@ log = logging.getLogger("conveyor.web")
 Scope = Literal["app", "environment"]
 
 
-class ActionError(Exception):
+class ActionError(ConveyorError):
     """The action cannot run; `status_code` says why (404 unknown, 409 busy...)."""
 
     def __init__(self, status_code: int, message: str) -> None:

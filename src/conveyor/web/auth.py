@@ -30,7 +30,7 @@ MIN_TOKEN_LENGTH = 32
 DEFAULT_NAME = "operator"
 
 
-class TokenFileError(ValueError):
+class TokenFileError(ConveyorError, ValueError):
     pass
 
 

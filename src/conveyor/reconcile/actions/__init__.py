@@ -17,6 +17,7 @@ from conveyor.cluster.client import KubeClient
 from conveyor.cluster.live import LiveCache
 from conveyor.cluster.objects import Obj, ObjectRef, drift_paths
 from conveyor.cluster.ownership import EnvironmentIdentity
+from conveyor.errors import ConveyorError
 from conveyor.reconcile.status import AppStatus, Reason
 from conveyor.render.helm import HelmCLI
 from conveyor.render.render import RenderedApp
@@ -26,7 +27,7 @@ RenderPast = Callable[[str, str], Awaitable[RenderedApp]]
 Desired = list[tuple[ObjectRef, Obj]]
 
 
-class AppFailed(Exception):
+class AppFailed(ConveyorError):
     """One attempt at an app failed; `reason` says how."""
 
     def __init__(self, reason: Reason, message: str) -> None:
