@@ -43,11 +43,19 @@ class UserFileError(ConfigError):
     def __init__(self, message: str, *, file: str | None = None, line: int | None = None) -> None:
         self.file = file
         self.line = line
-        self.detail = message
+        self.detail = message = _one_line(message)
         where = ""
         if file:
             where = f"{file}:{line}: " if line else f"{file}: "
         super().__init__(f"{where}{message}")
+
+
+def _one_line(text: str) -> str:
+    """Line breaks and other control characters (a key written across lines, a NUL in a
+    value) escaped, so that a message stays one line in a log or a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,7 @@ _INTEGER_TEXT = re.compile(r"[-+]?[0-9][0-9_]*")
 
 # PyYAML's (and ruamel.yaml's) scalar constructors let built-in errors out for a scalar
 # that matches a tag's pattern but not its value (`!!int abc`, a date like 2024-02-30).
-CONSTRUCTOR_ERRORS = (ValueError, TypeError, KeyError, AttributeError, OverflowError)
+CONSTRUCTOR_ERRORS = (ValueError, TypeError, LookupError, AttributeError, OverflowError)
 
 
 def _construct(loader: Any, node: yaml.Node) -> Any:

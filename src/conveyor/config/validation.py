@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
@@ -86,18 +86,28 @@ def _argument(value: str) -> str:
 
 
 def _object_name(value: str) -> str:
-    # What the API server takes as a path segment of a name (names end up in URLs).
+    # What the API server takes as a path segment of a name (names end up in URLs), and
+    # never an option to helm (`--namespace`), which no DNS name is either.
     if (
         not value
+        or value.startswith("-")
         or len(value) > 253
         or value in (".", "..")
         or any(c in value for c in "/%")
         or _CONTROL.search(value)
         or value != value.strip()
     ):
-        raise expected("a Kubernetes name (no '/', '%' or spaces, at most 253 characters)")
+        raise expected("a Kubernetes name (no '/', '%', spaces or leading '-', 253 characters)")
     return value
 
+
+def _null_is_empty(value: Any) -> Any:
+    return {} if value is None else value
+
+
+Model = TypeVar("Model", bound=BaseModel)
+OrNull = Annotated[Model, BeforeValidator(_null_is_empty)]
+"""A field holding an object, where `null` (like an absent field) means its defaults."""
 
 Text = Annotated[str, AfterValidator(_text)]
 """A string without control characters (a NUL byte cannot reach a command line)."""
