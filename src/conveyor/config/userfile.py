@@ -220,12 +220,6 @@ def load_yaml(text: str | bytes, *, file: str | None, limits: Limits = USER_FILE
     return document.data if document is not None else None
 
 
-def load_yaml_file(path: Path, *, file: str | None = None, limits: Limits = USER_FILE) -> Any:
-    """`load_yaml` of a file's text; errors name `file` (default: the path)."""
-    name = file or str(path)
-    return load_yaml(read_text(path, file=name, limits=limits), file=name, limits=limits)
-
-
 def _documents(
     text: str | bytes, *, file: str | None, limits: Limits, construct: bool
 ) -> Iterator[YamlDocument]:
