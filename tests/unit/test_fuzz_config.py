@@ -326,6 +326,10 @@ REPRODUCERS = {
     # across lines made a message of two lines.
     "empty tagged int": b"a: !!int \n",
     "key across lines": b"? '\n\n  '\n: null\n",
+    # and a FILLED_IN_BY_CI left under such a key: a two-line PublishError.
+    "marker under a key across lines": TEMPLATE_SEED.replace(
+        b"apiVersion: v1\n", b"apiVersion:\n  ? '\n\n    '\n  : FILLED_IN_BY_CI\n", 1
+    ),
 }
 
 TOKENS = [

@@ -17,7 +17,7 @@ from typing import Any
 
 from conveyor.config.project import safe_relative_path
 from conveyor.config.publish_profile import PublishProfile, Scheme, check_name
-from conveyor.config.userfile import read_text
+from conveyor.config.userfile import one_line, read_text
 from conveyor.publish.template import Setting, Template
 from conveyor.publish.version import (
     Build,
@@ -34,6 +34,9 @@ DEFAULT_MESSAGE = "Update from {source}"
 
 class PublishError(ValueError):
     """The request cannot be published as asked (a destination outside the repo, …)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))  # it may quote the template's kinds and keys
 
 
 @dataclass(frozen=True)

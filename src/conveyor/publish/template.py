@@ -27,6 +27,7 @@ from conveyor.config.userfile import (
     UserFileError,
     check_yaml,
     load_yaml,
+    one_line,
     unreadable,
     validate,
 )
@@ -42,6 +43,9 @@ _FILTER_ANNOTATIONS = ("filter.fluxcd.io/", "flux.weave.works/tag.")
 
 class TemplateError(ValueError):
     """The template or a setting for it is wrong; the message names the file and field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))  # kinds and keys come from the file as written
 
 
 def parse_field_path(text: str) -> tuple[PathPart, ...]:
