@@ -74,12 +74,12 @@ types: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -m "not cluster" tests
 
-# The readers of users' files fuzzed at length: the unit run's tests with many more
-# examples, new ones each run (FUZZ_EXAMPLES per test; about 10 minutes at 1500).
+# The readers of users' files and the renderers fuzzed at length: the unit run's tests
+# with many more examples, new ones each run (FUZZ_EXAMPLES per test).
 FUZZ_EXAMPLES ?= 1500
 fuzz: $(STAMP)
 	CONVEYOR_FUZZ_PROFILE=fuzz CONVEYOR_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
-		$(BIN)/pytest -m "not cluster" tests/unit/test_fuzz_config.py -q
+		$(BIN)/pytest -m "not cluster" tests/unit/test_fuzz_*.py -q
 
 cluster: $(STAMP) browser image-tools
 	$(BIN)/conveyor sandbox up --name test

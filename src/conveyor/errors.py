@@ -15,8 +15,16 @@ class LocatedError(ConveyorError):
     def __init__(self, message: str, *, file: str | None = None, line: int | None = None) -> None:
         self.file = file
         self.line = line
-        self.detail = message
+        self.detail = message = one_line(message)
         where = ""
         if file:
             where = f"{file}:{line}: " if line else f"{file}: "
         super().__init__(f"{where}{message}")
+
+
+def one_line(text: str) -> str:
+    """Line breaks and other control characters (a key written across lines, a NUL in a
+    value) escaped, so that a message stays one line in a log or a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -80,10 +80,10 @@ def test_an_alias_bomb_is_refused_in_milliseconds() -> None:
         levels.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
     bomb = "\n".join(levels) + "\n"
     assert len(bomb) < 1024
-    started = time.perf_counter()
+    started = time.process_time()
     with pytest.raises(UserFileError, match="aliases expand to more than 100000"):
         load_yaml(bomb, file="bomb.yaml")
-    assert time.perf_counter() - started < 0.1
+    assert time.process_time() - started < 0.1
     # A big scalar repeated by aliases counts its characters, not one node per use.
     text = "a: &a " + "x" * 20_000 + "\nb: [" + ", ".join(["*a"] * 10) + "]\n"
     with pytest.raises(UserFileError, match="aliases expand"):

@@ -120,6 +120,8 @@ class Secret(Model):
             return path.read_text().strip()
         except OSError as error:
             raise ConfigError(f"cannot read secret file {path}: {error.strerror}") from None
+        except UnicodeDecodeError:  # the loader's message would show a byte of the secret
+            raise ConfigError(f"secret file {path} is not UTF-8 text") from None
 
 
 class WebhookSink(Model):

@@ -68,7 +68,7 @@ _INTEGER_TEXT = re.compile(r"[-+]?[0-9][0-9_]*")
 
 # PyYAML's (and ruamel.yaml's) scalar constructors let built-in errors out for a scalar
 # that matches a tag's pattern but not its value (`!!int abc`, a date like 2024-02-30).
-CONSTRUCTOR_ERRORS = (ValueError, TypeError, KeyError, AttributeError, OverflowError)
+CONSTRUCTOR_ERRORS = (ValueError, TypeError, LookupError, AttributeError, OverflowError)
 
 
 def _construct(loader: Any, node: yaml.Node) -> Any:
@@ -201,12 +201,6 @@ def load_yaml(text: str | bytes, *, file: str | None, limits: Limits = USER_FILE
     """The data of `load_document`: None for an empty text."""
     document = load_document(text, file=file, limits=limits)
     return document.data if document is not None else None
-
-
-def load_yaml_file(path: Path, *, file: str | None = None, limits: Limits = USER_FILE) -> Any:
-    """`load_yaml` of a file's text; errors name `file` (default: the path)."""
-    name = file or str(path)
-    return load_yaml(read_text(path, file=name, limits=limits), file=name, limits=limits)
 
 
 def _documents(

@@ -18,7 +18,7 @@ from typing import Any
 from conveyor.config.project import safe_relative_path
 from conveyor.config.publish_profile import PublishProfile, Scheme, check_name
 from conveyor.config.userfile import read_text
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, one_line
 from conveyor.publish.template import MARKER, Setting, Template
 from conveyor.publish.version import (
     Build,
@@ -35,6 +35,9 @@ DEFAULT_MESSAGE = "Update from {source}"
 
 class PublishError(ConveyorError, ValueError):
     """The request cannot be published as asked (a destination outside the repo, …)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))  # it may quote the template's kinds and keys
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from conveyor.config.userfile import (
     unreadable,
     validate,
 )
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, one_line
 
 MARKER = "FILLED_IN_BY_CI"
 # Values that look like some other tool's placeholder: `${X}`, `@REGISTRY@`, `{{ x }}`,
@@ -49,6 +49,9 @@ _FILTER_ANNOTATIONS = ("filter.fluxcd.io/", "flux.weave.works/tag.")
 
 class TemplateError(ConveyorError, ValueError):
     """The template or a setting for it is wrong; the message names the file and field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))  # kinds and keys come from the file as written
 
 
 def parse_field_path(text: str) -> tuple[PathPart, ...]:
