@@ -48,7 +48,7 @@ PEAK_BYTES = 64 * 1024 * 1024
 # CONVEYOR_FUZZ_EXAMPLES (1500) new examples per test; the unit run a few, the same each
 # time. No explain phase: its line tracing makes a slow case look like a hang.
 PROFILE = os.environ.get("CONVEYOR_FUZZ_PROFILE", "unit")
-EXAMPLES = int(os.environ.get("CONVEYOR_FUZZ_EXAMPLES", "25" if PROFILE == "unit" else "1500"))
+EXAMPLES = int(os.environ.get("CONVEYOR_FUZZ_EXAMPLES", "20" if PROFILE == "unit" else "1500"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     derandomize=PROFILE == "unit",
