@@ -48,7 +48,7 @@ PEAK_BYTES = 64 * 1024 * 1024
 # CONVEYOR_FUZZ_EXAMPLES (1500) new examples per test; the unit run a few, the same each
 # time. No explain phase: its line tracing makes a slow case look like a hang.
 PROFILE = os.environ.get("CONVEYOR_FUZZ_PROFILE", "unit")
-EXAMPLES = int(os.environ.get("CONVEYOR_FUZZ_EXAMPLES", "25" if PROFILE == "unit" else "1500"))
+EXAMPLES = int(os.environ.get("CONVEYOR_FUZZ_EXAMPLES", "20" if PROFILE == "unit" else "1500"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     derandomize=PROFILE == "unit",
@@ -396,10 +396,17 @@ def _check(
             continue
         if isinstance(result, RenderError):
             assert result.file and str(result), f"{seed} {done}: an error without a file"
-            # What the examples found, by kind of problem (see --hypothesis-show-statistics).
-            event(f"{seed}: RenderError: {result.detail.split(':')[0][:60]}")
+            event(f"{seed}: RenderError: {_problem(result.detail)}")
         else:
             event(f"{seed}: rendered")
+
+
+def _problem(detail: str) -> str:
+    """The kind of problem a message tells, without the field and the value: what the
+    examples found, counted by --hypothesis-show-statistics."""
+    if ": expected " in detail:
+        detail = "expected " + detail.split(": expected ", 1)[1]
+    return detail.split(", got ")[0].split(" (")[0][:70]
 
 
 def _fuzz(
