@@ -26,6 +26,7 @@ class ServeProcess:
         self.token = secrets.token_urlsafe(24)
         self.log = tmp / f"serve-{self.port}.log"
         args = [sys.executable, "-m", "conveyor", "serve", "--listen", f"127.0.0.1:{self.port}"]
+        args += ["--log-format", "json"]  # the tests read the audit lines as JSON
         if tokens:
             token_file = tmp / f"tokens-{self.port}"
             token_file.write_text(f"# who may act\nalice {self.token}\n")
