@@ -22,9 +22,9 @@ from urllib.parse import quote
 import httpx
 
 from conveyor.cluster.kubeconfig import ClusterCredentials
+from conveyor.cluster.objects import Obj
 from conveyor.errors import ConveyorError
 
-Obj = dict[str, Any]
 RETRIES = 5
 TOKEN_REFRESH_SECONDS = 60.0
 

@@ -18,6 +18,7 @@ from typing import Any, cast
 import yaml
 from pydantic_core import PydanticCustomError
 
+from conveyor.cluster.objects import Obj
 from conveyor.config.helmrelease import (
     DriftMode,
     HelmReleaseError,
@@ -28,7 +29,7 @@ from conveyor.config.helmrelease import (
 from conveyor.config.validation import json_compatible
 from conveyor.render.charts import ChartResolver, ResolvedChart
 from conveyor.render.discover import AppSource, checked_document
-from conveyor.render.documents import Document, Obj, RenderError
+from conveyor.render.documents import Document, RenderError
 from conveyor.render.kustomize import render_kustomization
 
 ValuesLookup = Callable[[ValuesReference], Awaitable[str | None]]
