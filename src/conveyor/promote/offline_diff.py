@@ -28,14 +28,14 @@ from conveyor.reconcile.plan import (
     secret_values,
     unified,
 )
-from conveyor.reconcile.target import default_branch, kube_client, values_lookup
+from conveyor.reconcile.target import kube_client, values_lookup
 from conveyor.render.charts import ChartResolver
 from conveyor.render.discover import EnvironmentTree, app_name, discover
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError
 from conveyor.render.render import Renderer, ValuesLookup
 from conveyor.sandbox.paths import cache_root
-from conveyor.source.git import export_tree, origin_url, resolve_revision
+from conveyor.source.git import default_branch, export_tree, origin_url, resolve_revision
 
 
 @dataclass

@@ -29,7 +29,7 @@ from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
 from conveyor.render.render import RenderedApp, Renderer, ValuesLookup
 from conveyor.sandbox.paths import cache_root
-from conveyor.source.git import Checkout, export_tree, run_git
+from conveyor.source.git import Checkout, default_branch, export_tree
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,6 @@ class ResolvedTarget:
 def checkout_path(repo: str, branch: str, *, purpose: str = "agent") -> Path:
     digest = hashlib.sha256(f"{repo}#{branch}".encode()).hexdigest()[:16]
     return cache_root() / "repos" / purpose / digest
-
-
-def default_branch(repo: str) -> str:
-    out = run_git(["ls-remote", "--symref", "--end-of-options", repo, "HEAD"])
-    for line in out.splitlines():
-        if line.startswith("ref:") and "refs/heads/" in line:
-            return line.split("refs/heads/", 1)[1].split()[0]
-    return "main"
 
 
 def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
