@@ -23,7 +23,7 @@ from conveyor.cluster.apply import labelled, namespaced_ref
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.objects import Obj, ObjectRef
 from conveyor.cluster.ownership import EnvironmentIdentity
-from conveyor.reconcile.status import StatusStore
+from conveyor.reconcile.status import StatusStore, split_release
 from conveyor.render.discover import EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
@@ -272,7 +272,7 @@ async def plan_environment(
             if status.release:
                 plan.changes.append(
                     ObjectChange(
-                        ObjectRef("helm.sh/v3", "Release", *status.release.split("/", 1)),
+                        ObjectRef("helm.sh/v3", "Release", *split_release(status.release)),
                         "delete",
                         f"helm uninstall {status.release}\n",
                     )

@@ -24,6 +24,7 @@ from conveyor.reconcile.status import (
     SOURCE_KIND,
     WAITING_FOR_GATE,
     AppStatus,
+    split_release,
 )
 from conveyor.render.helm import parse_manifest
 
@@ -185,7 +186,7 @@ async def live_version(kube: KubeClient, status: AppStatus) -> str:
             if live is not None:
                 tags.extend(tags_of(images_in(live.get("spec"))))
     if not tags and status.release:
-        namespace, name = status.release.split("/", 1)
+        namespace, name = split_release(status.release)
         history = await release_history(kube, release=name, namespace=namespace)
         deployed = [r for r in history if r.status == "deployed"] or history
         if deployed:
@@ -273,7 +274,7 @@ async def objects(kube: KubeClient, status: AppStatus) -> list[ObjectOut]:
     """The app's objects (conveyor's inventory, and its Helm release's) with health."""
     refs = [(ref, "conveyor") for ref in status.inventory]
     if status.release:
-        namespace, name = status.release.split("/", 1)
+        namespace, name = split_release(status.release)
         history = await release_history(kube, release=name, namespace=namespace)
         deployed = [r for r in history if r.status == "deployed"] or history
         if deployed:
@@ -354,7 +355,7 @@ async def events(kube: KubeClient, status: AppStatus, *, limit: int = 50) -> lis
 async def helm_history(kube: KubeClient, status: AppStatus) -> list[HelmRevision]:
     if not status.release:
         return []
-    namespace, name = status.release.split("/", 1)
+    namespace, name = split_release(status.release)
     history = await release_history(kube, release=name, namespace=namespace)
     return [
         HelmRevision(

@@ -9,7 +9,7 @@ from conveyor.cluster.apply import ApplyError, apply_objects, delete_objects
 from conveyor.cluster.objects import Obj
 from conveyor.reconcile.actions import ActionContext, AppFailed, Desired, ReleaseLocked
 from conveyor.reconcile.actions.verify import release_objects, wait_healthy
-from conveyor.reconcile.status import AppStatus, Reason, now
+from conveyor.reconcile.status import AppStatus, Reason, now, release_key
 from conveyor.render.helm import HelmError, parse_manifest
 from conveyor.render.render import HelmPlan, RenderedApp
 
@@ -60,7 +60,7 @@ async def _upgrade_release(
     ctx: ActionContext, status: AppStatus, plan: HelmPlan, objects: list[Obj], desired: Desired
 ) -> Desired:
     spec = plan.spec
-    status.release = f"{spec.target_namespace}/{spec.release_name}"
+    status.release = release_key(spec)
     async with ctx.helm_slots:
         try:
             release = await ctx.helm.upgrade_install(
