@@ -18,6 +18,7 @@ from conveyor.cluster.objects import Obj, ObjectRef
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ValuesReference
 from conveyor.config.project import load_project
+from conveyor.paths import charts_cache
 from conveyor.reconcile.plan import (
     AppPlan,
     ObjectChange,
@@ -34,7 +35,6 @@ from conveyor.render.discover import EnvironmentTree, app_name, discover
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError
 from conveyor.render.render import Renderer, ValuesLookup
-from conveyor.sandbox.paths import cache_root
 from conveyor.source.git import default_branch, export_tree, origin_url, resolve_revision
 
 
@@ -57,7 +57,7 @@ def _renderer(
     lookup: ValuesLookup = _unavailable,
     offline: bool = False,
 ) -> Renderer:
-    charts = ChartResolver(cache_root() / "charts", helm, tree.sources)
+    charts = ChartResolver(charts_cache(), helm, tree.sources)
     charts.cache_dir.mkdir(parents=True, exist_ok=True)
     return Renderer(root, charts=charts, values_lookup=lookup, offline=offline)
 

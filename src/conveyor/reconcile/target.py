@@ -22,13 +22,13 @@ from conveyor.config.project import (
     load_project,
     safe_relative_path,
 )
+from conveyor.paths import charts_cache, checkouts_cache
 from conveyor.reconcile.actions import RenderPast
 from conveyor.render.charts import ChartResolver
 from conveyor.render.discover import EnvironmentTree, app_name, discover
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
 from conveyor.render.render import RenderedApp, Renderer, ValuesLookup
-from conveyor.sandbox.paths import cache_root
 from conveyor.source.git import Checkout, default_branch, export_tree
 
 
@@ -63,7 +63,7 @@ class ResolvedTarget:
 
 def checkout_path(repo: str, branch: str, *, purpose: str = "agent") -> Path:
     digest = hashlib.sha256(f"{repo}#{branch}".encode()).hexdigest()[:16]
-    return cache_root() / "repos" / purpose / digest
+    return checkouts_cache(purpose) / digest
 
 
 def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
@@ -162,7 +162,7 @@ def build_renderer(
     root: Path | None = None,
 ) -> Renderer:
     """A renderer of the checkout (or of `root`, a past revision exported from it)."""
-    charts = ChartResolver(cache_root() / "charts", helm, tree.sources)
+    charts = ChartResolver(charts_cache(), helm, tree.sources)
     charts.cache_dir.mkdir(parents=True, exist_ok=True)
     return Renderer(
         root or resolved.checkout.path, charts=charts, values_lookup=values_lookup(kube)
