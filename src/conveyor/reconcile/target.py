@@ -22,9 +22,8 @@ from conveyor.config.project import (
     load_project,
     safe_relative_path,
 )
-from conveyor.paths import charts_cache, checkouts_cache
+from conveyor.paths import checkouts_cache
 from conveyor.reconcile.actions import RenderPast
-from conveyor.render.charts import ChartResolver
 from conveyor.render.discover import EnvironmentTree, app_name, discover
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
@@ -162,10 +161,8 @@ def build_renderer(
     root: Path | None = None,
 ) -> Renderer:
     """A renderer of the checkout (or of `root`, a past revision exported from it)."""
-    charts = ChartResolver(charts_cache(), helm, tree.sources)
-    charts.cache_dir.mkdir(parents=True, exist_ok=True)
-    return Renderer(
-        root or resolved.checkout.path, charts=charts, values_lookup=values_lookup(kube)
+    return Renderer.of_tree(
+        root or resolved.checkout.path, tree, helm, values_lookup=values_lookup(kube)
     )
 
 
