@@ -17,6 +17,7 @@ from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.health import assess
 from conveyor.cluster.helm_storage import ReleaseRevision, release_history
 from conveyor.cluster.objects import ObjectRef
+from conveyor.images.reference import split_reference
 from conveyor.reconcile.status import (
     API_VERSION,
     KIND,
@@ -165,12 +166,11 @@ def tags_of(images: list[str]) -> list[str]:
     """The tags (or digests) of image references, de-duplicated in order."""
     tags = []
     for image in images:
-        name, at, digest = image.partition("@")
-        if at:
+        _, tag, digest = split_reference(image)
+        if digest is not None:
             tags.append(digest[:19])
-            continue
-        last = name.rsplit("/", 1)[-1]
-        tags.append(last.rpartition(":")[2] if ":" in last else "latest")
+        else:
+            tags.append(tag if tag is not None else "latest")
     return list(dict.fromkeys(tags))
 
 
