@@ -44,7 +44,7 @@ from conveyor.reconcile.actions.hold import GateHold
 from conveyor.reconcile.agent import AgentGate
 from conveyor.reconcile.status import READY, SOURCE_KIND, SUSPENDED, AppStatus, StatusStore
 from conveyor.reconcile.target import ResolvedTarget, kube_client
-from conveyor.render.discover import AppSource, app_name
+from conveyor.render.discover import AppSource, scope_name
 
 QUEUE_COUNTS = (
     ("ApproximateNumberOfMessages", "waiting"),
@@ -95,7 +95,7 @@ class GateContext:
     async def statuses(self, env: Environment) -> list[AppStatus]:
         """The environment's stored app statuses (its source status included)."""
         identity = EnvironmentIdentity.of(
-            self.repository, branch=env.branch, path=env.path, name=app_name(env.name)
+            self.repository, branch=env.branch, path=env.path, name=scope_name(environment=env.name)
         )
         async with self.kube(env) as kube:
             return await StatusStore(kube).environment_statuses(identity)

@@ -29,7 +29,7 @@ from conveyor.reconcile.plan import (
     unified,
 )
 from conveyor.reconcile.target import kube_client, values_lookup
-from conveyor.render.discover import app_name, discover
+from conveyor.render.discover import discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError
 from conveyor.render.render import Renderer
@@ -158,7 +158,7 @@ async def diff_against_live(
         kubeconfig, context = kubeconfig or cluster.kubeconfig, context or cluster.context
     # The deployed environment this folder is: the agent knows it by its source.
     identity = EnvironmentIdentity.of(
-        source, branch=branch, path=env_path, name=app_name(env or env_path.replace("/", "-"))
+        source, branch=branch, path=env_path, name=scope_name(environment=env, path=env_path)
     )
     tree = discover(head_root, env_path)
     async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:

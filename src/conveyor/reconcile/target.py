@@ -24,7 +24,7 @@ from conveyor.config.project import (
 )
 from conveyor.paths import checkouts_cache
 from conveyor.reconcile.actions import RenderPast
-from conveyor.render.discover import EnvironmentTree, app_name, discover
+from conveyor.render.discover import EnvironmentTree, discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
 from conveyor.render.render import RenderedApp, Renderer, ValuesLookup
@@ -75,7 +75,7 @@ def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
     )
     context, config_file = target.context, target.kubeconfig
     env_path = target.path
-    scope_name = None
+    environment_name = None
     project = environment = None
     if target.env:
         # Environments that name no branch live on the repository's HEAD.
@@ -89,7 +89,7 @@ def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
                 branch=environment.branch,
             )
         env_path = environment.path
-        scope_name = environment.name
+        environment_name = environment.name
         context = context or environment.cluster.context
         config_file = config_file or environment.cluster.kubeconfig
     assert_path = safe_relative_path(env_path or ".")
@@ -100,7 +100,7 @@ def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
         checkout=checkout,
         revision=revision,
         env_path=assert_path,
-        scope=app_name(scope_name or assert_path.replace("/", "-")),
+        scope=scope_name(environment=environment_name, path=assert_path),
         context=context,
         kubeconfig=config_file,
         project=project,

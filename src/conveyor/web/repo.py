@@ -21,7 +21,7 @@ from conveyor.config.project import ConfigError, Project, load_project
 from conveyor.config.userfile import UserFileError, load_documents
 from conveyor.reconcile.status import AppStatus
 from conveyor.reconcile.target import Target, checkout_path
-from conveyor.render.discover import app_name, discover
+from conveyor.render.discover import app_name, discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.source.git import (
     Checkout,
@@ -185,7 +185,7 @@ def _folder_for_scope(root: Path, scope: str, *, depth: int = 3) -> str | None:
                 if child.name.startswith("."):
                     continue
                 relative = str(child.relative_to(root))
-                if app_name(relative.replace("/", "-")) == scope:
+                if scope_name(path=relative) == scope:
                     return relative
                 children.append(child)
         frontier = children
