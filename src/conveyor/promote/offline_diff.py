@@ -14,20 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conveyor.cluster.diff import ObjectChange, mask_secrets, normalize, secret_values, unified
 from conveyor.cluster.objects import Obj, ObjectRef
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ValuesReference
 from conveyor.config.project import load_project
-from conveyor.reconcile.plan import (
-    AppPlan,
-    ObjectChange,
-    helm_objects,
-    mask_secrets,
-    normalize,
-    plan_environment,
-    secret_values,
-    unified,
-)
+from conveyor.reconcile.plan import AppPlan, helm_objects, plan_environment
 from conveyor.reconcile.target import kube_client, values_lookup
 from conveyor.render.discover import discover, scope_name
 from conveyor.render.documents import RenderError
