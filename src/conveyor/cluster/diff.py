@@ -204,3 +204,13 @@ async def diff_objects(kube: KubeClient, objects: list[Obj]) -> list[ObjectChang
         )
     return changes
 
+
+async def diff_deletions(kube: KubeClient, refs: list[ObjectRef]) -> list[ObjectChange]:
+    """What deleting `refs` removes: each one still live, as a diff to nothing."""
+    changes = []
+    for ref in refs:
+        live = await kube.get(ref.api_version, ref.kind, ref.name, namespace=ref.namespace or None)
+        if live is not None:
+            before, _ = mask_secrets(normalize(live), None)
+            changes.append(ObjectChange(ref, "delete", unified(before, None, label=str(ref))))
+    return changes

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from conveyor.cluster.apply import labelled, namespaced_ref
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
-from conveyor.cluster.diff import ObjectChange, diff_objects, mask_secrets, normalize, unified
+from conveyor.cluster.diff import ObjectChange, diff_deletions, diff_objects
+from conveyor.cluster.inventory import left_behind
 from conveyor.cluster.objects import Obj, ObjectRef
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.reconcile.status import StatusStore, split_release
@@ -92,17 +93,9 @@ async def plan_environment(
             continue
         previous = statuses.get(app.name) or legacy.get(app.name)
         if previous is not None and rendered.helm is None:
-            wanted = {(await namespaced_ref(kube, o)).key() for o in objects}
-            for ref in previous.inventory:
-                if ref.key() not in wanted:
-                    live = await kube.get(
-                        ref.api_version, ref.kind, ref.name, namespace=ref.namespace or None
-                    )
-                    if live is not None:
-                        before, _ = mask_secrets(normalize(live), None)
-                        plan.changes.append(
-                            ObjectChange(ref, "delete", unified(before, None, label=str(ref)))
-                        )
+            wanted = [await namespaced_ref(kube, o) for o in objects]
+            gone = left_behind(previous.inventory, wanted)
+            plan.changes.extend(await diff_deletions(kube, gone))
     for name, status in statuses.items():
         if status.kind != "source" and name not in {a.name for a in tree.apps}:
             plan = AppPlan(app=name)
