@@ -35,9 +35,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from conveyor import __version__  # noqa: E402
+from conveyor.paths import cache_root  # noqa: E402
 from conveyor.sandbox import Sandbox, SandboxError  # noqa: E402
 from conveyor.sandbox.build import GoBuilder, ensure_binaries, kube_ldflags  # noqa: E402
-from conveyor.sandbox.paths import cache_root  # noqa: E402
 from conveyor.sandbox.versions import VERSIONS, find_go  # noqa: E402
 
 SUITE = "bookworm"

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conveyor.reconcile.plan import LAST_APPLIED
+from conveyor.cluster.diff import LAST_APPLIED
 from conveyor.render.discover import app_name
 from tests.cluster.gitops import ConfigRepo, conveyor, kubectl_json, reconcile_json
 from tests.cluster.serve import ServeProcess

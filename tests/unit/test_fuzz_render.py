@@ -34,8 +34,8 @@ import yaml
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
+from conveyor.cluster.diff import mask_secrets
 from conveyor.cluster.objects import ObjectRef, apply_order, drift_paths
-from conveyor.reconcile.plan import mask_secrets
 from conveyor.render.documents import RenderError
 from conveyor.render.render import RenderedApp, fingerprint
 from tests.unit.configtree import ROOT, ConfigTree, chart_repository, config_tree, render_all

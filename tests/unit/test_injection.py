@@ -22,14 +22,13 @@ import pytest
 from conveyor.config import names
 from conveyor.config.names import UnsafeValueError
 from conveyor.images.credentials import CredentialsError, DockerConfig
-from conveyor.reconcile.target import default_branch
 from conveyor.render.charts import ChartResolver
 from conveyor.render.discover import discover
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError
 from conveyor.render.render import Renderer
 from conveyor.source import git
-from conveyor.source.git import Checkout, GitError, run_git
+from conveyor.source.git import Checkout, GitError, default_branch, run_git
 from tests.cluster.gitops import ConfigRepo, chart_repo
 
 ROOT = Path(__file__).resolve().parents[2]

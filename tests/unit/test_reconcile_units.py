@@ -7,8 +7,8 @@ import hmac
 
 import pytest
 
+from conveyor.cluster.diff import mask_secrets, normalize
 from conveyor.cluster.objects import ObjectRef, apply_order, drift_paths
-from conveyor.reconcile.plan import mask_secrets, normalize
 from conveyor.reconcile.status import (
     READY,
     RECONCILING,

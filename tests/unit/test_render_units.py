@@ -16,7 +16,7 @@ from conveyor.config.helmrelease import (
     parse_helmrelease,
 )
 from conveyor.render.charts import ChartResolver
-from conveyor.render.discover import discover
+from conveyor.render.discover import discover, scope_name
 from conveyor.render.documents import Document, RenderError, load_documents
 from conveyor.render.helm import HelmCLI, _warnings, parse_manifest
 from conveyor.render.render import merge_values, set_path
@@ -324,3 +324,11 @@ def test_app_names_cut_to_a_dns_label_never_end_with_a_dash() -> None:
     name = app_name("--post-renderer=/tmp/pytest-of-root/pytest-182/test-agent-applies-x")
     assert len(name) <= 63 and not name.endswith("-") and not name.startswith("-")
     assert app_name("---") == "root"
+
+
+def test_one_scope_rule_for_every_spelling_of_a_path() -> None:
+    # The agent names a folder by its normalized path, a single pass by the path as
+    # typed: both must land on the same statuses.
+    assert scope_name(path=".") == scope_name(path="./") == "root"
+    assert {scope_name(path=p) for p in ("envs/dev", "./envs/dev/", "envs//dev")} == {"envs-dev"}
+    assert scope_name(environment="Staging", path="envs/staging") == "staging"

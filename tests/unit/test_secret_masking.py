@@ -7,8 +7,8 @@ from __future__ import annotations
 import base64
 import json
 
+from conveyor.cluster.diff import LAST_APPLIED, mask_secrets, normalize, secret_values, unified
 from conveyor.promote.offline_diff import diff_objects_offline
-from conveyor.reconcile.plan import LAST_APPLIED, mask_secrets, normalize, secret_values, unified
 
 PLAIN = "s3cr3t-old-value"
 NEW_PLAIN = "s3cr3t-new-value"

@@ -25,8 +25,7 @@ from conveyor.images.writeback import (
     update_repository,
 )
 from conveyor.images.yamltext import YamlTextError
-from conveyor.reconcile.target import default_branch
-from conveyor.source.git import Author, Checkout, GitError, PushRaceLost
+from conveyor.source.git import Author, Checkout, GitError, PushRaceLost, default_branch
 
 app = typer.Typer(
     help="Watch registries, choose tags by policy, write them back to git.",

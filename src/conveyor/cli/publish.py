@@ -25,8 +25,14 @@ from conveyor.publish.defaults import SOURCE, TEMPLATES, cellenics_profile
 from conveyor.publish.publisher import DEFAULT_MESSAGE, PublishError, plan, prepare, publish
 from conveyor.publish.template import Setting, TemplateError
 from conveyor.publish.version import Event, VersionError
-from conveyor.reconcile.target import default_branch
-from conveyor.source.git import Author, GitError, PushRaceLost, RetryPolicy, mask_url
+from conveyor.source.git import (
+    Author,
+    GitError,
+    PushRaceLost,
+    RetryPolicy,
+    default_branch,
+    mask_url,
+)
 
 
 def publish_command(

@@ -22,9 +22,9 @@ from urllib.parse import quote
 import httpx
 
 from conveyor.cluster.kubeconfig import ClusterCredentials
+from conveyor.cluster.objects import Obj
 from conveyor.errors import ConveyorError
 
-Obj = dict[str, Any]
 RETRIES = 5
 TOKEN_REFRESH_SECONDS = 60.0
 
@@ -140,8 +140,14 @@ class BearerToken(httpx.Auth):
 
 class KubeClient:
     def __init__(
-        self, credentials: ClusterCredentials, *, timeout: float = 30.0, max_connections: int = 32
+        self,
+        credentials: ClusterCredentials,
+        *,
+        timeout: float = 30.0,
+        max_connections: int = 32,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`transport` replaces the wire for both clients (a fake in unit tests)."""
         self.credentials = credentials
         headers = {"Accept": "application/json", "User-Agent": "conveyor"}
         auth = BearerToken(credentials) if credentials.token or credentials.token_file else None
@@ -152,6 +158,7 @@ class KubeClient:
             headers=headers,
             auth=auth,
             timeout=timeout,
+            transport=transport,
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
@@ -167,6 +174,7 @@ class KubeClient:
             headers=headers,
             auth=auth,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+            transport=transport,
         )
         self._in_flight = asyncio.Semaphore(max_connections)
         self._resources: dict[str, dict[str, Resource]] = {}

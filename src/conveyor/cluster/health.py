@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
-Obj = dict[str, Any]
+from conveyor.cluster.objects import Obj
 
 
 class HealthStatus(StrEnum):

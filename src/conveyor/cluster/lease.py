@@ -19,17 +19,15 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 
 from conveyor.cluster.client import ApiError, KubeClient
+from conveyor.cluster.objects import Obj
 from conveyor.errors import ConveyorError
 
 LEASE_API_VERSION = "coordination.k8s.io/v1"
 log = logging.getLogger(__name__)
-
-Obj = dict[str, Any]
 
 
 class LeaseNotAcquiredError(ConveyorError, RuntimeError):

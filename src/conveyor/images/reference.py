@@ -51,22 +51,29 @@ def _looks_like_host(component: str) -> bool:
     return "." in component or ":" in component or component == "localhost"
 
 
+def split_reference(text: str) -> tuple[str, str | None, str | None]:
+    """`host:5000/app:1.2@sha256:..` → (`host:5000/app`, `1.2`, `sha256:..`), each part
+    unchecked: for reading what a file holds. A `:` after the last `/` starts the tag
+    (before it, it is a registry's port); `@` starts the digest."""
+    name, at, digest = text.partition("@")
+    slash, colon = name.rfind("/"), name.rfind(":")
+    if colon > slash:
+        return name[:colon], name[colon + 1 :], digest if at else None
+    return name, None, digest if at else None
+
+
 def parse_image(text: str) -> ImageReference:
     """Parse `[host[:port]/]path[:tag][@digest]`; Docker Hub names get `library/`."""
     raw = text.strip()
     if not raw or any(c.isspace() for c in raw):
         raise ImageReferenceError(f"{text!r} is not an image reference")
-    digest = None
-    if "@" in raw:
-        raw, digest = raw.split("@", 1)
-        if not re.fullmatch(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[A-Fa-f0-9]{32,}", digest):
-            raise ImageReferenceError(f"{text!r}: invalid digest {digest!r}")
-    tag = None
-    slash, colon = raw.rfind("/"), raw.rfind(":")
-    if colon > slash:
-        raw, tag = raw[:colon], raw[colon + 1 :]
-        if not _TAG.match(tag):
-            raise ImageReferenceError(f"{text!r}: invalid tag {tag!r}")
+    raw, tag, digest = split_reference(raw)
+    if digest is not None and not re.fullmatch(
+        r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[A-Fa-f0-9]{32,}", digest
+    ):
+        raise ImageReferenceError(f"{text!r}: invalid digest {digest!r}")
+    if tag is not None and not _TAG.match(tag):
+        raise ImageReferenceError(f"{text!r}: invalid tag {tag!r}")
     first, _, rest = raw.partition("/")
     if rest and _looks_like_host(first):
         host, path = first, rest

@@ -19,13 +19,14 @@ from typing import Any
 
 from conveyor.cluster.apply import ApplyError, apply_objects
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
+from conveyor.cluster.diff import diff_objects
 from conveyor.cluster.objects import Obj
 from conveyor.config.channel import Channel, ChannelRelease
 from conveyor.config.helmrelease import parse_duration
 from conveyor.config.project import ConfigError
 from conveyor.config.userfile import UserFileError, load_documents, read_text
 from conveyor.errors import ConveyorError
-from conveyor.reconcile.plan import AppPlan, diff_objects, namespaced, render_text
+from conveyor.reconcile.plan import AppPlan, namespaced, render_text
 from conveyor.render.discover import KUSTOMIZATION_FILES
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError, parse_manifest

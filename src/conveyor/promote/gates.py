@@ -36,6 +36,7 @@ from conveyor.config.gates import (
     SoakGate,
 )
 from conveyor.config.project import Environment, Project
+from conveyor.paths import checkouts_cache
 from conveyor.promote.approvals import approvers
 from conveyor.promote.pipeline import Workspace
 from conveyor.promote.versions import VersionError, read_app_version
@@ -43,8 +44,7 @@ from conveyor.reconcile.actions.hold import GateHold
 from conveyor.reconcile.agent import AgentGate
 from conveyor.reconcile.status import READY, SOURCE_KIND, SUSPENDED, AppStatus, StatusStore
 from conveyor.reconcile.target import ResolvedTarget, kube_client
-from conveyor.render.discover import AppSource, app_name
-from conveyor.sandbox.paths import cache_root
+from conveyor.render.discover import AppSource, scope_name
 
 QUEUE_COUNTS = (
     ("ApproximateNumberOfMessages", "waiting"),
@@ -95,7 +95,7 @@ class GateContext:
     async def statuses(self, env: Environment) -> list[AppStatus]:
         """The environment's stored app statuses (its source status included)."""
         identity = EnvironmentIdentity.of(
-            self.repository, branch=env.branch, path=env.path, name=app_name(env.name)
+            self.repository, branch=env.branch, path=env.path, name=scope_name(environment=env.name)
         )
         async with self.kube(env) as kube:
             return await StatusStore(kube).environment_statuses(identity)
@@ -358,7 +358,7 @@ def agent_gate(repo: str, *, kube: KubeFactory = cluster_client) -> AgentGate:
         if env is None or project is None or not env.gates:
             return None
         key = hashlib.sha256(f"{repo}#{env.name}".encode()).hexdigest()[:16]
-        cache = cache_root() / "repos" / "gates" / key
+        cache = checkouts_cache("gates") / key
         root = resolved.checkout.path
         versions = {}
         for app in apps:

@@ -14,28 +14,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conveyor.cluster.diff import ObjectChange, mask_secrets, normalize, secret_values, unified
 from conveyor.cluster.objects import Obj, ObjectRef
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ValuesReference
 from conveyor.config.project import load_project
-from conveyor.reconcile.plan import (
-    AppPlan,
-    ObjectChange,
-    helm_objects,
-    mask_secrets,
-    normalize,
-    plan_environment,
-    secret_values,
-    unified,
-)
-from conveyor.reconcile.target import default_branch, kube_client, values_lookup
-from conveyor.render.charts import ChartResolver
-from conveyor.render.discover import EnvironmentTree, app_name, discover
+from conveyor.reconcile.plan import AppPlan, helm_objects, plan_environment
+from conveyor.reconcile.target import kube_client, values_lookup
+from conveyor.render.discover import discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError
-from conveyor.render.render import Renderer, ValuesLookup
-from conveyor.sandbox.paths import cache_root
-from conveyor.source.git import export_tree, origin_url, resolve_revision
+from conveyor.render.render import Renderer
+from conveyor.source.git import default_branch, export_tree, origin_url, resolve_revision
 
 
 @dataclass
@@ -49,25 +39,12 @@ async def _unavailable(_ref: ValuesReference) -> str | None:
     return None
 
 
-def _renderer(
-    root: Path,
-    tree: EnvironmentTree,
-    helm: HelmCLI,
-    *,
-    lookup: ValuesLookup = _unavailable,
-    offline: bool = False,
-) -> Renderer:
-    charts = ChartResolver(cache_root() / "charts", helm, tree.sources)
-    charts.cache_dir.mkdir(parents=True, exist_ok=True)
-    return Renderer(root, charts=charts, values_lookup=lookup, offline=offline)
-
-
 async def render_offline(root: Path, env_path: str, helm: HelmCLI) -> dict[str, RenderedObjects]:
     """Every app of the folder rendered to objects, by app name; none if no folder."""
     if not (root / env_path).is_dir():
         return {}
     tree = discover(root, env_path)
-    renderer = _renderer(root, tree, helm, offline=True)
+    renderer = Renderer.of_tree(root, tree, helm, values_lookup=_unavailable, offline=True)
     result: dict[str, RenderedObjects] = {}
     for app in tree.apps:
         entry = result.setdefault(app.name, RenderedObjects())
@@ -173,10 +150,10 @@ async def diff_against_live(
         kubeconfig, context = kubeconfig or cluster.kubeconfig, context or cluster.context
     # The deployed environment this folder is: the agent knows it by its source.
     identity = EnvironmentIdentity.of(
-        source, branch=branch, path=env_path, name=app_name(env or env_path.replace("/", "-"))
+        source, branch=branch, path=env_path, name=scope_name(environment=env, path=env_path)
     )
     tree = discover(head_root, env_path)
     async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
-        renderer = _renderer(head_root, tree, helm, lookup=values_lookup(kube))
+        renderer = Renderer.of_tree(head_root, tree, helm, values_lookup=values_lookup(kube))
         plans = await plan_environment(tree, renderer, kube, helm, identity=identity)
     return plans, f"{env or env_path}: live → {_named(head, head_sha)}"

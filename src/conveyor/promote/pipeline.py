@@ -15,10 +15,9 @@ from pathlib import Path
 from conveyor.config.project import ConfigError, Environment, Project, load_project
 from conveyor.errors import ConveyorError
 from conveyor.promote.versions import VersionError, read_app_version
-from conveyor.reconcile.target import default_branch
 from conveyor.render.discover import AppSource, EnvironmentTree, discover
 from conveyor.render.documents import RenderError
-from conveyor.source.git import Checkout, GitError, export_tree
+from conveyor.source.git import Checkout, GitError, default_branch, export_tree
 
 
 class PromotionError(ConveyorError, ValueError):

@@ -22,6 +22,7 @@ from ruamel.yaml.scalarstring import ScalarString
 
 from conveyor.config.userfile import UserFileError, read_text
 from conveyor.errors import ConveyorError
+from conveyor.images.reference import split_reference
 from conveyor.publish.template import PathPart, Template, TemplateError
 from conveyor.publish.version import image_tag
 from conveyor.render.discover import KUSTOMIZATION_FILES, SKIPPED_FILES, AppSource
@@ -93,10 +94,8 @@ class FieldChange:
 
 def split_image(reference: str) -> tuple[str, str]:
     """`registry:5000/app:1.2@sha256:..` → (`registry:5000/app`, `1.2@sha256:..`)."""
-    name, at, digest = reference.partition("@")
-    slash, colon = name.rfind("/"), name.rfind(":")
-    repository, tag = (name[:colon], name[colon + 1 :]) if colon > slash else (name, "")
-    return repository, tag + (f"@{digest}" if at else "")
+    repository, tag, digest = split_reference(reference)
+    return repository, (tag or "") + (f"@{digest}" if digest is not None else "")
 
 
 def join_image(repository: str, version: str) -> str:

@@ -55,7 +55,15 @@ from conveyor.reconcile.actions.unlock import unlock_release
 from conveyor.reconcile.actions.verify import drift_of, release_objects
 from conveyor.reconcile.report import EventRecorder, Metrics, error_summary, notification_for
 from conveyor.reconcile.state import AppState, Attempt, Observation, determine_state
-from conveyor.reconcile.status import SOURCE_KIND, SUSPENDED, AppStatus, Reason, StatusStore
+from conveyor.reconcile.status import (
+    SOURCE_KIND,
+    SUSPENDED,
+    AppStatus,
+    Reason,
+    StatusStore,
+    release_key,
+    split_release,
+)
 from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
@@ -412,7 +420,7 @@ class Engine:
         desired = await self._desired(status, app, objects, new_content=seen.new_content)
         conflicts = self._object_conflicts(status, app, desired[: len(objects)])
         if app.helm is not None and (
-            seen.new_content or _release_key(app.helm) not in self._releases_checked
+            seen.new_content or release_key(app.helm.spec) not in self._releases_checked
         ):
             conflicts += await self._release_conflicts(status, app, app.helm)
         seen = replace(seen, conflicts=tuple(conflicts), drift=tuple(drift_of(self.live, desired)))
@@ -529,7 +537,7 @@ class Engine:
         ownership = await release_ownership(
             self.kube, release=spec.release_name, namespace=spec.target_namespace
         )
-        key = _release_key(plan)
+        key = release_key(plan.spec)
         if ownership.owner is not None and ownership.owner != self.options.identity.id:
             owner = Owner(ownership.owner, await self.store.source_of(ownership.owner))
             in_git = app.source.helm_release.obj if app.source.helm_release else {}
@@ -559,7 +567,7 @@ class Engine:
         ]
         if known or not status.release:
             return known
-        namespace, release = status.release.split("/", 1)
+        namespace, release = split_release(status.release)
         try:
             manifest = await self.helm.manifest(release, namespace)
         except HelmError:
@@ -636,10 +644,6 @@ def build_engine(
         notifier=notifier,
         render_past=render_past,
     )
-
-
-def _release_key(plan: HelmPlan) -> str:
-    return f"{plan.spec.target_namespace}/{plan.spec.release_name}"
 
 
 def _conflict_message(what: str, owner: Owner, app: str) -> str:

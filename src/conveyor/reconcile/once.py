@@ -21,7 +21,7 @@ from conveyor.reconcile.target import (
     kube_client,
     past_renders,
 )
-from conveyor.render.discover import app_name
+from conveyor.render.discover import scope_name
 from conveyor.render.documents import RenderError
 from conveyor.source.git import GitError
 
@@ -117,7 +117,7 @@ async def record_source_failure(
     Before a fetch there is no branch to know the environment by: the status goes to
     the one environment of that repository and name the cluster knows, if there is one.
     Returns the scope it was recorded under."""
-    name = app_name(target.env or (target.path or ".").replace("/", "-"))
+    name = scope_name(environment=target.env, path=target.path or ".")
     if resolved is not None:
         kube = kube_client(resolved)
     else:

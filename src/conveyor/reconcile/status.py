@@ -13,7 +13,7 @@ import copy
 import datetime as dt
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conveyor.cluster.apply import FIELD_MANAGER, apply_objects
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
@@ -26,6 +26,9 @@ from conveyor.cluster.ownership import (
     owner_of,
 )
 from conveyor.errors import ConveyorError
+
+if TYPE_CHECKING:
+    from conveyor.config.helmrelease import HelmReleaseSpec
 
 NAMESPACE = "conveyor-system"
 GROUP = "conveyor.dev"
@@ -154,6 +157,17 @@ def crd_manifest() -> dict[str, Any]:
 def resource_name(scope: str, app: str) -> str:
     """`<scope>.<app>`; the scope's own source status is named after the scope alone."""
     return f"{scope}.{app}"[:253] if app else scope[:253]
+
+
+def release_key(spec: HelmReleaseSpec) -> str:
+    """How a status names its app's Helm release (`AppStatus.release`): `namespace/name`."""
+    return f"{spec.target_namespace}/{spec.release_name}"
+
+
+def split_release(release: str) -> tuple[str, str]:
+    """The namespace and the name of a release named by `release_key`."""
+    namespace, name = release.split("/", 1)
+    return namespace, name
 
 
 @dataclass

@@ -22,14 +22,13 @@ from conveyor.config.project import (
     load_project,
     safe_relative_path,
 )
+from conveyor.paths import checkouts_cache
 from conveyor.reconcile.actions import RenderPast
-from conveyor.render.charts import ChartResolver
-from conveyor.render.discover import EnvironmentTree, app_name, discover
+from conveyor.render.discover import EnvironmentTree, discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
 from conveyor.render.render import RenderedApp, Renderer, ValuesLookup
-from conveyor.sandbox.paths import cache_root
-from conveyor.source.git import Checkout, export_tree, run_git
+from conveyor.source.git import Checkout, default_branch, export_tree
 
 
 @dataclass(frozen=True)
@@ -63,15 +62,7 @@ class ResolvedTarget:
 
 def checkout_path(repo: str, branch: str, *, purpose: str = "agent") -> Path:
     digest = hashlib.sha256(f"{repo}#{branch}".encode()).hexdigest()[:16]
-    return cache_root() / "repos" / purpose / digest
-
-
-def default_branch(repo: str) -> str:
-    out = run_git(["ls-remote", "--symref", "--end-of-options", repo, "HEAD"])
-    for line in out.splitlines():
-        if line.startswith("ref:") and "refs/heads/" in line:
-            return line.split("refs/heads/", 1)[1].split()[0]
-    return "main"
+    return checkouts_cache(purpose) / digest
 
 
 def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
@@ -84,7 +75,7 @@ def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
     )
     context, config_file = target.context, target.kubeconfig
     env_path = target.path
-    scope_name = None
+    environment_name = None
     project = environment = None
     if target.env:
         # Environments that name no branch live on the repository's HEAD.
@@ -98,7 +89,7 @@ def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
                 branch=environment.branch,
             )
         env_path = environment.path
-        scope_name = environment.name
+        environment_name = environment.name
         context = context or environment.cluster.context
         config_file = config_file or environment.cluster.kubeconfig
     assert_path = safe_relative_path(env_path or ".")
@@ -109,7 +100,7 @@ def fetch_target(target: Target, *, purpose: str = "agent") -> ResolvedTarget:
         checkout=checkout,
         revision=revision,
         env_path=assert_path,
-        scope=app_name(scope_name or assert_path.replace("/", "-")),
+        scope=scope_name(environment=environment_name, path=assert_path),
         context=context,
         kubeconfig=config_file,
         project=project,
@@ -170,10 +161,8 @@ def build_renderer(
     root: Path | None = None,
 ) -> Renderer:
     """A renderer of the checkout (or of `root`, a past revision exported from it)."""
-    charts = ChartResolver(cache_root() / "charts", helm, tree.sources)
-    charts.cache_dir.mkdir(parents=True, exist_ok=True)
-    return Renderer(
-        root or resolved.checkout.path, charts=charts, values_lookup=values_lookup(kube)
+    return Renderer.of_tree(
+        root or resolved.checkout.path, tree, helm, values_lookup=values_lookup(kube)
     )
 
 

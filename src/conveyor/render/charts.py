@@ -52,7 +52,7 @@ from conveyor.config.sources import (
 from conveyor.config.validation import describe
 from conveyor.render.documents import Document, RenderError
 from conveyor.render.helm import HelmCLI, HelmError
-from conveyor.source.git import GitError, fetch_commit, run_git
+from conveyor.source.git import GitError, export_tree, fetch_tree
 
 _EXACT_VERSION = re.compile(r"^v?\d+\.\d+\.\d+([-+][0-9A-Za-z.+-]+)?$")
 
@@ -160,13 +160,7 @@ class ChartResolver:
     def _from_git(self, chart: ChartFromGit) -> ResolvedChart:
         mirror = self.cache_dir / "git" / hashlib.sha256(chart.url.encode()).hexdigest()[:16]
         try:
-            if not (mirror / "HEAD").exists():
-                mirror.mkdir(parents=True, exist_ok=True)
-                run_git(["init", "--quiet", "--bare", str(mirror)])
-            commit = fetch_commit(mirror, chart.url, chart.ref)
-            path = chart.path.strip("/") or "."
-            tree_spec = f"{commit}:{path}" if path != "." else f"{commit}^{{tree}}"
-            tree = run_git(["rev-parse", tree_spec], cwd=mirror).strip()
+            commit, tree = fetch_tree(mirror, chart.url, chart.ref, chart.path.strip("/") or ".")
         except GitError as error:
             raise RenderError(
                 f"chart {chart.url}@{chart.ref}:{chart.path}: {error.stderr}"
@@ -174,11 +168,7 @@ class ChartResolver:
         target = self.cache_dir / "charts" / f"git-{tree}"
         if not target.exists():
             with tempfile.TemporaryDirectory(dir=self.cache_dir) as scratch:
-                archive = Path(scratch) / "chart.tar"
-                run_git(["archive", "--format=tar", "-o", str(archive), tree], cwd=mirror)
-                unpacked = Path(scratch) / "chart"
-                unpacked.mkdir()
-                shutil.unpack_archive(archive, unpacked)
+                unpacked = export_tree(mirror, tree, Path(scratch) / "chart")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 unpacked.rename(target)
         if not (target / "Chart.yaml").exists():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import ValidationError
@@ -64,6 +64,13 @@ def app_name(text: str) -> str:
     name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
     # Cut to a DNS label, which never ends with '-' (it names a ConveyorApp).
     return name[:63].rstrip("-") or "root"
+
+
+def scope_name(*, environment: str | None = None, path: str = ".") -> str:
+    """The scope an environment's statuses are kept under: its name in conveyor.yaml,
+    else its folder's path (normalized, `/` as `-`; `.` is `root`). The agent, a single
+    pass, the diff, the gates and the dashboard all name an environment by this rule."""
+    return app_name(environment or str(PurePosixPath(path.strip())).replace("/", "-"))
 
 
 def _is_flux_config(doc: Document) -> bool:

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from conveyor.cluster.objects import Obj
 from conveyor.config.userfile import GENERATED, UserFileError, read_text
 from conveyor.config.userfile import load_documents as load_yaml_documents
 from conveyor.errors import LocatedError
-
-Obj = dict[str, Any]
 
 
 def load_all(text: str | bytes) -> list[Any]:

@@ -18,6 +18,7 @@ from typing import Any, cast
 import yaml
 from pydantic_core import PydanticCustomError
 
+from conveyor.cluster.objects import Obj
 from conveyor.config.helmrelease import (
     DriftMode,
     HelmReleaseError,
@@ -26,9 +27,11 @@ from conveyor.config.helmrelease import (
     parse_helmrelease,
 )
 from conveyor.config.validation import json_compatible
+from conveyor.paths import charts_cache
 from conveyor.render.charts import ChartResolver, ResolvedChart
-from conveyor.render.discover import AppSource, checked_document
-from conveyor.render.documents import Document, Obj, RenderError
+from conveyor.render.discover import AppSource, EnvironmentTree, checked_document
+from conveyor.render.documents import Document, RenderError
+from conveyor.render.helm import HelmCLI
 from conveyor.render.kustomize import render_kustomization
 
 ValuesLookup = Callable[[ValuesReference], Awaitable[str | None]]
@@ -115,6 +118,22 @@ class Renderer:
         self.kubectl = kubectl
         self.drift_default = drift_default
         self.offline = offline
+
+    @classmethod
+    def of_tree(
+        cls,
+        repo_root: Path,
+        tree: EnvironmentTree,
+        helm: HelmCLI,
+        *,
+        values_lookup: ValuesLookup,
+        offline: bool = False,
+    ) -> Renderer:
+        """A renderer of `tree` (discovered below `repo_root`) whose charts come from the
+        tree's sources and are kept in conveyor's chart cache."""
+        charts = ChartResolver(charts_cache(), helm, tree.sources)
+        charts.cache_dir.mkdir(parents=True, exist_ok=True)
+        return cls(repo_root, charts=charts, values_lookup=values_lookup, offline=offline)
 
     async def render(self, app: AppSource) -> RenderedApp:
         if app.error is not None:

@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from conveyor.errors import ConveyorError
-from conveyor.sandbox.paths import cache_root
+from conveyor.paths import cache_root
 from conveyor.sandbox.versions import Versions, find_go
 
 # The multi-call binary answers to these names through symlinks.

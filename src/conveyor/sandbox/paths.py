@@ -1,4 +1,5 @@
-"""Where the sandbox keeps built binaries (a cache) and running sandboxes (state).
+"""Where the sandbox keeps running sandboxes (state); its built binaries are cached below
+conveyor's cache root (`conveyor.paths`), in `sandbox/`.
 
 Both live outside the repository so that a clean clone reuses a warm machine's builds,
 and both can be moved with environment variables for CI or tests.
@@ -11,14 +12,6 @@ import re
 from pathlib import Path
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
-
-
-def cache_root() -> Path:
-    """`$CONVEYOR_CACHE`, else `$XDG_CACHE_HOME/conveyor`, else `~/.cache/conveyor`."""
-    if explicit := os.environ.get("CONVEYOR_CACHE"):
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "conveyor"
 
 
 def state_root() -> Path:

@@ -353,12 +353,39 @@ def fetch_commit(mirror: Path, url: str, ref: str) -> str:
     return run_git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], cwd=mirror).strip()
 
 
+def default_branch(repo: str) -> str:
+    """The branch the remote repository's HEAD names; `main` when it names none."""
+    out = run_git(["ls-remote", "--symref", "--end-of-options", repo, "HEAD"])
+    for line in out.splitlines():
+        if line.startswith("ref:") and "refs/heads/" in line:
+            return line.split("refs/heads/", 1)[1].split()[0]
+    return "main"
+
+
 def resolve_revision(repo: Path, revision: str) -> str:
     """The commit SHA `revision` names; GitError when it names none."""
     (revision,) = _revisions("rev-parse", revision)
     return run_git(
         ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}^{{commit}}"], cwd=repo
     ).strip()
+
+
+def files_at(repo: Path, revision: str, paths: list[str]) -> list[str]:
+    """The files under `paths` at `revision`, recursively, as repository paths."""
+    (revision,) = _revisions("ls-tree", revision)
+    listed = run_git(["ls-tree", "-r", "--name-only", "-z", revision, "--", *paths], cwd=repo)
+    return [path for path in listed.split("\0") if path]
+
+
+def fetch_tree(mirror: Path, url: str, ref: str, path: str) -> tuple[str, str]:
+    """Fetch `ref` of `url` into the bare repository `mirror` (created when missing) and
+    return the commit and the tree of `path` in it (`.` for the whole commit)."""
+    if not (mirror / "HEAD").exists():
+        mirror.mkdir(parents=True, exist_ok=True)
+        run_git(["init", "--quiet", "--bare", str(mirror)])
+    commit = fetch_commit(mirror, url, ref)
+    tree_spec = f"{commit}:{path}" if path != "." else f"{commit}^{{tree}}"
+    return commit, run_git(["rev-parse", tree_spec], cwd=mirror).strip()
 
 
 def read_file_at(repo: Path, revision: str, path: str) -> str | None:

@@ -20,10 +20,17 @@ from conveyor.cluster.ownership import EnvironmentIdentity, normalise_repository
 from conveyor.config.project import ConfigError, Project, load_project
 from conveyor.config.userfile import UserFileError, load_documents
 from conveyor.reconcile.status import AppStatus
-from conveyor.reconcile.target import Target, checkout_path, default_branch
-from conveyor.render.discover import app_name, discover
+from conveyor.reconcile.target import Target, checkout_path
+from conveyor.render.discover import app_name, discover, scope_name
 from conveyor.render.documents import RenderError
-from conveyor.source.git import Checkout, LogEntry, file_log, read_file_at, run_git
+from conveyor.source.git import (
+    Checkout,
+    LogEntry,
+    default_branch,
+    file_log,
+    files_at,
+    read_file_at,
+)
 from conveyor.web.views import images_in, tags_of
 
 # What changed an app, told from the commit: a `Conveyor-Change:` trailer wins, then the
@@ -178,7 +185,7 @@ def _folder_for_scope(root: Path, scope: str, *, depth: int = 3) -> str | None:
                 if child.name.startswith("."):
                     continue
                 relative = str(child.relative_to(root))
-                if app_name(relative.replace("/", "-")) == scope:
+                if scope_name(path=relative) == scope:
                     return relative
                 children.append(child)
         frontier = children
@@ -188,8 +195,7 @@ def _folder_for_scope(root: Path, scope: str, *, depth: int = 3) -> str | None:
 def _version_at(root: Path, entry: LogEntry, paths: list[str], app: str) -> str:
     """The image tags in the app's files (a file, or a folder's YAML) at that commit."""
     tags: list[str] = []
-    listed = run_git(["ls-tree", "-r", "--name-only", "-z", entry.sha, "--", *paths], cwd=root)
-    for path in (p for p in listed.split("\0") if p.endswith((".yaml", ".yml"))):
+    for path in (p for p in files_at(root, entry.sha, paths) if p.endswith((".yaml", ".yml"))):
         text = read_file_at(root, entry.sha, path)
         if text is None:
             continue

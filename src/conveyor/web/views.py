@@ -17,6 +17,7 @@ from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.health import assess
 from conveyor.cluster.helm_storage import ReleaseRevision, release_history
 from conveyor.cluster.objects import ObjectRef
+from conveyor.images.reference import split_reference
 from conveyor.reconcile.status import (
     API_VERSION,
     KIND,
@@ -24,6 +25,7 @@ from conveyor.reconcile.status import (
     SOURCE_KIND,
     WAITING_FOR_GATE,
     AppStatus,
+    split_release,
 )
 from conveyor.render.helm import parse_manifest
 
@@ -164,12 +166,11 @@ def tags_of(images: list[str]) -> list[str]:
     """The tags (or digests) of image references, de-duplicated in order."""
     tags = []
     for image in images:
-        name, at, digest = image.partition("@")
-        if at:
+        _, tag, digest = split_reference(image)
+        if digest is not None:
             tags.append(digest[:19])
-            continue
-        last = name.rsplit("/", 1)[-1]
-        tags.append(last.rpartition(":")[2] if ":" in last else "latest")
+        else:
+            tags.append(tag if tag is not None else "latest")
     return list(dict.fromkeys(tags))
 
 
@@ -185,7 +186,7 @@ async def live_version(kube: KubeClient, status: AppStatus) -> str:
             if live is not None:
                 tags.extend(tags_of(images_in(live.get("spec"))))
     if not tags and status.release:
-        namespace, name = status.release.split("/", 1)
+        namespace, name = split_release(status.release)
         history = await release_history(kube, release=name, namespace=namespace)
         deployed = [r for r in history if r.status == "deployed"] or history
         if deployed:
@@ -273,7 +274,7 @@ async def objects(kube: KubeClient, status: AppStatus) -> list[ObjectOut]:
     """The app's objects (conveyor's inventory, and its Helm release's) with health."""
     refs = [(ref, "conveyor") for ref in status.inventory]
     if status.release:
-        namespace, name = status.release.split("/", 1)
+        namespace, name = split_release(status.release)
         history = await release_history(kube, release=name, namespace=namespace)
         deployed = [r for r in history if r.status == "deployed"] or history
         if deployed:
@@ -354,7 +355,7 @@ async def events(kube: KubeClient, status: AppStatus, *, limit: int = 50) -> lis
 async def helm_history(kube: KubeClient, status: AppStatus) -> list[HelmRevision]:
     if not status.release:
         return []
-    namespace, name = status.release.split("/", 1)
+    namespace, name = split_release(status.release)
     history = await release_history(kube, release=name, namespace=namespace)
     return [
         HelmRevision(

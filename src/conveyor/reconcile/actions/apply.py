@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 
 from conveyor.cluster.apply import ApplyError, apply_objects, delete_objects
+from conveyor.cluster.inventory import left_behind
 from conveyor.cluster.objects import Obj
 from conveyor.reconcile.actions import ActionContext, AppFailed, Desired, ReleaseLocked
 from conveyor.reconcile.actions.verify import release_objects, wait_healthy
-from conveyor.reconcile.status import AppStatus, Reason, now
+from conveyor.reconcile.status import AppStatus, Reason, now, release_key
 from conveyor.render.helm import HelmError, parse_manifest
 from conveyor.render.render import HelmPlan, RenderedApp
 
@@ -44,10 +45,10 @@ async def apply_plain(
         return desired
     refs = [ref for ref, _ in desired]
     if ctx.prune:
-        wanted = {r.key() for r in refs}
-        gone = [r for r in status.inventory if r.key() not in wanted]
         try:
-            await delete_objects(ctx.kube, gone, identity=ctx.identity)
+            await delete_objects(
+                ctx.kube, left_behind(status.inventory, refs), identity=ctx.identity
+            )
         except ApplyError as error:
             raise AppFailed(Reason.PRUNE_FAILED, str(error)) from None
     # Applied, healthy or not: a later revision or a rollback prunes from here.
@@ -60,7 +61,7 @@ async def _upgrade_release(
     ctx: ActionContext, status: AppStatus, plan: HelmPlan, objects: list[Obj], desired: Desired
 ) -> Desired:
     spec = plan.spec
-    status.release = f"{spec.target_namespace}/{spec.release_name}"
+    status.release = release_key(spec)
     async with ctx.helm_slots:
         try:
             release = await ctx.helm.upgrade_install(

@@ -9,7 +9,7 @@ from conveyor.cluster.objects import Obj
 from conveyor.reconcile.actions import ActionContext, AppFailed, Desired
 from conveyor.reconcile.actions.apply import apply_plain
 from conveyor.reconcile.actions.verify import wait_healthy
-from conveyor.reconcile.status import AppStatus, Reason
+from conveyor.reconcile.status import AppStatus, Reason, release_key
 from conveyor.render.render import RenderedApp
 
 
@@ -19,8 +19,7 @@ async def correct_drift(
     async with ctx.apply_slots:
         desired = await apply_plain(ctx, status, app, objects, desired)
         if app.helm is not None:
-            spec = app.helm.spec
-            status.release = f"{spec.target_namespace}/{spec.release_name}"
+            status.release = release_key(app.helm.spec)
             try:
                 ctx.live.seed(
                     await apply_objects(ctx.kube, [o for _, o in desired if o not in objects])

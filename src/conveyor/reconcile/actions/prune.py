@@ -9,14 +9,14 @@ import logging
 from conveyor.cluster.apply import delete_objects
 from conveyor.cluster.helm_storage import release_ownership
 from conveyor.reconcile.actions import ActionContext
-from conveyor.reconcile.status import AppStatus
+from conveyor.reconcile.status import AppStatus, split_release
 
 log = logging.getLogger("conveyor.reconcile")
 
 
 async def prune_app(ctx: ActionContext, status: AppStatus) -> None:
     if status.release:
-        namespace, release = status.release.split("/", 1)
+        namespace, release = split_release(status.release)
         ownership = await release_ownership(ctx.kube, release=release, namespace=namespace)
         if ownership.owner in (None, ctx.identity.id):
             await ctx.helm.uninstall(release, namespace)

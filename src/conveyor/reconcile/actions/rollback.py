@@ -8,7 +8,7 @@ from conveyor.cluster.apply import namespaced_ref
 from conveyor.reconcile.actions import ActionContext, AppFailed
 from conveyor.reconcile.actions.apply import apply_plain
 from conveyor.reconcile.actions.verify import wait_healthy
-from conveyor.reconcile.status import AppStatus, Reason
+from conveyor.reconcile.status import AppStatus, Reason, split_release
 from conveyor.render.helm import HelmError
 from conveyor.render.render import RenderedApp
 
@@ -36,7 +36,7 @@ async def _roll_back_release(ctx: ActionContext, status: AppStatus, app: Rendere
         app.helm.spec.rollback_on_failure and status.last_good_helm_revision and status.release
     ):
         return None
-    namespace, release = status.release.split("/", 1)
+    namespace, release = split_release(status.release)
     try:
         async with ctx.helm_slots:
             await ctx.helm.rollback(
