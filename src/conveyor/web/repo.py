@@ -9,7 +9,6 @@ remote never stalls the pages or the live stream.
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -23,28 +22,15 @@ from conveyor.reconcile.status import AppStatus
 from conveyor.reconcile.target import Target, checkout_path, default_branch
 from conveyor.render.discover import app_name, discover
 from conveyor.render.documents import RenderError
-from conveyor.source.git import Checkout, LogEntry, file_log, read_file_at, run_git
-from conveyor.web.views import images_in, tags_of
-
-# What changed an app, told from the commit: a `Conveyor-Change:` trailer wins, then the
-# messages that publish, image automation (conveyor's and Flux's) and promotion write.
-_TRAILER = re.compile(r"^Conveyor-Change:\s*(\S+)", re.MULTILINE | re.IGNORECASE)
-_KINDS = (
-    ("publish", re.compile(r"^Update from ", re.IGNORECASE)),
-    ("image-automation", re.compile(r"^(Update images|Auto-release )", re.IGNORECASE)),
-    ("rollback", re.compile(r"^(Roll ?back|Revert)", re.IGNORECASE)),
-    ("promotion", re.compile(r"^Promot", re.IGNORECASE)),
+from conveyor.source.git import (
+    Checkout,
+    LogEntry,
+    change_kind,
+    file_log,
+    read_file_at,
+    run_git,
 )
-
-
-def change_kind(subject: str, body: str) -> str:
-    trailer = _TRAILER.search(body)
-    if trailer:
-        return trailer.group(1).lower()
-    for kind, pattern in _KINDS:
-        if pattern.search(subject):
-            return kind
-    return "manual"
+from conveyor.web.views import images_in, tags_of
 
 
 @dataclass(frozen=True)
