@@ -86,6 +86,11 @@ class Notifier:
         self._rules = loaded
 
     @property
+    def has_rules(self) -> bool:
+        """Whether anything is sent at all: lets a caller skip work done only for a note."""
+        return bool(self._rules)
+
+    @property
     def pending(self) -> int:
         return len(self._queue) + self._busy
 

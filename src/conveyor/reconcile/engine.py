@@ -618,7 +618,11 @@ class Engine:
             await self.events.record(
                 status, warning=warning, reason=status.reason, message=status.message
             )
-        if self.notifier is not None and (changed_state or newly_applied):
+        if (
+            self.notifier is not None
+            and self.notifier.has_rules
+            and (changed_state or newly_applied)
+        ):
             change = None
             if newly_applied and status.ready and source is not None and root is not None:
                 change = await _change_of(root, source, status.attempted_revision)
