@@ -142,6 +142,7 @@ def released(name: str) -> RenderedApp:
 class ScriptedRenderer:
     def __init__(self, apps: dict[str, RenderedApp | Exception]) -> None:
         self.apps = apps
+        self.repo_root = Path("/")  # not a git repository: no commit names a change
 
     async def render(self, app: AppSource) -> RenderedApp:
         result = self.apps[app.name]

@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.project import ConfigError, NotificationRule, parse_project
 from conveyor.notify.notifier import Notifier, NotifierOptions
 from conveyor.notify.sinks import SIGNATURE_HEADER, Notification
 from conveyor.reconcile.report import notification_for
 from conveyor.reconcile.status import READY, STALLED, AppStatus
+from conveyor.source.git import LogEntry
 
 SECRET = "s3cret-for-hooks"
 FAST = NotifierOptions(backoff=0.05, max_backoff=0.2, timeout=2.0)
@@ -233,7 +235,8 @@ def test_a_dead_receiver_never_blocks_the_publisher() -> None:
             for index in range(500):
                 notifier.publish(note(message=str(index)))
             spent = time.perf_counter() - started
-            await notifier.close()
+            # 450 dropped from the full queue, 50 queued or in flight at the end.
+            assert await notifier.close(grace=0.2) == 500
             return spent
 
         assert asyncio.run(go()) < 0.5
@@ -254,20 +257,58 @@ def test_secrets_stay_out_of_the_agents_own_credentials(tmp_path: Path) -> None:
         rule.webhook.secret.read()
 
 
+IDENTITY = EnvironmentIdentity.of("/srv/config.git", branch="main", path="prod", name="prod")
+
+
+def change(subject: str, body: str = "") -> LogEntry:
+    return LogEntry("c" * 40, (), "Pat", "pat@example.com", "2026-01-01T00:00:00Z", subject, body)
+
+
+def event_of(status: AppStatus, *, newly_applied: bool, commit: LogEntry | None = None) -> str:
+    note = notification_for(status, identity=IDENTITY, newly_applied=newly_applied, change=commit)
+    return note.event if note is not None else "none"
+
+
 def test_status_changes_map_to_events() -> None:
-    status = AppStatus(scope="prod", app="api", state=READY, reason="ReconciliationSucceeded")
-    applied = notification_for(status, newly_applied=True)
-    assert applied is not None and applied.event == "applied"
-    assert notification_for(status, newly_applied=False) is None
+    status = AppStatus(
+        scope="prod-1a2b3c", app="api", state=READY, reason="ReconciliationSucceeded"
+    )
+    applied = notification_for(status, identity=IDENTITY, newly_applied=True)
+    assert applied is not None and applied.event == "applied" and applied.actor is None
+    # Named as the environment names itself, not by the scope's suffix; its identity beside.
+    assert (applied.environment, applied.source, applied.owner) == (
+        "prod",
+        IDENTITY.source,
+        IDENTITY.id,
+    )
+    assert event_of(status, newly_applied=False) == "none"
     status.reason = "DriftCorrected"
-    assert getattr(notification_for(status, newly_applied=False), "event", None) == (
-        "drift-corrected"
-    )
+    assert event_of(status, newly_applied=False) == "drift-corrected"
     status.state, status.reason = STALLED, "RolledBack"
-    assert getattr(notification_for(status, newly_applied=False), "event", None) == "rolled-back"
+    assert event_of(status, newly_applied=False) == "rolled-back"
     status.reason = "HealthCheckFailed"
-    assert getattr(notification_for(status, newly_applied=False), "event", None) == "failed"
+    assert event_of(status, newly_applied=False) == "failed"
     status.state, status.reason = "WaitingForGate", "GatePending"
-    assert getattr(notification_for(status, newly_applied=False), "event", None) == (
-        "waiting-for-gate"
+    assert event_of(status, newly_applied=False) == "waiting-for-gate"
+
+
+@pytest.mark.parametrize(
+    ("subject", "body", "event"),
+    [
+        ("Promote api 1.2 from staging to prod", "Conveyor-Change: promotion", "promoted"),
+        ("Deploy api 1.3 to prod", "Conveyor-Change: promotion", "promoted"),
+        ("Roll back api in prod to 1.1 (was 1.2)", "Conveyor-Change: rollback", "rolled-back"),
+        ('Revert "api 1.2"', "", "rolled-back"),
+        ("Update images", "", "applied"),
+        ("bump replicas", "", "applied"),
+    ],
+)
+def test_the_commit_that_brought_a_revision_names_its_event(
+    subject: str, body: str, event: str
+) -> None:
+    status = AppStatus(scope="prod", app="api", state=READY, reason="ReconciliationSucceeded")
+    note = notification_for(
+        status, identity=IDENTITY, newly_applied=True, change=change(subject, body)
     )
+    assert note is not None and note.event == event
+    assert note.actor == (None if event == "applied" else "Pat")

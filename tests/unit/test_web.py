@@ -11,6 +11,7 @@ import pytest
 from starlette.requests import Request
 
 from conveyor.reconcile.status import READY, SOURCE_KIND, WAITING_FOR_GATE, AppStatus
+from conveyor.source.git import change_kind
 from conveyor.web import views
 from conveyor.web.actions import ActionRegistry, ActionRequest, ActionResult, default_registry
 from conveyor.web.auth import (
@@ -21,7 +22,6 @@ from conveyor.web.auth import (
     cross_site,
     load_tokens,
 )
-from conveyor.web.repo import change_kind
 from conveyor.web.sse import sse_message
 
 TOKEN = "0123456789abcdef-0123456789abcdef-token"

@@ -13,7 +13,14 @@ from rich.status import Status
 from rich.table import Table
 
 from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
-from conveyor.cli.reconcile import ContextOption, KubeconfigOption, RepoOption, status_table
+from conveyor.cli.reconcile import (
+    ContextOption,
+    KubeconfigOption,
+    NotifyWaitOption,
+    RepoOption,
+    status_table,
+    warn_undelivered,
+)
 from conveyor.cluster.kubeconfig import KubeconfigError
 from conveyor.config.helmrelease import HelmReleaseError, parse_duration
 from conveyor.config.project import ConfigError
@@ -43,15 +50,22 @@ class Mode(StrEnum):
 
 
 def _apply(
-    repo: str, env: str, app: str | None, kubeconfig: str | None, context: str | None
+    repo: str,
+    env: str,
+    app: str | None,
+    kubeconfig: str | None,
+    context: str | None,
+    *,
+    notify_wait: float,
 ) -> PassResult:
     target = Target(repo=repo, env=env, kubeconfig=kubeconfig, context=context)
     try:
-        result = asyncio.run(reconcile_once(target, app=app))
+        result = asyncio.run(reconcile_once(target, app=app, notify_grace=notify_wait))
     except KubeconfigError as error:
         fail(str(error))
     if isinstance(result, SourceFailure):
         fail(f"applying: {escape(result.message)}", code=1)
+    warn_undelivered(result)
     return result
 
 
@@ -114,6 +128,7 @@ def promote_command(
     kubeconfig: str | None = KubeconfigOption,
     context: str | None = ContextOption,
     output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
+    notify_wait: float = NotifyWaitOption,
 ) -> None:
     """Copy what identifies a release (image tags, chart version or ref) from one
     environment to another, after the target's gates pass. Exit 1 when a gate stays
@@ -170,7 +185,7 @@ def promote_command(
             console.print(f"wrote {result.branch} ({(result.commit or '')[:12]})", highlight=False)
             typer.echo(result.diff, nl=False)
     if apply and result.commit:
-        applied = _apply(repo, to, app, kubeconfig, context)
+        applied = _apply(repo, to, app, kubeconfig, context, notify_wait=notify_wait)
         if output is OutputFormat.table:
             console.print(status_table(list(applied.statuses.values()), title=f"applied in {to}"))
         raise typer.Exit(0 if applied.all_ready else 1)
@@ -187,6 +202,7 @@ def rollback(
     kubeconfig: str | None = KubeconfigOption,
     context: str | None = ContextOption,
     output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
+    notify_wait: float = NotifyWaitOption,
 ) -> None:
     """Restore the app's previous (or given) version by a git commit, then apply it, so
     git and the cluster agree and automation does not undo the rollback."""
@@ -214,7 +230,7 @@ def rollback(
             highlight=False,
         )
     if apply:
-        applied = _apply(repo, env, app, kubeconfig, context)
+        applied = _apply(repo, env, app, kubeconfig, context, notify_wait=notify_wait)
         if output is OutputFormat.table:
             console.print(status_table(list(applied.statuses.values()), title=f"applied in {env}"))
         raise typer.Exit(0 if applied.all_ready else 1)

@@ -75,7 +75,25 @@ ContextOption = typer.Option(
     None, "--context", help="kubeconfig context (default: the environment's)."
 )
 
+# A one-shot command exits after its pass: this long, at most, for notifications to go.
+NotifyWaitOption = typer.Option(
+    2.0,
+    "--notify-wait",
+    min=0.0,
+    help="Seconds to wait at exit for notifications still being delivered.",
+)
+
 STATE_STYLE = {READY: "green", STALLED: "red"}
+
+
+def warn_undelivered(result: PassResult) -> None:
+    """Lost notifications are said, never silent (the receivers' side shows nothing)."""
+    if result.undelivered:
+        err_console.print(
+            f"[yellow]warning[/]: {result.undelivered} notification(s) not delivered "
+            "(receiver down or slow; see the log, or raise --notify-wait)",
+            highlight=False,
+        )
 
 
 def status_table(statuses: list[AppStatus], *, title: str) -> Table:
@@ -110,6 +128,7 @@ def reconcile(
     kubeconfig: str | None = KubeconfigOption,
     context: str | None = ContextOption,
     output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
+    notify_wait: float = NotifyWaitOption,
 ) -> None:
     """One pass: exits 0 when every app is Ready, 1 when any is not."""
     if bool(path) == bool(env):
@@ -127,6 +146,7 @@ def reconcile(
                     timeout=timeout,
                     allow_empty=frozenset(allow_empty),
                     progress=lambda m: spinner.update(escape(m)),
+                    notify_grace=notify_wait,
                 )
             )
         except KubeconfigError as error:
@@ -139,6 +159,7 @@ def reconcile(
         )
         raise typer.Exit(1)
     _print_result(result, output, seconds=time.monotonic() - started)
+    warn_undelivered(result)
     raise typer.Exit(0 if result.all_ready else 1)
 
 
@@ -150,6 +171,7 @@ def _print_result(result: PassResult, output: OutputFormat, *, seconds: float) -
                 "revision": result.revision,
                 "writes": result.writes,
                 "pruned": result.pruned_apps,
+                "undeliveredNotifications": result.undelivered,
                 "items": [s.to_summary() for s in statuses],
             },
             output,

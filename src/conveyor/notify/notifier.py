@@ -59,6 +59,7 @@ class Notifier:
         self._busy = 0
         self._workers: list[asyncio.Task[None]] = []
         self._http: httpx.AsyncClient | None = None
+        self.undelivered = 0  # dropped or given up on so far; close() adds the unsent
         registry = registry or CollectorRegistry()
         self.sent = Counter(
             "conveyor_notifications_total",
@@ -85,6 +86,11 @@ class Notifier:
         self._rules = loaded
 
     @property
+    def has_rules(self) -> bool:
+        """Whether anything is sent at all: lets a caller skip work done only for a note."""
+        return bool(self._rules)
+
+    @property
     def pending(self) -> int:
         return len(self._queue) + self._busy
 
@@ -101,6 +107,7 @@ class Notifier:
             if len(self._queue) >= self.options.capacity:
                 dropped = self._queue.popleft()
                 self.dropped.inc()
+                self.undelivered += 1
                 self.sent.labels(dropped.sink, "dropped").inc()
             self._queue.append(request)
             self._ready.set()
@@ -111,11 +118,15 @@ class Notifier:
         self._http = httpx.AsyncClient(timeout=self.options.timeout, follow_redirects=False)
         self._workers = [asyncio.create_task(self._work()) for _ in range(self.options.workers)]
 
-    async def close(self, *, grace: float = 0.0) -> None:
-        """Wait up to `grace` seconds for queued deliveries, then stop."""
+    async def close(self, *, grace: float = 0.0) -> int:
+        """Wait up to `grace` seconds for queued deliveries, then stop. Returns how many
+        notifications were never delivered (dropped, failed, or still unsent)."""
         deadline = time.monotonic() + grace
         while self.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        self.undelivered += self.pending
+        if self.pending:
+            log.warning("%d notifications not delivered before the end", self.pending)
         for task in self._workers:
             task.cancel()
         for task in self._workers:
@@ -125,6 +136,7 @@ class Notifier:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        return self.undelivered
 
     async def _work(self) -> None:
         while True:
@@ -163,6 +175,7 @@ class Notifier:
                 log.info("%s notification failed (%s); retrying", request.sink, problem)
                 await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311
         log.warning("%s notification not delivered: %s", request.sink, problem)
+        self.undelivered += 1
         self.sent.labels(request.sink, "failed").inc()
 
 

@@ -29,8 +29,12 @@ GIT_STATE = {
 @dataclass(frozen=True)
 class Notification:
     event: str  # applied | failed | drift-corrected | waiting-for-gate | promoted | rolled-back
-    environment: str
+    environment: str  # the environment's name, as statuses are scoped
     app: str
+    # The environment's identity (EnvironmentIdentity.source and .id): two config repos
+    # may both have a `staging`, and `--path` names an environment after its folder.
+    source: str | None = None
+    owner: str | None = None
     state: str = ""
     reason: str = ""
     message: str = ""
@@ -42,6 +46,8 @@ class Notification:
         return {
             "event": self.event,
             "environment": self.environment,
+            "source": self.source,
+            "owner": self.owner,
             "app": self.app,
             "state": self.state,
             "reason": self.reason,

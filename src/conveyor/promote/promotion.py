@@ -34,7 +34,13 @@ from conveyor.promote.versions import (
 from conveyor.reconcile.plan import render_markdown
 from conveyor.render.discover import discover
 from conveyor.render.helm import HelmCLI
-from conveyor.source.git import Author, RetryPolicy, commit_and_push, commit_to_review_branch
+from conveyor.source.git import (
+    Author,
+    RetryPolicy,
+    change_trailer,
+    commit_and_push,
+    commit_to_review_branch,
+)
 
 Mode = Literal["commit", "branch"]
 CANDIDATES = "candidates/"
@@ -171,8 +177,11 @@ def candidate_branch(request: PromotionRequest, versions: set[str | None]) -> st
 def _message(request: PromotionRequest, promotions: list[AppPromotion]) -> str:
     listed = ", ".join(f"{p.app} {p.after}" for p in promotions)
     if request.source:
-        return f"Promote {listed} from {request.source} to {request.target}"
-    return f"Deploy {listed} to {request.target}"
+        subject = f"Promote {listed} from {request.source} to {request.target}"
+    else:
+        subject = f"Deploy {listed} to {request.target}"
+    # The trailer tells the agent that applies this commit to announce it as `promoted`.
+    return f"{subject}\n\n{change_trailer('promotion')}"
 
 
 async def promote(
@@ -275,6 +284,6 @@ async def promote(
             helm=helm,
             workdir=workspace.root / "diff",
         )
-        title = f"{message} ({branch} against {target.branch})"
+        title = f"{message.splitlines()[0]} ({branch} against {target.branch})"
         result.diff = render_markdown(plans, title=title)
     return result

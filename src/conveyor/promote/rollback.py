@@ -23,7 +23,14 @@ from conveyor.promote.versions import (
     read_app_version,
 )
 from conveyor.render.discover import AppSource, discover
-from conveyor.source.git import Author, RetryPolicy, commit_and_push, file_history, read_file_at
+from conveyor.source.git import (
+    Author,
+    RetryPolicy,
+    change_trailer,
+    commit_and_push,
+    file_history,
+    read_file_at,
+)
 
 
 @dataclass
@@ -123,7 +130,7 @@ def write_rollback(
         restore,
         message=(
             f"Roll back {plan.app} in {plan.env} to {plan.version} (was {plan.current}; "
-            f"as of {plan.revision[:12]})"
+            f"as of {plan.revision[:12]})\n\n{change_trailer('rollback')}"
         ),
         author=author,
         retry=retry,

@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from conveyor.cluster.client import KubeClient
 from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
@@ -98,6 +99,9 @@ class AgentOptions:
     )
 
 
+PROBE_TIMEOUT = 2.0  # seconds the readiness probe waits for the apiserver
+
+
 class Agent:
     def __init__(
         self, target: Target, *, options: AgentOptions, gate: AgentGate | None = None
@@ -115,6 +119,8 @@ class Agent:
         self._tree: EnvironmentTree | None = None
         self._renderer: Renderer | None = None
         self._resolved: ResolvedTarget | None = None
+        self._kube: KubeClient | None = None  # for the readiness probe's cluster check
+        self._git_error: str | None = None  # the last fetch's, when git could not be reached
         self._backoff = Backoff(first=options.backoff_first, cap=options.backoff_cap)
 
     # -- HTTP: webhook, metrics, probes ---------------------------------------------
@@ -133,9 +139,10 @@ class Agent:
             return PlainTextResponse("ok")
 
         async def readyz(_request: Request) -> Response:
-            if self.ready:
+            problem = await self.readiness()
+            if problem is None:
                 return PlainTextResponse("ok")
-            return PlainTextResponse("not ready: first pass not done", status_code=503)
+            return PlainTextResponse(f"not ready: {problem}", status_code=503)
 
         return Starlette(
             routes=[
@@ -145,6 +152,23 @@ class Agent:
                 Route("/readyz", readyz),
             ]
         )
+
+    async def readiness(self) -> str | None:
+        """Why the agent is not ready, or None. Ready means it can do its work: the first
+        pass is done, the last fetch reached git, and the cluster answers now (asked on
+        each probe, so an apiserver that went away is seen at once). Liveness stays
+        `ok` meanwhile: restarting the agent would mend neither."""
+        if not self.ready:
+            return "first pass not done"
+        if self._git_error is not None:
+            return f"git: {self._git_error}"
+        if self._kube is None:
+            return "no cluster client yet"
+        try:
+            await asyncio.wait_for(self._kube.request("GET", "/version"), timeout=PROBE_TIMEOUT)
+        except Exception as error:  # away, refusing or slow: all mean not ready
+            return f"cluster: {error_summary(error)}"
+        return None
 
     async def _serve(self) -> None:
         if not self.options.listen:
@@ -168,7 +192,7 @@ class Agent:
             while resolved is None:
                 await self._wait_trigger(self.options.interval)
                 resolved = await self._fetch()
-            kube = kube_client(resolved)
+            kube = self._kube = kube_client(resolved)
             lease_kube = kube_client(resolved)  # lease traffic apart from reconcile writes
             while True:  # the apiserver may still be starting: wait for it, do not exit
                 try:
@@ -360,8 +384,10 @@ class Agent:
                 str(error), resolved=self._resolved, reason=Reason.FETCH_FAILED
             )
             self.metrics.fetches.labels("error").inc()
+            self._git_error = error_summary(error) if isinstance(error, GitError) else None
             self.ready = True
             return None
+        self._git_error = None
         self.metrics.fetches.labels("ok").inc()
         self._resolved = resolved
         return resolved

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import httpx
 
@@ -68,7 +69,7 @@ from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
 from conveyor.render.render import HelmPlan, RenderedApp, Renderer
-from conveyor.source.git import GitError
+from conveyor.source.git import GitError, LogEntry, last_change
 
 log = logging.getLogger("conveyor.reconcile")
 
@@ -97,6 +98,7 @@ class PassResult:
     pruned_apps: list[str] = field(default_factory=list)
     writes: int = 0
     held: GateHold | None = None
+    undelivered: int = 0  # notifications a one-shot pass could not deliver before exit
 
     @property
     def all_ready(self) -> bool:
@@ -206,7 +208,9 @@ class Engine:
         async def run(name: str) -> None:
             try:
                 done[name].set_result(
-                    await self._reconcile_one(ctx, name, rendered[name], done, held)
+                    await self._reconcile_one(
+                        ctx, name, rendered[name], done, held, root=renderer.repo_root
+                    )
                 )
             except asyncio.CancelledError:
                 done[name].cancel()  # a dependant waiting on it is cancelled too
@@ -292,6 +296,8 @@ class Engine:
         rendered: RenderedApp | RenderError,
         done: dict[str, asyncio.Future[AppStatus]],
         held: GateHold | None,
+        *,
+        root: Path,
     ) -> AppStatus:
         status = self._status_for(name)
         started = time.monotonic()
@@ -317,7 +323,8 @@ class Engine:
                 Reason.GATE_CLOSED,
             )
         )
-        await self._report(status, warning=warning)
+        source = rendered.source if isinstance(rendered, RenderedApp) else None
+        await self._report(status, warning=warning, source=source, root=root)
         if isinstance(rendered, RenderedApp):
             self.metrics.reconciles.labels(self.options.scope, name, result).inc()
             self.metrics.duration.labels(self.options.scope).observe(time.monotonic() - started)
@@ -597,7 +604,14 @@ class Engine:
 
     # -- report --------------------------------------------------------------------------
 
-    async def _report(self, status: AppStatus, *, warning: bool) -> None:
+    async def _report(
+        self,
+        status: AppStatus,
+        *,
+        warning: bool,
+        source: AppSource | None = None,
+        root: Path | None = None,
+    ) -> None:
         before = self.store.stored(status)
         changed_state = (before.get("state"), before.get("reason")) != (status.state, status.reason)
         newly_applied = before.get("lastAppliedRevision") != status.last_applied_revision
@@ -612,10 +626,29 @@ class Engine:
             await self.events.record(
                 status, warning=warning, reason=status.reason, message=status.message
             )
-        if self.notifier is not None and (changed_state or newly_applied):
-            note = notification_for(status, newly_applied=newly_applied)
+        if (
+            self.notifier is not None
+            and self.notifier.has_rules
+            and (changed_state or newly_applied)
+        ):
+            change = None
+            if newly_applied and status.ready and source is not None and root is not None:
+                change = await _change_of(root, source, status.attempted_revision)
+            note = notification_for(
+                status, identity=self.options.identity, newly_applied=newly_applied, change=change
+            )
             if note is not None:
                 self.notifier.publish(note)
+
+
+async def _change_of(root: Path, source: AppSource, revision: str) -> LogEntry | None:
+    """The commit that brought an app's content at `revision`, so that a promotion or a
+    rollback (their commits say so) is announced as such; None when git cannot tell."""
+    try:
+        return await asyncio.to_thread(last_change, root, [source.path], revision=revision)
+    except (GitError, OSError) as error:  # a notification never fails a reconcile
+        log.debug("%s: no commit found for its content: %s", source.name, error)
+        return None
 
 
 def build_engine(

@@ -41,7 +41,7 @@ async def reconcile_once(
     timeout: float = 300.0,
     allow_empty: frozenset[str] = frozenset(),
     progress: Progress | None = None,
-    notify_grace: float = 10.0,
+    notify_grace: float = 2.0,
 ) -> PassResult | SourceFailure:
     say = progress or (lambda _m: None)
     say(f"fetching {target.repo}")
@@ -75,12 +75,13 @@ async def reconcile_once(
         say(f"reconciling {len(tree.apps)} apps")
         result = await engine.run_pass(tree, renderer, revision=resolved.revision, only=app)
         await _store_source(engine.store, source_fetched(target, resolved, scope=scope))
-        return result
     finally:
         await engine.close()
         await kube.aclose()
         # One pass then exit: give queued notifications a bounded chance to go out.
-        await notifier.close(grace=notify_grace)
+        undelivered = await notifier.close(grace=notify_grace)
+    result.undelivered = undelivered
+    return result
 
 
 def source_fetched(target: Target, resolved: ResolvedTarget, *, scope: str) -> AppStatus:

@@ -14,6 +14,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from conveyor.cluster.client import ApiError, KubeClient
+from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.notify.sinks import Notification
 from conveyor.reconcile.status import (
     API_VERSION,
@@ -25,6 +26,7 @@ from conveyor.reconcile.status import (
     AppStatus,
     now,
 )
+from conveyor.source.git import LogEntry, change_kind
 
 log = logging.getLogger("conveyor.reconcile")
 
@@ -131,13 +133,30 @@ class EventRecorder:
             log.warning("could not record event %s for %s: %s", reason, status.app, error)
 
 
-def notification_for(status: AppStatus, *, newly_applied: bool) -> Notification | None:
-    """The notification a status change is worth: a newly applied revision, a failure
-    (a remediation rollback is `rolled-back`), corrected drift, a gate to wait for."""
+# What a newly applied revision is announced as, by the kind of commit that brought it.
+_APPLIED_EVENT = {"promotion": "promoted", "rollback": "rolled-back"}
+
+
+def notification_for(
+    status: AppStatus,
+    *,
+    identity: EnvironmentIdentity,
+    newly_applied: bool,
+    change: LogEntry | None = None,
+) -> Notification | None:
+    """The notification a status change is worth: a newly applied revision (`promoted` or
+    `rolled-back` when `change`, the commit that brought it, is a promotion or a
+    rollback; its author is the actor), a failure (a remediation rollback is
+    `rolled-back`), corrected drift, a gate to wait for. The environment is named as
+    `identity` names it (the status's scope may carry a suffix that keeps two
+    environments of one name apart in a cluster), with its source and id beside."""
+    actor = None
     if status.state == READY and status.reason == "DriftCorrected":
         event = "drift-corrected"
     elif status.state == READY and newly_applied:
-        event = "applied"
+        kind = change_kind(change.subject, change.body) if change is not None else "manual"
+        event = _APPLIED_EVENT.get(kind, "applied")
+        actor = change.author if change is not None and event != "applied" else None
     elif status.state == STALLED:
         event = "rolled-back" if status.reason == "RolledBack" else "failed"
     elif status.state == WAITING_FOR_GATE:
@@ -146,11 +165,14 @@ def notification_for(status: AppStatus, *, newly_applied: bool) -> Notification 
         return None
     return Notification(
         event=event,
-        environment=status.scope,
+        environment=identity.name,
+        source=identity.source,
+        owner=identity.id,
         app=status.app,
         state=status.state,
         reason=status.reason,
         message=status.message,
         revision=status.attempted_revision,
         time=now(),
+        actor=actor,
     )

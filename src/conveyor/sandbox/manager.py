@@ -1,8 +1,11 @@
 """Bring a named sandbox up, report on it, and take it down.
 
-`up` is idempotent: a healthy sandbox is found and returned as it is; a sandbox with a
-dead component is taken down and started afresh (its state is disposable). Any failure
-while starting stops every process already started, so nothing is left half-running.
+`up` is idempotent: a healthy sandbox is found and returned as it is; a sandbox that
+once came up and now has a dead (or unhealthy) component gets that component restarted
+in place, with its ports, PKI and data, so that etcd keeps its objects and every
+kubeconfig and agent that dials the sandbox keeps working. Only a sandbox that never
+finished starting is taken down and started afresh. Any failure while starting stops
+every process already started, so nothing is left half-running.
 """
 
 from __future__ import annotations
@@ -163,10 +166,13 @@ class Sandbox:
     def up(self, *, timeout: float = START_TIMEOUT) -> SandboxState:
         existing = self.state()
         if existing is not None:
-            if self.status().ready:
+            status = self.status()
+            if status.ready:
                 self._say(f"sandbox {self.name} is already running")
                 return existing
-            self._say(f"sandbox {self.name} is not healthy; starting it afresh")
+            if existing.ready:
+                return self._restart_unhealthy(existing, status, timeout=timeout)
+            self._say(f"sandbox {self.name} never finished starting; starting it afresh")
             self.down()
         bin_dir = ensure_binaries(self.versions, progress=self._say)
         try:
@@ -189,10 +195,18 @@ class Sandbox:
         shutil.rmtree(self.layout.root, onerror=_ignore_missing)
         return stopped
 
-    def restart_component(self, name: str, *, down_for: float = 0.0) -> None:
+    def restart_component(
+        self,
+        name: str,
+        *,
+        down_for: float = 0.0,
+        state: SandboxState | None = None,
+        timeout: float = START_TIMEOUT,
+    ) -> None:
         """Stop one component, optionally wait, and start it again with the same command
-        line (same ports and data): an outage drill for tests and demos."""
-        state = self._require_state()
+        line (same ports and data): how `up` mends a sandbox, and an outage drill for
+        tests and demos."""
+        state = state or self._require_state()
         pki = Pki.at(self.layout.pki_dir)
         specs = {
             s.name: s for s in component_specs(self.layout, state.ports, Path(state.bin_dir), pki)
@@ -204,7 +218,34 @@ class Sandbox:
         time.sleep(down_for)
         state.components.remove(record)
         self._launch(state, specs[name])
-        self._wait_healthy(state, specs[name], pki, time.monotonic() + START_TIMEOUT)
+        self._wait_healthy(state, specs[name], pki, time.monotonic() + timeout)
+
+    def _restart_unhealthy(
+        self, state: SandboxState, status: SandboxStatus, *, timeout: float
+    ) -> SandboxState:
+        """Restart, in start order, each component that is dead or unhealthy; the rest
+        keep running. A component that cannot start again is an error that names it: the
+        sandbox is never wiped behind its users' backs (`down`, then `up`, does that)."""
+        deadline = time.monotonic() + timeout
+        order = [c.name for c in state.components]
+        broken = {c.name for c in status.components if not c.healthy}
+        for name in sorted(broken, key=order.index):
+            self._say(f"sandbox {self.name}: {name} is not healthy; restarting it in place")
+            try:
+                self.restart_component(
+                    name, state=state, timeout=max(deadline - time.monotonic(), 1.0)
+                )
+            except SandboxError as error:
+                raise SandboxError(
+                    f"sandbox {self.name}: {name} did not start again in place ({error}); "
+                    f"`conveyor sandbox down --name {self.name}` then `up` starts a new one",
+                    component=name,
+                ) from error
+        pki = Pki.at(self.layout.pki_dir)
+        with _api_client(state.ports["apiserver"], pki) as api:
+            _wait_for(lambda: _node_ready(api), "node Ready", deadline, self._say)
+        self._say(f"sandbox {self.name} mended: restarted {', '.join(sorted(broken))}")
+        return state
 
     # -- internals ---------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -450,6 +451,39 @@ def file_log(
 ) -> list[LogEntry]:
     """The commits that touched `paths` up to `revision`, newest first."""
     return _log(repo, [f"--max-count={limit}"], [*_revisions("log", revision)], paths)
+
+
+# What changed an app, told from the commit: a `Conveyor-Change:` trailer wins, then the
+# messages that publish, image automation (conveyor's and Flux's) and promotion write.
+_TRAILER = re.compile(r"^Conveyor-Change:\s*(\S+)", re.MULTILINE | re.IGNORECASE)
+_KINDS = (
+    ("publish", re.compile(r"^Update from ", re.IGNORECASE)),
+    ("image-automation", re.compile(r"^(Update images|Auto-release )", re.IGNORECASE)),
+    ("rollback", re.compile(r"^(Roll ?back|Revert)", re.IGNORECASE)),
+    ("promotion", re.compile(r"^Promot", re.IGNORECASE)),
+)
+
+
+def change_trailer(kind: str) -> str:
+    """The trailer conveyor's own commits carry, read back by `change_kind`."""
+    return f"Conveyor-Change: {kind}"
+
+
+def change_kind(subject: str, body: str) -> str:
+    """publish | image-automation | promotion | rollback | manual (or a trailer's word)."""
+    trailer = _TRAILER.search(body)
+    if trailer:
+        return trailer.group(1).lower()
+    for kind, pattern in _KINDS:
+        if pattern.search(subject):
+            return kind
+    return "manual"
+
+
+def last_change(repo: Path, paths: list[str], *, revision: str) -> LogEntry | None:
+    """The newest commit up to `revision` that touched `paths`, if any."""
+    entries = file_log(repo, paths, revision=revision, limit=1)
+    return entries[0] if entries else None
 
 
 def log_entries(repo: Path, base: str, head: str, *, first_parent: bool = False) -> list[LogEntry]:

@@ -9,7 +9,6 @@ remote never stalls the pages or the live stream.
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -26,32 +25,13 @@ from conveyor.render.documents import RenderError
 from conveyor.source.git import (
     Checkout,
     LogEntry,
+    change_kind,
     default_branch,
     file_log,
     files_at,
     read_file_at,
 )
 from conveyor.web.views import images_in, tags_of
-
-# What changed an app, told from the commit: a `Conveyor-Change:` trailer wins, then the
-# messages that publish, image automation (conveyor's and Flux's) and promotion write.
-_TRAILER = re.compile(r"^Conveyor-Change:\s*(\S+)", re.MULTILINE | re.IGNORECASE)
-_KINDS = (
-    ("publish", re.compile(r"^Update from ", re.IGNORECASE)),
-    ("image-automation", re.compile(r"^(Update images|Auto-release )", re.IGNORECASE)),
-    ("rollback", re.compile(r"^(Roll ?back|Revert)", re.IGNORECASE)),
-    ("promotion", re.compile(r"^Promot", re.IGNORECASE)),
-)
-
-
-def change_kind(subject: str, body: str) -> str:
-    trailer = _TRAILER.search(body)
-    if trailer:
-        return trailer.group(1).lower()
-    for kind, pattern in _KINDS:
-        if pattern.search(subject):
-            return kind
-    return "manual"
 
 
 @dataclass(frozen=True)
