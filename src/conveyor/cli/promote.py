@@ -15,6 +15,7 @@ from rich.table import Table
 from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
 from conveyor.cli.reconcile import ContextOption, KubeconfigOption, RepoOption, status_table
 from conveyor.cluster.kubeconfig import KubeconfigError
+from conveyor.cluster.lease import NotLeaderError
 from conveyor.config.helmrelease import HelmReleaseError, parse_duration
 from conveyor.config.project import ConfigError
 from conveyor.promote.gates import cluster_client
@@ -28,6 +29,7 @@ from conveyor.publish.template import TemplateError
 from conveyor.publish.version import image_tag
 from conveyor.reconcile.engine import PassResult
 from conveyor.reconcile.once import SourceFailure, reconcile_once
+from conveyor.reconcile.requests import RequestTimeoutError
 from conveyor.reconcile.target import Target
 from conveyor.render.helm import HelmCLI
 from conveyor.source.git import Author, GitError, PushRaceLost, mask_url
@@ -46,10 +48,15 @@ def _apply(
     repo: str, env: str, app: str | None, kubeconfig: str | None, context: str | None
 ) -> PassResult:
     target = Target(repo=repo, env=env, kubeconfig=kubeconfig, context=context)
-    try:
-        result = asyncio.run(reconcile_once(target, app=app))
-    except KubeconfigError as error:
-        fail(str(error))
+    with err_console.status("applying") as spinner:
+        try:
+            result = asyncio.run(
+                reconcile_once(target, app=app, progress=lambda m: spinner.update(escape(m)))
+            )
+        except KubeconfigError as error:
+            fail(str(error))
+        except (RequestTimeoutError, NotLeaderError) as error:
+            fail(f"applying: {escape(str(error))}", code=1)
     if isinstance(result, SourceFailure):
         fail(f"applying: {escape(result.message)}", code=1)
     return result

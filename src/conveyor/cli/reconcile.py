@@ -36,6 +36,7 @@ from conveyor.cli.output import (
 )
 from conveyor.cluster.client import ApiError
 from conveyor.cluster.kubeconfig import KubeconfigError
+from conveyor.cluster.lease import NotLeaderError
 from conveyor.config.helmrelease import parse_duration
 from conveyor.config.project import ConfigError
 from conveyor.promote.gates import agent_gate
@@ -46,6 +47,7 @@ from conveyor.reconcile.logs import LogFormat
 from conveyor.reconcile.logs import configure as configure_logging
 from conveyor.reconcile.once import SourceFailure, plan_target, reconcile_once
 from conveyor.reconcile.plan import AppPlan, render_markdown, render_text
+from conveyor.reconcile.requests import RequestTimeoutError
 from conveyor.reconcile.status import (
     READY,
     SOURCE_KIND,
@@ -103,7 +105,12 @@ def reconcile(
     path: str | None = PathOption,
     env: str | None = EnvOption,
     app: str | None = typer.Option(None, "--app", help="Only this app."),
-    timeout: float = typer.Option(300.0, "--timeout", help="Health timeout per app (s)."),
+    timeout: float = typer.Option(
+        300.0,
+        "--timeout",
+        help="Health timeout per app (s); also how long to wait for the environment's "
+        "lease, or for the agent holding it to answer.",
+    ),
     allow_empty: list[str] = typer.Option(
         [], "--allow-empty", help="App allowed to render empty (prunes all)."
     ),
@@ -111,7 +118,11 @@ def reconcile(
     context: str | None = ContextOption,
     output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
 ) -> None:
-    """One pass: exits 0 when every app is Ready, 1 when any is not."""
+    """One pass: exits 0 when every app is Ready, 1 when any is not.
+
+    Only the holder of the environment's lease writes: an agent holding it is asked to
+    run the pass (and its answer shown); otherwise this command takes the lease for its
+    pass, waiting while another holder is live."""
     if bool(path) == bool(env):
         fail("give exactly one of --path DIR or --env NAME")
     target = Target(
@@ -131,6 +142,8 @@ def reconcile(
             )
         except KubeconfigError as error:
             fail(str(error))
+        except (RequestTimeoutError, NotLeaderError) as error:
+            fail(escape(str(error)), code=1)
     if isinstance(result, SourceFailure):
         err_console.print(
             f"[red]source failed[/]: {escape(result.message)}\n"
