@@ -13,7 +13,13 @@ from rich.status import Status
 from rich.table import Table
 
 from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
-from conveyor.cli.reconcile import ContextOption, KubeconfigOption, RepoOption, status_table
+from conveyor.cli.reconcile import (
+    ContextOption,
+    KubeconfigOption,
+    RepoOption,
+    show_progress,
+    status_table,
+)
 from conveyor.cluster.kubeconfig import KubeconfigError
 from conveyor.cluster.lease import NotLeaderError
 from conveyor.config.helmrelease import HelmReleaseError, parse_duration
@@ -50,9 +56,7 @@ def _apply(
     target = Target(repo=repo, env=env, kubeconfig=kubeconfig, context=context)
     with err_console.status("applying") as spinner:
         try:
-            result = asyncio.run(
-                reconcile_once(target, app=app, progress=lambda m: spinner.update(escape(m)))
-            )
+            result = asyncio.run(reconcile_once(target, app=app, progress=show_progress(spinner)))
         except KubeconfigError as error:
             fail(str(error))
         except (RequestTimeoutError, NotLeaderError) as error:

@@ -8,12 +8,14 @@ import re
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import typer
 from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
 
 from conveyor.cli.channels import (
@@ -80,6 +82,18 @@ ContextOption = typer.Option(
 STATE_STYLE = {READY: "green", STALLED: "red"}
 
 
+def show_progress(spinner: Status) -> Callable[[str], None]:
+    """Progress on the spinner; off a terminal (CI logs), as lines: who holds the lease
+    and what the command waits for must be readable there too."""
+
+    def show(message: str) -> None:
+        spinner.update(escape(message))
+        if not err_console.is_terminal:
+            err_console.print(escape(message), highlight=False, soft_wrap=True)
+
+    return show
+
+
 def status_table(statuses: list[AppStatus], *, title: str) -> Table:
     table = Table(title=title)
     for column in ("app", "kind", "state", "reason", "revision", "helm", "applied", "message"):
@@ -137,7 +151,7 @@ def reconcile(
                     app=app,
                     timeout=timeout,
                     allow_empty=frozenset(allow_empty),
-                    progress=lambda m: spinner.update(escape(m)),
+                    progress=show_progress(spinner),
                 )
             )
         except KubeconfigError as error:

@@ -138,6 +138,14 @@ class LeaderElector:
         renewed = datetime.fromisoformat(str(renew_time).replace("Z", "+00:00"))
         return (datetime.now(UTC) - renewed).total_seconds()
 
+    def holder_renews(self) -> bool:
+        """Whether the holder renewed within its lease duration, by its own timestamp: a
+        hint of whether it is alive, for choosing whether to ask it; who may write is
+        decided by `holder_expires_in`, which clock skew cannot fool."""
+        renewed = self.holder_renewed_ago()
+        duration = int((self._observed_spec or {}).get("leaseDurationSeconds") or 0)
+        return renewed is not None and renewed < duration
+
     async def observe(self) -> str | None:
         """Read the Lease without writing: its holder while live by this candidate's
         judgement (another one's, not yet expired), else None."""

@@ -102,7 +102,7 @@ async def reconcile_once(
                     )
             holder = elector.holder or "another writer"
             renewed = elector.holder_renewed_ago()
-            if answers_requests(holder) and renewed is not None and renewed < lease_duration:
+            if answers_requests(holder) and elector.holder_renews():
                 answer = await _ask_holder(
                     kube, elector, resolved, holder, scope=scope, app=app, timeout=timeout, say=say
                 )
