@@ -79,7 +79,11 @@ async def reconcile_once(
     for client in (kube, lease_kube):
         client.identify(writer)
     try:
-        scope = await StatusStore(kube).scope_for(resolved.identity, scope=resolved.scope)
+        store = StatusStore(kube)
+        # The CRD and namespace the lease and statuses live in: idempotent, and written
+        # only on a cluster conveyor never ran on, so it precedes the lease (as for agents).
+        await store.install()
+        scope = await store.scope_for(resolved.identity, scope=resolved.scope)
         elector = environment_elector(
             lease_kube, scope, identity=writer, lease_duration=lease_duration
         )
