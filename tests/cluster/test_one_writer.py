@@ -260,7 +260,8 @@ def test_an_agent_answers_concurrent_reconciles_and_is_the_only_writer(
                 for dashboard in dashboards
             ]
             assert rollout.result().status_code == 202
-            assert [c.result().status_code for c in clicks] == [202, 202]
+            answers = [c.result() for c in clicks]
+            assert [a.status_code for a in answers] == [202, 202], [a.text for a in answers]
             results = [r.result() for r in runs]
         outputs = "\n".join(r.stdout + r.stderr for r in results)
         for result in results:
