@@ -332,7 +332,9 @@ def test_a_paused_apiserver_past_the_lease_no_write_of_the_old_holder_lands_late
 
         def rollout_begun() -> bool:
             live = kubectl_json(box, "get", "configmaps", "-n", ns)
-            return any(i["data"]["version"] == "2" for i in (live or {}).get("items", []))
+            return any(
+                i.get("data", {}).get("version") == "2" for i in (live or {}).get("items", [])
+            )
 
         wait_for(rollout_begun, timeout=60, what="the rollout to begin")
         pid = apiserver_pid(box)
@@ -352,11 +354,6 @@ def test_a_paused_apiserver_past_the_lease_no_write_of_the_old_holder_lands_late
             return len(items) == apps and all(i["data"]["version"] == version for i in items)
 
         wait_for(lambda: all_at("2"), timeout=180, what="every app at version 2")
-        holder_of_standby = wait_for(
-            lambda: (holder_of(box, path) or "") if holder_of(box, path) != old else "",
-            timeout=30,
-            what="the standby to hold the lease",
-        )
         live_maps = kubectl_json(box, "get", "configmaps", "-n", ns)
     finally:
         for agent in agents:
@@ -364,18 +361,21 @@ def test_a_paused_apiserver_past_the_lease_no_write_of_the_old_holder_lands_late
 
     writes = audited_writes(box, since=since)
     lease_name = f"conveyor-{path}"
-    held = terms(writes, lease_name, seconds=float(lease_seconds))
-    assert set(held) == {f"conveyor/{old}", f"conveyor/{holder_of_standby}"}
+    # Terms from the whole log: the term the pass began in started before `since`.
+    every_write = audited_writes(box, since=dt.datetime.min.replace(tzinfo=dt.UTC))
+    held = terms(every_write, lease_name, seconds=float(lease_seconds))
+    old_agent = f"conveyor/{old}"
+    # The pause outlasted the lease: a moment came when nobody held it.
+    lapsed = first_lapse(held)
+    assert lapsed is not None, held
     objects = [w for w in writes if w.namespace == ns or w.resource == "conveyorapps"]
     conveyor_writes = [w for w in objects if w.user_agent in held and w.code < 300]
     late = [w for w in conveyor_writes if not any(a <= w.done <= b for a, b in held[w.user_agent])]
-    assert not late, late[:5]
-    old_writes = [w for w in conveyor_writes if w.user_agent == f"conveyor/{old}"]
-    new_writes = [w for w in conveyor_writes if w.user_agent != f"conveyor/{old}"]
-    assert old_writes and new_writes  # the rollout began before the pause, ended after
-    # The old holder wrote none of its objects after its last term ended.
-    old_end = max(b for _a, b in held[f"conveyor/{old}"])
-    assert max(w.done for w in old_writes) <= old_end
+    assert not late, [(w.name, w.received.time(), w.done.time()) for w in late[:5]] + [
+        (who, [(a.time(), b.time()) for a, b in spans]) for who, spans in held.items()
+    ]
+    assert any(w.done < lapsed for w in conveyor_writes if w.user_agent == old_agent)
+    assert any(w.done > lapsed for w in conveyor_writes)  # the rollout went on after
     # managedFields agree: every object was last written while someone held the lease.
     any_term = [t for spans in held.values() for t in spans]
     slack = dt.timedelta(seconds=1)  # managedFields times have whole seconds
@@ -386,12 +386,24 @@ def test_a_paused_apiserver_past_the_lease_no_write_of_the_old_holder_lands_late
                 assert any(a - slack <= at <= b + slack for a, b in any_term), (item, any_term)
 
 
+def first_lapse(held: dict[str, list[tuple[dt.datetime, dt.datetime]]]) -> dt.datetime | None:
+    """The first moment no holder's term covers, after the first term began."""
+    spans = sorted(span for spans in held.values() for span in spans)
+    covered = spans[0][1]
+    for start, end in spans[1:]:
+        if start > covered:
+            return covered
+        covered = max(covered, end)
+    return None
+
+
 def terms(
     writes: list[AuditedWrite], lease: str, *, seconds: float
 ) -> dict[str, list[tuple[dt.datetime, dt.datetime]]]:
     """When each writer held `lease`, by the audit: from each successful acquire or
     renewal until the lease duration after it (its renewTime is set before it is sent,
-    so no later than the apiserver received it)."""
+    so no later than the apiserver received it). A release reads as one more renewal:
+    at Metadata level the audit does not show the holder, so that bound is generous."""
     held: dict[str, list[tuple[dt.datetime, dt.datetime]]] = {}
     for write in writes:
         if write.resource == "leases" and write.name == lease and write.code < 300:
