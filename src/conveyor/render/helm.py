@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import signal
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class HelmCLI:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, **self.extra_env},
+            start_new_session=True,  # its own process group: a kill reaches any child
         )
         try:
             async with asyncio.timeout(deadline):
@@ -130,7 +132,7 @@ class HelmCLI:
         except BaseException as interrupted:
             # Cut off (the lease ran out) or cancelled: helm must not write on its own.
             with contextlib.suppress(ProcessLookupError):
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
             if isinstance(interrupted, TimeoutError) and self.write_guard is not None:
                 self.write_guard()  # raises the guard's own error: the lease is gone
