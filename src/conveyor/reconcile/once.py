@@ -106,14 +106,15 @@ async def reconcile_once(
                     )
             holder = elector.holder or "another writer"
             renewed = elector.holder_renewed_ago()
+            left = deadline - time.monotonic()
             if answers_requests(holder) and elector.holder_renews():
                 answer = await _ask_holder(
                     kube, elector, resolved, holder, scope=scope, app=app, timeout=timeout, say=say
                 )
                 if answer is not None:
                     return answer
-                continue  # the agent went away before answering: the lease is to be had
-            left = deadline - time.monotonic()
+                if left > 0:
+                    continue  # the agent went away before answering: the lease is to be had
             if left <= 0:
                 raise RequestTimeoutError(
                     f"lease {elector.name} still held by {holder} after {timeout:g}s"
