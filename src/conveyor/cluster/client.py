@@ -214,6 +214,7 @@ class KubeClient:
         headers = {"Content-Type": content_type} if content_type else None
         writes = method not in ("GET", "HEAD") and not (params and "dryRun" in params)
         if writes:
+            self._write_deadline()  # refused before it counts (or waits for a slot)
             self.writes += 1
         for attempt in range(RETRIES):
             try:
