@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from conveyor.cluster.client import ApiError
+from conveyor.cluster.client import ApiError, KubeClient
+from conveyor.cluster.kubeconfig import ClusterCredentials
 from conveyor.cluster.lease import LeaderElector, NotLeaderError
 from conveyor.reconcile.requests import (
     REQUESTED_APP,
@@ -155,3 +156,57 @@ def test_a_helm_write_is_refused_without_the_lease_and_killed_when_its_time_runs
         asyncio.run(helm.uninstall("web", "apps"))
     # Reads are not writes: no guard asked.
     assert asyncio.run(HelmCLI(binary="true", write_guard=guard).run("version")) == ""
+
+
+def test_kube_writes_are_refused_or_cut_off_by_the_guard_and_name_their_writer() -> None:
+    """Against a real HTTP server on loopback that answers reads and never answers
+    writes: the apiserver paused mid-write."""
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        if head.startswith(b"GET"):
+            body = b"{}"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        else:
+            await asyncio.sleep(30)  # a write that would land long after the lease
+        writer.close()
+
+    budgets = iter([0.3, 0.3])
+
+    def guard() -> float:
+        budget = next(budgets, None)
+        if budget is None:
+            raise NotLeaderError("conveyor-system", "conveyor-staging", "agent-a")
+        return budget
+
+    async def scenario() -> float:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        kube = KubeClient(ClusterCredentials(server=f"http://127.0.0.1:{port}", context="t"))
+        kube.identify("agent-a")
+        kube.write_guard = guard
+        try:
+            assert await kube.request("GET", "/api/v1/namespaces/a") == {}
+            started = time.monotonic()
+            with pytest.raises(NotLeaderError):
+                await kube.request("PATCH", "/api/v1/namespaces/a", json_body={})
+            took = time.monotonic() - started
+            with pytest.raises(NotLeaderError):  # no budget: not even sent
+                await kube.request("DELETE", "/api/v1/namespaces/a")
+            assert kube.writes == 1
+            return took
+        finally:
+            await kube.aclose()
+            server.close()
+
+    took = asyncio.run(scenario())
+    assert took < 1.5  # cut off at the guard's deadline, not the server's 30 s
+    assert [h.split(b" ", 1)[0] for h in seen] == [b"GET", b"PATCH"]
+    assert all(b"User-Agent: conveyor/agent-a" in h for h in seen)
