@@ -308,13 +308,19 @@ def test_an_agent_answers_concurrent_reconciles_and_is_the_only_writer(
 def test_a_paused_apiserver_past_the_lease_no_write_of_the_old_holder_lands_late(
     box: SandboxHandle, ns: str, tmp_path: Path
 ) -> None:
+    """The apiserver and the leader freeze mid-rollout for longer than the lease; the
+    apiserver comes back first and the standby takes over; then the old leader wakes up
+    in the middle of its pass. From then on it must not write at all. What it had sent
+    before the freeze is out of its hands: the apiserver still processes those requests
+    when it resumes (the audit shows them received in that first second, before the
+    standby's term), and that is all of the old leader's writes after its lease ended."""
     repo = ConfigRepo(tmp_path)
     path = f"pause-{ns}"
     apps = 60
     write_all(repo, path, config_maps(ns, apps, "1"))
     repo.commit()
-    lease_seconds = "6"
-    options = ("--interval", "600s", "--lease-duration", lease_seconds)
+    lease_seconds = 6.0
+    options = ("--interval", "600s", "--lease-duration", str(lease_seconds))
     agents = [AgentProcess(box, repo, path, tmp_path, *options, name="leader")]
     leader = agents[0]
     try:
@@ -337,12 +343,23 @@ def test_a_paused_apiserver_past_the_lease_no_write_of_the_old_holder_lands_late
             )
 
         wait_for(rollout_begun, timeout=60, what="the rollout to begin")
-        pid = apiserver_pid(box)
-        os.kill(pid, signal.SIGSTOP)
+        apiserver = apiserver_pid(box)
+        os.kill(apiserver, signal.SIGSTOP)
+        os.kill(leader.process.pid, signal.SIGSTOP)
         try:
-            time.sleep(float(lease_seconds) + 8)
+            time.sleep(lease_seconds + 8)
         finally:
-            os.kill(pid, signal.SIGCONT)
+            os.kill(apiserver, signal.SIGCONT)
+            resumed = dt.datetime.now(dt.UTC)
+        try:
+            standby = wait_for(
+                lambda: (holder_of(box, path) or old) != old and holder_of(box, path),
+                timeout=30,
+                what="the standby to take the lease",
+            )
+        finally:
+            os.kill(leader.process.pid, signal.SIGCONT)
+        woke = dt.datetime.now(dt.UTC)
 
         def all_at(version: str) -> bool:
             live = kubectl_json(box, "get", "configmaps", "-n", ns)
@@ -354,36 +371,52 @@ def test_a_paused_apiserver_past_the_lease_no_write_of_the_old_holder_lands_late
             return len(items) == apps and all(i["data"]["version"] == version for i in items)
 
         wait_for(lambda: all_at("2"), timeout=180, what="every app at version 2")
+        time.sleep(lease_seconds)  # time for the old leader to write, were it to
         live_maps = kubectl_json(box, "get", "configmaps", "-n", ns)
     finally:
         for agent in agents:
+            os.kill(agent.process.pid, signal.SIGCONT)
             agent.stop()
 
     writes = audited_writes(box, since=since)
-    lease_name = f"conveyor-{path}"
     # Terms from the whole log: the term the pass began in started before `since`.
     every_write = audited_writes(box, since=dt.datetime.min.replace(tzinfo=dt.UTC))
-    held = terms(every_write, lease_name, seconds=float(lease_seconds))
-    old_agent = f"conveyor/{old}"
-    # The pause outlasted the lease: a moment came when nobody held it.
-    lapsed = first_lapse(held)
-    assert lapsed is not None, held
+    held = terms(every_write, f"conveyor-{path}", seconds=lease_seconds)
+    old_agent, new_agent = f"conveyor/{old}", f"conveyor/{standby}"
+    assert set(held) == {old_agent, new_agent}, held
     objects = [w for w in writes if w.namespace == ns or w.resource == "conveyorapps"]
-    conveyor_writes = [w for w in objects if w.user_agent in held and w.code < 300]
-    late = [w for w in conveyor_writes if not any(a <= w.done <= b for a, b in held[w.user_agent])]
-    assert not late, [(w.name, w.received.time(), w.done.time()) for w in late[:5]] + [
-        (who, [(a.time(), b.time()) for a, b in spans]) for who, spans in held.items()
+    landed = [w for w in objects if w.user_agent in held and w.code < 300]
+    old_writes = [w for w in landed if w.user_agent == old_agent]
+    new_writes = [w for w in landed if w.user_agent == new_agent]
+    assert old_writes and new_writes  # the rollout began before the freeze, ended after
+    takeover = min(a for a, _b in held[new_agent])
+    old_end = max(b for _a, b in held[old_agent] if b < takeover)
+    assert old_end < takeover  # the lease lapsed: nobody held it in between
+    # Nothing the old leader sent after waking up landed. Frozen from the freeze until
+    # it woke, it sent nothing in between: whatever of its writes the apiserver received
+    # after its lease ended was on the wire, or inside the apiserver, at the freeze.
+    assert not [w for w in old_writes if w.received >= woke], [
+        (w.name, w.received.time(), w.done.time()) for w in old_writes if w.received >= woke
     ]
-    assert any(w.done < lapsed for w in conveyor_writes if w.user_agent == old_agent)
-    assert any(w.done > lapsed for w in conveyor_writes)  # the rollout went on after
-    # managedFields agree: every object was last written while someone held the lease.
-    any_term = [t for spans in held.values() for t in spans]
+    in_flight = [w for w in old_writes if w.done > old_end]
+    assert all(w.received <= resumed + dt.timedelta(seconds=1.5) for w in in_flight)
+    print(
+        f"{len(in_flight)} writes in flight at the freeze landed after the lease ended, "
+        f"{sum(w.done >= takeover for w in in_flight)} of them after the takeover; "
+        "none was sent after it"
+    )
+    # The new holder wrote only in its own term.
+    assert all(any(a <= w.done <= b for a, b in held[new_agent]) for w in new_writes)
+    # managedFields agree: each object was last written in one of the terms, or by a
+    # write in flight at the freeze.
     slack = dt.timedelta(seconds=1)  # managedFields times have whole seconds
+    spans = [span for spans in held.values() for span in spans]
+    spans += [(w.done, w.done) for w in in_flight]
     for item in (live_maps or {}).get("items", []):
         for entry in item["metadata"].get("managedFields", []):
             if entry.get("manager") == "conveyor":
                 at = parse_time(entry["time"])
-                assert any(a - slack <= at <= b + slack for a, b in any_term), (item, any_term)
+                assert any(a - slack <= at <= b + slack for a, b in spans), item["metadata"]
 
 
 def first_lapse(held: dict[str, list[tuple[dt.datetime, dt.datetime]]]) -> dt.datetime | None:
