@@ -63,7 +63,7 @@ def test_every_kind_of_pass_error_is_logged_counted_and_retried(
     async def fetch() -> object:
         return object()
 
-    async def scripted_pass(_engine: Any, _resolved: Any) -> None:
+    async def scripted_pass(_engine: Any, _resolved: Any, **_request: Any) -> None:
         nonlocal passes
         passes += 1
         if errors:

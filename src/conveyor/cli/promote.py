@@ -18,10 +18,12 @@ from conveyor.cli.reconcile import (
     KubeconfigOption,
     NotifyWaitOption,
     RepoOption,
+    show_progress,
     status_table,
     warn_undelivered,
 )
 from conveyor.cluster.kubeconfig import KubeconfigError
+from conveyor.cluster.lease import NotLeaderError
 from conveyor.config.helmrelease import HelmReleaseError, parse_duration
 from conveyor.config.project import ConfigError
 from conveyor.promote.gates import cluster_client
@@ -35,6 +37,7 @@ from conveyor.publish.template import TemplateError
 from conveyor.publish.version import image_tag
 from conveyor.reconcile.engine import PassResult
 from conveyor.reconcile.once import SourceFailure, reconcile_once
+from conveyor.reconcile.requests import RequestTimeoutError
 from conveyor.reconcile.target import Target
 from conveyor.render.helm import HelmCLI
 from conveyor.source.git import Author, GitError, PushRaceLost, mask_url
@@ -59,10 +62,17 @@ def _apply(
     notify_wait: float,
 ) -> PassResult:
     target = Target(repo=repo, env=env, kubeconfig=kubeconfig, context=context)
-    try:
-        result = asyncio.run(reconcile_once(target, app=app, notify_grace=notify_wait))
-    except KubeconfigError as error:
-        fail(str(error))
+    with err_console.status("applying") as spinner:
+        try:
+            result = asyncio.run(
+                reconcile_once(
+                    target, app=app, progress=show_progress(spinner), notify_grace=notify_wait
+                )
+            )
+        except KubeconfigError as error:
+            fail(str(error))
+        except (RequestTimeoutError, NotLeaderError) as error:
+            fail(f"applying: {escape(str(error))}", code=1)
     if isinstance(result, SourceFailure):
         fail(f"applying: {escape(result.message)}", code=1)
     warn_undelivered(result)

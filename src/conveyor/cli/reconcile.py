@@ -8,12 +8,14 @@ import re
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import typer
 from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
 
 from conveyor.cli.channels import (
@@ -36,6 +38,7 @@ from conveyor.cli.output import (
 )
 from conveyor.cluster.client import ApiError
 from conveyor.cluster.kubeconfig import KubeconfigError
+from conveyor.cluster.lease import NotLeaderError
 from conveyor.config.helmrelease import parse_duration
 from conveyor.config.project import ConfigError
 from conveyor.promote.gates import agent_gate
@@ -46,6 +49,7 @@ from conveyor.reconcile.logs import LogFormat
 from conveyor.reconcile.logs import configure as configure_logging
 from conveyor.reconcile.once import SourceFailure, plan_target, reconcile_once
 from conveyor.reconcile.plan import AppPlan, render_markdown, render_text
+from conveyor.reconcile.requests import RequestTimeoutError
 from conveyor.reconcile.status import (
     READY,
     SOURCE_KIND,
@@ -96,6 +100,18 @@ def warn_undelivered(result: PassResult) -> None:
         )
 
 
+def show_progress(spinner: Status) -> Callable[[str], None]:
+    """Progress on the spinner; off a terminal (CI logs), as lines: who holds the lease
+    and what the command waits for must be readable there too."""
+
+    def show(message: str) -> None:
+        spinner.update(escape(message))
+        if not err_console.is_terminal:
+            err_console.print(escape(message), highlight=False, soft_wrap=True)
+
+    return show
+
+
 def status_table(statuses: list[AppStatus], *, title: str) -> Table:
     table = Table(title=title)
     for column in ("app", "kind", "state", "reason", "revision", "helm", "applied", "message"):
@@ -121,7 +137,12 @@ def reconcile(
     path: str | None = PathOption,
     env: str | None = EnvOption,
     app: str | None = typer.Option(None, "--app", help="Only this app."),
-    timeout: float = typer.Option(300.0, "--timeout", help="Health timeout per app (s)."),
+    timeout: float = typer.Option(
+        300.0,
+        "--timeout",
+        help="Health timeout per app (s); also how long to wait for the environment's "
+        "lease, or for the agent holding it to answer.",
+    ),
     allow_empty: list[str] = typer.Option(
         [], "--allow-empty", help="App allowed to render empty (prunes all)."
     ),
@@ -130,7 +151,11 @@ def reconcile(
     output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
     notify_wait: float = NotifyWaitOption,
 ) -> None:
-    """One pass: exits 0 when every app is Ready, 1 when any is not."""
+    """One pass: exits 0 when every app is Ready, 1 when any is not.
+
+    Only the holder of the environment's lease writes: an agent holding it is asked to
+    run the pass (and its answer shown); otherwise this command takes the lease for its
+    pass, waiting while another holder is live."""
     if bool(path) == bool(env):
         fail("give exactly one of --path DIR or --env NAME")
     target = Target(
@@ -145,12 +170,14 @@ def reconcile(
                     app=app,
                     timeout=timeout,
                     allow_empty=frozenset(allow_empty),
-                    progress=lambda m: spinner.update(escape(m)),
+                    progress=show_progress(spinner),
                     notify_grace=notify_wait,
                 )
             )
         except KubeconfigError as error:
             fail(str(error))
+        except (RequestTimeoutError, NotLeaderError) as error:
+            fail(escape(str(error)), code=1)
     if isinstance(result, SourceFailure):
         err_console.print(
             f"[red]source failed[/]: {escape(result.message)}\n"

@@ -4,6 +4,12 @@ delete and watch.
 conveyor applies thousands of objects per pass, so the client is async with one shared
 connection pool, and it speaks only the JSON REST API it needs. Discovery is cached per
 group-version and refreshed on a miss, so CRDs created mid-run are found.
+
+Only the holder of an environment's Lease may write to its cluster, so a client can be
+given a write guard: called before every write, it refuses (raises) once the lease is
+lost and otherwise says how long the write may take; a write still in flight at that
+deadline is cancelled, so it cannot land after the lease passed to another holder. The
+User-Agent names the writing process, which the apiserver's audit log records.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from conveyor.errors import ConveyorError
 
 RETRIES = 5
 TOKEN_REFRESH_SECONDS = 60.0
+# Called before each write: the seconds the write may take, or raises (not the writer).
+WriteGuard = Callable[[], float]
 
 
 class ApiError(ConveyorError, RuntimeError):
@@ -180,6 +188,14 @@ class KubeClient:
         self._resources: dict[str, dict[str, Resource]] = {}
         self._discovery_lock = asyncio.Lock()
         self.writes = 0  # API writes made by this client: the "no-op costs nothing" check
+        self.write_guard: WriteGuard | None = None
+
+    def identify(self, identity: str) -> None:
+        """Name this process in the User-Agent of every request (watches included), so the
+        apiserver's audit log tells one writer from another."""
+        user_agent = f"conveyor/{identity}"
+        self._http.headers["User-Agent"] = user_agent
+        self._watch_http.headers["User-Agent"] = user_agent
 
     async def __aenter__(self) -> KubeClient:
         return self
@@ -204,19 +220,27 @@ class KubeClient:
         content_type: str | None = None,
     ) -> Obj:
         headers = {"Content-Type": content_type} if content_type else None
-        if method not in ("GET", "HEAD") and not (params and "dryRun" in params):
+        writes = method not in ("GET", "HEAD") and not (params and "dryRun" in params)
+        if writes:
+            self._write_deadline()  # refused before it counts (or waits for a slot)
             self.writes += 1
         for attempt in range(RETRIES):
             try:
                 async with self._in_flight:
-                    response = await self._http.request(
-                        method,
-                        path,
-                        params=params,
-                        json=json_body,
-                        content=content,
-                        headers=headers,
-                    )
+                    deadline = self._write_deadline() if writes else None
+                    try:
+                        async with asyncio.timeout(deadline):
+                            response = await self._http.request(
+                                method,
+                                path,
+                                params=params,
+                                json=json_body,
+                                content=content,
+                                headers=headers,
+                            )
+                    except TimeoutError:
+                        self._write_deadline()  # raises the guard's own error: lease gone
+                        raise
             except httpx.TransportError:
                 # Reads are safe to repeat; a write may have landed, so let callers decide.
                 if method != "GET" or attempt == RETRIES - 1:
@@ -231,6 +255,11 @@ class KubeClient:
             break
         _raise_for_status(response)
         return response.json() if response.content else {}
+
+    def _write_deadline(self) -> float | None:
+        """The guard's verdict, checked when the write is about to be sent (after any
+        wait for a connection slot): None when unguarded, else the seconds it may take."""
+        return None if self.write_guard is None else self.write_guard()
 
     # -- discovery ------------------------------------------------------------------
 

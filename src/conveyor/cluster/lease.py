@@ -8,6 +8,11 @@ the lease record last change, never by the holder's timestamps alone, so clock s
 between machines cannot hand the lease to two holders. A leader that cannot renew stops
 calling itself leader once its last renewal is older than the lease duration, which is
 before any contender may take over.
+
+Writes are held to a stricter bound than leadership (`write_budget`): none is *sent* in
+the last `write_margin` seconds of the lease, and each write carries the time left as
+its deadline, so that a write held up in flight (an apiserver paused mid-request) is cut
+off by its writer before the lease can pass to another holder, instead of landing after.
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ class LeaseNotAcquiredError(ConveyorError, RuntimeError):
         super().__init__(f"lease {namespace}/{name} is held by {holder or 'another agent'}")
 
 
+class NotLeaderError(ConveyorError):
+    """A write was refused (or cut off) because this process no longer holds the Lease."""
+
+    def __init__(self, namespace: str, name: str, identity: str) -> None:
+        super().__init__(f"{identity} no longer holds lease {namespace}/{name}; write refused")
+
+
 def _micro_time() -> str:
     """Now as a Kubernetes MicroTime: RFC 3339 with microseconds, in UTC."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -59,9 +71,16 @@ class LeaderElector:
         identity: str,
         lease_duration: float = 15.0,
         renew_interval: float = 5.0,
+        write_margin: float | None = None,
     ) -> None:
         if not 0 < renew_interval < lease_duration:
             raise ValueError("renew_interval must be positive and shorter than lease_duration")
+        # Time for a write the apiserver is already processing to be committed before the
+        # lease runs out: a second is ample on a live apiserver, and never more than half
+        # a renew interval, so a healthy leader always has room to write between renewals.
+        self.write_margin = min(1.0, renew_interval / 2) if write_margin is None else write_margin
+        if not 0 <= self.write_margin < lease_duration - renew_interval:
+            raise ValueError("write_margin must leave room to write between renewals")
         self.client = client
         self.namespace = namespace
         self.name = name
@@ -80,9 +99,58 @@ class LeaderElector:
         return self._validity_left() > 0
 
     @property
+    def may_write(self) -> bool:
+        """True while a write sent now would land well before the lease could expire."""
+        return self._validity_left() > self.write_margin
+
+    def write_budget(self) -> float:
+        """Seconds a write sent now may take (its deadline); raises NotLeaderError once
+        the lease is lost or within `write_margin` of running out. The write guard that
+        KubeClient and HelmCLI call before every write."""
+        budget = self._validity_left() - self.write_margin
+        if budget <= 0:
+            raise NotLeaderError(self.namespace, self.name, self.identity)
+        return budget
+
+    @property
     def holder(self) -> str | None:
         """The holder as last seen on the Lease (None when free or never read)."""
         return (self._observed_spec or {}).get("holderIdentity") or None
+
+    def holder_expires_in(self) -> float:
+        """Seconds until another holder's lease runs out as this candidate judges it (from
+        when it saw the record last change); 0 when free or ours."""
+        spec = self._observed_spec or {}
+        if not self._held_by_another(spec):
+            return 0.0
+        duration = int(spec.get("leaseDurationSeconds") or math.ceil(self.lease_duration))
+        return max(self._observed_at + duration - time.monotonic(), 0.0)
+
+    def holder_renewed_ago(self) -> float | None:
+        """Seconds since the holder's last renewal by its own timestamp (None if unknown):
+        a hint of whether the holder is alive, for messages and for choosing whether to
+        ask it; who may write is decided by `holder_expires_in`, which skew cannot fool."""
+        renew_time = (self._observed_spec or {}).get("renewTime")
+        if not renew_time:
+            return None
+        renewed = datetime.fromisoformat(str(renew_time).replace("Z", "+00:00"))
+        return (datetime.now(UTC) - renewed).total_seconds()
+
+    def holder_renews(self) -> bool:
+        """Whether the holder renewed within its lease duration, by its own timestamp: a
+        hint of whether it is alive, for choosing whether to ask it; who may write is
+        decided by `holder_expires_in`, which clock skew cannot fool."""
+        renewed = self.holder_renewed_ago()
+        duration = int((self._observed_spec or {}).get("leaseDurationSeconds") or 0)
+        return renewed is not None and renewed < duration
+
+    async def observe(self) -> str | None:
+        """Read the Lease without writing: its holder while live by this candidate's
+        judgement (another one's, not yet expired), else None."""
+        lease = await self._read()
+        spec = (lease or {}).get("spec") or {}
+        self._observe(spec)
+        return str(spec["holderIdentity"]) if self._held_by_another(spec) else None
 
     async def acquire(self, *, timeout: float | None = None) -> bool:
         """Become leader: create the Lease, take over an expired or released one, or renew

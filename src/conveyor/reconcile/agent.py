@@ -16,6 +16,11 @@ startup misconfiguration stops it, because no retry can fix it: the command line
 (`KubeconfigError` from `run`). A repository that cannot be fetched or a broken
 conveyor.yaml are not: a push can mend them, so they are recorded (FetchFailed) and
 fetched again at the poll interval.
+
+The leader also answers requests (`conveyor reconcile`, the dashboard, `promote --apply`
+write one on the source's status, see reconcile/requests.py): it polls that one object
+each second and runs the pass asked for, then records the request as handled. Every
+write it makes, to the API or through helm, is checked against the lease first.
 """
 
 from __future__ import annotations
@@ -42,10 +47,17 @@ from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.actions.hold import GateHold
-from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, build_engine
+from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, PassResult, build_engine
 from conveyor.reconcile.once import record_source_failure, source_fetched
 from conveyor.reconcile.report import Metrics, error_summary
-from conveyor.reconcile.status import NAMESPACE, STALLED, Reason, StatusStore
+from conveyor.reconcile.requests import (
+    ReconcileRequest,
+    environment_elector,
+    pending_request,
+    read_source,
+    record_handled,
+)
+from conveyor.reconcile.status import STALLED, Reason, StatusStore
 from conveyor.reconcile.target import (
     ResolvedTarget,
     Target,
@@ -94,6 +106,7 @@ class AgentOptions:
     lease_duration: float = 15.0
     backoff_first: float = 1.0  # after a failed pass; doubled while passes keep failing
     backoff_cap: float = 30.0
+    request_poll: float = 1.0  # how often the leader looks for a reconcile request
     identity: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     )
@@ -122,6 +135,8 @@ class Agent:
         self._kube: KubeClient | None = None  # for the readiness probe's cluster check
         self._git_error: str | None = None  # the last fetch's, when git could not be reached
         self._backoff = Backoff(first=options.backoff_first, cap=options.backoff_cap)
+        self._request: ReconcileRequest | None = None  # seen, not yet taken by a pass
+        self._request_seen: ReconcileRequest | None = None
 
     # -- HTTP: webhook, metrics, probes ---------------------------------------------
 
@@ -194,6 +209,8 @@ class Agent:
                 resolved = await self._fetch()
             kube = self._kube = kube_client(resolved)
             lease_kube = kube_client(resolved)  # lease traffic apart from reconcile writes
+            for client in (kube, lease_kube):
+                client.identify(self.options.identity)
             while True:  # the apiserver may still be starting: wait for it, do not exit
                 try:
                     scope = await StatusStore(kube).scope_for(
@@ -202,13 +219,11 @@ class Agent:
                     break
                 except Exception as error:  # away, or refusing (RBAC): both can be mended
                     await self._cluster_not_ready(error)
-            elector = LeaderElector(
+            elector = environment_elector(
                 lease_kube,
-                namespace=NAMESPACE,
-                name=f"conveyor-{scope}"[:63],
+                scope,
                 identity=self.options.identity,
                 lease_duration=self.options.lease_duration,
-                renew_interval=self.options.lease_duration / 3,
             )
             helm = helm_cli(resolved)
             engine = build_engine(
@@ -218,7 +233,7 @@ class Agent:
                     scope=scope, identity=resolved.identity, timeout=self.options.timeout
                 ),
                 metrics=self.metrics,
-                may_write=lambda: elector.is_leader,
+                may_write=lambda: elector.may_write,
                 notifier=self.notifier,
                 render_past=past_renders(resolved, kube, helm),
             )
@@ -229,6 +244,9 @@ class Agent:
                 except Exception as error:  # as above
                     await self._cluster_not_ready(error)
             self._backoff.reset()
+            # From here on, every write waits on the lease (installing came first: it is
+            # idempotent, and a standby must not be refused it).
+            kube.write_guard = helm.write_guard = elector.write_budget
             try:
                 await self._lead(elector, engine, resolved)
             finally:
@@ -260,12 +278,14 @@ class Agent:
                 continue
             log.info("leading %s", engine.options.scope)
             renewals = asyncio.create_task(elector.run_renewals())
+            requests = asyncio.create_task(self._watch_requests(engine))
             try:
                 await self._loop(engine, elector, resolved)
             finally:
-                renewals.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await renewals
+                for task in (renewals, requests):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             log.warning("lost the lease for %s; standing by", engine.options.scope)
             resolved = None
 
@@ -274,13 +294,19 @@ class Agent:
     ) -> None:
         full_pass_due = True
         while elector.is_leader:
+            request = None
             try:
                 if full_pass_due:
+                    request, self._request = self._request, None
                     resolved = resolved or await self._fetch()
+                    if resolved is None and request is not None:
+                        await self._answer(
+                            engine, request, source_failure="fetch failed: see the source's status"
+                        )
                     if resolved is not None:
-                        await self._pass(engine, resolved)
+                        await self._pass(engine, resolved, request=request)
                         self._backoff.reset()
-                    resolved = None
+                    request = resolved = None
                 interval = self.options.interval
                 if self.held is not None:
                     interval = min(interval, self.held.retry_after)
@@ -290,7 +316,9 @@ class Agent:
                 await self._correct_drift(engine, elector, drifted)
             except Exception as error:  # the agent outlives any error of a pass
                 # Nothing is lost: the next pass starts from a fresh fetch and picks up
-                # where this one stopped.
+                # where this one stopped, and answers the request this one could not
+                # (unless the lease is gone: then the requester sees the holder change).
+                self._request = self._request or request
                 await self._failed(engine.options.scope, error, what="pass")
                 full_pass_due, resolved = True, None
 
@@ -335,6 +363,42 @@ class Agent:
             await record_source_failure(self.target, message, resolved=resolved, reason=reason)
         except Exception as error:  # recording is best effort: the agent goes on without it
             log.warning("could not record the failure on its status: %s", error_summary(error))
+
+    async def _watch_requests(self, engine: Engine) -> None:
+        """While leading: look at the source's status each `request_poll` seconds, and
+        trigger a pass for a request not handled yet (the newest covers all before it)."""
+        scope = engine.options.scope
+        while True:
+            try:
+                request = pending_request(await read_source(engine.kube, scope))
+            except Exception as error:  # the apiserver away: the loop's own errors say so
+                log.debug("cannot read reconcile requests: %s", error)
+                request = None
+            if request is not None and request != self._request_seen:
+                log.info("reconcile of %s requested", request.app or "all apps")
+                self._request = self._request_seen = request
+                self.trigger.set()
+            await asyncio.sleep(self.options.request_poll)
+
+    async def _answer(
+        self,
+        engine: Engine,
+        request: ReconcileRequest,
+        *,
+        result: PassResult | None = None,
+        source_failure: str | None = None,
+    ) -> None:
+        """Record on the source's status that `request` was handled, and how it went."""
+        await record_handled(
+            engine.kube,
+            engine.options.scope,
+            request,
+            by=self.options.identity,
+            revision=result.revision if result else "",
+            writes=result.writes if result else 0,
+            pruned_apps=result.pruned_apps if result else [],
+            source_failure=source_failure,
+        )
 
     async def _wait_trigger(
         self, timeout: float, *, engine: Engine | None = None, elector: LeaderElector | None = None
@@ -392,19 +456,28 @@ class Agent:
         self._resolved = resolved
         return resolved
 
-    async def _pass(self, engine: Engine, resolved: ResolvedTarget) -> None:
+    async def _pass(
+        self, engine: Engine, resolved: ResolvedTarget, *, request: ReconcileRequest | None = None
+    ) -> None:
+        """A full pass, or the pass `request` asks for (which is then answered)."""
         try:
             tree = discover_target(resolved)
         except RenderError as error:
             await self._record_source_failure(
                 str(error), resolved=resolved, reason=Reason.FETCH_FAILED
             )
+            if request is not None:
+                await self._answer(engine, request, source_failure=str(error))
             return
         started = time.monotonic()
         self.notifier.set_rules(project_rules(resolved.checkout.path))
         renderer = build_renderer(resolved, tree, engine.kube, engine.helm)
         result = await engine.run_pass(
-            tree, renderer, revision=resolved.revision, gate=self._gate_check(resolved)
+            tree,
+            renderer,
+            revision=resolved.revision,
+            gate=self._gate_check(resolved),
+            only=request.app if request else None,
         )
         seconds = time.monotonic() - started
         self._tree, self._renderer = tree, renderer
@@ -416,6 +489,8 @@ class Agent:
         self.last_revision = resolved.revision
         self.passes += 1
         await engine.store.save(source_fetched(self.target, resolved, scope=engine.options.scope))
+        if request is not None:
+            await self._answer(engine, request, result=result)
         ready = sum(s.ready for s in result.statuses.values())
         stalled = [n for n, s in result.statuses.items() if s.state == STALLED]
         held = f", waiting for gate {result.held.gate}" if result.held else ""

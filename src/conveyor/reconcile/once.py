@@ -1,15 +1,30 @@
-"""One reconcile pass from the command line: fetch, render, apply, verify, report."""
+"""One reconcile pass from the command line or the dashboard: fetch, render, apply,
+verify, report, by the environment's one writer (see `reconcile_once`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from conveyor.cluster.client import KubeClient
+from conveyor.cluster.lease import LeaderElector, LeaseNotAcquiredError
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import EngineOptions, PassResult, build_engine
 from conveyor.reconcile.plan import AppPlan, plan_environment
+from conveyor.reconcile.requests import (
+    LEASE_DURATION,
+    RequestTimeoutError,
+    answers_requests,
+    environment_elector,
+    one_pass_identity,
+    request_reconcile,
+    wait_handled,
+)
 from conveyor.reconcile.status import SOURCE_KIND, STALLED, AppStatus, Reason, StatusStore
 from conveyor.reconcile.target import (
     ResolvedTarget,
@@ -42,7 +57,15 @@ async def reconcile_once(
     allow_empty: frozenset[str] = frozenset(),
     progress: Progress | None = None,
     notify_grace: float = 2.0,
+    identity: str | None = None,
+    lease_duration: float = LEASE_DURATION,
 ) -> PassResult | SourceFailure:
+    """One pass by the environment's one writer. An agent holding the Lease is asked to
+    run it (and its answer read back); with no live holder this process takes the Lease
+    for the pass and releases it after; a holder that stopped renewing is waited out.
+    `timeout` bounds each app's health wait, the wait for the Lease and the wait for the
+    agent's answer (RequestTimeoutError). `identity` names this writer in the Lease and
+    the audit log (default `cli-<host>-<pid>-<random>`)."""
     say = progress or (lambda _m: None)
     say(f"fetching {target.repo}")
     try:
@@ -50,9 +73,81 @@ async def reconcile_once(
     except (GitError, ConfigError, RenderError) as error:
         scope = await record_source_failure(target, str(error))
         return SourceFailure(scope=scope, message=str(error))
+    writer = identity or one_pass_identity("cli")
     kube = kube_client(resolved)
+    lease_kube = kube_client(resolved)  # lease traffic apart from the pass's writes
+    for client in (kube, lease_kube):
+        client.identify(writer)
+    try:
+        store = StatusStore(kube)
+        # The CRD and namespace the lease and statuses live in: idempotent, and written
+        # only on a cluster conveyor never ran on, so it precedes the lease (as for agents).
+        await store.install()
+        scope = await store.scope_for(resolved.identity, scope=resolved.scope)
+        elector = environment_elector(
+            lease_kube, scope, identity=writer, lease_duration=lease_duration
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(LeaseNotAcquiredError):
+                async with elector.hold(timeout=0):
+                    say(f"holding lease {elector.name} as {writer}")
+                    return await _own_pass(
+                        target,
+                        resolved,
+                        kube,
+                        elector,
+                        scope=scope,
+                        app=app,
+                        timeout=timeout,
+                        allow_empty=allow_empty,
+                        say=say,
+                        notify_grace=notify_grace,
+                    )
+            holder = elector.holder or "another writer"
+            renewed = elector.holder_renewed_ago()
+            left = deadline - time.monotonic()
+            if answers_requests(holder) and elector.holder_renews():
+                answer = await _ask_holder(
+                    kube, elector, resolved, holder, scope=scope, app=app, timeout=timeout, say=say
+                )
+                if answer is not None:
+                    return answer
+                if left > 0:
+                    continue  # the agent went away before answering: the lease is to be had
+            if left <= 0:
+                raise RequestTimeoutError(
+                    f"lease {elector.name} still held by {holder} after {timeout:g}s"
+                )
+            renewed_text = f"renewed {renewed:.0f}s ago, " if renewed is not None else ""
+            say(
+                f"waiting for lease {elector.name} held by {holder} "
+                f"({renewed_text}free in at most {elector.holder_expires_in():.0f}s)"
+            )
+            await asyncio.sleep(min(1.0, left))
+    finally:
+        await kube.aclose()
+        await lease_kube.aclose()
+
+
+async def _own_pass(
+    target: Target,
+    resolved: ResolvedTarget,
+    kube: KubeClient,
+    elector: LeaderElector,
+    *,
+    scope: str,
+    app: str | None,
+    timeout: float,
+    allow_empty: frozenset[str],
+    say: Progress,
+    notify_grace: float,
+) -> PassResult | SourceFailure:
+    """The pass itself, while this process holds the Lease: every write it makes, to the
+    API or through helm, is checked against the lease first."""
+    kube.write_guard = elector.write_budget
     helm = helm_cli(resolved)
-    scope = await StatusStore(kube).scope_for(resolved.identity, scope=resolved.scope)
+    helm.write_guard = elector.write_budget
     notifier = Notifier(project_rules(resolved.checkout.path))
     await notifier.start()
     engine = build_engine(
@@ -62,6 +157,7 @@ async def reconcile_once(
             scope=scope, identity=resolved.identity, timeout=timeout, allow_empty=allow_empty
         ),
         notifier=notifier,
+        may_write=lambda: elector.may_write,
         render_past=past_renders(resolved, kube, helm),
     )
     try:
@@ -77,11 +173,61 @@ async def reconcile_once(
         await _store_source(engine.store, source_fetched(target, resolved, scope=scope))
     finally:
         await engine.close()
-        await kube.aclose()
         # One pass then exit: give queued notifications a bounded chance to go out.
         undelivered = await notifier.close(grace=notify_grace)
     result.undelivered = undelivered
     return result
+
+
+async def _ask_holder(
+    kube: KubeClient,
+    elector: LeaderElector,
+    resolved: ResolvedTarget,
+    holder: str,
+    *,
+    scope: str,
+    app: str | None,
+    timeout: float,
+    say: Progress,
+) -> PassResult | SourceFailure | None:
+    """Ask the agent holding the Lease for the pass and wait for its answer; None when it
+    stops holding the lease before answering."""
+    token = await request_reconcile(kube, scope, app=app)
+    if token is None:  # its first pass has not ended: wait for it like for any holder
+        say(f"waiting for {holder}'s first pass to end")
+        await asyncio.sleep(1.0)
+        return None
+
+    async def still_held() -> bool:
+        return await elector.observe() == holder
+
+    handled = await wait_handled(
+        kube,
+        scope,
+        token,
+        timeout=timeout,
+        still_asked=still_held,
+        progress=lambda elapsed: say(
+            f"asked agent {holder} (lease {elector.name}) to reconcile "
+            f"{app or 'all apps'}; waiting for it ({elapsed:.0f}s)"
+        ),
+    )
+    if handled is None:
+        return None
+    if handled.source_failure is not None:
+        return SourceFailure(scope=scope, message=handled.source_failure)
+    own, _legacy = await StatusStore(kube).load_environment(resolved.identity, scope=scope)
+    statuses = {
+        name: status
+        for name, status in own.items()
+        if status.kind != SOURCE_KIND and (app is None or name == app)
+    }
+    return PassResult(
+        revision=handled.revision,
+        statuses=statuses,
+        pruned_apps=handled.pruned_apps,
+        writes=handled.writes,
+    )
 
 
 def source_fetched(target: Target, resolved: ResolvedTarget, *, scope: str) -> AppStatus:

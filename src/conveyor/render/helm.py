@@ -7,6 +7,11 @@ names, namespaces, charts and versions come from files: each is checked by Helm'
 Kubernetes' rules (`conveyor.config.names`) before helm runs, option values are joined to
 their flag (`--namespace=<ns>`) and positional arguments follow `--`, so that none of them
 is ever read as an option (`--post-renderer=<program>` would run that program).
+
+Commands that write to the cluster (upgrade, rollback, uninstall) ask the write guard
+first, as KubeClient does, and are killed when the time it allowed runs out: a lease
+holder that lost its lease must not go on writing through helm. A release cut off this
+way is left pending, as after a crash, for the next holder to unlock.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import json
 import logging
 import os
 import re
+import signal
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conveyor.cluster.client import WriteGuard
 from conveyor.config.names import (
     UnsafeValueError,
     chart_name,
@@ -93,6 +100,7 @@ class HelmCLI:
     kubeconfig: str | None = None
     context: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    write_guard: WriteGuard | None = None
 
     def _global_args(self) -> list[str]:
         args = []
@@ -102,17 +110,33 @@ class HelmCLI:
             args += ["--kube-context", self.context]
         return args
 
-    async def run(self, *args: str, positional: Sequence[str] = (), kube: bool = True) -> str:
+    async def run(
+        self, *args: str, positional: Sequence[str] = (), kube: bool = True, writes: bool = False
+    ) -> str:
         """`helm <args> -- <positional>`: `args` are the subcommand and our own options,
-        `positional` the values (release, chart, path) that must never read as options."""
+        `positional` the values (release, chart, path) that must never read as options.
+        `writes`: the command changes the cluster, so the write guard is asked first and
+        bounds how long it may run."""
+        deadline = self.write_guard() if writes and self.write_guard is not None else None
         command = [self.binary, *args, *(self._global_args() if kube else []), "--", *positional]
         process = await asyncio.create_subprocess_exec(
             *command,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, **self.extra_env},
+            start_new_session=True,  # its own process group: a kill reaches any child
         )
-        stdout, stderr = await process.communicate()
+        try:
+            async with asyncio.timeout(deadline):
+                stdout, stderr = await process.communicate()
+        except BaseException as interrupted:
+            # Cut off (the lease ran out) or cancelled: helm must not write on its own.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+            if isinstance(interrupted, TimeoutError) and self.write_guard is not None:
+                self.write_guard()  # raises the guard's own error: the lease is gone
+            raise
         if process.returncode != 0:
             raise HelmError(args[0], _clean_error(stderr.decode(errors="replace")))
         for warning in _warnings(stderr.decode(errors="replace")):
@@ -186,7 +210,7 @@ class HelmCLI:
                 args.append(f"--description={description}")
             if labels:
                 args.append("--labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())))
-            out = await self.run(*args, positional=[release, chart])
+            out = await self.run(*args, positional=[release, chart], writes=True)
         result: dict[str, Any] = json.loads(out)
         return result
 
@@ -225,12 +249,13 @@ class HelmCLI:
             "--history-max",
             "10",
             positional=[release, str(int(revision))],
+            writes=True,
         )
 
     async def uninstall(self, release: str, namespace: str) -> None:
         release, namespace_arg = _release("uninstall", release, namespace)
         try:
-            await self.run("uninstall", namespace_arg, positional=[release])
+            await self.run("uninstall", namespace_arg, positional=[release], writes=True)
         except HelmError as error:
             if "not found" not in error.message:
                 raise

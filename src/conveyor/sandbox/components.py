@@ -89,6 +89,29 @@ def registry_config(layout: Layout, port: int) -> str:
     )
 
 
+def audit_policy() -> str:
+    """Who wrote what, when: every write at Metadata level (user, User-Agent, verb, object,
+    times), nothing for reads. Conveyor names its process in its User-Agent, so the log
+    tells one writer of an environment from another (the one-writer tests read it)."""
+    policy = {
+        "apiVersion": "audit.k8s.io/v1",
+        "kind": "Policy",
+        "omitStages": ["RequestReceived"],
+        "rules": [
+            {
+                "level": "Metadata",
+                "verbs": ["create", "update", "patch", "delete", "deletecollection"],
+            },
+            {"level": "None"},
+        ],
+    }
+    return yaml.safe_dump(policy, sort_keys=False)
+
+
+def audit_log(layout: Layout) -> Path:
+    return layout.log_dir / "kube-apiserver-audit.log"
+
+
 def node_manifest(sandbox: str) -> dict[str, object]:
     """One fake Node. No kwok NoSchedule taint, so ordinary Pods land on it."""
     return {
@@ -168,6 +191,10 @@ def component_specs(
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--event-ttl=1h",
+                f"--audit-policy-file={layout.config_dir / 'audit-policy.yaml'}",
+                f"--audit-log-path={audit_log(layout)}",
+                "--audit-log-maxsize=200",  # MB, then rotated once: a sandbox's lifetime
+                "--audit-log-maxbackup=1",
             ],
             Health(f"https://127.0.0.1:{api}/readyz", "client-cert"),
         ),

@@ -30,6 +30,7 @@ from conveyor.sandbox.components import (
     SERVICE_IP,
     ComponentSpec,
     Health,
+    audit_policy,
     component_specs,
     kubeconfig_text,
     node_manifest,
@@ -278,6 +279,7 @@ class Sandbox:
         )
         layout.kubeconfig.chmod(0o600)
         (layout.config_dir / "registry.yaml").write_text(registry_config(layout, ports["registry"]))
+        (layout.config_dir / "audit-policy.yaml").write_text(audit_policy())
         state = SandboxState(
             name=self.name,
             bin_dir=str(bin_dir),

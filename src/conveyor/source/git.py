@@ -10,12 +10,14 @@ ever becomes an option (`--upload-pack=<command>`) or a transport that runs a co
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
 import re
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,17 @@ def run_git(
     return result.stdout
 
 
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """An advisory lock between processes, released when the block ends (or they die)."""
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @dataclass
 class Checkout:
     """A local working copy of one branch of a remote repository."""
@@ -112,15 +125,19 @@ class Checkout:
     def open(
         cls, url: str, path: Path, *, branch: str = "main", env: Mapping[str, str] | None = None
     ) -> Checkout:
-        """Clone `url` into `path` (or reuse the clone there) and sync to the remote branch."""
+        """Clone `url` into `path` (or reuse the clone there) and sync to the remote branch.
+        Processes sharing the clone (five `conveyor reconcile` at once) take turns: git
+        refuses concurrent writers of one repository's config and index."""
         checkout = cls(path=path, url=url, branch=branch, env=env)
-        if not (path / ".git").exists():
-            path.mkdir(parents=True, exist_ok=True)
-            run_git(["init", "--quiet", f"--initial-branch={branch}", str(path)], env=env)
-            checkout.git("remote", "add", "--end-of-options", "origin", url)
-        else:
-            checkout.git("remote", "set-url", "--end-of-options", "origin", url)
-        checkout.sync()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(path.parent / f"{path.name}.lock"):
+            if not (path / ".git").exists():
+                path.mkdir(parents=True, exist_ok=True)
+                run_git(["init", "--quiet", f"--initial-branch={branch}", str(path)], env=env)
+                checkout.git("remote", "add", "--end-of-options", "origin", url)
+            else:
+                checkout.git("remote", "set-url", "--end-of-options", "origin", url)
+            checkout.sync()
         return checkout
 
     def fetch(self, branch: str | None = None) -> str | None:

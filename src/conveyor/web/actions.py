@@ -31,6 +31,7 @@ from conveyor.promote.rollback import rollback_in_repo
 from conveyor.promote.versions import VersionError
 from conveyor.reconcile.engine import PassResult
 from conveyor.reconcile.once import SourceFailure, reconcile_once
+from conveyor.reconcile.requests import one_pass_identity
 from conveyor.reconcile.status import StatusStore
 from conveyor.reconcile.target import Target
 from conveyor.render.helm import HelmCLI
@@ -160,15 +161,13 @@ def default_registry() -> ActionRegistry:
     async def reconcile(context: ActionContext, request: ActionRequest) -> ActionResult:
         target = await context.target(request.environment)
 
-        async def run() -> None:
-            # reconcile_once runs git and helm as it does for the CLI; its own thread and
-            # loop keep that work off the server's loop.
-            result = await asyncio.to_thread(
-                asyncio.run, reconcile_once(target, app=request.app, notify_grace=5.0)
-            )
-            log.info("reconcile of %s by %s: %s", request.subject, request.actor, _outcome(result))
+        def run() -> str:
+            # reconcile_once runs git and helm as it does for the CLI (asking the agent
+            # that holds the lease, if one does); its own thread and loop keep that work
+            # off the server's loop.
+            return _outcome(asyncio.run(_reconcile(target, request, notify_grace=5.0)))
 
-        context.background(f"reconcile:{request.environment}", run())
+        context.background(f"reconcile:{request.environment}", _logged(request, "reconcile", run))
         return ActionResult(f"reconcile of {request.subject} started", accepted=True)
 
     @registry.action(
@@ -224,7 +223,7 @@ def default_registry() -> ActionRegistry:
             if not result.commit:
                 return "nothing to promote"
             return f"committed {result.commit[:12]}; " + _outcome(
-                asyncio.run(reconcile_once(target, app=request.app))
+                asyncio.run(_reconcile(target, request))
             )
 
         context.background(
@@ -283,7 +282,7 @@ def default_registry() -> ActionRegistry:
                     author=_author(request),
                 )
             return f"restored {result.plan.version}; " + _outcome(
-                asyncio.run(reconcile_once(target, app=request.app))
+                asyncio.run(_reconcile(target, request))
             )
 
         context.background(
@@ -292,6 +291,18 @@ def default_registry() -> ActionRegistry:
         return ActionResult(f"rollback of {request.subject} started", accepted=True)
 
     return registry
+
+
+async def _reconcile(
+    target: Target, request: ActionRequest, *, notify_grace: float = 10.0
+) -> PassResult | SourceFailure:
+    """A pass for the dashboard, by the environment's one writer (the agent, asked)."""
+    return await reconcile_once(
+        target,
+        app=request.app,
+        notify_grace=notify_grace,
+        identity=one_pass_identity("dashboard"),
+    )
 
 
 def _author(request: ActionRequest) -> Author:
