@@ -143,3 +143,15 @@ def test_cli_version() -> None:
         [sys.executable, "-m", "conveyor", "--version"], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "conveyor 0.1.0"
+
+
+def test_config_files_are_written_from_this_version_before_a_restart(tmp_path: Path) -> None:
+    """A sandbox made by an older conveyor may lack a file the apiserver's command line
+    now names (the audit policy): a restart in place writes them first."""
+    from conveyor.sandbox.layout import Layout
+    from conveyor.sandbox.manager import _write_config
+
+    layout = Layout(tmp_path / "old")
+    _write_config(layout, {"registry": 5000})
+    assert (layout.config_dir / "audit-policy.yaml").read_text().startswith("apiVersion")
+    assert "5000" in (layout.config_dir / "registry.yaml").read_text()

@@ -218,6 +218,8 @@ class Sandbox:
         process.stop(record.process)
         time.sleep(down_for)
         state.components.remove(record)
+        # The command line may name files that a sandbox made by an older conveyor lacks.
+        _write_config(self.layout, state.ports)
         self._launch(state, specs[name])
         self._wait_healthy(state, specs[name], pki, time.monotonic() + timeout)
 
@@ -278,8 +280,7 @@ class Sandbox:
             )
         )
         layout.kubeconfig.chmod(0o600)
-        (layout.config_dir / "registry.yaml").write_text(registry_config(layout, ports["registry"]))
-        (layout.config_dir / "audit-policy.yaml").write_text(audit_policy())
+        _write_config(layout, ports)
         state = SandboxState(
             name=self.name,
             bin_dir=str(bin_dir),
@@ -461,3 +462,11 @@ def _wait_for(check: Callable[[], bool], what: str, deadline: float, say: Progre
 
 
 __all__ = ["PortInUseError", "Sandbox", "SandboxError", "SandboxStatus"]
+
+
+def _write_config(layout: Layout, ports: dict[str, int]) -> None:
+    """The components' config files, from this version's code (the registry's, the
+    apiserver's audit policy): written at start and again before a restart in place."""
+    layout.config_dir.mkdir(parents=True, exist_ok=True)
+    (layout.config_dir / "registry.yaml").write_text(registry_config(layout, ports["registry"]))
+    (layout.config_dir / "audit-policy.yaml").write_text(audit_policy())
