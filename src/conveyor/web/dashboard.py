@@ -153,9 +153,10 @@ class Dashboard:
             )
             return history
         try:
-            commits = await repo.history(
-                status.scope, status.app, revision=source.attempted_revision if source else None
-            )
+            # The app's own revision first: the hub can hold an app's new status before
+            # the source's, and the clone must reach at least the commit the app runs.
+            wanted = status.attempted_revision or (source.attempted_revision if source else None)
+            commits = await repo.history(status.scope, status.app, revision=wanted or None)
         except (GitError, ConfigError) as error:
             history.notes.append(f"git history unavailable: {error}")
             return history
