@@ -204,3 +204,29 @@ def test_node_lease_is_renewed_so_the_node_stays_ready(sandbox: SandboxHandle) -
 
     first = renew_time()
     wait_until(lambda: renew_time() != first, timeout=30, what="a node lease renewal")
+
+
+def test_up_after_a_reboot_restarts_every_component_in_start_order(
+    sandbox: SandboxHandle,
+) -> None:
+    """A machine restart kills every component. `up` brings them back in place (same
+    ports, same data) in start order, also after an outage drill reordered the records."""
+    box = Sandbox("reboot")
+    box.down()
+    try:
+        box.up()
+        box.restart_component("kube-apiserver")  # its record now comes last
+        before = box.state()
+        assert before is not None
+        assert before.components[-1].name == "kube-apiserver"
+        for record in before.components:
+            proc.stop(record.process)
+        assert not box.status().ready
+
+        after = box.up()
+        assert after.ports == before.ports
+        assert all(proc.is_running(c.process) for c in after.components)
+        assert box.status().ready
+    finally:
+        box.down()
+    assert sandbox.sandbox.status().ready  # the shared sandbox was not touched

@@ -44,6 +44,15 @@ from conveyor.sandbox.versions import VERSIONS, Versions
 
 Progress = Callable[[str], None]
 START_TIMEOUT = 120.0
+# etcd and the registry need nothing; the apiserver needs etcd; the rest need the apiserver.
+START_ORDER = (
+    "etcd",
+    "registry",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+)
 
 
 class SandboxError(ConveyorError, RuntimeError):
@@ -230,9 +239,10 @@ class Sandbox:
         keep running. A component that cannot start again is an error that names it: the
         sandbox is never wiped behind its users' backs (`down`, then `up`, does that)."""
         deadline = time.monotonic() + timeout
-        order = [c.name for c in state.components]
         broken = {c.name for c in status.components if not c.healthy}
-        for name in sorted(broken, key=order.index):
+        # Start order, not the order of the records: a restart appends its record, and
+        # after a reboot everything is dead and the apiserver must come before the rest.
+        for name in sorted(broken, key=START_ORDER.index):
             self._say(f"sandbox {self.name}: {name} is not healthy; restarting it in place")
             try:
                 self.restart_component(
@@ -294,14 +304,14 @@ class Sandbox:
             # etcd and the registry need nothing; the apiserver needs etcd; the rest
             # need the apiserver. The node is registered before kwok starts, so that kwok
             # takes it over (and renews its Lease) from its first sync.
-            for wave in (("etcd", "registry"), ("kube-apiserver",)):
+            for wave in (START_ORDER[:2], START_ORDER[2:3]):
                 self._start_wave(state, [specs[n] for n in wave], pki, deadline)
             self._say("registering the fake node")
             with _api_client(ports["apiserver"], pki) as api:
                 _ensure_node(api, self.name)
                 self._start_wave(
                     state,
-                    [specs[n] for n in ("kube-controller-manager", "kube-scheduler", "kwok")],
+                    [specs[n] for n in START_ORDER[3:]],
                     pki,
                     deadline,
                 )
