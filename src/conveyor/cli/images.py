@@ -50,6 +50,8 @@ STATUS_STYLE = {
     Status.current: "green",
     Status.update: "yellow",
     Status.no_match: "dim",
+    Status.undecided: "yellow",
+    Status.pinned: "magenta",
     Status.error: "red",
 }
 
@@ -106,27 +108,36 @@ def _print_scan(result: ScanResult) -> None:
     for row in result.rows:
         automation = row.automation
         status = row.status
+        # A pin names who holds the tag and why, where the status is read.
+        shown = automation.pin.describe() if automation.pin else status.value
         table.add_row(
             escape(automation.name),
             escape(str(automation.watch.image)),
             escape(automation.watch.policy.description),
             escape(automation.current or ""),
             escape(row.outcome.latest or ""),
-            f"[{STATUS_STYLE[status]}]{status.value}",
+            f"[{STATUS_STYLE[status]}]{escape(shown)}",
             escape(_where(row)),
         )
     console.print(table)
     for row in result.rows:
         if row.outcome.error:
             err_console.print(f"[red]{escape(row.automation.name)}:[/] {escape(row.outcome.error)}")
+    _print_warnings(result)
     for problem in result.problems:
         err_console.print(f"[yellow]{escape(problem.file)}:[/] {escape(problem.message)}")
+
+
+def _print_warnings(result: ScanResult) -> None:
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
 def _scan_dict(result: ScanResult) -> dict[str, object]:
     return {
         "automations": [row.to_dict() for row in result.rows],
         "problems": [{"file": p.file, "message": p.message} for p in result.problems],
+        "warnings": result.warnings,
         "requests": result.requests,
     }
 
@@ -152,6 +163,7 @@ def scan_command(
         _print_scan(result)
     else:
         print_machine(_scan_dict(result), output)
+        _print_warnings(result)
     if result.failed:
         raise typer.Exit(1)
 
@@ -217,6 +229,7 @@ def update(
             {"file": c.file, "image": c.image, "old": c.old, "new": c.new} for c in outcome.changes
         ]
         print_machine(data, output)
+        _print_warnings(result)
     if result.failed:
         raise typer.Exit(1)
 
