@@ -212,7 +212,7 @@ def test_newest_build_picks_latest_build_time() -> None:
     # One build time and nothing in the tags to order by: no choice, never the smaller tag.
     tie = {"b": datetime(2024, 1, 1, tzinfo=UTC), "a": datetime(2024, 1, 1, tzinfo=UTC)}
     assert flux_v1_filter("glob:*").select(list(tie), built=tie) is None
-    assert flux_v1_filter("glob:*").ties(list(tie), built=tie) == ["b", "a"]
+    assert flux_v1_filter("glob:*").ties(list(tie), built=tie) == ["a", "b"]
 
 
 @pytest.mark.parametrize(
@@ -261,7 +261,7 @@ def test_newest_build_without_an_order_chooses_nothing() -> None:
     # One time, no timestamps: undecided, whatever the alphabet says.
     same = {"main-zzz": _at(0), "main-aaa": _at(0), "main-old": None}
     assert policy.select(list(same), built=same) is None
-    assert policy.ties(list(same), built=same) == ["main-zzz", "main-aaa"]
+    assert policy.ties(list(same), built=same) == ["main-aaa", "main-zzz"]
     # One of the tied tags has a timestamp, the other not: they cannot be ordered.
     mixed = {"main-x-1700000000": _at(0), "main-y": _at(0)}
     assert policy.ties(list(mixed), built=mixed) == ["main-x-1700000000", "main-y"]

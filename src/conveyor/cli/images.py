@@ -219,6 +219,11 @@ def update(
         elif result.failed:
             failed = sum(1 for row in result.rows if row.status is Status.error)
             err_console.print(f"nothing to update; {failed} automation(s) could not be checked")
+        elif result.warnings:
+            err_console.print(
+                f"nothing to update; {len(result.warnings)} automation(s) undecided keep "
+                "their tag (see the warnings)"
+            )
         else:
             err_console.print("nothing to update: every file holds the chosen tag")
     else:

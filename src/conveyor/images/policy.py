@@ -293,7 +293,7 @@ class NewestBuildPolicy:
         self, tags: Iterable[str], *, built: Mapping[str, datetime | None] | None = None
     ) -> list[str]:
         first = self.newest(tags, built=built)
-        return first if len(first) > 1 else []
+        return sorted(first) if len(first) > 1 else []
 
 
 def _semver_range(text: str, *, context: str) -> SemverRange:
