@@ -108,18 +108,25 @@ def _print_scan(result: ScanResult) -> None:
     for row in result.rows:
         automation = row.automation
         status = row.status
-        # A pin names who holds the tag and why, where the status is read.
-        shown = automation.pin.describe() if automation.pin else status.value
         table.add_row(
             escape(automation.name),
             escape(str(automation.watch.image)),
             escape(automation.watch.policy.description),
             escape(automation.current or ""),
             escape(row.outcome.latest or ""),
-            f"[{STATUS_STYLE[status]}]{escape(shown)}",
+            f"[{STATUS_STYLE[status]}]{status.value}",
             escape(_where(row)),
         )
     console.print(table)
+    # Who holds each pinned tag and why, a line each (a table cell would fold it).
+    for row in result.rows:
+        if row.automation.pin is not None:
+            console.print(
+                f"[magenta]{escape(row.automation.name)}[/] ({escape(_where(row))}): "
+                f"{escape(row.automation.pin.describe())}",
+                highlight=False,
+                soft_wrap=True,
+            )
     for row in result.rows:
         if row.outcome.error:
             err_console.print(f"[red]{escape(row.automation.name)}:[/] {escape(row.outcome.error)}")
