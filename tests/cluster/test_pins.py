@@ -15,7 +15,7 @@ import yaml
 
 from conveyor.images.push import push
 from conveyor.source.git import run_git
-from tests.cluster.gitops import ConfigRepo, chart_repo, conveyor, kubectl_json
+from tests.cluster.gitops import ConfigRepo, chart_repo, conveyor, deployment, kubectl_json
 from tests.conftest import SandboxHandle
 
 pytestmark = pytest.mark.cluster
@@ -46,27 +46,6 @@ spec:
     image:
       repository: {image}
       tag: "{tag}" # filled in by CI. do not modify.
-"""
-
-
-def setter_web(namespace: str, image: str, tag: str, policy: str) -> str:
-    return f"""
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-  namespace: {namespace}
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {{app: web}}
-  template:
-    metadata:
-      labels: {{app: web}}
-    spec:
-      containers:
-        - name: main
-          image: {image}:{tag} # {{"$imagepolicy": "flux-system:{policy}"}}
 """
 
 
@@ -112,7 +91,13 @@ class World:
             self.repo.write(f"{folder}/ui.yaml", flux_v1_ui(namespace, charts, self.ui, UI_GOOD))
             self.repo.write(
                 f"{folder}/web/deploy.yaml",
-                setter_web(namespace, self.web, "1.0.0", f"web-{self.id}"),
+                deployment(
+                    "web",
+                    namespace,
+                    image="web:1.0.0",
+                    registry=self.images,
+                    setter=f"flux-system:web-{self.id}",
+                ),
             )
         for namespace in self.namespaces.values():
             sandbox.run("kubectl", "create", "namespace", namespace)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 
@@ -81,6 +83,17 @@ def _apply(
         fail(f"applying: {escape(result.message)}", code=1)
     warn_undelivered(result)
     return result
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """Bad input: one line, exit 2; git that fails: exit 1 (a URL's password masked)."""
+    try:
+        yield
+    except BAD_INPUT as error:
+        fail(escape(str(error)))
+    except (GitError, PushRaceLost) as error:
+        fail(escape(mask_url(str(error))), code=1)
 
 
 def _print_promotion(result: PromotionResult) -> None:
@@ -236,23 +249,18 @@ def rollback(
     """Restore the app's previous (or given) version by a git commit, then apply it, so
     git and the cluster agree. The commit pins the app against image automation (by
     --author-name, for --reason) until `conveyor unpin` or a promotion lifts the pin."""
-    with tempfile.TemporaryDirectory(prefix="conveyor-rollback-") as workdir:
-        try:
-            result = rollback_in_repo(
-                repo,
-                Path(workdir),
-                env=env,
-                app=app,
-                to=to,
-                author=Author(author_name, author_email),
-                reason=reason,
-                branch=branch,
-            )
-            plan = result.plan
-        except BAD_INPUT as error:
-            fail(escape(str(error)))
-        except (GitError, PushRaceLost) as error:
-            fail(escape(mask_url(str(error))), code=1)
+    with tempfile.TemporaryDirectory(prefix="conveyor-rollback-") as workdir, _refusals():
+        result = rollback_in_repo(
+            repo,
+            Path(workdir),
+            env=env,
+            app=app,
+            to=to,
+            author=Author(author_name, author_email),
+            reason=reason,
+            branch=branch,
+        )
+        plan = result.plan
     if output is not OutputFormat.table:
         print_machine(result.to_dict(), output)
     else:
@@ -287,18 +295,13 @@ def unpin(
 ) -> None:
     """Lift a rollback's pin (a Flux v1 lock or conveyor's pin) by a git commit, so image
     automation follows the app again. No commit when the app is not pinned."""
-    with tempfile.TemporaryDirectory(prefix="conveyor-unpin-") as workdir:
-        try:
-            result = unpin_in_repo(
-                Workspace(repo, Path(workdir), branch=branch),
-                env=env,
-                app=app,
-                author=Author(author_name, author_email),
-            )
-        except BAD_INPUT as error:
-            fail(escape(str(error)))
-        except (GitError, PushRaceLost) as error:
-            fail(escape(mask_url(str(error))), code=1)
+    with tempfile.TemporaryDirectory(prefix="conveyor-unpin-") as workdir, _refusals():
+        result = unpin_in_repo(
+            Workspace(repo, Path(workdir), branch=branch),
+            env=env,
+            app=app,
+            author=Author(author_name, author_email),
+        )
     if output is not OutputFormat.table:
         print_machine(result.to_dict(), output)
     elif result.pin is None:
