@@ -126,7 +126,17 @@ def wait_for(check: Callable[[], T], *, timeout: float = 60.0, what: str = "cond
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
-def deployment(name: str, namespace: str, *, replicas: int = 1, image: str = "web:1") -> str:
+def deployment(
+    name: str,
+    namespace: str,
+    *,
+    replicas: int = 1,
+    image: str = "web:1",
+    registry: str = "registry.local",
+    setter: str | None = None,
+) -> str:
+    """A Deployment of `registry/image`, with a Flux v2 setter comment `NS:POLICY` on it."""
+    comment = f' # {{"$imagepolicy": "{setter}"}}' if setter else ""
     return f"""
 apiVersion: apps/v1
 kind: Deployment
@@ -143,7 +153,7 @@ spec:
     spec:
       containers:
         - name: main
-          image: registry.local/{image}
+          image: {registry}/{image}{comment}
 """
 
 

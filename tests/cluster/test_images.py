@@ -1,5 +1,6 @@
 """Image automation against the sandbox's real OCI registry and real git repositories:
-a burst of pushes becomes one commit, a quiet scan none; broken registries write nothing;
+a burst of pushes becomes one commit, a quiet scan none; the newest-build order without
+`created` or with one `created` for all; broken registries write nothing;
 `images verify`; and bearer-token auth against a real registry run with `auth.token`."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typer.testing import CliRunner
 
 from conveyor.cli.main import app
 from conveyor.images.push import push
-from conveyor.source.git import run_git
+from conveyor.source.git import Author, Checkout, commit_and_push, run_git
 from tests.conftest import SandboxHandle
 from tests.imagetools import (
     FIXTURE_REGISTRY,
@@ -194,6 +195,122 @@ def test_push_branch_for_review_is_replaced_not_stacked(images: str, tmp_path: P
     assert code == 0, output
     assert len(log(repo, "images/proposed")) == 2  # one proposal on top of main, rebuilt
     assert b"worker-r:2.1.0" in show(repo, "production/worker.yaml", "images/proposed")
+
+
+def v1_release(name: str, image: str, tag: str, tag_filter: str) -> str:
+    return f"""\
+apiVersion: helm.fluxcd.io/v1
+kind: HelmRelease
+metadata:
+  name: {name}
+  namespace: {name}-staging
+  annotations:
+    fluxcd.io/automated: "true"
+    filter.fluxcd.io/chart-image: '{tag_filter}'
+spec:
+  releaseName: {name}
+  chart: {{git: https://github.com/hms-dbmi-cellenics/{name}, path: chart-infra, ref: master}}
+  values:
+    image:
+      repository: {image}
+      tag: "{tag}" # filled in by CI. do not modify.
+"""
+
+
+def files_repo(tmp_path: Path, files: dict[str, str]) -> str:
+    """A bare repository whose `main` holds `files`; returns its path."""
+    bare = tmp_path / "config.git"
+    run_git(["init", "--quiet", "--bare", "--initial-branch", "main", str(bare)])
+
+    def add(root: Path) -> None:
+        for path, text in files.items():
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text(text)
+
+    commit_and_push(
+        Checkout.open(str(bare), tmp_path / "seed"), add, message="config", author=Author()
+    )
+    return str(bare)
+
+
+def test_newest_build_without_created_or_with_one_created_orders_by_the_tag_timestamp(
+    sandbox: SandboxHandle, tmp_path: Path
+) -> None:
+    """Images without `created` (ui), and reproducible builds that all carry the epoch
+    (api): the `-<unix time>` in Cellenics' tags decides, not the alphabet."""
+    registry, prefix = sandbox.registry, f"t-{uuid.uuid4().hex[:8]}"
+    ui_tags = [
+        UI_NOW,
+        "refs-heads-master-fff0001-1700000100",
+        "refs-heads-master-aaa0002-1700000200",
+    ]
+    for tag in ui_tags:
+        push(registry, f"{prefix}/ui", [tag], created=None)
+    api_tags = [
+        API_NOW,
+        "refs-heads-master-0b0b0b0-1700000300",
+        "refs-heads-master-9f9f9f9-1700000250",
+    ]
+    push(registry, f"{prefix}/api", api_tags, created="1970-01-01T00:00:00Z")
+    images = f"{registry}/{prefix}"
+    repo = files_repo(
+        tmp_path,
+        {
+            "staging/ui.yaml": v1_release("ui", f"{images}/ui", UI_NOW, "glob:refs-heads-master-*"),
+            "staging/api.yaml": v1_release(
+                "api", f"{images}/api", API_NOW, "regex:^refs-heads-master-"
+            ),
+        },
+    )
+    code, report = scan_json("scan", "--repo", repo)
+    assert code == 0
+    rows = {r["name"]: r for r in report["automations"]}  # type: ignore[union-attr, index]
+    assert {n: (r["latest"], r["status"]) for n, r in rows.items()} == {
+        "HelmRelease ui-staging/ui chart-image": ("refs-heads-master-aaa0002-1700000200", "update"),
+        "HelmRelease api-staging/api chart-image": (
+            "refs-heads-master-0b0b0b0-1700000300",
+            "update",
+        ),
+    }
+    assert report["warnings"] == []
+    code, output = invoke("update", "--repo", repo)
+    assert code == 0, output
+    assert b'tag: "refs-heads-master-aaa0002-1700000200"' in show(repo, "staging/ui.yaml")
+    assert b'tag: "refs-heads-master-0b0b0b0-1700000300"' in show(repo, "staging/api.yaml")
+
+
+def test_one_created_and_no_timestamps_keeps_the_current_tag_and_warns(
+    sandbox: SandboxHandle, tmp_path: Path
+) -> None:
+    registry, prefix = sandbox.registry, f"t-{uuid.uuid4().hex[:8]}"
+    push(registry, f"{prefix}/ui", ["main-0000001"], created="2024-01-01T00:00:00Z")
+    push(registry, f"{prefix}/ui", ["main-zzz9999", "main-aaa1111"], created="2024-02-01T00:00:00Z")
+    images = f"{registry}/{prefix}"
+    repo = files_repo(
+        tmp_path,
+        {"staging/ui.yaml": v1_release("ui", f"{images}/ui", "main-0000001", "glob:main-*")},
+    )
+    result = runner.invoke(app, ["images", "update", "--repo", repo])
+    assert result.exit_code == 0, result.output
+    warning = " ".join(result.stderr.split())
+    assert (
+        "warning: staging/ui.yaml: HelmRelease ui-staging/ui chart-image: policy glob:main-* "
+        "(newest build) cannot tell the newest of 2 tags apart (main-aaa1111, main-zzz9999): "
+        "same build time and no timestamp in the tag to order by; keeping main-0000001"
+    ) in warning
+    assert "nothing to update; 1 automation(s) undecided keep their tag" in warning
+    assert log(repo) == ["config"]  # the alphabetically smallest (main-aaa1111) was not taken
+    code, report = scan_json("scan", "--repo", repo)
+    assert code == 0
+    [row] = report["automations"]  # type: ignore[misc]
+    assert (row["status"], row["current"], row["latest"]) == ("undecided", "main-0000001", None)
+    assert row["tied"] == ["main-aaa1111", "main-zzz9999"]
+    assert report["warnings"] == [row["warning"]]
+    # A newer build decides again.
+    push(registry, f"{prefix}/ui", ["main-bbb2222"], created="2024-03-01T00:00:00Z")
+    code, output = invoke("update", "--repo", repo)
+    assert code == 0, output
+    assert b'tag: "main-bbb2222"' in show(repo, "staging/ui.yaml")
 
 
 def test_registry_down_writes_nothing(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Promotion, approval and rollback through the dashboard's API reach git and the cluster,
-through the same package code as `conveyor promote`, `approve` and `rollback`."""
+through the same package code as `conveyor promote`, `approve` and `rollback`; the
+rollback's pin shows on the app's page and in its history."""
 
 from __future__ import annotations
 
@@ -91,6 +92,20 @@ def test_promote_approve_and_rollback_through_the_api(
             timeout=120,
             what="the rollback in production",
         )
+        # The rollback pins web against image automation, by the dashboard's user.
+        pin = wait_for(
+            lambda: httpx.get(f"{api}/apps/web/history", timeout=60).json()["pin"],
+            timeout=60,
+            what="the pin in the app's history",
+        )
+        assert (pin["by"], pin["reason"]) == (
+            "alice (dashboard)",
+            "rolled back from 2.0.0 to 1.0.0",
+        )
+        assert pin["annotation"] == "conveyor.dev/pinned"
+        page = httpx.get(f"{serve.url}/environments/{production}/apps/web", timeout=60).text
+        assert ('<span class="badge pinned" id="pin" title="conveyor.dev/pinned since ') in page
+        assert ">pinned by alice (dashboard): rolled back from 2.0.0 to 1.0.0</span>" in page
     finally:
         serve.stop()
         sandbox.run("kubectl", "delete", "namespace", prod_ns, "--wait=false", check=False)

@@ -18,6 +18,7 @@ from conveyor.images.policy import (
     flux_v1_filter,
     go_regex,
     image_policy,
+    tag_time,
 )
 from conveyor.images.semver import SemverRange, SemverRangeError, Version
 
@@ -207,8 +208,71 @@ def test_newest_build_picks_latest_build_time() -> None:
         "refs-pull-1-merge-ccc": datetime(2025, 1, 1, tzinfo=UTC),
     }
     assert policy.select(list(built), built=built) == "refs-heads-master-aaa"
+    assert policy.ties(list(built), built=built) == []
+    # One build time and nothing in the tags to order by: no choice, never the smaller tag.
     tie = {"b": datetime(2024, 1, 1, tzinfo=UTC), "a": datetime(2024, 1, 1, tzinfo=UTC)}
-    assert flux_v1_filter("glob:*").select(list(tie), built=tie) == "a"
+    assert flux_v1_filter("glob:*").select(list(tie), built=tie) is None
+    assert flux_v1_filter("glob:*").ties(list(tie), built=tie) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("tag", "expected"),
+    [
+        ("refs-heads-master-4f5c0a1-1700000000", datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)),
+        ("build-1700000000123", datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)),
+        ("nightly.20240501", datetime(2024, 5, 1, tzinfo=UTC)),
+        ("main_202405011230", datetime(2024, 5, 1, 12, 30, tzinfo=UTC)),
+        ("20240501103000-abc", datetime(2024, 5, 1, 10, 30, tzinfo=UTC)),
+        # the last timestamp of the tag counts
+        ("1600000000-rebuilt-1700000000", datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)),
+        ("refs-heads-master-4f5c0a1", None),  # a short SHA is not a time
+        ("1234567", None),
+        ("refs-heads-master-1111111-999999999", None),  # 9 digits: not a Unix time we read
+        ("v12345678", None),  # digits glued to a letter
+        ("release-19991231", None),  # before 2000
+        ("release-20241399", None),  # no 13th month
+        ("latest", None),
+    ],
+)
+def test_tag_time(tag: str, expected: datetime | None) -> None:
+    assert tag_time(tag) == expected
+
+
+def _at(second: int) -> datetime:
+    return datetime(2024, 1, 1, 0, 0, second, tzinfo=UTC)
+
+
+def test_newest_build_orders_by_created_then_the_tag_timestamp() -> None:
+    policy = flux_v1_filter("glob:refs-heads-master-*")
+    old, new = "refs-heads-master-aaa-1700000000", "refs-heads-master-bbb-1700000500"
+    # `created` first, even against the timestamps in the tags.
+    assert policy.select([old, new], built={old: _at(2), new: _at(1)}) == old
+    # Reproducible builds share one `created`: the tags' timestamps decide.
+    assert policy.select([new, old], built={old: _at(0), new: _at(0)}) == new
+    # No `created` at all (no config field): the tags' timestamps decide too.
+    assert policy.select([new, old], built={old: None, new: None}) == new
+    assert policy.select([old, new]) == new
+    # A tag without `created` is older than any with one.
+    assert policy.select([old, new], built={old: _at(0), new: None}) == old
+
+
+def test_newest_build_without_an_order_chooses_nothing() -> None:
+    policy = flux_v1_filter("regex:^main-")
+    # One time, no timestamps: undecided, whatever the alphabet says.
+    same = {"main-zzz": _at(0), "main-aaa": _at(0), "main-old": None}
+    assert policy.select(list(same), built=same) is None
+    assert policy.ties(list(same), built=same) == ["main-aaa", "main-zzz"]
+    # One of the tied tags has a timestamp, the other not: they cannot be ordered.
+    mixed = {"main-x-1700000000": _at(0), "main-y": _at(0)}
+    assert policy.ties(list(mixed), built=mixed) == ["main-x-1700000000", "main-y"]
+    # Equal timestamps are no order either.
+    equal = ["main-a-1700000000", "main-b-1700000000"]
+    assert policy.ties(equal) == equal
+    # A single matching tag needs no order.
+    assert policy.select(["main-only", "other"]) == "main-only"
+    assert policy.ties(["other"]) == [] and policy.select(["other"]) is None
+    # The total orders never tie.
+    assert SemverPolicy(SemverRange.parse(">=1")).ties(["1.0.0", "v1.0.0"]) == []
 
 
 def test_image_policy_specs() -> None:

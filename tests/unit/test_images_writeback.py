@@ -270,7 +270,6 @@ def test_flux_v1_helm_release_shapes(tmp_path: Path) -> None:
     "annotations",
     [
         '    fluxcd.io/automated: "false"\n',
-        '    fluxcd.io/automated: "true"\n    fluxcd.io/locked: "true"\n',
         "    other: x\n",
     ],
 )

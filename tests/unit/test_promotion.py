@@ -4,6 +4,7 @@ on real git repositories (no cluster: plain Deployments render without one)."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -324,13 +325,90 @@ def test_rollback_restores_the_previous_version_and_keeps_later_settings(repo: R
     report = json.loads(result.stdout)
     assert (report["from"], report["to"]) == ("1.3.0", "1.2.0")
     assert repo.subjects()[0].startswith("Roll back web in production to 1.2.0 (was 1.3.0; as of ")
-    assert repo.show(path) == deployment("web", "web-prod", tag="1.2.0", replicas=5)
-    older = invoke(*rollback, "--to", "1.1.0")
+    assert without_pin(repo.show(path)) == deployment("web", "web-prod", tag="1.2.0", replicas=5)
+    assert report["pin"]["reason"] == "rolled back from 1.3.0 to 1.2.0"
+    older = invoke(*rollback, "--to", "1.1.0", "--reason", "1.2.0 leaks memory")
     assert older.exit_code == 0, older.output
-    assert repo.show(path) == deployment("web", "web-prod", tag="1.1.0", replicas=5)
+    assert without_pin(repo.show(path)) == deployment("web", "web-prod", tag="1.1.0", replicas=5)
+    assert 'conveyor.dev/pinned-reason: "1.2.0 leaks memory"' in repo.show(path)
     never = invoke(*rollback, "--to", "0.1.0")
     assert never.exit_code == 2
     assert "web never ran 0.1.0 in production" in never.stderr
+
+
+PIN_LINES = re.compile(r"^  annotations:\n(    conveyor\.dev/pinned[-a-z]*: .*\n)+", re.M)
+
+
+def without_pin(text: str) -> str:
+    """The file without the annotations block a rollback's pin added."""
+    return PIN_LINES.sub("", text)
+
+
+def test_rollback_pins_until_unpin_or_a_promotion_lifts_it(repo: Repo) -> None:
+    path = "production/web/deploy.yaml"
+    repo.commit({path: deployment("web", "web-prod", tag="1.2.0", replicas=3)}, message="1.2.0")
+    rollback = invoke(
+        "rollback",
+        "--repo",
+        repo.url,
+        "--env",
+        "production",
+        "--app",
+        "web",
+        "--no-apply",
+        "--author-name",
+        "alice",
+    )
+    assert rollback.exit_code == 0, rollback.output
+    assert "pinned by alice at " in rollback.stdout
+    shown = repo.show(path)
+    assert 'conveyor.dev/pinned: "true"' in shown and 'conveyor.dev/pinned-by: "alice"' in shown
+    assert re.search(r'conveyor.dev/pinned-at: "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"', shown)
+
+    unpin = ["unpin", "web", "--repo", repo.url, "--env", "production", "--author-name", "bob"]
+    lifted = invoke(*unpin, "-o", "json")
+    assert lifted.exit_code == 0, lifted.output
+    report = json.loads(lifted.stdout)
+    assert (report["pin"]["by"], report["files"]) == ("alice", [path])
+    assert repo.show(path) == deployment("web", "web-prod", tag="1.1.0", replicas=3)
+    body = run_git(["--git-dir", repo.url, "log", "-1", "--format=%s%n%b%an", "main"])
+    assert body.splitlines() == [
+        "Unpin web in production (pinned by alice): image automation follows it again",
+        "Conveyor-Change: unpin",
+        "bob",
+    ]
+    heads = repo.head()
+    again = invoke(*unpin)
+    assert again.exit_code == 0 and "web in production is not pinned" in again.stdout
+    assert repo.head() == heads  # no empty commit
+
+    # A promotion into production lifts a pin, unless --keep-pin. (`--to` the version
+    # it runs pins it where it is.)
+    rollback = ["rollback", "--repo", repo.url, "--env", "production", "--app", "web"]
+    pinned = invoke(*rollback, "--no-apply", "--to", "1.1.0")
+    assert pinned.exit_code == 0, pinned.output
+    assert "conveyor.dev/pinned" in repo.show(path)
+    promote = ["promote", "--repo", repo.url, "--from", "staging", "--to", "production"]
+    kept = invoke(*promote, "--keep-pin")
+    assert kept.exit_code == 0, kept.output
+    assert "kept (--keep-pin)" in kept.stdout
+    assert without_pin(repo.show(path)) == deployment("web", "web-prod", tag="1.2.0", replicas=3)
+    assert "conveyor.dev/pinned" in repo.show(path)
+    assert invoke(*rollback, "--no-apply").exit_code == 0  # back to 1.1.0, pinned again
+    promoted = invoke(*promote, "-o", "json")
+    assert promoted.exit_code == 0, promoted.output
+    [web] = json.loads(promoted.stdout)["apps"]
+    assert (web["pin"]["by"], web["unpinned"]) == ("conveyor", True)
+    assert repo.show(path) == deployment("web", "web-prod", tag="1.2.0", replicas=3)
+    message = run_git(["--git-dir", repo.url, "log", "-1", "--format=%B", "main"])
+    assert "Lifts the pin on web (pinned by conveyor at " in message
+    assert message.rstrip().endswith("Conveyor-Change: promotion")
+
+
+def test_unpin_bad_input_is_one_line(repo: Repo) -> None:
+    result = invoke("unpin", "nosuch", "--repo", repo.url, "--env", "production")
+    assert result.exit_code == 2
+    assert "production has no app 'nosuch' (has: web)" in result.stderr
 
 
 def app_repo(root: Path) -> Path:

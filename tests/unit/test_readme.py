@@ -51,6 +51,7 @@ RUNS_OFFLINE = {
     "conveyor promote --repo URL --from staging --to production --mode branch --outfile diff.md": 0,
     "conveyor gate check --repo URL --env production --version 1.4.3 [-o json]": 0,
     "conveyor approve --repo URL --env production --version 1.4.3 --by alice": 0,
+    "conveyor unpin ui --repo URL --env production": 0,  # ui is not pinned: nothing to do
     "conveyor diff --repo . --base main --head my-branch --env production --format markdown": 1,
     "conveyor hotfix start --from-tag v1.4.2 [--push]": 0,
     "conveyor notes --from v1.4.2 --to v1.4.3": 0,

@@ -50,6 +50,8 @@ STATUS_STYLE = {
     Status.current: "green",
     Status.update: "yellow",
     Status.no_match: "dim",
+    Status.undecided: "yellow",
+    Status.pinned: "magenta",
     Status.error: "red",
 }
 
@@ -116,17 +118,33 @@ def _print_scan(result: ScanResult) -> None:
             escape(_where(row)),
         )
     console.print(table)
+    # Who holds each pinned tag and why, a line each (a table cell would fold it).
+    for row in result.rows:
+        if row.automation.pin is not None:
+            console.print(
+                f"[magenta]{escape(row.automation.name)}[/] ({escape(_where(row))}): "
+                f"{escape(row.automation.pin.describe())}",
+                highlight=False,
+                soft_wrap=True,
+            )
     for row in result.rows:
         if row.outcome.error:
             err_console.print(f"[red]{escape(row.automation.name)}:[/] {escape(row.outcome.error)}")
+    _print_warnings(result)
     for problem in result.problems:
         err_console.print(f"[yellow]{escape(problem.file)}:[/] {escape(problem.message)}")
+
+
+def _print_warnings(result: ScanResult) -> None:
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
 def _scan_dict(result: ScanResult) -> dict[str, object]:
     return {
         "automations": [row.to_dict() for row in result.rows],
         "problems": [{"file": p.file, "message": p.message} for p in result.problems],
+        "warnings": result.warnings,
         "requests": result.requests,
     }
 
@@ -152,6 +170,7 @@ def scan_command(
         _print_scan(result)
     else:
         print_machine(_scan_dict(result), output)
+        _print_warnings(result)
     if result.failed:
         raise typer.Exit(1)
 
@@ -207,6 +226,11 @@ def update(
         elif result.failed:
             failed = sum(1 for row in result.rows if row.status is Status.error)
             err_console.print(f"nothing to update; {failed} automation(s) could not be checked")
+        elif result.warnings:
+            err_console.print(
+                f"nothing to update; {len(result.warnings)} automation(s) undecided keep "
+                "their tag (see the warnings)"
+            )
         else:
             err_console.print("nothing to update: every file holds the chosen tag")
     else:
@@ -217,6 +241,7 @@ def update(
             {"file": c.file, "image": c.image, "old": c.old, "new": c.new} for c in outcome.changes
         ]
         print_machine(data, output)
+        _print_warnings(result)
     if result.failed:
         raise typer.Exit(1)
 

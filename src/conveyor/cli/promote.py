@@ -1,9 +1,12 @@
-"""`conveyor promote`, `rollback`, `hotfix start` and `notes`: versions between environments."""
+"""`conveyor promote`, `rollback`, `unpin`, `hotfix start` and `notes`: versions between
+environments."""
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from rich.table import Table
 
 from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
 from conveyor.cli.reconcile import (
+    BranchOption,
     ContextOption,
     KubeconfigOption,
     NotifyWaitOption,
@@ -29,6 +33,7 @@ from conveyor.config.project import ConfigError
 from conveyor.promote.gates import cluster_client
 from conveyor.promote.hotfix import start_hotfix
 from conveyor.promote.notes import release_notes, render_notes
+from conveyor.promote.pinning import unpin_in_repo
 from conveyor.promote.pipeline import PromotionError, Workspace
 from conveyor.promote.promotion import GatesClosed, PromotionRequest, PromotionResult, promote
 from conveyor.promote.rollback import rollback_in_repo
@@ -60,8 +65,9 @@ def _apply(
     context: str | None,
     *,
     notify_wait: float,
+    branch: str | None = None,
 ) -> PassResult:
-    target = Target(repo=repo, env=env, kubeconfig=kubeconfig, context=context)
+    target = Target(repo=repo, branch=branch, env=env, kubeconfig=kubeconfig, context=context)
     with err_console.status("applying") as spinner:
         try:
             result = asyncio.run(
@@ -79,6 +85,17 @@ def _apply(
     return result
 
 
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """Bad input: one line, exit 2; git that fails: exit 1 (a URL's password masked)."""
+    try:
+        yield
+    except BAD_INPUT as error:
+        fail(escape(str(error)))
+    except (GitError, PushRaceLost) as error:
+        fail(escape(mask_url(str(error))), code=1)
+
+
 def _print_promotion(result: PromotionResult) -> None:
     table = Table(title=f"{result.source or 'version'} → {result.target}")
     for column in ("app", "from", "to", "file", "fields"):
@@ -89,6 +106,10 @@ def _print_promotion(result: PromotionResult) -> None:
         )
     if result.apps:
         console.print(table)
+    for app in result.apps:
+        if app.pin is not None:
+            held = "lifted" if app.unpinned else "kept (--keep-pin)"
+            console.print(f"{app.app}: {escape(app.pin.describe())}; {held}", highlight=False)
     for gate in result.gates:
         console.print(f"gate {escape(gate.gate)}: open ({escape(gate.message)})", highlight=False)
     if result.unchanged:
@@ -132,6 +153,12 @@ def promote_command(
         "starts, so record the approval (`conveyor approve`) and run promote again.",
     ),
     apply: bool = typer.Option(False, "--apply", help="Reconcile the promoted apps at once."),
+    keep_pin: bool = typer.Option(
+        False,
+        "--keep-pin",
+        help="Keep a rollback's pin on the promoted apps (by default a promotion lifts it, "
+        "and image automation follows them again).",
+    ),
     outfile: Path | None = typer.Option(None, "--outfile", help="Write branch mode's diff here."),
     author_name: str = AuthorNameOption,
     author_email: str = AuthorEmailOption,
@@ -158,6 +185,7 @@ def promote_command(
         mode="branch" if mode is Mode.branch else "commit",
         candidate=candidate,
         gate_timeout=wait,
+        keep_pin=keep_pin,
     )
     with (
         tempfile.TemporaryDirectory(prefix="conveyor-promote-") as workdir,
@@ -203,9 +231,13 @@ def promote_command(
 
 def rollback(
     repo: str = RepoOption,
+    branch: str | None = BranchOption,
     env: str = typer.Option(..., "--env", help="Environment to roll back in."),
     app: str = typer.Option(..., "--app", help="The app to roll back."),
     to: str | None = typer.Option(None, "--to", help="This version (default: the previous)."),
+    reason: str | None = typer.Option(
+        None, "--reason", help="Why, recorded on the pin (default: from and to which version)."
+    ),
     apply: bool = typer.Option(True, "--apply/--no-apply", help="Reconcile the app at once."),
     author_name: str = AuthorNameOption,
     author_email: str = AuthorEmailOption,
@@ -215,22 +247,20 @@ def rollback(
     notify_wait: float = NotifyWaitOption,
 ) -> None:
     """Restore the app's previous (or given) version by a git commit, then apply it, so
-    git and the cluster agree and automation does not undo the rollback."""
-    with tempfile.TemporaryDirectory(prefix="conveyor-rollback-") as workdir:
-        try:
-            result = rollback_in_repo(
-                repo,
-                Path(workdir),
-                env=env,
-                app=app,
-                to=to,
-                author=Author(author_name, author_email),
-            )
-            plan = result.plan
-        except BAD_INPUT as error:
-            fail(escape(str(error)))
-        except (GitError, PushRaceLost) as error:
-            fail(escape(mask_url(str(error))), code=1)
+    git and the cluster agree. The commit pins the app against image automation (by
+    --author-name, for --reason) until `conveyor unpin` or a promotion lifts the pin."""
+    with tempfile.TemporaryDirectory(prefix="conveyor-rollback-") as workdir, _refusals():
+        result = rollback_in_repo(
+            repo,
+            Path(workdir),
+            env=env,
+            app=app,
+            to=to,
+            author=Author(author_name, author_email),
+            reason=reason,
+            branch=branch,
+        )
+        plan = result.plan
     if output is not OutputFormat.table:
         print_machine(result.to_dict(), output)
     else:
@@ -239,11 +269,49 @@ def rollback(
             + (f", committed {result.commit[:12]}" if result.commit else ", git had it already"),
             highlight=False,
         )
+        if result.pin is not None:
+            console.print(
+                f"{app} in {env}: {escape(result.pin.describe())}; image automation leaves it "
+                f"alone until `conveyor unpin {app} --env {env}` or a promotion",
+                highlight=False,
+            )
     if apply:
-        applied = _apply(repo, env, app, kubeconfig, context, notify_wait=notify_wait)
+        applied = _apply(
+            repo, env, app, kubeconfig, context, notify_wait=notify_wait, branch=branch
+        )
         if output is OutputFormat.table:
             console.print(status_table(list(applied.statuses.values()), title=f"applied in {env}"))
         raise typer.Exit(0 if applied.all_ready else 1)
+
+
+def unpin(
+    app: str = typer.Argument(..., help="The app to unpin."),
+    repo: str = RepoOption,
+    branch: str | None = BranchOption,
+    env: str = typer.Option(..., "--env", help="Environment the app is pinned in."),
+    author_name: str = AuthorNameOption,
+    author_email: str = AuthorEmailOption,
+    output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
+) -> None:
+    """Lift a rollback's pin (a Flux v1 lock or conveyor's pin) by a git commit, so image
+    automation follows the app again. No commit when the app is not pinned."""
+    with tempfile.TemporaryDirectory(prefix="conveyor-unpin-") as workdir, _refusals():
+        result = unpin_in_repo(
+            Workspace(repo, Path(workdir), branch=branch),
+            env=env,
+            app=app,
+            author=Author(author_name, author_email),
+        )
+    if output is not OutputFormat.table:
+        print_machine(result.to_dict(), output)
+    elif result.pin is None:
+        console.print(f"{app} in {env} is not pinned; nothing to do", highlight=False)
+    else:
+        console.print(
+            f"{app} in {env}: lifted the pin ({escape(result.pin.describe())}), committed "
+            f"{(result.commit or '')[:12]}; image automation follows it again",
+            highlight=False,
+        )
 
 
 hotfix_app = typer.Typer(help="Hotfix branches from release tags.", no_args_is_help=True)

@@ -3,7 +3,7 @@
 Two conventions are read as the teams wrote them:
 
 - Flux v1: objects annotated `fluxcd.io/automated: "true"` (or `flux.weave.works/...`),
-  not locked, with a filter per container in `filter.fluxcd.io/<c>`, `fluxcd.io/tag.<c>`
+  with a filter per container in `filter.fluxcd.io/<c>`, `fluxcd.io/tag.<c>`
   or `flux.weave.works/tag.<c>` (default `glob:*`). In a HelmRelease the image of
   container `chart-image` is `values.image` and that of container `c` is `values.c.image`,
   in the shapes the Helm operator understood (`image: repo:tag`; `image: repo` + `tag`;
@@ -16,6 +16,9 @@ Two conventions are read as the teams wrote them:
   ImageUpdateAutomation objects, under one of their `spec.update.path`s, as Flux writes).
 
 Discovery only reads; `Watch` is what the registry is asked, `Site` where an answer goes.
+An object that is pinned (a Flux v1 lock or a conveyor pin, see `images/pins.py`) still
+yields its automation, marked with the pin, so that a scan shows who holds it; nothing is
+written to it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from conveyor.config.userfile import UserFileError, YamlDocument, validate
 from conveyor.config.userfile import read_text as read_user_text
+from conveyor.images.pins import FLUX_V1_PREFIXES, Pin, read_pin, truthy
 from conveyor.images.policy import PolicyError, TagPolicy, flux_v1_filter, go_regex, image_policy
 from conveyor.images.reference import (
     ImageName,
@@ -56,8 +60,7 @@ class SiteForm(StrEnum):
     name = "name"  # the scalar is the repository (Flux v2 `:name` setters)
 
 
-FLUX_V1_AUTOMATED = ("fluxcd.io/automated", "flux.weave.works/automated")
-FLUX_V1_LOCKED = ("fluxcd.io/locked", "flux.weave.works/locked")
+FLUX_V1_AUTOMATED = tuple(f"{prefix}/automated" for prefix in FLUX_V1_PREFIXES)
 FLUX_V1_FILTERS = ("filter.fluxcd.io/{}", "fluxcd.io/tag.{}", "flux.weave.works/tag.{}")
 FLUX_V1_HELM_APIS = ("helm.fluxcd.io/", "flux.weave.works/")
 CHART_IMAGE = "chart-image"
@@ -125,6 +128,7 @@ class Automation:
     watch: Watch
     repository: str  # the repository as written (what `:name` setters receive)
     sites: list[Site] = field(default_factory=list)
+    pin: Pin | None = None  # held by a person: scanned, never written
 
     @property
     def current(self) -> str | None:
@@ -308,18 +312,13 @@ def _workload_images(node: yaml.Node, kind: str, file: str) -> dict[str, _Found]
     return found
 
 
-def _truthy(value: object) -> bool:
-    return value is True or str(value).lower() == "true"
-
-
 def _flux_v1(document: YamlDocument, head: ObjectHead, file: str) -> Iterator[Automation | Problem]:
     data = document.data
     metadata = head.metadata
     annotations = metadata.annotations or {}
-    automated = any(_truthy(annotations.get(a)) for a in FLUX_V1_AUTOMATED)
-    locked = any(_truthy(annotations.get(a)) for a in FLUX_V1_LOCKED)
-    if not automated or locked:
+    if not any(truthy(annotations.get(a)) for a in FLUX_V1_AUTOMATED):
         return
+    pin = read_pin(annotations)
     kind = str(data.get("kind"))
     if kind == "HelmRelease" and str(data.get("apiVersion")).startswith(FLUX_V1_HELM_APIS):
         images = _helm_release_images(document.node, annotations, file)
@@ -345,7 +344,7 @@ def _flux_v1(document: YamlDocument, head: ObjectHead, file: str) -> Iterator[Au
             yield Problem(file, f"{name}: {error}")
             continue
         yield Automation(
-            "flux-v1", name, file, Watch(image, policy), found.repository, [found.site]
+            "flux-v1", name, file, Watch(image, policy), found.repository, [found.site], pin
         )
 
 
@@ -397,8 +396,60 @@ def _policy_automation(
         )
     except (PolicyError, ImageReferenceError) as error:
         return Problem(policy.file, f"{name}: {error}")
-    watch = Watch(image, chooser, exclude, _truthy(repository.spec.get("insecure")))
+    watch = Watch(image, chooser, exclude, truthy(repository.spec.get("insecure")))
     return Automation("flux-v2", name, policy.file, watch, image_text)
+
+
+@dataclass(frozen=True)
+class _Setter:
+    file: str
+    reference: str
+    scalar: Scalar
+    document: int  # index of the document holding it, in its file
+    pin: Pin | None  # that document's pin
+
+
+def _document_pin(document: YamlDocument) -> Pin | None:
+    """The pin of any document with `metadata.annotations` (a kustomization too)."""
+    data = document.data
+    metadata = data.get("metadata") if isinstance(data, dict) else None
+    annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
+    return read_pin(annotations) if isinstance(annotations, dict) else None
+
+
+def _setters(text: str, documents: list[YamlDocument], file: str) -> Iterator[_Setter]:
+    spans = [(d.node.start_mark.index, d.node.end_mark.index) for d in documents]
+    pins = [_document_pin(d) for d in documents]
+    for setter in setter_comments(text, documents):
+        index = next(
+            (i for i, (start, end) in enumerate(spans) if start <= setter.scalar.start <= end), 0
+        )
+        pin = pins[index] if pins else None
+        yield _Setter(file, setter.reference, setter.scalar, index, pin)
+
+
+def _site_owner(
+    automation: Automation,
+    setter: _Setter,
+    pinned: dict[tuple[str, str, int], Automation],
+    found: Discovery,
+) -> Automation:
+    """The automation a setter's site joins: the policy's own, or, in a pinned document,
+    a pinned twin of it (one per document) that shows the pin and is never written."""
+    if setter.pin is None:
+        return automation
+    key = (automation.name, setter.file, setter.document)
+    if key not in pinned:
+        pinned[key] = Automation(
+            automation.kind,
+            automation.name,
+            automation.file,
+            automation.watch,
+            automation.repository,
+            pin=setter.pin,
+        )
+        found.automations.append(pinned[key])
+    return pinned[key]
 
 
 def discover(root: Path, folder: str = ".") -> Discovery:
@@ -407,7 +458,7 @@ def discover(root: Path, folder: str = ".") -> Discovery:
     repositories: dict[tuple[str, str], _Object] = {}
     policies: list[_Object] = []
     update_paths: list[PurePosixPath] = []
-    setters: list[tuple[str, str, Scalar]] = []
+    setters: list[_Setter] = []
     for path in yaml_files(root, folder):
         file = path.relative_to(root).as_posix()
         try:
@@ -440,7 +491,7 @@ def discover(root: Path, folder: str = ".") -> Discovery:
             else:
                 update = flux_object.spec.get("update") or {}
                 update_paths.append(PurePosixPath(str(update.get("path") or ".")))
-        setters.extend((file, s.reference, s.scalar) for s in setter_comments(text, documents))
+        setters.extend(_setters(text, documents, file))
     by_reference: dict[str, Automation] = {}
     for policy in policies:
         result = _policy_automation(policy, repositories)
@@ -449,7 +500,9 @@ def discover(root: Path, folder: str = ".") -> Discovery:
         else:
             found.automations.append(result)
             by_reference[f"{policy.namespace}:{policy.name}"] = result
-    for file, reference, scalar in setters:
+    pinned: dict[tuple[str, str, int], Automation] = {}
+    for setter in setters:
+        file, reference, scalar = setter.file, setter.reference, setter.scalar
         if update_paths and not any(PurePosixPath(file).is_relative_to(p) for p in update_paths):
             continue  # the repo's ImageUpdateAutomations write only under their update.path
         parts = reference.split(":")
@@ -461,5 +514,10 @@ def discover(root: Path, folder: str = ".") -> Discovery:
             known = "unknown setter" if form is None else "no such ImagePolicy in the scan"
             found.problems.append(Problem(file, f"line {scalar.line}: {reference!r}: {known}"))
             continue
-        automation.sites.append(Site(file, scalar, form))
+        _site_owner(automation, setter, pinned, found).sites.append(Site(file, scalar, form))
+    # A policy whose every site is pinned is shown by its pinned twins alone.
+    held = {twin.name for twin in pinned.values()}
+    found.automations = [
+        a for a in found.automations if a.pin is not None or a.sites or a.name not in held
+    ]
     return found

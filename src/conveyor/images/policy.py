@@ -2,7 +2,10 @@
 
 Two dialects meet here. Flux v1 annotations carry a filter (`glob:`, `semver:`,
 `regex:`/`regexp:`); semver picks the highest version, glob and regex the most recently
-built image (the `created` time in its config), as fluxd did. Flux v2 ImagePolicy objects
+built image, as fluxd did: by the `created` time in its config, then by a timestamp in
+the tag, and when neither tells the newest apart, by nothing: the scan keeps the tag the
+files hold and warns (fluxd, and conveyor before, took the smallest tag, an arbitrary
+choice when images carry no `created` or reproducible builds share one). Flux v2 ImagePolicy objects
 pick by `semver` range, `alphabetical` or `numerical` order, after `filterTags` (a regex
 `pattern` whose `extract` template, `$ts`-style, yields the value to order by).
 
@@ -23,7 +26,6 @@ from typing import Any, Protocol
 from conveyor.errors import ConveyorError
 from conveyor.images.semver import SemverRange, SemverRangeError, Version
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
 _TEMPLATE_REFERENCE = re.compile(r"\$(?:\$|\{(\w+)\}|(\w+))")
 
@@ -38,7 +40,8 @@ class Order(StrEnum):
 
 
 class TagPolicy(Protocol):
-    """Chooses one tag. `select` gets build times only if `needs_build_times`."""
+    """Chooses one tag. `select` gets build times only if `needs_build_times`; when its
+    order cannot tell the best tags apart it chooses none, and `ties` names them."""
 
     @property
     def description(self) -> str: ...
@@ -53,6 +56,21 @@ class TagPolicy(Protocol):
     def select(
         self, tags: Iterable[str], *, built: Mapping[str, datetime | None] | None = None
     ) -> str | None: ...
+
+    def ties(
+        self, tags: Iterable[str], *, built: Mapping[str, datetime | None] | None = None
+    ) -> list[str]:
+        """The tags that tie for best when `select` chooses none for that reason."""
+        ...
+
+
+class _TotalOrder:
+    """Policies whose order always decides (equal values fall back to the tag string)."""
+
+    def ties(
+        self, tags: Iterable[str], *, built: Mapping[str, datetime | None] | None = None
+    ) -> list[str]:
+        return []
 
 
 def go_regex(pattern: str, *, context: str) -> re.Pattern[str]:
@@ -111,7 +129,7 @@ def _values(tags: Iterable[str], tag_filter: TagFilter) -> Iterable[tuple[str, s
 
 
 @dataclass(frozen=True)
-class SemverPolicy:
+class SemverPolicy(_TotalOrder):
     """Highest version within a range (Flux v1 `semver:`, Flux v2 `policy.semver`)."""
 
     range: SemverRange
@@ -141,7 +159,7 @@ class SemverPolicy:
 
 
 @dataclass(frozen=True)
-class AlphabeticalPolicy:
+class AlphabeticalPolicy(_TotalOrder):
     """Flux v2 `policy.alphabetical`: `asc` picks the last tag in order, `desc` the first."""
 
     order: Order = Order.asc
@@ -165,7 +183,7 @@ class AlphabeticalPolicy:
 
 
 @dataclass(frozen=True)
-class NumericalPolicy:
+class NumericalPolicy(_TotalOrder):
     """Flux v2 `policy.numerical`: values read as decimal numbers (timestamps, build
     numbers); `asc` picks the highest, `desc` the lowest. Non-numbers are skipped."""
 
@@ -202,10 +220,41 @@ def _glob(pattern: str) -> re.Pattern[str]:
     return re.compile("^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$", re.S)
 
 
+# A timestamp inside a tag: a run of 8 to 14 digits standing alone between separators
+# (`-`, `_`, `.`, `+` or the ends), the last such run of the tag.
+_TAG_DIGITS = re.compile(r"(?<![A-Za-z0-9])([0-9]{8,14})(?![A-Za-z0-9])")
+_COMPACT_TIMES = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}
+
+
+def tag_time(tag: str) -> datetime | None:
+    """The time a tag says it was built, or None: Unix seconds (10 digits, as Cellenics'
+    `refs-heads-master-<sha>-<unix time>`), Unix milliseconds (13 digits), or a compact
+    UTC date `YYYYMMDD[HHMM[SS]]` (8, 12, 14 digits) from 2000 on."""
+    found = _TAG_DIGITS.findall(tag)
+    if not found:
+        return None
+    digits = found[-1]
+    if len(digits) in (10, 13):
+        seconds = int(digits) / (1000 if len(digits) == 13 else 1)
+        return datetime.fromtimestamp(seconds, tz=UTC)
+    layout = _COMPACT_TIMES.get(len(digits))
+    if layout is None:
+        return None
+    try:
+        parsed = datetime.strptime(digits, layout).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return parsed if parsed.year >= 2000 else None
+
+
 @dataclass(frozen=True)
 class NewestBuildPolicy:
-    """Flux v1 `glob:`/`regex:` filters: of the matching tags, the most recently built
-    image wins (ties: the smaller tag, as fluxd sorted); unknown build times count as oldest."""
+    """Flux v1 `glob:`/`regex:` filters: of the matching tags, the most recently built.
+
+    The order, and nothing else: the newest `created` time in the image config (tags
+    without one count as older than any with one); among tags that share it, the newest
+    timestamp in the tag (`tag_time`). When that leaves more than one tag, because one of
+    them has no timestamp or two have the same, the policy chooses none (`ties`)."""
 
     matcher: re.Pattern[str]
     text: str
@@ -218,16 +267,33 @@ class NewestBuildPolicy:
     def matching(self, tags: Iterable[str]) -> list[str]:
         return [tag for tag in tags if self.matcher.search(tag)]
 
+    def newest(
+        self, tags: Iterable[str], *, built: Mapping[str, datetime | None] | None = None
+    ) -> list[str]:
+        """The matching tags the order puts first: one when it decides."""
+        times = built or {}
+        candidates = self.matching(tags)
+        newest_built = max((t for t in map(times.get, candidates) if t is not None), default=None)
+        tier = [tag for tag in candidates if times.get(tag) == newest_built]
+        if len(tier) < 2:
+            return tier
+        stamps = {tag: tag_time(tag) for tag in tier}
+        known = [stamp for stamp in stamps.values() if stamp is not None]
+        if len(known) < len(tier):
+            return tier  # a tag without a timestamp cannot be ordered against the others
+        return [tag for tag in tier if stamps[tag] == max(known)]
+
     def select(
         self, tags: Iterable[str], *, built: Mapping[str, datetime | None] | None = None
     ) -> str | None:
-        times = built or {}
-        candidates = self.matching(tags)
-        if not candidates:
-            return None
-        # Newest first; among equal times the smaller tag. Negating a timestamp keeps
-        # both keys ascending.
-        return min(candidates, key=lambda tag: (-((times.get(tag) or _EPOCH).timestamp()), tag))
+        first = self.newest(tags, built=built)
+        return first[0] if len(first) == 1 else None
+
+    def ties(
+        self, tags: Iterable[str], *, built: Mapping[str, datetime | None] | None = None
+    ) -> list[str]:
+        first = self.newest(tags, built=built)
+        return sorted(first) if len(first) > 1 else []
 
 
 def _semver_range(text: str, *, context: str) -> SemverRange:

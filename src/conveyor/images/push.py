@@ -27,16 +27,14 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def image_manifest(created: str) -> tuple[bytes, bytes]:
-    """A minimal OCI image: a config blob (with its build time) and a manifest."""
+def image_manifest(created: str | None) -> tuple[bytes, bytes]:
+    """A minimal OCI image: a config blob (with its build time, or without the optional
+    `created` field, as some builders leave it out) and a manifest."""
+    fields: dict[str, object] = {"architecture": "amd64", "os": "linux"}
+    if created is not None:
+        fields["created"] = created
     config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "created": created,
-            "rootfs": {"type": "layers", "diff_ids": []},
-            "config": {},
-        }
+        fields | {"rootfs": {"type": "layers", "diff_ids": []}, "config": {}}
     ).encode()
     manifest = json.dumps(
         {
@@ -66,7 +64,7 @@ async def push_async(
     repository: str,
     tags: Sequence[str],
     *,
-    created: str = "2024-01-01T00:00:00Z",
+    created: str | None = "2024-01-01T00:00:00Z",
     concurrency: int = 16,
 ) -> None:
     """Upload one config blob and tag one manifest with every tag (PUT per tag)."""
@@ -98,7 +96,7 @@ def push(
     repository: str,
     tags: Sequence[str],
     *,
-    created: str = "2024-01-01T00:00:00Z",
+    created: str | None = "2024-01-01T00:00:00Z",
     headers: Mapping[str, str] | None = None,
 ) -> None:
     """Push over plain HTTP (loopback registries such as the sandbox's)."""

@@ -3,6 +3,9 @@
 A repository watched by several policies is listed once. Build times are read only for
 policies that order by them (Flux v1 `glob:`/`regex:`), and only for matching tags. A
 registry that fails marks the automations that depend on it; the others still resolve.
+A policy whose order cannot tell the newest tags apart chooses none: the files keep their
+tag and the row warns, naming the policy and the file. A pinned automation is resolved
+(to show what unpinning would bring) but never chosen for writing.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ class Outcome:
     tags: int = 0
     matching: int = 0
     error: str | None = None
+    tied: tuple[str, ...] = ()  # the newest tags the policy could not tell apart
 
 
 class Status(StrEnum):
     current = "current"  # the files already hold the chosen tag
     update = "update"  # a newer tag is chosen
     no_match = "no-match"  # no tag satisfies the policy; files are left alone
+    undecided = "undecided"  # the newest tags tie; files keep their tag (a warning)
+    pinned = "pinned"  # a person holds the tag (rollback); files are left alone
     error = "error"  # the registry could not be asked
 
 
@@ -43,13 +49,32 @@ class Row:
 
     @property
     def status(self) -> Status:
+        if self.automation.pin is not None:
+            return Status.pinned
         if self.outcome.error:
             return Status.error
+        if self.outcome.tied:
+            return Status.undecided
         if self.outcome.latest is None:
             return Status.no_match
         if self.automation.current == self.outcome.latest:
             return Status.current
         return Status.update
+
+    @property
+    def warning(self) -> str | None:
+        """Why the files keep their tag though the registry answered, naming the policy
+        and the file; None when the order decided."""
+        tied = self.outcome.tied
+        if not tied or self.automation.pin is not None:
+            return None
+        automation = self.automation
+        listed = ", ".join(tied[:5]) + (f" and {len(tied) - 5} more" if len(tied) > 5 else "")
+        return (
+            f"{automation.file}: {automation.name}: policy {automation.watch.policy.description}"
+            f" cannot tell the newest of {len(tied)} tags apart ({listed}): same build time and"
+            f" no timestamp in the tag to order by; keeping {automation.current or '(none)'}"
+        )
 
     def to_dict(self) -> dict[str, object]:
         automation = self.automation
@@ -66,6 +91,9 @@ class Row:
             "matching": self.outcome.matching,
             "sites": [f"{s.file}:{s.scalar.line}" for s in automation.sites],
             "error": self.outcome.error,
+            "warning": self.warning,
+            "tied": list(self.outcome.tied),
+            "pin": automation.pin.to_dict() if automation.pin else None,
         }
 
 
@@ -77,12 +105,17 @@ class ScanResult:
 
     @property
     def chosen(self) -> dict[Watch, str]:
-        """The tag to write for each watch that resolved."""
+        """The tag to write for each watch that resolved (pinned automations are
+        skipped when writing, see `write_changes`)."""
         return {r.automation.watch: r.outcome.latest for r in self.rows if r.outcome.latest}
 
     @property
     def failed(self) -> bool:
         return any(r.status is Status.error for r in self.rows)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for w in (r.warning for r in self.rows) if w]
 
 
 async def resolve(watches: Iterable[Watch], registry: RegistryClient) -> dict[Watch, Outcome]:
@@ -104,9 +137,10 @@ async def resolve(watches: Iterable[Watch], registry: RegistryClient) -> dict[Wa
                 )
                 built = dict(zip(matching, times, strict=True))
             latest = watch.policy.select(matching, built=built)
+            tied = tuple(watch.policy.ties(matching, built=built)) if latest is None else ()
         except RegistryError as error:
             return Outcome(error=str(error))
-        return Outcome(latest, len(tags), len(matching))
+        return Outcome(latest, len(tags), len(matching), tied=tied)
 
     outcomes = await asyncio.gather(*(one(watch) for watch in unique))
     return dict(zip(unique, outcomes, strict=True))

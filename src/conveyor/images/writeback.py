@@ -58,13 +58,14 @@ def commit_message(changes: list[Change], template: str = DEFAULT_MESSAGE) -> st
 
 
 def write_changes(root: Path, folder: str, chosen: Mapping[Watch, str]) -> list[Change]:
-    """Rewrite, in place, every site whose automation has a chosen tag it does not hold."""
+    """Rewrite, in place, every site whose automation has a chosen tag it does not hold;
+    pinned automations are never written."""
     discovery = discover(root, folder)
     edits: dict[str, list[Edit]] = {}
     changes: list[Change] = []
     for automation in discovery.automations:
         tag = chosen.get(automation.watch)
-        if tag is None:
+        if tag is None or automation.pin is not None:
             continue
         for site in automation.sites:
             value = site.value_for(tag, repository=automation.repository)

@@ -27,11 +27,13 @@ class PromotionError(ConveyorError, ValueError):
 class Workspace:
     """Working copies of one config repo's branches in one directory, for one operation."""
 
-    def __init__(self, url: str, root: Path) -> None:
+    def __init__(self, url: str, root: Path, *, branch: str | None = None) -> None:
+        """`branch` stands for the repository's HEAD: its conveyor.yaml is read and the
+        environments that name no branch live on it (`--branch` of rollback, unpin)."""
         self.url = url
         self.root = root
         self._checkouts: dict[str, Checkout] = {}
-        self._default: str | None = None
+        self._default: str | None = branch
 
     def checkout(self, branch: str) -> Checkout:
         """The branch's latest head (fetched once per operation). GitError when the

@@ -6,6 +6,8 @@ nothing is written while one is closed. Then either one commit on the target's b
 (`commit`), or a `candidates/<name>` branch with the rendered diff for review
 (`branch`). `--version` puts an exact version in any environment through the same path,
 which is also how a hotfix or an arbitrary version for testing is deployed.
+A promotion lifts the pin a rollback left on the apps it writes (`keep_pin` keeps it):
+a person choosing the next version is the person lifting the hold.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any, Literal
 
 from conveyor.config.project import Environment
 from conveyor.errors import ConveyorError
+from conveyor.images.pins import Pin
 from conveyor.promote.gates import GateContext, GateResult, KubeFactory, wait_for_gates
 from conveyor.promote.offline_diff import diff_revisions
+from conveyor.promote.pinning import app_pin, unpin_app
 from conveyor.promote.pipeline import PromotionError, Workspace, environment
 from conveyor.promote.versions import (
     AppVersion,
@@ -32,7 +36,7 @@ from conveyor.promote.versions import (
     read_app_version,
 )
 from conveyor.reconcile.plan import render_markdown
-from conveyor.render.discover import discover
+from conveyor.render.discover import AppSource, discover
 from conveyor.render.helm import HelmCLI
 from conveyor.source.git import (
     Author,
@@ -56,6 +60,7 @@ class PromotionRequest:
     mode: Mode = "commit"
     candidate: str | None = None  # the branch name under candidates/
     gate_timeout: float | None = None  # overrides every gate's own timeout
+    keep_pin: bool = False  # leave a rollback's pin on the promoted apps
 
 
 @dataclass
@@ -65,6 +70,8 @@ class AppPromotion:
     before: str | None
     after: str | None
     fields: list[str] = field(default_factory=list)  # "field old → new"
+    pin: Pin | None = None  # the target's pin on the app before the promotion
+    unpinned: bool = False  # the promotion lifted it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +80,8 @@ class AppPromotion:
             "from": self.before,
             "to": self.after,
             "fields": self.fields,
+            "pin": self.pin.to_dict() if self.pin else None,
+            "unpinned": self.unpinned,
         }
 
 
@@ -120,16 +129,17 @@ class _Selected:
 
 def _target_changes(
     root: Path, target: Environment, selected: _Selected, version: str | None
-) -> tuple[AppVersion, list[FieldChange]]:
+) -> tuple[AppSource, AppVersion, list[FieldChange]]:
     apps = {a.name: a for a in discover(root, target.path).apps}
     if selected.app not in apps:
         raise PromotionError(f"{target.name} has no app {selected.app!r} any more")
-    current = read_app_version(root, apps[selected.app])
+    app = apps[selected.app]
+    current = read_app_version(root, app)
     if version is not None:
-        return current, plan_set(current, version)
+        return app, current, plan_set(current, version)
     if selected.source is None:
         raise PromotionError(f"no version to give {selected.app}")
-    return current, plan_copy(selected.source, current)
+    return app, current, plan_copy(selected.source, current)
 
 
 def _select(
@@ -180,8 +190,14 @@ def _message(request: PromotionRequest, promotions: list[AppPromotion]) -> str:
         subject = f"Promote {listed} from {request.source} to {request.target}"
     else:
         subject = f"Deploy {listed} to {request.target}"
+    lifted = [
+        f"Lifts the pin on {p.app} ({p.pin.describe()})."
+        for p in promotions
+        if p.pin is not None and not request.keep_pin
+    ]
+    body = "\n".join(lifted) + "\n\n" if lifted else ""
     # The trailer tells the agent that applies this commit to announce it as `promoted`.
-    return f"{subject}\n\n{change_trailer('promotion')}"
+    return f"{subject}\n\n{body}{change_trailer('promotion')}"
 
 
 async def promote(
@@ -214,7 +230,7 @@ async def promote(
     root = workspace.env_root(target)
     promotions, unchanged = [], []
     for item in selected:
-        current, changes = _target_changes(root, target, item, request.version)
+        app, current, changes = _target_changes(root, target, item, request.version)
         if not changes:
             unchanged.append(item.app)
             continue
@@ -228,6 +244,7 @@ async def promote(
                 fields=[
                     f"{c.field.label} {c.field.field}: {c.field.value} → {c.new}" for c in changes
                 ],
+                pin=app_pin(root, app),
             )
         )
     result = PromotionResult(request.source, target.name, promotions, unchanged, skipped)
@@ -251,13 +268,15 @@ async def promote(
         )
         if not all(g.open for g in result.gates):
             raise GatesClosed(target.name, result.gates)
-    chosen = {p.app for p in promotions}
+    chosen = {p.app: p for p in promotions}
 
     def write(tree_root: Path) -> None:
         for item in selected:
             if item.app in chosen:
-                _, changes = _target_changes(tree_root, target, item, request.version)
+                app, _, changes = _target_changes(tree_root, target, item, request.version)
                 apply_changes(tree_root, changes)
+                if not request.keep_pin:
+                    chosen[item.app].unpinned = bool(unpin_app(tree_root, app))
 
     checkout = workspace.checkout(target.branch)
     message = _message(request, promotions)

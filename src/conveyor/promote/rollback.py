@@ -5,6 +5,9 @@ off) leaves git saying otherwise, and the next sync undoes it. Here the version 
 in the git history of the app's files and restored by a commit (only its version fields
 change, the environment's settings stay as they are now), then that app alone is
 reconciled at once, so git and the cluster agree and automation keeps the rollback.
+The same commit pins the app against image automation (`promote/pinning.py`): the next
+image scan would otherwise write the bad version back. The pin stays until a person
+lifts it (`conveyor unpin`, or a promotion into the environment).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conveyor.images.pins import Pin
+from conveyor.promote.pinning import now, pin_app
 from conveyor.promote.pipeline import PromotionError, Workspace, environment
 from conveyor.promote.versions import (
     AppVersion,
@@ -52,6 +57,8 @@ class RollbackResult:
     plan: RollbackPlan
     commit: str | None
     fields: list[str] = field(default_factory=list)
+    pin: Pin | None = None  # what holds the app against image automation now
+    pinned: list[str] = field(default_factory=list)  # the files that carry the pin
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +69,8 @@ class RollbackResult:
             "restoredFrom": self.plan.revision,
             "commit": self.commit,
             "fields": self.fields,
+            "pin": self.pin.to_dict() if self.pin else None,
+            "pinned": self.pinned,
         }
 
 
@@ -109,11 +118,22 @@ def plan_rollback(workspace: Workspace, env_name: str, app: str, *, to: str | No
 
 
 def write_rollback(
-    workspace: Workspace, plan: RollbackPlan, *, author: Author, retry: RetryPolicy | None = None
+    workspace: Workspace,
+    plan: RollbackPlan,
+    *,
+    author: Author,
+    reason: str | None = None,
+    retry: RetryPolicy | None = None,
 ) -> RollbackResult:
-    """One commit on the environment's branch restoring the plan's version fields."""
+    """One commit on the environment's branch restoring the plan's version fields and
+    pinning the app (by the commit's author; `reason` defaults to the rollback itself)."""
     env = environment(workspace.project(), plan.env)
     result = RollbackResult(plan=plan, commit=None)
+    pin = Pin(
+        by=author.name,
+        reason=reason or f"rolled back from {plan.current} to {plan.version}",
+        at=now(),
+    )
 
     def restore(root: Path) -> None:
         apps = {a.name: a for a in discover(root, env.path).apps}
@@ -124,6 +144,8 @@ def write_rollback(
             f"{c.field.label} {c.field.field}: {c.field.value} → {c.new}" for c in changes
         ]
         apply_changes(root, changes)
+        result.pinned = pin_app(root, apps[plan.app], pin)
+        result.pin = pin if result.pinned else None
 
     result.commit = commit_and_push(
         workspace.checkout(env.branch),
@@ -139,9 +161,18 @@ def write_rollback(
 
 
 def rollback_in_repo(
-    repo: str, workdir: Path, *, env: str, app: str, to: str | None, author: Author
+    repo: str,
+    workdir: Path,
+    *,
+    env: str,
+    app: str,
+    to: str | None,
+    author: Author,
+    reason: str | None = None,
+    branch: str | None = None,
 ) -> RollbackResult:
     """`conveyor rollback` and the dashboard's Roll back: plan from the app's history and
-    commit the restored version (applying it is the caller's next step)."""
-    workspace = Workspace(repo, workdir)
-    return write_rollback(workspace, plan_rollback(workspace, env, app, to=to), author=author)
+    commit the restored version, pinned (applying it is the caller's next step)."""
+    workspace = Workspace(repo, workdir, branch=branch)
+    plan = plan_rollback(workspace, env, app, to=to)
+    return write_rollback(workspace, plan, author=author, reason=reason)

@@ -157,10 +157,13 @@ class Dashboard:
             # the source's, and the clone must reach at least the commit the app runs.
             wanted = status.attempted_revision or (source.attempted_revision if source else None)
             commits = await repo.history(status.scope, status.app, revision=wanted or None)
+            pin = await repo.pin(status.scope, status.app, revision=wanted or None)
         except (GitError, ConfigError) as error:
             history.notes.append(f"git history unavailable: {error}")
             return history
         history.git = [views.GitCommit(**c.__dict__) for c in commits]
+        if pin is not None:
+            history.pin = views.PinOut(**pin.to_dict(), text=pin.describe())
         return history
 
     async def diff(self, status: AppStatus) -> views.Diff:

@@ -18,9 +18,12 @@ from typing import Any
 from conveyor.cluster.ownership import EnvironmentIdentity, normalise_repository_url
 from conveyor.config.project import ConfigError, Project, load_project
 from conveyor.config.userfile import UserFileError, load_documents
+from conveyor.images.pins import Pin
+from conveyor.promote.pinning import app_pin
+from conveyor.promote.versions import VersionError
 from conveyor.reconcile.status import AppStatus
 from conveyor.reconcile.target import Target, checkout_path
-from conveyor.render.discover import app_name, discover, scope_name
+from conveyor.render.discover import AppSource, app_name, discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.source.git import (
     Checkout,
@@ -138,17 +141,33 @@ class ConfigRepo:
             )
         return commits
 
+    async def pin(self, scope: str, app: str, *, revision: str | None = None) -> Pin | None:
+        """The app's pin against image automation, as the branch's head holds it."""
+        checkout = await self.checkout(wanted=revision)
+        return await asyncio.to_thread(self._pin, checkout, scope, app)
+
+    def _pin(self, checkout: Checkout, scope: str, app: str) -> Pin | None:
+        source = self._app_source(checkout.path, scope, app)
+        try:
+            return app_pin(checkout.path, source) if source is not None else None
+        except VersionError:
+            return None  # a file that cannot be read holds no pin to show
+
     def _app_paths(self, root: Path, scope: str, app: str) -> list[str]:
+        source = self._app_source(root, scope, app)
+        return [source.path] if source is not None else []
+
+    def _app_source(self, root: Path, scope: str, app: str) -> AppSource | None:
         project = load_project(root)
         folder = next((e.path for e in project.environments if e.name == scope), None)
         folder = folder or _folder_for_scope(root, scope)
         if folder is None:
-            return []
+            return None
         try:
             tree = discover(root, folder)
         except RenderError:
-            return []
-        return [a.path for a in tree.apps if a.name == app]
+            return None
+        return next((a for a in tree.apps if a.name == app), None)
 
 
 def _has_commit(checkout: Checkout, sha: str) -> bool:

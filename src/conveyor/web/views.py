@@ -114,10 +114,21 @@ class HelmRevision(Model):
     version: str
 
 
+class PinOut(Model):
+    """A rollback's hold against image automation, as the app's files carry it."""
+
+    by: str | None = None
+    reason: str | None = None
+    at: str | None = None
+    annotation: str
+    text: str  # `pinned by alice: ...`, as `images scan` shows it
+
+
 class History(Model):
     git: list[GitCommit] = []
     helm: list[HelmRevision] = []
     notes: list[str] = []
+    pin: PinOut | None = None
 
 
 class Change(Model):
