@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -194,11 +195,19 @@ def image_packages() -> list[str]:
 def debian_base(cache: Path, *, variant: str, include: list[str]) -> str:
     """A Debian root filesystem from mmdebstrap, imported as an image; keyed by what
     goes in. `essential` with the image's packages is make image's base (no apt: nothing
-    installs after the build); `minbase` alone stands in for debian:bookworm-slim."""
+    installs after the build), slimmed as the Containerfile's `install.sh packages`
+    slims (in the base itself: a later layer could hide files, not drop them);
+    `minbase` alone stands in for debian:bookworm-slim."""
     options = [f"--variant={variant}", f"--dpkgopt={HERE / 'dpkg.cfg'}"]
+    inputs = [HERE / "dpkg.cfg"]  # what decides the contents besides the options
     if include:
-        options.append(f"--include={','.join(include)}")
-    recipe = "\n".join([SUITE, *MIRRORS, (HERE / "dpkg.cfg").read_text(), *options])
+        install = HERE / "install.sh"
+        options += [
+            f"--include={','.join(include)}",
+            f'--customize-hook=chroot "$1" sh -s slim < {shlex.quote(str(install))}',
+        ]
+        inputs.append(install)
+    recipe = "\n".join([SUITE, *MIRRORS, *(path.read_text() for path in inputs), *options])
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     reference = f"localhost/conveyor-base:{variant}-{key}"
     if subprocess.run(["podman", "image", "exists", reference], check=False).returncode == 0:
