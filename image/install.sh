@@ -50,7 +50,7 @@ slim)
     # svn, cvs, instaweb, add -i's old script): conveyor runs none of them, and git's
     # builtins do not need it. Removed with dpkg, so the package list says what is there.
     # perl-base stays: it is Essential, debconf needs it.
-    dpkg --purge --force-depends perl perl-modules-5.36 libperl5.36
+    dpkg --purge --force-depends perl perl-modules-5.36 libperl5.36 liberror-perl
     ;;
 deps)
     python3 -m venv --without-pip "$venv"
