@@ -153,7 +153,7 @@ def stage_context(context: Path, cache: Path) -> None:
     started = time.monotonic()
     context.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ROOT / "Containerfile", context / "Containerfile")
-    for name in ("install.sh", "packages.txt", "dpkg.cfg"):
+    for name in ("install.sh", "slim.sh", "packages.txt", "dpkg.cfg"):
         shutil.copy2(HERE / name, context / name)
     shutil.copy2(ROOT / "requirements" / "runtime.txt", context / "runtime.txt")
     bin_dir = ensure_binaries(VERSIONS, progress=say)
@@ -195,18 +195,18 @@ def image_packages() -> list[str]:
 def debian_base(cache: Path, *, variant: str, include: list[str]) -> str:
     """A Debian root filesystem from mmdebstrap, imported as an image; keyed by what
     goes in. `essential` with the image's packages is make image's base (no apt: nothing
-    installs after the build), slimmed as the Containerfile's `install.sh packages`
-    slims (in the base itself: a later layer could hide files, not drop them);
+    installs after the build), slimmed by slim.sh as the Containerfile's `install.sh
+    packages` slims (in the base itself: a later layer could hide files, not drop them);
     `minbase` alone stands in for debian:bookworm-slim."""
     options = [f"--variant={variant}", f"--dpkgopt={HERE / 'dpkg.cfg'}"]
     inputs = [HERE / "dpkg.cfg"]  # what decides the contents besides the options
     if include:
-        install = HERE / "install.sh"
+        slim = HERE / "slim.sh"
         options += [
             f"--include={','.join(include)}",
-            f'--customize-hook=chroot "$1" sh -s slim < {shlex.quote(str(install))}',
+            f'--customize-hook=chroot "$1" sh -s < {shlex.quote(str(slim))}',
         ]
-        inputs.append(install)
+        inputs.append(slim)
     recipe = "\n".join([SUITE, *MIRRORS, *(path.read_text() for path in inputs), *options])
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     reference = f"localhost/conveyor-base:{variant}-{key}"

@@ -2,19 +2,17 @@
 # One install recipe, run inside the image's root filesystem by the Containerfile's RUN
 # steps, on both build paths (podman/docker build, and make image's buildah build).
 #
-#   install.sh packages            Debian packages from packages.txt, then slim
+#   install.sh packages            Debian packages from packages.txt, then slim.sh
 #                                  (Containerfile path; make image hands the same list
-#                                  to mmdebstrap, which runs slim as a customize hook)
-#   install.sh slim                what the packages pull in that the image never runs
-#   install.sh deps WHEELHOUSE     Python dependencies from the hashed lock export, then
-#                                  the parts of them that conveyor never loads
+#                                  to mmdebstrap, which runs slim.sh as a customize hook)
+#   install.sh deps WHEELHOUSE     Python dependencies from the hashed lock export, then trim
+#   install.sh trim SITE_PACKAGES  the parts of them that conveyor never loads
 #   install.sh conveyor DIST       conveyor's wheel from DIST, on top, resolving nothing
 #   install.sh user                the non-root user the image runs as
 set -eu
 
 here=$(dirname "$0")
 venv=/opt/conveyor
-site=$venv/lib/python3.11/site-packages
 # The AWS APIs conveyor calls (SQS gates, CloudFormation for ci-privileges) and those
 # botocore's credential providers call (STS for IRSA and assumed roles, SSO): botocore's
 # models of the other 400 services (28 MB) go. tests/unit/test_image_recipe.py checks
@@ -43,19 +41,16 @@ packages)
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         $(grep -v '^#' "$here/packages.txt")
     rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
-    sh "$0" slim
-    ;;
-slim)
-    # git depends on perl (48 MB with its modules) for a few commands only (send-email,
-    # svn, cvs, instaweb, add -i's old script): conveyor runs none of them, and git's
-    # builtins do not need it. Removed with dpkg, so the package list says what is there.
-    # perl-base stays: it is Essential, debconf needs it.
-    dpkg --purge --force-depends perl perl-modules-5.36 libperl5.36 liberror-perl
+    sh "$here/slim.sh"
     ;;
 deps)
     python3 -m venv --without-pip "$venv"
     pip install --no-index --find-links "$2" --require-hashes --no-deps -r "$here/runtime.txt"
     # In the same step as the install, so the files never reach a layer.
+    sh "$0" trim "$venv"/lib/python3.11/site-packages
+    ;;
+trim)
+    site=$2
     for model in "$site"/botocore/data/*/ "$site"/boto3/data/*/; do
         case " $aws_services " in
         *" $(basename "$model") "*) ;;
