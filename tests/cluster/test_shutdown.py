@@ -4,7 +4,7 @@ The apply in flight is a `helm upgrade --install` held up by a pre-install hook:
 Pod, which kwok runs but never completes (it completes only Jobs' pods), so helm waits
 on it until the test marks it Succeeded, or until the agent stops helm. The standby is
 a second agent on the same environment; it must take the released Lease within its
-retry interval (2 s), not after the lease duration (15 s).
+retry interval (2 s), not after the lease duration (30 s here).
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ spec:
   containers:
     - name: migrate
       image: registry.local/migrate:1
+"""
+SETTINGS = """
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+  namespace: {namespace}
+data:
+  mode: test
 """
 TAKEOVER = 3.0  # seconds: the standby's 2 s retry interval, and a request's time
 
@@ -92,19 +101,30 @@ def leader_mid_helm_install(
     *,
     grace: str,
 ) -> Scene:
-    """A leader whose `helm upgrade --install` waits on the hook, and a standby."""
+    """A leader whose `helm upgrade --install` waits on the hook, and a standby. The
+    release is committed once both run, so that helm is at the hook when the test goes
+    on, however slowly the agents started."""
     repo = ConfigRepo(tmp_path)
     charts = chart_repo(tmp_path, extra_templates={"migrate-hook.yaml": HOOK})
     path = f"envs/stop-{namespace}"
-    repo.write(f"{path}/ui.yaml", flux_v1_release("ui", namespace, charts, timeout=120))
-    revision = repo.commit("a release with a pre-install hook")
+    repo.write(f"{path}/settings/settings.yaml", SETTINGS.format(namespace=namespace))
+    repo.commit("an app to start with")
     scope = path.replace("/", "-")
-    leader = AgentProcess(sandbox, repo, path, tmp_path, "--shutdown-grace", grace, name="leader")
+    # A lease longer than the default (15 s), so that the leader's helm run, which may
+    # last only as long as the lease is sure to be held, is not cut off by it here.
+    lease = ("--lease-duration", "30", "--interval", "2s")
+    leader = AgentProcess(
+        sandbox, repo, path, tmp_path, *lease, "--shutdown-grace", grace, name="leader"
+    )
     started.append(leader)
     wait_for(lambda: is_agent(holder(sandbox, scope), leader), timeout=60, what="a leader")
-    standby = AgentProcess(sandbox, repo, path, tmp_path, "--shutdown-grace", "1", name="standby")
+    standby = AgentProcess(
+        sandbox, repo, path, tmp_path, *lease, "--shutdown-grace", "1", name="standby"
+    )
     started.append(standby)
     wait_for(lambda: "waiting to lead" in standby.log.read_text(), timeout=60, what="a standby")
+    repo.write(f"{path}/ui.yaml", flux_v1_release("ui", namespace, charts, timeout=120))
+    revision = repo.commit("a release with a pre-install hook")
     wait_for(lambda: hook_pod(sandbox, namespace), timeout=60, what="helm at the hook")
     assert release_status(sandbox, namespace, "ui") == "pending-install"
     return Scene(leader, standby, scope, revision)
@@ -151,7 +171,7 @@ def test_sigterm_mid_helm_install_finishes_it_releases_the_lease_and_the_standby
     assert status is not None, "no status"
     saved = status.get("status", {})  # saved before exiting
     assert (saved.get("state"), saved.get("lastAppliedRevision")) == ("Ready", scene.revision)
-    assert "pass done: 1/1 Ready" in leader.log.read_text()
+    assert "pass done: 2/2 Ready" in leader.log.read_text()
     takeover = taken_over_in(sandbox, scope, standby)
     print(f"standby leads {takeover:.1f}s after the leader exited")
     assert takeover < TAKEOVER
