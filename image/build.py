@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def stage_context(context: Path, cache: Path) -> None:
     started = time.monotonic()
     context.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ROOT / "Containerfile", context / "Containerfile")
-    for name in ("install.sh", "packages.txt", "dpkg.cfg"):
+    for name in ("install.sh", "slim.sh", "packages.txt", "dpkg.cfg"):
         shutil.copy2(HERE / name, context / name)
     shutil.copy2(ROOT / "requirements" / "runtime.txt", context / "runtime.txt")
     bin_dir = ensure_binaries(VERSIONS, progress=say)
@@ -194,11 +195,19 @@ def image_packages() -> list[str]:
 def debian_base(cache: Path, *, variant: str, include: list[str]) -> str:
     """A Debian root filesystem from mmdebstrap, imported as an image; keyed by what
     goes in. `essential` with the image's packages is make image's base (no apt: nothing
-    installs after the build); `minbase` alone stands in for debian:bookworm-slim."""
+    installs after the build), slimmed by slim.sh as the Containerfile's `install.sh
+    packages` slims (in the base itself: a later layer could hide files, not drop them);
+    `minbase` alone stands in for debian:bookworm-slim."""
     options = [f"--variant={variant}", f"--dpkgopt={HERE / 'dpkg.cfg'}"]
+    inputs = [HERE / "dpkg.cfg"]  # what decides the contents besides the options
     if include:
-        options.append(f"--include={','.join(include)}")
-    recipe = "\n".join([SUITE, *MIRRORS, (HERE / "dpkg.cfg").read_text(), *options])
+        slim = HERE / "slim.sh"
+        options += [
+            f"--include={','.join(include)}",
+            f'--customize-hook=chroot "$1" sh -s < {shlex.quote(str(slim))}',
+        ]
+        inputs.append(slim)
+    recipe = "\n".join([SUITE, *MIRRORS, *(path.read_text() for path in inputs), *options])
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     reference = f"localhost/conveyor-base:{variant}-{key}"
     if subprocess.run(["podman", "image", "exists", reference], check=False).returncode == 0:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,13 +61,16 @@ class ConfigRepo:
         return run_git(["rev-parse", "HEAD"], cwd=self.work).strip()
 
 
-def chart_repo(root: Path) -> str:
-    """A git repository holding the example chart at charts/service (Flux v1 `chart.git`)."""
+def chart_repo(root: Path, *, extra_templates: Mapping[str, str] | None = None) -> str:
+    """A git repository holding the example chart at charts/service (Flux v1 `chart.git`),
+    with `extra_templates` (file name → text) added to its templates/."""
     bare = root / "charts.git"
     work = root / "charts"
     run_git(["init", "--quiet", "--bare", "--initial-branch", "master", str(bare)])
     run_git(["init", "--quiet", "--initial-branch", "master", str(work)])
     subprocess.run(["cp", "-r", str(CHART), str(work / "service")], check=True)
+    for name, text in (extra_templates or {}).items():
+        (work / "service" / "templates" / name).write_text(text)
     run_git(["add", "--all"], cwd=work)
     run_git(
         ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "chart"], cwd=work

@@ -104,6 +104,13 @@ def test_image_runs_conveyor_and_its_tools_as_non_root(
     assert "git version" in podman_run("--entrypoint", "git", image.pushed, "--version").stdout
     # ssh, for git with a deploy key; it prints its version on stderr.
     assert "OpenSSH" in podman_run("--entrypoint", "ssh", image.pushed, "-V").stderr
+    # botocore keeps the models of the AWS APIs conveyor calls (image/install.sh trim).
+    clients = (
+        "import boto3; print(len([boto3.client(s, region_name='eu-west-1') "
+        "for s in ('sqs', 'cloudformation', 'sts')]))"
+    )
+    python = ("--entrypoint", "/opt/conveyor/bin/python")
+    assert podman_run(*python, image.pushed, "-c", clients).stdout.strip() == "3"
 
 
 @pytest.fixture

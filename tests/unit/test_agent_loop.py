@@ -6,9 +6,11 @@ apiserver under a running agent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -104,6 +106,77 @@ def test_every_kind_of_pass_error_is_logged_counted_and_retried(
     assert counted == 1
 
 
+def scripted_agent(tmp_path: Path, *, grace: float) -> Agent:
+    target = Target(repo=str(tmp_path), path="env", kubeconfig=str(tmp_path / "no-kubeconfig"))
+    agent = Agent(target, options=AgentOptions(interval=60.0, shutdown_grace=grace))
+
+    async def fetch() -> object:
+        return object()
+
+    agent._fetch = fetch  # type: ignore[method-assign]
+    return agent
+
+
+def run_loop(agent: Agent) -> float:
+    """The leader's loop as `run` runs it (so `stop` can end it); seconds it took."""
+
+    async def scenario() -> None:
+        agent._task = asyncio.current_task()
+        await agent._loop(Engine(), Elector(), None)  # type: ignore[arg-type]
+
+    started = time.monotonic()
+    with contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    return time.monotonic() - started
+
+
+def test_sigterm_mid_pass_lets_the_pass_finish_then_leaves_the_loop(tmp_path: Path) -> None:
+    agent = scripted_agent(tmp_path, grace=10.0)
+    finished: list[str] = []
+
+    async def scripted_pass(_engine: Any, _resolved: Any, **_request: Any) -> None:
+        agent.stop()  # SIGTERM arrives mid-pass
+        await asyncio.sleep(0.3)  # the rest of the pass: applies, statuses
+        finished.append("pass")
+
+    agent._pass = scripted_pass  # type: ignore[method-assign]
+    seconds = run_loop(agent)
+    assert finished == ["pass"]
+    assert seconds < 5  # not the 60 s interval, nor the 10 s grace
+
+
+def test_sigterm_mid_pass_abandons_a_pass_that_outlasts_the_grace(tmp_path: Path) -> None:
+    agent = scripted_agent(tmp_path, grace=0.5)
+    cancelled: list[str] = []
+
+    async def endless_pass(_engine: Any, _resolved: Any, **_request: Any) -> None:
+        agent.stop()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append("pass")
+            raise
+
+    agent._pass = endless_pass  # type: ignore[method-assign]
+    seconds = run_loop(agent)
+    assert cancelled == ["pass"]
+    assert 0.5 <= seconds < 5
+
+
+def test_sigterm_between_passes_stops_at_once(tmp_path: Path) -> None:
+    agent = scripted_agent(tmp_path, grace=10.0)
+    passes: list[str] = []
+
+    async def quick_pass(_engine: Any, _resolved: Any, **_request: Any) -> None:
+        passes.append("pass")
+        asyncio.get_running_loop().call_later(0.2, agent.stop)  # while waiting for a trigger
+
+    agent._pass = quick_pass  # type: ignore[method-assign]
+    seconds = run_loop(agent)
+    assert passes == ["pass"]
+    assert seconds < 5
+
+
 def agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "conveyor", "agent", *args],
@@ -118,6 +191,7 @@ def agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[st
     [
         (["--interval", "abc"], "error: --interval: invalid duration 'abc'"),
         (["--lease-duration", "0"], "error: --lease-duration must be positive, not 0.0"),
+        (["--shutdown-grace", "-1"], "error: --shutdown-grace must not be negative, not -1.0"),
         (["--listen", "127.0.0.1:http"], "error: --listen wants HOST:PORT, not '127.0.0.1:http'"),
     ],
 )

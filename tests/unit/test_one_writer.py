@@ -5,6 +5,7 @@ The same behaviour on the real sandbox: tests/cluster/test_one_writer.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from conveyor.reconcile.requests import (
     one_pass_identity,
     pending_request,
 )
+from conveyor.render import helm as helm_module
 from conveyor.render.helm import HelmCLI
 
 Obj = dict[str, Any]
@@ -210,3 +212,41 @@ def test_kube_writes_are_refused_or_cut_off_by_the_guard_and_name_their_writer()
     assert took < 1.5  # cut off at the guard's deadline, not the server's 30 s
     assert [h.split(b" ", 1)[0] for h in seen] == [b"GET", b"PATCH"]
     assert all(b"User-Agent: conveyor/agent-a" in h for h in seen)
+
+
+def cancelled_after(seconds: float, run: Any) -> float:
+    """Run the coroutine `run`, cancel it after `seconds`; how long it took to end."""
+
+    async def scenario() -> None:
+        task = asyncio.create_task(run)
+        await asyncio.sleep(seconds)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    started = time.monotonic()
+    asyncio.run(scenario())
+    return time.monotonic() - started
+
+
+def test_a_cancelled_helm_write_is_asked_to_stop_before_it_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helm upgrade marks its release failed on SIGTERM; a cancelled run (the agent
+    stopping) gives it that chance, and kills a helm that does not stop in time."""
+    fake_helm = tmp_path / "helm"
+    marker = tmp_path / "marked-failed"
+    fake_helm.write_text(f"#!/bin/sh\ntrap 'touch {marker}; exit 1' TERM\nsleep 30 &\nwait\n")
+    fake_helm.chmod(0o755)
+    helm = HelmCLI(binary=str(fake_helm), write_guard=lambda: 60.0)
+    seconds = cancelled_after(0.5, helm.rollback("web", "apps", 3, timeout=60))
+    assert marker.exists()  # it got SIGTERM, and the time to act on it
+    assert seconds < 3
+
+    stubborn = tmp_path / "stubborn-helm"
+    stubborn.write_text("#!/bin/sh\ntrap '' TERM\nsleep 30\n")
+    stubborn.chmod(0o755)
+    monkeypatch.setattr(helm_module, "HELM_STOP_GRACE", 0.5)
+    helm = HelmCLI(binary=str(stubborn), write_guard=lambda: 60.0)
+    seconds = cancelled_after(0.3, helm.rollback("web", "apps", 3, timeout=60))
+    assert 0.8 <= seconds < 3  # its grace, then SIGKILL (to the whole group: sleep too)

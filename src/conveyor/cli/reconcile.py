@@ -43,7 +43,7 @@ from conveyor.config.helmrelease import parse_duration
 from conveyor.config.project import ConfigError
 from conveyor.promote.gates import agent_gate
 from conveyor.promote.offline_diff import diff_against_live, diff_revisions
-from conveyor.reconcile.agent import Agent, AgentOptions
+from conveyor.reconcile.agent import SHUTDOWN_GRACE, Agent, AgentOptions
 from conveyor.reconcile.engine import PassResult
 from conveyor.reconcile.logs import LogFormat
 from conveyor.reconcile.logs import configure as configure_logging
@@ -478,6 +478,11 @@ def agent(
     webhook_secret_file: Path | None = typer.Option(None, "--webhook-secret-file"),
     timeout: float = typer.Option(300.0, "--timeout", help="Health timeout per app (s)."),
     lease_duration: float = typer.Option(15.0, "--lease-duration"),
+    shutdown_grace: float = typer.Option(
+        SHUTDOWN_GRACE,
+        "--shutdown-grace",
+        help="On SIGTERM, seconds the pass in flight may take to finish before it is abandoned.",
+    ),
     kubeconfig: str | None = KubeconfigOption,
     context: str | None = ContextOption,
     log_format: LogFormat | None = LogFormatOption,
@@ -492,6 +497,8 @@ def agent(
         check_listen(listen)
     if lease_duration <= 0:
         fail(f"--lease-duration must be positive, not {lease_duration}")
+    if shutdown_grace < 0:
+        fail(f"--shutdown-grace must not be negative, not {shutdown_grace}")
     try:
         poll_interval = parse_duration(interval, default=60.0)
     except ValueError as error:
@@ -509,6 +516,7 @@ def agent(
         webhook_secret=secret,
         timeout=timeout,
         lease_duration=lease_duration,
+        shutdown_grace=shutdown_grace,
     )
     target = Target(
         repo=repo, branch=branch, path=path, env=env, kubeconfig=kubeconfig, context=context
@@ -516,11 +524,12 @@ def agent(
     gate = agent_gate(repo) if env else None
 
     async def run_until_stopped() -> None:
-        # SIGTERM (a pod being stopped) ends the agent cleanly: its Lease is released, so
-        # a successor takes over at once instead of waiting for the lease to expire.
-        if (task := asyncio.current_task()) is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        await Agent(target, options=options, gate=gate).run()
+        # SIGTERM (a pod being stopped) ends the agent cleanly: the pass in flight
+        # finishes or is abandoned safely, and the Lease is released, so a successor
+        # takes over at once instead of waiting for the lease to expire.
+        agent = Agent(target, options=options, gate=gate)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, agent.stop)
+        await agent.run()
 
     try:
         with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):

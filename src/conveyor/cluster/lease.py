@@ -32,6 +32,7 @@ from conveyor.cluster.objects import Obj
 from conveyor.errors import ConveyorError
 
 LEASE_API_VERSION = "coordination.k8s.io/v1"
+RETRY_INTERVAL = 2.0  # seconds between a candidate's attempts to acquire
 log = logging.getLogger(__name__)
 
 
@@ -71,10 +72,19 @@ class LeaderElector:
         identity: str,
         lease_duration: float = 15.0,
         renew_interval: float = 5.0,
+        retry_interval: float | None = None,
         write_margin: float | None = None,
     ) -> None:
         if not 0 < renew_interval < lease_duration:
             raise ValueError("renew_interval must be positive and shorter than lease_duration")
+        # How often a candidate that is not leader tries again: client-go's RetryPeriod
+        # (2 s), so a standby takes a released Lease within about that, not a renewal
+        # interval later; never slower than renewing.
+        if retry_interval is None:
+            retry_interval = min(RETRY_INTERVAL, renew_interval)
+        if retry_interval <= 0:
+            raise ValueError("retry_interval must be positive")
+        self.retry_interval = retry_interval
         # Time for a write the apiserver is already processing to be committed before the
         # lease runs out: a second is ample on a live apiserver, and never more than half
         # a renew interval, so a healthy leader always has room to write between renewals.
@@ -154,7 +164,7 @@ class LeaderElector:
 
     async def acquire(self, *, timeout: float | None = None) -> bool:
         """Become leader: create the Lease, take over an expired or released one, or renew
-        our own. Retries every `renew_interval` until `timeout` (None: until acquired; 0:
+        our own. Retries every `retry_interval` until `timeout` (None: until acquired; 0:
         one attempt). Returns whether this candidate is now leader."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -166,7 +176,7 @@ class LeaderElector:
                 if not _is_transient(error):
                     raise
                 log.warning("lease %s/%s: acquire failed: %s", self.namespace, self.name, error)
-            pause = self.renew_interval
+            pause = self.retry_interval
             if deadline is not None:
                 pause = min(pause, deadline - time.monotonic())
                 if pause <= 0:

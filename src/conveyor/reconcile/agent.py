@@ -17,6 +17,13 @@ startup misconfiguration stops it, because no retry can fix it: the command line
 conveyor.yaml are not: a push can mend them, so they are recorded (FetchFailed) and
 fetched again at the poll interval.
 
+On SIGTERM (`stop`: a Pod being stopped) the agent starts no new pass; the pass in
+flight may finish for `shutdown_grace` seconds (20 s, under Kubernetes' default
+terminationGracePeriodSeconds of 30), and is then abandoned: cancelled, which asks a
+helm upgrade in flight to stop (helm marks the release failed, not pending; see
+render/helm.py). Either way the Lease is released on the way out, so a standby takes
+over within its retry interval (2 s) instead of waiting for the lease to expire.
+
 The leader also answers requests (`conveyor reconcile`, the dashboard, `promote --apply`
 write one on the source's status, see reconcile/requests.py): it polls that one object
 each second and runs the pass asked for, then records the request as handled. Every
@@ -32,7 +39,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import uvicorn
@@ -80,6 +87,12 @@ log = logging.getLogger("conveyor.agent")
 AgentGate = Callable[[ResolvedTarget, list[AppSource]], Awaitable[GateHold | None]]
 
 
+# Seconds a pass in flight may take to finish after SIGTERM: Kubernetes kills the Pod 30 s
+# after it (the default terminationGracePeriodSeconds); the rest is for helm to stop
+# (render/helm.HELM_STOP_GRACE) and the Lease to be released.
+SHUTDOWN_GRACE = 20.0
+
+
 @dataclass
 class Backoff:
     """How long to wait after failures in a row: `first`, doubled each time, at most `cap`."""
@@ -107,9 +120,21 @@ class AgentOptions:
     backoff_first: float = 1.0  # after a failed pass; doubled while passes keep failing
     backoff_cap: float = 30.0
     request_poll: float = 1.0  # how often the leader looks for a reconcile request
+    shutdown_grace: float = SHUTDOWN_GRACE  # for the pass in flight, after SIGTERM
     identity: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     )
+
+
+class _Listener(uvicorn.Server):
+    """uvicorn without its own signal handlers: SIGTERM is the agent's (`Agent.stop`),
+    and the listener ends with the agent. uvicorn's would shut the listener (and so the
+    probes) down at once, then raise the signal again on its way out, which would cut
+    the grace of the pass in flight short."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 PROBE_TIMEOUT = 2.0  # seconds the readiness probe waits for the apiserver
@@ -137,6 +162,9 @@ class Agent:
         self._backoff = Backoff(first=options.backoff_first, cap=options.backoff_cap)
         self._request: ReconcileRequest | None = None  # seen, not yet taken by a pass
         self._request_seen: ReconcileRequest | None = None
+        self._task: asyncio.Task[None] | None = None  # `run`, which `stop` ends
+        self._stopping = False
+        self._busy = False  # a pass in flight: what `stop` lets finish
 
     # -- HTTP: webhook, metrics, probes ---------------------------------------------
 
@@ -195,11 +223,45 @@ class Agent:
             log_level="warning",
             lifespan="off",
         )
-        await uvicorn.Server(config).serve()
+        await _Listener(config).serve()
 
     # -- the loop ---------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """End `run` (the SIGTERM handler): at once when no pass is in flight or when
+        asked a second time; else after the pass, or after `shutdown_grace` seconds
+        (the pass is then cancelled). `run` releases the Lease on its way out."""
+        task = self._task
+        if task is None or task.done():
+            return
+        if self._busy and not self._stopping:
+            self._stopping = True
+            grace = self.options.shutdown_grace
+            log.info("stopping: letting the pass in flight finish (at most %gs)", grace)
+            asyncio.get_running_loop().call_later(grace, self._abandon)
+            return
+        self._stopping = True
+        log.info("stopping")
+        task.cancel()
+
+    def _abandon(self) -> None:
+        if self._busy and self._task is not None and not self._task.done():
+            log.warning(
+                "stopping: the pass did not finish within %gs; abandoning it",
+                self.options.shutdown_grace,
+            )
+            self._task.cancel()
+
+    @contextlib.contextmanager
+    def _pass_in_flight(self) -> Iterator[None]:
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+
     async def run(self) -> None:
+        self._task = asyncio.current_task()
         server = asyncio.create_task(self._serve())
         await self.notifier.start()
         try:
@@ -286,6 +348,9 @@ class Agent:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            if self._stopping:
+                log.info("pass finished; stopping")
+                return
             log.warning("lost the lease for %s; standing by", engine.options.scope)
             resolved = None
 
@@ -293,27 +358,33 @@ class Agent:
         self, engine: Engine, elector: LeaderElector, resolved: ResolvedTarget | None
     ) -> None:
         full_pass_due = True
-        while elector.is_leader:
+        while elector.is_leader and not self._stopping:
             request = None
             try:
                 if full_pass_due:
                     request, self._request = self._request, None
-                    resolved = resolved or await self._fetch()
-                    if resolved is None and request is not None:
-                        await self._answer(
-                            engine, request, source_failure="fetch failed: see the source's status"
-                        )
-                    if resolved is not None:
-                        await self._pass(engine, resolved, request=request)
-                        self._backoff.reset()
+                    with self._pass_in_flight():
+                        resolved = resolved or await self._fetch()
+                        if resolved is None and request is not None:
+                            await self._answer(
+                                engine,
+                                request,
+                                source_failure="fetch failed: see the source's status",
+                            )
+                        if resolved is not None:
+                            await self._pass(engine, resolved, request=request)
+                            self._backoff.reset()
                     request = resolved = None
+                    if self._stopping:
+                        return
                 interval = self.options.interval
                 if self.held is not None:
                     interval = min(interval, self.held.retry_after)
                 full_pass_due, drifted = await self._wait_trigger(
                     interval, engine=engine, elector=elector
                 )
-                await self._correct_drift(engine, elector, drifted)
+                with self._pass_in_flight():
+                    await self._correct_drift(engine, elector, drifted)
             except Exception as error:  # the agent outlives any error of a pass
                 # Nothing is lost: the next pass starts from a fresh fetch and picks up
                 # where this one stopped, and answers the request this one could not
@@ -326,7 +397,9 @@ class Agent:
         self, engine: Engine, elector: LeaderElector, drifted: list[str]
     ) -> None:
         for app in drifted:
-            if self._tree is not None and self._renderer is not None and elector.is_leader:
+            if self._stopping or not elector.is_leader:
+                return
+            if self._tree is not None and self._renderer is not None:
                 log.info("drift in %s; reconciling it", app, extra={"app": app})
                 await engine.run_pass(
                     self._tree,

@@ -11,7 +11,11 @@ is ever read as an option (`--post-renderer=<program>` would run that program).
 Commands that write to the cluster (upgrade, rollback, uninstall) ask the write guard
 first, as KubeClient does, and are killed when the time it allowed runs out: a lease
 holder that lost its lease must not go on writing through helm. A release cut off this
-way is left pending, as after a crash, for the next holder to unlock.
+way is left pending, as after a crash, for the next holder to unlock. A helm run that is
+cancelled instead (the agent stopping on SIGTERM, past its grace) is asked to stop as
+Ctrl-C would ask it (SIGTERM): an upgrade or install in flight then marks its release
+failed rather than leaving it pending; it is killed if it takes longer than
+`HELM_STOP_GRACE` or than the lease still allows.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.cluster.client import WriteGuard
+from conveyor.cluster.lease import NotLeaderError
 from conveyor.config.names import (
     UnsafeValueError,
     chart_name,
@@ -44,6 +49,9 @@ from conveyor.render.documents import load_all
 
 log = logging.getLogger(__name__)
 
+# Seconds a cancelled helm run gets to stop by itself (helm upgrade/install record the
+# release as failed on SIGTERM: one write), before it is killed.
+HELM_STOP_GRACE = 5.0
 _LOOPBACK = re.compile(r"^(oci://)?(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?(/|$)")
 
 
@@ -130,10 +138,8 @@ class HelmCLI:
             async with asyncio.timeout(deadline):
                 stdout, stderr = await process.communicate()
         except BaseException as interrupted:
-            # Cut off (the lease ran out) or cancelled: helm must not write on its own.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
+            cancelled = isinstance(interrupted, asyncio.CancelledError)
+            await self._stop(process, grace=self._stop_grace() if cancelled else 0.0)
             if isinstance(interrupted, TimeoutError) and self.write_guard is not None:
                 self.write_guard()  # raises the guard's own error: the lease is gone
             raise
@@ -142,6 +148,31 @@ class HelmCLI:
         for warning in _warnings(stderr.decode(errors="replace")):
             log.warning("helm %s: %s", args[0], warning)
         return stdout.decode()
+
+    def _stop_grace(self) -> float:
+        """How long a cancelled run may take to stop by itself: HELM_STOP_GRACE, and no
+        longer than the lease allows writing (helm's last write is marking the release
+        failed); 0 once the lease is gone, as for a run cut off by it."""
+        if self.write_guard is None:
+            return HELM_STOP_GRACE
+        try:
+            return min(HELM_STOP_GRACE, self.write_guard())
+        except NotLeaderError:  # helm must not write on its own
+            return 0.0
+
+    @staticmethod
+    async def _stop(process: asyncio.subprocess.Process, *, grace: float) -> None:
+        """Stop helm's process group: SIGTERM and up to `grace` seconds to exit, then
+        SIGKILL (at once when `grace` is 0)."""
+        if grace > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
 
     async def status(self, release: str, namespace: str) -> dict[str, Any] | None:
         try:

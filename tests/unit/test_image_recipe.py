@@ -1,0 +1,78 @@
+"""The image's recipe trims packages of what conveyor never loads (image/install.sh
+trim): what it keeps must cover what conveyor uses. The step runs here for real, on a
+copy of this venv's own botocore models, boto3 and Swagger UI; tests/cluster/test_image.py
+creates the AWS clients inside the trimmed image."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import boto3
+import botocore
+import swagger_ui_bundle
+
+from tests.conftest import ROOT
+
+INSTALL = ROOT / "image" / "install.sh"
+SRC = ROOT / "src" / "conveyor"
+
+
+def aws_services_kept() -> set[str]:
+    found = re.search(r'^aws_services="([^"]*)"$', INSTALL.read_text(), re.MULTILINE)
+    assert found, "aws_services in image/install.sh"
+    return set(found.group(1).split())
+
+
+def trimmed_site(tmp_path: Path) -> Path:
+    """What `install.sh trim` works on, from this venv (botocore's models: the kept ones
+    and a few others), after the trim."""
+    site = tmp_path / "site-packages"
+    models = Path(botocore.__file__ or "").parent / "data"
+    sample = aws_services_kept() | {"s3", "ec2", "lambda"}
+    shutil.copytree(
+        models,
+        site / "botocore" / "data",
+        ignore=lambda folder, names: [
+            n for n in names if Path(folder) == models and (models / n).is_dir() and n not in sample
+        ],
+    )
+    for module in (boto3, swagger_ui_bundle):
+        package = Path(module.__file__ or "").parent
+        shutil.copytree(package, site / package.name, ignore=shutil.ignore_patterns("*.pyc"))
+    subprocess.run(["sh", str(INSTALL), "trim", str(site)], check=True)
+    return site
+
+
+def test_every_aws_api_conveyor_calls_keeps_its_model_and_no_other_does(
+    tmp_path: Path,
+) -> None:
+    called = {
+        service
+        for module in SRC.rglob("*.py")
+        for service in re.findall(r'boto3\.client\(\s*"([a-z0-9-]+)"', module.read_text())
+    }
+    assert {"sqs", "cloudformation"} <= called  # the gates and ci-privileges
+    assert called <= aws_services_kept()
+    site = trimmed_site(tmp_path)
+    models = {path.name for path in (site / "botocore" / "data").iterdir() if path.is_dir()}
+    assert models == aws_services_kept()
+    # What botocore reads for any client stays: endpoints, partitions, retry rules.
+    for name in ("endpoints.json", "partitions.json", "_retry.json"):
+        assert (site / "botocore" / "data" / name).is_file()
+
+
+def test_the_api_docs_page_loads_only_swagger_files_the_image_keeps(tmp_path: Path) -> None:
+    template = (SRC / "web" / "templates" / "api_docs.html").read_text()
+    loaded = re.findall(r"/api/docs/assets/([\w.-]+)", template)
+    assert {"swagger-ui-bundle.js", "swagger-ui.css"} <= set(loaded)
+    bundle = Path(swagger_ui_bundle.swagger_ui_path)
+    kept = (
+        trimmed_site(tmp_path)
+        / "swagger_ui_bundle"
+        / bundle.relative_to(Path(swagger_ui_bundle.__file__).parent)
+    )
+    assert all((kept / name).is_file() for name in loaded)
+    assert not list(kept.glob("*.map"))  # what the trim is for
