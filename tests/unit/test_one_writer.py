@@ -160,6 +160,23 @@ def test_a_helm_write_is_refused_without_the_lease_and_killed_when_its_time_runs
     assert asyncio.run(HelmCLI(binary="true", write_guard=guard).run("version")) == ""
 
 
+def test_a_helm_write_outlives_one_budget_while_the_lease_is_renewed(tmp_path: Path) -> None:
+    """An upgrade waiting on hooks may run longer than one lease: each renewal gives it a
+    new budget, and it is cut off only when the lease is gone."""
+    fake_helm = tmp_path / "helm"
+    fake_helm.write_text("#!/bin/sh\nsleep 1\necho upgraded\n")
+    fake_helm.chmod(0o755)
+    asked = []
+
+    def guard() -> float:
+        asked.append(time.monotonic())
+        return 0.3  # a short lease, renewed each time it is asked
+
+    helm = HelmCLI(binary=str(fake_helm), write_guard=guard)
+    assert asyncio.run(helm.run("rollback", writes=True)).strip() == "upgraded"
+    assert len(asked) >= 3  # asked again as each budget ran out
+
+
 def test_kube_writes_are_refused_or_cut_off_by_the_guard_and_name_their_writer() -> None:
     """Against a real HTTP server on loopback that answers reads and never answers
     writes: the apiserver paused mid-write."""

@@ -124,8 +124,10 @@ class HelmCLI:
         """`helm <args> -- <positional>`: `args` are the subcommand and our own options,
         `positional` the values (release, chart, path) that must never read as options.
         `writes`: the command changes the cluster, so the write guard is asked first and
-        bounds how long it may run."""
-        deadline = self.write_guard() if writes and self.write_guard is not None else None
+        again each time the budget it gave runs out: a renewed lease extends the run (an
+        upgrade may wait on hooks longer than one lease), a lost one ends it at once."""
+        guard = self.write_guard if writes else None
+        budget = guard() if guard is not None else None
         command = [self.binary, *args, *(self._global_args() if kube else []), "--", *positional]
         process = await asyncio.create_subprocess_exec(
             *command,
@@ -134,14 +136,17 @@ class HelmCLI:
             env={**os.environ, **self.extra_env},
             start_new_session=True,  # its own process group: a kill reaches any child
         )
+        finished = asyncio.ensure_future(process.communicate())
         try:
-            async with asyncio.timeout(deadline):
-                stdout, stderr = await process.communicate()
+            while not (await asyncio.wait({finished}, timeout=budget))[0]:
+                budget = guard() if guard is not None else None  # raises once the lease is gone
+            stdout, stderr = finished.result()
         except BaseException as interrupted:
             cancelled = isinstance(interrupted, asyncio.CancelledError)
             await self._stop(process, grace=self._stop_grace() if cancelled else 0.0)
-            if isinstance(interrupted, TimeoutError) and self.write_guard is not None:
-                self.write_guard()  # raises the guard's own error: the lease is gone
+            finished.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await finished
             raise
         if process.returncode != 0:
             raise HelmError(args[0], _clean_error(stderr.decode(errors="replace")))
