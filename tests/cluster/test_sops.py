@@ -23,6 +23,7 @@ from tests.cluster.gitops import (
     ConfigRepo,
     by_name,
     conveyor,
+    conveyor_apps,
     deployment,
     kubectl_json,
     reconcile_json,
@@ -293,16 +294,7 @@ def test_the_agent_decrypts_with_the_agekey_of_the_secret_conveyor_yaml_names(
     )
 
     def web_ready() -> bool:
-        listing = kubectl_json(
-            sandbox,
-            "get",
-            "conveyorapps",
-            "-n",
-            "conveyor-system",
-            "-l",
-            f"conveyor.dev/scope={env_name}",
-        )
-        items = [i for i in (listing or {}).get("items", []) if i["spec"].get("app") == "web"]
+        items = [i for i in conveyor_apps(sandbox, env_name) if i["spec"].get("app") == "web"]
         assert agent.poll() is None, log.read_text()
         return bool(items) and items[0]["status"].get("state") == "Ready"
 
