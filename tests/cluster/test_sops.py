@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.cluster.gitops import (
     CHART,
@@ -104,18 +105,28 @@ def test_encrypted_secrets_in_manifests_and_kustomize_are_applied_and_never_show
 ) -> None:
     box, key_file, recipient = keyed
     first, second = f"first-{uuid.uuid4().hex}", f"second-{uuid.uuid4().hex}"
-    changed = f"changed-{uuid.uuid4().hex}"
-    forbidden = forms(first, second, changed)
+    generated, changed = f"generated-{uuid.uuid4().hex}", f"changed-{uuid.uuid4().hex}"
+    forbidden = forms(first, second, generated, changed)
     repo = ConfigRepo(tmp_path)
     path = f"envs/sops-{namespace}"
     encrypted(box, repo, f"{path}/web/secret.yaml", secret("web-db", namespace, first), recipient)
     repo.write(f"{path}/web/deploy.yaml", deployment("web", namespace))
     # kustomize sets the namespace, so the MAC no longer matches: ignored, as Flux does.
+    # And a secretGenerator's file encrypted whole: decrypted inside the Secret, as Flux.
     repo.write(
         f"{path}/site/kustomization.yaml",
-        f"namespace: {namespace}\nresources: [secret.yaml, deploy.yaml]\n",
+        f"""
+        namespace: {namespace}
+        resources: [secret.yaml, deploy.yaml]
+        secretGenerator:
+          - name: site-creds
+            files: [creds.yaml]
+        """,
     )
     encrypted(box, repo, f"{path}/site/secret.yaml", secret("site-db", None, second), recipient)
+    repo.write(f"{path}/site/creds.yaml", f"user: site\npassword: {generated}\n")
+    creds_file = repo.work / path / "site/creds.yaml"
+    box.run("sops", "encrypt", "--in-place", "--age", recipient, str(creds_file))
     repo.write(f"{path}/site/deploy.yaml", deployment("site", namespace))
     base = repo.commit("encrypted secrets")
 
@@ -124,6 +135,11 @@ def test_encrypted_secrets_in_manifests_and_kustomize_are_applied_and_never_show
     assert {by_name(report)[a]["ready"] for a in ("web", "site")} == {True}
     assert live_password(box, "web-db", namespace) == first
     assert live_password(box, "site-db", namespace) == second
+    secrets = kubectl_json(box, "get", "secrets", "-n", namespace)
+    assert secrets is not None
+    (creds,) = [s for s in secrets["items"] if s["metadata"]["name"].startswith("site-creds-")]
+    plain = base64.b64decode(creds["data"]["creds.yaml"]).decode()
+    assert yaml.safe_load(plain) == {"user": "site", "password": generated}
     table = conveyor(box, "reconcile", "--repo", repo.url, "--path", path)
     assert table.returncode == 0, table.stdout + table.stderr
     shown = json.dumps(report) + table.stdout + table.stderr

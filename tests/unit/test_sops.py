@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conveyor.cluster.objects import Obj
 from conveyor.config.manifest import is_sops_encrypted
@@ -349,3 +350,38 @@ def test_a_failing_key_source_fails_the_app_at_its_first_encrypted_document(
 def test_keys_stay_out_of_reprs(keypair: tuple[Path, str]) -> None:
     keys = keys_of(keypair[0])
     assert "AGE-SECRET-KEY" not in repr(keys) and "AGE-SECRET-KEY" not in str(keys)
+
+
+def test_a_secret_entry_holding_an_encrypted_file_is_decrypted_in_its_own_format(
+    tools: Path, keypair: tuple[Path, str], other_key: Path, tmp_path: Path
+) -> None:
+    """What a kustomize secretGenerator makes of encrypted `files:`: the file, base64."""
+    entries = {
+        "creds.yaml": f"user: shop\npassword: {PASSWORD}\n",
+        "app.env": f"PASSWORD={PASSWORD}\n",
+    }
+    data = {}
+    for name, text in entries.items():
+        path = tmp_path / name
+        path.write_text(text)
+        encrypt(tools, path, keypair[1])
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        # Folded over lines, as kustomize writes long values.
+        data[name] = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+    data["plain.txt"] = base64.b64encode(b"left alone").decode()
+    generated = Document(
+        obj={"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "g"}, "data": data},
+        file="site",
+        line=0,
+    )
+    (doc,) = asyncio.run(decryptor(tools, keys_of(keypair[0])).decrypt([generated]))
+    decoded = {k: base64.b64decode(v).decode() for k, v in doc.obj["data"].items()}
+    assert yaml.safe_load(decoded["creds.yaml"]) == {"user": "shop", "password": PASSWORD}
+    assert decoded["app.env"].strip() == f"PASSWORD={PASSWORD}"
+    assert decoded["plain.txt"] == "left alone"
+
+    message = decrypt_error(decryptor(tools, keys_of(other_key)), [generated])
+    assert message == (
+        "site: Secret g: cannot be decrypted: "
+        "data key 'creds.yaml': no age key given can decrypt it"
+    )

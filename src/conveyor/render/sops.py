@@ -3,7 +3,9 @@
 Teams keep their Secrets in git encrypted with SOPS and age. The cluster must get them
 decrypted; nothing else may ever see the plaintext. A document is encrypted when it
 carries SOPS's metadata (`config.manifest.is_sops_encrypted`), in whatever layout it
-sits: such a document is always decrypted, never applied as it is.
+sits: such a document is always decrypted, never applied as it is. So is a Secret's data
+entry that holds a SOPS-encrypted file (what a kustomize secretGenerator makes of an
+encrypted `files:` entry), as Flux decrypts them.
 
 `sops decrypt` runs as a subprocess, as Flux's kustomize-controller decrypts: the
 document goes in on stdin as JSON and comes back on stdout, never through a file. The
@@ -218,7 +220,7 @@ class Decryptor:
         only when a document is encrypted. `verify_mac=False` for documents a build has
         rewritten. DecryptionError, naming the document's file and line, when one cannot
         be decrypted: then none is returned, so nothing of the app is applied or pruned."""
-        encrypted = [doc for doc in documents if is_sops_encrypted(doc.obj)]
+        encrypted = [doc for doc in documents if is_sops_encrypted(doc.obj) or _entries(doc.obj)]
         if not encrypted:
             return documents
         try:
@@ -254,8 +256,14 @@ class Decryptor:
         if (cached := _decrypted.get(cache_key)) is not None:
             _decrypted.move_to_end(cache_key)
             return replace(doc, obj=cached)
-        async with self._parallel:
-            obj = await self._run(payload, keys, verify_mac=verify_mac, failed=failed)
+        if is_sops_encrypted(doc.obj):
+            try:
+                plain = await self._run(payload, ("json", "json"), keys, verify_mac=verify_mac)
+            except _SopsFailed as error:
+                raise failed(error.reason) from None
+            obj = _json_object(plain, failed)
+        else:
+            obj = await self._entries(doc.obj, keys, failed)
         try:
             checked = check_object(obj)
         except ValidationError as error:
@@ -270,49 +278,111 @@ class Decryptor:
             _decrypted.popitem(last=False)
         return replace(doc, obj=checked)
 
-    async def _run(
-        self,
-        payload: bytes,
-        keys: AgeKeys,
-        *,
-        verify_mac: bool,
-        failed: Callable[[str], DecryptionError],
+    async def _entries(
+        self, secret: Obj, keys: AgeKeys, failed: Callable[[str], DecryptionError]
     ) -> Obj:
-        argv = [self.sops, "decrypt", "--input-type", "json", "--output-type", "json"]
+        """A Secret whose `data` entries are SOPS-encrypted files (a kustomize
+        secretGenerator's `files`), each entry decrypted: what Flux does for them."""
+        data = dict(secret["data"])
+        for key, formats in _entries(secret).items():
+            try:
+                plain = await self._run(base64.b64decode(data[key]), formats, keys, verify_mac=True)
+            except _SopsFailed as error:
+                raise failed(f"data key {key!r}: {error.reason}") from None
+            data[key] = base64.b64encode(plain).decode()
+        return {**secret, "data": data}
+
+    async def _run(
+        self, payload: bytes, formats: tuple[str, str], keys: AgeKeys, *, verify_mac: bool
+    ) -> bytes:
+        """`sops decrypt` of `payload` from the `formats` (input, output) given; its
+        plaintext. _SopsFailed with the reason its exit status gives."""
+        input_type, output_type = formats
+        argv = [self.sops, "decrypt", "--input-type", input_type, "--output-type", output_type]
         if not verify_mac:
             argv.append("--ignore-mac")
         # A private, empty HOME and working directory: sops finds no other key (keys.txt,
         # ~/.ssh) and no .sops.yaml there; the identities come only from SOPS_AGE_KEY.
-        with tempfile.TemporaryDirectory(prefix="conveyor-sops-") as home:
-            env = {
-                "PATH": os.environ.get("PATH", os.defpath),
-                "HOME": home,
-                "XDG_CONFIG_HOME": home,
-                KEY_ENV: "\n".join(keys.identities),
-            }
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.DEVNULL,  # it may quote the document
-                    cwd=home,
-                    env=env,
-                )
-            except FileNotFoundError:
-                raise failed(f"{self.sops} is not installed (looked for it on PATH)") from None
-            stdout, _ = await process.communicate(payload)
+        async with self._parallel:
+            with tempfile.TemporaryDirectory(prefix="conveyor-sops-") as home:
+                env = {
+                    "PATH": os.environ.get("PATH", os.defpath),
+                    "HOME": home,
+                    "XDG_CONFIG_HOME": home,
+                    KEY_ENV: "\n".join(keys.identities),
+                }
+                try:
+                    process = await asyncio.create_subprocess_exec(
+                        *argv,
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.DEVNULL,  # it may quote the document
+                        cwd=home,
+                        env=env,
+                    )
+                except FileNotFoundError:
+                    raise _SopsFailed(
+                        f"{self.sops} is not installed (looked for it on PATH)"
+                    ) from None
+                stdout, _ = await process.communicate(payload)
         if process.returncode != 0:
             code = process.returncode
             reason = _REASONS.get(code if code is not None else -1)
-            raise failed(reason or f"sops could not decrypt it (exit status {code})")
-        try:
-            obj = json.loads(stdout)
-        except ValueError:
-            raise failed("sops returned no JSON") from None
-        if not isinstance(obj, dict):
-            raise failed("sops returned no object")
-        return obj
+            raise _SopsFailed(reason or f"sops could not decrypt it (exit status {code})")
+        return stdout
+
+
+class _SopsFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _json_object(text: bytes, failed: Callable[[str], DecryptionError]) -> Obj:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise failed("sops returned no JSON") from None
+    if not isinstance(obj, dict):
+        raise failed("sops returned no object")
+    return obj
+
+
+# How a SOPS-encrypted file shows inside a Secret's data entry, by its format (as Flux
+# tells them apart), and the format an entry's name asks for on the way out.
+_MARKERS = (
+    ("yaml", b"mac: ENC["),
+    ("json", b'"mac": "ENC['),
+    ("dotenv", b"sops_mac=ENC["),
+    ("ini", b"[sops]"),
+)
+_OUTPUT_BY_SUFFIX = {
+    ".yaml": "yaml",
+    ".yml": "yaml",
+    ".json": "json",
+    ".env": "dotenv",
+    ".ini": "ini",
+}
+
+
+def _entries(obj: Obj) -> dict[str, tuple[str, str]]:
+    """The data entries of a v1 Secret that hold a SOPS-encrypted file: (input format,
+    output format) by key. A JSON envelope is sops's binary format unless the key names
+    a JSON file."""
+    if obj.get("kind") != "Secret" or obj.get("apiVersion") != "v1":
+        return {}
+    found: dict[str, tuple[str, str]] = {}
+    for key, value in (obj.get("data") or {}).items():
+        try:  # kustomize folds long values over lines, which base64 allows
+            content = base64.b64decode("".join(str(value).split()), validate=True)
+        except binascii.Error:
+            continue  # not base64: the API server says so when it is applied
+        output = _OUTPUT_BY_SUFFIX.get(Path(str(key)).suffix, "binary")
+        for fmt, marker in _MARKERS:
+            if marker in content:
+                found[str(key)] = ("binary" if fmt == "json" and output != "json" else fmt, output)
+                break
+    return found
 
 
 def _named(doc: Document) -> str:
