@@ -16,9 +16,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
+from conveyor.render.discover import app_name
 from tests.cluster.gitops import (
     CHART,
     ConfigRepo,
@@ -30,6 +32,7 @@ from tests.cluster.gitops import (
     reconcile_json,
     wait_for,
 )
+from tests.cluster.serve import ServeProcess
 from tests.conftest import SandboxHandle
 
 pytestmark = pytest.mark.cluster
@@ -159,7 +162,23 @@ def test_encrypted_secrets_in_manifests_and_kustomize_are_applied_and_never_show
     )
     assert offline.returncode == 1, offline.stdout + offline.stderr
     assert "password: '*** (changed)'" in offline.stdout
-    for output in (live.stdout + live.stderr, offline.stdout + offline.stderr):
+    serve = ServeProcess(box, tmp_path, "--repo", repo.url)
+    try:
+        scope = app_name(path.replace("/", "-"))
+        api = httpx.get(f"{serve.url}/api/v1/environments/{scope}/apps/web/diff", timeout=120)
+        assert api.json()["error"] is None, api.text
+        dashboard = api.text + "".join(
+            httpx.get(f"{serve.url}{page}", timeout=120).text.replace("&#39;", "'")
+            for page in (f"/partials/diff/{scope}/web", f"/environments/{scope}/apps/web")
+        )
+    finally:
+        serve.stop()
+    assert "password: '*** (changed)'" in dashboard
+    for output in (
+        live.stdout + live.stderr,
+        offline.stdout + offline.stderr,
+        dashboard + serve.log.read_text(),
+    ):
         assert not [value for value in forbidden if value in output], output
     assert live_password(box, "web-db", namespace) == first  # a diff applies nothing
 
