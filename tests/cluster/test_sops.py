@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conveyor.render.discover import app_name
+from conveyor.sandbox.versions import TOOL_VERSIONS
 from tests.cluster.gitops import (
     CHART,
     ConfigRepo,
@@ -343,3 +344,24 @@ def test_the_agent_decrypts_with_the_agekey_of_the_secret_conveyor_yaml_names(
     assert "web" in shown  # the agent logged its work on the app
     shown += everything_conveyor_shows(sandbox, namespace)
     assert not [value for value in forms(password) if value in shown]
+
+
+def test_sandbox_env_puts_sops_and_age_on_path(sandbox: SandboxHandle, tmp_path: Path) -> None:
+    lines = conveyor(sandbox, "sandbox", "env", "--name", sandbox.sandbox.name, check=True).stdout
+    shell = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"{lines}\nsops --version --disable-version-check; age --version; age-keygen --version",
+        ],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},  # nothing but what env printed
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shell.stdout.split() == [
+        "sops",
+        TOOL_VERSIONS.sops.lstrip("v"),
+        TOOL_VERSIONS.age,
+        TOOL_VERSIONS.age,
+    ]
