@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conveyor.cluster import kubeconfig
-from conveyor.cluster.client import KubeClient
+from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.objects import Obj
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ValuesReference
@@ -29,7 +29,15 @@ from conveyor.render.discover import EnvironmentTree, discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
 from conveyor.render.render import RenderedApp, Renderer, ValuesLookup, values_text
-from conveyor.render.sops import AgeKeys, Decryptor, KeySource, SecretLookup, SecretRef, local_keys
+from conveyor.render.sops import (
+    AgeKeys,
+    DecryptionError,
+    Decryptor,
+    KeySource,
+    SecretLookup,
+    SecretRef,
+    local_keys,
+)
 from conveyor.source.git import Checkout, default_branch, export_tree
 
 
@@ -152,7 +160,10 @@ def secret_lookup(kube: KubeClient) -> SecretLookup:
     """Decryption keys are read from the cluster's Secrets, as Flux reads them."""
 
     async def lookup(ref: SecretRef) -> Obj | None:
-        return await kube.get("v1", "Secret", ref.name, namespace=ref.namespace)
+        try:
+            return await kube.get("v1", "Secret", ref.name, namespace=ref.namespace)
+        except ApiError as error:  # e.g. forbidden: the app stalls saying so
+            raise DecryptionError(f"decryption Secret {ref} cannot be read: {error}") from None
 
     return lookup
 
