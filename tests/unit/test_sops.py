@@ -13,11 +13,16 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
+from conveyor.cluster.client import KubeClient
+from conveyor.cluster.kubeconfig import ClusterCredentials
 from conveyor.cluster.objects import Obj
 from conveyor.config.manifest import is_sops_encrypted
+from conveyor.config.project import Environment
+from conveyor.reconcile.target import decryptor as target_decryptor
 from conveyor.render import sops as sops_module
 from conveyor.render.discover import discover
 from conveyor.render.documents import Document, load_documents
@@ -384,4 +389,35 @@ def test_a_secret_entry_holding_an_encrypted_file_is_decrypted_in_its_own_format
     assert message == (
         "site: Secret g: cannot be decrypted: "
         "data key 'creds.yaml': no age key given can decrypt it"
+    )
+
+
+def test_a_decryption_secret_the_api_refuses_stalls_the_app_saying_so(
+    encrypted_file: Path,
+) -> None:
+    """Through the real client on a fake wire (the cluster tests read a real Secret)."""
+
+    def apiserver(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v1":
+            resources = [{"name": "secrets", "kind": "Secret", "namespaced": True}]
+            return httpx.Response(200, json={"resources": resources})
+        status = {"kind": "Status", "reason": "Forbidden", "message": "no", "code": 403}
+        return httpx.Response(403, json=status)
+
+    async def scenario() -> str:
+        credentials = ClusterCredentials(server="https://kube.test", context="t", token="tok")
+        async with KubeClient(credentials, transport=httpx.MockTransport(apiserver)) as kube:
+            decrypting = target_decryptor(
+                kube,
+                environment=Environment.model_validate(
+                    {"name": "prod", "path": "prod", "decryption": {"secretRef": {"name": "keys"}}}
+                ),
+            )
+            with pytest.raises(DecryptionError) as caught:
+                await decrypting.decrypt(documents(encrypted_file))
+            return str(caught.value)
+
+    assert asyncio.run(scenario()) == (
+        "secret.yaml:1: Secret shop/db: SOPS-encrypted; decryption Secret "
+        "conveyor-system/keys cannot be read: HTTP 403 Forbidden: no"
     )
