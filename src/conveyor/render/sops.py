@@ -158,13 +158,12 @@ def secret_keys(secret: Obj, *, ref: SecretRef) -> AgeKeys:
     for key, value in sorted((secret.get("stringData") or {}).items()):
         if str(key).endswith(AGE_KEY_SUFFIX):
             texts.append((str(key), str(value)))
-    keys = AgeKeys(origin=f"Secret {ref}")
-    for key, text in texts:
-        found = parse_identities(text, origin=f"Secret {ref} key {key!r}")
-        keys = AgeKeys(
-            tuple(dict.fromkeys([*keys.identities, *found.identities])), origin=keys.origin
-        )
-    return keys
+    identities = [
+        identity
+        for key, text in texts
+        for identity in parse_identities(text, origin=f"Secret {ref} key {key!r}").identities
+    ]
+    return AgeKeys(tuple(dict.fromkeys(identities)), origin=f"Secret {ref}")
 
 
 SecretLookup = Callable[[SecretRef], Awaitable[Obj | None]]
