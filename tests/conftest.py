@@ -52,7 +52,7 @@ def start_sandbox(name: str) -> SandboxHandle:
     state = box.up()
     env = dict(os.environ)
     env["KUBECONFIG"] = str(box.kubeconfig)
-    env["PATH"] = f"{state.bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = os.pathsep.join([*state.path, env.get("PATH", "")])
     env["CONVEYOR_REGISTRY"] = box.registry()
     env["HELM_CACHE_HOME"] = str(box.layout.root / "helm-cache")
     env["HELM_CONFIG_HOME"] = str(box.layout.root / "helm-config")

@@ -118,6 +118,15 @@ def kubectl_json(sandbox: SandboxHandle, *args: str) -> dict[str, Any] | None:
     return parsed
 
 
+def conveyor_apps(sandbox: SandboxHandle, scope: str) -> list[dict[str, Any]]:
+    """The ConveyorApp objects of an environment's scope (its apps and its source)."""
+    listing = kubectl_json(
+        sandbox, "get", "conveyorapps", "-n", "conveyor-system", "-l", f"conveyor.dev/scope={scope}"
+    )
+    items: list[dict[str, Any]] = (listing or {}).get("items", [])
+    return items
+
+
 def wait_for(check: Callable[[], T], *, timeout: float = 60.0, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     last: T | None = None

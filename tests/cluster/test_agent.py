@@ -21,6 +21,7 @@ import pytest
 from tests.cluster.gitops import (
     ConfigRepo,
     chart_repo,
+    conveyor_apps,
     deployment,
     flux_v1_release,
     kubectl_json,
@@ -279,16 +280,7 @@ def test_kill_9_mid_rollout_of_50_apps_then_restart_converges(
     scope = path.replace("/", "-")
 
     def applied_apps() -> int:
-        listing = kubectl_json(
-            sandbox,
-            "get",
-            "conveyorapps",
-            "-n",
-            "conveyor-system",
-            "-l",
-            f"conveyor.dev/scope={scope}",
-        )
-        return len((listing or {}).get("items", []))
+        return len(conveyor_apps(sandbox, scope))
 
     agent = AgentProcess(sandbox, repo, path, tmp_path, "--interval", "3s", name="doomed")
     agents.append(agent)
@@ -310,16 +302,7 @@ def test_kill_9_mid_rollout_of_50_apps_then_restart_converges(
     agents.append(restarted)
 
     def all_ready() -> bool:
-        listing = kubectl_json(
-            sandbox,
-            "get",
-            "conveyorapps",
-            "-n",
-            "conveyor-system",
-            "-l",
-            f"conveyor.dev/scope={scope}",
-        )
-        items = [i for i in (listing or {}).get("items", []) if i["spec"].get("app")]
+        items = [i for i in conveyor_apps(sandbox, scope) if i["spec"].get("app")]
         return len(items) == 50 and all(i["status"].get("state") == "Ready" for i in items)
 
     wait_for(all_ready, timeout=240, what="all 50 apps Ready after the restart")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.source.git import run_git
-from tests.cluster.gitops import ConfigRepo, kubectl_json, wait_for
+from tests.cluster.gitops import ConfigRepo, conveyor_apps, kubectl_json, wait_for
 from tests.cluster.test_agent import AgentProcess
 from tests.conftest import SandboxHandle, start_sandbox
 
@@ -102,10 +102,7 @@ def wait_for_pending_upgrade(box: SandboxHandle, namespace: str, timeout: float)
 
 
 def app_state(box: SandboxHandle, scope: str) -> tuple[str, str] | None:
-    listing = kubectl_json(
-        box, "get", "conveyorapps", "-n", "conveyor-system", "-l", f"conveyor.dev/scope={scope}"
-    )
-    for item in (listing or {}).get("items", []):
+    for item in conveyor_apps(box, scope):
         if item["spec"].get("app") == "many":
             status = item.get("status") or {}
             return status.get("state", ""), status.get("lastAppliedRevision", "")

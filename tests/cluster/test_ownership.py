@@ -17,6 +17,7 @@ from tests.cluster.gitops import (
     by_name,
     chart_repo,
     conveyor,
+    conveyor_apps,
     deployment,
     flux_v1_release,
     kubectl_json,
@@ -215,17 +216,9 @@ def test_statuses_and_objects_from_before_identities_are_claimed_without_a_reins
         sandbox.run("kubectl", "label", *args, *unowned, "--overwrite")
         if args[0] != "secret":
             sandbox.run("kubectl", "annotate", *args, f"{SOURCE_ANNOTATION}-", "--overwrite")
-    before = kubectl_json(
-        sandbox,
-        "get",
-        "conveyorapps",
-        "-n",
-        "conveyor-system",
-        "-l",
-        f"conveyor.dev/scope={env_path}",
-    )
-    assert before is not None and len(before["items"]) == 3
-    assert all(OWNER_LABEL not in (i["metadata"].get("labels") or {}) for i in before["items"])
+    before = conveyor_apps(sandbox, env_path)
+    assert len(before) == 3
+    assert all(OWNER_LABEL not in (i["metadata"].get("labels") or {}) for i in before)
 
     code, report = reconcile_json(sandbox, repo, env_path)
     assert code == 0, report
@@ -237,7 +230,7 @@ def test_statuses_and_objects_from_before_identities_are_claimed_without_a_reins
     )
     assert after is not None
     assert sorted(i["metadata"]["name"] for i in after["items"]) == sorted(
-        i["metadata"]["name"] for i in before["items"]
+        i["metadata"]["name"] for i in before
     )
     assert (
         label_of(kubectl_json(sandbox, "get", "deployment", "web", "-n", namespace), OWNER_LABEL)

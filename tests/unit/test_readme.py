@@ -24,6 +24,7 @@ the cluster tests.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -36,11 +37,16 @@ import yaml
 from typer.testing import CliRunner
 
 from conveyor.cli.main import app
+from conveyor.sandbox.build import ensure_tools
 from conveyor.source.git import run_git
 from tests.unit.conftest import EXAMPLE_APPS, ROOT
 from tests.unit.test_promotion import deployment
 
 README = ROOT / "README.md"
+SOPS_DIFF = (
+    "conveyor diff --repo . --base main --head my-branch --env staging "
+    "--sops-age-key-file age.agekey"
+)
 # README line → the exit code the README promises (diff: "exit 0 none, 1 changes").
 RUNS_OFFLINE = {
     "conveyor version [--scheme short-sha|ref-id] [--github-output]": 0,
@@ -53,6 +59,7 @@ RUNS_OFFLINE = {
     "conveyor approve --repo URL --env production --version 1.4.3 --by alice": 0,
     "conveyor unpin ui --repo URL --env production": 0,  # ui is not pinned: nothing to do
     "conveyor diff --repo . --base main --head my-branch --env production --format markdown": 1,
+    SOPS_DIFF: 1,
     "conveyor hotfix start --from-tag v1.4.2 [--push]": 0,
     "conveyor notes --from v1.4.2 --to v1.4.3": 0,
 }
@@ -167,6 +174,7 @@ def readme_world(tmp_path: Path) -> World:
     prod.write_text(deployment("ui", "ui-prod", tag="1.4.3", replicas=3))
     git(clone, "commit", "--quiet", "-am", "ui 1.4.3 to production")
     git(clone, "checkout", "--quiet", "main")
+    _sops_secret_changed_on_my_branch(clone)
     app = tmp_path / "ui"
     shutil.copytree(EXAMPLE_APPS / "ui", app)
     shutil.rmtree(app / ".conveyor")  # publish with the built-in Cellenics profile
@@ -179,6 +187,34 @@ def readme_world(tmp_path: Path) -> World:
     git(app, "commit", "--quiet", "-m", "Fix the upload (#7)")
     git(app, "tag", "v1.4.3")
     return World(config, clone, app)
+
+
+def _sops_secret_changed_on_my_branch(clone: Path) -> None:
+    """staging/db/secret.yaml encrypted with SOPS for the key `age.agekey` (left in the
+    clone, untracked, as a reviewer keeps it), its password changed on my-branch."""
+    tools = ensure_tools()
+    key = clone / "age.agekey"
+    subprocess.run([str(tools / "age-keygen"), "-o", str(key)], check=True, capture_output=True)
+    recipient = subprocess.run(
+        [str(tools / "age-keygen"), "-y", str(key)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    secret = clone / "staging/db/secret.yaml"
+    for branch, password in (("main", "first-password"), ("my-branch", "second-password")):
+        git(clone, "checkout", "--quiet", branch)
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_text(
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: db, namespace: ui-staging}\n"
+            f"stringData: {{password: {password}}}\n"
+        )
+        subprocess.run(
+            [str(tools / "sops"), "encrypt", "--age", recipient, "--in-place", str(secret)],
+            check=True,
+            capture_output=True,
+        )
+        git(clone, "add", "staging/db/secret.yaml")
+        git(clone, "commit", "--quiet", "-m", f"db password on {branch}")
+    git(clone, "checkout", "--quiet", "main")
+    git(clone, "push", "--quiet", "origin", "HEAD:main")
 
 
 def as_run(line: str, world: World) -> list[str]:
@@ -195,6 +231,8 @@ def test_the_readme_command_lines_that_need_no_cluster_run_as_written(
 ) -> None:
     env = {**no_ci_env, **GITHUB_PUSH, "GITHUB_OUTPUT": str(tmp_path / "github-output")}
     env |= {"AWS_ACCOUNT_ID": "123456789012", "AWS_REGION": "eu-west-1"}
+    # sops and age on PATH, as `conveyor sandbox env` puts them.
+    env["PATH"] = os.pathsep.join([str(ensure_tools()), env.get("PATH", "")])
     for line in (c for c in readme_commands() if c in RUNS_OFFLINE):
         in_app = line.startswith(IN_APP_REPO)
         result = subprocess.run(
@@ -206,6 +244,10 @@ def test_the_readme_command_lines_that_need_no_cluster_run_as_written(
             env=env,
         )
         assert result.returncode == RUNS_OFFLINE[line], f"{line}\n{result.stdout}{result.stderr}"
+        if line == SOPS_DIFF:  # decrypted to be compared, never shown
+            assert "password: '*** (changed)'" in result.stdout, result.stdout
+            shown = result.stdout + result.stderr
+            assert "first-password" not in shown and "second-password" not in shown
     production = run_git(
         ["--git-dir", str(readme_world.config), "show", "main:production/ui/deploy.yaml"]
     )

@@ -11,6 +11,7 @@ import pytest
 from conveyor.sandbox import build
 from conveyor.sandbox.versions import (
     GoToolchainError,
+    ToolVersions,
     Versions,
     find_go,
     parse_go_version,
@@ -78,6 +79,37 @@ def test_cache_key_changes_with_any_version_or_toolchain() -> None:
     assert key == Versions().cache_key("go1.26.8")
     assert key != Versions(helm="v3.21.3").cache_key("go1.26.8")
     assert key != base.cache_key("go1.26.9")
+
+
+def test_kubernetes_cache_key_is_the_one_built_before_sops_and_age_existed() -> None:
+    # A changed key rebuilds Kubernetes on every machine: the tools never take part in it.
+    assert Versions().cache_key("go1.26.8") == "k8s-v1.36.3-92f4dc4cf1"
+
+
+def test_tools_have_a_cache_key_of_their_own() -> None:
+    key = ToolVersions().cache_key("go1.26.8")
+    assert key.startswith("tools-sops-v3.13.3-")
+    assert key != Versions().cache_key("go1.26.8")
+    assert key != ToolVersions(age="v1.3.1").cache_key("go1.26.8")
+    assert key != ToolVersions().cache_key("go1.26.9")
+
+
+def test_tools_are_built_once_into_their_own_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `.complete` marker and every binary make a cache hit: no go command runs."""
+    monkeypatch.setenv("CONVEYOR_CACHE", str(tmp_path))
+    _go, go_version = find_go()
+    bin_dir = tmp_path / "sandbox" / ToolVersions().cache_key(go_version) / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in build.TOOLS:
+        (bin_dir / name).write_text("")
+    assert not build.binaries_ready(bin_dir, build.TOOLS)  # no marker: not complete yet
+    (bin_dir / ".complete").write_text("{}")
+    said: list[str] = []
+    assert build.ensure_tools(progress=said.append) == bin_dir
+    assert said == []
+    assert not (tmp_path / "sandbox" / "build.lock").exists()  # Kubernetes' lock untouched
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,7 @@ from conveyor.reconcile.target import Target, kube_client
 from conveyor.render.discover import app_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
+from conveyor.render.sops import AgeKeys, DecryptionError, local_keys
 from conveyor.source.git import GitError, mask_url
 from conveyor.source.webhook import WebhookError, load_secret
 
@@ -367,7 +368,13 @@ def _local_clone(repo: str) -> Path:
 
 
 def _diff_revisions(
-    repo: str, base: str | None, head: str, against: Against, target: Target
+    repo: str,
+    base: str | None,
+    head: str,
+    against: Against,
+    target: Target,
+    *,
+    age_keys: Callable[[], AgeKeys],
 ) -> tuple[list[AppPlan], str]:
     """Two revisions of a local clone rendered offline, or the head against the cluster."""
     clone = _local_clone(repo)
@@ -383,6 +390,7 @@ def _diff_revisions(
                     context=target.context,
                     helm=HelmCLI(),
                     workdir=Path(workdir),
+                    age_keys=age_keys,
                 )
             )
         if base is None:
@@ -396,6 +404,7 @@ def _diff_revisions(
                 path=target.path,
                 helm=HelmCLI(),
                 workdir=Path(workdir),
+                age_keys=age_keys,
             )
         )
 
@@ -421,6 +430,11 @@ def diff(
     outfile: str | None = typer.Option(None, "--outfile", help="Write the diff to a file."),
     kubeconfig: str | None = KubeconfigOption,
     context: str | None = ContextOption,
+    sops_age_key_file: Path | None = typer.Option(
+        None,
+        "--sops-age-key-file",
+        help="age keys for SOPS-encrypted files (instead of $SOPS_AGE_KEY_FILE).",
+    ),
 ) -> None:
     """Desired against live (server-side dry run); with --base/--head, two revisions of
     a pull request rendered offline; with -f, a cal-itp channel as its PR comment.
@@ -447,14 +461,21 @@ def diff(
         repo=repo or ".", branch=branch, path=path, env=env, kubeconfig=kubeconfig, context=context
     )
     try:
+        # Read once, here: a key file that cannot be read stops the diff with one line.
+        keys = local_keys(key_file=sops_age_key_file)
+    except DecryptionError as error:
+        fail(escape(str(error)))
+    try:
         if head is not None or base is not None:
             if head is None:
                 fail("give --head REF with --base")
-            plans, title = _diff_revisions(repo or ".", base, head, against, target)
+            plans, title = _diff_revisions(
+                repo or ".", base, head, against, target, age_keys=lambda: keys
+            )
         elif repo is None:
             fail("give --repo URL (or --base/--head for a pull request)")
         else:
-            plans, title = asyncio.run(plan_target(target))
+            plans, title = asyncio.run(plan_target(target, age_keys=lambda: keys))
     except GitError as error:
         fail(escape(mask_url(error.stderr or str(error))))
     except (ConfigError, RenderError, KubeconfigError, ApiError, OSError) as error:

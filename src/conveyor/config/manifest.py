@@ -40,6 +40,14 @@ class ConfigMapObject(KubeObject):
     binary_data: dict[str, str] | None = None
 
 
+def is_sops_encrypted(obj: dict[str, Any]) -> bool:
+    """SOPS's own test for an encrypted document (Flux's too): a top-level `sops` mapping
+    with a MAC. Such a document is checked once decrypted (render/sops.py), since its
+    values, and perhaps its name, are ciphertext until then."""
+    metadata = obj.get("sops")
+    return isinstance(metadata, dict) and bool(metadata.get("mac"))
+
+
 _BY_KIND: dict[str, type[KubeObject]] = {"Secret": SecretObject, "ConfigMap": ConfigMapObject}
 _BODY: TypeAdapter[dict[str, Any]] = TypeAdapter(JsonObject)
 

@@ -25,6 +25,7 @@ from pydantic import (
 from conveyor.config.gates import Gate
 from conveyor.config.userfile import ConfigError as ConfigError
 from conveyor.config.userfile import load_document, read_text, validate
+from conveyor.config.validation import ObjectName
 
 FILE_NAME = "conveyor.yaml"
 # Where an environment that no conveyor.yaml declares lives, in the order tried.
@@ -43,6 +44,19 @@ class Cluster(Model):
     kubeconfig: str | None = None
 
 
+class DecryptionSecret(Model):
+    name: ObjectName
+    namespace: ObjectName = "conveyor-system"
+
+
+class Decryption(Model):
+    """Where the age keys for this environment's SOPS-encrypted files are: the `*.agekey`
+    entries of a Secret in its cluster, as a Flux Kustomization's `spec.decryption`."""
+
+    provider: Literal["sops"] = "sops"
+    secret_ref: DecryptionSecret = Field(alias="secretRef")
+
+
 class Environment(Model):
     name: str
     path: str = Field(description="Folder of the config repo that this environment applies.")
@@ -54,6 +68,9 @@ class Environment(Model):
     cluster: Cluster = Field(default_factory=Cluster)
     gates: list[Gate] = Field(
         default_factory=list, description="Checked before a new version is applied here."
+    )
+    decryption: Decryption | None = Field(
+        None, description="SOPS keys from the cluster (else the agent's own, see README)."
     )
 
     @field_validator("path")

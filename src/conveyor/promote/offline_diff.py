@@ -11,6 +11,7 @@ dry run as `conveyor diff`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,12 @@ from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ValuesReference
 from conveyor.config.project import load_project
 from conveyor.reconcile.plan import AppPlan, helm_objects, plan_environment
-from conveyor.reconcile.target import kube_client, values_lookup
+from conveyor.reconcile.target import decryptor, kube_client, values_lookup
 from conveyor.render.discover import discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError
 from conveyor.render.render import Renderer
+from conveyor.render.sops import AgeKeys, local_keys
 from conveyor.source.git import default_branch, export_tree, origin_url, resolve_revision
 
 
@@ -39,12 +41,23 @@ async def _unavailable(_ref: ValuesReference) -> str | None:
     return None
 
 
-async def render_offline(root: Path, env_path: str, helm: HelmCLI) -> dict[str, RenderedObjects]:
-    """Every app of the folder rendered to objects, by app name; none if no folder."""
+async def render_offline(
+    root: Path, env_path: str, helm: HelmCLI, *, age_keys: Callable[[], AgeKeys] = local_keys
+) -> dict[str, RenderedObjects]:
+    """Every app of the folder rendered to objects, by app name; none if no folder.
+    SOPS-encrypted files are decrypted with `age_keys` (there is no cluster to read a
+    decryption Secret from)."""
     if not (root / env_path).is_dir():
         return {}
     tree = discover(root, env_path)
-    renderer = Renderer.of_tree(root, tree, helm, values_lookup=_unavailable, offline=True)
+    renderer = Renderer.of_tree(
+        root,
+        tree,
+        helm,
+        values_lookup=_unavailable,
+        offline=True,
+        decryptor=decryptor(None, local=age_keys),
+    )
     result: dict[str, RenderedObjects] = {}
     for app in tree.apps:
         entry = result.setdefault(app.name, RenderedObjects())
@@ -98,6 +111,7 @@ async def diff_revisions(
     path: str | None,
     helm: HelmCLI,
     workdir: Path,
+    age_keys: Callable[[], AgeKeys] = local_keys,
 ) -> tuple[list[AppPlan], str]:
     """Per-app changes from `base` to `head` of the folder, rendered offline, and a title.
     GitError for an unknown revision, ConfigError for an unknown environment."""
@@ -105,8 +119,8 @@ async def diff_revisions(
     base_root = export_tree(repo, base_sha, workdir / "base")
     head_root = export_tree(repo, head_sha, workdir / "head")
     env_path = environment_path(head_root, env=env, path=path)
-    before = await render_offline(base_root, env_path, helm)
-    after = await render_offline(head_root, env_path, helm)
+    before = await render_offline(base_root, env_path, helm, age_keys=age_keys)
+    after = await render_offline(head_root, env_path, helm, age_keys=age_keys)
     plans = []
     for name in [*after, *(n for n in before if n not in after)]:
         was, now = before.get(name, RenderedObjects()), after.get(name, RenderedObjects())
@@ -136,6 +150,7 @@ async def diff_against_live(
     context: str | None,
     helm: HelmCLI,
     workdir: Path,
+    age_keys: Callable[[], AgeKeys] = local_keys,
 ) -> tuple[list[AppPlan], str]:
     """Per-app changes from the cluster to `head` of the folder (server-side dry run), on
     the environment's cluster unless `kubeconfig`/`context` say otherwise."""
@@ -144,6 +159,7 @@ async def diff_against_live(
     env_path = environment_path(head_root, env=env, path=path)
     source = origin_url(repo)
     branch = default_branch(source)
+    environment = None
     if env is not None:
         environment = load_project(head_root, default_branch=branch).environment(env)
         cluster, branch = environment.cluster, environment.branch
@@ -154,6 +170,12 @@ async def diff_against_live(
     )
     tree = discover(head_root, env_path)
     async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
-        renderer = Renderer.of_tree(head_root, tree, helm, values_lookup=values_lookup(kube))
+        renderer = Renderer.of_tree(
+            head_root,
+            tree,
+            helm,
+            values_lookup=values_lookup(kube),
+            decryptor=decryptor(kube, environment=environment, local=age_keys),
+        )
         plans = await plan_environment(tree, renderer, kube, helm, identity=identity)
     return plans, f"{env or env_path}: live → {_named(head, head_sha)}"

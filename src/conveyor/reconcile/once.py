@@ -38,6 +38,7 @@ from conveyor.reconcile.target import (
 )
 from conveyor.render.discover import scope_name
 from conveyor.render.documents import RenderError
+from conveyor.render.sops import AgeKeys, local_keys
 from conveyor.source.git import GitError
 
 Progress = Callable[[str], None]
@@ -294,16 +295,21 @@ async def record_source_failure(
 
 
 async def plan_target(
-    target: Target, *, app: str | None = None, purpose: str = "diff"
+    target: Target,
+    *,
+    app: str | None = None,
+    purpose: str = "diff",
+    age_keys: Callable[[], AgeKeys] = local_keys,
 ) -> tuple[list[AppPlan], str]:
     """Fetch, render and dry-run against the live cluster (one app, or all); nothing is
-    written. `purpose` keeps separate clones for callers that may run at the same time."""
+    written. `purpose` keeps separate clones for callers that may run at the same time;
+    `age_keys` decrypt SOPS files when the environment names no decryption Secret."""
     resolved = fetch_target(target, purpose=purpose)
     kube = kube_client(resolved)
     helm = helm_cli(resolved)
     try:
         tree = discover_target(resolved)
-        renderer = build_renderer(resolved, tree, kube, helm)
+        renderer = build_renderer(resolved, tree, kube, helm, age_keys=age_keys)
         plans = await plan_environment(
             tree, renderer, kube, helm, identity=resolved.identity, only=app
         )

@@ -5,14 +5,15 @@ conveyor.yaml), against which cluster. Shared by `reconcile`, `agent`, `diff` an
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from conveyor.cluster import kubeconfig
-from conveyor.cluster.client import KubeClient
+from conveyor.cluster.client import ApiError, KubeClient
+from conveyor.cluster.objects import Obj
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ValuesReference
 from conveyor.config.project import (
@@ -27,7 +28,16 @@ from conveyor.reconcile.actions import RenderPast
 from conveyor.render.discover import EnvironmentTree, discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
-from conveyor.render.render import RenderedApp, Renderer, ValuesLookup
+from conveyor.render.render import RenderedApp, Renderer, ValuesLookup, values_text
+from conveyor.render.sops import (
+    AgeKeys,
+    DecryptionError,
+    Decryptor,
+    KeySource,
+    SecretLookup,
+    SecretRef,
+    local_keys,
+)
 from conveyor.source.git import Checkout, default_branch, export_tree
 
 
@@ -141,15 +151,47 @@ def values_lookup(kube: KubeClient) -> ValuesLookup:
 
     async def lookup(ref: ValuesReference) -> str | None:
         obj = await kube.get("v1", ref.kind, ref.name, namespace=ref.namespace)
-        if obj is None:
-            return None
-        if ref.kind == "Secret":
-            raw = (obj.get("data") or {}).get(ref.key)
-            return base64.b64decode(raw).decode() if raw is not None else None
-        value = (obj.get("data") or {}).get(ref.key)
-        return str(value) if value is not None else None
+        return values_text(obj, ref) if obj is not None else None
 
     return lookup
+
+
+def secret_lookup(kube: KubeClient) -> SecretLookup:
+    """Decryption keys are read from the cluster's Secrets, as Flux reads them."""
+
+    async def lookup(ref: SecretRef) -> Obj | None:
+        try:
+            return await kube.get("v1", "Secret", ref.name, namespace=ref.namespace)
+        except ApiError as error:  # e.g. forbidden: the app stalls saying so
+            raise DecryptionError(f"decryption Secret {ref} cannot be read: {error}") from None
+
+    return lookup
+
+
+def decryption_secret(environment: Environment | None) -> SecretRef | None:
+    """The Secret that conveyor.yaml names for the environment's SOPS keys, if any."""
+    if environment is None or environment.decryption is None:
+        return None
+    ref = environment.decryption.secret_ref
+    return SecretRef(namespace=ref.namespace, name=ref.name)
+
+
+def decryptor(
+    kube: KubeClient | None,
+    *,
+    environment: Environment | None = None,
+    local: Callable[[], AgeKeys] = local_keys,
+) -> Decryptor:
+    """How an environment's SOPS-encrypted files are decrypted: with the keys of the
+    Secret its conveyor.yaml names, read through `kube` (with no cluster, `local`), or
+    else with `local`, the keys given where conveyor runs (render/sops.py)."""
+    return Decryptor(
+        KeySource(
+            local,
+            lookup=secret_lookup(kube) if kube is not None else None,
+            default_ref=decryption_secret(environment),
+        )
+    )
 
 
 def build_renderer(
@@ -159,10 +201,15 @@ def build_renderer(
     helm: HelmCLI,
     *,
     root: Path | None = None,
+    age_keys: Callable[[], AgeKeys] = local_keys,
 ) -> Renderer:
     """A renderer of the checkout (or of `root`, a past revision exported from it)."""
     return Renderer.of_tree(
-        root or resolved.checkout.path, tree, helm, values_lookup=values_lookup(kube)
+        root or resolved.checkout.path,
+        tree,
+        helm,
+        values_lookup=values_lookup(kube),
+        decryptor=decryptor(kube, environment=resolved.environment, local=age_keys),
     )
 
 

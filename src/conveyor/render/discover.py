@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import ValidationError
 
 from conveyor.config.helmrelease import HelmReleaseError, is_helmrelease, parse_helmrelease
-from conveyor.config.manifest import check_metadata, check_object
+from conveyor.config.manifest import check_metadata, check_object, is_sops_encrypted
 from conveyor.config.validation import describe
 from conveyor.render.documents import Document, RenderError, load_documents, yaml_files
 
@@ -175,7 +175,10 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
 def checked_document(doc: Document, *, applied: bool = True) -> Document:
     """`doc` with the shape that rendering relies on (see config/manifest.py), or a
     RenderError naming its file, line and field. An `applied` object is also checked as
-    a whole and comes back as JSON; a Flux object only needs its identity."""
+    a whole and comes back as JSON; a Flux object only needs its identity. A
+    SOPS-encrypted document comes back as it is: render/sops.py checks it decrypted."""
+    if is_sops_encrypted(doc.obj):
+        return doc
     checked = _CHECKED.get(doc, "applied" if applied else "identity")
     if isinstance(checked, Document):
         return checked

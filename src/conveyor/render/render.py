@@ -7,6 +7,8 @@ revision and the cluster shows no drift, the app costs no API write and no Helm 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import hashlib
 import json
@@ -33,6 +35,7 @@ from conveyor.render.discover import AppSource, EnvironmentTree, checked_documen
 from conveyor.render.documents import Document, RenderError
 from conveyor.render.helm import HelmCLI
 from conveyor.render.kustomize import render_kustomization
+from conveyor.render.sops import Decryptor, KeySource
 
 ValuesLookup = Callable[[ValuesReference], Awaitable[str | None]]
 
@@ -86,6 +89,41 @@ def set_path(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
     return result
 
 
+def values_text(obj: Obj, ref: ValuesReference) -> str | None:
+    """The text under `ref.key` of a ConfigMap or Secret (a Secret's `data` decoded, or
+    its `stringData`), None when the key is absent. RenderError, quoting nothing, when a
+    Secret's value is not base64 text."""
+    if ref.kind == "Secret":
+        plain = (obj.get("stringData") or {}).get(ref.key)
+        if plain is not None:
+            return str(plain)
+        raw = (obj.get("data") or {}).get(ref.key)
+        if raw is None:
+            return None
+        try:
+            return base64.b64decode(str(raw), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise RenderError(
+                f"valuesFrom Secret {ref.namespace}/{ref.name} key {ref.key!r} is not base64 text"
+            ) from None
+    value = (obj.get("data") or {}).get(ref.key)
+    return str(value) if value is not None else None
+
+
+def _in_git(ref: ValuesReference, documents: list[Document]) -> Obj | None:
+    """The ConfigMap or Secret `ref` names, when the app itself brings it (decrypted)."""
+    for doc in documents:
+        metadata = doc.obj.get("metadata") or {}
+        if (
+            doc.kind == ref.kind
+            and doc.api_version == "v1"
+            and metadata.get("name") == ref.name
+            and (metadata.get("namespace") or ref.namespace) == ref.namespace
+        ):
+            return doc.obj
+    return None
+
+
 def fingerprint(payload: Any) -> str:
     encoded = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(encoded.encode()).hexdigest()[:32]
@@ -109,15 +147,19 @@ class Renderer:
         kubectl: str = "kubectl",
         drift_default: DriftMode = "enabled",
         offline: bool = False,
+        decryptor: Decryptor | None = None,
     ) -> None:
         """`offline`: valuesFrom that `values_lookup` cannot find are left out and noted
-        on the app instead of failing it (a diff rendered without a cluster)."""
+        on the app instead of failing it (a diff rendered without a cluster).
+        `decryptor`: SOPS-encrypted documents are decrypted with it (by default with
+        the local keys, see render/sops.py)."""
         self.repo_root = repo_root
         self.charts = charts
         self.values_lookup = values_lookup
         self.kubectl = kubectl
         self.drift_default = drift_default
         self.offline = offline
+        self.decryptor = decryptor or Decryptor(KeySource())
 
     @classmethod
     def of_tree(
@@ -128,12 +170,19 @@ class Renderer:
         *,
         values_lookup: ValuesLookup,
         offline: bool = False,
+        decryptor: Decryptor | None = None,
     ) -> Renderer:
         """A renderer of `tree` (discovered below `repo_root`) whose charts come from the
         tree's sources and are kept in conveyor's chart cache."""
         charts = ChartResolver(charts_cache(), helm, tree.sources)
         charts.cache_dir.mkdir(parents=True, exist_ok=True)
-        return cls(repo_root, charts=charts, values_lookup=values_lookup, offline=offline)
+        return cls(
+            repo_root,
+            charts=charts,
+            values_lookup=values_lookup,
+            offline=offline,
+            decryptor=decryptor,
+        )
 
     async def render(self, app: AppSource) -> RenderedApp:
         if app.error is not None:
@@ -142,9 +191,12 @@ class Renderer:
             built = await render_kustomization(
                 self.repo_root / app.path, repo_root=self.repo_root, kubectl=self.kubectl
             )
-            documents = [checked_document(doc) for doc in built]
+            # kustomize rewrites what it builds, so the MAC no longer holds (as in Flux).
+            documents = await self.decryptor.decrypt(
+                [checked_document(doc) for doc in built], verify_mac=False
+            )
         else:
-            documents = app.documents
+            documents = await self.decryptor.decrypt(app.documents)
         objects = [doc.obj for doc in documents]
         drift_text = _annotation(documents, "conveyor.dev/drift") or self.drift_default
         if drift_text not in ("enabled", "warn", "disabled"):
@@ -169,7 +221,7 @@ class Renderer:
         except HelmReleaseError as error:
             raise RenderError(str(error), file=release_doc.file, line=release_doc.line) from None
         chart = await self._chart(spec, release_doc)
-        values, notes = await self._values(spec, release_doc)
+        values, notes = await self._values(spec, release_doc, documents)
         plan = HelmPlan(spec=spec, chart=chart, values=values)
         identity = {
             "objects": objects,
@@ -198,14 +250,21 @@ class Renderer:
             raise RenderError(error.detail, file=doc.file, line=doc.line) from None
 
     async def _values(
-        self, spec: HelmReleaseSpec, doc: Document
+        self, spec: HelmReleaseSpec, doc: Document, documents: list[Document]
     ) -> tuple[dict[str, Any], list[str]]:
+        """The release's values: valuesFrom in order, from the app's own documents when
+        it brings the ConfigMap or Secret (decrypted, if SOPS-encrypted; as it will be
+        applied), else from the cluster; then spec.values."""
         values: dict[str, Any] = {}
         notes = [
             f"{unread} is not supported; rendered without it" for unread in spec.unread_values_from
         ]
         for ref in spec.values_from:
-            text = await self.values_lookup(ref)
+            own = _in_git(ref, documents)
+            try:
+                text = values_text(own, ref) if own is not None else await self.values_lookup(ref)
+            except RenderError as error:
+                raise RenderError(error.detail, file=doc.file, line=doc.line) from None
             if text is None:
                 if ref.optional:
                     continue

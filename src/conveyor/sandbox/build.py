@@ -4,6 +4,9 @@ Kubernetes and etcd are built from small wrapper modules (their main modules use
 `replace` directives, which `go install pkg@version` refuses); kwok, the registry and
 Helm are plain `go install pkg@version`. Every step is named so that a failure says
 which one broke and shows the tail of its output.
+
+sops and age (what users and tests encrypt secrets with) are cached in a directory of
+their own with their own key, so that a new sops never invalidates the Kubernetes build.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from conveyor.errors import ConveyorError
 from conveyor.paths import cache_root
-from conveyor.sandbox.versions import Versions, find_go
+from conveyor.sandbox.versions import TOOL_VERSIONS, ToolVersions, Versions, find_go
 
 # The multi-call binary answers to these names through symlinks.
 KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
@@ -34,6 +37,7 @@ KWOK_STAGES = (
     "kustomize/stage/pod/fast/pod-delete.yaml",
 )
 BINARIES = ("kube", "etcd", "kwok", "registry", "helm")
+TOOLS = ("sops", "age", "age-keygen")
 
 Progress = Callable[[str], None]
 
@@ -186,39 +190,100 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def binaries_ready(bin_dir: Path) -> bool:
-    return (bin_dir / ".complete").exists() and all((bin_dir / b).exists() for b in BINARIES)
+def binaries_ready(bin_dir: Path, names: tuple[str, ...] = BINARIES) -> bool:
+    return (bin_dir / ".complete").exists() and all((bin_dir / b).exists() for b in names)
 
 
-def ensure_binaries(versions: Versions, *, progress: Progress | None = None) -> Path:
-    """Return the directory holding the sandbox binaries, building whatever is missing."""
+BuildSteps = Callable[[GoBuilder, Path, Path], list[tuple[str, Callable[[], None]]]]
+
+
+def _ensure_built(
+    bin_dir: Path,
+    *,
+    toolchain: tuple[str, str],
+    lock: Path,
+    names: tuple[str, ...],
+    steps: BuildSteps,
+    record: dict[str, str],
+    progress: Progress | None,
+) -> Path:
+    """Build what `steps` name into `bin_dir` unless it is complete: under `lock`, each
+    binary once (an interrupted build resumes with the missing ones), and the
+    `.complete` marker, holding `record`, last."""
     say = progress or (lambda _message: None)
-    go, go_version = find_go()
-    root = cache_root() / "sandbox"
-    bin_dir = root / versions.cache_key(go_version) / "bin"
-    if binaries_ready(bin_dir):
+    go, go_version = toolchain
+    if binaries_ready(bin_dir, names):
         return bin_dir
-    with _exclusive(root / "build.lock"):
-        if binaries_ready(bin_dir):  # another process finished while we waited
+    with _exclusive(lock):
+        if binaries_ready(bin_dir, names):  # another process finished while we waited
             return bin_dir
         builder = GoBuilder(go=go, go_version=go_version, log_dir=bin_dir.parent / "logs")
         bin_dir.mkdir(parents=True, exist_ok=True)
         work = bin_dir.parent / "src"
         work.mkdir(parents=True, exist_ok=True)
-        steps: list[tuple[str, Callable[[], None]]] = [
+        for name, build in steps(builder, work, bin_dir):
+            if (bin_dir / name).exists():
+                continue
+            say(f"building {name} (first run only; cached in {bin_dir})")
+            build()
+        (bin_dir / ".complete").write_text(json.dumps({"go": go_version, **record}))
+    return bin_dir
+
+
+def ensure_binaries(versions: Versions, *, progress: Progress | None = None) -> Path:
+    """Return the directory holding the sandbox binaries, building whatever is missing."""
+    go, go_version = find_go()
+    root = cache_root() / "sandbox"
+    bin_dir = root / versions.cache_key(go_version) / "bin"
+
+    def steps(
+        builder: GoBuilder, work: Path, bin_dir: Path
+    ) -> list[tuple[str, Callable[[], None]]]:
+        return [
             ("etcd", lambda: _build_etcd(builder, versions, work, bin_dir)),
             ("kwok", lambda: _build_kwok(builder, versions, work, bin_dir)),
             ("registry", lambda: _build_registry(builder, versions, work, bin_dir)),
             ("helm", lambda: _build_helm(builder, versions, work, bin_dir)),
             ("kube", lambda: _build_kube(builder, versions, work, bin_dir)),
         ]
-        for name, build in steps:
-            if (bin_dir / name).exists():
-                continue
-            say(f"building {name} (first run only; cached in {bin_dir})")
-            build()
-        (bin_dir / ".complete").write_text(json.dumps({"go": go_version, **vars(versions)}))
-    return bin_dir
+
+    return _ensure_built(
+        bin_dir,
+        toolchain=(go, go_version),
+        lock=root / "build.lock",
+        names=BINARIES,
+        steps=steps,
+        record=vars(versions),
+        progress=progress,
+    )
+
+
+def ensure_tools(
+    versions: ToolVersions = TOOL_VERSIONS, *, progress: Progress | None = None
+) -> Path:
+    """Return the directory holding sops, age and age-keygen, building them on first use."""
+    go, go_version = find_go()
+    bin_dir = cache_root() / "sandbox" / versions.cache_key(go_version) / "bin"
+
+    def steps(
+        builder: GoBuilder, _work: Path, bin_dir: Path
+    ) -> list[tuple[str, Callable[[], None]]]:
+        return [
+            ("sops", lambda: _build_sops(builder, versions, bin_dir)),
+            ("age", lambda: _build_age(builder, versions, "age", bin_dir)),
+            ("age-keygen", lambda: _build_age(builder, versions, "age-keygen", bin_dir)),
+        ]
+
+    # A lock of their own: building sops never waits for a Kubernetes build.
+    return _ensure_built(
+        bin_dir,
+        toolchain=(go, go_version),
+        lock=bin_dir.parent / "build.lock",
+        names=TOOLS,
+        steps=steps,
+        record=vars(versions),
+        progress=progress,
+    )
 
 
 def _build_into(builder: GoBuilder, step: str, args: list[str], *, cwd: Path, target: Path) -> None:
@@ -325,4 +390,26 @@ def _build_helm(builder: GoBuilder, versions: Versions, work: Path, bin_dir: Pat
         versions.helm,
         helm_ldflags(versions),
         bin_dir / "helm",
+    )
+
+
+def _build_sops(builder: GoBuilder, versions: ToolVersions, bin_dir: Path) -> None:
+    _go_install(
+        builder,
+        "sops: go install",
+        "github.com/getsops/sops/v3/cmd/sops",
+        versions.sops,
+        f"-s -w -X github.com/getsops/sops/v3/version.Version={versions.sops.lstrip('v')}",
+        bin_dir / "sops",
+    )
+
+
+def _build_age(builder: GoBuilder, versions: ToolVersions, command: str, bin_dir: Path) -> None:
+    _go_install(
+        builder,
+        f"{command}: go install",
+        f"filippo.io/age/cmd/{command}",
+        versions.age,
+        f"-s -w -X main.Version={versions.age}",
+        bin_dir / command,
     )

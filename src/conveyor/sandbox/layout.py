@@ -69,6 +69,12 @@ class SandboxState:
     ports: dict[str, int]
     components: list[ComponentRecord] = field(default_factory=list)
     ready: bool = False
+    tools_dir: str = ""  # sops and age; empty in a state written before they were built
+
+    @property
+    def path(self) -> list[str]:
+        """The folders to put first on PATH: kubectl and helm, then sops and age."""
+        return [d for d in (self.bin_dir, self.tools_dir) if d]
 
     def save(self, path: Path) -> None:
         # Write-then-rename: a crash mid-write never leaves a half state file behind.

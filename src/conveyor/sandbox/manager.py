@@ -23,7 +23,7 @@ import httpx
 from conveyor.errors import ConveyorError
 from conveyor.sandbox import pki as pki_module
 from conveyor.sandbox import process
-from conveyor.sandbox.build import ensure_binaries
+from conveyor.sandbox.build import ensure_binaries, ensure_tools
 from conveyor.sandbox.components import (
     NODE_NAME,
     PORT_NAMES,
@@ -131,7 +131,7 @@ class Sandbox:
         return [
             f"export KUBECONFIG={self.layout.kubeconfig}",
             f"export CONVEYOR_REGISTRY=127.0.0.1:{state.ports['registry']}",
-            f"export PATH={state.bin_dir}:$PATH",
+            f"export PATH={os.pathsep.join(state.path)}:$PATH",
         ]
 
     def status(self) -> SandboxStatus:
@@ -174,6 +174,15 @@ class Sandbox:
     # -- lifecycle ---------------------------------------------------------------
 
     def up(self, *, timeout: float = START_TIMEOUT) -> SandboxState:
+        """Start (or find, or mend) the sandbox, with sops and age built beside it."""
+        state = self._up(timeout=timeout)
+        tools = str(ensure_tools(progress=self._say))
+        if state.tools_dir != tools:  # also a sandbox started before the tools existed
+            state.tools_dir = tools
+            state.save(self.layout.state_file)
+        return state
+
+    def _up(self, *, timeout: float) -> SandboxState:
         existing = self.state()
         if existing is not None:
             status = self.status()

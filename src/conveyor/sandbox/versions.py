@@ -20,6 +20,9 @@ MIN_GO = (1, 26)
 # Bump when the way binaries are built changes (wrapper code, flags), so that caches
 # built by an older recipe are not reused.
 RECIPE = 1
+# The same for the secrets tools (sops, age), which are cached apart from Kubernetes: a
+# new sops must never make every machine rebuild kube (a quarter of an hour).
+TOOLS_RECIPE = 1
 
 
 class GoToolchainError(ConveyorError, RuntimeError):
@@ -48,6 +51,22 @@ class Versions:
 
 
 VERSIONS = Versions()
+
+
+@dataclass(frozen=True)
+class ToolVersions:
+    """The tools users and tests encrypt with, beside the cluster: sops and age."""
+
+    sops: str = "v3.13.3"
+    age: str = "v1.3.2"
+
+    def cache_key(self, go_version: str) -> str:
+        fields = {**asdict(self), "go": go_version, "recipe": TOOLS_RECIPE}
+        digest = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:10]
+        return f"tools-sops-{self.sops}-{digest}"
+
+
+TOOL_VERSIONS = ToolVersions()
 
 
 def parse_go_version(text: str) -> tuple[int, int, int]:
