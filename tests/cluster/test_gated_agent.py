@@ -181,6 +181,20 @@ class Environments:
         )
         return dict((found or {}).get("status") or {})
 
+    def wait_status(
+        self, app: str, field: str, value: str, *, timeout: float = 60
+    ) -> dict[str, Any]:
+        """The app's status once its `field` has `value`."""
+
+        def found() -> dict[str, Any]:
+            status = self.status(app)
+            return status if status.get(field) == value else {}
+
+        return wait_for(found, timeout=timeout, what=f"{app} {field} {value}; log {self.log}")
+
+    def wait_state(self, app: str, state: str, *, timeout: float = 60) -> dict[str, Any]:
+        return self.wait_status(app, "state", state, timeout=timeout)
+
     def helm_history(self) -> list[dict[str, Any]]:
         result = self.sandbox.run(
             "helm", "history", "api", "-n", self.namespace[self.production], "-o", "json"
@@ -291,11 +305,7 @@ def test_a_rollback_through_the_agent_applies_and_stays_and_a_replica_change_pas
     # A new release is still judged by every gate.
     envs.write_ui(envs.production, "1.4.4", replicas=4)
     new = envs.repo.commit("production: ui 1.4.4")
-    held = wait_for(
-        lambda: (s := envs.status("ui")).get("state") == "WaitingForGate" and s,
-        timeout=60,
-        what="1.4.4 held",
-    )
+    held = envs.wait_state("ui", "WaitingForGate")
     assert held["lastAttemptedRevision"] == new and held["lastAppliedRevision"] == replicas
     assert "waits for gate approval" in held["message"]
     assert "1.4.4 needs 1 approval(s)" in held["message"]
@@ -344,11 +354,7 @@ def test_a_held_app_is_kept_to_what_it_applied_and_says_a_newer_revision_waits(
 
     envs.write_ui(envs.production, "1.4.3")
     waiting = envs.repo.commit("production: ui 1.4.3, not yet in staging")
-    held = wait_for(
-        lambda: (s := envs.status("ui")).get("state") == "WaitingForGate" and s,
-        timeout=60,
-        what="1.4.3 held",
-    )
+    held = envs.wait_state("ui", "WaitingForGate")
     assert held["lastAttemptedRevision"] == waiting and held["lastAppliedRevision"] == applied
     assert conditions(held) == {
         "Ready": ("False", "GateClosed"),
@@ -386,21 +392,13 @@ def test_a_held_app_is_kept_to_what_it_applied_and_says_a_newer_revision_waits(
     )
     envs.repo.write("production/worker/deploy.yaml", broken)
     failing = envs.repo.commit("production: worker on a disk that no node has")
-    rolling = wait_for(
-        lambda: (s := envs.status("worker")).get("lastAttemptedRevision") == failing and s,
-        timeout=30,
-        what="the rollout reported",
-    )
+    rolling = envs.wait_status("worker", "lastAttemptedRevision", failing, timeout=30)
     assert rolling["lastAppliedRevision"] == applied
     assert conditions(rolling) == {
         "Ready": ("Unknown", "Progressing"),
         "Reconciling": ("True", "Progressing"),
     }
-    given_up = wait_for(
-        lambda: (s := envs.status("worker")).get("state") == "Stalled" and s,
-        timeout=90,
-        what="the failing revision given up",
-    )
+    given_up = envs.wait_state("worker", "Stalled", timeout=90)
     assert given_up["reason"] == "RolledBack"
     assert given_up["lastAttemptedRevision"] == failing
     assert given_up["lastAppliedRevision"] == applied
