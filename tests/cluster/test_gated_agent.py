@@ -71,7 +71,8 @@ class Environments:
         self.namespace = {self.staging: f"g-{suffix}-stg", self.production: f"g-{suffix}-prd"}
         self.gate_url = gate_url
         self.agent: subprocess.Popen[bytes] | None = None
-        self.log = root / "agent.log"
+        self.started = 0  # agents started, each with a log of its own
+        self.log = root / "agent-0.log"
 
     def project(self, **extra: Any) -> None:
         gates = [
@@ -114,6 +115,8 @@ class Environments:
         assert result.returncode == 0, result.stdout + result.stderr
 
     def start_agent(self) -> None:
+        self.log = self.root / f"agent-{self.started}.log"
+        self.started += 1
         self.agent = subprocess.Popen(
             [
                 sys.executable,
@@ -398,6 +401,29 @@ def test_a_held_app_is_kept_to_what_it_applied_and_says_a_newer_revision_waits(
         "Ready": ("Unknown", "Progressing"),
         "Reconciling": ("True", "Progressing"),
     }
+    # The agent crashes in the rollout: what it said stays true while none runs ...
+    envs.stop_agent()
+    time.sleep(2)
+    assert conditions(envs.status("worker"))["Reconciling"] == ("True", "Progressing")
+    assert envs.status("worker")["lastAttemptedRevision"] == failing
+    # ... and the next agent (once the Lease is free) holds ui to what it applied, the
+    # applied revision rendered again, and gives the failing worker up.
+    envs.start_agent()
+    envs.wait_first_pass()
+    envs.sandbox.run(
+        "kubectl",
+        "set",
+        "image",
+        "deployment/ui",
+        "main=registry.local/ui:hand-edited-again",
+        "-n",
+        namespace,
+    )
+    wait_for(
+        lambda: envs.image("ui") == "registry.local/ui:1.4.2",
+        timeout=60,
+        what=f"the hand edit reverted after a restart; log {envs.log}",
+    )
     given_up = envs.wait_state("worker", "Stalled", timeout=90)
     assert given_up["reason"] == "RolledBack"
     assert given_up["lastAttemptedRevision"] == failing
