@@ -307,12 +307,31 @@ def test_a_rollback_through_the_agent_applies_and_stays_and_a_replica_change_pas
 
     # A new release is still judged by every gate.
     envs.write_ui(envs.production, "1.4.4", replicas=4)
-    new = envs.repo.commit("production: ui 1.4.4")
+    envs.write_api(envs.production, "1.4.4")
+    new = envs.repo.commit("production: ui and api 1.4.4")
     held = envs.wait_state("ui", "WaitingForGate")
     assert held["lastAttemptedRevision"] == new and held["lastAppliedRevision"] == replicas
     assert "waits for gate approval" in held["message"]
     assert "1.4.4 needs 1 approval(s)" in held["message"]
     assert envs.image("ui") == "registry.local/ui:1.4.2"
+    # The held Helm app is kept to its release as Helm deployed it: a hand edit goes,
+    # and no Helm revision comes.
+    envs.wait_state("api", "WaitingForGate")
+    envs.sandbox.run(
+        "kubectl",
+        "set",
+        "image",
+        "deployment/api",
+        "api=registry.local/api:hand-edited",
+        "-n",
+        envs.namespace[envs.production],
+    )
+    wait_for(
+        lambda: envs.image("api") == "registry.local/api:1.4.2",
+        timeout=30,
+        what=f"the hand edit of the held Helm app reverted; log {envs.log}",
+    )
+    assert envs.helm_history()[-1]["revision"] == history[-1]["revision"]
 
 
 def test_an_approval_judges_rollbacks_only_when_conveyor_yaml_says_so(
