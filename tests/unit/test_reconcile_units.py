@@ -164,7 +164,8 @@ def test_status_body_round_trip_and_names() -> None:
         (Reason.ROLLED_BACK, STALLED, {"Ready": "False", "Stalled": "True"}),
         (Reason.OWNERSHIP_CONFLICT, STALLED, {"Ready": "False", "Stalled": "True"}),
         (Reason.SUSPENDED, SUSPENDED, {"Ready": "False"}),
-        (Reason.GATE_CLOSED, WAITING_FOR_GATE, {"Ready": "False"}),
+        # Held: the old revision runs, and a newer one waits (lastAttemptedRevision).
+        (Reason.GATE_CLOSED, WAITING_FOR_GATE, {"Ready": "False", "Reconciling": "True"}),
     ],
 )
 def test_each_reason_has_one_state_and_kstatus_conditions(

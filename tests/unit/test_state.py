@@ -28,7 +28,13 @@ DRIFT = Observation(drift=("Deployment ns/web spec.replicas",))
         (replace(DRIFT, conflicts=("ConfigMap ns/c belongs to …",)), AppState.OWNERSHIP_CONFLICT),
         (replace(NEW, given_up=True), AppState.EXHAUSTED),
         (replace(NEW, held=True), AppState.HELD),
-        (replace(NEW, held=True, drift=DRIFT.drift), AppState.HELD),
+        # Held to what it last applied: drift from that is put back ...
+        (replace(NEW, held=True, drift=DRIFT.drift), AppState.HELD_DRIFTED),
+        # ... unless the app only reports drift, or another agent writes.
+        (replace(NEW, held=True, drift=DRIFT.drift, drift_mode="warn"), AppState.HELD),
+        (replace(NEW, held=True, drift=DRIFT.drift, drift_mode="disabled"), AppState.HELD),
+        (replace(NEW, held=True, drift=DRIFT.drift, may_write=False), AppState.HELD),
+        (replace(NEW, held=True, given_up=True), AppState.EXHAUSTED),
         (replace(SAME, held=True), AppState.UNCHANGED),  # gates judge new content only
         (SAME, AppState.UNCHANGED),
         (replace(DRIFT, drift_mode="warn"), AppState.DRIFT_REPORTED),
@@ -56,3 +62,5 @@ def test_decisions_carry_what_the_action_needs() -> None:
     assert determine_state(DRIFT).detail == DRIFT.drift
     assert determine_state(replace(NEW, render_error="x")).detail == ("x",)
     assert determine_state(replace(NEW, dependencies_missing=("a", "b"))).detail == ("a", "b")
+    held = replace(NEW, held=True, drift=DRIFT.drift)
+    assert determine_state(held).detail == DRIFT.drift

@@ -1,5 +1,5 @@
-"""`conveyor.yaml` at the root of a config repo: environments, repository policy and
-notification rules.
+"""`conveyor.yaml` at the root of a config repo: environments, repository policy,
+notification rules, and which gates judge a rollback or a configuration change.
 
 The file is optional: without it, `--path` picks the folder to reconcile, and `--env
 NAME` the folder `NAME/` or `releases/NAME/`, the layouts the teams keep. Environments
@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -77,6 +78,39 @@ class Environment(Model):
     @classmethod
     def _inside_repo(cls, value: str) -> str:
         return safe_relative_path(value)
+
+
+# Gates that judge a version by the previous environment: a rollback goes back to a
+# version this environment ran, and a configuration change keeps its version, so
+# neither can be judged by them.
+PREVIOUS_ENVIRONMENT_GATES = ("soak", "healthy")
+
+
+class ChangeGates(Model):
+    """The gates (by type, or by a gate's `name`) of each environment that also judge
+    one kind of change besides a new release; none unless listed."""
+
+    gates: list[str] = Field(
+        default_factory=list,
+        description="Types (approval, http, queue-empty) or names of gates of the environment.",
+    )
+
+    @field_validator("gates")
+    @classmethod
+    def _not_about_versions(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry in PREVIOUS_ENVIRONMENT_GATES:
+                raise ValueError(
+                    f"{entry!r} judges a new version by the previous environment; it "
+                    "cannot judge a change to a version this environment ran or keeps "
+                    "(list approval, http, queue-empty, or a gate's name)"
+                )
+        return value
+
+    def selects(self, gate: Gate) -> bool:
+        return gate.type not in PREVIOUS_ENVIRONMENT_GATES and (
+            gate.type in self.gates or (gate.name is not None and gate.name in self.gates)
+        )
 
 
 class Guard(Model):
@@ -193,6 +227,15 @@ class Project(Model):
     environments: list[Environment] = Field(default_factory=list)
     guard: Guard = Field(default_factory=Guard)
     notifications: list[NotificationRule] = Field(default_factory=list)
+    rollback: ChangeGates = Field(
+        default_factory=ChangeGates,
+        description="Gates that judge going back to a version the environment ran.",
+    )
+    config_change: ChangeGates = Field(
+        default_factory=ChangeGates,
+        alias="config-change",
+        description="Gates that judge a change that keeps every app's release identity.",
+    )
 
     # Set by `load_project`: the checkout, for environments that no conveyor.yaml declares.
     _root: Path | None = PrivateAttr(None)
@@ -250,6 +293,22 @@ class Project(Model):
                     raise ValueError(
                         f"{env.name}: gate {gate.label} names unknown environment {other!r}"
                     )
+        return value
+
+    @field_validator("rollback", "config_change")
+    @classmethod
+    def _known_gates(cls, value: ChangeGates, info: ValidationInfo) -> ChangeGates:
+        """Every entry names a gate type or a gate of some environment: a typo must not
+        leave a rollback unguarded."""
+        known = {"approval", "http", "queue-empty"}
+        environments = info.data.get("environments") or []
+        known |= {g.name for e in environments for g in e.gates if g.name}
+        unknown = [entry for entry in value.gates if entry not in known]
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is neither a gate type (approval, http, queue-empty) nor "
+                "the name of a gate of an environment"
+            )
         return value
 
 

@@ -5,6 +5,13 @@ its counts, the missing approval, the soak time left). Closed gates that time ca
 (a queue draining, a soak running) are polled until their timeout; gates waiting cannot
 open (no approval recorded, a queue that does not exist) fail at once. A gate that
 cannot be checked is closed, never open.
+
+Gates judge a change of release identity (`AppVersion.identity`: image tags, chart
+version or ref). For the agent, each changed app is one of three kinds (`ChangeKind`):
+a new release, judged by every gate of the environment; a rollback to a release the
+environment ran (its status's history), judged only by the gates `rollback.gates` of
+conveyor.yaml lists; or a change that keeps the release (replicas, an env var), judged
+only by those `config-change.gates` lists.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ import datetime as dt
 import hashlib
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +46,9 @@ from conveyor.config.gates import (
 from conveyor.config.project import Environment, Project
 from conveyor.paths import checkouts_cache
 from conveyor.promote.approvals import approvers
-from conveyor.promote.pipeline import Workspace
+from conveyor.promote.pipeline import Workspace, app_version_at
 from conveyor.promote.versions import VersionError, read_app_version
-from conveyor.reconcile.actions.hold import GateHold
+from conveyor.reconcile.actions.hold import GateHold, GateVerdict
 from conveyor.reconcile.agent import AgentGate
 from conveyor.reconcile.status import READY, SOURCE_KIND, SUSPENDED, AppStatus, StatusStore
 from conveyor.reconcile.target import ResolvedTarget, kube_client
@@ -116,9 +124,9 @@ async def check_gate(gate: Gate, ctx: GateContext) -> GateResult:
         return GateResult(gate.label, gate.type, False, f"cannot check: {error}")
 
 
-async def check_gates(ctx: GateContext) -> list[GateResult]:
-    """Every gate of the environment, checked once."""
-    return [await check_gate(g, ctx) for g in ctx.environment.gates]
+async def check_gates(ctx: GateContext, gates: Sequence[Gate] | None = None) -> list[GateResult]:
+    """Every gate of the environment (or `gates`), checked once."""
+    return [await check_gate(g, ctx) for g in (ctx.environment.gates if gates is None else gates)]
 
 
 async def wait_for_gates(
@@ -344,47 +352,118 @@ async def _check_healthy(gate: HealthyGate, ctx: GateContext) -> GateResult:
 # -- for the agent ---------------------------------------------------------------------
 
 
+class ChangeKind(StrEnum):
+    """What an app's new content does to its release, compared with what its environment
+    applied; it decides which gates judge it."""
+
+    RELEASE = "new release"
+    ROLLBACK = "rollback"
+    CONFIG = "configuration change"
+
+
+Identity = frozenset[tuple[str, str]]
+
+
+def change_kind(
+    current: Identity | None, ran: Sequence[str], identity_at: Callable[[str], Identity | None]
+) -> ChangeKind:
+    """The kind of change from the revisions the app ran (the one applied last first) to
+    the release `current` (None: its version fields cannot be read, a new release)."""
+    if current is None or not ran:
+        return ChangeKind.RELEASE
+    if identity_at(ran[0]) == current:
+        return ChangeKind.CONFIG
+    if any(identity_at(revision) == current for revision in ran[1:]):
+        return ChangeKind.ROLLBACK
+    return ChangeKind.RELEASE
+
+
+def gates_for(kind: ChangeKind, env: Environment, project: Project) -> list[Gate]:
+    """The environment's gates that judge a change of `kind`."""
+    if kind is ChangeKind.RELEASE:
+        return list(env.gates)
+    chosen = project.rollback if kind is ChangeKind.ROLLBACK else project.config_change
+    return [gate for gate in env.gates if chosen.selects(gate)]
+
+
 def cluster_client(env: Environment) -> KubeClient:
     """A client for the environment's cluster, as conveyor.yaml names it."""
     return kube_client(kubeconfig_path=env.cluster.kubeconfig, context=env.cluster.context)
 
 
+IDENTITY_CACHE = 4096  # (app, revision) identities an agent keeps; a revision never changes
+
+
 def agent_gate(repo: str, *, kube: KubeFactory = cluster_client) -> AgentGate:
     """The agent's check before it applies new content: its environment's gates, checked
-    once per pass (the agent's loop does the polling)."""
+    once per pass (the agent's loop does the polling), for each kind of change apart."""
+    identities: dict[tuple[str, str], Identity | None] = {}
 
-    async def check(resolved: ResolvedTarget, apps: list[AppSource]) -> GateHold | None:
+    async def check(resolved: ResolvedTarget, apps: list[AppSource], removing: bool) -> GateVerdict:
         env, project = resolved.environment, resolved.project
         if env is None or project is None or not env.gates:
-            return None
+            return GateVerdict()
         key = hashlib.sha256(f"{repo}#{env.name}".encode()).hexdigest()[:16]
         cache = checkouts_cache("gates") / key
         root = resolved.checkout.path
-        versions = {}
-        for app in apps:
+        async with kube(env) as client:
+            ran = {
+                s.app: s.applied_revisions
+                for s in await StatusStore(client).environment_statuses(resolved.identity)
+                if s.kind != SOURCE_KIND
+            }
+        if len(identities) > IDENTITY_CACHE:
+            identities.clear()
+
+        def classify(app: AppSource) -> tuple[ChangeKind, str | None]:
             try:
-                version = read_app_version(root, app).version
+                current = read_app_version(root, app)
             except VersionError:
+                return ChangeKind.RELEASE, None
+
+            def identity_at(revision: str) -> Identity | None:
+                if (app.name, revision) not in identities:
+                    past = app_version_at(root, resolved.env_path, app.name, revision)
+                    identities[app.name, revision] = past.identity if past else None
+                return identities[app.name, revision]
+
+            kind = change_kind(current.identity, ran.get(app.name, []), identity_at)
+            return kind, current.version
+
+        by_kind: dict[ChangeKind, dict[str, str | None]] = {}
+        for app in apps:
+            kind, version = await asyncio.to_thread(classify, app)
+            by_kind.setdefault(kind, {})[app.name] = version
+        if removing:
+            by_kind.setdefault(ChangeKind.RELEASE, {})  # removing apps: judged as a release
+        held: dict[str, GateHold] = {}
+        removal: GateHold | None = None
+        for kind, versions in by_kind.items():
+            gates = gates_for(kind, env, project)
+            if not gates:
                 continue
-            if version:
-                versions[app.name] = version
-        context = GateContext(
-            project=project,
-            environment=env,
-            versions=versions,
-            approvals_root=root,
-            kube=kube,
-            version_at=Workspace(repo, cache).version_at,
-            repository=repo,
-        )
-        results = await check_gates(context)
-        closed = [(g, r) for g, r in zip(env.gates, results, strict=True) if not r.open]
-        if not closed:
-            return None
-        return GateHold(
-            gate=", ".join(r.gate for _, r in closed),
-            message="; ".join(r.message for _, r in closed),
-            retry_after=min(g.interval for g, _ in closed),
-        )
+            context = GateContext(
+                project=project,
+                environment=env,
+                versions={app: v for app, v in versions.items() if v},
+                approvals_root=root,
+                kube=kube,
+                version_at=Workspace(repo, cache).version_at,
+                repository=repo,
+            )
+            results = await check_gates(context, gates)
+            closed = [(g, r) for g, r in zip(gates, results, strict=True) if not r.open]
+            if not closed:
+                continue
+            what = "" if kind is ChangeKind.RELEASE else f"{kind.value} of {', '.join(versions)}: "
+            hold = GateHold(
+                gate=", ".join(r.gate for _, r in closed),
+                message=what + "; ".join(r.message for _, r in closed),
+                retry_after=min(g.interval for g, _ in closed),
+            )
+            held.update(dict.fromkeys(versions, hold))
+            if kind is ChangeKind.RELEASE:
+                removal = hold
+        return GateVerdict(apps=held, removal=removal if removing else None)
 
     return check

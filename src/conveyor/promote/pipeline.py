@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conveyor.config.project import ConfigError, Environment, Project, load_project
 from conveyor.errors import ConveyorError
-from conveyor.promote.versions import VersionError, read_app_version
+from conveyor.promote.versions import AppVersion, VersionError, read_app_version
 from conveyor.render.discover import AppSource, EnvironmentTree, discover
 from conveyor.render.documents import RenderError
 from conveyor.source.git import Checkout, GitError, default_branch, export_tree
@@ -73,14 +73,20 @@ class Workspace:
     def version_at(self, env: Environment, app: str, revision: str) -> str | None:
         """The version of `app` in `env` as of `revision` of its branch; None when that
         revision or app is unknown."""
-        checkout = self.checkout(env.branch)
-        with tempfile.TemporaryDirectory(prefix="conveyor-revision-") as scratch:
-            try:
-                root = export_tree(checkout.path, revision, Path(scratch))
-                apps = {a.name: a for a in discover(root, env.path).apps}
-                return read_app_version(root, apps[app]).version if app in apps else None
-            except (GitError, RenderError, VersionError):
-                return None
+        found = app_version_at(self.checkout(env.branch).path, env.path, app, revision)
+        return found.version if found is not None else None
+
+
+def app_version_at(root: Path, path: str, app: str, revision: str) -> AppVersion | None:
+    """The version fields of `app` in the environment folder `path` as of `revision` of
+    the checkout at `root`; None when that revision or app is unknown."""
+    with tempfile.TemporaryDirectory(prefix="conveyor-revision-") as scratch:
+        try:
+            exported = export_tree(root, revision, Path(scratch))
+            apps = {a.name: a for a in discover(exported, path).apps}
+            return read_app_version(exported, apps[app]) if app in apps else None
+        except (GitError, RenderError, VersionError):
+            return None
 
 
 def environment(project: Project, name: str) -> Environment:

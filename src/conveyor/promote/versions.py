@@ -85,6 +85,12 @@ class AppVersion:
                     return found.value
         return None
 
+    @property
+    def identity(self) -> frozenset[tuple[str, str]]:
+        """What identifies the release: every version field and its value. Gates judge a
+        change of it; a change that keeps it (replicas, an env var) is not a new release."""
+        return frozenset((f.key, f.value) for f in self.fields)
+
 
 @dataclass(frozen=True)
 class FieldChange:

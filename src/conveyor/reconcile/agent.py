@@ -53,7 +53,7 @@ from conveyor.cluster.client import KubeClient
 from conveyor.cluster.lease import LeaderElector
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
-from conveyor.reconcile.actions.hold import GateHold
+from conveyor.reconcile.actions.hold import GateHold, GateVerdict
 from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, PassResult, build_engine
 from conveyor.reconcile.once import record_source_failure, source_fetched
 from conveyor.reconcile.report import Metrics, error_summary
@@ -83,8 +83,9 @@ from conveyor.source.webhook import GitWebhook, ListenerLimits, listener_config
 
 log = logging.getLogger("conveyor.agent")
 
-# The environment's gates for a fetched revision and the apps it would change.
-AgentGate = Callable[[ResolvedTarget, list[AppSource]], Awaitable[GateHold | None]]
+# The environment's gates for a fetched revision, the apps it would change, and whether
+# apps left git.
+AgentGate = Callable[[ResolvedTarget, list[AppSource], bool], Awaitable[GateVerdict]]
 
 
 # Seconds a pass in flight may take to finish after SIGTERM: Kubernetes kills the Pod 30 s
@@ -502,8 +503,8 @@ class Agent:
         if gate is None or resolved is None:
             return None
 
-        async def check(apps: list[AppSource]) -> GateHold | None:
-            return await gate(resolved, apps)
+        async def check(apps: list[AppSource], removing: bool) -> GateVerdict:
+            return await gate(resolved, apps, removing)
 
         return check
 

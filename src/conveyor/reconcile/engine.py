@@ -10,8 +10,9 @@ Safety rules that the rest of conveyor relies on:
 - a failed attempt is retried, then rolled back to the last good revision; the failure
   count starts again with a new revision, so there is no dead end;
 - only what carries this environment's identity is changed, pruned or reported;
-- with a gate check, apps whose content changed wait (WaitingForGate, nothing but their
-  status written) until the environment's gates are open.
+- with a gate check, apps whose new content the environment's gates hold wait
+  (WaitingForGate) until the gates open; meanwhile they are held to the content they
+  last applied, drift corrected as for any app.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -48,7 +50,7 @@ from conveyor.reconcile.actions import (
 )
 from conveyor.reconcile.actions.apply import install_or_upgrade, record_applied
 from conveyor.reconcile.actions.correct_drift import correct_drift
-from conveyor.reconcile.actions.hold import GateHold, hold
+from conveyor.reconcile.actions.hold import GateHold, GateVerdict, correct_held_drift, hold
 from conveyor.reconcile.actions.prune import prune_app
 from conveyor.reconcile.actions.rollback import roll_back
 from conveyor.reconcile.actions.settle import settle
@@ -57,6 +59,7 @@ from conveyor.reconcile.actions.verify import drift_of, release_objects
 from conveyor.reconcile.report import EventRecorder, Metrics, error_summary, notification_for
 from conveyor.reconcile.state import AppState, Attempt, Observation, determine_state
 from conveyor.reconcile.status import (
+    READY,
     SOURCE_KIND,
     SUSPENDED,
     AppStatus,
@@ -87,8 +90,9 @@ class EngineOptions:
     poll_interval: float = 0.5
 
 
-# Called with the apps whose content would change; None lets them through.
-GateCheck = Callable[[list[AppSource]], Awaitable[GateHold | None]]
+# Called with the apps whose content would change, and whether apps left git (to be
+# pruned); says which of them the gates hold.
+GateCheck = Callable[[list[AppSource], bool], Awaitable[GateVerdict]]
 
 
 @dataclass
@@ -97,7 +101,7 @@ class PassResult:
     statuses: dict[str, AppStatus]
     pruned_apps: list[str] = field(default_factory=list)
     writes: int = 0
-    held: GateHold | None = None
+    held: GateHold | None = None  # every hold of the pass as one
     undelivered: int = 0  # notifications a one-shot pass could not deliver before exit
 
     @property
@@ -196,11 +200,12 @@ class Engine:
         apps = [a for a in tree.apps if only is None or a.name == only]
         names = [a.name for a in apps]
         await asyncio.gather(*(render(a) for a in apps))
-        held: GateHold | None = None
+        verdict = GateVerdict()
         changed = self._changed(names, rendered)
         leaving = only is None and self.options.prune and bool(set(self.statuses) - set(names))
         if gate is not None and (changed or leaving):
-            held = await gate([r.source for r in changed])
+            verdict = await gate([r.source for r in changed], leaving)
+        held = verdict.held
         done: dict[str, asyncio.Future[AppStatus]] = {
             n: asyncio.get_running_loop().create_future() for n in names
         }
@@ -209,7 +214,12 @@ class Engine:
             try:
                 done[name].set_result(
                     await self._reconcile_one(
-                        ctx, name, rendered[name], done, held, root=renderer.repo_root
+                        ctx,
+                        name,
+                        rendered[name],
+                        done,
+                        verdict.apps.get(name),
+                        root=renderer.repo_root,
                     )
                 )
             except asyncio.CancelledError:
@@ -300,6 +310,7 @@ class Engine:
         root: Path,
     ) -> AppStatus:
         status = self._status_for(name)
+        reported = dict(self.store.stored(status))  # what people saw before this pass
         started = time.monotonic()
         try:
             await self._reconcile_app(ctx, status, rendered, done, held)
@@ -324,7 +335,7 @@ class Engine:
             )
         )
         source = rendered.source if isinstance(rendered, RenderedApp) else None
-        await self._report(status, warning=warning, source=source, root=root)
+        await self._report(status, warning=warning, source=source, root=root, before=reported)
         if isinstance(rendered, RenderedApp):
             self.metrics.reconciles.labels(self.options.scope, name, result).inc()
             self.metrics.duration.labels(self.options.scope).observe(time.monotonic() - started)
@@ -421,7 +432,7 @@ class Engine:
             )
             return
         if decision.state is AppState.HELD and held is not None:
-            hold(ctx, status, held)
+            await self._hold(ctx, status, app, seen, held)
             return
         objects = ctx.labelled(app)
         desired = await self._desired(status, app, objects, new_content=seen.new_content)
@@ -440,9 +451,6 @@ class Engine:
                 return
             if state is AppState.EXHAUSTED:
                 return  # this exact content failed and was given up on: wait for new content
-            if state is AppState.HELD and held is not None:
-                hold(ctx, status, held)
-                return
             if state is AppState.UNCHANGED:
                 status.drift = None
                 settle(ctx, status, app.name, desired)
@@ -466,6 +474,7 @@ class Engine:
                 return
             try:
                 if seen.new_content:
+                    await self._attempting(ctx, status)
                     desired = await install_or_upgrade(ctx, status, app, objects, desired)
                     record_applied(ctx, status, app, objects, desired, corrected=[])
                 else:
@@ -480,6 +489,65 @@ class Engine:
                     Attempt.RELEASE_LOCKED if isinstance(error, ReleaseLocked) else Attempt.FAILED
                 )
                 seen = replace(seen, attempt=attempt, failures=seen.failures + 1)
+
+    async def _hold(
+        self,
+        ctx: ActionContext,
+        status: AppStatus,
+        app: RenderedApp,
+        seen: Observation,
+        held: GateHold,
+    ) -> None:
+        """New content waits for a gate: the app is held to what it last applied, and
+        what drifted from that is put back (the watches then see that content)."""
+        applied = await self._last_applied(ctx, status, app)
+        seen = replace(seen, drift=tuple(drift_of(self.live, applied)))
+        corrected: list[str] = []
+        if determine_state(seen).state is AppState.HELD_DRIFTED:
+            corrected = await correct_held_drift(ctx, app.name, applied)
+        hold(ctx, status, held, corrected=corrected)
+
+    async def _last_applied(
+        self, ctx: ActionContext, status: AppStatus, app: RenderedApp
+    ) -> Desired:
+        """The objects of the content the app last applied, with their kinds watched:
+        as remembered, or (after a restart) its last applied revision rendered again
+        and its release's objects read from Helm. Empty when neither can be had."""
+        applied = self.desired.by_app.get(app.name)
+        if applied is None and status.last_applied_revision and self.render_past is not None:
+            try:
+                past = await self.render_past(app.name, status.last_applied_revision)
+            except (RenderError, GitError, HelmError, OSError) as error:
+                log.warning(
+                    "%s: cannot render its applied revision %s to hold it there: %s",
+                    app.name,
+                    status.last_applied_revision[:12],
+                    error,
+                    extra={"app": app.name},
+                )
+                return []
+            objects = ctx.labelled(past)
+            applied = [(await namespaced_ref(self.kube, o), o) for o in objects]
+            if past.helm is not None:
+                applied += await self._helm_objects(status, past)
+        if not applied:
+            return []
+        for ref, _ in applied:
+            await self.live.ensure(ref.api_version, ref.kind)
+        self.desired.remember(app.name, applied)
+        return applied
+
+    async def _attempting(self, ctx: ActionContext, status: AppStatus) -> None:
+        """Before new content is applied: an app whose status says Ready (at the revision
+        it runs) says at once that a newer revision is being applied, so that neither a
+        long rollout nor a crash in it leaves a Ready at the old revision unqualified."""
+        if self.store.stored(status).get("state") != READY:
+            return  # not Ready (or new): its status claims nothing of the old revision
+        ctx.set(status, Reason.PROGRESSING, f"applying revision {ctx.revision[:12]}")
+        try:
+            await self.store.save(status)
+        except Exception as error:  # the report at the end of the pass writes it again
+            log.warning("%s: could not save its status: %s", status.app, error_summary(error))
 
     async def _give_up(
         self, ctx: ActionContext, status: AppStatus, app: RenderedApp, error: AppFailed
@@ -611,8 +679,11 @@ class Engine:
         warning: bool,
         source: AppSource | None = None,
         root: Path | None = None,
+        before: dict[str, Any] | None = None,
     ) -> None:
-        before = self.store.stored(status)
+        """Save the status if it changed; an Event and a notification when its state or
+        applied revision changed since `before` (default: as stored)."""
+        before = self.store.stored(status) if before is None else before
         changed_state = (before.get("state"), before.get("reason")) != (status.state, status.reason)
         newly_applied = before.get("lastAppliedRevision") != status.last_applied_revision
         try:

@@ -22,7 +22,8 @@ class AppState(StrEnum):
     DEPENDENCY_MISSING = "DependencyMissing"
     DEPENDENCY_NOT_READY = "DependencyNotReady"
     SUSPENDED = "Suspended"
-    HELD = "Held"  # new content behind a closed gate: hold it, correct drift meanwhile
+    HELD = "Held"  # new content behind a closed gate: hold it, the cluster as applied
+    HELD_DRIFTED = "HeldDrifted"  # held, and live drifted from the last applied: put it back
     EMPTY_RENDER = "EmptyRender"  # refuse to prune everything the app had
     EXHAUSTED = "Exhausted"  # this content failed and was given up on: wait for new content
     OWNERSHIP_CONFLICT = "OwnershipConflict"
@@ -57,6 +58,8 @@ class Observation:
     new_content: bool = False
     given_up: bool = False  # this exact content failed before and was given up on
     conflicts: tuple[str, ...] = ()
+    # Where the live objects differ from what the app should run: its content, or while
+    # it is held, the content it last applied.
     drift: tuple[str, ...] = ()
     drift_mode: DriftMode = "enabled"
     may_write: bool = True
@@ -95,6 +98,8 @@ def determine_state(seen: Observation) -> Decision:
     if seen.new_content and seen.given_up:
         return Decision(AppState.EXHAUSTED)
     if seen.new_content and seen.held:
+        if seen.drift and seen.drift_mode == "enabled" and seen.may_write:
+            return Decision(AppState.HELD_DRIFTED, seen.drift)
         return Decision(AppState.HELD, seen.drift)
     if not seen.new_content and not seen.drift:
         return Decision(AppState.UNCHANGED)

@@ -43,6 +43,7 @@ STALLED = "Stalled"
 SUSPENDED = "Suspended"
 WAITING_FOR_GATE = "WaitingForGate"
 SOURCE_KIND = "source"  # the status of the git source itself, beside its apps
+HISTORY_LENGTH = 10  # applied revisions an app's status remembers, newest first
 
 
 class Reason(StrEnum):
@@ -191,6 +192,9 @@ class AppStatus:
     drift: str | None = None
     release: str | None = None  # "namespace/name" of the Helm release, for helm apps
     inventory: list[ObjectRef] = field(default_factory=list)
+    # Revisions whose new content was applied and became healthy, newest first (at most
+    # HISTORY_LENGTH): what the environment ran, for gates to tell a rollback.
+    history: list[dict[str, str]] = field(default_factory=list)
     suspended: bool = False
     transition_time: str = field(default_factory=now)
     # The owning environment (EnvironmentIdentity.id and .source); None on a status
@@ -208,15 +212,31 @@ class AppStatus:
         return self.state == READY
 
     @property
+    def applied_revisions(self) -> list[str]:
+        """The revisions this app ran: the one applied last first, then its history (a
+        status written before histories has only the first)."""
+        last = self.last_applied_revision
+        revisions = [e["revision"] for e in self.history if e.get("revision") not in (None, last)]
+        return [last, *revisions] if last else revisions
+
+    def record_history(self, revision: str, at: str) -> None:
+        """`revision` ran from `at` on: first in the history, which keeps its length."""
+        kept = [e for e in self.history if e.get("revision") != revision]
+        self.history = [{"revision": revision, "appliedTime": at}, *kept][:HISTORY_LENGTH]
+
+    @property
     def name(self) -> str:
         return resource_name(self.scope, self.app)
 
     def conditions(self) -> list[dict[str, Any]]:
         """kstatus conditions: Ready always; Reconciling and Stalled while they are true
-        (`kubectl wait --for=condition=Ready` works on them)."""
+        (`kubectl wait --for=condition=Ready` works on them). Reconciling is true while a
+        revision is being applied, and while one waits for a gate: the app runs the
+        revision it ran before, and says a newer one is attempted
+        (`lastAttemptedRevision`)."""
         ready = "True" if self.ready else ("Unknown" if self.state == RECONCILING else "False")
         types = [("Ready", ready)]
-        if self.state == RECONCILING:
+        if self.state in (RECONCILING, WAITING_FOR_GATE):
             types.append(("Reconciling", "True"))
         if self.state == STALLED:
             types.append(("Stalled", "True"))
@@ -250,6 +270,7 @@ class AppStatus:
             "drift": self.drift,
             "release": self.release,
             "inventory": [r.to_dict() for r in self.inventory],
+            "history": self.history,
             "conditions": self.conditions(),
         }
         if self.kind == SOURCE_KIND:
@@ -300,6 +321,11 @@ class AppStatus:
             drift=raw.get("drift"),
             release=raw.get("release"),
             inventory=[ObjectRef.from_dict(r) for r in raw.get("inventory") or []],
+            history=[
+                {str(k): str(v) for k, v in entry.items()}
+                for entry in raw.get("history") or []
+                if isinstance(entry, dict)
+            ],
             suspended=bool(spec.get("suspend", False)),
             transition_time=conditions[0].get("lastTransitionTime") or now(),
             owner=owner.id if (owner := owner_of(obj)) else None,

@@ -120,6 +120,8 @@ def record_applied(
         # A drift correction puts the same content back: the version has run since it
         # was first applied, which is what soak gates count from.
         status.last_applied_time = now()
+    if not corrected:
+        status.record_history(ctx.revision, status.last_applied_time)
     status.last_applied_revision = ctx.revision
     # Helm owns its release's objects; the inventory holds what conveyor applied.
     status.inventory = sorted(ref for ref, obj in desired if obj in objects)

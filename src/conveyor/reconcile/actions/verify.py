@@ -27,17 +27,22 @@ def health_of(live: LiveCache, desired: Desired) -> Health:
     return aggregate(results)
 
 
-def drift_of(live: LiveCache, desired: Desired) -> list[str]:
+def drifted_objects(live: LiveCache, desired: Desired) -> list[tuple[ObjectRef, Obj, str]]:
+    """The objects whose live state differs from `desired`, each with what differs."""
     found = []
     for ref, obj in desired:
         current = live.get(ref)
         if current is None:
-            found.append(f"{ref} is missing")
+            found.append((ref, obj, f"{ref} is missing"))
             continue
         paths = drift_paths(obj, current)
         if paths:
-            found.append(f"{ref} {', '.join(paths[:5])}")
+            found.append((ref, obj, f"{ref} {', '.join(paths[:5])}"))
     return found
+
+
+def drift_of(live: LiveCache, desired: Desired) -> list[str]:
+    return [what for _, _, what in drifted_objects(live, desired)]
 
 
 async def wait_healthy(ctx: ActionContext, app: RenderedApp, desired: Desired) -> None:
