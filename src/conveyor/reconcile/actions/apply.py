@@ -23,10 +23,11 @@ async def install_or_upgrade(
     """Apply, then verify. Returns everything the app now consists of (its objects and
     its release's), for drift checks."""
     async with ctx.apply_slots:
-        desired = await apply_plain(ctx, status, app, objects, desired)
-        if app.helm is not None:
-            desired = await _upgrade_release(ctx, status, app.helm, objects, desired)
-    ctx.desired.remember(app.name, desired)
+        with ctx.desired.writing(app.name):
+            desired = await apply_plain(ctx, status, app, objects, desired)
+            if app.helm is not None:
+                desired = await _upgrade_release(ctx, status, app.helm, objects, desired)
+            ctx.desired.remember(app.name, desired)
     await wait_healthy(ctx, app, desired)
     return desired
 
