@@ -61,13 +61,14 @@ class ConfigRepo:
         return run_git(["rev-parse", "HEAD"], cwd=self.work).strip()
 
 
-def chart_repo(root: Path) -> str:
-    """A git repository holding the example chart at charts/service (Flux v1 `chart.git`)."""
+def chart_repo(root: Path, *, chart: Path = CHART) -> str:
+    """A git repository holding `chart` (the example chart by default) at the folder of
+    its name, `service` for the example (Flux v1 `chart.git`)."""
     bare = root / "charts.git"
     work = root / "charts"
     run_git(["init", "--quiet", "--bare", "--initial-branch", "master", str(bare)])
     run_git(["init", "--quiet", "--initial-branch", "master", str(work)])
-    subprocess.run(["cp", "-r", str(CHART), str(work / "service")], check=True)
+    subprocess.run(["cp", "-r", str(chart), str(work / chart.name)], check=True)
     run_git(["add", "--all"], cwd=work)
     run_git(
         ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "chart"], cwd=work

@@ -21,7 +21,7 @@ from tests.cluster.gitops import (
     kubectl_json,
     reconcile_json,
 )
-from tests.conftest import SandboxHandle
+from tests.conftest import ROOT, SandboxHandle
 
 pytestmark = pytest.mark.cluster
 
@@ -521,3 +521,32 @@ def test_diff_against_live_exit_codes_and_masked_secrets(
     repo.commit()
     broken = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
     assert broken.returncode == 2
+
+
+def test_diff_is_clean_after_a_reconcile_of_a_chart_whose_objects_name_no_namespace(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
+) -> None:
+    """Helm puts a chart's objects without a namespace (or with an empty one) into the
+    release's namespace; the diff compares them there, not in `default`, and a
+    cluster-scoped object stays without one."""
+    charts = chart_repo(tmp_path, chart=ROOT / "tests" / "fixtures" / "charts" / "namespaceless")
+    repo.write(
+        f"{env_path}/team.yaml",
+        f"""
+        apiVersion: helm.fluxcd.io/v1
+        kind: HelmRelease
+        metadata: {{name: team, namespace: {namespace}}}
+        spec:
+          releaseName: team
+          chart: {{git: "{charts}", path: namespaceless, ref: master}}
+          values: {{replicaCount: 2}}
+        """,
+    )
+    repo.commit()
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 0, report
+    for kind in ("deployment/team-web", "configmap/team-config", "cronjob/team-job"):
+        assert kubectl_json(sandbox, "get", kind, "-n", namespace) is not None
+    clean = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
+    assert (clean.returncode, clean.stdout) == (0, ""), clean.stdout + clean.stderr
+    sandbox.run("kubectl", "delete", "clusterrole", f"team-{namespace}-reader")
