@@ -550,3 +550,60 @@ def test_diff_is_clean_after_a_reconcile_of_a_chart_whose_objects_name_no_namesp
     clean = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
     assert (clean.returncode, clean.stdout) == (0, ""), clean.stdout + clean.stderr
     sandbox.run("kubectl", "delete", "clusterrole", f"team-{namespace}-reader")
+
+
+def test_failed_helm_upgrade_says_its_cause_and_where_the_value_is_written(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
+) -> None:
+    """Not helm's kilobytes of escaped JSON: the cause in one line, led by the file, line
+    and key of the value in the HelmRelease, in the report, the status and the Event."""
+    charts = chart_repo(tmp_path)
+    good = flux_v1_release("api", namespace, charts, timeout=8)
+    repo.write(f"{env_path}/api.yaml", good)
+    repo.commit()
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+
+    repo.write(f"{env_path}/api.yaml", good.replace("replicaCount: 1", 'replicaCount: "two"'))
+    repo.commit("replicas as text")
+    line = 1 + (repo.work / env_path / "api.yaml").read_text().splitlines().index(
+        '    replicaCount: "two"'
+    )
+    code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "8")
+    assert code == 1
+    cause = (
+        f"{env_path}/api.yaml:{line} replicaCount: "
+        "Deployment api: spec.replicas: cannot unmarshal string into int32"
+    )
+    api = by_name(report)["api"]
+    assert api["message"].startswith(cause), api["message"]
+    assert len(api["message"]) < 300 and '\\"' not in api["message"]
+    scope = env_path.replace("/", "-")
+    status = kubectl_json(sandbox, "get", "conveyorapp", f"{scope}.api", "-n", "conveyor-system")
+    assert status is not None and status["status"]["message"] == api["message"]
+    events = kubectl_json(
+        sandbox,
+        "get",
+        "events",
+        "-n",
+        "conveyor-system",
+        "--field-selector",
+        f"involvedObject.name={scope}.api",
+    )
+    assert events is not None
+    assert any(e["message"].startswith(cause) for e in events["items"]), events["items"]
+    table = conveyor(sandbox, "get", "apps", "--scope", scope, "-o", "json")
+    assert cause in table.stdout and '\\"apiVersion' not in table.stdout
+
+    # A template that fails on a value names the key as the template reads it.
+    repo.write(f"{env_path}/api.yaml", good.replace("replicaCount: 1", "service: null"))
+    repo.commit("no service block")
+    line = 1 + (repo.work / env_path / "api.yaml").read_text().splitlines().index(
+        "    service: null"
+    )
+    code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "8")
+    assert code == 1
+    message = by_name(report)["api"]["message"]
+    assert message.startswith(
+        f"{env_path}/api.yaml:{line} service: template: service/templates/service.yaml:1:"
+    ), message
+    assert "at <.Values.service.enabled>: nil pointer" in message
