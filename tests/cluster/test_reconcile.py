@@ -607,3 +607,32 @@ def test_failed_helm_upgrade_says_its_cause_and_where_the_value_is_written(
         f"{env_path}/api.yaml:{line} service: template: service/templates/service.yaml:1:"
     ), message
     assert "at <.Values.service.enabled>: nil pointer" in message
+
+
+def test_an_object_of_a_kind_the_cluster_does_not_serve_names_its_file_and_line(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str
+) -> None:
+    widget = f"""
+apiVersion: example.com/v1
+kind: Widget
+metadata: {{name: gadget, namespace: {namespace}}}
+spec: {{size: 1}}
+"""
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace) + "---" + widget)
+    repo.commit()
+    line = 1 + (repo.work / env_path / "web" / "deploy.yaml").read_text().splitlines().index(
+        "apiVersion: example.com/v1"
+    )
+    cause = (
+        f"{env_path}/web/deploy.yaml:{line}: "
+        "the cluster does not serve kind Widget in example.com/v1"
+    )
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 1
+    assert by_name(report)["web"]["message"] == cause
+    scope = env_path.replace("/", "-")
+    status = kubectl_json(sandbox, "get", "conveyorapp", f"{scope}.web", "-n", "conveyor-system")
+    assert status is not None and status["status"]["message"] == cause
+    diff = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
+    assert diff.returncode == 2
+    assert f"# web: error: {cause}" in " ".join(diff.stdout.split()), diff.stdout

@@ -96,7 +96,10 @@ async def plan_environment(
             continue
         try:
             plan.changes = await diff_objects(kube, objects)
-        except (ApiError, UnknownKindError) as error:
+        except UnknownKindError as error:
+            plan.error = str(rendered.located(error))
+            continue
+        except ApiError as error:
             plan.error = str(error)
             continue
         previous = statuses.get(app.name) or legacy.get(app.name)
