@@ -636,3 +636,25 @@ spec: {{size: 1}}
     diff = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
     assert diff.returncode == 2
     assert f"# web: error: {cause}" in " ".join(diff.stdout.split()), diff.stdout
+
+
+def test_a_broken_conveyor_yaml_is_named_as_in_the_repository(
+    sandbox: SandboxHandle, repo: ConfigRepo, namespace: str
+) -> None:
+    """The pass reads a clone in conveyor's cache; its path is no help to anyone."""
+    repo.write(
+        "conveyor.yaml",
+        f"""
+        environments:
+          - name: {namespace}
+            path: {namespace}
+            gates: [{{type: soak, duration: forever}}]
+        """,
+    )
+    repo.write(f"{namespace}/web/deploy.yaml", deployment("web", namespace))
+    repo.commit()
+    result = conveyor(sandbox, "reconcile", "--repo", f"file://{repo.url}", "--env", namespace)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0
+    assert " conveyor.yaml:4: environments[0].gates[0].duration: expected a duration" in output
+    assert "/conveyor.yaml" not in output, output
