@@ -111,12 +111,17 @@ def test_the_full_output_goes_to_the_log_capped_and_without_secrets(
     )
     caplog.set_level(logging.INFO, logger="conveyor.render.helm")
     with pytest.raises(HelmError) as raised:
-        asyncio.run(fake_helm(tmp_path, stderr).run("upgrade"))
+        asyncio.run(fake_helm(tmp_path, stderr).run("upgrade", positional=["db"], writes=True))
     assert raised.value.message == "Secret db: data: cannot unmarshal number into []uint8"
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert 'cannot patch "db" with kind Secret' in logged and "(a Secret, not shown)" in logged
+    assert logged.startswith('helm upgrade db failed: Error: UPGRADE FAILED: cannot patch "db"')
+    assert "(a Secret, not shown)" in logged
     assert "aHVudGVyMg" not in logged
     assert len(logged) < LOGGED_OUTPUT + 200 and "more characters)" in logged
+    caplog.clear()
+    with pytest.raises(HelmError):  # a read that fails ("not found") is no news
+        asyncio.run(fake_helm(tmp_path, "Error: release: not found\n").run("status"))
+    assert caplog.records == []
 
 
 HELMRELEASE = """\

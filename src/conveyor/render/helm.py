@@ -234,7 +234,9 @@ class HelmCLI:
         if process.returncode != 0:
             output = stderr.decode(errors="replace")
             cause = helm_cause(output)
-            log.info("helm %s failed: %s", args[0], _logged_output(output))
+            if writes:  # a failed change is looked into; a read's "not found" is expected
+                subject = f" {positional[0]}" if positional else ""
+                log.info("helm %s%s failed: %s", args[0], subject, _logged_output(output))
             raise HelmError(args[0], cause.text, cause=cause)
         for warning in _warnings(stderr.decode(errors="replace")):
             log.warning("helm %s: %s", args[0], warning)
