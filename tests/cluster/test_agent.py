@@ -262,7 +262,8 @@ def test_two_agents_with_one_lease_never_both_apply(
     )
     lease = kubectl_json(sandbox, "get", "lease", f"conveyor-{scope}", "-n", "conveyor-system")
     assert lease is not None and lease["spec"]["holderIdentity"] != holder
-    assert second.passes() >= 1
+    # The change is applied before the pass ends (it then waits for the rollout).
+    wait_for(lambda: second.passes() >= 1, timeout=30, what="the standby's pass to end")
 
 
 def test_kill_9_mid_rollout_of_50_apps_then_restart_converges(
