@@ -61,16 +61,19 @@ class ConfigRepo:
         return run_git(["rev-parse", "HEAD"], cwd=self.work).strip()
 
 
-def chart_repo(root: Path, *, extra_templates: Mapping[str, str] | None = None) -> str:
-    """A git repository holding the example chart at charts/service (Flux v1 `chart.git`),
-    with `extra_templates` (file name → text) added to its templates/."""
+def chart_repo(
+    root: Path, *, chart: Path = CHART, extra_templates: Mapping[str, str] | None = None
+) -> str:
+    """A git repository holding `chart` (the example chart by default) at the folder of
+    its name, `service` for the example (Flux v1 `chart.git`), with `extra_templates`
+    (file name → text) added to its templates/."""
     bare = root / "charts.git"
     work = root / "charts"
     run_git(["init", "--quiet", "--bare", "--initial-branch", "master", str(bare)])
     run_git(["init", "--quiet", "--initial-branch", "master", str(work)])
-    subprocess.run(["cp", "-r", str(CHART), str(work / "service")], check=True)
+    subprocess.run(["cp", "-r", str(chart), str(work / chart.name)], check=True)
     for name, text in (extra_templates or {}).items():
-        (work / "service" / "templates" / name).write_text(text)
+        (work / chart.name / "templates" / name).write_text(text)
     run_git(["add", "--all"], cwd=work)
     run_git(
         ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "chart"], cwd=work

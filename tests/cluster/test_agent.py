@@ -263,7 +263,8 @@ def test_two_agents_with_one_lease_never_both_apply(
     )
     lease = kubectl_json(sandbox, "get", "lease", f"conveyor-{scope}", "-n", "conveyor-system")
     assert lease is not None and lease["spec"]["holderIdentity"] != holder
-    assert second.passes() >= 1
+    # The change is applied before the pass ends (it then waits for the rollout).
+    wait_for(lambda: second.passes() >= 1, timeout=30, what="the standby's pass to end")
 
 
 def test_kill_9_mid_rollout_of_50_apps_then_restart_converges(
@@ -345,3 +346,49 @@ def test_apiserver_stopped_for_20_seconds_mid_reconcile_is_survived(
     wait_for(converged, timeout=120, what="convergence after the outage")
     assert agent.process.poll() is None
     assert os.path.exists(agent.log)
+
+
+def configmap(name: str, namespace: str, *, value: str) -> str:
+    return f"""
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {name}
+  namespace: {namespace}
+data:
+  value: "{value}"
+"""
+
+
+def test_the_agents_own_update_of_50_configmaps_is_not_taken_for_drift(
+    sandbox: SandboxHandle, namespace: str, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """The watch events of the agent's own applies are not drift: no "drift in" line and
+    no pass of its own follows them (at 1200 apps each one cost a pass)."""
+    repo = ConfigRepo(tmp_path)
+    path = f"envs/own-{namespace}"
+    names = [f"cm-{n:04d}" for n in range(50)]
+    for name in names:
+        repo.write(f"{path}/{name}/cm.yaml", configmap(name, namespace, value="1"))
+    repo.commit()
+    agent = AgentProcess(sandbox, repo, path, tmp_path, "--interval", "600s")
+    agents.append(agent)
+    agent.wait_ready()
+    for name in names:
+        repo.write(f"{path}/{name}/cm.yaml", configmap(name, namespace, value="2"))
+    repo.commit("update every ConfigMap")
+    body = json.dumps({"ref": "refs/heads/main"}).encode()
+    assert agent.hook(body, sign(body)).status_code == 202
+    wait_for(lambda: agent.passes() >= 2, timeout=60, what="the update's pass")
+    live = kubectl_json(sandbox, "get", "configmaps", "-n", namespace)
+    assert live is not None
+    assert (
+        sorted(
+            o["metadata"]["name"] for o in live["items"] if o.get("data", {}).get("value") == "2"
+        )
+        == names
+    )
+    time.sleep(3)  # the watch events of the update have long arrived
+    messages = [json.loads(line).get("message", "") for line in agent.log.read_text().splitlines()]
+    assert [m for m in messages if m.startswith("drift in")] == []
+    assert agent.passes() == 2

@@ -21,7 +21,7 @@ from tests.cluster.gitops import (
     kubectl_json,
     reconcile_json,
 )
-from tests.conftest import SandboxHandle
+from tests.conftest import ROOT, SandboxHandle
 
 pytestmark = pytest.mark.cluster
 
@@ -521,3 +521,140 @@ def test_diff_against_live_exit_codes_and_masked_secrets(
     repo.commit()
     broken = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
     assert broken.returncode == 2
+
+
+def test_diff_is_clean_after_a_reconcile_of_a_chart_whose_objects_name_no_namespace(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
+) -> None:
+    """Helm puts a chart's objects without a namespace (or with an empty one) into the
+    release's namespace; the diff compares them there, not in `default`, and a
+    cluster-scoped object stays without one."""
+    charts = chart_repo(tmp_path, chart=ROOT / "tests" / "fixtures" / "charts" / "namespaceless")
+    repo.write(
+        f"{env_path}/team.yaml",
+        f"""
+        apiVersion: helm.fluxcd.io/v1
+        kind: HelmRelease
+        metadata: {{name: team, namespace: {namespace}}}
+        spec:
+          releaseName: team
+          chart: {{git: "{charts}", path: namespaceless, ref: master}}
+          values: {{replicaCount: 2}}
+        """,
+    )
+    repo.commit()
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 0, report
+    for kind in ("deployment/team-web", "configmap/team-config", "cronjob/team-job"):
+        assert kubectl_json(sandbox, "get", kind, "-n", namespace) is not None
+    clean = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
+    assert (clean.returncode, clean.stdout) == (0, ""), clean.stdout + clean.stderr
+    sandbox.run("kubectl", "delete", "clusterrole", f"team-{namespace}-reader")
+
+
+def test_failed_helm_upgrade_says_its_cause_and_where_the_value_is_written(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
+) -> None:
+    """Not helm's kilobytes of escaped JSON: the cause in one line, led by the file, line
+    and key of the value in the HelmRelease, in the report, the status and the Event."""
+    charts = chart_repo(tmp_path)
+    good = flux_v1_release("api", namespace, charts, timeout=8)
+    repo.write(f"{env_path}/api.yaml", good)
+    repo.commit()
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+
+    repo.write(f"{env_path}/api.yaml", good.replace("replicaCount: 1", 'replicaCount: "two"'))
+    repo.commit("replicas as text")
+    line = 1 + (repo.work / env_path / "api.yaml").read_text().splitlines().index(
+        '    replicaCount: "two"'
+    )
+    code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "8")
+    assert code == 1
+    cause = (
+        f"{env_path}/api.yaml:{line} replicaCount: "
+        "Deployment api: spec.replicas: cannot unmarshal string into int32"
+    )
+    api = by_name(report)["api"]
+    assert api["message"].startswith(cause), api["message"]
+    assert len(api["message"]) < 300 and '\\"' not in api["message"]
+    scope = env_path.replace("/", "-")
+    status = kubectl_json(sandbox, "get", "conveyorapp", f"{scope}.api", "-n", "conveyor-system")
+    assert status is not None and status["status"]["message"] == api["message"]
+    events = kubectl_json(
+        sandbox,
+        "get",
+        "events",
+        "-n",
+        "conveyor-system",
+        "--field-selector",
+        f"involvedObject.name={scope}.api",
+    )
+    assert events is not None
+    assert any(e["message"].startswith(cause) for e in events["items"]), events["items"]
+    table = conveyor(sandbox, "get", "apps", "--scope", scope, "-o", "json")
+    assert cause in table.stdout and '\\"apiVersion' not in table.stdout
+
+    # A template that fails on a value names the key as the template reads it.
+    repo.write(f"{env_path}/api.yaml", good.replace("replicaCount: 1", "service: null"))
+    repo.commit("no service block")
+    line = 1 + (repo.work / env_path / "api.yaml").read_text().splitlines().index(
+        "    service: null"
+    )
+    code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "8")
+    assert code == 1
+    message = by_name(report)["api"]["message"]
+    assert message.startswith(
+        f"{env_path}/api.yaml:{line} service: template: service/templates/service.yaml:1:"
+    ), message
+    assert "at <.Values.service.enabled>: nil pointer" in message
+
+
+def test_an_object_of_a_kind_the_cluster_does_not_serve_names_its_file_and_line(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str
+) -> None:
+    widget = f"""
+apiVersion: example.com/v1
+kind: Widget
+metadata: {{name: gadget, namespace: {namespace}}}
+spec: {{size: 1}}
+"""
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace) + "---" + widget)
+    repo.commit()
+    line = 1 + (repo.work / env_path / "web" / "deploy.yaml").read_text().splitlines().index(
+        "apiVersion: example.com/v1"
+    )
+    cause = (
+        f"{env_path}/web/deploy.yaml:{line}: "
+        "the cluster does not serve kind Widget in example.com/v1"
+    )
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 1
+    assert by_name(report)["web"]["message"] == cause
+    scope = env_path.replace("/", "-")
+    status = kubectl_json(sandbox, "get", "conveyorapp", f"{scope}.web", "-n", "conveyor-system")
+    assert status is not None and status["status"]["message"] == cause
+    diff = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
+    assert diff.returncode == 2
+    assert f"# web: error: {cause}" in " ".join(diff.stdout.split()), diff.stdout
+
+
+def test_a_broken_conveyor_yaml_is_named_as_in_the_repository(
+    sandbox: SandboxHandle, repo: ConfigRepo, namespace: str
+) -> None:
+    """The pass reads a clone in conveyor's cache; its path is no help to anyone."""
+    repo.write(
+        "conveyor.yaml",
+        f"""
+        environments:
+          - name: {namespace}
+            path: {namespace}
+            gates: [{{type: soak, duration: forever}}]
+        """,
+    )
+    repo.write(f"{namespace}/web/deploy.yaml", deployment("web", namespace))
+    repo.commit()
+    result = conveyor(sandbox, "reconcile", "--repo", f"file://{repo.url}", "--env", namespace)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0
+    assert " conveyor.yaml:4: environments[0].gates[0].duration: expected a duration" in output
+    assert "/conveyor.yaml" not in output, output

@@ -3,6 +3,7 @@ repos, `file://` URLs, repos without conveyor.yaml, branches that do not exist y
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conveyor.config.userfile import ConfigError
 from conveyor.source.git import run_git
+from conveyor.web.repo import ConfigRepo
 from tests.unit.test_promotion import Repo, app_repo, deployment, invoke
 
 
@@ -199,3 +202,42 @@ def test_the_hotfix_hint_is_a_command_that_runs(tmp_path: Path) -> None:
         "`conveyor promote --repo CONFIG_REPO_URL --to staging --version v1.1.1` (image tag 1.1.1)"
         in hint
     )
+
+
+BROKEN_PROJECT = """\
+# environments in promotion order
+environments:
+  - name: staging
+    path: staging
+  - name: production
+    path: production
+    gates:
+      - type: soak
+        duration: forever
+"""
+
+
+def test_a_broken_conveyor_yaml_is_named_as_in_the_repository_never_by_a_cache_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every command that reads a remote repository reads it from a clone of its own
+    (conveyor's cache, a temporary folder); the person only knows `conveyor.yaml`."""
+    monkeypatch.setenv("CONVEYOR_CACHE", str(tmp_path / "cache"))
+    repo = master_repo(tmp_path)
+    repo.commit({"conveyor.yaml": BROKEN_PROJECT}, message="soak forever")
+    url = f"file://{repo.url}"
+    expected = "conveyor.yaml:9: environments[1].gates[0].duration: expected a duration"
+    commands = [  # `reconcile` asks a cluster first: see tests/cluster/test_reconcile.py
+        ["diff", "--repo", url, "--env", "staging"],
+        ["promote", "--repo", url, "--from", "staging", "--to", "production"],
+        ["rollback", "--repo", url, "--env", "production", "--app", "web", "--no-apply"],
+    ]
+    for command in commands:
+        result = invoke(*command)
+        output = " ".join(result.output.split())  # as wide as the terminal: unwrapped
+        assert result.exit_code != 0 and f" {expected}" in f" {output}", (command, output)
+        assert "/conveyor.yaml" not in output, (command, output)
+    # The dashboard (`conveyor serve --repo`) reads it from a clone in the cache too.
+    with pytest.raises(ConfigError) as raised:
+        asyncio.run(ConfigRepo(url, kubeconfig=None, context=None).project())
+    assert str(raised.value).startswith(expected)

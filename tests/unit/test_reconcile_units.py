@@ -9,6 +9,7 @@ import pytest
 
 from conveyor.cluster.diff import mask_secrets, normalize
 from conveyor.cluster.objects import ObjectRef, apply_order, drift_paths
+from conveyor.reconcile.plan import namespaced
 from conveyor.reconcile.status import (
     READY,
     RECONCILING,
@@ -114,6 +115,24 @@ def test_apply_order_puts_crds_and_namespaces_first() -> None:
     kinds = ["Deployment", "Namespace", "CustomResourceDefinition", "ConfigMap"]
     ordered = sorted(kinds, key=lambda k: apply_order({"kind": k}))
     assert ordered == ["CustomResourceDefinition", "Namespace", "ConfigMap", "Deployment"]
+
+
+def test_chart_objects_without_a_namespace_get_the_release_namespace_as_helm_does() -> None:
+    rendered = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "none"}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "e", "namespace": ""}},
+        {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "n", "namespace": None}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "own", "namespace": "x"}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "r"},
+        },
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns", "namespace": "ns"}},
+    ]
+    placed = [ObjectRef.of(o) for o in namespaced(rendered, "team")]
+    assert [r.namespace for r in placed] == ["team", "team", "team", "x", "", ""]
+    assert "namespace" not in rendered[4]["metadata"]
 
 
 def test_object_identity_ignores_api_version_within_a_group() -> None:

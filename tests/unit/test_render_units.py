@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from conveyor.cluster.client import UnknownKindError
 from conveyor.config.helmrelease import (
     ChartFromGit,
     ChartFromRepository,
@@ -19,7 +21,7 @@ from conveyor.render.charts import ChartResolver
 from conveyor.render.discover import discover, scope_name
 from conveyor.render.documents import Document, RenderError, load_documents
 from conveyor.render.helm import HelmCLI, _warnings, parse_manifest
-from conveyor.render.render import merge_values, set_path
+from conveyor.render.render import Renderer, merge_values, set_path
 
 V1 = """
 apiVersion: v1
@@ -332,3 +334,36 @@ def test_one_scope_rule_for_every_spelling_of_a_path() -> None:
     assert scope_name(path=".") == scope_name(path="./") == "root"
     assert {scope_name(path=p) for p in ("envs/dev", "./envs/dev/", "envs//dev")} == {"envs-dev"}
     assert scope_name(environment="Staging", path="envs/staging") == "staging"
+
+
+async def _no_values(_reference: object) -> str | None:
+    return None
+
+
+def test_an_unknown_kind_is_named_by_the_file_and_line_of_its_object(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "staging/web/objects.yaml",
+        """
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {name: web}
+        ---
+        apiVersion: example.com/v1
+        kind: Widget
+        metadata: {name: gadget}
+        """,
+    )
+    [app] = discover(tmp_path, "staging").apps
+    renderer = Renderer(
+        tmp_path,
+        charts=ChartResolver(tmp_path / "cache", HelmCLI(binary="false"), {}),
+        values_lookup=_no_values,
+    )
+    rendered = asyncio.run(renderer.render(app))
+    located = rendered.located(UnknownKindError("example.com/v1", "Widget"))
+    assert str(located) == (
+        "staging/web/objects.yaml:5: the cluster does not serve kind Widget in example.com/v1"
+    )
+    other = UnknownKindError("example.com/v2", "Widget")
+    assert rendered.located(other) is other  # no object of it: nothing to name

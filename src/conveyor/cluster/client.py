@@ -29,7 +29,7 @@ import httpx
 
 from conveyor.cluster.kubeconfig import ClusterCredentials
 from conveyor.cluster.objects import Obj
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, LocatedError
 
 RETRIES = 5
 TOKEN_REFRESH_SECONDS = 60.0
@@ -56,11 +56,20 @@ class ApiError(ConveyorError, RuntimeError):
         return self.status == 404
 
 
-class UnknownKindError(ConveyorError, RuntimeError):
-    def __init__(self, api_version: str, kind: str) -> None:
+class UnknownKindError(LocatedError, RuntimeError):
+    """The cluster serves no such kind; `file` and `line` name the object's document
+    once the caller that rendered it knows them (`at`)."""
+
+    def __init__(
+        self, api_version: str, kind: str, *, file: str | None = None, line: int | None = None
+    ) -> None:
         self.api_version = api_version
         self.kind = kind
-        super().__init__(f"the cluster does not serve kind {kind} in {api_version}")
+        message = f"the cluster does not serve kind {kind} in {api_version}"
+        super().__init__(message, file=file, line=line)
+
+    def at(self, file: str, line: int | None) -> UnknownKindError:
+        return UnknownKindError(self.api_version, self.kind, file=file, line=line)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,31 @@ _ORDER = {
     "Role": 2,
     "RoleBinding": 3,
 }
+# Kubernetes' own cluster-scoped kinds by (group, kind), for objects placed without a
+# cluster to ask (a chart rendered offline). With a cluster, discovery decides.
+_CLUSTER_SCOPED = {
+    ("", "Namespace"),
+    ("", "Node"),
+    ("", "PersistentVolume"),
+    ("apiextensions.k8s.io", "CustomResourceDefinition"),
+    ("apiregistration.k8s.io", "APIService"),
+    ("admissionregistration.k8s.io", "MutatingWebhookConfiguration"),
+    ("admissionregistration.k8s.io", "ValidatingWebhookConfiguration"),
+    ("admissionregistration.k8s.io", "ValidatingAdmissionPolicy"),
+    ("admissionregistration.k8s.io", "ValidatingAdmissionPolicyBinding"),
+    ("certificates.k8s.io", "CertificateSigningRequest"),
+    ("flowcontrol.apiserver.k8s.io", "FlowSchema"),
+    ("flowcontrol.apiserver.k8s.io", "PriorityLevelConfiguration"),
+    ("networking.k8s.io", "IngressClass"),
+    ("node.k8s.io", "RuntimeClass"),
+    ("rbac.authorization.k8s.io", "ClusterRole"),
+    ("rbac.authorization.k8s.io", "ClusterRoleBinding"),
+    ("scheduling.k8s.io", "PriorityClass"),
+    ("storage.k8s.io", "CSIDriver"),
+    ("storage.k8s.io", "CSINode"),
+    ("storage.k8s.io", "StorageClass"),
+    ("storage.k8s.io", "VolumeAttachment"),
+}
 _UNCOMPARED_METADATA = {
     "namespace",
     "name",
@@ -72,6 +97,13 @@ class ObjectRef:
     def __str__(self) -> str:
         where = f"{self.namespace}/" if self.namespace else ""
         return f"{self.kind} {where}{self.name}"
+
+
+def builtin_cluster_scoped(obj: Obj) -> bool:
+    """Whether the object is of one of Kubernetes' own cluster-scoped kinds."""
+    api_version = str(obj.get("apiVersion", ""))
+    group = api_version.split("/")[0] if "/" in api_version else ""
+    return (group, str(obj.get("kind", ""))) in _CLUSTER_SCOPED
 
 
 def apply_order(obj: Obj) -> int:

@@ -333,7 +333,11 @@ def load_project(repo_root: Path, *, default_branch: str | None = None) -> Proje
     `default_branch` (the repository's HEAD), an environment that names no branch lives
     there, so that master-based repositories need not say so."""
     path = repo_root / FILE_NAME
-    project = parse_project(read_text(path), source=str(path)) if path.exists() else Project()
+    # Named as in the repository: the checkout may be conveyor's cache or a temporary
+    # clone, which the person who wrote the file has never seen.
+    project = Project()
+    if path.exists():
+        project = parse_project(read_text(path, file=FILE_NAME), source=FILE_NAME)
     project._root, project._default_branch = repo_root, default_branch
     if default_branch is not None:
         for env in project.environments:

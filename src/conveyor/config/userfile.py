@@ -427,30 +427,36 @@ def invalid(
     return UserFileError(message, file=file, line=line)
 
 
-def locate(node: yaml.Node | None, loc: tuple[PathPart, ...]) -> tuple[list[PathPart], int | None]:
+def locate(
+    node: yaml.Node | None, loc: tuple[PathPart, ...], *, at_key: bool = False
+) -> tuple[list[PathPart], int | None]:
     """Pydantic's `loc` as the path written in the file, and the line of the deepest node
     on it. Parts the file does not have are a union's tag (`soak` in a gate) and dropped,
-    except the last one: a field that is missing."""
+    except the last one: a field that is missing. `at_key`: the line of the deepest key
+    instead, where a map or list written below it is named."""
     if node is None:
         return list(loc), None
     path: list[PathPart] = []
     line = node.start_mark.line + 1
     for index, part in enumerate(loc):
-        child = _child(node, part)
-        if child is not None:
+        found = _child(node, part)
+        if found is not None:
+            key, node = found
             path.append(part)
-            node, line = child, child.start_mark.line + 1
+            line = (key if at_key else node).start_mark.line + 1
         elif part == "[key]" or (index == len(loc) - 1 and isinstance(node, yaml.MappingNode)):
             path.append(part)
     return path, line
 
 
-def _child(node: yaml.Node, part: PathPart) -> yaml.Node | None:
+def _child(node: yaml.Node, part: PathPart) -> tuple[yaml.Node, yaml.Node] | None:
+    """The key (an item's own node in a list) and the value at `part`."""
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                return value  # type: ignore[no-any-return]
+                return key, value
     elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
         if 0 <= part < len(node.value):
-            return node.value[part]  # type: ignore[no-any-return]
+            item: yaml.Node = node.value[part]
+            return item, item
     return None

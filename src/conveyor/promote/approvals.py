@@ -48,14 +48,16 @@ class _ApprovalFile(BaseModel):
     approvals: list[_Approval] = Field(default_factory=list)
 
 
-def _load(path: Path) -> dict[str, Any]:
-    """The file's data ({} when absent); UserFileError when it is not an approvals file."""
+def _load(root: Path, relative: str) -> dict[str, Any]:
+    """The data of `relative` in the checkout at `root` ({} when absent); UserFileError
+    naming it as in the repository when it is not an approvals file."""
+    path = root / relative
     if not path.is_file():
         return {}
-    document = load_document(read_text(path), file=str(path))
+    document = load_document(read_text(path, file=relative), file=relative)
     if document is None or not document.data:
         return {}
-    validate(_ApprovalFile, document.data, file=str(path), node=document.node)
+    validate(_ApprovalFile, document.data, file=relative, node=document.node)
     data: dict[str, Any] = document.data
     return data
 
@@ -64,7 +66,7 @@ def approvers(root: Path, env: str, version: str) -> list[str]:
     """Who approved `version` for `env`, in the order they did, each once (nobody, when
     the file is not an approvals file: a gate stays closed rather than guess)."""
     try:
-        entries = _load(root / approval_path(env, version)).get("approvals") or []
+        entries = _load(root, approval_path(env, version)).get("approvals") or []
     except UserFileError:
         return []
     return list(dict.fromkeys(str(e["by"]) for e in entries if e.get("by")))
@@ -85,7 +87,7 @@ def approve(
 
     def record(root: Path) -> None:
         path = root / relative
-        data = _load(path) or {"environment": env, "version": version, "approvals": []}
+        data = _load(root, relative) or {"environment": env, "version": version, "approvals": []}
         entries = data.setdefault("approvals", [])
         if by in approvers(root, env, version):
             return

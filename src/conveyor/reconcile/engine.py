@@ -317,7 +317,10 @@ class Engine:
             result = "success" if status.ready else "not-ready"
         except (ApiError, UnknownKindError, OSError, httpx.HTTPError, HelmError) as error:
             # The cluster away or refusing (helm says so when even its history cannot be
-            # read): not this content's fault, so not counted against its retries.
+            # read): not this content's fault, so not counted against its retries. A kind
+            # it does not serve may come with a CRD later; the file and line say which.
+            if isinstance(error, UnknownKindError) and isinstance(rendered, RenderedApp):
+                error = rendered.located(error)
             log.warning("%s: %s", name, error, extra={"app": name})
             ctx.set(status, Reason.API_ERROR, error_summary(error))
             result = "error"

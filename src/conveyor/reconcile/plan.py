@@ -13,7 +13,7 @@ from conveyor.cluster.apply import labelled, namespaced_ref
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.diff import ObjectChange, diff_deletions, diff_objects
 from conveyor.cluster.inventory import left_behind
-from conveyor.cluster.objects import Obj, ObjectRef
+from conveyor.cluster.objects import Obj, ObjectRef, builtin_cluster_scoped
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.reconcile.status import StatusStore, split_release
 from conveyor.render.discover import EnvironmentTree
@@ -44,9 +44,17 @@ async def helm_objects(rendered: RenderedApp, helm: HelmCLI) -> list[Obj]:
 
 
 def namespaced(objects: list[Obj], namespace: str) -> list[Obj]:
-    """Rendered chart objects without a namespace get the release's, as Helm installs them."""
+    """Rendered chart objects without a namespace get the release's, as Helm installs them:
+    Helm counts an empty one (`namespace: ""`, or a value that rendered to nothing) as
+    none. Kubernetes' cluster-scoped kinds get none."""
     for obj in objects:
-        obj.setdefault("metadata", {}).setdefault("namespace", namespace)
+        metadata = obj.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = obj["metadata"] = {}
+        if builtin_cluster_scoped(obj):
+            metadata.pop("namespace", None)
+        elif not metadata.get("namespace"):
+            metadata["namespace"] = namespace
     return objects
 
 
@@ -88,7 +96,10 @@ async def plan_environment(
             continue
         try:
             plan.changes = await diff_objects(kube, objects)
-        except (ApiError, UnknownKindError) as error:
+        except UnknownKindError as error:
+            plan.error = str(rendered.located(error))
+            continue
+        except ApiError as error:
             plan.error = str(error)
             continue
         previous = statuses.get(app.name) or legacy.get(app.name)

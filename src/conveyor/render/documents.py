@@ -6,9 +6,11 @@ position from the moment they are parsed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from conveyor.cluster.objects import Obj
 from conveyor.config.userfile import GENERATED, UserFileError, read_text
@@ -35,6 +37,9 @@ class Document:
     obj: Obj
     file: str  # relative to the repository root
     line: int  # 1-based line of the document's first key
+    # A HelmRelease's parsed YAML, for the line of a key in its values when a release
+    # fails (render/values_origin.py); other documents do not keep it.
+    node: yaml.Node | None = field(default=None, compare=False, repr=False)
 
     @property
     def api_version(self) -> str:
@@ -84,7 +89,14 @@ def _parse(path: Path, rel: str) -> list[Document]:
     except UserFileError as error:
         raise RenderError(error.detail, file=rel, line=error.line) from None
     return [
-        Document(obj=_check_object(d.data, rel, d.line), file=rel, line=d.line)
+        Document(
+            obj=_check_object(d.data, rel, d.line),
+            file=rel,
+            line=d.line,
+            node=d.node
+            if isinstance(d.data, dict) and d.data.get("kind") == "HelmRelease"
+            else None,
+        )
         for d in parsed
         if d.data is not None
     ]

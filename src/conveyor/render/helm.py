@@ -55,10 +55,30 @@ HELM_STOP_GRACE = 5.0
 _LOOPBACK = re.compile(r"^(oci://)?(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?(/|$)")
 
 
+# How much of a failed command's output goes to the log; its cause alone goes everywhere
+# else (a status, an Event, the dashboard, the CLI's table).
+LOGGED_OUTPUT = 16 * 1024
+_LONGEST_CAUSE = 500
+
+
+@dataclass(frozen=True)
+class HelmCause:
+    """Why a helm command failed, as one line (`text`), and what it names: the object and
+    the field the API server refused (`kind`, `name`, `field`, e.g. `spec.replicas`),
+    or the values key a template failed on (`values_key`, e.g. `image.tag`)."""
+
+    text: str
+    kind: str | None = None
+    name: str | None = None
+    field: str | None = None
+    values_key: str | None = None
+
+
 class HelmError(ConveyorError, RuntimeError):
-    def __init__(self, command: str, message: str) -> None:
+    def __init__(self, command: str, message: str, *, cause: HelmCause | None = None) -> None:
         self.command = command
         self.message = message
+        self.cause = cause or HelmCause(message)
         super().__init__(f"helm {command}: {message}")
 
 
@@ -97,9 +117,83 @@ def plain_http(url: str) -> bool:
     return bool(_LOOPBACK.match(url))
 
 
-def _clean_error(stderr: str) -> str:
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    return "; ".join(lines[-5:]) if lines else "(no output)"
+_KLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
+_PREFIXES = re.compile(
+    r"^(?:Error: |UPGRADE FAILED: |INSTALLATION FAILED: |failed to create resource: |"
+    r"\d+ errors? occurred:\s*)+"
+)
+# An object helm or the API server quotes whole (a patch, the live object): kilobytes of
+# escaped JSON in front of the cause.
+_QUOTED_OBJECT = re.compile(r'(?:\w+: )?Invalid value: "(?:[^"\\]|\\.){200,}": ')
+_LONG_QUOTE = re.compile(r'"(?:[^"\\]|\\.){200,}"')
+_PATCHED = re.compile(r'cannot patch "(?P<name>[^"]*)" with kind (?P<kind>\w+): ')
+_UNDECODABLE = re.compile(r'(?P<kind>\w+) in version "[^"]*" cannot be handled as an? \w+: ')
+_INVALID = re.compile(r'(?P<kind>\w+)(?:\.[\w.-]+)? "(?P<name>[^"]*)" is invalid: ')
+_UNMARSHAL = re.compile(
+    r"(?:json: )?cannot unmarshal (?P<got>\w+) into Go struct field "
+    r"\w+\.(?P<field>[\w.]+) of type (?P<want>[\w.\[\]*]+)"
+)
+_FIELD = re.compile(
+    r"^(?P<kind>[A-Z]\w*)(?: (?P<name>[a-z0-9][\w.-]*))?: "
+    r"(?:\[)?(?P<field>[A-Za-z]\w*(?:\[\d+\])?(?:\.\w+(?:\[\d+\])?)+): "
+)
+_TEMPLATE_VALUES = re.compile(r"^template: .*? at <[^>]*?\.Values\.(?P<key>[\w.]+)")
+
+
+def helm_cause(stderr: str) -> HelmCause:
+    """The cause of a failed helm command, from its stderr, as a person wants to read it:
+    `Deployment api: spec.replicas: cannot unmarshal string into int32` rather than
+    helm's `Error: UPGRADE FAILED: cannot patch "api" with kind Deployment: ...` and the
+    object quoted whole; a template's `template: chart/templates/x.yaml:12:3: ...` kept."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    lines = [line for line in lines if not _KLOG.match(line) and not line.startswith("WARNING:")]
+    first_error = next((i for i, line in enumerate(lines) if line.startswith("Error: ")), None)
+    if first_error is None:
+        return HelmCause("; ".join(lines[-5:]) if lines else "(no output)")
+    # The error line, and the items of a list of errors that it announces.
+    listed = [line for line in lines[first_error + 1 :] if line.startswith("* ")]
+    parts = [_PREFIXES.sub("", line).removeprefix("* ") for line in [lines[first_error], *listed]]
+    text = "; ".join(part for part in parts if part)
+    kind = name = None
+    if found := _PATCHED.search(text) or _INVALID.search(text) or _UNDECODABLE.search(text):
+        kind, name = found["kind"], found.groupdict().get("name") or None
+    for pattern in (_PATCHED, _UNDECODABLE, _INVALID):
+        text = pattern.sub("", text)
+    text = _QUOTED_OBJECT.sub("", text)
+    text = re.sub(r'\s*"" is invalid: ', "", text).strip()
+    text = _UNMARSHAL.sub(r"\g<field>: cannot unmarshal \g<got> into \g<want>", text)
+    text = _LONG_QUOTE.sub('"..."', text)
+    if kind is not None:
+        text = f"{kind} {name}: {text}" if name else f"{kind}: {text}"
+    if len(text) > _LONGEST_CAUSE:
+        text = text[: _LONGEST_CAUSE - 3] + "..."
+    field = _FIELD.match(text)
+    values = _TEMPLATE_VALUES.match(text)
+    return HelmCause(
+        text,
+        kind=kind,
+        name=name,
+        field=field["field"] if field else None,
+        values_key=values["key"] if values else None,
+    )
+
+
+def _logged_output(stderr: str) -> str:
+    """A failed command's output for the log: capped, and any Secret that helm quotes in
+    it whole (a patch of one, the live object) left out."""
+
+    def masked(quoted: re.Match[str]) -> str:
+        try:
+            obj = json.loads(json.loads(quoted[0]))
+        except (ValueError, TypeError):
+            return quoted[0]
+        secret = isinstance(obj, dict) and obj.get("kind") == "Secret"
+        return '"(a Secret, not shown)"' if secret else quoted[0]
+
+    text = _LONG_QUOTE.sub(masked, stderr.strip())
+    if len(text) > LOGGED_OUTPUT:
+        text = text[:LOGGED_OUTPUT] + f"... ({len(text) - LOGGED_OUTPUT} more characters)"
+    return text
 
 
 @dataclass
@@ -149,7 +243,12 @@ class HelmCLI:
                 await finished
             raise
         if process.returncode != 0:
-            raise HelmError(args[0], _clean_error(stderr.decode(errors="replace")))
+            output = stderr.decode(errors="replace")
+            cause = helm_cause(output)
+            if writes:  # a failed change is looked into; a read's "not found" is expected
+                subject = f" {positional[0]}" if positional else ""
+                log.info("helm %s%s failed: %s", args[0], subject, _logged_output(output))
+            raise HelmError(args[0], cause.text, cause=cause)
         for warning in _warnings(stderr.decode(errors="replace")):
             log.warning("helm %s: %s", args[0], warning)
         return stdout.decode()

@@ -20,6 +20,7 @@ from typing import Any, cast
 import yaml
 from pydantic_core import PydanticCustomError
 
+from conveyor.cluster.client import UnknownKindError
 from conveyor.cluster.objects import Obj
 from conveyor.config.helmrelease import (
     DriftMode,
@@ -58,10 +59,19 @@ class RenderedApp:
     drift: DriftMode
     # What the render had to leave out, e.g. valuesFrom that cannot be read offline.
     notes: list[str] = field(default_factory=list)
+    # Where `objects` came from, one document each (a kustomization's: its folder).
+    documents: list[Document] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.source.name
+
+    def located(self, error: UnknownKindError) -> UnknownKindError:
+        """`error` naming the file and line of the app's first object of that kind."""
+        for doc in self.documents:
+            if (doc.api_version, doc.kind) == (error.api_version, error.kind):
+                return error.at(doc.file, doc.line or None)
+        return error
 
     @property
     def empty(self) -> bool:
@@ -214,6 +224,7 @@ class Renderer:
                 depends_on=[],
                 suspend=False,
                 drift=drift,
+                documents=documents,
             )
         release_doc = app.helm_release
         try:
@@ -239,6 +250,7 @@ class Renderer:
             suspend=spec.suspend,
             drift=spec.drift,
             notes=notes,
+            documents=documents,
         )
 
     async def _chart(self, spec: HelmReleaseSpec, doc: Document) -> ResolvedChart:

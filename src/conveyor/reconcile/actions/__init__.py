@@ -9,7 +9,8 @@ and changes the cluster and the status, nothing else. An action that fails raise
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from conveyor.cluster.apply import labelled
@@ -45,11 +46,28 @@ class ReleaseLocked(AppFailed):
 @dataclass
 class DesiredObjects:
     """What each app should look like in the cluster (its objects and its release's), so
-    that a watch event on one of them can be judged as drift of that app."""
+    that a watch event on one of them can be judged as drift of that app.
+
+    While conveyor writes an app (`writing`), the watch events of its objects are its own
+    writes, and the app's new desired state is not remembered yet: judged against the
+    old one, each would look like drift and cost a pass (at 1200 apps, an update queued
+    every app again). They are not judged; an edit made by someone in that window is
+    still seen by the next full pass, which compares the watch cache itself."""
 
     by_app: dict[str, Desired] = field(default_factory=dict)
     owner: dict[tuple[str, str, str, str], str] = field(default_factory=dict)
     drifted: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    _writing: set[str] = field(default_factory=set)
+
+    @contextlib.contextmanager
+    def writing(self, app: str) -> Iterator[None]:
+        """While conveyor writes the app's objects and until it remembers the result (an
+        app is written by one action at a time)."""
+        self._writing.add(app)
+        try:
+            yield
+        finally:
+            self._writing.discard(app)
 
     def remember(self, app: str, desired: Desired) -> None:
         self.by_app[app] = desired
@@ -62,7 +80,7 @@ class DesiredObjects:
     def on_change(self, ref: ObjectRef, obj: Obj | None) -> None:
         """A watched object changed: if it belongs to an app and drifted, queue the app."""
         app = self.owner.get(ref.key())
-        if app is None:
+        if app is None or app in self._writing:
             return
         wanted = next((o for r, o in self.by_app.get(app, []) if r.key() == ref.key()), None)
         if wanted is None:

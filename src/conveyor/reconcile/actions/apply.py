@@ -11,8 +11,10 @@ from conveyor.cluster.objects import Obj
 from conveyor.reconcile.actions import ActionContext, AppFailed, Desired, ReleaseLocked
 from conveyor.reconcile.actions.verify import release_objects, wait_healthy
 from conveyor.reconcile.status import AppStatus, Reason, now, release_key
+from conveyor.render.documents import Document
 from conveyor.render.helm import HelmError, parse_manifest
 from conveyor.render.render import HelmPlan, RenderedApp
+from conveyor.render.values_origin import values_origin
 
 log = logging.getLogger("conveyor.reconcile")
 
@@ -23,10 +25,13 @@ async def install_or_upgrade(
     """Apply, then verify. Returns everything the app now consists of (its objects and
     its release's), for drift checks."""
     async with ctx.apply_slots:
-        desired = await apply_plain(ctx, status, app, objects, desired)
-        if app.helm is not None:
-            desired = await _upgrade_release(ctx, status, app.helm, objects, desired)
-    ctx.desired.remember(app.name, desired)
+        with ctx.desired.writing(app.name):
+            desired = await apply_plain(ctx, status, app, objects, desired)
+            if app.helm is not None:
+                desired = await _upgrade_release(
+                    ctx, status, app.helm, objects, desired, source=app.source.helm_release
+                )
+            ctx.desired.remember(app.name, desired)
     await wait_healthy(ctx, app, desired)
     return desired
 
@@ -58,8 +63,15 @@ async def apply_plain(
 
 
 async def _upgrade_release(
-    ctx: ActionContext, status: AppStatus, plan: HelmPlan, objects: list[Obj], desired: Desired
+    ctx: ActionContext,
+    status: AppStatus,
+    plan: HelmPlan,
+    objects: list[Obj],
+    desired: Desired,
+    *,
+    source: Document | None,
 ) -> Desired:
+    """`source`: the HelmRelease's document, to name where a refused value is written."""
     spec = plan.spec
     status.release = release_key(spec)
     async with ctx.helm_slots:
@@ -81,7 +93,9 @@ async def _upgrade_release(
                 # is no fault of this content. Not counted against its retries; the next
                 # pass tries again.
                 raise
-            raise AppFailed(Reason.UPGRADE_FAILED, error.message) from None
+            origin = source and await values_origin(plan, source, error.cause, helm=ctx.helm)
+            message = f"{origin}: {error.message}" if origin else error.message
+            raise AppFailed(Reason.UPGRADE_FAILED, message) from None
     status.helm_revision = int(release.get("version", 0)) or None
     helm_desired = await release_objects(
         ctx.kube, parse_manifest(release.get("manifest", "")), namespace=spec.target_namespace

@@ -17,14 +17,15 @@ async def correct_drift(
     ctx: ActionContext, status: AppStatus, app: RenderedApp, objects: list[Obj], desired: Desired
 ) -> Desired:
     async with ctx.apply_slots:
-        desired = await apply_plain(ctx, status, app, objects, desired)
-        if app.helm is not None:
-            status.release = release_key(app.helm.spec)
-            try:
-                ctx.live.seed(
-                    await apply_objects(ctx.kube, [o for _, o in desired if o not in objects])
-                )
-            except ApplyError as error:
-                raise AppFailed(Reason.DRIFT_CORRECTION_FAILED, str(error)) from None
+        with ctx.desired.writing(app.name):
+            desired = await apply_plain(ctx, status, app, objects, desired)
+            if app.helm is not None:
+                status.release = release_key(app.helm.spec)
+                try:
+                    ctx.live.seed(
+                        await apply_objects(ctx.kube, [o for _, o in desired if o not in objects])
+                    )
+                except ApplyError as error:
+                    raise AppFailed(Reason.DRIFT_CORRECTION_FAILED, str(error)) from None
     await wait_healthy(ctx, app, desired)
     return desired

@@ -26,7 +26,8 @@ async def roll_back(ctx: ActionContext, status: AppStatus, app: RenderedApp) -> 
     objects = ctx.labelled(previous)
     desired = [(await namespaced_ref(ctx.kube, o), o) for o in objects]
     async with ctx.apply_slots:
-        desired = await apply_plain(ctx, status, previous, objects, desired)
+        with ctx.desired.writing(app.name):
+            desired = await apply_plain(ctx, status, previous, objects, desired)
     await wait_healthy(ctx, previous, desired)
     return f"revision {good[:12]}"
 
@@ -37,17 +38,18 @@ async def _roll_back_release(ctx: ActionContext, status: AppStatus, app: Rendere
     ):
         return None
     namespace, release = split_release(status.release)
-    try:
-        async with ctx.helm_slots:
-            await ctx.helm.rollback(
-                release,
-                namespace,
-                status.last_good_helm_revision,
-                timeout=app.helm.spec.timeout_seconds,
-            )
-    except HelmError as error:
-        raise AppFailed(Reason.ROLLBACK_FAILED, error.message) from None
+    with ctx.desired.writing(app.name):
+        try:
+            async with ctx.helm_slots:
+                await ctx.helm.rollback(
+                    release,
+                    namespace,
+                    status.last_good_helm_revision,
+                    timeout=app.helm.spec.timeout_seconds,
+                )
+        except HelmError as error:
+            raise AppFailed(Reason.ROLLBACK_FAILED, error.message) from None
+        ctx.desired.forget(app.name)
     history = await ctx.helm.history(release, namespace)
     status.helm_revision = int(history[-1]["revision"]) if history else None
-    ctx.desired.forget(app.name)
     return f"Helm revision {status.last_good_helm_revision}"
