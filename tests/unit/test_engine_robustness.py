@@ -156,6 +156,7 @@ def tree(names: list[str]) -> EnvironmentTree:
         apps=[AppSource(name=n, kind="manifests", path=f"env/{n}") for n in names],
         sources={},
         flux_config=[],
+        expanded=True,  # no kustomize builds: the scripted renders are the apps
     )
 
 

@@ -20,7 +20,7 @@ from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ValuesReference
 from conveyor.config.project import load_project
 from conveyor.reconcile.plan import AppPlan, helm_objects, plan_environment
-from conveyor.reconcile.target import kube_client, values_lookup
+from conveyor.reconcile.target import data_lookup, kube_client, values_lookup
 from conveyor.render.discover import discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError
@@ -45,6 +45,7 @@ async def render_offline(root: Path, env_path: str, helm: HelmCLI) -> dict[str, 
         return {}
     tree = discover(root, env_path)
     renderer = Renderer.of_tree(root, tree, helm, values_lookup=_unavailable, offline=True)
+    await renderer.expand(tree)
     result: dict[str, RenderedObjects] = {}
     for app in tree.apps:
         entry = result.setdefault(app.name, RenderedObjects())
@@ -154,6 +155,13 @@ async def diff_against_live(
     )
     tree = discover(head_root, env_path)
     async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
-        renderer = Renderer.of_tree(head_root, tree, helm, values_lookup=values_lookup(kube))
+        renderer = Renderer.of_tree(
+            head_root,
+            tree,
+            helm,
+            values_lookup=values_lookup(kube),
+            data_lookup=data_lookup(kube),
+            config_url=source,
+        )
         plans = await plan_environment(tree, renderer, kube, helm, identity=identity)
     return plans, f"{env or env_path}: live → {_named(head, head_sha)}"

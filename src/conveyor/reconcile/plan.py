@@ -61,6 +61,7 @@ async def plan_environment(
 ) -> list[AppPlan]:
     """Plans for every app of the tree (or only the app named `only`), and for the apps
     of this environment that left git (their deletions)."""
+    await renderer.expand(tree)
     store = StatusStore(kube)
     scope = await store.scope_for(identity, scope=identity.name)
     statuses, legacy = await store.load_environment(identity, scope=scope)

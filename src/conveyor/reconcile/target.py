@@ -5,11 +5,11 @@ conveyor.yaml), against which cluster. Shared by `reconcile`, `agent`, `diff` an
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from conveyor.cluster import kubeconfig
 from conveyor.cluster.client import KubeClient
@@ -26,6 +26,7 @@ from conveyor.paths import checkouts_cache
 from conveyor.reconcile.actions import RenderPast
 from conveyor.render.discover import EnvironmentTree, discover, scope_name
 from conveyor.render.documents import RenderError
+from conveyor.render.flux_kustomization import DataLookup, object_data
 from conveyor.render.helm import HelmCLI
 from conveyor.render.render import RenderedApp, Renderer, ValuesLookup
 from conveyor.source.git import Checkout, default_branch, export_tree
@@ -136,18 +137,26 @@ def helm_cli(
     return HelmCLI(kubeconfig=path, context=ctx)
 
 
+def data_lookup(kube: KubeClient) -> DataLookup:
+    """The data of a ConfigMap or Secret in the cluster, decoded (a Flux Kustomization's
+    postBuild.substituteFrom reads them, as Flux does)."""
+
+    async def lookup(
+        kind: Literal["ConfigMap", "Secret"], namespace: str, name: str
+    ) -> dict[str, str] | None:
+        obj = await kube.get("v1", kind, name, namespace=namespace)
+        return None if obj is None else object_data(obj)
+
+    return lookup
+
+
 def values_lookup(kube: KubeClient) -> ValuesLookup:
     """valuesFrom reads ConfigMaps and Secrets from the cluster, as Flux does."""
+    data = data_lookup(kube)
 
     async def lookup(ref: ValuesReference) -> str | None:
-        obj = await kube.get("v1", ref.kind, ref.name, namespace=ref.namespace)
-        if obj is None:
-            return None
-        if ref.kind == "Secret":
-            raw = (obj.get("data") or {}).get(ref.key)
-            return base64.b64decode(raw).decode() if raw is not None else None
-        value = (obj.get("data") or {}).get(ref.key)
-        return str(value) if value is not None else None
+        found = await data(ref.kind, ref.namespace, ref.name)
+        return None if found is None else found.get(ref.key)
 
     return lookup
 
@@ -162,7 +171,12 @@ def build_renderer(
 ) -> Renderer:
     """A renderer of the checkout (or of `root`, a past revision exported from it)."""
     return Renderer.of_tree(
-        root or resolved.checkout.path, tree, helm, values_lookup=values_lookup(kube)
+        root or resolved.checkout.path,
+        tree,
+        helm,
+        values_lookup=values_lookup(kube),
+        data_lookup=data_lookup(kube),
+        config_url=resolved.checkout.url,
     )
 
 
@@ -176,10 +190,11 @@ def past_renders(resolved: ResolvedTarget, kube: KubeClient, helm: HelmCLI) -> R
                 export_tree, resolved.checkout.path, revision, Path(scratch)
             )
             tree = discover(root, resolved.env_path)
+            renderer = build_renderer(resolved, tree, kube, helm, root=root)
+            await renderer.expand(tree)
             source = next((a for a in tree.apps if a.name == app), None)
             if source is None:
                 raise RenderError(f"app {app} is not in revision {revision[:12]}")
-            renderer = build_renderer(resolved, tree, kube, helm, root=root)
             return await renderer.render(source)
 
     return render_past

@@ -29,10 +29,16 @@ from conveyor.config.helmrelease import (
 from conveyor.config.validation import json_compatible
 from conveyor.paths import charts_cache
 from conveyor.render.charts import ChartResolver, ResolvedChart
-from conveyor.render.discover import AppSource, EnvironmentTree, checked_document
+from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import Document, RenderError
+from conveyor.render.flux_kustomization import (
+    BuildContext,
+    DataLookup,
+    expand,
+    find_object,
+    object_data,
+)
 from conveyor.render.helm import HelmCLI
-from conveyor.render.kustomize import render_kustomization
 
 ValuesLookup = Callable[[ValuesReference], Awaitable[str | None]]
 
@@ -109,15 +115,22 @@ class Renderer:
         kubectl: str = "kubectl",
         drift_default: DriftMode = "enabled",
         offline: bool = False,
+        data_lookup: DataLookup | None = None,
+        config_url: str | None = None,
     ) -> None:
         """`offline`: valuesFrom that `values_lookup` cannot find are left out and noted
-        on the app instead of failing it (a diff rendered without a cluster)."""
+        on the app instead of failing it (a diff rendered without a cluster).
+        `data_lookup` reads ConfigMaps and Secrets of the cluster for a Flux
+        Kustomization's postBuild (None: there is no cluster); `config_url` is the
+        config repo, which a Kustomization's GitRepository may name."""
         self.repo_root = repo_root
         self.charts = charts
         self.values_lookup = values_lookup
         self.kubectl = kubectl
         self.drift_default = drift_default
         self.offline = offline
+        self.data_lookup = data_lookup
+        self.config_url = config_url
 
     @classmethod
     def of_tree(
@@ -128,23 +141,38 @@ class Renderer:
         *,
         values_lookup: ValuesLookup,
         offline: bool = False,
+        data_lookup: DataLookup | None = None,
+        config_url: str | None = None,
     ) -> Renderer:
         """A renderer of `tree` (discovered below `repo_root`) whose charts come from the
         tree's sources and are kept in conveyor's chart cache."""
         charts = ChartResolver(charts_cache(), helm, tree.sources)
         charts.cache_dir.mkdir(parents=True, exist_ok=True)
-        return cls(repo_root, charts=charts, values_lookup=values_lookup, offline=offline)
+        return cls(
+            repo_root,
+            charts=charts,
+            values_lookup=values_lookup,
+            offline=offline,
+            data_lookup=data_lookup,
+            config_url=config_url,
+        )
+
+    async def expand(self, tree: EnvironmentTree) -> None:
+        """Run the tree's kustomize builds, which decide its apps (once per tree)."""
+        context = BuildContext(
+            repo_root=self.repo_root,
+            charts=self.charts,
+            data_lookup=self.data_lookup,
+            kubectl=self.kubectl,
+            config_url=self.config_url,
+        )
+        await expand(tree, context)
 
     async def render(self, app: AppSource) -> RenderedApp:
+        """The app's objects and Helm plan. A kustomize app renders what `expand` built."""
         if app.error is not None:
             raise app.error
-        if app.kind == "kustomize":
-            built = await render_kustomization(
-                self.repo_root / app.path, repo_root=self.repo_root, kubectl=self.kubectl
-            )
-            documents = [checked_document(doc) for doc in built]
-        else:
-            documents = app.documents
+        documents = app.documents
         objects = [doc.obj for doc in documents]
         drift_text = _annotation(documents, "conveyor.dev/drift") or self.drift_default
         if drift_text not in ("enabled", "warn", "disabled"):
@@ -159,9 +187,10 @@ class Renderer:
                 objects=objects,
                 helm=None,
                 fingerprint=fingerprint({"objects": objects}),
-                depends_on=[],
-                suspend=False,
+                depends_on=list(app.depends_on),
+                suspend=app.options.suspend,
                 drift=drift,
+                notes=list(app.notes),
             )
         release_doc = app.helm_release
         try:
@@ -169,7 +198,7 @@ class Renderer:
         except HelmReleaseError as error:
             raise RenderError(str(error), file=release_doc.file, line=release_doc.line) from None
         chart = await self._chart(spec, release_doc)
-        values, notes = await self._values(spec, release_doc)
+        values, notes = await self._values(spec, release_doc, built=app.build_objects)
         plan = HelmPlan(spec=spec, chart=chart, values=values)
         identity = {
             "objects": objects,
@@ -183,10 +212,10 @@ class Renderer:
             objects=objects,
             helm=plan,
             fingerprint=fingerprint(identity),
-            depends_on=spec.depends_on,
+            depends_on=[*app.depends_on, *(d for d in spec.depends_on if d not in app.depends_on)],
             suspend=spec.suspend,
             drift=spec.drift,
-            notes=notes,
+            notes=[*app.notes, *notes],
         )
 
     async def _chart(self, spec: HelmReleaseSpec, doc: Document) -> ResolvedChart:
@@ -198,14 +227,20 @@ class Renderer:
             raise RenderError(error.detail, file=doc.file, line=doc.line) from None
 
     async def _values(
-        self, spec: HelmReleaseSpec, doc: Document
+        self, spec: HelmReleaseSpec, doc: Document, *, built: list[Document]
     ) -> tuple[dict[str, Any], list[str]]:
+        """`built`: the objects of the kustomize build the release came from, which
+        hold its ConfigMaps and Secrets before the cluster does."""
         values: dict[str, Any] = {}
         notes = [
             f"{unread} is not supported; rendered without it" for unread in spec.unread_values_from
         ]
         for ref in spec.values_from:
-            text = await self.values_lookup(ref)
+            in_build = find_object(built, ref.kind, ref.namespace, ref.name)
+            if in_build is not None:
+                text = object_data(in_build.obj).get(ref.key)
+            else:
+                text = await self.values_lookup(ref)
             if text is None:
                 if ref.optional:
                     continue
