@@ -98,6 +98,9 @@ class _Builder:
         self.tree = tree
         self.context = context
         self.root = context.repo_root.resolve()
+        # Kustomizations in the environment's folder: one a build holds too is the same
+        # object (Flux applies it twice, to the same effect), not a second app.
+        self.top_level = {_identity(a) for a in tree.apps} - {None}
 
     async def app(self, app: AppSource, *, chain: tuple[str, ...]) -> list[AppSource]:
         if app.kind != "kustomize" or app.error is not None:
@@ -126,9 +129,6 @@ class _Builder:
         except KustomizationError as invalid:
             raise error(str(invalid)) from None
         spec = kustomization.spec
-        identity = f"{kustomization.namespace}/{kustomization.metadata.name}"
-        if identity in chain:
-            raise error(f"builds itself: {' → '.join([*chain, identity])}")
         app.depends_on = [*app.depends_on, *(app_name(d.name) for d in spec.depends_on or [])]
         app.options = _options(kustomization)
         app.health_apps = [
@@ -145,7 +145,11 @@ class _Builder:
             raise error(f"spec.path {spec.path!r} does not exist in {origin}")
         if source_root == self.root:
             app.path = str(target.relative_to(self.root)) or "."
-        documents = await self._build(target, spec=kustomization, shown_as=origin)
+        try:
+            documents = await self._build(target, spec=kustomization, shown_as=origin)
+        except RenderError as failed:
+            # Named by the Kustomization that asked for the build, like any of its errors.
+            raise error(f"{failed.file or spec.path}: {failed.detail}") from None
         return await self._post_build(app, kustomization, doc, documents)
 
     async def _source_root(
@@ -308,8 +312,15 @@ class _Builder:
         for child in children:
             child.build_objects = plain
         identity = _identity(app)
+        inside = (*chain, identity) if identity else chain
+        for kustomization in nested:
+            if _identity(kustomization) in inside:
+                raise RenderError(
+                    f"Kustomization {kustomization.name} builds itself: "
+                    f"{' → '.join([*inside, str(_identity(kustomization))])}"
+                )
         followed = await asyncio.gather(
-            *(self.app(k, chain=(*chain, identity) if identity else chain) for k in nested)
+            *(self.app(k, chain=inside) for k in nested if _identity(k) not in self.top_level)
         )
         return [app, *children, *(a for apps in followed for a in apps)]
 
