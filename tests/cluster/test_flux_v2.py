@@ -338,3 +338,64 @@ def test_offline_diff_shows_kustomization_built_releases_as_chart_objects(
     assert f"update Deployment {namespaces['staging']}/podinfo" in text
     assert "-  replicas: 1\n+  replicas: 4\n" in text
     assert "HelmRelease" not in text  # rendered by helm, never shown as a Flux object
+
+
+def config_map(name: str, namespace: str, value: str, *, immutable: bool = False) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": namespace},
+            "data": {"value": value},
+            **({"immutable": True} if immutable else {}),
+        }
+    )
+
+
+def test_prune_suspend_and_force_as_flux_means_them(
+    sandbox: SandboxHandle, repo: ConfigRepo, namespace: str
+) -> None:
+    env = "clusters/fields"
+    for name, spec in (
+        ("keep", {"prune": False}),
+        ("tidy", {"prune": True}),
+        ("forced", {"force": True}),
+        ("strict", {"force": False}),
+    ):
+        repo.write(f"{env}/{name}.yaml", kustomization(name, f"./{name}", **spec))
+        immutable = name in ("forced", "strict")
+        repo.write(f"{name}/a.yaml", config_map(f"{name}-a", namespace, "1", immutable=immutable))
+        repo.write(f"{name}/b.yaml", config_map(f"{name}-b", namespace, "1"))
+    repo.write(f"{env}/held.yaml", kustomization("held", "./held", suspend=True))
+    repo.write("held/a.yaml", config_map("held-a", namespace, "1"))
+    repo.commit("first")
+    code, report = reconcile_json(sandbox, repo, env)
+    apps = by_name(report)
+    assert apps["held"]["reason"] == "Suspended"
+    assert kubectl_json(sandbox, "get", "configmap", "held-a", "-n", namespace) is None
+    assert all(apps[n]["ready"] for n in ("keep", "tidy", "forced", "strict")), report
+    assert code == 1  # the suspended app is not Ready
+
+    for name in ("keep", "tidy", "forced", "strict"):
+        repo.remove(f"{name}/b.yaml")
+        immutable = name in ("forced", "strict")
+        repo.write(f"{name}/a.yaml", config_map(f"{name}-a", namespace, "2", immutable=immutable))
+    repo.commit("second")
+    code, report = reconcile_json(sandbox, repo, env)
+    apps = by_name(report)
+
+    def live(name: str) -> dict[str, Any] | None:
+        return kubectl_json(sandbox, "get", "configmap", name, "-n", namespace)
+
+    # prune: false leaves what left the build; prune: true deletes it.
+    assert live("keep-b") is not None
+    assert live("tidy-b") is None
+    # force: true recreates an object whose immutable fields changed; without it the
+    # apply fails and says why.
+    forced = live("forced-a")
+    assert forced is not None and forced["data"] == {"value": "2"}
+    assert apps["forced"]["ready"]
+    assert not apps["strict"]["ready"]
+    assert "immutable" in apps["strict"]["message"]
+    strict = live("strict-a")
+    assert strict is not None and strict["data"] == {"value": "1"}

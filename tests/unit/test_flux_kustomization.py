@@ -620,3 +620,35 @@ def test_secret_values_from_post_build_never_appear_in_an_error(tmp_path: Path) 
     assert found["web"].error is not None
     assert value not in str(found["web"].error)
     assert base64.b64encode(value.encode()).decode() not in str(found["web"].error)
+
+
+def test_wait_health_checks_and_timeout_decide_what_makes_the_app_ready(tmp_path: Path) -> None:
+    from conveyor.cluster.objects import ObjectRef
+    from conveyor.reconcile.actions.verify import watched
+
+    overlay_objects(tmp_path)  # apps/web: a Deployment and a ConfigMap
+    checks = [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "namespace": "default"}
+    ]
+    write(
+        tmp_path,
+        "env/web.yaml",
+        kustomization("web", "./apps/web", timeout="2m", healthChecks=checks),
+    )
+    write(tmp_path, "env/all.yaml", kustomization("all", "./apps/web", wait=True))
+    write(tmp_path, "env/none.yaml", kustomization("none", "./apps/web"))
+    tree = expanded(tmp_path, "env")
+    rendered = rendered_apps(tree)
+    desired = []
+    for doc in apps(tree)["web"].documents:
+        desired.append((ObjectRef.of(doc.obj), doc.obj))
+    by_app = {
+        name: watched(app, desired)
+        for name, app in rendered.items()
+        if isinstance(app, RenderedApp)
+    }
+    assert [ref.kind for ref, _ in by_app["web"]] == ["Deployment"]  # only its health check
+    assert len(by_app["all"]) == 2  # wait: true waits for everything
+    assert by_app["none"] == []  # Flux's default: Ready once applied
+    assert apps(tree)["web"].options.timeout_seconds == 120.0
+    assert apps(tree)["all"].options.timeout_seconds is None
