@@ -1,9 +1,11 @@
 """Find the apps in an environment folder, in the layouts the teams already use.
 
 An app is one HelmRelease (with the other objects of its file, such as its Namespace),
-one kustomization directory, or one folder of plain manifests. Objects that only
-configure Flux itself are recognised and kept aside: sources are used to resolve
-charts, the rest (Flux Kustomizations, image automation) is never applied blindly.
+one kustomization directory, one Flux Kustomization, or one folder of plain manifests.
+Objects that only configure Flux itself are recognised and kept aside: sources are used
+to resolve charts, Kustomizations are built (render/flux_kustomization.py, which also
+finds the HelmReleases inside kustomize builds), the rest (image automation) is never
+applied. Flux's own installation (`flux-system/` with gotk-*.yaml) is not an app.
 
 A file that cannot be read becomes an app in error, named after the file, so that one
 broken file affects only that app. So does an object without the shape conveyor relies
