@@ -399,3 +399,53 @@ def test_prune_suspend_and_force_as_flux_means_them(
     assert "immutable" in apps["strict"]["message"]
     strict = live("strict-a")
     assert strict is not None and strict["data"] == {"value": "1"}
+
+
+def test_depends_on_across_kinds(
+    sandbox: SandboxHandle, repo: ConfigRepo, oci_charts: str, namespace: str
+) -> None:
+    """A HelmRelease waits for a Kustomization and a Kustomization for a HelmRelease
+    (fluxcd/flux2#3364): one name space of apps, whatever made them."""
+    env = "clusters/kinds"
+    repo.write(f"{env}/infra.yaml", kustomization("infra", "./infra-missing"))
+    repo.write(
+        f"{env}/api.yaml",
+        f"""
+        apiVersion: source.toolkit.fluxcd.io/v1
+        kind: HelmRepository
+        metadata: {{name: charts, namespace: {namespace}}}
+        spec: {{type: oci, url: "{oci_charts}"}}
+        ---
+        apiVersion: helm.toolkit.fluxcd.io/v2
+        kind: HelmRelease
+        metadata: {{name: api, namespace: {namespace}}}
+        spec:
+          dependsOn: [{{name: infra}}]
+          chart:
+            spec:
+              chart: service
+              version: 0.1.0
+              sourceRef: {{kind: HelmRepository, name: charts}}
+          values: {{image: {{repository: registry.local/api}}}}
+        """,
+    )
+    repo.write(f"{env}/late.yaml", kustomization("late", "./late", dependsOn=[{"name": "api"}]))
+    repo.write("late/config.yaml", config_map("late", namespace, "1"))
+    repo.write("infra/config.yaml", config_map("infra", namespace, "1"))
+    repo.commit("infra broken")
+    code, report = reconcile_json(sandbox, repo, env)
+    assert code == 1
+    apps = by_name(report)
+    assert apps["infra"]["reason"] == "RenderFailed"
+    assert apps["api"]["reason"] == "DependencyNotReady"
+    assert apps["late"]["reason"] == "DependencyNotReady"
+    releases = json.loads(sandbox.run("helm", "list", "-n", namespace, "-o", "json").stdout)
+    assert releases == []
+    assert kubectl_json(sandbox, "get", "configmap", "late", "-n", namespace) is None
+
+    repo.write(f"{env}/infra.yaml", kustomization("infra", "./infra"))
+    repo.commit("infra fixed")
+    code, report = reconcile_json(sandbox, repo, env)
+    assert code == 0, report
+    assert all(app["ready"] for app in by_name(report).values())
+    assert kubectl_json(sandbox, "get", "configmap", "late", "-n", namespace) is not None

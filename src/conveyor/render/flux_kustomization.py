@@ -66,6 +66,7 @@ from conveyor.render.substitute import check_variable_names, substitute_document
 ORIGIN_ANNOTATION = "config.kubernetes.io/origin"
 # Flux objects a Kustomization's healthChecks may name: conveyor's apps, not objects.
 APP_KINDS = {"HelmRelease", "Kustomization"}
+BUILD_CONCURRENCY = 8
 
 DataLookup = Callable[[Literal["ConfigMap", "Secret"], str, str], Awaitable[dict[str, str] | None]]
 """The data of a ConfigMap or Secret (kind, namespace, name) in the cluster, decoded;
@@ -101,6 +102,9 @@ class _Builder:
         # Kustomizations in the environment's folder: one a build holds too is the same
         # object (Flux applies it twice, to the same effect), not a second app.
         self.top_level = {_identity(a) for a in tree.apps} - {None}
+        # kubectl processes at once: a repository of a hundred Kustomizations must not
+        # start a hundred builds on a small node.
+        self.slots = asyncio.Semaphore(BUILD_CONCURRENCY)
 
     async def app(self, app: AppSource, *, chain: tuple[str, ...]) -> list[AppSource]:
         if app.kind != "kustomize" or app.error is not None:
@@ -244,12 +248,13 @@ class _Builder:
             kustomization = _overlay(overlay, resource, target, spec)
             (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
             shown = str(target.relative_to(self.root)) if target.is_relative_to(self.root) else ""
-            built = await kustomize_build(
-                overlay,
-                shown_as=shown or shown_as,
-                hide=[f"{scratch}/overlay/", f"{self.root}/", f"{scratch}/"],
-                kubectl=self.context.kubectl,
-            )
+            async with self.slots:
+                built = await kustomize_build(
+                    overlay,
+                    shown_as=shown or shown_as,
+                    hide=[f"{scratch}/overlay/", f"{self.root}/", f"{scratch}/"],
+                    kubectl=self.context.kubectl,
+                )
             return [self._located(obj, overlay, copied, shown or shown_as) for obj in built]
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -274,7 +279,9 @@ class _Builder:
         found = copied.get(found, found)
         if not found.is_relative_to(self.root) or not found.is_file():
             return Document(obj=obj, file=fallback, line=0)
-        return Document(obj=obj, file=str(found.relative_to(self.root)), line=_line_of(found, obj))
+        return Document(
+            obj=obj, file=str(found.relative_to(self.root)), line=_line_of(found, self.root, obj)
+        )
 
     # -- what a build holds --------------------------------------------------------------
 
@@ -438,11 +445,12 @@ def _generate(target: Path, generated: Path, copied: dict[Path, Path]) -> Path:
     return generated
 
 
-def _line_of(path: Path, obj: dict[str, Any]) -> int:
-    """The line of the document in `path` that `obj` was built from (its kind, and its
-    name before a prefix or suffix), or 0."""
+def _line_of(path: Path, root: Path, obj: dict[str, Any]) -> int:
+    """The line of the document in `path` (a file below `root`) that `obj` was built
+    from (its kind, and its name before a prefix or suffix), or 0."""
     try:
-        documents = load_documents(path, relative_to=path.parent)
+        # Relative to the root, as discover reads it: the parsed file is shared.
+        documents = load_documents(path, relative_to=root)
     except RenderError:
         return 0
     name = str((obj.get("metadata") or {}).get("name", ""))
