@@ -16,7 +16,14 @@ import pytest
 import yaml
 
 from conveyor.source.git import run_git
-from tests.cluster.gitops import CHART, ConfigRepo, by_name, kubectl_json, reconcile_json
+from tests.cluster.gitops import (
+    CHART,
+    ConfigRepo,
+    by_name,
+    conveyor,
+    kubectl_json,
+    reconcile_json,
+)
 from tests.conftest import SandboxHandle
 
 pytestmark = pytest.mark.cluster
@@ -186,6 +193,15 @@ def test_official_example_shape_installs_each_environment_with_helm(
         sandbox.run("helm", "history", "podinfo", "-n", namespaces["staging"], "-o", "json").stdout
     )
     assert len(history) == 1
+    # `conveyor diff` against the cluster shows the chart's objects, not a HelmRelease.
+    overlay = repo.work / "apps/staging/kustomization.yaml"
+    overlay.write_text(overlay.read_text().replace("value: 1\n", "value: 5\n"))
+    repo.commit("5 replicas")
+    diff = conveyor(sandbox, "diff", "--repo", repo.url, "--path", "clusters/staging")
+    assert diff.returncode == 1, diff.stdout + diff.stderr
+    assert f"Deployment {namespaces['staging']}/podinfo" in diff.stdout
+    assert "+  replicas: 5" in diff.stdout
+    assert "HelmRelease" not in diff.stdout
 
 
 def test_nested_kustomizations_with_depends_on_and_substitute_from(
