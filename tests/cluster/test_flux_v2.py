@@ -465,3 +465,69 @@ def test_depends_on_across_kinds(
     assert code == 0, report
     assert all(app["ready"] for app in by_name(report).values())
     assert kubectl_json(sandbox, "get", "configmap", "late", "-n", namespace) is not None
+
+
+def test_release_in_a_build_with_chart_ref_post_renderers_and_target_path(
+    sandbox: SandboxHandle, repo: ConfigRepo, oci_charts: str, namespace: str
+) -> None:
+    env = "clusters/v2fields"
+    repo.write(f"{env}/apps.yaml", kustomization("apps", "./api", targetNamespace=namespace))
+    repo.write(
+        "api/chart.yaml",
+        f"""
+        apiVersion: source.toolkit.fluxcd.io/v1beta2
+        kind: OCIRepository
+        metadata: {{name: service-chart}}
+        spec:
+          url: {oci_charts}/service
+          ref: {{tag: 0.1.0}}
+        ---
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {{name: api-tag}}
+        data: {{tag: "2.0.0"}}
+        """,
+    )
+    repo.write(
+        "api/release.yaml",
+        """
+        apiVersion: helm.toolkit.fluxcd.io/v2
+        kind: HelmRelease
+        metadata: {name: api}
+        spec:
+          chartRef: {kind: OCIRepository, name: service-chart}
+          valuesFrom:
+            - kind: ConfigMap
+              name: api-tag
+              valuesKey: tag
+              targetPath: image.tag
+          values:
+            image: {repository: registry.local/api}
+          postRenderers:
+            - kustomize:
+                patches:
+                  - target: {kind: Deployment, name: api}
+                    patch: |
+                      - op: add
+                        path: /metadata/labels/patched
+                        value: by-flux-post-renderer
+                images:
+                  - name: registry.local/api
+                    newName: registry.local/api-mirror
+        """,
+    )
+    repo.commit()
+    code, report = reconcile_json(sandbox, repo, env)
+    assert code == 0, report
+    assert set(by_name(report)) == {"apps", "api"}
+    assert helm_values(sandbox, "api", namespace)["image"] == {
+        "repository": "registry.local/api",
+        "tag": "2.0.0",  # from the ConfigMap of the build, at its targetPath
+    }
+    live = kubectl_json(sandbox, "get", "deployment", "api", "-n", namespace)
+    assert live is not None
+    assert live["metadata"]["labels"]["patched"] == "by-flux-post-renderer"
+    image = live["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "registry.local/api-mirror:2.0.0"
+    manifest = sandbox.run("helm", "get", "manifest", "api", "-n", namespace).stdout
+    assert "by-flux-post-renderer" in manifest  # in the release itself, not patched after

@@ -652,3 +652,47 @@ def test_wait_health_checks_and_timeout_decide_what_makes_the_app_ready(tmp_path
     assert by_app["none"] == []  # Flux's default: Ready once applied
     assert apps(tree)["web"].options.timeout_seconds == 120.0
     assert apps(tree)["all"].options.timeout_seconds is None
+
+
+def test_post_renderers_patch_a_charts_manifests_in_order(tmp_path: Path) -> None:
+    from conveyor.config.helmrelease import parse_helmrelease
+    from conveyor.render.postrender import post_render, write_stages
+
+    spec = parse_helmrelease(
+        {
+            "apiVersion": "helm.toolkit.fluxcd.io/v2",
+            "kind": "HelmRelease",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "chart": {
+                    "spec": {"chart": "c", "sourceRef": {"kind": "HelmRepository", "name": "r"}}
+                },
+                "postRenderers": [
+                    {"kustomize": {"images": [{"name": "web", "newTag": "2"}]}},
+                    {
+                        "kustomize": {
+                            "patches": [
+                                {
+                                    "target": {"kind": "ConfigMap"},
+                                    "patch": "- op: add\n  path: /data/b\n  value: '2'\n",
+                                }
+                            ]
+                        }
+                    },
+                ],
+            },
+        }
+    )
+    assert len(spec.post_renderers) == 2
+    write_stages(tmp_path / "stages", spec.post_renderers)
+    manifests = (
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: '1'}\n---\n"
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+        "spec: {containers: [{name: m, image: web:1}]}\n"
+    )
+    import yaml
+
+    out = list(yaml.safe_load_all(asyncio.run(post_render(tmp_path / "stages", manifests))))
+    by = {o["kind"]: o for o in out}
+    assert by["ConfigMap"]["data"] == {"a": "1", "b": "2"}
+    assert by["Pod"]["spec"]["containers"][0]["image"] == "web:2"

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from conveyor.config.helmrelease import Duration
+from conveyor.config.helmrelease import Duration, Image, Patch
 from conveyor.config.manifest import ObjectMeta
 from conveyor.config.validation import FileModel, ObjectName, Text, describe
 from conveyor.errors import ConveyorError
@@ -42,28 +42,6 @@ class KustomizationSourceRef(FileModel):
 class Dependency(FileModel):
     name: ObjectName
     namespace: ObjectName | None = None
-
-
-class PatchTarget(FileModel):
-    group: Text | None = None
-    version: Text | None = None
-    kind: Text | None = None
-    name: Text | None = None
-    namespace: Text | None = None
-    label_selector: Text | None = None
-    annotation_selector: Text | None = None
-
-
-class Patch(FileModel):
-    patch: str  # a strategic merge patch or a JSON 6902 patch, as YAML text
-    target: PatchTarget | None = None
-
-
-class Image(FileModel):
-    name: Text
-    new_name: Text | None = None
-    new_tag: Text | None = None
-    digest: Text | None = None
 
 
 class CommonMetadata(FileModel):

@@ -38,7 +38,11 @@ async def helm_objects(rendered: RenderedApp, helm: HelmCLI) -> list[Obj]:
         return []
     spec = rendered.helm.spec
     manifest = await helm.template(
-        spec.release_name, spec.target_namespace, rendered.helm.chart.path, rendered.helm.values
+        spec.release_name,
+        spec.target_namespace,
+        rendered.helm.chart.path,
+        rendered.helm.values,
+        post_renderers=spec.post_renderers,
     )
     return namespaced(parse_manifest(manifest), spec.target_namespace)
 

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import yaml
 
 from conveyor.cluster.ownership import normalise_repository_url
-from conveyor.config.helmrelease import is_helmrelease
+from conveyor.config.helmrelease import is_helmrelease, kustomize_fields
 from conveyor.config.kustomization import (
     FLUX_SYSTEM,
     FluxKustomization,
@@ -399,19 +399,11 @@ def _overlay(
         kustomization["components"] = [
             os.path.relpath((target / c).resolve(), overlay) for c in fields.components
         ]
-    patches: list[dict[str, Any]] = [
-        {"patch": yaml.safe_dump(p)} for p in fields.patches_strategic_merge or []
-    ]
-    for patch in fields.patches or []:
-        entry: dict[str, Any] = {"patch": patch.patch}
-        if patch.target is not None:
-            entry["target"] = patch.target.model_dump(by_alias=True, exclude_none=True)
-        patches.append(entry)
-    if patches:
-        kustomization["patches"] = patches
-    if fields.images:
-        kustomization["images"] = [
-            image.model_dump(by_alias=True, exclude_none=True) for image in fields.images
+    kustomization.update(kustomize_fields(fields.patches, fields.images))
+    if fields.patches_strategic_merge:
+        kustomization["patches"] = [
+            *({"patch": yaml.safe_dump(p)} for p in fields.patches_strategic_merge),
+            *kustomization.get("patches", []),
         ]
     return kustomization
 

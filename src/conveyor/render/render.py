@@ -206,6 +206,7 @@ class Renderer:
             "values": values,
             "release": spec.release_name,
             "namespace": spec.target_namespace,
+            **({"postRenderers": spec.post_renderers} if spec.post_renderers else {}),
         }
         return RenderedApp(
             source=app,

@@ -89,6 +89,7 @@ async def _upgrade_release(
                 timeout=spec.timeout_seconds,
                 description=f"conveyor {ctx.revision[:12]}",
                 labels=ctx.identity.labels(),
+                post_renderers=spec.post_renderers,
             )
         except HelmError as error:
             if "another operation" in error.message:
