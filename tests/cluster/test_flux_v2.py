@@ -21,6 +21,7 @@ from tests.cluster.gitops import (
     ConfigRepo,
     by_name,
     conveyor,
+    flux_kustomization,
     kubectl_json,
     reconcile_json,
 )
@@ -54,30 +55,11 @@ def oci_charts(sandbox: SandboxHandle, tmp_path_factory: pytest.TempPathFactory)
     return registry
 
 
-def kustomization(name: str, path: str | None, **spec: Any) -> str:
-    body: dict[str, Any] = {
-        "interval": "10m",
-        "prune": True,
-        "sourceRef": {"kind": "GitRepository", "name": "flux-system"},
-        **spec,
-    }
-    if path is not None:
-        body["path"] = path
-    return yaml.safe_dump(
-        {
-            "apiVersion": "kustomize.toolkit.fluxcd.io/v1",
-            "kind": "Kustomization",
-            "metadata": {"name": name, "namespace": "flux-system"},
-            "spec": body,
-        }
-    )
-
-
 def example_repo(repo: ConfigRepo, registry: str, namespaces: dict[str, str]) -> None:
     """fluxcd/flux2-kustomize-helm-example's shape, with our chart: clusters/<env> holds
     Flux's installation and a Kustomization of apps/<env>, an overlay of apps/base."""
     for env, replicas in (("staging", 1), ("production", 2)):
-        repo.write(f"clusters/{env}/apps.yaml", kustomization("apps", f"./apps/{env}"))
+        repo.write(f"clusters/{env}/apps.yaml", flux_kustomization("apps", f"./apps/{env}"))
         repo.write(
             f"clusters/{env}/flux-system/kustomization.yaml",
             "resources: [gotk-components.yaml, gotk-sync.yaml]\n",
@@ -102,7 +84,7 @@ def example_repo(repo: ConfigRepo, registry: str, namespaces: dict[str, str]) ->
         )
         repo.write(
             f"clusters/{env}/flux-system/gotk-sync.yaml",
-            kustomization("flux-system", f"./clusters/{env}"),
+            flux_kustomization("flux-system", f"./clusters/{env}"),
         )
         repo.write(
             f"apps/{env}/kustomization.yaml",
@@ -220,16 +202,16 @@ def test_nested_kustomizations_with_depends_on_and_substitute_from(
     env = "clusters/nested"
     repo.write(
         f"{env}/infrastructure.yaml",
-        kustomization("infrastructure", "./infrastructure"),
+        flux_kustomization("infrastructure", "./infrastructure"),
     )
     repo.write("infrastructure/kustomization.yaml", "resources: [sources.yaml, apps.yaml]\n")
     repo.write(
         "infrastructure/sources.yaml",
-        kustomization("sources", "./sources", targetNamespace=namespace),
+        flux_kustomization("sources", "./sources", targetNamespace=namespace),
     )
     repo.write(
         "infrastructure/apps.yaml",
-        kustomization(
+        flux_kustomization(
             "web-apps",
             "./web",
             targetNamespace=namespace,
@@ -290,14 +272,16 @@ def test_broken_kustomizations_stall_only_their_app_with_file_and_line(
         "good/config.yaml",
         f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: good, namespace: {namespace}}}\n",
     )
-    repo.write(f"{env}/good.yaml", kustomization("good", "./good"))
-    repo.write(f"{env}/nopath.yaml", kustomization("nopath", "./not-there"))
+    repo.write(f"{env}/good.yaml", flux_kustomization("good", "./good"))
+    repo.write(f"{env}/nopath.yaml", flux_kustomization("nopath", "./not-there"))
     repo.write(
         f"{env}/unknown.yaml",
-        kustomization("unknown", "./good", sourceRef={"kind": "GitRepository", "name": "other"}),
+        flux_kustomization(
+            "unknown", "./good", sourceRef={"kind": "GitRepository", "name": "other"}
+        ),
     )
-    repo.write(f"{env}/a.yaml", kustomization("a", "./good", dependsOn=[{"name": "b"}]))
-    repo.write(f"{env}/b.yaml", kustomization("b", "./good", dependsOn=[{"name": "a"}]))
+    repo.write(f"{env}/a.yaml", flux_kustomization("a", "./good", dependsOn=[{"name": "b"}]))
+    repo.write(f"{env}/b.yaml", flux_kustomization("b", "./good", dependsOn=[{"name": "a"}]))
     repo.commit()
     code, report = reconcile_json(sandbox, repo, env)
     assert code == 1
@@ -378,11 +362,11 @@ def test_prune_suspend_and_force_as_flux_means_them(
         ("forced", {"force": True}),
         ("strict", {"force": False}),
     ):
-        repo.write(f"{env}/{name}.yaml", kustomization(name, f"./{name}", **spec))
+        repo.write(f"{env}/{name}.yaml", flux_kustomization(name, f"./{name}", **spec))
         immutable = name in ("forced", "strict")
         repo.write(f"{name}/a.yaml", config_map(f"{name}-a", namespace, "1", immutable=immutable))
         repo.write(f"{name}/b.yaml", config_map(f"{name}-b", namespace, "1"))
-    repo.write(f"{env}/held.yaml", kustomization("held", "./held", suspend=True))
+    repo.write(f"{env}/held.yaml", flux_kustomization("held", "./held", suspend=True))
     repo.write("held/a.yaml", config_map("held-a", namespace, "1"))
     repo.commit("first")
     code, report = reconcile_json(sandbox, repo, env)
@@ -423,7 +407,7 @@ def test_depends_on_across_kinds(
     """A HelmRelease waits for a Kustomization and a Kustomization for a HelmRelease
     (fluxcd/flux2#3364): one name space of apps, whatever made them."""
     env = "clusters/kinds"
-    repo.write(f"{env}/infra.yaml", kustomization("infra", "./infra-missing"))
+    repo.write(f"{env}/infra.yaml", flux_kustomization("infra", "./infra-missing"))
     repo.write(
         f"{env}/api.yaml",
         f"""
@@ -445,7 +429,9 @@ def test_depends_on_across_kinds(
           values: {{image: {{repository: registry.local/api}}}}
         """,
     )
-    repo.write(f"{env}/late.yaml", kustomization("late", "./late", dependsOn=[{"name": "api"}]))
+    repo.write(
+        f"{env}/late.yaml", flux_kustomization("late", "./late", dependsOn=[{"name": "api"}])
+    )
     repo.write("late/config.yaml", config_map("late", namespace, "1"))
     repo.write("infra/config.yaml", config_map("infra", namespace, "1"))
     repo.commit("infra broken")
@@ -459,7 +445,7 @@ def test_depends_on_across_kinds(
     assert releases == []
     assert kubectl_json(sandbox, "get", "configmap", "late", "-n", namespace) is None
 
-    repo.write(f"{env}/infra.yaml", kustomization("infra", "./infra"))
+    repo.write(f"{env}/infra.yaml", flux_kustomization("infra", "./infra"))
     repo.commit("infra fixed")
     code, report = reconcile_json(sandbox, repo, env)
     assert code == 0, report
@@ -471,7 +457,7 @@ def test_release_in_a_build_with_chart_ref_post_renderers_and_target_path(
     sandbox: SandboxHandle, repo: ConfigRepo, oci_charts: str, namespace: str
 ) -> None:
     env = "clusters/v2fields"
-    repo.write(f"{env}/apps.yaml", kustomization("apps", "./api", targetNamespace=namespace))
+    repo.write(f"{env}/apps.yaml", flux_kustomization("apps", "./api", targetNamespace=namespace))
     repo.write(
         "api/chart.yaml",
         f"""

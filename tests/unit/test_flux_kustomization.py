@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from conveyor.render.charts import ChartResolver
 from conveyor.render.dependencies import resolve_dependencies
@@ -23,6 +24,7 @@ from conveyor.render.flux_kustomization import BuildContext, expand
 from conveyor.render.helm import HelmCLI
 from conveyor.render.render import RenderedApp, Renderer
 from conveyor.render.substitute import substitute_text
+from tests.cluster.gitops import chart_repo, flux_kustomization
 
 
 def write(root: Path, path: str, text: str) -> None:
@@ -31,31 +33,10 @@ def write(root: Path, path: str, text: str) -> None:
     target.write_text(textwrap.dedent(text).lstrip())
 
 
-def kustomization(name: str, path: str | None, **spec: Any) -> str:
-    import yaml
-
-    body: dict[str, Any] = {
-        "interval": "10m",
-        "prune": True,
-        "sourceRef": {"kind": "GitRepository", "name": "flux-system"},
-        **spec,
-    }
-    if path is not None:
-        body["path"] = path
-    return yaml.safe_dump(
-        {
-            "apiVersion": "kustomize.toolkit.fluxcd.io/v1",
-            "kind": "Kustomization",
-            "metadata": {"name": name, "namespace": "flux-system"},
-            "spec": body,
-        }
-    )
-
-
 def example_repo(root: Path) -> None:
     """The shape of fluxcd/flux2-kustomize-helm-example: one base, two overlays."""
     for env, replicas in (("staging", 2), ("production", 3)):
-        write(root, f"clusters/{env}/apps.yaml", kustomization("apps", f"./apps/{env}"))
+        write(root, f"clusters/{env}/apps.yaml", flux_kustomization("apps", f"./apps/{env}"))
         write(
             root,
             f"clusters/{env}/flux-system/kustomization.yaml",
@@ -73,7 +54,7 @@ def example_repo(root: Path) -> None:
         write(
             root,
             f"clusters/{env}/flux-system/gotk-sync.yaml",
-            kustomization("flux-system", f"./clusters/{env}"),
+            flux_kustomization("flux-system", f"./clusters/{env}"),
         )
         write(
             root,
@@ -222,7 +203,7 @@ def overlay_objects(tmp_path: Path, **spec: Any) -> list[dict[str, Any]]:
         data: {mode: slow}
         """,
     )
-    write(tmp_path, "env/web.yaml", kustomization("web", "./apps/web", **spec))
+    write(tmp_path, "env/web.yaml", flux_kustomization("web", "./apps/web", **spec))
     found = apps(expanded(tmp_path, "env"))
     app = found["web"]
     assert app.error is None, app.error
@@ -339,7 +320,7 @@ def test_post_build_substitutes_from_the_build_the_cluster_and_defaults(tmp_path
     write(
         tmp_path,
         "clusters/staging/web.yaml",
-        kustomization(
+        flux_kustomization(
             "web",
             "./apps/web",
             postBuild={
@@ -383,7 +364,7 @@ def test_post_build_missing_source_stalls_the_app_and_offline_keeps_the_variable
         """,
     )
     spec = {"postBuild": {"substituteFrom": [{"kind": "Secret", "name": "cluster-secrets"}]}}
-    write(tmp_path, "env/web.yaml", kustomization("web", "./apps/web", **spec))
+    write(tmp_path, "env/web.yaml", flux_kustomization("web", "./apps/web", **spec))
     online = apps(expanded(tmp_path, "env", data={}))["web"]
     assert online.error is not None
     assert str(online.error) == (
@@ -414,7 +395,7 @@ def test_nested_kustomizations_are_followed_with_their_dependencies(tmp_path: Pa
     write(
         tmp_path,
         "env/infra.yaml",
-        kustomization("infrastructure", "./infrastructure"),
+        flux_kustomization("infrastructure", "./infrastructure"),
     )
     write(
         tmp_path,
@@ -424,12 +405,12 @@ def test_nested_kustomizations_are_followed_with_their_dependencies(tmp_path: Pa
     write(
         tmp_path,
         "infrastructure/controllers.yaml",
-        kustomization("controllers", "./apps/base/podinfo"),
+        flux_kustomization("controllers", "./apps/base/podinfo"),
     )
     write(
         tmp_path,
         "infrastructure/configs.yaml",
-        kustomization(
+        flux_kustomization(
             "configs",
             "./configs",
             dependsOn=[{"name": "controllers"}],
@@ -455,7 +436,7 @@ def test_nested_kustomizations_are_followed_with_their_dependencies(tmp_path: Pa
     write(
         tmp_path,
         "env/apps.yaml",
-        kustomization("apps", "./configs", dependsOn=[{"name": "configs"}]),
+        flux_kustomization("apps", "./configs", dependsOn=[{"name": "configs"}]),
     )
     found = apps(expanded(tmp_path, "env"))
     assert set(found) == {"infrastructure", "controllers", "configs", "podinfo", "apps"}
@@ -489,11 +470,15 @@ def test_depends_on_a_kustomization_waits_for_what_it_health_checks(tmp_path: Pa
     write(
         tmp_path,
         "env/a.yaml",
-        kustomization(
+        flux_kustomization(
             "infra", "./configs", healthChecks=[{"kind": "HelmRelease", "name": "ingress"}]
         ),
     )
-    write(tmp_path, "env/b.yaml", kustomization("apps", "./configs", dependsOn=[{"name": "infra"}]))
+    write(
+        tmp_path,
+        "env/b.yaml",
+        flux_kustomization("apps", "./configs", dependsOn=[{"name": "infra"}]),
+    )
     rendered = rendered_apps(expanded(tmp_path, "env"))
     resolve_dependencies(rendered)
     apps_app = rendered["apps"]
@@ -503,9 +488,9 @@ def test_depends_on_a_kustomization_waits_for_what_it_health_checks(tmp_path: Pa
 
 def test_depends_on_cycle_stalls_each_app_of_it_naming_its_file(tmp_path: Path) -> None:
     write(tmp_path, "configs/config.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n")
-    write(tmp_path, "env/a.yaml", kustomization("a", "./configs", dependsOn=[{"name": "b"}]))
-    write(tmp_path, "env/b.yaml", kustomization("b", "./configs", dependsOn=[{"name": "a"}]))
-    write(tmp_path, "env/c.yaml", kustomization("c", "./configs", dependsOn=[{"name": "a"}]))
+    write(tmp_path, "env/a.yaml", flux_kustomization("a", "./configs", dependsOn=[{"name": "b"}]))
+    write(tmp_path, "env/b.yaml", flux_kustomization("b", "./configs", dependsOn=[{"name": "a"}]))
+    write(tmp_path, "env/c.yaml", flux_kustomization("c", "./configs", dependsOn=[{"name": "a"}]))
     rendered = rendered_apps(expanded(tmp_path, "env"))
     resolve_dependencies(rendered)
     assert str(rendered["a"]) == (
@@ -517,19 +502,21 @@ def test_depends_on_cycle_stalls_each_app_of_it_naming_its_file(tmp_path: Path) 
 
 def test_broken_kustomizations_each_stall_only_their_app(tmp_path: Path) -> None:
     write(tmp_path, "configs/config.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n")
-    write(tmp_path, "env/good.yaml", kustomization("good", "./configs"))
-    write(tmp_path, "env/nopath.yaml", kustomization("nopath", None))
-    write(tmp_path, "env/gone.yaml", kustomization("gone", "./nowhere"))
+    write(tmp_path, "env/good.yaml", flux_kustomization("good", "./configs"))
+    write(tmp_path, "env/nopath.yaml", flux_kustomization("nopath", None))
+    write(tmp_path, "env/gone.yaml", flux_kustomization("gone", "./nowhere"))
     write(
         tmp_path,
         "env/unknown.yaml",
-        kustomization("unknown", "./configs", sourceRef={"kind": "GitRepository", "name": "other"}),
+        flux_kustomization(
+            "unknown", "./configs", sourceRef={"kind": "GitRepository", "name": "other"}
+        ),
     )
     write(
         tmp_path,
         "env/oci.yaml",
         "# an OCI source of manifests\n"
-        + kustomization("oci", "./", sourceRef={"kind": "OCIRepository", "name": "manifests"}),
+        + flux_kustomization("oci", "./", sourceRef={"kind": "OCIRepository", "name": "manifests"}),
     )
     write(
         tmp_path,
@@ -541,7 +528,7 @@ def test_broken_kustomizations_each_stall_only_their_app(tmp_path: Path) -> None
         spec: {url: "oci://127.0.0.1:5000/manifests", ref: {tag: latest}}
         """,
     )
-    write(tmp_path, "env/self.yaml", kustomization("self", "./env"))
+    write(tmp_path, "env/self.yaml", flux_kustomization("self", "./env"))
     found = apps(expanded(tmp_path, "env"))
     errors = {name: str(app.error) if app.error else None for name, app in found.items()}
     assert errors["good"] is None
@@ -567,8 +554,6 @@ def test_broken_kustomizations_each_stall_only_their_app(tmp_path: Path) -> None
 
 
 def test_a_kustomization_from_another_git_repository_is_fetched(tmp_path: Path) -> None:
-    from tests.cluster.gitops import chart_repo
-
     url = chart_repo(tmp_path / "remote")  # a repository holding service/ (a chart)
     write(
         tmp_path,
@@ -583,7 +568,7 @@ def test_a_kustomization_from_another_git_repository_is_fetched(tmp_path: Path) 
     write(
         tmp_path,
         "repo/env/shared.yaml",
-        kustomization(
+        flux_kustomization(
             "shared", "./service/templates", sourceRef={"kind": "GitRepository", "name": "shared"}
         ),
     )
@@ -614,7 +599,7 @@ def test_secret_values_from_post_build_never_appear_in_an_error(tmp_path: Path) 
         """,
     )
     spec = {"postBuild": {"substituteFrom": [{"kind": "Secret", "name": "s"}]}}
-    write(tmp_path, "env/web.yaml", kustomization("web", "./apps/web", **spec))
+    write(tmp_path, "env/web.yaml", flux_kustomization("web", "./apps/web", **spec))
     value = "a: [broken"
     found = apps(expanded(tmp_path, "env", data={"Secret/flux-system/s": {"token": value}}))
     assert found["web"].error is not None
@@ -633,10 +618,10 @@ def test_wait_health_checks_and_timeout_decide_what_makes_the_app_ready(tmp_path
     write(
         tmp_path,
         "env/web.yaml",
-        kustomization("web", "./apps/web", timeout="2m", healthChecks=checks),
+        flux_kustomization("web", "./apps/web", timeout="2m", healthChecks=checks),
     )
-    write(tmp_path, "env/all.yaml", kustomization("all", "./apps/web", wait=True))
-    write(tmp_path, "env/none.yaml", kustomization("none", "./apps/web"))
+    write(tmp_path, "env/all.yaml", flux_kustomization("all", "./apps/web", wait=True))
+    write(tmp_path, "env/none.yaml", flux_kustomization("none", "./apps/web"))
     tree = expanded(tmp_path, "env")
     rendered = rendered_apps(tree)
     desired = []
@@ -690,8 +675,6 @@ def test_post_renderers_patch_a_charts_manifests_in_order(tmp_path: Path) -> Non
         "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
         "spec: {containers: [{name: m, image: web:1}]}\n"
     )
-    import yaml
-
     out = list(yaml.safe_load_all(asyncio.run(post_render(tmp_path / "stages", manifests))))
     by = {o["kind"]: o for o in out}
     assert by["ConfigMap"]["data"] == {"a": "1", "b": "2"}
