@@ -280,6 +280,9 @@ def test_broken_kustomizations_stall_only_their_app_with_file_and_line(
             "unknown", "./good", sourceRef={"kind": "GitRepository", "name": "other"}
         ),
     )
+    repo.write(
+        f"{env}/orphan.yaml", flux_kustomization("orphan", "./good", dependsOn=[{"name": "gone"}])
+    )
     repo.write(f"{env}/a.yaml", flux_kustomization("a", "./good", dependsOn=[{"name": "b"}]))
     repo.write(f"{env}/b.yaml", flux_kustomization("b", "./good", dependsOn=[{"name": "a"}]))
     repo.commit()
@@ -297,6 +300,10 @@ def test_broken_kustomizations_stall_only_their_app_with_file_and_line(
     )
     assert messages["a"].startswith(f"{env}/a.yaml:1: dependsOn cycle: a → b → a")
     assert messages["b"].startswith(f"{env}/b.yaml:1: dependsOn cycle: b → a → b")
+    assert apps["orphan"]["reason"] == "DependencyNotFound"
+    assert apps["orphan"]["message"] == (
+        f"{env}/orphan.yaml:1: depends on 'gone', which is not in this environment"
+    )
     assert kubectl_json(sandbox, "get", "configmap", "good", "-n", namespace) is not None
 
 

@@ -88,10 +88,18 @@ async def expand(tree: EnvironmentTree, context: BuildContext) -> None:
     if tree.expanded:
         return
     builder = _Builder(tree, context)
-    expanded = await asyncio.gather(*(builder.app(a, chain=()) for a in tree.apps))
+    expanded = await asyncio.gather(*(builder.app(a, within=_Within()) for a in tree.apps))
     tree.apps = [app for apps in expanded for app in apps]
     tree.expanded = True
     check_unique_names(tree)
+
+
+@dataclass(frozen=True)
+class _Within:
+    """The Kustomizations a build is nested in, and the objects of their builds."""
+
+    chain: tuple[str, ...] = ()  # namespace/name, outermost first
+    objects: tuple[Document, ...] = ()
 
 
 class _Builder:
@@ -106,15 +114,15 @@ class _Builder:
         # start a hundred builds on a small node.
         self.slots = asyncio.Semaphore(BUILD_CONCURRENCY)
 
-    async def app(self, app: AppSource, *, chain: tuple[str, ...]) -> list[AppSource]:
+    async def app(self, app: AppSource, *, within: _Within) -> list[AppSource]:
         if app.kind != "kustomize" or app.error is not None:
             return [app]
         try:
             if app.kustomization is not None:
-                documents = await self._flux_build(app, app.kustomization, chain=chain)
+                documents = await self._flux_build(app, app.kustomization, within=within)
             else:
                 documents = await self._build(self.root / app.path, spec=None)
-            return await self._split(app, documents, chain=chain)
+            return await self._split(app, documents, within=within)
         except RenderError as error:
             file, line = app.where()
             app.error = error if error.file else RenderError(error.detail, file=file, line=line)
@@ -123,7 +131,7 @@ class _Builder:
     # -- a Flux Kustomization ------------------------------------------------------------
 
     async def _flux_build(
-        self, app: AppSource, doc: Document, *, chain: tuple[str, ...]
+        self, app: AppSource, doc: Document, *, within: _Within
     ) -> list[Document]:
         def error(message: str) -> RenderError:
             return RenderError(f"Kustomization {doc.name}: {message}", file=doc.file, line=doc.line)
@@ -154,7 +162,7 @@ class _Builder:
         except RenderError as failed:
             # Named by the Kustomization that asked for the build, like any of its errors.
             raise error(f"{failed.file or spec.path}: {failed.detail}") from None
-        return await self._post_build(app, kustomization, doc, documents)
+        return await self._post_build(app, kustomization, doc, documents, within=within)
 
     async def _source_root(
         self, kustomization: FluxKustomization, error: Callable[[str], RenderError]
@@ -193,6 +201,8 @@ class _Builder:
         kustomization: FluxKustomization,
         doc: Document,
         documents: list[Document],
+        *,
+        within: _Within,
     ) -> list[Document]:
         """What kustomize-controller does to a build before applying it."""
         post_build = kustomization.spec.post_build
@@ -201,7 +211,7 @@ class _Builder:
         variables: dict[str, str] = {}
         unavailable = False
         for ref in post_build.substitute_from or []:
-            data = await self._data(ref.kind, kustomization.namespace, ref.name)
+            data = await self._data(ref.kind, kustomization.namespace, ref.name, within=within)
             if data is None:
                 where = f"postBuild.substituteFrom {ref.kind} {kustomization.namespace}/{ref.name}"
                 if ref.optional:
@@ -218,14 +228,15 @@ class _Builder:
         return substitute_documents(documents, variables, keep_undefined=unavailable)
 
     async def _data(
-        self, kind: Literal["ConfigMap", "Secret"], namespace: str, name: str
+        self, kind: Literal["ConfigMap", "Secret"], namespace: str, name: str, *, within: _Within
     ) -> dict[str, str] | None:
-        """A ConfigMap's or Secret's data: from an object this environment renders, else
-        from the cluster."""
-        for app in self.tree.apps:
-            for doc in app.documents:
-                if _is(doc, kind, namespace, name):
-                    return object_data(doc.obj)
+        """A ConfigMap's or Secret's data: from the environment folder's own manifests or
+        the builds this one is nested in (what is applied before it), else from the
+        cluster. Never from a sibling's build, which would depend on which ran first."""
+        folder = [d for a in self.tree.apps if a.kind == "manifests" for d in a.documents]
+        found = find_object([*within.objects, *folder], kind, namespace, name)
+        if found is not None:
+            return object_data(found.obj)
         if self.context.data_lookup is None:
             return None
         return await self.context.data_lookup(kind, namespace, name)
@@ -286,7 +297,7 @@ class _Builder:
     # -- what a build holds --------------------------------------------------------------
 
     async def _split(
-        self, app: AppSource, documents: list[Document], *, chain: tuple[str, ...]
+        self, app: AppSource, documents: list[Document], *, within: _Within
     ) -> list[AppSource]:
         """The build's plain objects into `app`; its HelmReleases and Kustomizations into
         apps that wait for it; its sources into the tree's."""
@@ -319,15 +330,18 @@ class _Builder:
         for child in children:
             child.build_objects = plain
         identity = _identity(app)
-        inside = (*chain, identity) if identity else chain
+        inside = _Within(
+            chain=(*within.chain, identity) if identity else within.chain,
+            objects=(*within.objects, *plain),
+        )
         for kustomization in nested:
-            if _identity(kustomization) in inside:
+            if _identity(kustomization) in inside.chain:
                 raise RenderError(
                     f"Kustomization {kustomization.name} builds itself: "
-                    f"{' → '.join([*inside, str(_identity(kustomization))])}"
+                    f"{' → '.join([*inside.chain, str(_identity(kustomization))])}"
                 )
         followed = await asyncio.gather(
-            *(self.app(k, chain=inside) for k in nested if _identity(k) not in self.top_level)
+            *(self.app(k, within=inside) for k in nested if _identity(k) not in self.top_level)
         )
         return [app, *children, *(a for apps in followed for a in apps)]
 
