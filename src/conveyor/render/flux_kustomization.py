@@ -204,7 +204,20 @@ class _Builder:
         *,
         within: _Within,
     ) -> list[Document]:
-        """What kustomize-controller does to a build before applying it."""
+        """What kustomize-controller does to a build before applying it, in its order:
+        every build of a Flux Kustomization passes here, and only here."""
+        return await self._substitute(app, kustomization, doc, documents, within=within)
+
+    async def _substitute(
+        self,
+        app: AppSource,
+        kustomization: FluxKustomization,
+        doc: Document,
+        documents: list[Document],
+        *,
+        within: _Within,
+    ) -> list[Document]:
+        """`spec.postBuild`: variables from substituteFrom, then substitute."""
         post_build = kustomization.spec.post_build
         if post_build is None:
             return documents
