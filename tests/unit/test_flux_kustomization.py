@@ -528,7 +528,8 @@ def test_broken_kustomizations_each_stall_only_their_app(tmp_path: Path) -> None
         spec: {url: "oci://127.0.0.1:5000/manifests", ref: {tag: latest}}
         """,
     )
-    write(tmp_path, "env/self.yaml", flux_kustomization("self", "./env"))
+    write(tmp_path, "env/self.yaml", flux_kustomization("self", "./loop"))
+    write(tmp_path, "loop/self.yaml", flux_kustomization("self", "./loop"))
     found = apps(expanded(tmp_path, "env"))
     errors = {name: str(app.error) if app.error else None for name, app in found.items()}
     assert errors["good"] is None
@@ -679,3 +680,15 @@ def test_post_renderers_patch_a_charts_manifests_in_order(tmp_path: Path) -> Non
     by = {o["kind"]: o for o in out}
     assert by["ConfigMap"]["data"] == {"a": "1", "b": "2"}
     assert by["Pod"]["spec"]["containers"][0]["image"] == "web:2"
+
+
+def test_flux_sync_of_the_folder_itself_is_part_of_the_installation(tmp_path: Path) -> None:
+    example_repo(tmp_path)
+    write(
+        tmp_path,
+        "clusters/staging/sync.yaml",
+        flux_kustomization("flux-system", "./clusters/staging"),
+    )
+    tree = expanded(tmp_path, "clusters/staging")
+    assert set(apps(tree)) == {"apps", "podinfo"}
+    assert tree.notices == [FLUX_INSTALLATION_FOUND]

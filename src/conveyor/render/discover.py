@@ -159,6 +159,13 @@ def _flux_installation(folder: Path, repo_root: Path, tree: EnvironmentTree) -> 
 _REPORTED: set[str] = set()
 
 
+def _syncs(app: AppSource, env_folder: Path) -> bool:
+    """Whether the Flux Kustomization `app` builds the environment's folder itself."""
+    spec = app.kustomization.obj.get("spec") if app.kustomization else None
+    path = spec.get("path") if isinstance(spec, dict) else None
+    return isinstance(path, str) and PurePosixPath(path.strip()) == PurePosixPath(env_folder)
+
+
 def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTree) -> None:
     rel_folder = folder.relative_to(repo_root)
     folder_app_name = app_name(
@@ -206,7 +213,11 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
                 continue
             has_flux_config = True
             flux_app = flux_object(checked, tree)
-            if flux_app is not None:
+            if flux_app is not None and _syncs(flux_app, env_root.relative_to(repo_root)):
+                # Flux's own sync of this very folder (gotk-sync.yaml moved out of
+                # flux-system/): part of the installation, not an app.
+                _flux_installation(folder, repo_root, tree)
+            elif flux_app is not None:
                 tree.apps.append(flux_app)
         if not releases:
             plain.extend(others)
