@@ -692,3 +692,25 @@ def test_flux_sync_of_the_folder_itself_is_part_of_the_installation(tmp_path: Pa
     tree = expanded(tmp_path, "clusters/staging")
     assert set(apps(tree)) == {"apps", "podinfo"}
     assert tree.notices == [FLUX_INSTALLATION_FOUND]
+
+
+def test_another_clusters_kustomization_is_refused_and_impersonation_noted(tmp_path: Path) -> None:
+    write(tmp_path, "configs/c.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n")
+    remote = {"secretRef": {"name": "prod-kubeconfig"}}
+    write(tmp_path, "env/remote.yaml", flux_kustomization("remote", "./configs", kubeConfig=remote))
+    write(
+        tmp_path,
+        "env/tenant.yaml",
+        flux_kustomization("tenant", "./configs", serviceAccountName="team-a"),
+    )
+    found = apps(expanded(tmp_path, "env"))
+    assert str(found["remote"].error) == (
+        "env/remote.yaml:1: Kustomization remote: spec.kubeConfig (another cluster) is not "
+        "supported"
+    )
+    assert found["remote"].documents == []
+    assert found["tenant"].error is None
+    assert found["tenant"].notes == [
+        "spec.serviceAccountName 'team-a' is not impersonated; conveyor applies with its own "
+        "identity"
+    ]

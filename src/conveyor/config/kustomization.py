@@ -88,6 +88,9 @@ class KustomizationSpec(FileModel):
     patches_strategic_merge: list[dict[str, Any]] | None = None
     images: list[Image] | None = None
     post_build: PostBuild | None = None
+    # Read only to refuse or note them: conveyor applies to its own cluster, as itself.
+    kube_config: dict[str, Any] | None = None
+    service_account_name: Text | None = None
 
 
 class FluxKustomization(FileModel):

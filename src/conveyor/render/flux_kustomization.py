@@ -146,6 +146,14 @@ class _Builder:
         app.health_apps = [
             app_name(check.name) for check in spec.health_checks or [] if check.kind in APP_KINDS
         ]
+        if spec.kube_config is not None:
+            # Another cluster's objects must never land in this one.
+            raise error("spec.kubeConfig (another cluster) is not supported")
+        if spec.service_account_name:
+            app.notes.append(
+                f"spec.serviceAccountName {spec.service_account_name!r} is not impersonated; "
+                "conveyor applies with its own identity"
+            )
         if spec.path is None:
             raise error("spec.path is required (the folder to build)")
         source_root, origin = await self._source_root(kustomization, error)
