@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from conveyor.source.git import run_git
 from tests.conftest import ROOT, SandboxHandle
 
@@ -203,3 +205,24 @@ spec:
       repository: registry.local/{name}
       tag: "{tag}" # filled in by CI. do not modify.
 """
+
+
+def flux_kustomization(name: str, path: str | None, **spec: Any) -> str:
+    """A Flux Kustomization of `path` in this repository (`GitRepository/flux-system`),
+    in flux-system, with `spec` added to its spec (camelCase, as in a file)."""
+    body: dict[str, Any] = {
+        "interval": "10m",
+        "prune": True,
+        "sourceRef": {"kind": "GitRepository", "name": "flux-system"},
+        **spec,
+    }
+    if path is not None:
+        body["path"] = path
+    return yaml.safe_dump(
+        {
+            "apiVersion": "kustomize.toolkit.fluxcd.io/v1",
+            "kind": "Kustomization",
+            "metadata": {"name": name, "namespace": "flux-system"},
+            "spec": body,
+        }
+    )

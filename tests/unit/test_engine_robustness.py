@@ -156,6 +156,7 @@ def tree(names: list[str]) -> EnvironmentTree:
         apps=[AppSource(name=n, kind="manifests", path=f"env/{n}") for n in names],
         sources={},
         flux_config=[],
+        expanded=True,  # no kustomize builds: the scripted renders are the apps
     )
 
 
@@ -255,3 +256,27 @@ def test_a_status_that_cannot_be_saved_ends_neither_the_app_nor_the_pass() -> No
     run_pass(reconciler, {"a": plain("a"), "b": plain("b"), "c": plain("c")})
     stored = asyncio.run(kube.get("", "ConveyorApp", name, namespace=NAMESPACE))
     assert stored is not None and stored["status"]["state"] == READY
+
+
+def test_a_pass_over_one_app_reads_the_status_of_what_it_depends_on() -> None:
+    """The agent corrects drift one app at a time: an app built by a Flux Kustomization
+    (which it depends on) is neither 'not found' nor waiting for a pass of its parent."""
+    kube, helm = MemoryKube(), ScriptedHelm()
+    reconciler = engine(kube, helm)
+    parent, child = plain("apps"), plain("web")
+    child.depends_on.append("apps")
+    apps: dict[str, RenderedApp | Exception] = {"apps": parent, "web": child}
+    statuses = run_pass(reconciler, apps)
+    assert (statuses["apps"].state, statuses["web"].state) == (READY, READY)
+    one = asyncio.run(
+        reconciler.run_pass(tree(list(apps)), ScriptedRenderer(apps), revision="b" * 40, only="web")  # type: ignore[arg-type]
+    )
+    assert set(one.statuses) == {"web"}
+    assert one.statuses["web"].state == READY
+    # A dependency that is not Ready holds the one app, as in a full pass.
+    reconciler.statuses["apps"].state = STALLED
+    reconciler.statuses["apps"].reason = "HealthCheckFailed"
+    one = asyncio.run(
+        reconciler.run_pass(tree(list(apps)), ScriptedRenderer(apps), revision="c" * 40, only="web")  # type: ignore[arg-type]
+    )
+    assert one.statuses["web"].reason == "DependencyNotReady"

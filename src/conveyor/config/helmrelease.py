@@ -101,6 +101,9 @@ class HelmReleaseSpec:
     # Flux v1 valuesFrom that conveyor does not read (a URL, a file inside the chart):
     # named, so that the render says what it left out.
     unread_values_from: list[str] = field(default_factory=list)
+    # Flux v2 postRenderers: kustomize fields (patches, images) applied in order to
+    # what the chart renders.
+    post_renderers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def flux_v1(self) -> bool:
@@ -269,6 +272,50 @@ class _V2DriftDetection(FileModel):
     mode: DriftMode | None = None
 
 
+class PatchTarget(FileModel):
+    group: Text | None = None
+    version: Text | None = None
+    kind: Text | None = None
+    name: Text | None = None
+    namespace: Text | None = None
+    label_selector: Text | None = None
+    annotation_selector: Text | None = None
+
+
+class Patch(FileModel):
+    """A kustomize patch as Flux takes it: a strategic merge or JSON 6902 patch (YAML
+    text), for the objects `target` selects."""
+
+    patch: str
+    target: PatchTarget | None = None
+
+
+class Image(FileModel):
+    name: Text
+    new_name: Text | None = None
+    new_tag: Text | None = None
+    digest: Text | None = None
+
+
+def kustomize_fields(patches: list[Patch] | None, images: list[Image] | None) -> dict[str, Any]:
+    """`patches` and `images` as a kustomization.yaml holds them."""
+    fields: dict[str, Any] = {}
+    if patches:
+        fields["patches"] = [p.model_dump(by_alias=True, exclude_none=True) for p in patches]
+    if images:
+        fields["images"] = [i.model_dump(by_alias=True, exclude_none=True) for i in images]
+    return fields
+
+
+class _V2Kustomize(FileModel):
+    patches: list[Patch] | None = None
+    images: list[Image] | None = None
+
+
+class _V2PostRenderer(FileModel):
+    kustomize: _V2Kustomize | None = None
+
+
 class _V2Spec(FileModel):
     release_name: Argument | None = None
     target_namespace: ObjectName | None = None
@@ -282,6 +329,7 @@ class _V2Spec(FileModel):
     install: OrNull[_V2Action] = Field(default_factory=_V2Action)
     upgrade: OrNull[_V2Action] = Field(default_factory=_V2Action)
     drift_detection: OrNull[_V2DriftDetection] = Field(default_factory=_V2DriftDetection)
+    post_renderers: list[_V2PostRenderer] | None = None
 
 
 class _V2Release(FileModel):
@@ -434,4 +482,10 @@ def _from_v2(api_version: str, release: _V2Release, namespace: str) -> HelmRelea
         rollback_on_failure=upgrade.strategy == "rollback",
         drift=_drift(annotations, spec.drift_detection.mode),
         automated=_automated(annotations),
+        post_renderers=[
+            fields
+            for renderer in spec.post_renderers or []
+            if renderer.kustomize is not None
+            and (fields := kustomize_fields(renderer.kustomize.patches, renderer.kustomize.images))
+        ],
     )

@@ -21,7 +21,7 @@ from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ValuesReference
 from conveyor.config.project import load_project
 from conveyor.reconcile.plan import AppPlan, helm_objects, plan_environment
-from conveyor.reconcile.target import decryptor, kube_client, values_lookup
+from conveyor.reconcile.target import data_lookup, decryptor, kube_client, values_lookup
 from conveyor.render.discover import discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError
@@ -58,6 +58,7 @@ async def render_offline(
         offline=True,
         decryptor=decryptor(None, local=age_keys),
     )
+    await renderer.expand(tree)
     result: dict[str, RenderedObjects] = {}
     for app in tree.apps:
         entry = result.setdefault(app.name, RenderedObjects())
@@ -176,6 +177,8 @@ async def diff_against_live(
             helm,
             values_lookup=values_lookup(kube),
             decryptor=decryptor(kube, environment=environment, local=age_keys),
+            data_lookup=data_lookup(kube),
+            config_url=source,
         )
         plans = await plan_environment(tree, renderer, kube, helm, identity=identity)
     return plans, f"{env or env_path}: live → {_named(head, head_sha)}"

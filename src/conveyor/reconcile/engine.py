@@ -55,7 +55,7 @@ from conveyor.reconcile.actions.prune import prune_app
 from conveyor.reconcile.actions.rollback import roll_back
 from conveyor.reconcile.actions.settle import settle
 from conveyor.reconcile.actions.unlock import unlock_release
-from conveyor.reconcile.actions.verify import drift_of, release_objects
+from conveyor.reconcile.actions.verify import drift_of, release_objects, watched
 from conveyor.reconcile.report import EventRecorder, Metrics, error_summary, notification_for
 from conveyor.reconcile.state import AppState, Attempt, Observation, determine_state
 from conveyor.reconcile.status import (
@@ -68,6 +68,7 @@ from conveyor.reconcile.status import (
     release_key,
     split_release,
 )
+from conveyor.render.dependencies import resolve_dependencies
 from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
@@ -186,6 +187,8 @@ class Engine:
         writes_before = self.kube.writes
         ctx = self._context(revision)
         await self._load()
+        if not tree.expanded:
+            await renderer.expand(tree)
         rendered: dict[str, RenderedApp | RenderError] = {}
 
         async def render(app: AppSource) -> None:
@@ -199,7 +202,9 @@ class Engine:
 
         apps = [a for a in tree.apps if only is None or a.name == only]
         names = [a.name for a in apps]
+        known = {a.name for a in tree.apps}
         await asyncio.gather(*(render(a) for a in apps))
+        resolve_dependencies(rendered)
         verdict = GateVerdict()
         changed = self._changed(names, rendered)
         leaving = only is None and self.options.prune and bool(set(self.statuses) - set(names))
@@ -220,6 +225,7 @@ class Engine:
                         done,
                         verdict.apps.get(name),
                         root=renderer.repo_root,
+                        known=known,
                     )
                 )
             except asyncio.CancelledError:
@@ -308,12 +314,13 @@ class Engine:
         held: GateHold | None,
         *,
         root: Path,
+        known: set[str],
     ) -> AppStatus:
         status = self._status_for(name)
         reported = dict(self.store.stored(status))  # what people saw before this pass
         started = time.monotonic()
         try:
-            await self._reconcile_app(ctx, status, rendered, done, held)
+            await self._reconcile_app(ctx, status, rendered, done, held, known=known)
             result = "success" if status.ready else "not-ready"
         except (ApiError, UnknownKindError, OSError, httpx.HTTPError, HelmError) as error:
             # The cluster away or refusing (helm says so when even its history cannot be
@@ -351,18 +358,26 @@ class Engine:
         rendered: RenderedApp | RenderError,
         done: dict[str, asyncio.Future[AppStatus]],
         held: GateHold | None,
+        *,
+        known: set[str],
     ) -> Observation:
-        """What determines the app's state before anything is looked up in the cluster."""
+        """What determines the app's state before anything is looked up in the cluster.
+        `known`: every app of the environment; a pass over one app reads the status of
+        the others it depends on."""
         if isinstance(rendered, RenderError):
             return Observation(render_error=str(rendered))
         status.kind = rendered.source.kind
-        missing = tuple(d for d in rendered.depends_on if d not in done)
+        missing = tuple(d for d in rendered.depends_on if d not in done and d not in known)
         not_ready = []
         for dependency in rendered.depends_on:
             if dependency in done:
-                found = await asyncio.shield(done[dependency])
-                if not found.ready:
-                    not_ready.append(f"{dependency} ({found.reason})")
+                found: AppStatus | None = await asyncio.shield(done[dependency])
+            else:
+                found = self.statuses.get(dependency)
+            if found is not None and not found.ready:
+                not_ready.append(f"{dependency} ({found.reason})")
+            elif found is None and dependency in known:
+                not_ready.append(f"{dependency} (not reconciled yet)")
         new_content = rendered.fingerprint != status.fingerprint
         if new_content and status.failed_fingerprint != rendered.fingerprint:
             status.failures = 0
@@ -404,8 +419,10 @@ class Engine:
         rendered: RenderedApp | RenderError,
         done: dict[str, asyncio.Future[AppStatus]],
         held: GateHold | None,
+        *,
+        known: set[str],
     ) -> None:
-        seen = await self._observe(status, rendered, done, held)
+        seen = await self._observe(status, rendered, done, held, known=known)
         decision = determine_state(seen)
         if isinstance(rendered, RenderError):
             ctx.set(status, Reason.RENDER_FAILED, str(rendered))
@@ -413,10 +430,12 @@ class Engine:
         app = rendered
         if decision.state is AppState.DEPENDENCY_MISSING:
             names = ", ".join(repr(d) for d in decision.detail)
+            file, line = app.source.where()
             ctx.set(
                 status,
                 Reason.DEPENDENCY_NOT_FOUND,
-                f"depends on {names}, which is not in this environment",
+                f"{file}{f':{line}' if line else ''}: depends on {names}, "
+                "which is not in this environment",
             )
             return
         if decision.state is AppState.DEPENDENCY_NOT_READY:
@@ -456,12 +475,12 @@ class Engine:
                 return  # this exact content failed and was given up on: wait for new content
             if state is AppState.UNCHANGED:
                 status.drift = None
-                settle(ctx, status, app.name, desired)
+                settle(ctx, status, app.name, desired, watched=watched(app, desired))
                 return
             if state is AppState.DRIFT_REPORTED:
                 if app.drift == "warn":
                     status.drift = "; ".join(decision.detail)[:1000]
-                    settle(ctx, status, app.name, desired)
+                    settle(ctx, status, app.name, desired, watched=watched(app, desired))
                 return
             if state is AppState.NOT_LEADER:
                 ctx.set(status, Reason.NOT_LEADER, "another agent holds the lease")

@@ -169,6 +169,9 @@ async def _own_pass(
             await record_source_failure(target, str(error), resolved=resolved)
             return SourceFailure(scope=scope, message=str(error))
         renderer = build_renderer(resolved, tree, kube, helm)
+        await renderer.expand(tree)
+        for notice in tree.notices:
+            say(notice)
         say(f"reconciling {len(tree.apps)} apps")
         result = await engine.run_pass(tree, renderer, revision=resolved.revision, only=app)
         await _store_source(engine.store, source_fetched(target, resolved, scope=scope))

@@ -38,7 +38,11 @@ async def helm_objects(rendered: RenderedApp, helm: HelmCLI) -> list[Obj]:
         return []
     spec = rendered.helm.spec
     manifest = await helm.template(
-        spec.release_name, spec.target_namespace, rendered.helm.chart.path, rendered.helm.values
+        spec.release_name,
+        spec.target_namespace,
+        rendered.helm.chart.path,
+        rendered.helm.values,
+        post_renderers=spec.post_renderers,
     )
     return namespaced(parse_manifest(manifest), spec.target_namespace)
 
@@ -69,6 +73,7 @@ async def plan_environment(
 ) -> list[AppPlan]:
     """Plans for every app of the tree (or only the app named `only`), and for the apps
     of this environment that left git (their deletions)."""
+    await renderer.expand(tree)
     store = StatusStore(kube)
     scope = await store.scope_for(identity, scope=identity.name)
     statuses, legacy = await store.load_environment(identity, scope=scope)

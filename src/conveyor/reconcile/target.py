@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from conveyor.cluster import kubeconfig
 from conveyor.cluster.client import ApiError, KubeClient
@@ -27,6 +28,7 @@ from conveyor.paths import checkouts_cache
 from conveyor.reconcile.actions import RenderPast
 from conveyor.render.discover import EnvironmentTree, discover, scope_name
 from conveyor.render.documents import RenderError
+from conveyor.render.flux_kustomization import DataLookup, object_data
 from conveyor.render.helm import HelmCLI
 from conveyor.render.render import RenderedApp, Renderer, ValuesLookup, values_text
 from conveyor.render.sops import (
@@ -146,6 +148,19 @@ def helm_cli(
     return HelmCLI(kubeconfig=path, context=ctx)
 
 
+def data_lookup(kube: KubeClient) -> DataLookup:
+    """The data of a ConfigMap or Secret in the cluster, decoded (a Flux Kustomization's
+    postBuild.substituteFrom reads them, as Flux does)."""
+
+    async def lookup(
+        kind: Literal["ConfigMap", "Secret"], namespace: str, name: str
+    ) -> dict[str, str] | None:
+        obj = await kube.get("v1", kind, name, namespace=namespace)
+        return None if obj is None else object_data(obj)
+
+    return lookup
+
+
 def values_lookup(kube: KubeClient) -> ValuesLookup:
     """valuesFrom reads ConfigMaps and Secrets from the cluster, as Flux does."""
 
@@ -210,6 +225,8 @@ def build_renderer(
         helm,
         values_lookup=values_lookup(kube),
         decryptor=decryptor(kube, environment=resolved.environment, local=age_keys),
+        data_lookup=data_lookup(kube),
+        config_url=resolved.checkout.url,
     )
 
 
@@ -223,10 +240,11 @@ def past_renders(resolved: ResolvedTarget, kube: KubeClient, helm: HelmCLI) -> R
                 export_tree, resolved.checkout.path, revision, Path(scratch)
             )
             tree = discover(root, resolved.env_path)
+            renderer = build_renderer(resolved, tree, kube, helm, root=root)
+            await renderer.expand(tree)
             source = next((a for a in tree.apps if a.name == app), None)
             if source is None:
                 raise RenderError(f"app {app} is not in revision {revision[:12]}")
-            renderer = build_renderer(resolved, tree, kube, helm, root=root)
             return await renderer.render(source)
 
     return render_past

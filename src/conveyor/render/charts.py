@@ -134,12 +134,9 @@ class ChartResolver:
                 )
             )
         if isinstance(source, GitRepository):
-            git_ref = source.spec.ref or GitReference()
-            if git_ref.semver and not (git_ref.commit or git_ref.name):
-                raise error("spec.ref.semver is not supported for charts; name a tag or branch")
-            # Flux's precedence: commit, then name, then tag, then branch.
-            chosen = git_ref.commit or git_ref.name or git_ref.tag or git_ref.branch or "master"
-            return ChartFromGit(url=source.spec.url, ref=chosen, path=ref.chart or ".")
+            return ChartFromGit(
+                url=source.spec.url, ref=_git_revision(source, error), path=ref.chart or "."
+            )
         refresh = source.spec.interval or 300.0
         if isinstance(source, HelmRepository):
             url = source.spec.url
@@ -157,20 +154,55 @@ class ChartResolver:
             refresh_seconds=refresh,
         )
 
-    def _from_git(self, chart: ChartFromGit) -> ResolvedChart:
+    async def source_tree(self, kind: str, namespace: str, name: str) -> tuple[Path, str]:
+        """The files of the GitRepository `namespace/name` defined in the repository (a
+        Flux Kustomization's `sourceRef`), fetched like a chart from git, and where it
+        came from. RenderError names the source's file and line when it cannot be."""
+        document = self.sources.get((kind, namespace, name))
+        if document is None:
+            raise RenderError(f"{kind} {namespace}/{name} is not defined in the repository")
+
+        def error(message: str) -> RenderError:
+            return RenderError(f"{kind} {name}: {message}", file=document.file, line=document.line)
+
+        if kind != "GitRepository":
+            raise error(
+                "only GitRepository sources can be built (conveyor fetches charts from OCI, "
+                "not manifests)"
+            )
+        try:
+            source = parse_source(kind, document.obj)
+        except ValidationError as invalid:
+            raise error(describe(invalid)) from None
+        if not isinstance(source, GitRepository):
+            raise error("not a GitRepository")
+        location = ChartFromGit(url=source.spec.url, ref=_git_revision(source, error), path=".")
+        _check_chart(location, source=document)
+        target, commit = await asyncio.to_thread(self._git_export, location, folder="sources")
+        return target, f"{location.url}@{commit[:12]}"
+
+    def _git_export(self, chart: ChartFromGit, *, folder: str) -> tuple[Path, str]:
+        """`chart.path` of `chart.ref` of the git repository, exported below the cache's
+        `folder` (named by its tree id, so unchanged content is exported once)."""
         mirror = self.cache_dir / "git" / hashlib.sha256(chart.url.encode()).hexdigest()[:16]
         try:
             commit, tree = fetch_tree(mirror, chart.url, chart.ref, chart.path.strip("/") or ".")
         except GitError as error:
-            raise RenderError(
-                f"chart {chart.url}@{chart.ref}:{chart.path}: {error.stderr}"
-            ) from None
-        target = self.cache_dir / "charts" / f"git-{tree}"
+            raise RenderError(f"{chart.url}@{chart.ref}:{chart.path}: {error.stderr}") from None
+        target = self.cache_dir / folder / f"git-{tree}"
         if not target.exists():
             with tempfile.TemporaryDirectory(dir=self.cache_dir) as scratch:
-                unpacked = export_tree(mirror, tree, Path(scratch) / "chart")
+                unpacked = export_tree(mirror, tree, Path(scratch) / "tree")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 unpacked.rename(target)
+        return target, commit
+
+    def _from_git(self, chart: ChartFromGit) -> ResolvedChart:
+        try:
+            target, commit = self._git_export(chart, folder="charts")
+        except RenderError as error:
+            raise RenderError(f"chart {error.detail}") from None
+        tree = target.name.removeprefix("git-")
         if not (target / "Chart.yaml").exists():
             raise RenderError(f"{chart.url}@{chart.ref}: {chart.path} has no Chart.yaml")
         return ResolvedChart(
@@ -217,6 +249,14 @@ class ChartResolver:
             digest=f"sha256:{digest}",
             origin=f"{chart.url}/{chart.name}:{archive.stem}",
         )
+
+
+def _git_revision(source: GitRepository, error: Callable[[str], RenderError]) -> str:
+    """The ref of a GitRepository, by Flux's precedence: commit, name, tag, branch."""
+    git_ref = source.spec.ref or GitReference()
+    if git_ref.semver and not (git_ref.commit or git_ref.name):
+        raise error("spec.ref.semver is not supported; name a tag or branch")
+    return git_ref.commit or git_ref.name or git_ref.tag or git_ref.branch or "master"
 
 
 def needs_dependency_build(chart_dir: Path) -> bool:

@@ -1,9 +1,11 @@
 """Find the apps in an environment folder, in the layouts the teams already use.
 
 An app is one HelmRelease (with the other objects of its file, such as its Namespace),
-one kustomization directory, or one folder of plain manifests. Objects that only
-configure Flux itself are recognised and kept aside: sources are used to resolve
-charts, the rest (Flux Kustomizations, image automation) is never applied blindly.
+one kustomization directory, one Flux Kustomization, or one folder of plain manifests.
+Objects that only configure Flux itself are recognised and kept aside: sources are used
+to resolve charts, Kustomizations are built (render/flux_kustomization.py, which also
+finds the HelmReleases inside kustomize builds), the rest (image automation) is never
+applied. Flux's own installation (`flux-system/` with gotk-*.yaml) is not an app.
 
 A file that cannot be read becomes an app in error, named after the file, so that one
 broken file affects only that app. So does an object without the shape conveyor relies
@@ -13,6 +15,7 @@ anything reads it, and the error names its file, line and field.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -21,6 +24,7 @@ from typing import Literal
 from pydantic import ValidationError
 
 from conveyor.config.helmrelease import HelmReleaseError, is_helmrelease, parse_helmrelease
+from conveyor.config.kustomization import is_flux_kustomization
 from conveyor.config.manifest import check_metadata, check_object, is_sops_encrypted
 from conveyor.config.validation import describe
 from conveyor.render.documents import Document, RenderError, load_documents, yaml_files
@@ -34,8 +38,38 @@ FLUX_CONFIG_GROUPS = {
     "notification.toolkit.fluxcd.io",
 }
 SKIPPED_FILES = {"conveyor.yaml"}
+# What `flux bootstrap` writes into a cluster's folder: Flux's own controllers and CRDs
+# (gotk-components.yaml) and the Kustomization syncing the folder (gotk-sync.yaml).
+FLUX_INSTALLATION_FILES = ("gotk-components.yaml", "gotk-sync.yaml")
+FLUX_INSTALLATION_FOUND = "Flux installation found; conveyor does not apply it"
 
 AppKind = Literal["manifests", "kustomize", "helm"]
+
+log = logging.getLogger("conveyor.render")
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """An object a Flux Kustomization waits for (`spec.healthChecks`)."""
+
+    kind: str
+    name: str
+    namespace: str | None
+    api_version: str | None = None
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How an app is applied, where a Flux Kustomization says (its defaults are
+    conveyor's own: prune, wait for every object)."""
+
+    prune: bool = True
+    # None: wait for every object to be healthy; else only for these (Flux's `wait:
+    # false` with `healthChecks`, or none at all).
+    wait_for: tuple[HealthCheck, ...] | None = None
+    timeout_seconds: float | None = None
+    suspend: bool = False
+    force: bool = False  # recreate an object whose immutable fields changed
 
 
 @dataclass
@@ -46,6 +80,24 @@ class AppSource:
     documents: list[Document] = field(default_factory=list)
     helm_release: Document | None = None
     error: RenderError | None = None
+    # The Flux Kustomization this app is (render/flux_kustomization.py builds it).
+    kustomization: Document | None = None
+    # Apps that must be Ready first: the Kustomization that built this app, and a
+    # Kustomization's dependsOn (a HelmRelease's own dependsOn is read at render).
+    depends_on: list[str] = field(default_factory=list)
+    # The other objects of the build this app came from (valuesFrom reads them first).
+    build_objects: list[Document] = field(default_factory=list)
+    options: ApplyOptions = field(default_factory=ApplyOptions)
+    # Apps a Kustomization's healthChecks name: what depends on it waits for them too.
+    health_apps: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def where(self) -> tuple[str, int | None]:
+        """The file and line that define the app, for messages."""
+        defined = self.kustomization or self.helm_release
+        if defined is not None:
+            return defined.file, defined.line
+        return self.path, None
 
 
 @dataclass
@@ -53,6 +105,9 @@ class EnvironmentTree:
     apps: list[AppSource]
     sources: dict[tuple[str, str, str], Document]  # (kind, namespace, name) → source object
     flux_config: list[Document]  # understood, not applied
+    notices: list[str] = field(default_factory=list)  # said once to whoever runs the pass
+    # Kustomize builds done (render/flux_kustomization.py): apps are final.
+    expanded: bool = False
 
     @property
     def errors(self) -> list[AppSource]:
@@ -73,7 +128,7 @@ def scope_name(*, environment: str | None = None, path: str = ".") -> str:
     return app_name(environment or str(PurePosixPath(path.strip())).replace("/", "-"))
 
 
-def _is_flux_config(doc: Document) -> bool:
+def is_flux_config(doc: Document) -> bool:
     return doc.group in FLUX_CONFIG_GROUPS
 
 
@@ -84,8 +139,31 @@ def discover(repo_root: Path, env_path: str) -> EnvironmentTree:
     tree = EnvironmentTree(apps=[], sources={}, flux_config=[])
     _CHECKED.next_pass()
     _walk(root, repo_root.resolve(), env_root=root, tree=tree)
-    _check_unique_names(tree)
+    check_unique_names(tree)
     return tree
+
+
+def is_flux_installation(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in FLUX_INSTALLATION_FILES)
+
+
+def _flux_installation(folder: Path, repo_root: Path, tree: EnvironmentTree) -> None:
+    if FLUX_INSTALLATION_FOUND not in tree.notices:
+        tree.notices.append(FLUX_INSTALLATION_FOUND)
+    key = str(folder)
+    if key not in _REPORTED:  # once per process, not once per pass
+        _REPORTED.add(key)
+        log.info("%s (%s)", FLUX_INSTALLATION_FOUND, folder.relative_to(repo_root))
+
+
+_REPORTED: set[str] = set()
+
+
+def _syncs(app: AppSource, env_folder: Path) -> bool:
+    """Whether the Flux Kustomization `app` builds the environment's folder itself."""
+    spec = app.kustomization.obj.get("spec") if app.kustomization else None
+    path = spec.get("path") if isinstance(spec, dict) else None
+    return isinstance(path, str) and PurePosixPath(path.strip()) == PurePosixPath(env_folder)
 
 
 def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTree) -> None:
@@ -93,6 +171,9 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
     folder_app_name = app_name(
         str(folder.relative_to(env_root)).replace("/", "-") if folder != env_root else env_root.name
     )
+    if is_flux_installation(folder):
+        _flux_installation(folder, repo_root, tree)
+        return
     if any((folder / name).is_file() for name in KUSTOMIZATION_FILES):
         tree.apps.append(AppSource(name=folder_app_name, kind="kustomize", path=str(rel_folder)))
         return
@@ -120,35 +201,36 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
         others: list[Document] = []
         for doc in documents:
             if is_helmrelease(doc.obj):
-                releases.append((doc, _release_error(doc)))
+                releases.append((doc, release_error(doc)))
                 continue
             try:
-                checked = checked_document(doc, applied=not _is_flux_config(doc))
+                checked = checked_document(doc, applied=not is_flux_config(doc))
             except RenderError as error:
                 file_error = file_error or error
                 continue
-            if not _is_flux_config(checked):
+            if not is_flux_config(checked):
                 others.append(checked)
                 continue
             has_flux_config = True
-            if checked.kind in FLUX_SOURCE_KINDS:
-                metadata = checked.obj["metadata"]
-                namespace = metadata.get("namespace") or "default"
-                tree.sources[(checked.kind, namespace, checked.name)] = checked
-            else:
-                tree.flux_config.append(checked)
+            flux_app = flux_object(checked, tree)
+            if flux_app is not None and _syncs(flux_app, env_root.relative_to(repo_root)):
+                # Flux's own sync of this very folder (gotk-sync.yaml moved out of
+                # flux-system/): part of the installation, not an app.
+                _flux_installation(folder, repo_root, tree)
+            elif flux_app is not None:
+                tree.apps.append(flux_app)
         if not releases:
             plain.extend(others)
             folder_error = folder_error or file_error
             continue
         has_releases = True
-        for index, (release, release_error) in enumerate(releases):
+        for index, (release, broken) in enumerate(releases):
             # The file's other objects (its Namespace, values ConfigMaps) go with the first
             # release of the file, and are applied before it: a broken one fails that app.
-            app_error = release_error or (file_error if index == 0 else None)
+            app_error = broken or (file_error if index == 0 else None)
             tree.apps.append(
                 AppSource(
-                    name=_release_app_name(release, fallback=path.stem),
+                    name=release_app_name(release, fallback=path.stem),
                     kind="helm",
                     path=rel_path,
                     documents=others if index == 0 and app_error is None else [],
@@ -172,6 +254,22 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
         _walk(child, repo_root, env_root=env_root, tree=tree)
 
 
+def flux_object(doc: Document, tree: EnvironmentTree) -> AppSource | None:
+    """Where a Flux object (`is_flux_config`) goes: a source into the tree's sources, a
+    Flux Kustomization becomes an app (returned), anything else is set aside."""
+    if doc.kind in FLUX_SOURCE_KINDS:
+        metadata = doc.obj["metadata"]
+        namespace = metadata.get("namespace") or "default"
+        tree.sources[(doc.kind, namespace, doc.name)] = doc
+        return None
+    if is_flux_kustomization(doc.obj):
+        return AppSource(
+            name=app_name(doc.name), kind="kustomize", path=doc.file, kustomization=doc
+        )
+    tree.flux_config.append(doc)
+    return None
+
+
 def checked_document(doc: Document, *, applied: bool = True) -> Document:
     """`doc` with the shape that rendering relies on (see config/manifest.py), or a
     RenderError naming its file, line and field. An `applied` object is also checked as
@@ -185,7 +283,7 @@ def checked_document(doc: Document, *, applied: bool = True) -> Document:
     raise RenderError(checked, file=doc.file, line=doc.line)
 
 
-def _release_error(doc: Document) -> RenderError | None:
+def release_error(doc: Document) -> RenderError | None:
     checked = _CHECKED.get(doc, "release")
     if isinstance(checked, Document):
         return None
@@ -240,7 +338,7 @@ class _CheckedDocuments:
 _CHECKED = _CheckedDocuments()
 
 
-def _release_app_name(doc: Document, *, fallback: str) -> str:
+def release_app_name(doc: Document, *, fallback: str) -> str:
     """The release's name (or, when it has none that is usable, its file's)."""
     spec = doc.obj.get("spec")
     release_name = spec.get("releaseName") if isinstance(spec, dict) else None
@@ -250,15 +348,16 @@ def _release_app_name(doc: Document, *, fallback: str) -> str:
     return app_name(fallback)
 
 
-def _check_unique_names(tree: EnvironmentTree) -> None:
+def check_unique_names(tree: EnvironmentTree) -> None:
     seen: dict[str, AppSource] = {}
     for app in tree.apps:
         if app.name in seen:
             first = seen[app.name]
+            file, line = app.where()
             app.error = RenderError(
-                f"app name {app.name!r} is also used by {first.path}; rename one of them",
-                file=app.path,
-                line=app.helm_release.line if app.helm_release else None,
+                f"app name {app.name!r} is also used by {first.where()[0]}; rename one of them",
+                file=file,
+                line=line,
             )
         else:
             seen[app.name] = app

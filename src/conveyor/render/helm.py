@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from conveyor.config.names import (
 )
 from conveyor.errors import ConveyorError
 from conveyor.render.documents import load_all
+from conveyor.render.postrender import write_stages
 
 log = logging.getLogger(__name__)
 
@@ -313,13 +315,16 @@ class HelmCLI:
         description: str | None = None,
         values_files: Sequence[Path] = (),
         labels: Mapping[str, str] | None = None,
+        post_renderers: Sequence[dict[str, Any]] = (),
     ) -> dict[str, Any]:
         """`values` first, then each of `values_files` in order (later ones win).
-        `labels` go on the release's storage (`helm upgrade --labels`)."""
+        `labels` go on the release's storage (`helm upgrade --labels`);
+        `post_renderers` are a HelmRelease's kustomize post-renderers."""
         release, namespace_arg = _release("upgrade", release, namespace)
         chart = _local_chart(chart)
-        with _values_file(values) as values_path:
+        with _values_file(values) as values_path, _post_renderer(post_renderers) as post:
             args = [
+                *post,
                 "upgrade",
                 "--install",
                 namespace_arg,
@@ -357,12 +362,14 @@ class HelmCLI:
         values: dict[str, Any],
         *,
         values_files: Sequence[Path] = (),
+        post_renderers: Sequence[dict[str, Any]] = (),
     ) -> str:
         release, namespace_arg = _release("template", release, namespace)
         chart = _local_chart(chart)
-        with _values_file(values) as values_path:
+        with _values_file(values) as values_path, _post_renderer(post_renderers) as post:
             return await self.run(
                 "template",
+                *post,
                 namespace_arg,
                 "--values",
                 str(values_path),
@@ -456,6 +463,23 @@ def _values_file(values: dict[str, Any]) -> Iterator[Path]:
             # that YAML parsed become the strings helm itself would have seen.
             json.dump(values, handle, default=str)
         yield path
+
+
+@contextlib.contextmanager
+def _post_renderer(renderers: Sequence[dict[str, Any]]) -> Iterator[list[str]]:
+    """helm's options running conveyor's own post-renderer (render/postrender.py) over
+    a folder of kustomizations written here; none when there are no `renderers`."""
+    if not renderers:
+        yield []
+        return
+    with tempfile.TemporaryDirectory(prefix="conveyor-postrenderers-") as folder:
+        write_stages(Path(folder), list(renderers))
+        yield [
+            f"--post-renderer={sys.executable}",
+            "--post-renderer-args=-m",
+            "--post-renderer-args=conveyor.render.postrender",
+            f"--post-renderer-args={folder}",
+        ]
 
 
 def parse_manifest(manifest: str) -> list[dict[str, Any]]:

@@ -32,10 +32,10 @@ from conveyor.config.helmrelease import (
 from conveyor.config.validation import json_compatible
 from conveyor.paths import charts_cache
 from conveyor.render.charts import ChartResolver, ResolvedChart
-from conveyor.render.discover import AppSource, EnvironmentTree, checked_document
+from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import Document, RenderError
+from conveyor.render.flux_kustomization import BuildContext, DataLookup, expand
 from conveyor.render.helm import HelmCLI
-from conveyor.render.kustomize import render_kustomization
 from conveyor.render.sops import Decryptor, KeySource
 
 ValuesLookup = Callable[[ValuesReference], Awaitable[str | None]]
@@ -158,11 +158,16 @@ class Renderer:
         drift_default: DriftMode = "enabled",
         offline: bool = False,
         decryptor: Decryptor | None = None,
+        data_lookup: DataLookup | None = None,
+        config_url: str | None = None,
     ) -> None:
         """`offline`: valuesFrom that `values_lookup` cannot find are left out and noted
         on the app instead of failing it (a diff rendered without a cluster).
         `decryptor`: SOPS-encrypted documents are decrypted with it (by default with
-        the local keys, see render/sops.py)."""
+        the local keys, see render/sops.py).
+        `data_lookup` reads ConfigMaps and Secrets of the cluster for a Flux
+        Kustomization's postBuild (None: there is no cluster); `config_url` is the
+        config repo, which a Kustomization's GitRepository may name."""
         self.repo_root = repo_root
         self.charts = charts
         self.values_lookup = values_lookup
@@ -170,6 +175,8 @@ class Renderer:
         self.drift_default = drift_default
         self.offline = offline
         self.decryptor = decryptor or Decryptor(KeySource())
+        self.data_lookup = data_lookup
+        self.config_url = config_url
 
     @classmethod
     def of_tree(
@@ -181,6 +188,8 @@ class Renderer:
         values_lookup: ValuesLookup,
         offline: bool = False,
         decryptor: Decryptor | None = None,
+        data_lookup: DataLookup | None = None,
+        config_url: str | None = None,
     ) -> Renderer:
         """A renderer of `tree` (discovered below `repo_root`) whose charts come from the
         tree's sources and are kept in conveyor's chart cache."""
@@ -192,19 +201,30 @@ class Renderer:
             values_lookup=values_lookup,
             offline=offline,
             decryptor=decryptor,
+            data_lookup=data_lookup,
+            config_url=config_url,
         )
 
+    async def expand(self, tree: EnvironmentTree) -> None:
+        """Run the tree's kustomize builds, which decide its apps (once per tree)."""
+        context = BuildContext(
+            repo_root=self.repo_root,
+            charts=self.charts,
+            data_lookup=self.data_lookup,
+            decryptor=self.decryptor,
+            kubectl=self.kubectl,
+            config_url=self.config_url,
+        )
+        await expand(tree, context)
+
     async def render(self, app: AppSource) -> RenderedApp:
+        """The app's objects and Helm plan. A kustomize app renders what `expand` built."""
         if app.error is not None:
             raise app.error
+        # A kustomize app's documents are its build, decrypted as it was built
+        # (render/flux_kustomization.py); the other layouts' files are decrypted here.
         if app.kind == "kustomize":
-            built = await render_kustomization(
-                self.repo_root / app.path, repo_root=self.repo_root, kubectl=self.kubectl
-            )
-            # kustomize rewrites what it builds, so the MAC no longer holds (as in Flux).
-            documents = await self.decryptor.decrypt(
-                [checked_document(doc) for doc in built], verify_mac=False
-            )
+            documents = app.documents
         else:
             documents = await self.decryptor.decrypt(app.documents)
         objects = [doc.obj for doc in documents]
@@ -221,10 +241,11 @@ class Renderer:
                 objects=objects,
                 helm=None,
                 fingerprint=fingerprint({"objects": objects}),
-                depends_on=[],
-                suspend=False,
+                depends_on=list(app.depends_on),
+                suspend=app.options.suspend,
                 drift=drift,
                 documents=documents,
+                notes=list(app.notes),
             )
         release_doc = app.helm_release
         try:
@@ -232,7 +253,7 @@ class Renderer:
         except HelmReleaseError as error:
             raise RenderError(str(error), file=release_doc.file, line=release_doc.line) from None
         chart = await self._chart(spec, release_doc)
-        values, notes = await self._values(spec, release_doc, documents)
+        values, notes = await self._values(spec, release_doc, [*documents, *app.build_objects])
         plan = HelmPlan(spec=spec, chart=chart, values=values)
         identity = {
             "objects": objects,
@@ -240,16 +261,17 @@ class Renderer:
             "values": values,
             "release": spec.release_name,
             "namespace": spec.target_namespace,
+            **({"postRenderers": spec.post_renderers} if spec.post_renderers else {}),
         }
         return RenderedApp(
             source=app,
             objects=objects,
             helm=plan,
             fingerprint=fingerprint(identity),
-            depends_on=spec.depends_on,
+            depends_on=[*app.depends_on, *(d for d in spec.depends_on if d not in app.depends_on)],
             suspend=spec.suspend,
             drift=spec.drift,
-            notes=notes,
+            notes=[*app.notes, *notes],
             documents=documents,
         )
 
@@ -264,9 +286,10 @@ class Renderer:
     async def _values(
         self, spec: HelmReleaseSpec, doc: Document, documents: list[Document]
     ) -> tuple[dict[str, Any], list[str]]:
-        """The release's values: valuesFrom in order, from the app's own documents when
-        it brings the ConfigMap or Secret (decrypted, if SOPS-encrypted; as it will be
-        applied), else from the cluster; then spec.values."""
+        """The release's values: valuesFrom in order, from the app's own documents or
+        the kustomize build it came from when they hold the ConfigMap or Secret
+        (decrypted, if SOPS-encrypted; as it will be applied), else from the cluster;
+        then spec.values."""
         values: dict[str, Any] = {}
         notes = [
             f"{unread} is not supported; rendered without it" for unread in spec.unread_values_from

@@ -7,7 +7,7 @@ import logging
 
 from conveyor.cluster.apply import ApplyError, apply_objects, delete_objects
 from conveyor.cluster.inventory import left_behind
-from conveyor.cluster.objects import Obj
+from conveyor.cluster.objects import Obj, ObjectRef
 from conveyor.reconcile.actions import ActionContext, AppFailed, Desired, ReleaseLocked
 from conveyor.reconcile.actions.verify import release_objects, wait_healthy
 from conveyor.reconcile.status import AppStatus, Reason, now, release_key
@@ -45,11 +45,15 @@ async def apply_plain(
     try:
         ctx.live.seed(await apply_objects(ctx.kube, objects))
     except ApplyError as error:
-        raise AppFailed(Reason.APPLY_FAILED, str(error)) from None
+        immutable = [ref for ref, why in error.failures if "immutable" in why]
+        if not (app.source.options.force and immutable):
+            raise AppFailed(Reason.APPLY_FAILED, str(error)) from None
+        await _recreate(ctx, app, objects, immutable)
     if app.helm is not None:
         return desired
     refs = [ref for ref, _ in desired]
-    if ctx.prune:
+    # A Flux Kustomization with `prune: false` leaves what left it in place.
+    if ctx.prune and app.source.options.prune:
         try:
             await delete_objects(
                 ctx.kube, left_behind(status.inventory, refs), identity=ctx.identity
@@ -60,6 +64,19 @@ async def apply_plain(
     status.inventory = sorted(refs)
     ctx.desired.remember(app.name, desired)
     return desired
+
+
+async def _recreate(
+    ctx: ActionContext, app: RenderedApp, objects: list[Obj], immutable: list[ObjectRef]
+) -> None:
+    """Flux's `force: true`: an object whose immutable fields changed is deleted and
+    created again (only what this environment owns; the rest is applied as before)."""
+    log.warning("%s: recreating %s (immutable fields changed; force is set)", app.name, immutable)
+    try:
+        await delete_objects(ctx.kube, immutable, identity=ctx.identity)
+        ctx.live.seed(await apply_objects(ctx.kube, objects))
+    except ApplyError as error:
+        raise AppFailed(Reason.APPLY_FAILED, str(error)) from None
 
 
 async def _upgrade_release(
@@ -84,6 +101,7 @@ async def _upgrade_release(
                 timeout=spec.timeout_seconds,
                 description=f"conveyor {ctx.revision[:12]}",
                 labels=ctx.identity.labels(),
+                post_renderers=spec.post_renderers,
             )
         except HelmError as error:
             if "another operation" in error.message:

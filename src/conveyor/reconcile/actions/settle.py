@@ -9,8 +9,16 @@ from conveyor.reconcile.actions.verify import health_of
 from conveyor.reconcile.status import READY, AppStatus, Reason
 
 
-def settle(ctx: ActionContext, status: AppStatus, app: str, desired: Desired) -> None:
-    health = health_of(ctx.live, desired)
+def settle(
+    ctx: ActionContext,
+    status: AppStatus,
+    app: str,
+    desired: Desired,
+    *,
+    watched: Desired | None = None,
+) -> None:
+    """`watched`: the objects whose health counts (all of `desired` when None)."""
+    health = health_of(ctx.live, desired if watched is None else watched)
     if health.status is HealthStatus.CURRENT:
         if status.drift:
             ctx.set(status, Reason.DRIFT_DETECTED, f"drift (warn only): {status.drift}")

@@ -45,10 +45,31 @@ def drift_of(live: LiveCache, desired: Desired) -> list[str]:
     return [what for _, _, what in drifted_objects(live, desired)]
 
 
+def watched(app: RenderedApp, desired: Desired) -> Desired:
+    """The objects whose health makes the app Ready: all of them, unless a Flux
+    Kustomization says which (`wait: false` with its healthChecks, or none)."""
+    checks = app.source.options.wait_for
+    if checks is None or app.helm is not None:
+        return desired
+    return [
+        (ref, obj)
+        for ref, obj in desired
+        if any(
+            check.kind == ref.kind
+            and check.name == ref.name
+            and check.namespace in (None, ref.namespace)
+            and check.api_version in (None, ref.api_version)
+            for check in checks
+        )
+    ]
+
+
 async def wait_healthy(ctx: ActionContext, app: RenderedApp, desired: Desired) -> None:
-    """Until every object is healthy; AppFailed when one fails or time runs out."""
-    timeout = app.helm.spec.timeout_seconds if app.helm else ctx.timeout
+    """Until every watched object is healthy; AppFailed when one fails or time runs out."""
+    own = app.source.options.timeout_seconds
+    timeout = app.helm.spec.timeout_seconds if app.helm else own or ctx.timeout
     timeout = min(timeout, ctx.timeout)
+    desired = watched(app, desired)
     for ref, _ in desired:
         await ctx.live.ensure(ref.api_version, ref.kind)
     deadline = time.monotonic() + timeout
