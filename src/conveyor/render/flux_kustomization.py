@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -61,7 +61,7 @@ from conveyor.render.discover import (
 )
 from conveyor.render.documents import Document, RenderError, load_documents
 from conveyor.render.kustomize import kustomize_build
-from conveyor.render.sops import Decryptor, SecretRef
+from conveyor.render.sops import Decryptor, KeySource, SecretRef
 from conveyor.render.substitute import check_variable_names, substitute_documents
 
 ORIGIN_ANNOTATION = "config.kubernetes.io/origin"
@@ -79,9 +79,10 @@ class BuildContext:
     repo_root: Path
     charts: ChartResolver
     data_lookup: DataLookup | None  # None: no cluster (an offline diff)
-    decryptor: Decryptor
     kubectl: str = "kubectl"
     config_url: str | None = None  # the config repo, as a GitRepository may name it
+    # SOPS documents of a build: by default decrypted with the local keys (render/sops.py).
+    decryptor: Decryptor = field(default_factory=lambda: Decryptor(KeySource()))
 
 
 async def expand(tree: EnvironmentTree, context: BuildContext) -> None:
