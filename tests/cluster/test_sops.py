@@ -29,6 +29,7 @@ from tests.cluster.gitops import (
     conveyor,
     conveyor_apps,
     deployment,
+    flux_kustomization,
     kubectl_json,
     reconcile_json,
     wait_for,
@@ -344,6 +345,54 @@ def test_the_agent_decrypts_with_the_agekey_of_the_secret_conveyor_yaml_names(
     assert "web" in shown  # the agent logged its work on the app
     shown += everything_conveyor_shows(sandbox, namespace)
     assert not [value for value in forms(password) if value in shown]
+
+
+def test_a_flux_kustomization_decrypts_with_its_decryption_secret_ref(
+    sandbox: SandboxHandle, namespace: str, tmp_path: Path
+) -> None:
+    """A Flux Kustomization with `spec.decryption: {provider: sops, secretRef}`: its
+    build is decrypted with that Secret's `*.agekey`, read from the cluster in the
+    Kustomization's namespace (flux-system), with no key on the machine."""
+    password = f"flux-{uuid.uuid4().hex}"
+    key_file = tmp_path / "keys.txt"
+    recipient = age_key(sandbox, key_file)
+    sandbox.run("kubectl", "create", "namespace", "flux-system", check=False)
+    secret_name = f"sops-{namespace}"
+    sandbox.run(
+        "kubectl",
+        *("create", "secret", "generic", secret_name, "-n", "flux-system"),
+        f"--from-file=age.agekey={key_file}",
+    )
+    repo = ConfigRepo(tmp_path)
+    cluster = f"clusters/{namespace}"
+    repo.write(
+        f"{cluster}/apps.yaml",
+        flux_kustomization(
+            "apps",
+            f"./apps/{namespace}",
+            decryption={"provider": "sops", "secretRef": {"name": secret_name}},
+        ),
+    )
+    repo.write(f"apps/{namespace}/kustomization.yaml", "resources: [secret.yaml]\n")
+    encrypted(
+        sandbox,
+        repo,
+        f"apps/{namespace}/secret.yaml",
+        secret("flux-db", namespace, password),
+        recipient,
+    )
+    repo.commit("a Flux Kustomization with an encrypted Secret")
+    env = {k: v for k, v in sandbox.env.items() if not k.startswith("SOPS_AGE_")}
+    box = SandboxHandle(sandbox.sandbox, env, sandbox.registry)
+    try:
+        code, report = reconcile_json(box, repo, cluster)
+        assert code == 0, report
+        assert by_name(report)["apps"]["ready"] is True
+        assert live_password(sandbox, "flux-db", namespace) == password
+        shown = json.dumps(report) + everything_conveyor_shows(sandbox, namespace)
+        assert not [value for value in forms(password) if value in shown]
+    finally:
+        sandbox.run("kubectl", "delete", "secret", secret_name, "-n", "flux-system", check=False)
 
 
 def test_sandbox_env_puts_sops_and_age_on_path(sandbox: SandboxHandle, tmp_path: Path) -> None:
