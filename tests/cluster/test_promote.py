@@ -553,7 +553,7 @@ def test_pull_request_diff_of_a_helmrelease_values_change(pipeline: Pipeline) ->
     assert f"update Deployment {namespace}/ui" in text
     assert "-  replicas: 3\n+  replicas: 4\n" in text
     assert f"### keys\n\nupdate Secret {namespace}/ui-keys" in text
-    assert "-  token: '***'\n+  token: '*** (changed)'\n" in text
+    assert "-  token: '***'\n+  token: '*** (secret value changed)'\n" in text
     assert "token-4521" not in text and "token-9876" not in text
     # Against the cluster, valuesFrom is read from it: the ConfigMap's values show too.
     pipeline.clusters.production.run(
@@ -579,7 +579,7 @@ def test_pull_request_diff_of_a_helmrelease_values_change(pipeline: Pipeline) ->
     assert live.returncode == 1, live.stdout + live.stderr
     assert "-  replicas: 3\n+  replicas: 4\n" in live.stdout
     assert "+        - name: TUNED\n+          value: 'yes'\n" in live.stdout
-    assert "token: '*** (changed)'" in live.stdout and "token-9876" not in live.stdout
+    assert "token: '*** (secret value changed)'" in live.stdout and "token-9876" not in live.stdout
 
 
 def calitp_repo(root: Path, suffix: str) -> tuple[Path, Path]:

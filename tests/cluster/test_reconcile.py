@@ -513,7 +513,7 @@ def test_diff_against_live_exit_codes_and_masked_secrets(
     assert changed.returncode == 1
     text = changed.stdout
     assert "### ui" in text and "+  replicas: 4" in text  # the rendered HelmRelease change
-    assert "password: '*** (changed)'" in text
+    assert "password: '*** (secret value changed)'" in text
     assert "second-password" not in text and "first-password" not in text
     assert "c2Vjb25k" not in text  # nor base64 of it
 

@@ -87,7 +87,9 @@ def test_no_diff_shows_a_secret_value_from_kubectl_apply_or_a_copy_of_it(
     def assert_masked(output: str, where: str) -> None:
         for value in forbidden:
             assert value not in output, f"{where} shows a Secret value:\n{output}"
-        assert "password: '*** (changed)'" in output, f"{where} does not say it changed:\n{output}"
+        assert "password: '*** (secret value changed)'" in output, (
+            f"{where} does not say it changed:\n{output}"
+        )
         assert "copied-password: '***'" in output, f"{where} does not mask the copy:\n{output}"
 
     against_cluster = conveyor(sandbox, "diff", "--repo", repo.url, "--path", path)

@@ -156,14 +156,14 @@ def test_encrypted_secrets_in_manifests_and_kustomize_are_applied_and_never_show
     live = conveyor(box, "diff", "--repo", repo.url, "--path", path)
     assert live.returncode == 1, live.stdout + live.stderr
     assert "# web: update Secret" in live.stdout
-    assert "password: '*** (changed)'" in live.stdout
+    assert "password: '*** (secret value changed)'" in live.stdout
     offline = conveyor(
         box,
         *("diff", "--repo", str(repo.work), "--base", base, "--head", head, "--path", path),
         *("--sops-age-key-file", str(key_file)),
     )
     assert offline.returncode == 1, offline.stdout + offline.stderr
-    assert "password: '*** (changed)'" in offline.stdout
+    assert "password: '*** (secret value changed)'" in offline.stdout
     serve = ServeProcess(box, tmp_path, "--repo", repo.url)
     try:
         scope = app_name(path.replace("/", "-"))
@@ -175,7 +175,7 @@ def test_encrypted_secrets_in_manifests_and_kustomize_are_applied_and_never_show
         )
     finally:
         serve.stop()
-    assert "password: '*** (changed)'" in dashboard
+    assert "password: '*** (secret value changed)'" in dashboard
     for output in (
         live.stdout + live.stderr,
         offline.stdout + offline.stderr,

@@ -245,7 +245,7 @@ def test_the_readme_command_lines_that_need_no_cluster_run_as_written(
         )
         assert result.returncode == RUNS_OFFLINE[line], f"{line}\n{result.stdout}{result.stderr}"
         if line == SOPS_DIFF:  # decrypted to be compared, never shown
-            assert "password: '*** (changed)'" in result.stdout, result.stdout
+            assert "password: '*** (secret value changed)'" in result.stdout, result.stdout
             shown = result.stdout + result.stderr
             assert "first-password" not in shown and "second-password" not in shown
     production = run_git(

@@ -100,7 +100,7 @@ def test_secret_values_are_masked_and_changes_flagged() -> None:
     assert masked_before == {"kind": "Secret", "data": {"a": "***", "b": "***"}}
     assert masked_after == {
         "kind": "Secret",
-        "data": {"a": "***", "b": "*** (changed)", "c": "***"},
+        "data": {"a": "***", "b": "*** (secret value changed)", "c": "***"},
     }
     assert before["data"]["b"] == "Mg=="  # inputs untouched
 

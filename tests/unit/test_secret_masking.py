@@ -54,10 +54,10 @@ def test_a_secret_masks_its_last_applied_copy_and_annotations_holding_its_values
     for leaked in (PLAIN, NEW_PLAIN, b64(PLAIN), b64(NEW_PLAIN)):
         assert leaked not in text
     assert after is not None
-    assert after["data"] == {"password": "*** (changed)"}
+    assert after["data"] == {"password": "*** (secret value changed)"}
     assert after["metadata"]["annotations"] == {
-        LAST_APPLIED: "*** (changed)",
-        "note": "*** (changed)",
+        LAST_APPLIED: "*** (secret value changed)",
+        "note": "*** (secret value changed)",
     }
 
 
@@ -106,6 +106,6 @@ def test_offline_diff_of_a_secret_shows_the_change_but_no_value() -> None:
     changes = diff_objects_offline([was], [now, pod])
     text = "".join(c.diff for c in changes)
     assert [c.action for c in changes] == ["update", "create"]
-    assert "*** (changed)" in text
+    assert "*** (secret value changed)" in text
     for leaked in (PLAIN, NEW_PLAIN, b64(PLAIN), b64(NEW_PLAIN)):
         assert leaked not in text

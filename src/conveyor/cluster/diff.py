@@ -129,7 +129,7 @@ def _mask_entries(
     for key in new:
         if str(key) in picked:
             changed = key in old_values and old_values[key] != new_values[key]
-            new[key] = f"{MASK} (changed)" if changed else MASK
+            new[key] = f"{MASK} (secret value changed)" if changed else MASK
 
 
 def _map_at(obj: Obj | None, path: tuple[str, ...]) -> dict[Any, Any]:
