@@ -50,7 +50,7 @@ async def wait_healthy(ctx: ActionContext, app: RenderedApp, desired: Desired) -
     timeout = app.helm.spec.timeout_seconds if app.helm else ctx.timeout
     timeout = min(timeout, ctx.timeout)
     for ref, _ in desired:
-        await ctx.live.ensure(ref.api_version, ref.kind)
+        await ctx.live.ensure(ref)
     deadline = time.monotonic() + timeout
     while True:
         health = health_of(ctx.live, desired)
