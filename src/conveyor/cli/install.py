@@ -80,7 +80,7 @@ def bootstrap_command(
     repo (so upgrades go through git) and wait until the agent is Ready. Running it again
     changes nothing."""
     if ssh_key is None and ssh_url(repo):
-        fail(deploy_key_help(mask_url(repo)))
+        fail(escape(deploy_key_help(mask_url(repo))))
     if ssh_key is not None and known_hosts is None:
         fail("--ssh-key needs --known-hosts FILE (ssh-keyscan HOST > FILE)")
     for namespace in namespaces:

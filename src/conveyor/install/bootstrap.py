@@ -40,6 +40,7 @@ from conveyor.source.git import Author, change_trailer, commit_and_push
 
 RELEASE = "conveyor"  # the chart's release, in NAMESPACE
 DEPLOYMENT = "conveyor"  # the agent's, as the chart names it
+DASHBOARD = "conveyor-dashboard"
 DEPLOY_KEY_SECRET = "conveyor-git"  # noqa: S105  # a name: the chart's git.secretName
 SELF_FOLDER = "conveyor-system"  # conveyor's own app, under the environment's folder
 # The chart's copy in git, in a dot folder: discovery never reads dot folders, so its
@@ -132,7 +133,14 @@ def release_document(request: BootstrapRequest, chart_path: str, values: dict[st
     release = {
         "apiVersion": "helm.fluxcd.io/v1",
         "kind": "HelmRelease",
-        "metadata": {"name": RELEASE, "namespace": NAMESPACE},
+        # Drift of conveyor's own objects is reported, never reverted by conveyor itself:
+        # an uninstall, or someone scaling it down in an incident, must not be undone by
+        # the agent being removed.
+        "metadata": {
+            "name": RELEASE,
+            "namespace": NAMESPACE,
+            "annotations": {"conveyor.dev/drift": "warn"},
+        },
         "spec": {
             "releaseName": RELEASE,
             "targetNamespace": NAMESPACE,
@@ -217,12 +225,16 @@ def _objects(manifest: str) -> list[dict[str, Any]]:
     return [o for o in parse_manifest(manifest) if o.get("kind") != "CustomResourceDefinition"]
 
 
+async def _live_holder(elector: LeaderElector) -> str | None:
+    """Who holds the Lease and renews it (an agent, or a command's pass), or None."""
+    holder = await elector.observe()
+    return holder if holder is not None and elector.holder_renews() else None
+
+
 async def _live_agent(elector: LeaderElector) -> str | None:
     """The agent holding the Lease and renewing it, or None."""
-    holder = await elector.observe()
-    if holder is not None and answers_requests(holder) and elector.holder_renews():
-        return holder
-    return None
+    holder = await _live_holder(elector)
+    return holder if holder is not None and answers_requests(holder) else None
 
 
 async def bootstrap(request: BootstrapRequest, *, progress: Progress) -> BootstrapResult:
@@ -374,22 +386,33 @@ async def uninstall(
     renews is left to it."""
     result = UninstallResult()
     helm = helm_cli(kubeconfig_path=kubeconfig, context=context)
-    result.release = await helm.status(RELEASE, NAMESPACE) is not None
-    await helm.uninstall(RELEASE, NAMESPACE)
-    progress(f"helm: release {NAMESPACE}/{RELEASE} {'uninstalled' if result.release else 'absent'}")
     deadline = time.monotonic() + timeout
     async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
+        # The agents go first, while their RBAC still lets them release their Leases on
+        # SIGTERM; they report the deletion as drift and never undo it (bootstrap's
+        # release says conveyor.dev/drift: warn).
+        for name in (DEPLOYMENT, DASHBOARD):
+            await kube.delete("apps/v1", "Deployment", name, namespace=NAMESPACE)
         while await kube.list("v1", "Pod", namespace=NAMESPACE, label_selector=AGENT_PODS):
             if time.monotonic() > deadline:
                 raise BootstrapError(
                     f"conveyor's Pods in {NAMESPACE} still run after {timeout:.0f}s"
                 )
             await asyncio.sleep(1.0)
+        result.release = await helm.status(RELEASE, NAMESPACE) is not None
+        await helm.uninstall(RELEASE, NAMESPACE)
+        progress(
+            f"helm: release {NAMESPACE}/{RELEASE} {'uninstalled' if result.release else 'absent'}"
+        )
         for lease in await kube.list(LEASE_API_VERSION, "Lease", namespace=NAMESPACE):
             name = lease["metadata"]["name"]
             if not name.startswith("conveyor-"):
                 continue
-            if await _wait_released(kube, name, deadline=deadline):
+            # Our agents are gone: a holder that still renews past one lease duration is
+            # an agent outside the cluster, whose Lease stays.
+            duration = float((lease.get("spec") or {}).get("leaseDurationSeconds") or 15)
+            until = min(deadline, time.monotonic() + duration + 2.0)
+            if await _wait_released(kube, name, deadline=until):
                 await kube.delete(LEASE_API_VERSION, "Lease", name, namespace=NAMESPACE)
                 result.leases.append(name)
             else:
@@ -413,7 +436,7 @@ async def _wait_released(kube: KubeClient, name: str, *, deadline: float) -> boo
     """Whether the Lease is free, or its holder stopped renewing, before `deadline`."""
     elector = LeaderElector(kube, namespace=NAMESPACE, name=name, identity=OBSERVER)
     while True:
-        if await _live_agent(elector) is None:
+        if await _live_holder(elector) is None:
             return True
         if time.monotonic() > deadline:
             return False
