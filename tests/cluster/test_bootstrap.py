@@ -43,7 +43,9 @@ from conveyor.install.chart import CHART_DIR
 from conveyor.source.git import run_git
 from tests.cluster.gitops import ConfigRepo, conveyor, deployment, kubectl_json, wait_for
 from tests.cluster.test_in_cluster import apiserver, pod_files
+from tests.cluster.test_readme_cluster import as_run
 from tests.conftest import SandboxHandle
+from tests.unit.test_readme import readme_commands
 
 pytestmark = pytest.mark.cluster
 SYSTEM = "conveyor-system"
@@ -122,10 +124,10 @@ class PodOnHost:
     name: str
     process: subprocess.Popen[str]
     log: Path
-    port: int
+    terminated: bool = False  # SIGTERM sent
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
+        return self.log.read_text(errors="replace")[-3000:]
 
 
 def container_command(pod: dict[str, Any], port: int) -> tuple[list[str], dict[str, str]]:
@@ -138,31 +140,50 @@ def container_command(pod: dict[str, Any], port: int) -> tuple[list[str], dict[s
     return args, env
 
 
-@pytest.fixture
-def run_pod(sandbox: SandboxHandle, tmp_path: Path) -> Iterator[Any]:
-    started: list[PodOnHost] = []
+class Kubelet:
+    """Runs every agent Pod of the chart that kwok says runs, and sends SIGTERM to the
+    process of a Pod once it is being deleted (a rollout, an uninstall)."""
 
-    def start(pod: dict[str, Any]) -> PodOnHost:
+    def __init__(self, sandbox: SandboxHandle, work: Path) -> None:
+        self.sandbox = sandbox
+        self.work = work
+        self.pods: dict[str, PodOnHost] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def running(self) -> list[str]:
+        return sorted(n for n, p in self.pods.items() if p.process.poll() is None)
+
+    def output(self) -> str:
+        return "\n".join(f"--- {n}\n{p.output()}" for n, p in sorted(self.pods.items()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            live = {p["metadata"]["name"]: p for p in agent_pods(self.sandbox)}
+            for name, pod in live.items():
+                if name not in self.pods:
+                    self.pods[name] = self._start(pod)
+            for name, running in self.pods.items():
+                if name not in live and not running.terminated:
+                    running.process.send_signal(signal.SIGTERM)  # once, as the kubelet
+                    running.terminated = True
+
+    def _start(self, pod: dict[str, Any]) -> PodOnHost:
         name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]
-        account = pod["spec"]["serviceAccountName"]
-        token = sandbox.run(
-            "kubectl", "create", "token", account, "-n", SYSTEM,
+        token = self.sandbox.run(
+            "kubectl", "create", "token", pod["spec"]["serviceAccountName"], "-n", SYSTEM,
             "--bound-object-kind", "Pod", "--bound-object-name", name, "--bound-object-uid", uid,
         ).stdout.strip()  # fmt: skip
-        run_dir = tmp_path / f"run-{name}"
-        pod_files(
-            sandbox,
-            run_dir / "secrets" / "kubernetes.io" / "serviceaccount",
-            token=token,
-            namespace=SYSTEM,
-        )
-        port = free_port()
-        args, container_env = container_command(pod, port)
-        host, api_port = apiserver(sandbox)
-        env = {k: v for k, v in sandbox.env.items() if k != "KUBECONFIG"}
+        run_dir = self.work / f"run-{name}"
+        account = run_dir / "secrets" / "kubernetes.io" / "serviceaccount"
+        pod_files(self.sandbox, account, token=token, namespace=SYSTEM)
+        args, container_env = container_command(pod, free_port())
+        host, api_port = apiserver(self.sandbox)
+        env = {k: v for k, v in self.sandbox.env.items() if k != "KUBECONFIG"}
         env.update(container_env)
         env.update(KUBERNETES_SERVICE_HOST=host, KUBERNETES_SERVICE_PORT=api_port)
-        log = tmp_path / f"{name}.log"
+        log = self.work / f"{name}.log"
         process = subprocess.Popen(
             [
                 "unshare", "--mount", "--uts", "--propagation", "private", "--",
@@ -172,28 +193,29 @@ def run_pod(sandbox: SandboxHandle, tmp_path: Path) -> Iterator[Any]:
             ],
             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        running = PodOnHost(name, process, log, port)
-        started.append(running)
+        return PodOnHost(name, process, log)
 
-        def kubelet() -> None:  # SIGTERM once the Pod is deleted
-            while process.poll() is None:
-                if kubectl_json(sandbox, "get", "pod", name, "-n", SYSTEM) is None:
-                    process.send_signal(signal.SIGTERM)
-                    return
-                time.sleep(1.0)
-
-        threading.Thread(target=kubelet, daemon=True).start()
-        return running
-
-    yield start
-    for pod in started:
-        if pod.process.poll() is None:
-            pod.process.send_signal(signal.SIGTERM)
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for running in self.pods.values():
+            if running.process.poll() is None:
+                running.process.send_signal(signal.SIGTERM)
+        for running in self.pods.values():
             try:
-                pod.process.wait(timeout=30)
+                running.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                pod.process.kill()
-        print(f"--- {pod.name}\n{pod.output()}")
+                running.process.kill()
+
+
+@pytest.fixture
+def kubelet(sandbox: SandboxHandle, tmp_path: Path) -> Iterator[Kubelet]:
+    work = tmp_path / "kubelet"
+    work.mkdir()
+    running = Kubelet(sandbox, work)
+    yield running
+    running.stop()
+    print(running.output())
 
 
 def agent_pods(sandbox: SandboxHandle) -> list[dict[str, Any]]:
@@ -219,6 +241,20 @@ def commits(repo: ConfigRepo) -> list[str]:
     return run_git(["--git-dir", str(repo.bare), "log", "--format=%H", "main"]).split()
 
 
+def readme_line(start: str, *, having: str) -> str:
+    return next(c for c in readme_commands() if c.startswith(start) and having in c)
+
+
+def bootstrap_json(sandbox: SandboxHandle, line: str, filled: dict[str, str]) -> dict[str, Any]:
+    """A README bootstrap line as written, with `-o json` for the test to read it."""
+    started = time.monotonic()
+    result = conveyor(sandbox, *as_run(line, filled), "-o", "json", timeout=300)
+    assert result.returncode == 0, f"{line}\n{result.stderr}"
+    report: dict[str, Any] = json.loads(result.stdout)
+    print(f"{line}: {time.monotonic() - started:.1f}s, steps {report['seconds']}")
+    return report
+
+
 @pytest.fixture
 def no_conveyor_release(sandbox: SandboxHandle) -> Iterator[None]:
     """conveyor-system holds one release of the chart per cluster: none before, none after."""
@@ -227,59 +263,45 @@ def no_conveyor_release(sandbox: SandboxHandle) -> Iterator[None]:
     conveyor(sandbox, "uninstall", "--timeout", "30")
 
 
-def test_bootstrap_namespaced_agent_reconciles_rerun_is_a_no_op_uninstall_keeps_apps(
+def test_bootstrap_namespaced_agent_reconciles_upgrades_through_git_uninstall_keeps_apps(
     sandbox: SandboxHandle,
     namespace: str,
     tmp_path: Path,
-    run_pod: Any,
     no_conveyor_release: None,
+    kubelet: Kubelet,
 ) -> None:
+    """The README's lines: bootstrap (namespaced), again (a no-op), an upgrade (through
+    git: the agent applies it, its Pods roll), uninstall (the app keeps running)."""
     name = f"boot-{namespace[2:]}"
-    repo = ConfigRepo(tmp_path)
+    repo = ConfigRepo(tmp_path / "repo")
     repo.write(f"{name}/web/deploy.yaml", deployment("web", namespace))
     repo.commit("an environment with one app")
-    args = (
-        "bootstrap", "--repo", repo.url, "--env", name, "--namespace", namespace,
-        "--timeout", "180", "-o", "json",
-    )  # fmt: skip
-    started = time.monotonic()
-    first = subprocess.Popen(
-        [sys.executable, "-m", "conveyor", *args],
-        env=sandbox.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    # The chart is installed; kwok runs its Pods; the test runs the first one's agent.
-    pods = wait_for(lambda: len(agent_pods(sandbox)) == 2 and agent_pods(sandbox), timeout=120,
-                    what="the chart's two agent Pods")  # fmt: skip
-    pod = run_pod(pods[0])
-    stdout, stderr = first.communicate(timeout=240)
-    bootstrap_seconds = time.monotonic() - started
-    assert first.returncode == 0, f"{stderr}\n{pod.output()}"
-    result = json.loads(stdout)
-    print(f"bootstrap: {bootstrap_seconds:.1f}s; steps: {result['seconds']}")
-    assert result["holder"].startswith(pod.name), result  # identity: hostname-pid-random
-    assert result["installed_revision"] == 1 and result["secret"] is None
+    filled = {"URL": repo.url, "NAME": name, "NS": namespace, "IMAGE": "localhost/conveyor:next"}
+    install = readme_line("conveyor bootstrap", having="--namespace NS")
+    first = bootstrap_json(sandbox, install, filled)
+    # An agent identity is `<hostname>-<pid>-<random>`, and a Pod's hostname its name.
+    assert any(first["holder"].startswith(f"{pod}-") for pod in kubelet.running()), first
+    assert first["installed_revision"] == 1 and first["secret"] is None
 
     # conveyor's own release is in git, committed once, with the trailer.
-    log = run_git(["--git-dir", str(repo.bare), "log", "-1", "--format=%B", "main"])
-    assert "Conveyor-Change: bootstrap" in log
-    release = yaml.safe_load(
-        run_git(["--git-dir", str(repo.bare), "show", f"main:{name}/conveyor-system/release.yaml"])
-    )
+    message = run_git(["--git-dir", str(repo.bare), "log", "-1", "--format=%B", "main"])
+    assert "Conveyor-Change: bootstrap" in message
+    release_file = f"main:{name}/conveyor-system/release.yaml"
+    release = yaml.safe_load(run_git(["--git-dir", str(repo.bare), "show", release_file]))
     assert release["spec"]["chart"]["path"] == f"{name}/conveyor-system/.chart"
     assert release["spec"]["values"]["rbac"] == {"mode": "namespaced", "namespaces": [namespace]}
 
     # The agent, with its ServiceAccount's token only, reconciled the environment: the
     # app in the namespace it may use, and conveyor's own release from git.
-    def reconciled() -> bool:
+    def ready_apps() -> set[str]:
         statuses = kubectl_json(sandbox, "get", "conveyorapps", "-n", SYSTEM)
-        ready = {
+        return {
             item["spec"]["app"]
             for item in (statuses or {}).get("items", [])
             if item["spec"].get("scope") == name and item["status"].get("state") == "Ready"
         }
-        return {"web", "conveyor"} <= ready
 
-    wait_for(reconciled, timeout=120, what=f"web and conveyor Ready\n{pod.output()}")
+    wait_for(lambda: {"web", "conveyor"} <= ready_apps(), timeout=120, what="web and conveyor")
     web = kubectl_json(sandbox, "get", "deployment", "web", "-n", namespace)
     assert web is not None and web["metadata"]["labels"]["conveyor.dev/owner"]
     assert helm_revisions(sandbox) == [1, 2]  # the agent's first pass took the release over
@@ -289,29 +311,39 @@ def test_bootstrap_namespaced_agent_reconciles_rerun_is_a_no_op_uninstall_keeps_
     assert can_i(sandbox, "update", "leases", "-n", SYSTEM)
     assert not can_i(sandbox, "create", "deployments", "-n", "default")
     assert not can_i(sandbox, "list", "secrets", "--all-namespaces")
+    assert not can_i(sandbox, "get", "secrets", "-n", "kube-system")
     assert not can_i(sandbox, "create", "namespaces")
     assert not can_i(sandbox, "create", "clusterroles")
     assert not can_i(sandbox, "delete", "customresourcedefinitions")
 
     # Running it again changes nothing: no commit, no helm revision.
     before = commits(repo)
-    started = time.monotonic()
-    again = conveyor(sandbox, *args, timeout=240)
-    rerun_seconds = time.monotonic() - started
-    assert again.returncode == 0, again.stderr
-    rerun = json.loads(again.stdout)
-    print(f"bootstrap again: {rerun_seconds:.1f}s")
-    assert rerun["commit"] is None and rerun["installed_revision"] is None, rerun
-    assert commits(repo) == before
-    assert helm_revisions(sandbox) == [1, 2]
+    again = bootstrap_json(sandbox, install, filled)
+    assert again["commit"] is None and again["installed_revision"] is None, again
+    assert commits(repo) == before and helm_revisions(sandbox) == [1, 2]
 
-    # Uninstall: conveyor goes (the simulated Pod gets its SIGTERM), the app stays.
+    # An upgrade goes through git: bootstrap commits, the agent holding the Lease applies
+    # it (bootstrap runs no helm beside it), its Pods roll, a new Pod's agent leads.
+    old_pods = kubelet.running()
+    upgrade_line = readme_line("conveyor bootstrap", having="--namespace NS --image")
+    upgrade = bootstrap_json(sandbox, upgrade_line, filled)
+    assert upgrade["commit"] and upgrade["installed_revision"] is None, upgrade
+    assert commits(repo)[1:] == before
+    live = kubectl_json(sandbox, "get", "deployment", "conveyor", "-n", SYSTEM)
+    assert live is not None
+    assert live["spec"]["template"]["spec"]["containers"][0]["image"] == filled["IMAGE"]
+    assert helm_revisions(sandbox)[-1] >= 3
+    wait_for(lambda: not set(old_pods) & set(kubelet.running()), timeout=60, what="the roll")
+
+    # Uninstall: conveyor goes (its Pods get their SIGTERM), the app stays.
     started = time.monotonic()
-    removed = conveyor(sandbox, "uninstall", "--timeout", "60")
+    removed = conveyor(sandbox, *as_run(readme_line("conveyor uninstall", having=""), {}))
     print(f"uninstall: {time.monotonic() - started:.1f}s")
     assert removed.returncode == 0, removed.stderr
     assert f"conveyor-{name}" in removed.stdout
-    assert pod.process.wait(timeout=60) == 0, pod.output()
+    wait_for(lambda: not kubelet.running(), timeout=60, what="the agents to exit")
+    codes = {n: p.process.returncode for n, p in kubelet.pods.items()}
+    assert set(codes.values()) == {0}, f"{codes}\n{kubelet.output()}"
     assert helm_revisions(sandbox) == []
     assert kubectl_json(sandbox, "get", "deployment", "conveyor", "-n", SYSTEM) is None
     assert kubectl_json(sandbox, "get", "lease", f"conveyor-{name}", "-n", SYSTEM) is None

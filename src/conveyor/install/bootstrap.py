@@ -33,7 +33,15 @@ from conveyor.errors import ConveyorError
 from conveyor.images.reference import split_reference
 from conveyor.install.chart import CHART_DIR
 from conveyor.reconcile.requests import answers_requests, environment_elector, request_reconcile
-from conveyor.reconcile.status import API_VERSION, KIND, NAMESPACE, StatusStore, crd_manifest
+from conveyor.reconcile.status import (
+    API_VERSION,
+    KIND,
+    NAMESPACE,
+    STALLED,
+    AppStatus,
+    StatusStore,
+    crd_manifest,
+)
 from conveyor.reconcile.target import ResolvedTarget, Target, fetch_target, helm_cli, kube_client
 from conveyor.render.helm import HelmCLI, parse_manifest
 from conveyor.source.git import Author, change_trailer, commit_and_push
@@ -305,8 +313,8 @@ async def bootstrap(request: BootstrapRequest, *, progress: Progress) -> Bootstr
         result.seconds["install"] = time.monotonic() - step
         step = time.monotonic()
         result.holder = await _wait_ready(
-            kube, elector, helm_check=lambda: _release_matches(helm, desired), request=request,
-            progress=progress,
+            kube, elector, helm_check=lambda: _release_matches(helm, desired),
+            scope=scope, commit=result.commit, request=request, progress=progress,
         )  # fmt: skip
         status = await helm.status(RELEASE, NAMESPACE)
         result.helm_revision = int((status or {}).get("version") or 0)
@@ -326,17 +334,30 @@ async def _wait_ready(
     elector: LeaderElector,
     *,
     helm_check: Callable[[], Awaitable[bool]],
+    scope: str,
+    commit: str | None,
     request: BootstrapRequest,
     progress: Progress,
 ) -> str:
     """Until the release is what bootstrap asked for, the agent's Deployment is
-    available and an agent holds the Lease; returns the holder."""
+    available and an agent holds the Lease; returns the holder. The agent giving up on
+    the commit that changed conveyor's release ends the wait with its reason."""
     deadline = time.monotonic() + request.timeout
     said = ""
     while True:
         waiting = []
         if not await helm_check():
-            waiting.append("the release to be upgraded by the agent")
+            status = await _self_status(kube, scope)
+            if status is not None and commit and status.attempted_revision == commit:
+                if status.state == STALLED:
+                    raise BootstrapError(
+                        f"the agent could not apply conveyor's release at {commit[:12]}: "
+                        f"{status.reason}: {status.message}"
+                    )
+            waiting.append(
+                "the agent to apply conveyor's release"
+                + (f" ({status.state}: {status.message})" if status and status.message else "")
+            )
         deployment = await kube.get("apps/v1", "Deployment", DEPLOYMENT, namespace=NAMESPACE)
         health = assess(deployment) if deployment is not None else None
         if health is None or health.status is not HealthStatus.CURRENT:
@@ -355,6 +376,12 @@ async def _wait_ready(
                 f"the agent was not Ready within {request.timeout:.0f}s: {'; '.join(waiting)}"
             )
         await asyncio.sleep(1.0)
+
+
+async def _self_status(kube: KubeClient, scope: str) -> AppStatus | None:
+    """The status of the app that is conveyor's own release, in the environment."""
+    statuses = await StatusStore(kube).load_all(scope=scope)
+    return next((s for s in statuses.values() if s.release == f"{NAMESPACE}/{RELEASE}"), None)
 
 
 AGENT_PODS = "app.kubernetes.io/name=conveyor"  # the chart's selector label
