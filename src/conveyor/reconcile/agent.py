@@ -343,9 +343,11 @@ class Agent:
     ) -> None:
         while True:
             log.info("waiting to lead %s as %s", engine.options.scope, self.options.identity)
-            self._standing_by = True
             try:
-                await elector.acquire()  # retries by itself while the apiserver is away
+                # One attempt first: only a Lease another replica holds makes this a standby.
+                if not await elector.acquire(timeout=0):
+                    self._standing_by = True
+                    await elector.acquire()  # retries by itself while the apiserver is away
             except Exception as error:  # refused for good (RBAC): fixable without a restart
                 await self._failed(engine.options.scope, error, what="taking the lease")
                 continue
