@@ -338,7 +338,7 @@ def test_bootstrap_namespaced_agent_reconciles_upgrades_through_git_uninstall_ke
     # Uninstall: conveyor goes (its Pods get their SIGTERM), the app stays.
     started = time.monotonic()
     removed = conveyor(sandbox, *as_run(readme_line("conveyor uninstall", having=""), {}))
-    print(f"uninstall: {time.monotonic() - started:.1f}s")
+    print(f"uninstall: {time.monotonic() - started:.1f}s\n{removed.stderr}")
     assert removed.returncode == 0, removed.stderr
     assert f"conveyor-{name}" in removed.stdout
     wait_for(lambda: not kubelet.running(), timeout=60, what="the agents to exit")
@@ -351,6 +351,52 @@ def test_bootstrap_namespaced_agent_reconciles_upgrades_through_git_uninstall_ke
     assert web_after is not None and web_after["metadata"]["uid"] == web["metadata"]["uid"]
     kept = kubectl_json(sandbox, "get", "conveyorapp", f"{name}.web", "-n", SYSTEM)
     assert kept is not None  # statuses stay for a later bootstrap (no --purge)
+
+
+def test_bootstrap_cluster_wide_with_a_deploy_key(
+    sandbox: SandboxHandle,
+    namespace: str,
+    tmp_path: Path,
+    no_conveyor_release: None,
+    kubelet: Kubelet,
+) -> None:
+    """The default mode, with the deploy-key Secret made from the given files (the
+    repository is a local path, so the agent's git never needs the key it is given)."""
+    name = f"wide-{namespace[2:]}"
+    repo = ConfigRepo(tmp_path / "repo")
+    repo.write(f"{name}/web/deploy.yaml", deployment("web", namespace))
+    repo.commit("an environment with one app")
+    key, hosts = tmp_path / "deploy-key", tmp_path / "known_hosts"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key-7f3a\n-----END ...\n")
+    hosts.write_text("git.example.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleHostKey\n")
+    args = ("bootstrap", "--repo", repo.url, "--env", name, "--ssh-key", str(key),
+            "--known-hosts", str(hosts), "-o", "json")  # fmt: skip
+    first = conveyor(sandbox, *args, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "not-a-real-key-7f3a" not in first.stdout + first.stderr
+    report = json.loads(first.stdout)
+    assert report["secret"] == "created" and report["installed_revision"] == 1
+    secret = kubectl_json(sandbox, "get", "secret", "conveyor-git", "-n", SYSTEM)
+    assert secret is not None and sorted(secret["data"]) == ["identity", "known_hosts"]
+    live = kubectl_json(sandbox, "get", "deployment", "conveyor", "-n", SYSTEM)
+    assert live is not None
+    pod_spec = live["spec"]["template"]["spec"]
+    assert {"name": "git", "secret": {"secretName": "conveyor-git", "defaultMode": 0o440}} in (
+        pod_spec["volumes"]
+    )
+    env = {e["name"]: e["value"] for e in pod_spec["containers"][0]["env"]}
+    assert "-i /etc/conveyor/git/identity" in env["GIT_SSH_COMMAND"]
+    assert "--namespace" not in " ".join(pod_spec["containers"][0]["args"])
+    # Cluster-wide: the agent may do what an environment's apps need, anywhere.
+    assert can_i(sandbox, "create", "deployments", "-n", namespace)
+    assert can_i(sandbox, "create", "namespaces")
+    again = json.loads(conveyor(sandbox, *args, timeout=300).stdout)
+    assert again["secret"] == "unchanged" and again["commit"] is None, again
+    removed = conveyor(sandbox, "uninstall", "--timeout", "60")
+    assert removed.returncode == 0, removed.stderr
+    assert kubectl_json(sandbox, "get", "secret", "conveyor-git", "-n", SYSTEM) is None
+    assert kubectl_json(sandbox, "get", "clusterrolebinding", "conveyor") is None
+    assert kubectl_json(sandbox, "get", "deployment", "web", "-n", namespace) is not None
 
 
 def test_bootstrap_without_a_deploy_key_for_an_ssh_repo_says_how_to_make_one(

@@ -413,7 +413,8 @@ async def uninstall(
     renews is left to it."""
     result = UninstallResult()
     helm = helm_cli(kubeconfig_path=kubeconfig, context=context)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
         # The agents go first, while their RBAC still lets them release their Leases on
         # SIGTERM; they report the deletion as drift and never undo it (bootstrap's
@@ -426,10 +427,12 @@ async def uninstall(
                     f"conveyor's Pods in {NAMESPACE} still run after {timeout:.0f}s"
                 )
             await asyncio.sleep(1.0)
+        progress(f"agents stopped ({time.monotonic() - started:.1f}s)")
         result.release = await helm.status(RELEASE, NAMESPACE) is not None
         await helm.uninstall(RELEASE, NAMESPACE)
         progress(
-            f"helm: release {NAMESPACE}/{RELEASE} {'uninstalled' if result.release else 'absent'}"
+            f"helm: release {NAMESPACE}/{RELEASE} "
+            f"{'uninstalled' if result.release else 'absent'} ({time.monotonic() - started:.1f}s)"
         )
         for lease in await kube.list(LEASE_API_VERSION, "Lease", namespace=NAMESPACE):
             name = lease["metadata"]["name"]
@@ -444,6 +447,7 @@ async def uninstall(
                 result.leases.append(name)
             else:
                 result.kept_leases.append(name)
+        progress(f"leases: {len(result.leases)} deleted ({time.monotonic() - started:.1f}s)")
         result.secret = await kube.delete("v1", "Secret", DEPLOY_KEY_SECRET, namespace=NAMESPACE)
         if purge:
             statuses = await StatusStore(kube).list_all()
