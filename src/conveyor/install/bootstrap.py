@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -220,14 +220,6 @@ async def _apply_secret(kube: KubeClient, key: DeployKey) -> str:
     return "created" if live is None else "updated"
 
 
-async def _ensure_namespace(kube: KubeClient) -> None:
-    if await kube.get("v1", "Namespace", NAMESPACE) is None:
-        await kube.apply(
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
-            field_manager=FIELD_MANAGER,
-        )
-
-
 def _objects(manifest: str) -> list[dict[str, Any]]:
     """A release's objects as helm stores them: no CRDs (helm keeps crds/ apart)."""
     return [o for o in parse_manifest(manifest) if o.get("kind") != "CustomResourceDefinition"]
@@ -253,13 +245,9 @@ async def bootstrap(request: BootstrapRequest, *, progress: Progress) -> Bootstr
         raise BootstrapError(str(error)) from None
     values = chart_values(request, resolved, folder_is_env=folder_is_env)
     folder = resolved.env_path
-    chart_path = (
-        f"{folder}/{SELF_FOLDER}/{CHART_FOLDER}"
-        if folder != "."
-        else (f"{SELF_FOLDER}/{CHART_FOLDER}")
-    )
-    document = release_document(request, chart_path, values)
-    result = BootstrapResult(folder=f"{folder}/{SELF_FOLDER}", scope=resolved.scope)
+    own_folder = PurePosixPath(folder, SELF_FOLDER)
+    document = release_document(request, str(own_folder / CHART_FOLDER), values)
+    result = BootstrapResult(folder=str(own_folder), scope=resolved.scope)
 
     def change(root: Path) -> None:
         _write_self(root, folder, document)
@@ -280,7 +268,7 @@ async def bootstrap(request: BootstrapRequest, *, progress: Progress) -> Bootstr
     helm = helm_cli(resolved)
     async with kube_client(resolved) as kube:
         step = time.monotonic()
-        await _ensure_namespace(kube)
+        await StatusStore(kube).install()  # conveyor-system and the CRD, as an agent makes them
         if request.deploy_key is not None:
             result.secret = await _apply_secret(kube, request.deploy_key)
             progress(f"deploy key: Secret {NAMESPACE}/{DEPLOY_KEY_SECRET} {result.secret}")
@@ -294,9 +282,7 @@ async def bootstrap(request: BootstrapRequest, *, progress: Progress) -> Bootstr
             progress(f"agent {holder} holds the Lease: it applies the release from git")
             if result.commit is not None:
                 await request_reconcile(kube, scope, app=None)
-        elif await helm.status(RELEASE, NAMESPACE) is None or (
-            _objects(await helm.manifest(RELEASE, NAMESPACE)) != desired
-        ):
+        elif not await _release_matches(helm, desired):
             release = await helm.upgrade_install(
                 RELEASE,
                 NAMESPACE,
@@ -324,6 +310,7 @@ async def bootstrap(request: BootstrapRequest, *, progress: Progress) -> Bootstr
 
 
 async def _release_matches(helm: HelmCLI, desired: list[dict[str, Any]]) -> bool:
+    """Whether conveyor's release holds exactly the objects bootstrap rendered."""
     if await helm.status(RELEASE, NAMESPACE) is None:
         return False
     return bool(_objects(await helm.manifest(RELEASE, NAMESPACE)) == desired)
