@@ -248,6 +248,9 @@ def test_two_agents_with_one_lease_never_both_apply(
     time.sleep(8)  # several intervals: the standby must not apply in any of them
     assert first.passes() >= 2
     assert second.passes() == 0
+    # A standby is ready (/readyz), so that the chart's Deployment of two is available.
+    second.wait_ready(timeout=10)
+    assert second.passes() == 0
     scope = path.replace("/", "-")
     lease = kubectl_json(sandbox, "get", "lease", f"conveyor-{scope}", "-n", "conveyor-system")
     assert lease is not None

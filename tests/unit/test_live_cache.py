@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from conveyor.cluster.live import LiveCache
+import pytest
+
+from conveyor.cluster.live import LiveCache, OutsideNamespacesError
 from conveyor.cluster.objects import ObjectRef
 
 
@@ -23,7 +26,7 @@ def deployment(version: str, generation: int) -> dict[str, Any]:
 
 def test_a_write_seeds_the_cache_and_a_late_older_event_does_not_undo_it() -> None:
     cache = LiveCache(kube=None)  # type: ignore[arg-type]  # no I/O in this test
-    cache._watches[("apps/v1", "Deployment")] = None  # type: ignore[assignment]
+    cache._watches[("apps/v1", "Deployment", "")] = None  # type: ignore[assignment]
     ref = ObjectRef.of(deployment("10", 1))
     cache._store(ref, deployment("10", 1), notify=False)
     cache.seed([deployment("15", 2)])  # what the apply returned
@@ -38,3 +41,21 @@ def test_kinds_not_watched_are_not_seeded() -> None:
     cache = LiveCache(kube=None)  # type: ignore[arg-type]
     cache.seed([deployment("15", 2)])
     assert cache.get(ObjectRef.of(deployment("15", 2))) is None
+
+
+def test_an_agent_confined_to_namespaces_watches_each_and_refuses_the_rest() -> None:
+    """The chart's namespaced mode: watches per namespace (a cluster-wide one would be
+    refused by RBAC), and an object elsewhere named with its namespace, never waited on."""
+    cache = LiveCache(kube=None, namespaces=frozenset({"apps", "conveyor-system"}))  # type: ignore[arg-type]
+    inside = ObjectRef.of(deployment("1", 1))
+    cache._watches[("apps/v1", "Deployment", "apps")] = None  # type: ignore[assignment]
+    assert cache.watched(inside)
+    cache.seed([deployment("2", 1)])
+    assert cache.get(inside) is not None
+    elsewhere = ObjectRef("apps/v1", "Deployment", "payments", "web")
+    assert not cache.watched(elsewhere)
+    with pytest.raises(OutsideNamespacesError, match="namespace 'payments', outside"):
+        asyncio.run(cache.ensure(elsewhere))
+    cluster_scoped = ObjectRef("v1", "Namespace", "", "payments")
+    with pytest.raises(OutsideNamespacesError, match="Namespace payments: cluster-scoped"):
+        asyncio.run(cache.ensure(cluster_scoped))

@@ -11,6 +11,7 @@ from conveyor.cli import (
     gates,
     guard,
     images,
+    install,
     promote,
     publish,
     reconcile,
@@ -47,6 +48,8 @@ app.command()(promote.notes)
 app.add_typer(gates.app, name="gate")
 app.command()(gates.approve)
 app.command()(channels.release)
+app.command(name="bootstrap")(install.bootstrap_command)
+app.command(name="uninstall")(install.uninstall_command)
 
 
 def _version(value: bool) -> None:

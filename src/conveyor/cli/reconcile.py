@@ -40,6 +40,7 @@ from conveyor.cluster.client import ApiError
 from conveyor.cluster.kubeconfig import KubeconfigError
 from conveyor.cluster.lease import NotLeaderError
 from conveyor.config.helmrelease import parse_duration
+from conveyor.config.names import UnsafeValueError, kubernetes_namespace
 from conveyor.config.project import ConfigError
 from conveyor.promote.gates import agent_gate
 from conveyor.promote.offline_diff import diff_against_live, diff_revisions
@@ -50,6 +51,7 @@ from conveyor.reconcile.logs import configure as configure_logging
 from conveyor.reconcile.once import SourceFailure, plan_target, reconcile_once
 from conveyor.reconcile.plan import AppPlan, render_markdown, render_text
 from conveyor.reconcile.requests import RequestTimeoutError
+from conveyor.reconcile.status import NAMESPACE as STATUS_NAMESPACE
 from conveyor.reconcile.status import (
     READY,
     SOURCE_KIND,
@@ -504,6 +506,13 @@ def agent(
         "--shutdown-grace",
         help="On SIGTERM, seconds the pass in flight may take to finish before it is abandoned.",
     ),
+    namespaces: list[str] = typer.Option(
+        [],
+        "--namespace",
+        help="Confine the agent to this namespace (repeat it; namespaced RBAC): watches "
+        "only these, creates no namespace, refuses objects elsewhere. conveyor-system is "
+        "always among them.",
+    ),
     kubeconfig: str | None = KubeconfigOption,
     context: str | None = ContextOption,
     log_format: LogFormat | None = LogFormatOption,
@@ -512,6 +521,11 @@ def agent(
     With --env, new content waits until the environment's gates are open."""
     if bool(path) == bool(env):
         fail("give exactly one of --path DIR or --env NAME")
+    for namespace in namespaces:
+        try:
+            kubernetes_namespace(namespace)
+        except UnsafeValueError as error:
+            fail(f"--namespace: {error}")
     # Startup misconfiguration stops the agent here, with one line; everything after
     # this is retried (see reconcile/agent.py).
     if listen is not None:
@@ -538,6 +552,7 @@ def agent(
         timeout=timeout,
         lease_duration=lease_duration,
         shutdown_grace=shutdown_grace,
+        namespaces=frozenset([*namespaces, STATUS_NAMESPACE]) if namespaces else None,
     )
     target = Target(
         repo=repo, branch=branch, path=path, env=env, kubeconfig=kubeconfig, context=context

@@ -55,6 +55,11 @@ class ApiError(ConveyorError, RuntimeError):
     def not_found(self) -> bool:
         return self.status == 404
 
+    @property
+    def forbidden(self) -> bool:
+        """RBAC refused the request (the token is fine, its permissions are not)."""
+        return self.status == 403
+
 
 class UnknownKindError(LocatedError, RuntimeError):
     """The cluster serves no such kind; `file` and `line` name the object's document

@@ -4,6 +4,11 @@ Health checks and drift detection read this cache instead of the API, so a no-op
 resync of a thousand apps makes no request at all, and a `kubectl edit` of a managed
 field is seen the moment it happens. Each kind is listed once, then watched; a watch
 that breaks (apiserver restart, 410 Gone) is resumed or relisted with backoff.
+
+An agent confined to some namespaces (the chart's namespaced mode: its RBAC reaches
+only those) watches each kind once per namespace instead of cluster-wide, which its
+token may not do; an object outside them is refused here with its namespace named,
+before the apiserver would refuse its list with a bare 403.
 """
 
 from __future__ import annotations
@@ -17,39 +22,72 @@ import httpx
 
 from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.objects import Obj, ObjectRef
+from conveyor.errors import ConveyorError
 
 log = logging.getLogger(__name__)
 ChangeHandler = Callable[[ObjectRef, Obj | None], None]
+# What one watch covers: apiVersion, kind, and its namespace ("" for cluster-wide).
+WatchKey = tuple[str, str, str]
+
+
+class OutsideNamespacesError(ConveyorError):
+    """An object outside the namespaces an agent is confined to (or cluster-scoped)."""
+
+    def __init__(self, ref: ObjectRef, namespaces: frozenset[str]) -> None:
+        where = f"namespace {ref.namespace!r}" if ref.namespace else "cluster-scoped"
+        super().__init__(
+            f"{ref.kind} {ref.name}: {where}, outside the namespaces this agent may use "
+            f"({', '.join(sorted(namespaces))})"
+        )
 
 
 class LiveCache:
-    def __init__(self, kube: KubeClient, *, on_change: ChangeHandler | None = None) -> None:
+    def __init__(
+        self,
+        kube: KubeClient,
+        *,
+        on_change: ChangeHandler | None = None,
+        namespaces: frozenset[str] | None = None,
+    ) -> None:
         self.kube = kube
         self.on_change = on_change
+        self.namespaces = namespaces  # None: watch cluster-wide
         self._objects: dict[tuple[str, str, str, str], Obj] = {}
-        self._watches: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._ready: dict[tuple[str, str], asyncio.Event] = {}
+        self._watches: dict[WatchKey, asyncio.Task[None]] = {}
+        self._ready: dict[WatchKey, asyncio.Event] = {}
 
     def get(self, ref: ObjectRef) -> Obj | None:
         return self._objects.get(ref.key())
 
-    def watched(self, api_version: str, kind: str) -> bool:
-        return (api_version, kind) in self._watches
+    def _watch_key(self, ref: ObjectRef) -> WatchKey:
+        if self.namespaces is None:
+            return (ref.api_version, ref.kind, "")
+        if ref.namespace not in self.namespaces:
+            raise OutsideNamespacesError(ref, self.namespaces)
+        return (ref.api_version, ref.kind, ref.namespace)
 
-    async def ensure(self, api_version: str, kind: str) -> None:
-        """Start watching a kind (once) and wait until its first list is in the cache."""
-        key = (api_version, kind)
+    def watched(self, ref: ObjectRef) -> bool:
+        """Whether the watch that covers `ref` runs."""
+        try:
+            return self._watch_key(ref) in self._watches
+        except OutsideNamespacesError:
+            return False
+
+    async def ensure(self, ref: ObjectRef) -> None:
+        """Start watching `ref`'s kind (once; in its namespace, for a confined agent) and
+        wait until its first list is in the cache."""
+        key = self._watch_key(ref)
         if key not in self._watches:
             self._ready[key] = asyncio.Event()
-            self._watches[key] = asyncio.create_task(self._run(api_version, kind))
+            self._watches[key] = asyncio.create_task(self._run(key))
         await self._ready[key].wait()
 
     def seed(self, written: list[Obj]) -> None:
         """Objects as a write returned them, so that a health check right after the write
         never judges the copy from before it (its watch event may still be on the way)."""
         for obj in written:
-            if self.watched(str(obj.get("apiVersion")), str(obj.get("kind"))):
-                self._store(ObjectRef.of(obj), obj, notify=False)
+            if self.watched(ref := ObjectRef.of(obj)):
+                self._store(ref, obj, notify=False)
 
     async def refresh(self, ref: ObjectRef) -> Obj | None:
         """Read one object now (after a write), updating the cache."""
@@ -78,14 +116,16 @@ class LiveCache:
         if notify and self.on_change is not None:
             self.on_change(ref, obj)
 
-    async def _run(self, api_version: str, kind: str) -> None:
-        key = (api_version, kind)
+    async def _run(self, key: WatchKey) -> None:
+        api_version, kind, namespace = key
         backoff = 0.5
         resource_version: str | None = None
         while True:
             try:
                 if resource_version is None:
-                    items, resource_version = await self.kube.list_with_version(api_version, kind)
+                    items, resource_version = await self.kube.list_with_version(
+                        api_version, kind, namespace=namespace or None
+                    )
                     seen = set()
                     for item in items:
                         item.setdefault("apiVersion", api_version)
@@ -94,13 +134,20 @@ class LiveCache:
                         self._store(ref, item, notify=self._ready[key].is_set())
                     group = ObjectRef(api_version, kind, "", "").group
                     stale = [
-                        k for k in self._objects if k[0] == group and k[1] == kind and k not in seen
+                        k
+                        for k in self._objects
+                        if k[:2] == (group, kind)
+                        and (not namespace or k[2] == namespace)
+                        and k not in seen
                     ]
                     for gone in stale:  # deleted while we were not watching
                         self._store(ObjectRef.of(self._objects[gone]), None, notify=True)
                     self._ready[key].set()
                 async for event in self.kube.watch(
-                    api_version, kind, resource_version=resource_version
+                    api_version,
+                    kind,
+                    namespace=namespace or None,
+                    resource_version=resource_version,
                 ):
                     backoff = 0.5
                     obj = event.get("object", {})

@@ -122,6 +122,9 @@ class AgentOptions:
     backoff_cap: float = 30.0
     request_poll: float = 1.0  # how often the leader looks for a reconcile request
     shutdown_grace: float = SHUTDOWN_GRACE  # for the pass in flight, after SIGTERM
+    # Confined to these namespaces (the chart's namespaced RBAC): watches per namespace,
+    # helm creates none. None: cluster-wide.
+    namespaces: frozenset[str] | None = None
     identity: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     )
@@ -166,6 +169,7 @@ class Agent:
         self._task: asyncio.Task[None] | None = None  # `run`, which `stop` ends
         self._stopping = False
         self._busy = False  # a pass in flight: what `stop` lets finish
+        self._standing_by = False  # waiting for the Lease another replica holds
 
     # -- HTTP: webhook, metrics, probes ---------------------------------------------
 
@@ -199,10 +203,12 @@ class Agent:
 
     async def readiness(self) -> str | None:
         """Why the agent is not ready, or None. Ready means it can do its work: the first
-        pass is done, the last fetch reached git, and the cluster answers now (asked on
-        each probe, so an apiserver that went away is seen at once). Liveness stays
-        `ok` meanwhile: restarting the agent would mend neither."""
-        if not self.ready:
+        pass is done (or, for a standby, it is waiting for the Lease another replica holds),
+        the last fetch reached git, and the cluster answers now (asked on each probe, so
+        an apiserver that went away is seen at once). Liveness stays `ok` meanwhile:
+        restarting the agent would mend neither. A standby counts as ready so that a
+        Deployment of two replicas becomes available and rolls one Pod at a time."""
+        if not self.ready and not self._standing_by:
             return "first pass not done"
         if self._git_error is not None:
             return f"git: {self._git_error}"
@@ -288,12 +294,15 @@ class Agent:
                 identity=self.options.identity,
                 lease_duration=self.options.lease_duration,
             )
-            helm = helm_cli(resolved)
+            helm = helm_cli(resolved, create_namespace=self.options.namespaces is None)
             engine = build_engine(
                 kube,
                 helm,
                 options=EngineOptions(
-                    scope=scope, identity=resolved.identity, timeout=self.options.timeout
+                    scope=scope,
+                    identity=resolved.identity,
+                    timeout=self.options.timeout,
+                    namespaces=self.options.namespaces,
                 ),
                 metrics=self.metrics,
                 may_write=lambda: elector.may_write,
@@ -335,10 +344,15 @@ class Agent:
         while True:
             log.info("waiting to lead %s as %s", engine.options.scope, self.options.identity)
             try:
-                await elector.acquire()  # retries by itself while the apiserver is away
+                # One attempt first: only a Lease another replica holds makes this a standby.
+                if not await elector.acquire(timeout=0):
+                    self._standing_by = True
+                    await elector.acquire()  # retries by itself while the apiserver is away
             except Exception as error:  # refused for good (RBAC): fixable without a restart
                 await self._failed(engine.options.scope, error, what="taking the lease")
                 continue
+            finally:
+                self._standing_by = False
             log.info("leading %s", engine.options.scope)
             renewals = asyncio.create_task(elector.run_renewals())
             requests = asyncio.create_task(self._watch_requests(engine))

@@ -30,7 +30,7 @@ import httpx
 from conveyor.cluster.apply import namespaced_ref
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.helm_storage import claim_release, release_ownership
-from conveyor.cluster.live import LiveCache
+from conveyor.cluster.live import LiveCache, OutsideNamespacesError
 from conveyor.cluster.objects import Obj
 from conveyor.cluster.ownership import (
     EnvironmentIdentity,
@@ -89,6 +89,9 @@ class EngineOptions:
     concurrency: int = 16
     helm_concurrency: int = 4
     poll_interval: float = 0.5
+    # An agent confined to these namespaces (namespaced RBAC) watches only them; None
+    # watches cluster-wide.
+    namespaces: frozenset[str] | None = None
 
 
 # Called with the apps whose content would change, and whether apps left git (to be
@@ -322,10 +325,18 @@ class Engine:
         try:
             await self._reconcile_app(ctx, status, rendered, done, held, known=known)
             result = "success" if status.ready else "not-ready"
-        except (ApiError, UnknownKindError, OSError, httpx.HTTPError, HelmError) as error:
+        except (
+            ApiError,
+            UnknownKindError,
+            OutsideNamespacesError,
+            OSError,
+            httpx.HTTPError,
+            HelmError,
+        ) as error:
             # The cluster away or refusing (helm says so when even its history cannot be
-            # read): not this content's fault, so not counted against its retries. A kind
-            # it does not serve may come with a CRD later; the file and line say which.
+            # read; a confined agent, for an object outside its namespaces): not this
+            # content's fault, so not counted against its retries. A kind it does not
+            # serve may come with a CRD later; the file and line say which.
             if isinstance(error, UnknownKindError) and isinstance(rendered, RenderedApp):
                 error = rendered.located(error)
             log.warning("%s: %s", name, error, extra={"app": name})
@@ -409,7 +420,7 @@ class Engine:
         if app.helm is not None and not new_content:
             desired += await self._helm_objects(status, app)
         for ref, _ in desired:
-            await self.live.ensure(ref.api_version, ref.kind)
+            await self.live.ensure(ref)
         return desired
 
     async def _reconcile_app(
@@ -555,7 +566,7 @@ class Engine:
         if not applied:
             return []
         for ref, _ in applied:
-            await self.live.ensure(ref.api_version, ref.kind)
+            await self.live.ensure(ref)
         self.desired.remember(app.name, applied)
         return applied
 
@@ -762,7 +773,7 @@ def build_engine(
         helm,
         options=options,
         store=StatusStore(kube),
-        live=LiveCache(kube, on_change=desired.on_change),
+        live=LiveCache(kube, on_change=desired.on_change, namespaces=options.namespaces),
         desired=desired,
         events=EventRecorder(kube),
         metrics=metrics,

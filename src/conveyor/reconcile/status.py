@@ -347,11 +347,26 @@ class StatusStore:
         self._generations: dict[str, int | None] = {}
 
     async def install(self) -> None:
-        """Create the CRD and namespace if needed (idempotent, no write when present)."""
+        """Create the CRD and namespace if needed (idempotent, no write when present).
+
+        An agent confined to its namespaces (the chart's namespaced RBAC) may read
+        neither: the chart installed both, and listing ConveyorApps proves the CRD."""
         crd = crd_manifest()
-        live = await self.kube.get(
-            "apiextensions.k8s.io/v1", "CustomResourceDefinition", crd["metadata"]["name"]
-        )
+        try:
+            live = await self.kube.get(
+                "apiextensions.k8s.io/v1", "CustomResourceDefinition", crd["metadata"]["name"]
+            )
+        except ApiError as error:
+            if not error.forbidden:
+                raise
+            try:
+                await self.kube.list(API_VERSION, KIND, namespace=NAMESPACE)
+            except UnknownKindError:
+                raise StatusError(
+                    f"the {KIND} CRD is not installed and this agent may not install it: "
+                    "install conveyor's chart (conveyor bootstrap)"
+                ) from None
+            return
         if live is None or live.get("spec", {}).get("versions") != crd["spec"]["versions"]:
             await apply_objects(self.kube, [crd])
         if await self.kube.get("v1", "Namespace", NAMESPACE) is None:

@@ -136,6 +136,7 @@ def helm_cli(
     *,
     kubeconfig_path: str | None = None,
     context: str | None = None,
+    create_namespace: bool = True,
 ) -> HelmCLI:
     # helm's --kubeconfig takes one file: $KUBECONFIG's list is handed over merged.
     path = kubeconfig.for_tools(kubeconfig_path or (resolved.kubeconfig if resolved else None))
@@ -145,7 +146,7 @@ def helm_cli(
         # context named in conveyor.yaml is for people's kubeconfigs, and helm would
         # refuse to look for it in none.
         ctx = None
-    return HelmCLI(kubeconfig=path, context=ctx)
+    return HelmCLI(kubeconfig=path, context=ctx, create_namespace=create_namespace)
 
 
 def data_lookup(kube: KubeClient) -> DataLookup:

@@ -205,6 +205,9 @@ class HelmCLI:
     context: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     write_guard: WriteGuard | None = None
+    # An agent confined to its namespaces may not create one: its releases' namespaces
+    # exist already, and helm's create would be refused even for those.
+    create_namespace: bool = True
 
     def _global_args(self) -> list[str]:
         args = []
@@ -328,7 +331,7 @@ class HelmCLI:
                 "upgrade",
                 "--install",
                 namespace_arg,
-                "--create-namespace",
+                *(["--create-namespace"] if self.create_namespace else []),
                 "--values",
                 str(values_path),
                 *_values_args(values_files),

@@ -71,7 +71,7 @@ async def wait_healthy(ctx: ActionContext, app: RenderedApp, desired: Desired) -
     timeout = min(timeout, ctx.timeout)
     desired = watched(app, desired)
     for ref, _ in desired:
-        await ctx.live.ensure(ref.api_version, ref.kind)
+        await ctx.live.ensure(ref)
     deadline = time.monotonic() + timeout
     while True:
         health = health_of(ctx.live, desired)
