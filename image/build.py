@@ -38,7 +38,12 @@ sys.path.insert(0, str(ROOT / "src"))
 from conveyor import __version__  # noqa: E402
 from conveyor.paths import cache_root  # noqa: E402
 from conveyor.sandbox import Sandbox, SandboxError  # noqa: E402
-from conveyor.sandbox.build import GoBuilder, ensure_binaries, kube_ldflags  # noqa: E402
+from conveyor.sandbox.build import (  # noqa: E402
+    GoBuilder,
+    ensure_binaries,
+    ensure_tools,
+    kube_ldflags,
+)
 from conveyor.sandbox.versions import VERSIONS, find_go  # noqa: E402
 
 SUITE = "bookworm"
@@ -47,9 +52,9 @@ MIRRORS = (
     f"deb http://deb.debian.org/debian {SUITE}-updates main",
     f"deb http://deb.debian.org/debian-security {SUITE}-security main",
 )
-# The image's tools, from the sandbox build cache; sops and age join once built there.
+# The image's tools, from the sandbox build cache. age is not needed at run time: sops
+# holds age's decryption itself (keys come as SOPS_AGE_KEY / *.agekey Secrets).
 TOOLS = ("helm",)
-OPTIONAL_TOOLS = ("sops", "age")
 # Wheels for the image's Python (Debian bookworm: CPython 3.11, glibc 2.36, x86_64). pip
 # takes a given platform literally, so every manylinux level that glibc 2.36 runs is named.
 WHEEL_TARGET = (
@@ -159,8 +164,9 @@ def stage_context(context: Path, cache: Path) -> None:
     bin_dir = ensure_binaries(VERSIONS, progress=say)
     (context / "bin").mkdir(exist_ok=True)
     shutil.copy2(standalone_kubectl(bin_dir, cache), context / "bin" / "kubectl")
-    for tool in TOOLS + tuple(t for t in OPTIONAL_TOOLS if (bin_dir / t).exists()):
+    for tool in TOOLS:
         shutil.copy2(bin_dir / tool, context / "bin" / tool)
+    shutil.copy2(ensure_tools(progress=say) / "sops", context / "bin" / "sops")
     timed("tools from the sandbox cache", started)
 
     started = time.monotonic()

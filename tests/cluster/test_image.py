@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from conveyor import __version__
+from conveyor.sandbox.versions import TOOL_VERSIONS
 from tests.cluster.gitops import (
     ConfigRepo,
     by_name,
@@ -102,6 +103,9 @@ def test_image_runs_conveyor_and_its_tools_as_non_root(
     server = json.loads(sandbox.run("kubectl", "version", "-o", "json").stdout)
     assert kubectl["clientVersion"]["gitVersion"] == server["serverVersion"]["gitVersion"]
     assert "git version" in podman_run("--entrypoint", "git", image.pushed, "--version").stdout
+    # sops decrypts SOPS-encrypted manifests at render (Flux's decryption).
+    sops = podman_run("--entrypoint", "sops", image.pushed, "--version")
+    assert TOOL_VERSIONS.sops.lstrip("v") in sops.stdout
     # ssh, for git with a deploy key; it prints its version on stderr.
     assert "OpenSSH" in podman_run("--entrypoint", "ssh", image.pushed, "-V").stderr
     # botocore keeps the models of the AWS APIs conveyor calls (image/install.sh trim).
