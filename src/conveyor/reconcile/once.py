@@ -15,7 +15,7 @@ from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import EngineOptions, PassResult, build_engine
-from conveyor.reconcile.plan import AppPlan, plan_environment
+from conveyor.reconcile.plan import PlanDiff, plan_environment
 from conveyor.reconcile.requests import (
     LEASE_DURATION,
     RequestTimeoutError,
@@ -300,7 +300,7 @@ async def plan_target(
     app: str | None = None,
     purpose: str = "diff",
     age_keys: Callable[[], AgeKeys] = local_keys,
-) -> tuple[list[AppPlan], str]:
+) -> tuple[list[PlanDiff], str]:
     """Fetch, render and dry-run against the live cluster (one app, or all); nothing is
     written. `purpose` keeps separate clones for callers that may run at the same time;
     `age_keys` decrypt SOPS files when the environment names no decryption Secret."""
