@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from tests.cluster.gitops import (
     conveyor,
     deployment,
     flux_v1_release,
+    hold_lease,
     kubectl_json,
     reconcile_json,
 )
@@ -179,58 +179,35 @@ def test_unreachable_remote_leaves_everything_in_place(
     repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace))
     repo.commit()
     assert reconcile_json(sandbox, repo, env_path)[0] == 0
+    scope = env_path.replace("/", "-")
+    fetched = kubectl_json(sandbox, "get", "conveyorapp", scope, "-n", "conveyor-system")
+    assert fetched is not None and fetched["status"]["reason"] == "Fetched"
     shutil.move(repo.bare, tmp_path / "gone.git")
+
+    # Another writer holds the environment's Lease, renewed just now: the command
+    # records nothing past it, and says why (the holder fetches and records on its own).
+    hold_lease(sandbox, scope, "agent-elsewhere", duration=60)
+    held = conveyor(sandbox, "reconcile", "--repo", repo.url, "--path", env_path)
+    assert held.returncode == 1 and "source failed" in held.stderr, held.stderr
+    assert "not recording the failure on the source's status" in held.stderr, held.stderr
+    assert "held by agent-elsewhere" in held.stderr
+    unwritten = kubectl_json(sandbox, "get", "conveyorapp", scope, "-n", "conveyor-system")
+    assert unwritten is not None and unwritten["status"]["reason"] == "Fetched"
+    assert unwritten["metadata"]["resourceVersion"] == fetched["metadata"]["resourceVersion"]
+
+    # With the Lease free, the command takes it for that one write and releases it.
+    sandbox.run("kubectl", "delete", "lease", f"conveyor-{scope}", "-n", "conveyor-system")
     result = conveyor(sandbox, "reconcile", "--repo", repo.url, "--path", env_path)
     assert result.returncode == 1
     assert "source failed" in result.stderr and "nothing was applied or pruned" in result.stderr
+    assert "not recording" not in result.stderr
     assert replicas(sandbox, namespace, "web") == 1
     listed = json.loads(conveyor(sandbox, "get", "apps", "-o", "json", check=True).stdout)
-    scope = env_path.replace("/", "-")
     source = next(s for s in listed["sources"] if s["scope"] == scope)
     assert source["state"] == "Stalled" and source["reason"] == "FetchFailed"
     assert "gone" not in source["message"] and "config.git" in source["message"]
     web = next(i for i in listed["items"] if i["scope"] == scope)
     assert web["ready"]
-
-
-def test_a_source_failure_is_written_only_under_the_lease_never_past_a_live_holder(
-    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
-) -> None:
-    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace))
-    repo.commit()
-    assert reconcile_json(sandbox, repo, env_path)[0] == 0
-    scope = env_path.replace("/", "-")
-    fetched = kubectl_json(sandbox, "get", "conveyorapp", scope, "-n", "conveyor-system")
-    assert fetched is not None and fetched["status"]["reason"] == "Fetched"
-    # Another writer holds the environment's Lease, renewed just now, for a minute.
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    lease = kubectl_json(sandbox, "get", "lease", f"conveyor-{scope}", "-n", "conveyor-system")
-    assert lease is not None
-    lease["spec"] = {
-        "holderIdentity": "agent-elsewhere",
-        "leaseDurationSeconds": 60,
-        "acquireTime": now,
-        "renewTime": now,
-        "leaseTransitions": 1,
-    }
-    sandbox.run("kubectl", "replace", "-f", "-", input=json.dumps(lease))
-    shutil.move(repo.bare, tmp_path / "gone.git")
-
-    held = conveyor(sandbox, "reconcile", "--repo", repo.url, "--path", env_path)
-    assert held.returncode == 1 and "source failed" in held.stderr, held.stderr
-    # It says why it wrote nothing: the holder, which fetches the same source, records it.
-    assert "not recording the failure on the source's status" in held.stderr, held.stderr
-    assert "held by agent-elsewhere" in held.stderr
-    after = kubectl_json(sandbox, "get", "conveyorapp", scope, "-n", "conveyor-system")
-    assert after is not None and after["status"]["reason"] == "Fetched"
-    assert after["metadata"]["resourceVersion"] == fetched["metadata"]["resourceVersion"]
-
-    # With the Lease free, the command takes it for that one write and releases it.
-    sandbox.run("kubectl", "delete", "lease", f"conveyor-{scope}", "-n", "conveyor-system")
-    free = conveyor(sandbox, "reconcile", "--repo", repo.url, "--path", env_path)
-    assert free.returncode == 1 and "not recording" not in free.stderr, free.stderr
-    failed = kubectl_json(sandbox, "get", "conveyorapp", scope, "-n", "conveyor-system")
-    assert failed is not None and failed["status"]["reason"] == "FetchFailed"
     lease = kubectl_json(sandbox, "get", "lease", f"conveyor-{scope}", "-n", "conveyor-system")
     assert lease is not None and not lease["spec"].get("holderIdentity"), lease
 

@@ -123,8 +123,8 @@ def test_a_plain_app_prunes_what_its_inventory_holds_and_it_no_longer_has() -> N
     assert plan.prune == [ObjectRef("apps/v1", "Deployment", "team", "old-worker"), ref("gone")]
     # An object of the same group under another API version is the same object.
     status.inventory = [ObjectRef("apps/v1beta2", "Deployment", "team", "worker")]
-    worker = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "worker"}}
-    worker["metadata"]["namespace"] = "team"
+    worker: Obj = {"apiVersion": "apps/v1", "kind": "Deployment"}
+    worker["metadata"] = {"name": "worker", "namespace": "team"}
     assert plan_of(plain(worker), status)[0].prune == []
 
 
