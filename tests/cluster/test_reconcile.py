@@ -578,6 +578,19 @@ def test_what_diff_shows_is_exactly_what_the_next_reconcile_applies_and_prunes(
     again = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
     assert again.returncode == 0, again.stdout + again.stderr
 
+    # An app leaves git while another fails to render: the engine prunes no app then,
+    # and the diff shows no deletion for it, only why.
+    repo.remove(f"{env_path}/other/config.yaml")
+    repo.write(f"{env_path}/web/changed.yaml", "kind: [\n")
+    repo.commit("remove other, break web")
+    shown = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
+    assert shown.returncode == 2, shown.stdout + shown.stderr
+    assert "# other: note: left git; not pruned while a render fails" in shown.stdout
+    assert DIFF_HEADER.findall(shown.stdout) == []
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 1 and report["pruned"] == [], report
+    assert live()[("ConfigMap", "other")]["data"] == {"value": "1"}
+
 
 def test_diff_against_live_exit_codes_and_masked_secrets(
     sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str, tmp_path: Path
