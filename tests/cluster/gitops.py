@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -130,6 +131,25 @@ def conveyor_apps(sandbox: SandboxHandle, scope: str) -> list[dict[str, Any]]:
     )
     items: list[dict[str, Any]] = (listing or {}).get("items", [])
     return items
+
+
+def hold_lease(
+    sandbox: SandboxHandle, scope: str, holder: str, *, duration: int, renewed_ago: float = 0
+) -> None:
+    """Make the environment's Lease (it must exist) look held by `holder`, renewed
+    `renewed_ago` seconds ago, for `duration` seconds: another writer, live or stale."""
+    lease = kubectl_json(sandbox, "get", "lease", f"conveyor-{scope}", "-n", "conveyor-system")
+    assert lease is not None, f"no lease for {scope}"
+    renewed = datetime.now(UTC) - timedelta(seconds=renewed_ago)
+    at = renewed.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    lease["spec"] = {
+        "holderIdentity": holder,
+        "leaseDurationSeconds": duration,
+        "acquireTime": at,
+        "renewTime": at,
+        "leaseTransitions": 1,
+    }
+    sandbox.run("kubectl", "replace", "-f", "-", input=json.dumps(lease))
 
 
 def wait_for(check: Callable[[], T], *, timeout: float = 60.0, what: str = "condition") -> T:

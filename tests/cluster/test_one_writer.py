@@ -28,6 +28,7 @@ from tests.cluster.gitops import (
     chart_repo,
     conveyor,
     flux_v1_release,
+    hold_lease,
     kubectl_json,
     wait_for,
 )
@@ -182,17 +183,7 @@ def test_with_a_stale_lease_the_command_waits_for_it_to_expire_then_runs(
     write_all(repo, path, config_maps(ns, 2, "2"))
     repo.commit()
     # An agent that died holding the lease: its last renewal long ago, 8 s of lease.
-    renewed = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    lease = lease_of(box, path)
-    assert lease is not None
-    lease["spec"] = {
-        "holderIdentity": "agent-gone",
-        "leaseDurationSeconds": 8,
-        "acquireTime": renewed,
-        "renewTime": renewed,
-        "leaseTransitions": 1,
-    }
-    box.run("kubectl", "replace", "-f", "-", input=json.dumps(lease))
+    hold_lease(box, path, "agent-gone", duration=8, renewed_ago=30)
 
     started = time.monotonic()
     result = reconcile(box, repo, path, "--timeout", "60")
@@ -207,12 +198,7 @@ def test_with_a_stale_lease_the_command_waits_for_it_to_expire_then_runs(
 
     # A live holder is never written past: with --timeout shorter than its lease, the
     # command gives up, exits 1, names the holder, and nothing is written.
-    lease = lease_of(box, path)
-    assert lease is not None
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    lease["spec"] = {"holderIdentity": "cli-elsewhere-1", "leaseDurationSeconds": 60}
-    lease["spec"].update(acquireTime=now, renewTime=now)
-    box.run("kubectl", "replace", "-f", "-", input=json.dumps(lease))
+    hold_lease(box, path, "cli-elsewhere-1", duration=60)
     write_all(repo, path, config_maps(ns, 2, "3"))
     repo.commit()
     result = reconcile(box, repo, path, "--timeout", "3")

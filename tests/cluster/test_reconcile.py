@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +20,7 @@ from tests.cluster.gitops import (
     conveyor,
     deployment,
     flux_v1_release,
+    hold_lease,
     kubectl_json,
     reconcile_json,
 )
@@ -176,18 +179,37 @@ def test_unreachable_remote_leaves_everything_in_place(
     repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace))
     repo.commit()
     assert reconcile_json(sandbox, repo, env_path)[0] == 0
+    scope = env_path.replace("/", "-")
+    fetched = kubectl_json(sandbox, "get", "conveyorapp", scope, "-n", "conveyor-system")
+    assert fetched is not None and fetched["status"]["reason"] == "Fetched"
     shutil.move(repo.bare, tmp_path / "gone.git")
+
+    # Another writer holds the environment's Lease, renewed just now: the command
+    # records nothing past it, and says why (the holder fetches and records on its own).
+    hold_lease(sandbox, scope, "agent-elsewhere", duration=60)
+    held = conveyor(sandbox, "reconcile", "--repo", repo.url, "--path", env_path)
+    assert held.returncode == 1 and "source failed" in held.stderr, held.stderr
+    assert "not recording the failure on the source's status" in held.stderr, held.stderr
+    assert "held by agent-elsewhere" in held.stderr
+    unwritten = kubectl_json(sandbox, "get", "conveyorapp", scope, "-n", "conveyor-system")
+    assert unwritten is not None and unwritten["status"]["reason"] == "Fetched"
+    assert unwritten["metadata"]["resourceVersion"] == fetched["metadata"]["resourceVersion"]
+
+    # With the Lease free, the command takes it for that one write and releases it.
+    sandbox.run("kubectl", "delete", "lease", f"conveyor-{scope}", "-n", "conveyor-system")
     result = conveyor(sandbox, "reconcile", "--repo", repo.url, "--path", env_path)
     assert result.returncode == 1
     assert "source failed" in result.stderr and "nothing was applied or pruned" in result.stderr
+    assert "not recording" not in result.stderr
     assert replicas(sandbox, namespace, "web") == 1
     listed = json.loads(conveyor(sandbox, "get", "apps", "-o", "json", check=True).stdout)
-    scope = env_path.replace("/", "-")
     source = next(s for s in listed["sources"] if s["scope"] == scope)
     assert source["state"] == "Stalled" and source["reason"] == "FetchFailed"
     assert "gone" not in source["message"] and "config.git" in source["message"]
     web = next(i for i in listed["items"] if i["scope"] == scope)
     assert web["ready"]
+    lease = kubectl_json(sandbox, "get", "lease", f"conveyor-{scope}", "-n", "conveyor-system")
+    assert lease is not None and not lease["spec"].get("holderIdentity"), lease
 
 
 def test_plain_app_that_never_becomes_healthy_is_rolled_back_to_the_last_good_revision(
@@ -474,6 +496,100 @@ def test_suspended_app_is_left_alone_until_resumed(
     conveyor(sandbox, "resume", "web", "--env", scope, check=True)
     code, report = reconcile_json(sandbox, repo, env_path)
     assert code == 0 and replicas(sandbox, namespace, "web") == 2
+
+
+def config_map(name: str, namespace: str, value: str) -> str:
+    return f"""
+    apiVersion: v1
+    kind: ConfigMap
+    metadata: {{name: {name}, namespace: {namespace}}}
+    data: {{value: "{value}"}}
+    """
+
+
+DIFF_HEADER = re.compile(r"^# (\S+): (create|update|delete) (\S+) (\S+)$", re.MULTILINE)
+
+
+def test_what_diff_shows_is_exactly_what_the_next_reconcile_applies_and_prunes(
+    sandbox: SandboxHandle, repo: ConfigRepo, env_path: str, namespace: str
+) -> None:
+    repo.write(f"{env_path}/web/deploy.yaml", deployment("web", namespace))
+    for name in ("kept", "changed", "removed"):
+        repo.write(f"{env_path}/web/{name}.yaml", config_map(name, namespace, "1"))
+    repo.write(f"{env_path}/other/config.yaml", config_map("other", namespace, "1"))
+    repo.commit()
+    assert reconcile_json(sandbox, repo, env_path)[0] == 0
+
+    def live() -> dict[tuple[str, str], dict[str, Any]]:
+        found = {}
+        for kind in ("configmaps", "deployments"):
+            listed = kubectl_json(sandbox, "get", kind, "-n", namespace, "-l", "conveyor.dev/app")
+            for item in (listed or {}).get("items", []):
+                found[(item["kind"], item["metadata"]["name"])] = item
+        return found
+
+    before = live()
+    assert sorted(n for _, n in before) == ["changed", "kept", "other", "removed", "web"]
+    repo.write(f"{env_path}/web/added.yaml", config_map("added", namespace, "1"))
+    repo.write(f"{env_path}/web/changed.yaml", config_map("changed", namespace, "2"))
+    repo.remove(f"{env_path}/web/removed.yaml")
+    repo.commit("add, change, remove")
+
+    shown = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
+    assert shown.returncode == 1, shown.stdout + shown.stderr
+    planned = {
+        (app, action, kind, ref.removeprefix(f"{namespace}/"))
+        for app, action, kind, ref in DIFF_HEADER.findall(shown.stdout)
+    }
+    assert planned == {
+        ("web", "create", "ConfigMap", "added"),
+        ("web", "update", "ConfigMap", "changed"),
+        ("web", "delete", "ConfigMap", "removed"),
+    }, shown.stdout
+    assert "-  value: '1'" in shown.stdout and "+  value: '2'" in shown.stdout
+
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 0, report
+    after = live()
+    version = {k: o["metadata"]["resourceVersion"] for k, o in before.items()}
+    # What the diff listed happened, and nothing else was written.
+    for _, action, kind, name in planned:
+        if action == "create":
+            assert (kind, name) not in before and (kind, name) in after
+        elif action == "update":
+            assert after[(kind, name)]["metadata"]["resourceVersion"] != version[(kind, name)]
+        else:
+            assert (kind, name) in before and (kind, name) not in after
+    listed = {(kind, name) for _, _, kind, name in planned}
+    untouched = {k: o["metadata"]["resourceVersion"] for k, o in after.items() if k not in listed}
+    assert untouched == {k: v for k, v in version.items() if k not in listed}
+    assert after[("ConfigMap", "changed")]["data"] == {"value": "2"}
+    assert after[("ConfigMap", "added")]["data"] == {"value": "1"}
+    # The app's inventory is what the plan applied; the next diff has nothing left.
+    scope = env_path.replace("/", "-")
+    status = kubectl_json(sandbox, "get", "conveyorapp", f"{scope}.web", "-n", "conveyor-system")
+    assert status is not None
+    assert sorted(i["name"] for i in status["status"]["inventory"]) == [
+        "added",
+        "changed",
+        "kept",
+        "web",
+    ]
+    again = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+
+    # An app leaves git while another fails to render: the engine prunes no app then,
+    # and the diff shows no deletion for it, only why.
+    repo.remove(f"{env_path}/other/config.yaml")
+    repo.write(f"{env_path}/web/changed.yaml", "kind: [\n")
+    repo.commit("remove other, break web")
+    shown = conveyor(sandbox, "diff", "--repo", repo.url, "--path", env_path)
+    assert shown.returncode == 2, shown.stdout + shown.stderr
+    assert "# other: note: left git; not pruned while a render fails" in shown.stdout
+    assert DIFF_HEADER.findall(shown.stdout) == []
+    code, report = reconcile_json(sandbox, repo, env_path)
+    assert code == 1 and report["pruned"] == [], report
+    assert live()[("ConfigMap", "other")]["data"] == {"value": "1"}
 
 
 def test_diff_against_live_exit_codes_and_masked_secrets(

@@ -11,6 +11,7 @@ import logging
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,9 +20,10 @@ import httpx
 import pytest
 
 from conveyor.cluster.client import ApiError
+from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.reconcile import agent as agent_module
 from conveyor.reconcile.agent import Agent, AgentOptions, Backoff
-from conveyor.reconcile.status import Reason
+from conveyor.reconcile.status import SOURCE_KIND, AppStatus, Reason
 from conveyor.reconcile.target import Target
 from conveyor.render.helm import HelmError
 from conveyor.source.git import GitError, run_git
@@ -175,6 +177,46 @@ def test_sigterm_between_passes_stops_at_once(tmp_path: Path) -> None:
     seconds = run_loop(agent)
     assert passes == ["pass"]
     assert seconds < 5
+
+
+class SourceStore:
+    """The engine's status store, as far as a source's status goes: what was saved."""
+
+    def __init__(self) -> None:
+        self.saved: list[AppStatus] = []
+
+    async def load_all(self, *, scope: str) -> list[AppStatus]:
+        return []
+
+    async def save(self, status: AppStatus) -> bool:
+        self.saved.append(status)
+        return True
+
+
+def test_a_source_failure_is_recorded_by_the_leading_agent_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    identity = EnvironmentIdentity.of(str(tmp_path), branch="main", path="env", name="env")
+    agent = Agent(Target(repo=str(tmp_path), path="env"), options=AgentOptions())
+    store = SourceStore()
+    elector = SimpleNamespace(may_write=False)
+    agent._engine = SimpleNamespace(  # type: ignore[assignment]
+        options=SimpleNamespace(scope="env", identity=identity), store=store
+    )
+    agent._elector = elector  # type: ignore[assignment]
+
+    async def unguarded(*_args: Any, **_options: Any) -> str:
+        raise AssertionError("an agent with a cluster records through its engine only")
+
+    monkeypatch.setattr(agent_module, "record_source_failure", unguarded)
+    record = partial(agent._record_source_failure, resolved=None, reason=Reason.FETCH_FAILED)
+    asyncio.run(record("git fetch failed"))
+    assert store.saved == []  # standing by: the leader records its own
+    elector.may_write = True
+    asyncio.run(record("git fetch failed"))
+    assert [(s.scope, s.kind, s.reason, s.message, s.owner) for s in store.saved] == [
+        ("env", SOURCE_KIND, Reason.FETCH_FAILED, "git fetch failed", identity.id)
+    ]
 
 
 def agent_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

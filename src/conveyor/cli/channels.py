@@ -24,7 +24,7 @@ from conveyor.promote.channels import (
     diff_channel,
     release_channel,
 )
-from conveyor.reconcile.plan import AppPlan
+from conveyor.reconcile.plan import PlanDiff
 from conveyor.reconcile.target import helm_cli, kube_client
 
 
@@ -71,10 +71,10 @@ def channel_diff(
     secrets_dir: Path | None,
     kubeconfig: str | None,
     context: str | None,
-) -> tuple[str, list[AppPlan]]:
+) -> tuple[str, list[PlanDiff]]:
     """The channel's pull-request comment, and the plans it was made of."""
 
-    async def run() -> tuple[str, list[AppPlan]]:
+    async def run() -> tuple[str, list[PlanDiff]]:
         channel, releases, files = open_channel(
             file, app=app, driver=driver, root=root, secrets_dir=secrets_dir
         )

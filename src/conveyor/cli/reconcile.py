@@ -49,7 +49,7 @@ from conveyor.reconcile.engine import PassResult
 from conveyor.reconcile.logs import LogFormat
 from conveyor.reconcile.logs import configure as configure_logging
 from conveyor.reconcile.once import SourceFailure, plan_target, reconcile_once
-from conveyor.reconcile.plan import AppPlan, render_markdown, render_text
+from conveyor.reconcile.plan import PlanDiff, render_markdown, render_text
 from conveyor.reconcile.requests import RequestTimeoutError
 from conveyor.reconcile.status import NAMESPACE as STATUS_NAMESPACE
 from conveyor.reconcile.status import (
@@ -377,7 +377,7 @@ def _diff_revisions(
     target: Target,
     *,
     age_keys: Callable[[], AgeKeys],
-) -> tuple[list[AppPlan], str]:
+) -> tuple[list[PlanDiff], str]:
     """Two revisions of a local clone rendered offline, or the head against the cluster."""
     clone = _local_clone(repo)
     with tempfile.TemporaryDirectory(prefix="conveyor-diff-") as workdir:

@@ -26,7 +26,7 @@ from conveyor.config.helmrelease import parse_duration
 from conveyor.config.project import ConfigError
 from conveyor.config.userfile import UserFileError, load_documents, read_text
 from conveyor.errors import ConveyorError
-from conveyor.reconcile.plan import AppPlan, namespaced, render_text
+from conveyor.reconcile.plan import PlanDiff, namespaced, render_text
 from conveyor.render.discover import KUSTOMIZATION_FILES
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError, parse_manifest
@@ -210,12 +210,12 @@ async def diff_channel(
     files: ChannelFiles,
     kube: KubeClient,
     helm: HelmCLI,
-) -> list[AppPlan]:
+) -> list[PlanDiff]:
     """Per release, what `release` would change in the cluster (Secrets masked)."""
     check_inputs(releases, files)
     plans = []
     for release in releases:
-        plan = AppPlan(app=release.name)
+        plan = PlanDiff(app=release.name)
         plans.append(plan)
         try:
             plan.changes = await diff_objects(kube, await _objects(release, files, helm))
@@ -226,7 +226,7 @@ async def diff_channel(
     return plans
 
 
-def channel_comment(channel: Channel, plans: list[AppPlan], *, cluster: str) -> str:
+def channel_comment(channel: Channel, plans: list[PlanDiff], *, cluster: str) -> str:
     """The pull-request comment: two header lines, then the fenced diff or "No changes"."""
     header = (
         f"## conveyor diff for channel `{channel.channel}`\n"

@@ -20,7 +20,7 @@ from conveyor.cluster.objects import Obj, ObjectRef
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.helmrelease import ValuesReference
 from conveyor.config.project import load_project
-from conveyor.reconcile.plan import AppPlan, helm_objects, plan_environment
+from conveyor.reconcile.plan import PlanDiff, helm_objects, plan_environment
 from conveyor.reconcile.target import data_lookup, decryptor, kube_client, values_lookup
 from conveyor.render.discover import discover, scope_name
 from conveyor.render.documents import RenderError
@@ -113,7 +113,7 @@ async def diff_revisions(
     helm: HelmCLI,
     workdir: Path,
     age_keys: Callable[[], AgeKeys] = local_keys,
-) -> tuple[list[AppPlan], str]:
+) -> tuple[list[PlanDiff], str]:
     """Per-app changes from `base` to `head` of the folder, rendered offline, and a title.
     GitError for an unknown revision, ConfigError for an unknown environment."""
     base_sha, head_sha = resolve_revision(repo, base), resolve_revision(repo, head)
@@ -125,7 +125,7 @@ async def diff_revisions(
     plans = []
     for name in [*after, *(n for n in before if n not in after)]:
         was, now = before.get(name, RenderedObjects()), after.get(name, RenderedObjects())
-        plan = AppPlan(app=name, notes=list(now.notes))
+        plan = PlanDiff(app=name, notes=list(now.notes))
         if now.error:
             plan.error = now.error
         else:
@@ -152,7 +152,7 @@ async def diff_against_live(
     helm: HelmCLI,
     workdir: Path,
     age_keys: Callable[[], AgeKeys] = local_keys,
-) -> tuple[list[AppPlan], str]:
+) -> tuple[list[PlanDiff], str]:
     """Per-app changes from the cluster to `head` of the folder (server-side dry run), on
     the environment's cluster unless `kubeconfig`/`context` say otherwise."""
     head_sha = resolve_revision(repo, head)

@@ -55,7 +55,12 @@ from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.actions.hold import GateHold, GateVerdict
 from conveyor.reconcile.engine import Engine, EngineOptions, GateCheck, PassResult, build_engine
-from conveyor.reconcile.once import record_source_failure, source_fetched
+from conveyor.reconcile.once import (
+    record_source_failure,
+    source_failed,
+    source_fetched,
+    store_source,
+)
 from conveyor.reconcile.report import Metrics, error_summary
 from conveyor.reconcile.requests import (
     ReconcileRequest,
@@ -170,6 +175,10 @@ class Agent:
         self._stopping = False
         self._busy = False  # a pass in flight: what `stop` lets finish
         self._standing_by = False  # waiting for the Lease another replica holds
+        # The writer, once the cluster is known: its engine (whose client every write
+        # goes through, guarded by the lease) and its candidacy for the lease.
+        self._engine: Engine | None = None
+        self._elector: LeaderElector | None = None
 
     # -- HTTP: webhook, metrics, probes ---------------------------------------------
 
@@ -319,9 +328,11 @@ class Agent:
             # From here on, every write waits on the lease (installing came first: it is
             # idempotent, and a standby must not be refused it).
             kube.write_guard = helm.write_guard = elector.write_budget
+            self._engine, self._elector = engine, elector
             try:
                 await self._lead(elector, engine, resolved)
             finally:
+                self._engine = self._elector = None
                 await engine.close()
                 with contextlib.suppress(Exception):
                     await elector.release()
@@ -446,9 +457,31 @@ class Agent:
     async def _record_source_failure(
         self, message: str, *, resolved: ResolvedTarget | None, reason: Reason
     ) -> None:
-        """The failure on the source's status; when the cluster is what failed, only logged."""
+        """The failure on the source's status, written as every write is, by the Lease
+        holder: while leading, through the engine's guarded client; before the agent has
+        a cluster to lead (its first fetch failed), under the Lease taken for that write
+        if it is free; while standing by, not at all (the leader records its own). When
+        the cluster is what failed, only logged."""
+        engine, elector = self._engine, self._elector
         try:
-            await record_source_failure(self.target, message, resolved=resolved, reason=reason)
+            if engine is None or elector is None:
+                await record_source_failure(
+                    self.target,
+                    message,
+                    writer=self.options.identity,
+                    resolved=resolved,
+                    reason=reason,
+                    lease_duration=self.options.lease_duration,
+                    progress=log.info,
+                )
+            elif not elector.may_write:
+                log.info("standing by: the failure is not recorded on the source's status")
+            else:
+                options = engine.options
+                failed = source_failed(
+                    options.scope, message, identity=options.identity, reason=reason
+                )
+                await store_source(engine.store, failed)
         except Exception as error:  # recording is best effort: the agent goes on without it
             log.warning("could not record the failure on its status: %s", error_summary(error))
 

@@ -27,11 +27,9 @@ from typing import Any
 
 import httpx
 
-from conveyor.cluster.apply import namespaced_ref
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.helm_storage import claim_release, release_ownership
 from conveyor.cluster.live import LiveCache, OutsideNamespacesError
-from conveyor.cluster.objects import Obj
 from conveyor.cluster.ownership import (
     EnvironmentIdentity,
     Owner,
@@ -43,7 +41,6 @@ from conveyor.notify.notifier import Notifier
 from conveyor.reconcile.actions import (
     ActionContext,
     AppFailed,
-    Desired,
     DesiredObjects,
     ReleaseLocked,
     RenderPast,
@@ -56,6 +53,7 @@ from conveyor.reconcile.actions.rollback import roll_back
 from conveyor.reconcile.actions.settle import settle
 from conveyor.reconcile.actions.unlock import unlock_release
 from conveyor.reconcile.actions.verify import drift_of, release_objects, watched
+from conveyor.reconcile.plan import AppPlan, Desired, apps_left
 from conveyor.reconcile.report import EventRecorder, Metrics, error_summary, notification_for
 from conveyor.reconcile.state import AppState, Attempt, Observation, determine_state
 from conveyor.reconcile.status import (
@@ -210,7 +208,7 @@ class Engine:
         resolve_dependencies(rendered)
         verdict = GateVerdict()
         changed = self._changed(names, rendered)
-        leaving = only is None and self.options.prune and bool(set(self.statuses) - set(names))
+        leaving = only is None and self.options.prune and bool(apps_left(self.statuses, names))
         if gate is not None and (changed or leaving):
             verdict = await gate([r.source for r in changed], leaving)
         held = verdict.held
@@ -248,7 +246,7 @@ class Engine:
         elif only is None and self.options.prune and not render_failed:
             result.pruned_apps = await self._prune_missing_apps(ctx, set(names))
         elif only is None:
-            missing = sorted(set(self.statuses) - set(names))
+            missing = sorted(s.app for s in apps_left(self.statuses, names))
             if missing:
                 log.warning(
                     "not pruning apps missing from git (%s): a render failed", ", ".join(missing)
@@ -411,14 +409,12 @@ class Engine:
             retries=retries,
         )
 
-    async def _desired(
-        self, status: AppStatus, app: RenderedApp, objects: list[Obj], *, new_content: bool
-    ) -> Desired:
-        """The app's objects and, when its content is unchanged, its release's (for drift),
-        with their kinds watched."""
-        desired = [(await namespaced_ref(self.kube, o), o) for o in objects]
-        if app.helm is not None and not new_content:
-            desired += await self._helm_objects(status, app)
+    async def _desired(self, status: AppStatus, plan: AppPlan, *, new_content: bool) -> Desired:
+        """The plan's objects and, when the app's content is unchanged, its release's (for
+        drift), with their kinds watched."""
+        desired = plan.desired
+        if plan.helm is not None and not new_content:
+            desired += await self._helm_objects(status, plan.app)
         for ref, _ in desired:
             await self.live.ensure(ref)
         return desired
@@ -467,9 +463,11 @@ class Engine:
         if decision.state is AppState.HELD and held is not None:
             await self._hold(ctx, status, app, seen, held)
             return
-        objects = ctx.labelled(app)
-        desired = await self._desired(status, app, objects, new_content=seen.new_content)
-        conflicts = self._object_conflicts(status, app, desired[: len(objects)])
+        # The plan phase: what this pass applies and prunes for the app, built as
+        # `conveyor diff` builds it (reconcile/plan.py).
+        plan = await ctx.plan(app, status)
+        desired = await self._desired(status, plan, new_content=seen.new_content)
+        conflicts = self._object_conflicts(status, app, plan.desired)
         if app.helm is not None and (
             seen.new_content or release_key(app.helm.spec) not in self._releases_checked
         ):
@@ -508,11 +506,11 @@ class Engine:
             try:
                 if seen.new_content:
                     await self._attempting(ctx, status)
-                    desired = await install_or_upgrade(ctx, status, app, objects, desired)
-                    record_applied(ctx, status, app, objects, desired, corrected=[])
+                    await install_or_upgrade(ctx, status, plan)
+                    record_applied(ctx, status, plan, corrected=[])
                 else:
-                    desired = await correct_drift(ctx, status, app, objects, desired)
-                    record_applied(ctx, status, app, objects, desired, corrected=list(seen.drift))
+                    await correct_drift(ctx, status, plan, desired)
+                    record_applied(ctx, status, plan, corrected=list(seen.drift))
                 return
             except AppFailed as error:
                 last_error = error
@@ -559,10 +557,8 @@ class Engine:
                     extra={"app": app.name},
                 )
                 return []
-            objects = ctx.labelled(past)
-            applied = [(await namespaced_ref(self.kube, o), o) for o in objects]
-            if past.helm is not None:
-                applied += await self._helm_objects(status, past)
+            # The plan that content had, with its release's objects: what runs.
+            applied = await self._desired(status, await ctx.plan(past, status), new_content=False)
         if not applied:
             return []
         for ref, _ in applied:
@@ -686,9 +682,8 @@ class Engine:
 
     async def _prune_missing_apps(self, ctx: ActionContext, present: set[str]) -> list[str]:
         pruned = []
-        for name, status in list(self.statuses.items()):
-            if name in present:
-                continue
+        for status in apps_left(self.statuses, present):
+            name = status.app
             if not self.may_write():
                 break
             await prune_app(ctx, status)

@@ -15,7 +15,7 @@ from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import EngineOptions, PassResult, build_engine
-from conveyor.reconcile.plan import AppPlan, plan_environment
+from conveyor.reconcile.plan import PlanDiff, plan_environment
 from conveyor.reconcile.requests import (
     LEASE_DURATION,
     RequestTimeoutError,
@@ -68,13 +68,15 @@ async def reconcile_once(
     agent's answer (RequestTimeoutError). `identity` names this writer in the Lease and
     the audit log (default `cli-<host>-<pid>-<random>`)."""
     say = progress or (lambda _m: None)
+    writer = identity or one_pass_identity("cli")
     say(f"fetching {target.repo}")
     try:
         resolved = fetch_target(target, purpose="reconcile")
     except (GitError, ConfigError, RenderError) as error:
-        scope = await record_source_failure(target, str(error))
+        scope = await record_source_failure(
+            target, str(error), writer=writer, lease_duration=lease_duration, progress=say
+        )
         return SourceFailure(scope=scope, message=str(error))
-    writer = identity or one_pass_identity("cli")
     kube = kube_client(resolved)
     lease_kube = kube_client(resolved)  # lease traffic apart from the pass's writes
     for client in (kube, lease_kube):
@@ -166,7 +168,8 @@ async def _own_pass(
         try:
             tree = discover_target(resolved)
         except RenderError as error:
-            await record_source_failure(target, str(error), resolved=resolved)
+            failed = source_failed(scope, str(error), identity=resolved.identity)
+            await store_source(engine.store, failed)  # under the lease this pass holds
             return SourceFailure(scope=scope, message=str(error))
         renderer = build_renderer(resolved, tree, kube, helm)
         await renderer.expand(tree)
@@ -174,7 +177,7 @@ async def _own_pass(
             say(notice)
         say(f"reconciling {len(tree.apps)} apps")
         result = await engine.run_pass(tree, renderer, revision=resolved.revision, only=app)
-        await _store_source(engine.store, source_fetched(target, resolved, scope=scope))
+        await store_source(engine.store, source_fetched(target, resolved, scope=scope))
     finally:
         await engine.close()
         # One pass then exit: give queued notifications a bounded chance to go out.
@@ -252,7 +255,25 @@ def source_fetched(target: Target, resolved: ResolvedTarget, *, scope: str) -> A
     return status
 
 
-async def _store_source(store: StatusStore, status: AppStatus) -> None:
+def source_failed(
+    scope: str,
+    message: str,
+    *,
+    identity: EnvironmentIdentity | None,
+    reason: Reason = Reason.FETCH_FAILED,
+) -> AppStatus:
+    """The source's own status after a failed fetch or render: everything stays as
+    applied, and this says why nothing moved."""
+    status = AppStatus(
+        scope=scope, app="", kind=SOURCE_KIND, state=STALLED, reason=reason, message=message
+    )
+    if identity is not None:
+        StatusStore.stamp(status, identity)
+    return status
+
+
+async def store_source(store: StatusStore, status: AppStatus) -> None:
+    """Save the source's status through `store`, whose client must be the Lease holder's."""
     await store.load_all(scope=status.scope)
     await store.save(status)
 
@@ -261,40 +282,50 @@ async def record_source_failure(
     target: Target,
     message: str,
     *,
+    writer: str,
     resolved: ResolvedTarget | None = None,
     reason: Reason = Reason.FETCH_FAILED,
+    lease_duration: float = LEASE_DURATION,
+    progress: Progress | None = None,
 ) -> str:
-    """Everything stays as applied; the source's own status says why nothing moved.
-    Before a fetch there is no branch to know the environment by: the status goes to
-    the one environment of that repository and name the cluster knows, if there is one.
-    Returns the scope it was recorded under."""
+    """Record a failed fetch or render on the source's status, for a process that does
+    not hold the environment's Lease: it takes the Lease as `writer` for that one write
+    if the Lease is free, and writes nothing when another writer holds it (that writer
+    fetches the same source and records what it finds; a stale one is not waited for,
+    since nothing else is to be done). Before a fetch there is no branch to know the
+    environment by: the status goes to the one environment of that repository and name
+    the cluster knows, if there is one. Returns the scope it belongs to."""
+    say = progress or (lambda _m: None)
     name = scope_name(environment=target.env, path=target.path or ".")
     if resolved is not None:
-        kube = kube_client(resolved)
+        kube, lease_kube = kube_client(resolved), kube_client(resolved)
     else:
         kube = kube_client(kubeconfig_path=target.kubeconfig, context=target.context)
+        lease_kube = kube_client(kubeconfig_path=target.kubeconfig, context=target.context)
+    for client in (kube, lease_kube):
+        client.identify(writer)
     try:
         store = StatusStore(kube)
-        await store.install()
+        await store.install()  # idempotent, and before the lease, as for every writer
         if resolved is not None:
             identity: EnvironmentIdentity | None = resolved.identity
             scope = await store.scope_for(resolved.identity, scope=resolved.scope)
         else:
             identity, scope = await store.find_source(target.repo, name=name)
-        status = AppStatus(
-            scope=scope,
-            app="",
-            kind=SOURCE_KIND,
-            state=STALLED,
-            reason=reason,
-            message=message,
+        elector = environment_elector(
+            lease_kube, scope, identity=writer, lease_duration=lease_duration
         )
-        if identity is not None:
-            StatusStore.stamp(status, identity)
-        await _store_source(store, status)
+        try:
+            async with elector.hold(timeout=0):
+                kube.write_guard = elector.write_budget
+                failed = source_failed(scope, message, identity=identity, reason=reason)
+                await store_source(store, failed)
+        except LeaseNotAcquiredError as error:
+            say(f"not recording the failure on the source's status: {error}, whose own fetch does")
         return scope
     finally:
         await kube.aclose()
+        await lease_kube.aclose()
 
 
 async def plan_target(
@@ -303,7 +334,7 @@ async def plan_target(
     app: str | None = None,
     purpose: str = "diff",
     age_keys: Callable[[], AgeKeys] = local_keys,
-) -> tuple[list[AppPlan], str]:
+) -> tuple[list[PlanDiff], str]:
     """Fetch, render and dry-run against the live cluster (one app, or all); nothing is
     written. `purpose` keeps separate clones for callers that may run at the same time;
     `age_keys` decrypt SOPS files when the environment names no decryption Secret."""

@@ -1,8 +1,9 @@
 """The actions the engine takes for an app's state (reconcile/state.py), one per module.
 
 Each action receives what it works with as values, an `ActionContext` (the cluster, helm,
-the watch cache, the pass's revision, the write slots) and the app's status and render,
-and changes the cluster and the status, nothing else. An action that fails raises
+the watch cache, the pass's revision, the write slots), the app's status and its plan
+(reconcile/plan.py: what to apply and prune), and changes the cluster and the status,
+nothing else. An action that fails raises
 `AppFailed` with a typed reason; the engine then determines the app's state again.
 """
 
@@ -13,19 +14,18 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from conveyor.cluster.apply import labelled
 from conveyor.cluster.client import KubeClient
 from conveyor.cluster.live import LiveCache
 from conveyor.cluster.objects import Obj, ObjectRef, drift_paths
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.errors import ConveyorError
+from conveyor.reconcile.plan import AppPlan, Desired, plan_app
 from conveyor.reconcile.status import AppStatus, Reason
 from conveyor.render.helm import HelmCLI
 from conveyor.render.render import RenderedApp
 
 # Renders app NAME as it was at REVISION: a plain app's last good objects, to roll back to.
 RenderPast = Callable[[str, str], Awaitable[RenderedApp]]
-Desired = list[tuple[ObjectRef, Obj]]
 
 
 class AppFailed(ConveyorError):
@@ -105,11 +105,11 @@ class ActionContext:
     poll_interval: float
     render_past: RenderPast | None = None
 
-    def labelled(self, app: RenderedApp) -> list[Obj]:
-        """The app's objects as this environment applies them (cluster/apply.labelled)."""
-        return [
-            labelled(o, app=app.name, identity=self.identity, scope=self.scope) for o in app.objects
-        ]
+    async def plan(self, app: RenderedApp, status: AppStatus) -> AppPlan:
+        """The app's plan in this environment, from what `status` says was applied."""
+        return await plan_app(
+            self.kube, app, status, identity=self.identity, scope=self.scope, prune=self.prune
+        )
 
     def set(self, status: AppStatus, reason: Reason, message: str) -> None:
         """The app's new state. The revision moves with the state, not with every commit

@@ -1,94 +1,79 @@
-"""Install or upgrade an app's new content: server-side apply of its objects (pruning
-what left it), then `helm upgrade --install` of its release, then the wait for health."""
+"""Install or upgrade an app's new content as its plan says: server-side apply of its
+objects, deletion of its prune set, then `helm upgrade --install` of its release, then
+the wait for health."""
 
 from __future__ import annotations
 
 import logging
 
 from conveyor.cluster.apply import ApplyError, apply_objects, delete_objects
-from conveyor.cluster.inventory import left_behind
-from conveyor.cluster.objects import Obj, ObjectRef
-from conveyor.reconcile.actions import ActionContext, AppFailed, Desired, ReleaseLocked
+from conveyor.cluster.objects import ObjectRef
+from conveyor.reconcile.actions import ActionContext, AppFailed, ReleaseLocked
 from conveyor.reconcile.actions.verify import release_objects, wait_healthy
+from conveyor.reconcile.plan import AppPlan, Desired
 from conveyor.reconcile.status import AppStatus, Reason, now, release_key
 from conveyor.render.documents import Document
 from conveyor.render.helm import HelmError, parse_manifest
-from conveyor.render.render import HelmPlan, RenderedApp
+from conveyor.render.render import HelmPlan
 from conveyor.render.values_origin import values_origin
 
 log = logging.getLogger("conveyor.reconcile")
 
 
-async def install_or_upgrade(
-    ctx: ActionContext, status: AppStatus, app: RenderedApp, objects: list[Obj], desired: Desired
-) -> Desired:
-    """Apply, then verify. Returns everything the app now consists of (its objects and
-    its release's), for drift checks."""
+async def install_or_upgrade(ctx: ActionContext, status: AppStatus, plan: AppPlan) -> Desired:
+    """Apply the plan, then verify. Returns everything the app now consists of (its
+    objects and its release's), for drift checks."""
     async with ctx.apply_slots:
-        with ctx.desired.writing(app.name):
-            desired = await apply_plain(ctx, status, app, objects, desired)
-            if app.helm is not None:
-                desired = await _upgrade_release(
-                    ctx, status, app.helm, objects, desired, source=app.source.helm_release
+        with ctx.desired.writing(plan.name):
+            await apply_plain(ctx, status, plan)
+            desired = plan.desired
+            if plan.helm is not None:
+                desired += await _upgrade_release(
+                    ctx, status, plan.helm, source=plan.app.source.helm_release
                 )
-            ctx.desired.remember(app.name, desired)
-    await wait_healthy(ctx, app, desired)
+            ctx.desired.remember(plan.name, desired)
+    await wait_healthy(ctx, plan.app, desired)
     return desired
 
 
-async def apply_plain(
-    ctx: ActionContext, status: AppStatus, app: RenderedApp, objects: list[Obj], desired: Desired
-) -> Desired:
-    """Server-side apply of the app's own objects; for an app without a release, prune
-    what it had and no longer has (the inventory)."""
+async def apply_plain(ctx: ActionContext, status: AppStatus, plan: AppPlan) -> None:
+    """Server-side apply of the plan's own objects, then the deletion of its prune set
+    (what the app had and no longer has; nothing for an app with a release)."""
     ctx.set(status, Reason.PROGRESSING, f"applying revision {ctx.revision[:12]}")
     try:
-        ctx.live.seed(await apply_objects(ctx.kube, objects))
+        ctx.live.seed(await apply_objects(ctx.kube, plan.objects))
     except ApplyError as error:
         immutable = [ref for ref, why in error.failures if "immutable" in why]
-        if not (app.source.options.force and immutable):
+        if not (plan.app.source.options.force and immutable):
             raise AppFailed(Reason.APPLY_FAILED, str(error)) from None
-        await _recreate(ctx, app, objects, immutable)
-    if app.helm is not None:
-        return desired
-    refs = [ref for ref, _ in desired]
-    # A Flux Kustomization with `prune: false` leaves what left it in place.
-    if ctx.prune and app.source.options.prune:
-        try:
-            await delete_objects(
-                ctx.kube, left_behind(status.inventory, refs), identity=ctx.identity
-            )
-        except ApplyError as error:
-            raise AppFailed(Reason.PRUNE_FAILED, str(error)) from None
+        await _recreate(ctx, plan, immutable)
+    if plan.helm is not None:
+        return
+    try:
+        await delete_objects(ctx.kube, plan.prune, identity=ctx.identity)
+    except ApplyError as error:
+        raise AppFailed(Reason.PRUNE_FAILED, str(error)) from None
     # Applied, healthy or not: a later revision or a rollback prunes from here.
-    status.inventory = sorted(refs)
-    ctx.desired.remember(app.name, desired)
-    return desired
+    status.inventory = sorted(plan.refs)
+    ctx.desired.remember(plan.name, plan.desired)
 
 
-async def _recreate(
-    ctx: ActionContext, app: RenderedApp, objects: list[Obj], immutable: list[ObjectRef]
-) -> None:
+async def _recreate(ctx: ActionContext, plan: AppPlan, immutable: list[ObjectRef]) -> None:
     """Flux's `force: true`: an object whose immutable fields changed is deleted and
     created again (only what this environment owns; the rest is applied as before)."""
-    log.warning("%s: recreating %s (immutable fields changed; force is set)", app.name, immutable)
+    log.warning("%s: recreating %s (immutable fields changed; force is set)", plan.name, immutable)
     try:
         await delete_objects(ctx.kube, immutable, identity=ctx.identity)
-        ctx.live.seed(await apply_objects(ctx.kube, objects))
+        ctx.live.seed(await apply_objects(ctx.kube, plan.objects))
     except ApplyError as error:
         raise AppFailed(Reason.APPLY_FAILED, str(error)) from None
 
 
 async def _upgrade_release(
-    ctx: ActionContext,
-    status: AppStatus,
-    plan: HelmPlan,
-    objects: list[Obj],
-    desired: Desired,
-    *,
-    source: Document | None,
+    ctx: ActionContext, status: AppStatus, plan: HelmPlan, *, source: Document | None
 ) -> Desired:
-    """`source`: the HelmRelease's document, to name where a refused value is written."""
+    """`helm upgrade --install` of the release; returns the objects Helm now holds.
+    `source`: the HelmRelease's document, to name where a refused value is written."""
     spec = plan.spec
     status.release = release_key(spec)
     async with ctx.helm_slots:
@@ -115,10 +100,9 @@ async def _upgrade_release(
             message = f"{origin}: {error.message}" if origin else error.message
             raise AppFailed(Reason.UPGRADE_FAILED, message) from None
     status.helm_revision = int(release.get("version", 0)) or None
-    helm_desired = await release_objects(
+    return await release_objects(
         ctx.kube, parse_manifest(release.get("manifest", "")), namespace=spec.target_namespace
     )
-    return [(r, o) for r, o in desired if o in objects] + helm_desired
 
 
 async def _refresh_helm_revision(ctx: ActionContext, status: AppStatus, plan: HelmPlan) -> bool:
@@ -135,16 +119,10 @@ async def _refresh_helm_revision(ctx: ActionContext, status: AppStatus, plan: He
 
 
 def record_applied(
-    ctx: ActionContext,
-    status: AppStatus,
-    app: RenderedApp,
-    objects: list[Obj],
-    desired: Desired,
-    *,
-    corrected: list[str],
+    ctx: ActionContext, status: AppStatus, plan: AppPlan, *, corrected: list[str]
 ) -> None:
-    """The app runs this content now: what later passes compare with and prune from."""
-    status.fingerprint = app.fingerprint
+    """The app runs this plan now: what later passes compare with and prune from."""
+    status.fingerprint = plan.app.fingerprint
     status.failures = 0
     status.failed_fingerprint = None
     status.drift = None
@@ -156,8 +134,8 @@ def record_applied(
         status.record_history(ctx.revision, status.last_applied_time)
     status.last_applied_revision = ctx.revision
     # Helm owns its release's objects; the inventory holds what conveyor applied.
-    status.inventory = sorted(ref for ref, obj in desired if obj in objects)
-    if app.helm is not None:
+    status.inventory = sorted(plan.refs)
+    if plan.helm is not None:
         status.last_good_helm_revision = status.helm_revision
     if corrected:
         ctx.set(status, Reason.DRIFT_CORRECTED, f"corrected drift in {'; '.join(corrected)[:500]}")

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 from conveyor.cluster.apply import ApplyError, apply_objects
 from conveyor.cluster.ownership import foreign_owner
-from conveyor.reconcile.actions import ActionContext, Desired
+from conveyor.reconcile.actions import ActionContext
 from conveyor.reconcile.actions.verify import drifted_objects
+from conveyor.reconcile.plan import Desired
 from conveyor.reconcile.status import AppStatus, Reason
 
 log = logging.getLogger("conveyor.reconcile")

@@ -4,7 +4,6 @@ a plain app, applied, pruned and verified as a new revision would be."""
 
 from __future__ import annotations
 
-from conveyor.cluster.apply import namespaced_ref
 from conveyor.reconcile.actions import ActionContext, AppFailed
 from conveyor.reconcile.actions.apply import apply_plain
 from conveyor.reconcile.actions.verify import wait_healthy
@@ -23,12 +22,11 @@ async def roll_back(ctx: ActionContext, status: AppStatus, app: RenderedApp) -> 
     previous = await ctx.render_past(app.name, good)
     if previous.empty:  # never prune a whole app on the way back
         raise AppFailed(Reason.ROLLBACK_FAILED, f"revision {good[:12]} renders no objects")
-    objects = ctx.labelled(previous)
-    desired = [(await namespaced_ref(ctx.kube, o), o) for o in objects]
+    plan = await ctx.plan(previous, status)  # prunes what the failed revision added
     async with ctx.apply_slots:
         with ctx.desired.writing(app.name):
-            desired = await apply_plain(ctx, status, previous, objects, desired)
-    await wait_healthy(ctx, previous, desired)
+            await apply_plain(ctx, status, plan)
+    await wait_healthy(ctx, previous, plan.desired)
     return f"revision {good[:12]}"
 
 

@@ -4,8 +4,9 @@ again from the watch cache, with no API call and, unless it changed, no status w
 from __future__ import annotations
 
 from conveyor.cluster.health import HealthStatus
-from conveyor.reconcile.actions import ActionContext, Desired
+from conveyor.reconcile.actions import ActionContext
 from conveyor.reconcile.actions.verify import health_of
+from conveyor.reconcile.plan import Desired
 from conveyor.reconcile.status import READY, AppStatus, Reason
 
 

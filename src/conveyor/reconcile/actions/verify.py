@@ -11,7 +11,8 @@ from conveyor.cluster.client import KubeClient
 from conveyor.cluster.health import Health, HealthStatus, aggregate, assess
 from conveyor.cluster.live import LiveCache
 from conveyor.cluster.objects import Obj, ObjectRef, drift_paths
-from conveyor.reconcile.actions import ActionContext, AppFailed, Desired
+from conveyor.reconcile.actions import ActionContext, AppFailed
+from conveyor.reconcile.plan import Desired
 from conveyor.reconcile.status import Reason
 from conveyor.render.render import RenderedApp
 
