@@ -507,9 +507,16 @@ def _story(demo: Demo, sqs_endpoint: str, *, interactive: bool, started: float) 
         f"   the queue gate opened after {time.monotonic() - promotion_started:.0f}s;"
         " the promotion was committed"
     )
-    demo.wait(
-        "the production agent deploys the promoted versions", lambda: demo.all_ready("production")
-    )
+    def promoted() -> bool:
+        # Ready alone is the status before the agent saw the promotion commit: wait until
+        # production runs staging's images, and is Ready with them.
+        same = all(
+            demo_image(demo, f"{app}-production", app) == demo_image(demo, f"{app}-staging", app)
+            for app in APPS
+        )
+        return same and demo.all_ready("production")
+
+    demo.wait("the production agent deploys the promoted versions", promoted)
     console.print("[bold]6.[/] production runs the versions tested on staging")
 
     token = secrets.token_urlsafe(32)
