@@ -507,6 +507,7 @@ def _story(demo: Demo, sqs_endpoint: str, *, interactive: bool, started: float) 
         f"   the queue gate opened after {time.monotonic() - promotion_started:.0f}s;"
         " the promotion was committed"
     )
+
     def promoted() -> bool:
         # Ready alone is the status before the agent saw the promotion commit: wait until
         # production runs staging's images, and is Ready with them.

@@ -575,7 +575,7 @@ class Engine:
         ctx.set(status, Reason.PROGRESSING, f"applying revision {ctx.revision[:12]}")
         try:
             await self.store.save(status)
-        except Exception as error:  # the report at the end of the pass writes it again
+        except (ApiError, httpx.HTTPError, OSError) as error:  # the report writes it again
             log.warning("%s: could not save its status: %s", status.app, error_summary(error))
 
     async def _give_up(
