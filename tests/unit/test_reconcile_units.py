@@ -182,6 +182,7 @@ def test_status_body_round_trip_and_names() -> None:
         (Reason.NOT_LEADER, RECONCILING, {"Ready": "Unknown", "Reconciling": "True"}),
         (Reason.ROLLED_BACK, STALLED, {"Ready": "False", "Stalled": "True"}),
         (Reason.OWNERSHIP_CONFLICT, STALLED, {"Ready": "False", "Stalled": "True"}),
+        (Reason.FLUX_STILL_MANAGES, STALLED, {"Ready": "False", "Stalled": "True"}),
         (Reason.SUSPENDED, SUSPENDED, {"Ready": "False"}),
         # Held: the old revision runs, and a newer one waits (lastAttemptedRevision).
         (Reason.GATE_CLOSED, WAITING_FOR_GATE, {"Ready": "False", "Reconciling": "True"}),

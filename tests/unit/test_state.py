@@ -26,6 +26,23 @@ DRIFT = Observation(drift=("Deployment ns/web spec.replicas",))
         (replace(NEW, empty=True), AppState.NEW_CONTENT),  # nothing to prune: not refused
         (replace(NEW, conflicts=("ConfigMap ns/c belongs to …",)), AppState.OWNERSHIP_CONFLICT),
         (replace(DRIFT, conflicts=("ConfigMap ns/c belongs to …",)), AppState.OWNERSHIP_CONFLICT),
+        (
+            replace(NEW, flux_reconciles="Kustomization flux-system/apps …"),
+            AppState.FLUX_STILL_MANAGES,
+        ),
+        (replace(SAME, flux_reconciles="HelmRelease ns/web …"), AppState.FLUX_STILL_MANAGES),
+        # Another environment's object is a conflict first: Flux is not the only claim.
+        (
+            replace(NEW, conflicts=("ConfigMap ns/c belongs to …",), flux_reconciles="…"),
+            AppState.OWNERSHIP_CONFLICT,
+        ),
+        (replace(NEW, flux_marked=("ConfigMap ns/c",)), AppState.TAKE_OVER_FROM_FLUX),
+        (replace(SAME, flux_marked=("ConfigMap ns/c",)), AppState.TAKE_OVER_FROM_FLUX),
+        (replace(DRIFT, flux_marked=("ConfigMap ns/c",)), AppState.TAKE_OVER_FROM_FLUX),
+        # Only the writer takes over; a held app waits for its gate first.
+        (replace(NEW, flux_marked=("ConfigMap ns/c",), may_write=False), AppState.NOT_LEADER),
+        (replace(SAME, flux_marked=("ConfigMap ns/c",), may_write=False), AppState.UNCHANGED),
+        (replace(NEW, flux_marked=("ConfigMap ns/c",), held=True), AppState.HELD),
         (replace(NEW, given_up=True), AppState.EXHAUSTED),
         (replace(NEW, held=True), AppState.HELD),
         # Held to what it last applied: drift from that is put back ...

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.cluster.client import KubeClient
+from conveyor.cluster.flux import FluxObject, release_origin
 from conveyor.cluster.ownership import OWNER_LABEL, EnvironmentIdentity
 
 _MAGIC_GZIP = b"\x1f\x8b\x08"
@@ -67,17 +68,24 @@ async def _latest_revision(kube: KubeClient, *, release: str, namespace: str) ->
 
 @dataclass(frozen=True)
 class ReleaseOwnership:
-    """Whether a release exists, and the environment id its latest revision carries."""
+    """Whether a release exists, the environment id its latest revision carries, and the
+    HelmRelease whose labels its objects carry if helm-controller installed it."""
 
     exists: bool
     owner: str | None
+    flux: FluxObject | None = None
 
 
 async def release_ownership(kube: KubeClient, *, release: str, namespace: str) -> ReleaseOwnership:
     latest = await _latest_revision(kube, release=release, namespace=namespace)
     if latest is None:
         return ReleaseOwnership(exists=False, owner=None)
-    return ReleaseOwnership(exists=True, owner=latest["metadata"]["labels"].get(OWNER_LABEL))
+    manifest = str(decode_release(latest["data"]["release"]).get("manifest") or "")
+    return ReleaseOwnership(
+        exists=True,
+        owner=latest["metadata"]["labels"].get(OWNER_LABEL),
+        flux=release_origin(manifest),
+    )
 
 
 async def claim_release(

@@ -28,7 +28,9 @@ from typing import Any
 import httpx
 
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
-from conveyor.cluster.helm_storage import claim_release, release_ownership
+from conveyor.cluster.flux import FluxInstallation, FluxObject, flux_origin, needs_takeover
+from conveyor.cluster.flux import refusal_message as flux_refusal_message
+from conveyor.cluster.helm_storage import ReleaseOwnership, claim_release, release_ownership
 from conveyor.cluster.live import LiveCache, OutsideNamespacesError
 from conveyor.cluster.ownership import (
     EnvironmentIdentity,
@@ -51,6 +53,7 @@ from conveyor.reconcile.actions.hold import GateHold, GateVerdict, correct_held_
 from conveyor.reconcile.actions.prune import prune_app
 from conveyor.reconcile.actions.rollback import roll_back
 from conveyor.reconcile.actions.settle import settle
+from conveyor.reconcile.actions.take_over import take_over_from_flux
 from conveyor.reconcile.actions.unlock import unlock_release
 from conveyor.reconcile.actions.verify import drift_of, release_objects, watched
 from conveyor.reconcile.plan import AppPlan, Desired, apps_left
@@ -145,6 +148,7 @@ class Engine:
         # Statuses of this scope written before identities: claimed when rendered again.
         self._legacy: dict[str, AppStatus] = {}
         self._releases_checked: set[str] = set()  # releases whose owner was looked at
+        self._flux = FluxInstallation(kube)  # read afresh each pass
         self._loaded = False
         self._apply_slots = asyncio.Semaphore(options.concurrency)
         self._helm_slots = asyncio.Semaphore(options.helm_concurrency)
@@ -186,6 +190,7 @@ class Engine:
         gate: GateCheck | None = None,
     ) -> PassResult:
         writes_before = self.kube.writes
+        self._flux = FluxInstallation(self.kube)
         ctx = self._context(revision)
         await self._load()
         if not tree.expanded:
@@ -468,11 +473,27 @@ class Engine:
         plan = await ctx.plan(app, status)
         desired = await self._desired(status, plan, new_content=seen.new_content)
         conflicts = self._object_conflicts(status, app, plan.desired)
+        release: ReleaseOwnership | None = None
         if app.helm is not None and (
             seen.new_content or release_key(app.helm.spec) not in self._releases_checked
         ):
-            conflicts += await self._release_conflicts(status, app, app.helm)
-        seen = replace(seen, conflicts=tuple(conflicts), drift=tuple(drift_of(self.live, desired)))
+            spec = app.helm.spec
+            release = await release_ownership(
+                self.kube, release=spec.release_name, namespace=spec.target_namespace
+            )
+        flux_refusal = await self._flux_refusal(app, desired, release)
+        if app.helm is not None and release is not None:
+            conflicts += await self._release_conflicts(
+                status, app, app.helm, release, flux_refuses=flux_refusal is not None
+            )
+        marked = [ref for ref, _ in plan.desired if needs_takeover(self.live.get(ref))]
+        seen = replace(
+            seen,
+            conflicts=tuple(conflicts),
+            flux_reconciles=flux_refusal,
+            flux_marked=tuple(str(ref) for ref in marked),
+            drift=tuple(drift_of(self.live, desired)),
+        )
         last_error: AppFailed | None = None
         while True:
             decision = determine_state(seen)
@@ -480,6 +501,15 @@ class Engine:
             if state is AppState.OWNERSHIP_CONFLICT:
                 ctx.set(status, Reason.OWNERSHIP_CONFLICT, "; ".join(decision.detail))
                 return
+            if state is AppState.FLUX_STILL_MANAGES:
+                ctx.set(status, Reason.FLUX_STILL_MANAGES, "; ".join(decision.detail))
+                return
+            if state is AppState.TAKE_OVER_FROM_FLUX:
+                await take_over_from_flux(ctx, app.name, marked)
+                # Applied as new content even if it was before: what kustomize-controller
+                # set and git no longer has is conveyor's now, and goes with this apply.
+                seen = replace(seen, flux_marked=(), new_content=True)
+                continue
             if state is AppState.EXHAUSTED:
                 return  # this exact content failed and was given up on: wait for new content
             if state is AppState.UNCHANGED:
@@ -632,15 +662,42 @@ class Engine:
             )
         return conflicts
 
+    async def _flux_refusal(
+        self, app: RenderedApp, desired: Desired, release: ReleaseOwnership | None
+    ) -> str | None:
+        """Why Flux would still reconcile the app, if its controllers run: the Flux
+        objects its live objects (or its release's) name, each there and not suspended.
+        No API call for an app that carries none of Flux's marks."""
+        managed: dict[FluxObject, list[str]] = {}
+        for ref, _ in desired:
+            origin = flux_origin(self.live.get(ref))
+            if origin is not None:
+                managed.setdefault(origin, []).append(str(ref))
+        if release is not None and release.flux is not None and app.helm is not None:
+            managed.setdefault(release.flux, []).append(
+                f"Helm release {release_key(app.helm.spec)}"
+            )
+        if not managed:
+            return None
+        still = await self._flux.still_reconciling(managed)
+        if not still:
+            return None
+        return flux_refusal_message({origin: managed[origin] for origin in still})
+
     async def _release_conflicts(
-        self, status: AppStatus, app: RenderedApp, plan: HelmPlan
+        self,
+        status: AppStatus,
+        app: RenderedApp,
+        plan: HelmPlan,
+        ownership: ReleaseOwnership,
+        *,
+        flux_refuses: bool,
     ) -> list[str]:
         """The app's Helm release, if another environment installed it. A release that
-        no environment owns (installed before identities) is stamped as this one's."""
+        no environment owns (installed before identities, or by Flux's helm-controller)
+        is stamped as this one's, unless Flux still reconciles it: then nothing of it
+        changes and it is looked at again next pass."""
         spec = plan.spec
-        ownership = await release_ownership(
-            self.kube, release=spec.release_name, namespace=spec.target_namespace
-        )
         key = release_key(plan.spec)
         if ownership.owner is not None and ownership.owner != self.options.identity.id:
             owner = Owner(ownership.owner, await self.store.source_of(ownership.owner))
@@ -650,8 +707,11 @@ class Engine:
             log.warning(
                 "%s: taking Helm release %s over from %s, as asked", app.name, key, owner.describe()
             )
+        elif flux_refuses:
+            return []
         elif ownership.exists and ownership.owner is None and self.may_write():
-            log.info("%s: claiming Helm release %s, which no environment owned", app.name, key)
+            origin = f"installed by Flux for {ownership.flux}" if ownership.flux else "unowned"
+            log.info("%s: claiming Helm release %s (%s)", app.name, key, origin)
             await claim_release(
                 self.kube,
                 release=spec.release_name,

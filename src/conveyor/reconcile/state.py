@@ -27,6 +27,8 @@ class AppState(StrEnum):
     EMPTY_RENDER = "EmptyRender"  # refuse to prune everything the app had
     EXHAUSTED = "Exhausted"  # this content failed and was given up on: wait for new content
     OWNERSHIP_CONFLICT = "OwnershipConflict"
+    FLUX_STILL_MANAGES = "FluxStillManages"  # Flux runs and reconciles it: refuse, say how
+    TAKE_OVER_FROM_FLUX = "TakeOverFromFlux"  # Flux's marks on it: take its fields, then apply
     UNCHANGED = "Unchanged"  # settle: health from the watch cache, no API call
     DRIFT_REPORTED = "DriftReported"  # drift in an app whose drift mode is warn/disabled
     NOT_LEADER = "NotLeader"
@@ -58,6 +60,10 @@ class Observation:
     new_content: bool = False
     given_up: bool = False  # this exact content failed before and was given up on
     conflicts: tuple[str, ...] = ()
+    # Why Flux's controllers would still reconcile the app (None: they would not).
+    flux_reconciles: str | None = None
+    # The app's objects that still carry Flux's labels or kustomize-controller's fields.
+    flux_marked: tuple[str, ...] = ()
     # Where the live objects differ from what the app should run: its content, or while
     # it is held, the content it last applied.
     drift: tuple[str, ...] = ()
@@ -89,6 +95,8 @@ def determine_state(seen: Observation) -> Decision:
         return Decision(AppState.EMPTY_RENDER)
     if seen.conflicts:
         return Decision(AppState.OWNERSHIP_CONFLICT, seen.conflicts)
+    if seen.flux_reconciles is not None:
+        return Decision(AppState.FLUX_STILL_MANAGES, (seen.flux_reconciles,))
     if seen.attempt is Attempt.RELEASE_LOCKED and not seen.unlocked:
         return Decision(AppState.PENDING_RELEASE)
     if seen.attempt is not Attempt.NONE:
@@ -101,6 +109,8 @@ def determine_state(seen: Observation) -> Decision:
         if seen.drift and seen.drift_mode == "enabled" and seen.may_write:
             return Decision(AppState.HELD_DRIFTED, seen.drift)
         return Decision(AppState.HELD, seen.drift)
+    if seen.flux_marked and seen.may_write:
+        return Decision(AppState.TAKE_OVER_FROM_FLUX, seen.flux_marked)
     if not seen.new_content and not seen.drift:
         return Decision(AppState.UNCHANGED)
     if not seen.new_content and seen.drift_mode != "enabled":

@@ -63,6 +63,7 @@ class Reason(StrEnum):
     API_ERROR = "ApiError"
     EMPTY_RENDER = "EmptyRender"
     OWNERSHIP_CONFLICT = "OwnershipConflict"
+    FLUX_STILL_MANAGES = "FluxStillManages"
     APPLY_FAILED = "ApplyFailed"
     PRUNE_FAILED = "PruneFailed"
     DRIFT_CORRECTION_FAILED = "DriftCorrectionFailed"
