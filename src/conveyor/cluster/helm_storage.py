@@ -5,7 +5,9 @@
 cannot: Helm refuses to upgrade a release whose last revision is pending ("another
 operation is in progress"). When conveyor holds the environment's lease, no other
 operation can be running, so the pending revision is marked failed in Helm's own storage
-(the release Secret) and the next upgrade proceeds normally.
+(the release Secret) and the next upgrade proceeds normally. `release_ownership` says
+who a release belongs to: a conveyor environment (its label on the Secret), or Flux's
+helm-controller (its labels on the objects of the stored manifest).
 """
 
 from __future__ import annotations
