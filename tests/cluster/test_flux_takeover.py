@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,14 +62,6 @@ def flux_controllers(sandbox: SandboxHandle) -> Iterator[None]:
         )
     yield
     sandbox.run("kubectl", "delete", "deployment", *CONTROLLERS, "-n", "flux-system", check=False)
-
-
-@pytest.fixture
-def namespace_name(sandbox: SandboxHandle) -> Iterator[str]:
-    name = f"takeover-{uuid.uuid4().hex[:6]}"
-    sandbox.run("kubectl", "create", "namespace", name)
-    yield name
-    sandbox.run("kubectl", "delete", "namespace", name, "--wait=false", check=False)
 
 
 def helm_controllers_labels(tmp_path: Path, namespace: str) -> Path:
@@ -197,10 +188,9 @@ def test_refused_while_flux_runs_then_adopted_without_a_reinstall(
     sandbox: SandboxHandle,
     tmp_path: Path,
     oci_charts: str,  # noqa: F811
-    namespace_name: str,
+    namespace: str,
     flux_controllers: None,
 ) -> None:
-    namespace = namespace_name
     # What Flux left: a release installed by helm-controller, a ConfigMap applied by
     # kustomize-controller.
     sandbox.run(
