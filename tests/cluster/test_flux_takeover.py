@@ -64,11 +64,15 @@ def flux_controllers(sandbox: SandboxHandle) -> Iterator[None]:
     sandbox.run("kubectl", "delete", "deployment", *CONTROLLERS, "-n", "flux-system", check=False)
 
 
-def helm_controllers_labels(tmp_path: Path, namespace: str) -> Path:
-    """A post-renderer labelling every object as helm-controller's does
-    (internal/postrender/origin_labels.go: the HelmRelease's name and namespace)."""
-    program = tmp_path / "origin-labels"
-    labels = {HELM_LABELS[0]: "podinfo", HELM_LABELS[1]: namespace}
+def install_as_flux(
+    sandbox: SandboxHandle, tmp_path: Path, release: str, namespace: str, *, origin: str
+) -> None:
+    """`helm install` of the chart as helm-controller installs a HelmRelease `origin`
+    (NAMESPACE/NAME): a post-renderer labels every object as helm-controller's does
+    (internal/postrender/origin_labels.go)."""
+    origin_namespace, origin_name = origin.split("/")
+    program = tmp_path / f"origin-labels-{origin_name}"
+    labels = {HELM_LABELS[0]: origin_name, HELM_LABELS[1]: origin_namespace}
     program.write_text(
         f"#!{sys.executable}\n"
         "import sys, yaml\n"
@@ -78,7 +82,34 @@ def helm_controllers_labels(tmp_path: Path, namespace: str) -> Path:
         "sys.stdout.write(yaml.safe_dump_all(docs))\n"
     )
     program.chmod(0o755)
-    return program
+    sandbox.run(
+        "helm",
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        namespace,
+        "--set",
+        f"image.repository=registry.local/{origin_name}",
+        f"--post-renderer={program}",
+    )
+
+
+def move_storage(sandbox: SandboxHandle, release: str, source: str, target: str) -> None:
+    """Move a release's stored revisions to another namespace: where helm-controller keeps
+    a HelmRelease's release when its targetNamespace is not its own namespace."""
+    selector = f"owner=helm,name={release}"
+    listing = kubectl_json(sandbox, "get", "secret", "-n", source, "-l", selector)
+    assert listing is not None and listing["items"]
+    for secret in listing["items"]:
+        metadata = secret["metadata"]
+        secret["metadata"] = {
+            "name": metadata["name"],
+            "namespace": target,
+            "labels": metadata["labels"],
+        }
+        sandbox.run("kubectl", "create", "-f", "-", input=json.dumps(secret))
+    sandbox.run("kubectl", "delete", "secret", "-n", source, "-l", selector)
 
 
 def settings(namespace: str, data: dict[str, str]) -> str:
@@ -99,12 +130,42 @@ def settings(namespace: str, data: dict[str, str]) -> str:
 
 def flux_repo(repo: ConfigRepo, registry: str, namespace: str) -> None:
     """The repository Flux ran from, in the official example's shape: Kustomization
-    `apps` builds apps/staging (the ConfigMap), `releases` apps/releases (the
-    HelmRelease, an app of its own that waits for its build); `other` is an app Flux
-    never touched."""
+    `apps` builds apps/staging (the ConfigMap), `releases` apps/releases (HelmRelease
+    podinfo, an app of its own that waits for its build), `infra` apps/infra (HelmRelease
+    web in flux-system, installed into the test's namespace: Flux keeps its release in
+    flux-system); `other` is an app Flux never touched."""
     repo.write("clusters/staging/apps.yaml", flux_kustomization("apps", "./apps/staging"))
     repo.write("clusters/staging/releases.yaml", flux_kustomization("releases", "./apps/releases"))
     repo.write("clusters/staging/other.yaml", flux_kustomization("other", "./apps/other"))
+    repo.write("clusters/staging/infra.yaml", flux_kustomization("infra", "./apps/infra"))
+    repo.write("apps/infra/kustomization.yaml", "resources: [repository.yaml, web.yaml]\n")
+    repo.write(
+        "apps/infra/repository.yaml",
+        f"""
+        apiVersion: source.toolkit.fluxcd.io/v1
+        kind: HelmRepository
+        metadata: {{name: charts, namespace: flux-system}}
+        spec: {{type: oci, interval: 5m, url: "{registry}"}}
+        """,
+    )
+    repo.write(
+        "apps/infra/web.yaml",
+        f"""
+        apiVersion: helm.toolkit.fluxcd.io/v2
+        kind: HelmRelease
+        metadata: {{name: web, namespace: flux-system}}
+        spec:
+          interval: 10m
+          targetNamespace: {namespace}
+          chart:
+            spec:
+              chart: service
+              version: 0.1.0
+              sourceRef: {{kind: HelmRepository, name: charts}}
+          values:
+            image: {{repository: registry.local/web}}
+        """,
+    )
     repo.write(
         "apps/staging/kustomization.yaml",
         f"""
@@ -179,8 +240,8 @@ def labels(obj: dict[str, Any]) -> dict[str, str]:
     return found
 
 
-def revisions(sandbox: SandboxHandle, namespace: str) -> list[int]:
-    out = sandbox.run("helm", "history", "podinfo", "-n", namespace, "-o", "json").stdout
+def revisions(sandbox: SandboxHandle, namespace: str, release: str = "podinfo") -> list[int]:
+    out = sandbox.run("helm", "history", release, "-n", namespace, "-o", "json").stdout
     return [int(r["revision"]) for r in json.loads(out)]
 
 
@@ -193,17 +254,11 @@ def test_refused_while_flux_runs_then_adopted_without_a_reinstall(
 ) -> None:
     # What Flux left: a release installed by helm-controller, a ConfigMap applied by
     # kustomize-controller.
-    sandbox.run(
-        "helm",
-        "install",
-        "podinfo",
-        str(CHART),
-        "-n",
-        namespace,
-        "--set",
-        "image.repository=registry.local/podinfo",
-        f"--post-renderer={helm_controllers_labels(tmp_path, namespace)}",
-    )
+    install_as_flux(sandbox, tmp_path, "podinfo", namespace, origin=f"{namespace}/podinfo")
+    web = f"{namespace}-web"  # helm-controller's name: targetNamespace-name
+    install_as_flux(sandbox, tmp_path, web, namespace, origin="flux-system/web")
+    move_storage(sandbox, web, namespace, "flux-system")
+    web_deployment = live(sandbox, "deployment", web, namespace)
     sandbox.run(
         "kubectl",
         "apply",
@@ -226,6 +281,8 @@ def test_refused_while_flux_runs_then_adopted_without_a_reinstall(
     apps = by_name(report)
     assert code != 0, report
     assert apps["other"]["ready"] and apps["releases"]["ready"], apps
+    assert apps["web"]["reason"] == "FluxStillManages", apps["web"]
+    assert "flux suspend helmrelease web -n flux-system" in apps["web"]["message"]
     assert apps["podinfo"]["reason"] == "FluxStillManages", apps["podinfo"]
     assert (
         f"HelmRelease {namespace}/podinfo (helm-controller is running)"
@@ -240,9 +297,10 @@ def test_refused_while_flux_runs_then_adopted_without_a_reinstall(
     assert "flux suspend kustomization apps -n flux-system" in apps["apps"]["message"]
     assert "kubectl -n flux-system scale deploy --all --replicas=0" in apps["apps"]["message"]
     assert revisions(sandbox, namespace) == [1]
+    assert revisions(sandbox, "flux-system", web) == [1]
     unchanged = live(sandbox, "configmap", "settings", namespace)
     assert unchanged["metadata"]["resourceVersion"] == config_map["metadata"]["resourceVersion"]
-    secret = kubectl_json(sandbox, "get", "secret", "-n", namespace, "-l", "owner=helm")
+    secret = kubectl_json(sandbox, "get", "secret", "-n", namespace, "-l", "name=podinfo")
     assert secret is not None
     assert [OWNER_LABEL in labels(s) for s in secret["items"]] == [False]
 
@@ -258,8 +316,19 @@ def test_refused_while_flux_runs_then_adopted_without_a_reinstall(
     upgraded = live(sandbox, "deployment", "podinfo", namespace)
     assert upgraded["metadata"]["uid"] == deployment["metadata"]["uid"]
     assert not set(HELM_LABELS) & set(labels(upgraded))
-    secrets = kubectl_json(sandbox, "get", "secret", "-n", namespace, "-l", "owner=helm,version=2")
+    secrets = kubectl_json(
+        sandbox, "get", "secret", "-n", namespace, "-l", "owner=helm,name=podinfo,version=2"
+    )
     assert secrets is not None and OWNER_LABEL in labels(secrets["items"][0])
+    # Flux kept web's release in flux-system; helm reads it where it installs: moved there,
+    # then upgraded.
+    assert revisions(sandbox, namespace, web) == [1, 2]
+    assert (
+        live(sandbox, "deployment", web, namespace)["metadata"]["uid"]
+        == (web_deployment["metadata"]["uid"])
+    )
+    left = kubectl_json(sandbox, "get", "secret", "-n", "flux-system", "-l", f"name={web}")
+    assert left is not None and left["items"] == []
     # The ConfigMap: the same object, its fields conveyor's, Flux's labels gone.
     adopted = live(sandbox, "configmap", "settings", namespace)
     assert adopted["metadata"]["uid"] == config_map["metadata"]["uid"]

@@ -218,6 +218,23 @@ def test_flux_v2_fields_remediation_and_drift() -> None:
         }
     )
     assert spec.release_name == "prod-api" and spec.target_namespace == "prod"
+    # helm-controller keeps the release in the HelmRelease's namespace, or the one named.
+    assert spec.flux_storage_namespace == "apps"
+    stored = parse_helmrelease(
+        {
+            "apiVersion": "helm.toolkit.fluxcd.io/v2",
+            "kind": "HelmRelease",
+            "metadata": {"name": "api", "namespace": "apps"},
+            "spec": {
+                "targetNamespace": "prod",
+                "storageNamespace": "prod",
+                "chart": {
+                    "spec": {"chart": "api", "sourceRef": {"kind": "HelmRepository", "name": "r"}}
+                },
+            },
+        }
+    )
+    assert stored.flux_storage_namespace == "prod" == stored.target_namespace
     assert spec.timeout_seconds == 150 and spec.suspend and spec.depends_on == ["db"]
     assert spec.upgrade_retries == 3 and not spec.rollback_on_failure
     assert spec.drift == "warn"

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from conveyor.cluster.client import KubeClient
+from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.flux import FluxObject, release_origin
 from conveyor.cluster.ownership import OWNER_LABEL, EnvironmentIdentity
 
@@ -70,10 +70,12 @@ async def _latest_revision(kube: KubeClient, *, release: str, namespace: str) ->
 
 @dataclass(frozen=True)
 class ReleaseOwnership:
-    """Whether a release exists, the environment id its latest revision carries, and the
-    HelmRelease whose labels its objects carry if helm-controller installed it."""
+    """Whether a release exists, the namespace of its storage, the environment id its
+    latest revision carries, and the HelmRelease whose labels its objects carry if
+    helm-controller installed it."""
 
     exists: bool
+    namespace: str
     owner: str | None
     flux: FluxObject | None = None
 
@@ -81,10 +83,11 @@ class ReleaseOwnership:
 async def release_ownership(kube: KubeClient, *, release: str, namespace: str) -> ReleaseOwnership:
     latest = await _latest_revision(kube, release=release, namespace=namespace)
     if latest is None:
-        return ReleaseOwnership(exists=False, owner=None)
+        return ReleaseOwnership(exists=False, namespace=namespace, owner=None)
     manifest = str(decode_release(latest["data"]["release"]).get("manifest") or "")
     return ReleaseOwnership(
         exists=True,
+        namespace=namespace,
         owner=latest["metadata"]["labels"].get(OWNER_LABEL),
         flux=release_origin(manifest),
     )
@@ -105,6 +108,37 @@ async def claim_release(
         json_body={"metadata": {"labels": identity.labels()}},
         content_type="application/merge-patch+json",
     )
+
+
+async def move_release(kube: KubeClient, *, release: str, source: str, target: str) -> int:
+    """Move every stored revision of a release from namespace `source` to `target`, as
+    they are (Helm reads a release from the namespace it is run in; helm-controller may
+    have kept it elsewhere, in its `storageNamespace`). Each revision is created in
+    `target` before its original is deleted (with its uid as a precondition), so an
+    interrupted move loses nothing and the next one finishes it. Returns how many moved."""
+    secrets = await kube.list(
+        "v1", "Secret", namespace=source, label_selector=f"owner=helm,name={release}"
+    )
+    for secret in secrets:
+        metadata = secret["metadata"]
+        copy = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": metadata["name"],
+                "namespace": target,
+                "labels": metadata["labels"],
+            },
+            "type": secret.get("type", "helm.sh/release.v1"),
+            "data": secret["data"],
+        }
+        try:
+            await kube.request("POST", f"/api/v1/namespaces/{target}/secrets", json_body=copy)
+        except ApiError as error:
+            if not error.conflict:  # already there: an earlier move got that far
+                raise
+        await kube.delete("v1", "Secret", metadata["name"], namespace=source, uid=metadata["uid"])
+    return len(secrets)
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,9 @@ class HelmReleaseSpec:
     # Flux v2 postRenderers: kustomize fields (patches, images) applied in order to
     # what the chart renders.
     post_renderers: list[dict[str, Any]] = field(default_factory=list)
+    # Where Flux's helm-controller keeps the release (v2 `spec.storageNamespace`, else
+    # the HelmRelease's namespace); conveyor's helm keeps it in `target_namespace`.
+    flux_storage_namespace: str | None = None
 
     @property
     def flux_v1(self) -> bool:
@@ -330,6 +333,7 @@ class _V2Spec(FileModel):
     upgrade: OrNull[_V2Action] = Field(default_factory=_V2Action)
     drift_detection: OrNull[_V2DriftDetection] = Field(default_factory=_V2DriftDetection)
     post_renderers: list[_V2PostRenderer] | None = None
+    storage_namespace: ObjectName | None = None
 
 
 class _V2Release(FileModel):
@@ -471,6 +475,7 @@ def _from_v2(api_version: str, release: _V2Release, namespace: str) -> HelmRelea
         namespace=namespace,
         release_name=spec.release_name or default_release,
         target_namespace=target,
+        flux_storage_namespace=spec.storage_namespace or namespace,
         chart=parsed_chart,
         values=spec.values or {},
         values_from=values_from,

@@ -30,7 +30,12 @@ import httpx
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.flux import FluxInstallation, FluxObject, flux_origin, needs_takeover
 from conveyor.cluster.flux import refusal_message as flux_refusal_message
-from conveyor.cluster.helm_storage import ReleaseOwnership, claim_release, release_ownership
+from conveyor.cluster.helm_storage import (
+    ReleaseOwnership,
+    claim_release,
+    move_release,
+    release_ownership,
+)
 from conveyor.cluster.live import LiveCache, OutsideNamespacesError
 from conveyor.cluster.ownership import (
     EnvironmentIdentity,
@@ -477,10 +482,7 @@ class Engine:
         if app.helm is not None and (
             seen.new_content or release_key(app.helm.spec) not in self._releases_checked
         ):
-            spec = app.helm.spec
-            release = await release_ownership(
-                self.kube, release=spec.release_name, namespace=spec.target_namespace
-            )
+            release = await self._find_release(app.helm)
         flux_refusal = await self._flux_refusal(app, desired, release)
         if app.helm is not None and release is not None:
             conflicts += await self._release_conflicts(
@@ -684,6 +686,21 @@ class Engine:
             return None
         return flux_refusal_message({origin: managed[origin] for origin in still})
 
+    async def _find_release(self, plan: HelmPlan) -> ReleaseOwnership:
+        """The app's release in Helm's storage: where conveyor's helm keeps it (the target
+        namespace), else where Flux's helm-controller kept it."""
+        spec = plan.spec
+        found = await release_ownership(
+            self.kube, release=spec.release_name, namespace=spec.target_namespace
+        )
+        if found.exists or spec.flux_storage_namespace in (None, spec.target_namespace):
+            return found
+        kept = await release_ownership(
+            self.kube, release=spec.release_name, namespace=spec.flux_storage_namespace
+        )
+        # Only one no environment owns: conveyor never keeps a release there.
+        return kept if kept.exists and kept.owner is None else found
+
     async def _release_conflicts(
         self,
         status: AppStatus,
@@ -695,8 +712,9 @@ class Engine:
     ) -> list[str]:
         """The app's Helm release, if another environment installed it. A release that
         no environment owns (installed before identities, or by Flux's helm-controller)
-        is stamped as this one's, unless Flux still reconciles it: then nothing of it
-        changes and it is looked at again next pass."""
+        is stamped as this one's (its stored revisions moved first to the target
+        namespace, where helm reads them, if Flux kept them elsewhere), unless Flux still
+        reconciles it: then nothing of it changes and it is looked at again next pass."""
         spec = plan.spec
         key = release_key(plan.spec)
         if ownership.owner is not None and ownership.owner != self.options.identity.id:
@@ -712,6 +730,22 @@ class Engine:
         elif ownership.exists and ownership.owner is None and self.may_write():
             origin = f"installed by Flux for {ownership.flux}" if ownership.flux else "unowned"
             log.info("%s: claiming Helm release %s (%s)", app.name, key, origin)
+            if ownership.namespace != spec.target_namespace:
+                moved = await move_release(
+                    self.kube,
+                    release=spec.release_name,
+                    source=ownership.namespace,
+                    target=spec.target_namespace,
+                )
+                log.info(
+                    "%s: moved the %d stored revisions of Helm release %s from %s, where "
+                    "Flux kept them, to %s, where helm reads them",
+                    app.name,
+                    moved,
+                    key,
+                    ownership.namespace,
+                    spec.target_namespace,
+                )
             await claim_release(
                 self.kube,
                 release=spec.release_name,
