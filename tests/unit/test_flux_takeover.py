@@ -135,13 +135,17 @@ RESOURCES = {
 }
 
 
-def still_reconciling(objects: dict[str, Obj], *, crds: bool = True) -> tuple[list[str], int]:
+def still_reconciling(
+    objects: dict[str, Obj], *, crds: bool = True, forbidden: tuple[str, ...] = ()
+) -> tuple[list[str], int]:
     """Which of APPS and WEB Flux still reconciles with these objects in the cluster
     (path → object), and how many requests it took to know."""
     requests: list[str] = []
 
     def apiserver(request: httpx.Request) -> httpx.Response:
         requests.append(request.url.path)
+        if any(request.url.path.startswith(path) for path in forbidden):
+            return httpx.Response(403, json={"kind": "Status", "code": 403, "reason": "Forbidden"})
         resources = RESOURCES.get(request.url.path)
         if resources is not None and (crds or "toolkit" not in request.url.path):
             return httpx.Response(200, json={"resources": resources})
@@ -208,6 +212,19 @@ def test_whether_flux_still_reconciles(
 ) -> None:
     found, _ = still_reconciling(objects, crds=crds)
     assert found == expected
+
+
+def test_what_rbac_hides_counts_as_flux_running_unless_its_crds_are_gone() -> None:
+    """An agent confined to its namespaces may not read flux-system."""
+    hidden = (DEPLOYMENTS, "/apis/kustomize.toolkit.fluxcd.io/v1/namespaces")
+    found, _ = still_reconciling({}, forbidden=hidden)
+    assert found == ["Kustomization flux-system/apps"]
+    found, _ = still_reconciling(
+        {KUSTOMIZATION: {"spec": {"suspend": True}}}, forbidden=(DEPLOYMENTS,)
+    )
+    assert found == []
+    found, _ = still_reconciling({}, crds=False, forbidden=(DEPLOYMENTS,))
+    assert found == []
 
 
 def test_without_flux_the_check_is_two_reads() -> None:

@@ -188,13 +188,15 @@ async def take_over(kube: KubeClient, ref: ObjectRef) -> Obj | None:
 class FluxInstallation:
     """What of Flux runs in the cluster, read once per pass and only when an app carries
     Flux's marks: its controllers' Deployments in flux-system, and the Flux objects
-    named. Where RBAC lets conveyor read neither, Flux is assumed to run: refusing is
-    the side that loses nothing."""
+    named. Where RBAC lets conveyor read a Flux object, it decides; where conveyor may
+    read neither (an agent confined to its namespaces), Flux is assumed to reconcile
+    it, as refusing loses nothing; with Flux's CRDs gone, Flux is gone unless its
+    controllers are seen running."""
 
     def __init__(self, kube: KubeClient) -> None:
         self.kube = kube
         self._lock = asyncio.Lock()
-        self._running: dict[str, bool] = {}
+        self._running: dict[str, bool | None] = {}  # None: RBAC does not let us see
         self._active: dict[FluxObject, bool] = {}
 
     async def still_reconciling(self, origins: Iterable[FluxObject]) -> list[FluxObject]:
@@ -208,22 +210,23 @@ class FluxInstallation:
                     self._running[origin.controller] = await self._controller_runs(
                         origin.controller
                     )
-                if not self._running[origin.controller]:
+                running = self._running[origin.controller]
+                if running is False:
                     continue
                 if origin not in self._active:
-                    self._active[origin] = await self._reconciled(origin)
+                    self._active[origin] = await self._reconciled(origin, running=running)
             if self._active[origin]:
                 result.append(origin)
         return result
 
-    async def _controller_runs(self, name: str) -> bool:
+    async def _controller_runs(self, name: str) -> bool | None:
         try:
             deployment = await self.kube.get(
                 "apps/v1", "Deployment", name, namespace=FLUX_NAMESPACE
             )
         except ApiError as error:
             if error.forbidden:
-                return True
+                return None
             raise
         if deployment is None:
             return False
@@ -231,7 +234,7 @@ class FluxInstallation:
         ready = (deployment.get("status") or {}).get("readyReplicas") or 0
         return bool(wanted) and ready > 0
 
-    async def _reconciled(self, origin: FluxObject) -> bool:
+    async def _reconciled(self, origin: FluxObject, *, running: bool | None) -> bool:
         kind = origin._kind
         for version in kind.versions:
             try:
@@ -245,7 +248,7 @@ class FluxInstallation:
                     return True
                 raise
             return live is not None and not (live.get("spec") or {}).get("suspend", False)
-        return True
+        return running is True
 
 
 def refusal_message(managed: dict[FluxObject, list[str]]) -> str:
