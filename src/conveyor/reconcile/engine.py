@@ -698,8 +698,10 @@ class Engine:
         kept = await release_ownership(
             self.kube, release=spec.release_name, namespace=spec.flux_storage_namespace
         )
-        # Only one no environment owns: conveyor never keeps a release there.
-        return kept if kept.exists and kept.owner is None else found
+        # Only helm-controller's own for this HelmRelease (its objects say so): another
+        # release of that name there is someone else's, and conveyor never keeps one there.
+        flux_release = FluxObject("HelmRelease", spec.namespace, spec.name)
+        return kept if kept.owner is None and kept.flux == flux_release else found
 
     async def _release_conflicts(
         self,
