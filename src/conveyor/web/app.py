@@ -15,7 +15,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.cluster.client import KubeClient
-from conveyor.reconcile.target import kube_client
 from conveyor.source.webhook import listener_config
 from conveyor.web import api, pages
 from conveyor.web.dashboard import Dashboard, NotFound, ServeOptions
@@ -67,16 +66,13 @@ class ResponseHeaders:
 def create_app(options: ServeOptions, *, kube: KubeClient | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = kube or kube_client(kubeconfig_path=options.kubeconfig, context=options.context)
-        dashboard = Dashboard(options, kube=client)
+        dashboard = Dashboard(options, kube=kube)
         app.state.dashboard = dashboard
-        dashboard.hub.start()
+        await dashboard.start()
         try:
             yield
         finally:
             await dashboard.close()
-            if kube is None:
-                await client.aclose()
 
     app = FastAPI(
         title="conveyor",
