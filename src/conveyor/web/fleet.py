@@ -69,6 +69,7 @@ class Fleet:
         self.clusters: dict[str, WatchedCluster] = {}  # by name, in conveyor.yaml's order
         self.declared: dict[str, str] = {}  # environment → the name of its cluster
         self.unconfigured: dict[str, str] = {}  # environment → why its cluster is unknown
+        self._stopping: set[asyncio.Task[None]] = set()
 
     # -- which clusters ------------------------------------------------------------
 
@@ -96,7 +97,9 @@ class Fleet:
         for name in [n for n in self.clusters if n not in wanted]:
             gone = self.clusters.pop(name)
             log.info("cluster %s is no longer named by any environment", name)
-            asyncio.get_running_loop().create_task(self._stop(gone))
+            task = asyncio.get_running_loop().create_task(self._stop(gone))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
         for name, (ref, names) in wanted.items():
             if name in self.clusters:
                 self.clusters[name].environments = names
