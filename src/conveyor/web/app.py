@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import swagger_ui_bundle
 import uvicorn
 from fastapi import FastAPI, Request
@@ -97,6 +98,16 @@ def create_app(options: ServeOptions, *, kube: KubeClient | None = None) -> Fast
             return JSONResponse({"detail": str(error)}, status_code=404)
         board: Dashboard = request.app.state.dashboard
         return pages.message_page(request, board, "Not found", str(error), status_code=404)
+
+    @app.exception_handler(httpx.TransportError)
+    async def cluster_down(request: Request, error: Exception) -> Response:
+        # A read of one app's live objects, events or Helm history from a cluster that
+        # stopped answering: say so, as the matrix does, instead of a 500.
+        message = f"its cluster does not answer ({error or type(error).__name__}); try again"
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": message}, status_code=503)
+        board: Dashboard = request.app.state.dashboard
+        return pages.message_page(request, board, "Cluster unreachable", message, status_code=503)
 
     api.install(app)
     pages.install(app)
