@@ -5,15 +5,17 @@ which cluster a scope is read from. The real clusters: tests/cluster/test_fleet.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import yaml
 
 from conveyor.cluster.client import KubeClient
 from conveyor.cluster.kubeconfig import ClusterCredentials
 from conveyor.config.project import Cluster, Environment
 from conveyor.reconcile.fleet import read_environments
-from conveyor.reconcile.status import READY, SOURCE_KIND, STALLED, AppStatus
+from conveyor.reconcile.status import API_VERSION, READY, SOURCE_KIND, STALLED, AppStatus
 from conveyor.reconcile.target import ClusterRef, environment_cluster
 from conveyor.web import views
 from conveyor.web.fleet import Fleet, WatchedCluster
@@ -190,3 +192,74 @@ def test_an_environment_whose_cluster_is_not_in_the_kubeconfig_is_reported(
     )
     assert not read.reachable and read.statuses == []
     assert read.error is not None and "no context named 'eks-prod'" in read.error
+
+
+class FakeApiserver:
+    """A ConveyorApp list and a watch that stays open, until `down`: then every request
+    is refused, as a stopped apiserver's port refuses them."""
+
+    def __init__(self) -> None:
+        self.down = asyncio.Event()
+        self.item = {
+            "metadata": {"name": "staging.api", "resourceVersion": "5"},
+            "spec": {"scope": "staging", "app": "api"},
+            "status": {"state": READY, "lastAppliedRevision": "a" * 40},
+        }
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.down.is_set():
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.path == f"/apis/{API_VERSION}":
+            resource = {"name": "conveyorapps", "kind": "ConveyorApp", "namespaced": True}
+            return httpx.Response(200, json={"resources": [resource]})
+        if request.url.path == "/version":
+            return httpx.Response(200, json={"major": "1"})
+        if request.url.params.get("watch") == "true":
+            down = self.down
+
+            async def lines() -> AsyncIterator[bytes]:
+                await down.wait()  # a watch that ends when the server goes away
+                raise httpx.ReadError("connection reset")
+                yield b""  # an async generator
+
+            return httpx.Response(200, content=lines())
+        return httpx.Response(
+            200, json={"metadata": {"resourceVersion": "5"}, "items": [self.item]}
+        )
+
+
+def test_a_hub_says_when_its_cluster_stops_answering_and_reads_it_again() -> None:
+    async def scenario() -> None:
+        server = FakeApiserver()
+        credentials = ClusterCredentials(server="https://kube.test", context="eks-prod", token="t")
+        kube = KubeClient(credentials, transport=httpx.MockTransport(server))
+
+        async def version(_status: AppStatus) -> str:
+            return "1.0.0"
+
+        hub = StatusHub(kube, version_of=version, cluster="eks-prod", probe_seconds=0.1)
+        queue = hub.subscribe()
+        hub.start()
+        try:
+            await asyncio.wait_for(hub.synced.wait(), 5)
+            assert hub.reachable and hub.state().last_read is not None
+            assert list(hub.statuses) == ["staging.api"]
+            server.down.set()
+            changes = []
+            while not changes or changes[-1].cluster is None or changes[-1].cluster.reachable:
+                changes.append(await asyncio.wait_for(queue.get(), 10))
+            down = changes[-1].cluster
+            assert down is not None and down.name == "eks-prod" and down.error
+            assert not hub.reachable and list(hub.statuses) == ["staging.api"]  # kept
+            server.down.clear()
+            back = None
+            while back is None or not back.reachable:
+                change = await asyncio.wait_for(queue.get(), 15)
+                if change is not None and change.cluster is not None:
+                    back = change.cluster
+            assert hub.reachable and hub.error is None
+        finally:
+            await hub.close()
+            await kube.aclose()
+
+    asyncio.run(scenario())

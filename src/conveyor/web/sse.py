@@ -273,7 +273,10 @@ class StatusHub:
                 elif isinstance(error, ApiError) and error.status == 410:
                     resource_version = None  # expired: list again; the cluster answers
                 else:
+                    # Listed again once it answers: the list is a good read (a watch
+                    # may stay quiet), and it catches what changed in between.
                     self._watching = False
+                    resource_version = None
                     self._read_failed(error)
                 log.info("status watch of %s interrupted: %s; retrying", self.cluster, error)
                 await asyncio.sleep(backoff)
