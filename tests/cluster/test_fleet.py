@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,11 +59,22 @@ class Fleet:
         parsed: dict[str, Any] = json.loads(result.stdout)
         return result.returncode, parsed
 
-    def reconcile(self, environment: str) -> None:
-        result = conveyor(
-            self.both, "reconcile", "--repo", self.repo.url, "--env", environment, "-o", "json"
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+    def reconcile(self, *environments: str) -> None:
+        """One pass of each environment, all at once (each in its own cluster)."""
+        passes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "conveyor", "reconcile", "--repo", self.repo.url,
+                 "--env", environment, "-o", "json"],
+                env=self.both.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for environment in environments
+        ]  # fmt: skip
+        for one in passes:
+            output, _ = one.communicate(timeout=600)
+            assert one.returncode == 0, output
 
 
 def _image(handle: SandboxHandle, namespace: str, name: str) -> str:
@@ -109,8 +122,7 @@ def fleet(
     repo.commit("two environments, two clusters")
     serve = ServeProcess(both, tmp, "--repo", repo.url)
     found = Fleet(sandbox, second_sandbox, both, repo, staging, production, namespace, serve)
-    for environment in (staging, production):
-        found.reconcile(environment)
+    found.reconcile(staging, production)
     yield found
     serve.stop()
     for handle in (sandbox, second_sandbox):

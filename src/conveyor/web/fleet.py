@@ -70,6 +70,7 @@ class Fleet:
         self.declared: dict[str, str] = {}  # environment → the name of its cluster
         self.unconfigured: dict[str, str] = {}  # environment → why its cluster is unknown
         self._stopping: set[asyncio.Task[None]] = set()
+        self._resolved: dict[ClusterRef, tuple[ClusterRef, str]] = {}
 
     # -- which clusters ------------------------------------------------------------
 
@@ -110,7 +111,11 @@ class Fleet:
     def _resolve(self, ref: ClusterRef) -> tuple[ClusterRef, str]:
         if self._default_kube is not None and ref == self.default:
             return ref, self._default_kube.credentials.context
-        return ref.resolve()
+        # Once per cluster: conveyor.yaml is read again every half minute, and loading a
+        # kubeconfig writes its inline certificates to files.
+        if ref not in self._resolved:
+            self._resolved[ref] = ref.resolve()
+        return self._resolved[ref]
 
     def _watch(self, name: str, ref: ClusterRef, environments: list[str]) -> WatchedCluster:
         injected = self._default_kube is not None and ref == self.default
