@@ -22,6 +22,8 @@ from conveyor.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_NAME = os.environ.get("CONVEYOR_TEST_SANDBOX", "test")
+# The second cluster of the tests of many clusters (one per environment).
+SECOND_SANDBOX_NAME = os.environ.get("CONVEYOR_TEST_SANDBOX2", f"{SANDBOX_NAME}2")
 
 
 @dataclass
@@ -64,6 +66,16 @@ def start_sandbox(name: str) -> SandboxHandle:
 def sandbox() -> Iterator[SandboxHandle]:
     was_running = Sandbox(SANDBOX_NAME).status().ready
     handle = start_sandbox(SANDBOX_NAME)
+    yield handle
+    if not was_running and not os.environ.get("CONVEYOR_KEEP_SANDBOX"):
+        handle.sandbox.down()
+
+
+@pytest.fixture(scope="session")
+def second_sandbox() -> Iterator[SandboxHandle]:
+    """Another cluster beside `sandbox`, for environments that each run in their own."""
+    was_running = Sandbox(SECOND_SANDBOX_NAME).status().ready
+    handle = start_sandbox(SECOND_SANDBOX_NAME)
     yield handle
     if not was_running and not os.environ.get("CONVEYOR_KEEP_SANDBOX"):
         handle.sandbox.down()

@@ -1,4 +1,5 @@
-"""`make demo` in CI mode: the whole story ends with every demo app Ready."""
+"""`make demo` in CI mode: the whole story, on two clusters, ends with every demo app
+Ready and the dashboard reading both."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def test_demo_runs_the_whole_story_and_ends_ready() -> None:
         "image automation found ui:",
         "the queue gate opened after",
         "production runs the versions tested on staging",
+        "the dashboard reads both clusters: staging on sandbox-demo-ci-staging",
         "dashboard: http://",
     ):
         assert step in output, output[-4000:]

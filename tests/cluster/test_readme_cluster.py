@@ -31,6 +31,8 @@ pytestmark = pytest.mark.cluster
 RUNS_ON_CLUSTER = {
     "conveyor reconcile --repo URL (--path DIR | --env NAME) [--app A]": 0,
     "conveyor get apps [-o json|yaml]": 0,
+    # the environment names no cluster: the sandbox, $KUBECONFIG's
+    "conveyor get apps --all-environments --repo URL [-o json]": 0,
     "conveyor diff --repo URL (--path DIR | --env NAME) [--format markdown]": 0,
     "conveyor suspend APP --env NAME": 0,
     "conveyor resume APP --env NAME": 0,

@@ -46,6 +46,7 @@ from conveyor.promote.gates import agent_gate
 from conveyor.promote.offline_diff import diff_against_live, diff_revisions
 from conveyor.reconcile.agent import SHUTDOWN_GRACE, Agent, AgentOptions
 from conveyor.reconcile.engine import PassResult
+from conveyor.reconcile.fleet import project_environments, read_environments
 from conveyor.reconcile.logs import LogFormat
 from conveyor.reconcile.logs import configure as configure_logging
 from conveyor.reconcile.once import SourceFailure, plan_target, reconcile_once
@@ -60,7 +61,7 @@ from conveyor.reconcile.status import (
     StatusError,
     StatusStore,
 )
-from conveyor.reconcile.target import Target, kube_client
+from conveyor.reconcile.target import ClusterRef, Target, kube_client
 from conveyor.render.discover import app_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI
@@ -223,11 +224,28 @@ def get_apps(
     scope: str | None = typer.Option(
         None, "--scope", "--env", help="Only this environment (or path scope)."
     ),
+    all_environments: bool = typer.Option(
+        False,
+        "--all-environments",
+        help="Every environment of --repo's conveyor.yaml, each from its own cluster; "
+        "exit 1 when a cluster cannot be read.",
+    ),
+    repo: str | None = typer.Option(
+        None, "--repo", help="Config repository (with --all-environments)."
+    ),
+    branch: str | None = BranchOption,
     kubeconfig: str | None = KubeconfigOption,
     context: str | None = ContextOption,
     output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
 ) -> None:
     """Apps and their state: Ready / Reconciling / Stalled, reason, revision."""
+    if all_environments:
+        if repo is None:
+            fail("--all-environments reads conveyor.yaml: give --repo URL")
+        if scope is not None:
+            fail("give either --env NAME or --all-environments")
+        _get_all_environments(repo, branch, ClusterRef(kubeconfig, context), output)
+        return
 
     async def load() -> list[AppStatus]:
         async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
@@ -248,6 +266,59 @@ def get_apps(
         )
         return
     console.print(status_table(statuses, title="apps"))
+
+
+def _get_all_environments(
+    repo: str, branch: str | None, default: ClusterRef, output: OutputFormat
+) -> None:
+    try:
+        environments = project_environments(repo, branch=branch)
+    except GitError as error:
+        fail(escape(mask_url(error.stderr or str(error))))
+    except ConfigError as error:
+        fail(escape(str(error)))
+    if not environments:
+        fail("conveyor.yaml of --repo declares no environments")
+    reads = asyncio.run(read_environments(environments, default=default))
+    if output is not OutputFormat.table:
+        print_machine(
+            {
+                "items": [
+                    {**s.to_summary(), "cluster": r.cluster}
+                    for r in reads
+                    for s in r.statuses
+                    if s.kind != SOURCE_KIND
+                ],
+                "sources": [
+                    {**s.to_summary(), "cluster": r.cluster}
+                    for r in reads
+                    for s in r.statuses
+                    if s.kind == SOURCE_KIND
+                ],
+                "environments": [
+                    {
+                        "name": r.environment,
+                        "scope": r.scope,
+                        "cluster": r.cluster,
+                        "reachable": r.reachable,
+                        "error": r.error,
+                        "apps": sum(s.kind != SOURCE_KIND for s in r.statuses),
+                        "ready": sum(s.ready for s in r.statuses if s.kind != SOURCE_KIND),
+                    }
+                    for r in reads
+                ],
+            },
+            output,
+        )
+    else:
+        for read in reads:
+            title = f"{read.environment} (cluster {read.cluster})"
+            if read.reachable:
+                console.print(status_table(read.statuses, title=title))
+            else:
+                console.print(f"[red]{escape(title)}: unreachable[/]: {escape(str(read.error))}")
+    if not all(r.reachable for r in reads):
+        raise typer.Exit(1)
 
 
 def _request(

@@ -27,9 +27,14 @@ def serve(
     kubeconfig: str | None = typer.Option(
         None,
         "--kubeconfig",
-        help="kubeconfig file (default: the files $KUBECONFIG lists, merged as kubectl does).",
+        help="kubeconfig file (default: the files $KUBECONFIG lists, merged as kubectl does) "
+        "for the environments whose cluster conveyor.yaml does not name.",
     ),
-    context: str | None = typer.Option(None, "--context", help="kubeconfig context."),
+    context: str | None = typer.Option(
+        None,
+        "--context",
+        help="kubeconfig context of the environments whose cluster conveyor.yaml does not name.",
+    ),
     repo: str | None = typer.Option(
         None, "--repo", help="Config repository, for history, diffs and reconcile now."
     ),
@@ -37,7 +42,8 @@ def serve(
     log_format: LogFormat | None = LogFormatOption,
 ) -> None:
     """Dashboard and JSON API: the environments x apps matrix, app history, diffs against
-    the cluster, gates, live updates, and token-protected actions."""
+    the cluster, gates, live updates, and token-protected actions. With --repo, each
+    environment is read from (and acted on in) its own cluster, as conveyor.yaml names it."""
     tokens = None
     if token_file is not None:
         try:

@@ -270,6 +270,12 @@ class KubeClient:
         _raise_for_status(response)
         return response.json() if response.content else {}
 
+    async def ping(self, *, timeout: float) -> None:
+        """One GET /version within `timeout`, never retried: is the apiserver answering
+        now? Raises httpx.HTTPError (or ApiError) when not."""
+        response = await self._http.get("/version", timeout=timeout)
+        _raise_for_status(response)
+
     def _write_deadline(self) -> float | None:
         """The guard's verdict, checked when the write is about to be sent (after any
         wait for a connection slot): None when unguarded, else the seconds it may take."""

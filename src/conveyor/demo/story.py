@@ -2,8 +2,10 @@
 follows a new tag, a promotion waits for a queue to drain, the dashboard shows it all.
 
 Every step runs the same `conveyor` commands a team would run (as subprocesses, with
-the environment CI would give them), against real parts on loopback: the sandbox
-cluster and registry, git repositories on disk, and an SQS server (moto).
+the environment CI would give them), against real parts on loopback: two sandbox
+clusters, `staging` and `production`, each with its own agent (conveyor.yaml names each
+environment's kubeconfig context, as teams with a cluster per environment do), the
+staging sandbox's registry, git repositories on disk, and an SQS server (moto).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -54,14 +57,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def context_of(sandbox: Sandbox) -> str:
+    """The kubeconfig context a sandbox's kubeconfig names."""
+    return f"sandbox-{sandbox.name}"
+
+
 @dataclass
 class Demo:
     console: Console
     root: Path
-    sandbox: Sandbox
+    sandboxes: dict[str, Sandbox]  # environment → its cluster
     env: dict[str, str] = field(default_factory=dict)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     registry: str = ""
+    config: Path | None = None  # the config repo, once made
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -100,8 +109,16 @@ class Demo:
         return process
 
     def statuses(self) -> dict[tuple[str, str], dict[str, Any]]:
-        listing = json.loads(self.conveyor("get", "apps", "-o", "json").stdout)
-        return {(i["scope"], i["name"]): i for i in listing["items"]}
+        """Every environment's apps, each read from its own cluster."""
+        if self.config is None:
+            raise DemoError("no config repository yet")
+        listing = self.conveyor(
+            "get", "apps", "--all-environments", "--repo", str(self.config), "-o", "json",
+            check=False,
+        )  # fmt: skip
+        if not listing.stdout:
+            raise DemoError(f"conveyor get apps failed: {listing.stderr[-1500:]}")
+        return {(i["scope"], i["name"]): i for i in json.loads(listing.stdout)["items"]}
 
     def wait(self, what: str, check: Callable[[], bool], *, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -142,11 +159,17 @@ class Demo:
         run_git(["init", "-q", "--initial-branch", "master", str(work)])
         project = {
             "environments": [
-                {"name": "staging", "path": "staging", "branch": "master"},
+                {
+                    "name": "staging",
+                    "path": "staging",
+                    "branch": "master",
+                    "cluster": {"context": context_of(self.sandboxes["staging"])},
+                },
                 {
                     "name": "production",
                     "path": "production",
                     "branch": "master",
+                    "cluster": {"context": context_of(self.sandboxes["production"])},
                     "gates": [
                         {
                             "type": "queue-empty",
@@ -185,7 +208,19 @@ class Demo:
             cwd=work,
         )
         run_git(["push", "-q", str(bare), "HEAD:master"], cwd=work)
+        self.config = bare
         return bare
+
+    def kubectl(self, environment: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """kubectl on an environment's cluster."""
+        context = context_of(self.sandboxes[environment])
+        return subprocess.run(
+            ["kubectl", "--context", context, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
 
     def app_repo(self, app: str, config_bare: Path) -> tuple[Path, Path, str]:
         """An app repo from examples/apps/<app>, with the example chart as its chart-infra/."""
@@ -197,7 +232,7 @@ class Demo:
         profile = yaml.safe_load(profile_path.read_text())
         profile["config-repo"] = {"url": str(config_bare), "branch": "master"}
         for name, settings in profile["environments"].items():
-            # One sandbox holds both environments here, so their namespaces differ.
+            # Namespaces name their environment, so that kubectl's output says which.
             settings["namespace"] = f"{{app}}-{name}"
             # Images live in the sandbox's registry instead of ECR.
             settings["values"] = {
@@ -322,17 +357,18 @@ def drain_later(sqs: Any, url: str, *, after: float) -> threading.Thread:
 
 def summary(demo: Demo) -> Table:
     table = Table(title="conveyor demo: what runs where")
-    for column in ("environment", "app", "state", "image tag", "git revision", "helm"):
+    for column in ("environment", "cluster", "app", "state", "image tag", "git revision", "helm"):
         table.add_column(column, overflow="fold")
     statuses = demo.statuses()
     for environment in ENVIRONMENTS:
         for app in APPS:
             status = statuses.get((environment, app), {})
-            image = demo_image(demo, f"{app}-{environment}", app)
+            image = demo_image(demo, environment, app)
             state = status.get("state", "missing")
             style = "green" if status.get("ready") else "red"
             table.add_row(
                 environment,
+                context_of(demo.sandboxes[environment]),
                 app,
                 f"[{style}]{state}",
                 image,
@@ -342,25 +378,40 @@ def summary(demo: Demo) -> Table:
     return table
 
 
-def demo_image(demo: Demo, namespace: str, name: str) -> str:
-    result = subprocess.run(
-        [
-            "kubectl",
-            "get",
-            "deployment",
-            name,
-            "-n",
-            namespace,
-            "-o",
-            "jsonpath={.spec.template.spec.containers[0].image}",
-        ],
-        env=demo.env,
-        capture_output=True,
-        text=True,
-        check=False,
+def demo_image(demo: Demo, environment: str, app: str) -> str:
+    """The image tag the app's Deployment runs in the environment's cluster."""
+    result = demo.kubectl(
+        environment,
+        "get",
+        "deployment",
+        app,
+        "-n",
+        f"{app}-{environment}",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image}",
     )
     # The tag is what moves between environments; the registry is the same everywhere.
     return result.stdout.rsplit(":", 1)[-1] if result.returncode == 0 else "-"
+
+
+def dashboard_clusters(demo: Demo, url: str) -> list[str]:
+    """What the dashboard shows of each environment: its cluster, once both answer
+    with every app."""
+
+    def both() -> bool:
+        try:
+            matrix = httpx.get(f"{url}/api/v1/matrix", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        shown = {e["name"]: e for e in matrix["environments"]}
+        return all(
+            e in shown and shown[e]["reachable"] and shown[e]["apps"] == len(APPS)
+            for e in ENVIRONMENTS
+        )
+
+    demo.wait("the dashboard reads both clusters", both, timeout=60)
+    matrix = httpx.get(f"{url}/api/v1/matrix", timeout=5).json()
+    return [f"{e['name']} on {e['cluster']}" for e in matrix["environments"]]
 
 
 def run(*, interactive: bool) -> int:
@@ -369,16 +420,22 @@ def run(*, interactive: bool) -> int:
     if root.exists():
         shutil.rmtree(root)
     (root / "logs").mkdir(parents=True)
-    sandbox = Sandbox(os.environ.get("DEMO_SANDBOX", "demo"))
+    prefix = os.environ.get("DEMO_SANDBOX")
+    sandboxes = {e: Sandbox(f"{prefix}-{e}" if prefix else e) for e in ENVIRONMENTS}
     started = time.monotonic()
-    with console.status("starting the sandbox (the first run builds Kubernetes)") as spinner:
-        sandbox.down()  # a fresh cluster: the story starts from nothing
-        state = sandbox.up()
+    with console.status("starting the sandboxes (the first run builds Kubernetes)") as spinner:
+        for environment, sandbox in sandboxes.items():
+            spinner.update(f"starting the {environment} cluster")
+            sandbox.down()  # a fresh cluster: the story starts from nothing
+            state = sandbox.up()
         spinner.update("ready")
-    demo = Demo(console=console, root=root, sandbox=sandbox, registry=sandbox.registry())
+    staging = sandboxes["staging"]
+    demo = Demo(console=console, root=root, sandboxes=sandboxes, registry=staging.registry())
     demo.env = {
         **os.environ,
-        "KUBECONFIG": str(sandbox.kubeconfig),
+        # Both clusters, as a person's kubeconfig holds them; conveyor.yaml picks one per
+        # environment by its context.
+        "KUBECONFIG": os.pathsep.join(str(s.kubeconfig) for s in sandboxes.values()),
         "PATH": f"{state.bin_dir}{os.pathsep}{os.environ['PATH']}",
         "AWS_ACCESS_KEY_ID": "demo",
         "AWS_SECRET_ACCESS_KEY": "demo",
@@ -394,39 +451,35 @@ def run(*, interactive: bool) -> int:
     finally:
         demo.stop()
         if not interactive or os.environ.get("DEMO_KEEP") != "1":
-            sandbox.down()
+            for sandbox in sandboxes.values():
+                sandbox.down()
 
 
 def _story(demo: Demo, sqs_endpoint: str, *, interactive: bool, started: float) -> int:
     console = demo.console
     config = demo.config_repo(sqs_endpoint)
     console.print(
-        f"[bold]1.[/] config repo {config} with environments staging → production "
-        "(production gated on an empty SQS queue)"
+        f"[bold]1.[/] config repo {config} with environments staging → production, each "
+        "in its own cluster (production gated on an empty SQS queue)"
     )
     # The releases read an account-wide ConfigMap through valuesFrom, as Cellenics' do:
     # Flux v1 ones from the flux namespace, Flux v2 ones (api) from their own namespace.
-    for namespace in ("flux", "api-staging", "api-production"):
-        subprocess.run(
-            ["kubectl", "create", "namespace", namespace],
-            env=demo.env,
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            [
-                "kubectl",
-                "create",
-                "configmap",
-                "account-config",
-                "-n",
-                namespace,
-                "--from-literal=account-config.yaml=awsAccountId: '000000000000'",
-            ],
-            env=demo.env,
-            check=True,
-            capture_output=True,
-        )
+    for environment in ENVIRONMENTS:
+        for namespace in ("flux", f"api-{environment}"):
+            for args in (
+                ("create", "namespace", namespace),
+                (
+                    "create",
+                    "configmap",
+                    "account-config",
+                    "-n",
+                    namespace,
+                    "--from-literal=account-config.yaml=awsAccountId: '000000000000'",
+                ),
+            ):
+                created = demo.kubectl(environment, *args)
+                if created.returncode != 0:
+                    raise DemoError(f"kubectl {' '.join(args[:2])}: {created.stderr}")
 
     sqs, queue_url = create_queue(sqs_endpoint)
     versions = {}
@@ -474,9 +527,7 @@ def _story(demo: Demo, sqs_endpoint: str, *, interactive: bool, started: float) 
     )
     demo.wait(
         f"image automation rolls ui {new_tag} out to staging",
-        lambda: (
-            demo_image(demo, "ui-staging", "ui").endswith(new_tag) and demo.all_ready("staging")
-        ),
+        lambda: demo_image(demo, "staging", "ui").endswith(new_tag) and demo.all_ready("staging"),
     )
     console.print(
         f"[bold]4.[/] image automation found ui:{new_tag} and committed it; staging runs it"
@@ -512,13 +563,14 @@ def _story(demo: Demo, sqs_endpoint: str, *, interactive: bool, started: float) 
         # Ready alone is the status before the agent saw the promotion commit: wait until
         # production runs staging's images, and is Ready with them.
         same = all(
-            demo_image(demo, f"{app}-production", app) == demo_image(demo, f"{app}-staging", app)
-            for app in APPS
+            demo_image(demo, "production", app) == demo_image(demo, "staging", app) for app in APPS
         )
         return same and demo.all_ready("production")
 
     demo.wait("the production agent deploys the promoted versions", promoted)
-    console.print("[bold]6.[/] production runs the versions tested on staging")
+    console.print(
+        "[bold]6.[/] production runs the versions tested on staging (copied across clusters)"
+    )
 
     token = secrets.token_urlsafe(32)
     (demo.root / "dashboard.tokens").write_text(f"demo {token}\n")
@@ -534,6 +586,8 @@ def _story(demo: Demo, sqs_endpoint: str, *, interactive: bool, started: float) 
         "--repo",
         str(config),
     )
+    shown = dashboard_clusters(demo, f"http://127.0.0.1:{port}")
+    console.print(f"[bold]7.[/] the dashboard reads both clusters: {', '.join(shown)}")
     console.print(summary(demo))
     ready = all(demo.all_ready(e) for e in ENVIRONMENTS)
     console.print(

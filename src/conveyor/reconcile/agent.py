@@ -609,7 +609,14 @@ class Agent:
             self.metrics.revision.labels(engine.options.scope, resolved.revision).set(1)
         self.last_revision = resolved.revision
         self.passes += 1
-        await engine.store.save(source_fetched(self.target, resolved, scope=engine.options.scope))
+        await engine.store.save(
+            source_fetched(
+                self.target,
+                resolved,
+                scope=engine.options.scope,
+                apps=[a.name for a in tree.apps],
+            )
+        )
         if request is not None:
             await self._answer(engine, request, result=result)
         ready = sum(s.ready for s in result.statuses.values())

@@ -177,7 +177,10 @@ async def _own_pass(
             say(notice)
         say(f"reconciling {len(tree.apps)} apps")
         result = await engine.run_pass(tree, renderer, revision=resolved.revision, only=app)
-        await store_source(engine.store, source_fetched(target, resolved, scope=scope))
+        await store_source(
+            engine.store,
+            source_fetched(target, resolved, scope=scope, apps=[a.name for a in tree.apps]),
+        )
     finally:
         await engine.close()
         # One pass then exit: give queued notifications a bounded chance to go out.
@@ -237,8 +240,11 @@ async def _ask_holder(
     )
 
 
-def source_fetched(target: Target, resolved: ResolvedTarget, *, scope: str) -> AppStatus:
-    """The source's own status after a good fetch: which repo, branch and revision."""
+def source_fetched(
+    target: Target, resolved: ResolvedTarget, *, scope: str, apps: list[str]
+) -> AppStatus:
+    """The source's own status after a good pass: which repo, branch and revision, and
+    the apps it has."""
     status = AppStatus(
         scope=scope,
         app="",
@@ -250,6 +256,7 @@ def source_fetched(target: Target, resolved: ResolvedTarget, *, scope: str) -> A
         last_applied_revision=resolved.revision,
         repository=target.repo,
         branch=resolved.checkout.branch,
+        apps=sorted(apps),
     )
     StatusStore.stamp(status, resolved.identity)
     return status

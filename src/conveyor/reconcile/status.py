@@ -207,6 +207,9 @@ class AppStatus:
     # A source status's own fields: which repository and branch were fetched.
     repository: str | None = None
     branch: str | None = None
+    # And the apps that revision has (None: written before sources listed them): an
+    # app status beside them that is not among them was left by an earlier pass.
+    apps: list[str] | None = None
 
     @property
     def ready(self) -> bool:
@@ -254,7 +257,7 @@ class AppStatus:
         ]
 
     def status_body(self) -> dict[str, Any]:
-        body = {
+        body: dict[str, Any] = {
             "state": self.state,
             "reason": self.reason,
             "message": self.message,
@@ -276,6 +279,8 @@ class AppStatus:
         }
         if self.kind == SOURCE_KIND:
             body["repository"], body["branch"] = self.repository, self.branch
+            if self.apps is not None:
+                body["apps"] = list(self.apps)
         return body
 
     def to_summary(self) -> dict[str, Any]:
@@ -334,6 +339,7 @@ class AppStatus:
             adopt_from=spec.get("adoptFrom") or None,
             generation=generation if isinstance(generation, int) else None,
             repository=raw.get("repository"),
+            apps=[str(a) for a in raw["apps"]] if isinstance(raw.get("apps"), list) else None,
             branch=raw.get("branch"),
         )
 

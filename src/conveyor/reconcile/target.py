@@ -72,6 +72,35 @@ class ResolvedTarget:
         )
 
 
+@dataclass(frozen=True)
+class ClusterRef:
+    """A cluster as conveyor.yaml or the command line names it: a kubeconfig file (None:
+    $KUBECONFIG, merged) and a context (None: its current one)."""
+
+    kubeconfig: str | None = None
+    context: str | None = None
+
+    def resolve(self) -> tuple[ClusterRef, str]:
+        """This cluster with its context made explicit, and its name (the context, or
+        `in-cluster`): two environments on one context share one client. Raises
+        KubeconfigError."""
+        credentials = kubeconfig.load(self.kubeconfig, context=self.context)
+        if credentials.context == kubeconfig.IN_CLUSTER:
+            return ClusterRef(), credentials.context
+        return ClusterRef(self.kubeconfig, credentials.context), credentials.context
+
+
+def environment_cluster(environment: Environment, *, default: ClusterRef) -> ClusterRef:
+    """The cluster an environment deploys to: its `cluster` in conveyor.yaml, else
+    `default` (the command line's, else $KUBECONFIG's). Unlike `fetch_target`, where
+    the command line picks the cluster of the one environment it names, a reader of
+    every environment takes each from conveyor.yaml: one --context cannot be all."""
+    named = environment.cluster
+    if named.context is None and named.kubeconfig is None:
+        return default
+    return ClusterRef(named.kubeconfig or default.kubeconfig, named.context)
+
+
 def checkout_path(repo: str, branch: str, *, purpose: str = "agent") -> Path:
     digest = hashlib.sha256(f"{repo}#{branch}".encode()).hexdigest()[:16]
     return checkouts_cache(purpose) / digest

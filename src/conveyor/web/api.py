@@ -94,6 +94,13 @@ async def get_matrix(
     return await board.matrix(only=env)
 
 
+@router.get("/clusters", response_model=list[views.ClusterOut], tags=["status"])
+async def list_clusters(board: DashboardDep) -> list[views.ClusterOut]:
+    """Every cluster read (one per distinct kubeconfig context of the environments),
+    whether it answers, and when its statuses were last read."""
+    return (await board.matrix()).clusters
+
+
 @router.get("/environments", response_model=list[views.Environment], tags=["status"])
 async def list_environments(board: DashboardDep) -> list[views.Environment]:
     return (await board.matrix()).environments
@@ -103,7 +110,7 @@ async def list_environments(board: DashboardDep) -> list[views.Environment]:
 async def list_apps(environment: str, board: DashboardDep) -> list[views.Cell]:
     statuses = await board.environment(environment)
     return [
-        views.cell(s, board.version(s))
+        board.cell(s, board.version(s))
         for s in sorted(statuses, key=lambda s: s.app)
         if s.app and s.kind != SOURCE_KIND
     ]
@@ -140,7 +147,8 @@ async def get_diff(environment: str, app: str, board: DashboardDep) -> views.Dif
     tags=["app"],
 )
 async def get_objects(environment: str, app: str, board: DashboardDep) -> list[views.ObjectOut]:
-    return await views.objects(board.kube, await board.status(environment, app))
+    status = await board.status(environment, app)
+    return await views.objects(board.kube_for(status), status)
 
 
 @router.get(
@@ -149,7 +157,8 @@ async def get_objects(environment: str, app: str, board: DashboardDep) -> list[v
     tags=["app"],
 )
 async def get_events(environment: str, app: str, board: DashboardDep) -> list[views.EventOut]:
-    return await views.events(board.kube, await board.status(environment, app))
+    status = await board.status(environment, app)
+    return await views.events(board.kube_for(status), status)
 
 
 @router.get("/gates", response_model=list[views.Gate], tags=["status"])
@@ -242,19 +251,31 @@ async def act_on_app(
 
 @router.get("/stream", tags=["status"], response_class=StreamingResponse)
 async def status_stream(board: DashboardDep) -> StreamingResponse:
-    """Server-sent events: `status` with the changed cell (null when deleted)."""
+    """Server-sent events: `status` with the changed cell (null when deleted), or with
+    `cluster` when a cluster became unreachable or answers again."""
 
-    def render(change: StatusChange) -> dict[str, object]:
+    def render(change: StatusChange) -> dict[str, object] | None:
         status = change.status
+        if not board.fleet.shown(change):
+            return None
+        if change.cluster is not None:
+            state = change.cluster
+            cluster = views.ClusterOut(
+                name=state.name,
+                reachable=state.reachable,
+                last_read=state.last_read,
+                error=state.error,
+            )
+            return {"name": "", "cell": None, "cluster": cluster.model_dump(by_alias=True)}
         return {
             "name": change.name,
-            "cell": views.cell(status, change.version).model_dump(by_alias=True)
+            "cell": board.cell(status, change.version).model_dump(by_alias=True)
             if status is not None and status.app
             else None,
         }
 
     return StreamingResponse(
-        stream(board.hub, render),
+        stream(board.fleet, render),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -262,7 +283,7 @@ async def status_stream(board: DashboardDep) -> StreamingResponse:
 
 @router.get("/healthz", tags=["status"], include_in_schema=False)
 async def healthz(board: DashboardDep) -> dict[str, str]:
-    return {"status": "ok" if board.hub.synced.is_set() else "syncing"}
+    return {"status": "ok" if board.fleet.ready else "syncing"}
 
 
 def install(app: FastAPI) -> None:

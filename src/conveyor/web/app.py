@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import swagger_ui_bundle
 import uvicorn
 from fastapi import FastAPI, Request
@@ -15,7 +16,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.cluster.client import KubeClient
-from conveyor.reconcile.target import kube_client
 from conveyor.source.webhook import listener_config
 from conveyor.web import api, pages
 from conveyor.web.dashboard import Dashboard, NotFound, ServeOptions
@@ -67,16 +67,13 @@ class ResponseHeaders:
 def create_app(options: ServeOptions, *, kube: KubeClient | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = kube or kube_client(kubeconfig_path=options.kubeconfig, context=options.context)
-        dashboard = Dashboard(options, kube=client)
+        dashboard = Dashboard(options, kube=kube)
         app.state.dashboard = dashboard
-        dashboard.hub.start()
+        await dashboard.start()
         try:
             yield
         finally:
             await dashboard.close()
-            if kube is None:
-                await client.aclose()
 
     app = FastAPI(
         title="conveyor",
@@ -101,6 +98,16 @@ def create_app(options: ServeOptions, *, kube: KubeClient | None = None) -> Fast
             return JSONResponse({"detail": str(error)}, status_code=404)
         board: Dashboard = request.app.state.dashboard
         return pages.message_page(request, board, "Not found", str(error), status_code=404)
+
+    @app.exception_handler(httpx.TransportError)
+    async def cluster_down(request: Request, error: Exception) -> Response:
+        # A read of one app's live objects, events or Helm history from a cluster that
+        # stopped answering: say so, as the matrix does, instead of a 500.
+        message = f"its cluster does not answer ({error or type(error).__name__}); try again"
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": message}, status_code=503)
+        board: Dashboard = request.app.state.dashboard
+        return pages.message_page(request, board, "Cluster unreachable", message, status_code=503)
 
     api.install(app)
     pages.install(app)

@@ -1,14 +1,16 @@
 """The dashboard's state, shared by the pages and the API: what they read and how they act.
 
-Everything shown comes from the ConveyorApp status the CLI reads (watched once, see
-`sse.StatusHub`), the live cluster, and the config repository; every action goes through
-the action registry, which calls the same code as the CLI and records who acted.
+Everything shown comes from the ConveyorApp status the CLI reads (watched once per
+cluster, see `fleet.Fleet`), the live clusters, and the config repository; every action
+goes through the action registry, which calls the same code as the CLI, against the
+cluster of the environment it acts on, and records who acted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Coroutine
@@ -21,15 +23,15 @@ from conveyor.config.project import ConfigError
 from conveyor.reconcile.once import plan_target
 from conveyor.reconcile.report import EventRecorder
 from conveyor.reconcile.status import SOURCE_KIND, AppStatus, resource_name
-from conveyor.reconcile.target import Target
+from conveyor.reconcile.target import ClusterRef, Target
 from conveyor.render.documents import RenderError
 from conveyor.source.git import GitError
 from conveyor.web import views
 from conveyor.web.actions import ActionError, ActionRegistry, ActionRequest, ActionResult
 from conveyor.web.actions import default_registry as default_actions
 from conveyor.web.auth import Auth, Principal
+from conveyor.web.fleet import Clients, Fleet, WatchedCluster, default_clients
 from conveyor.web.repo import Repos
-from conveyor.web.sse import StatusHub
 
 log = logging.getLogger("conveyor.web")
 audit = logging.getLogger("conveyor.audit")
@@ -50,31 +52,63 @@ class ServeOptions:
     branch: str | None = None
 
 
+@dataclass(frozen=True)
+class ClusterContext:
+    """The ActionContext of one action: the dashboard, bound to the cluster of the
+    environment acted on (so suspend writes there, and reconcile asks its agent)."""
+
+    board: Dashboard
+    cluster: WatchedCluster
+
+    @property
+    def kube(self) -> KubeClient:
+        return self.cluster.kube
+
+    async def target(self, environment: str) -> Target:
+        return await self.board.target(environment)
+
+    def background(self, key: str, work: Coroutine[Any, Any, None]) -> None:
+        self.board.background(key, work)
+
+
 class Dashboard:
-    """The server's state and the ActionContext that actions run with."""
+    """The server's state: the clusters it reads, the config repository, the actions."""
 
     def __init__(
-        self, options: ServeOptions, *, kube: KubeClient, actions: ActionRegistry | None = None
+        self,
+        options: ServeOptions,
+        *,
+        kube: KubeClient | None = None,
+        actions: ActionRegistry | None = None,
+        clients: Clients = default_clients,
     ) -> None:
+        """`kube` is the default cluster's client (else made from the options)."""
         self.options = options
-        self.kube = kube
         self.auth = Auth(options.tokens)
         self.actions = actions or default_actions()
-        self.hub = StatusHub(kube, version_of=lambda s: views.live_version(kube, s))
+        self.fleet = Fleet(
+            default=ClusterRef(options.kubeconfig, options.context), kube=kube, clients=clients
+        )
         self.repos = Repos(
             default=options.repo,
             branch=options.branch,
             kubeconfig=options.kubeconfig,
             context=options.context,
         )
-        self.events = EventRecorder(kube, component="conveyor-dashboard")
         self._order: list[str] = []
         self._order_time = 0.0
         self._running: dict[str, asyncio.Task[None]] = {}
         self._diff_lock = asyncio.Lock()
 
+    async def start(self) -> None:
+        """Watch every environment's cluster (conveyor.yaml's, with --repo), else the
+        default one."""
+        await self.order()
+        if not self.fleet.clusters:
+            self.fleet.configure([])
+
     async def close(self) -> None:
-        await self.hub.close()
+        await self.fleet.close()
         for task in self._running.values():
             task.cancel()
         for task in self._running.values():
@@ -84,20 +118,23 @@ class Dashboard:
     # -- reads ---------------------------------------------------------------------------
 
     async def statuses(self) -> list[AppStatus]:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.hub.synced.wait(), 10.0)
-        return self.hub.snapshot()
+        await self.fleet.settled()
+        return self.fleet.snapshot()
 
     async def order(self) -> list[str]:
-        """Environments in conveyor.yaml's promotion order (when the repo is known)."""
+        """Environments in conveyor.yaml's promotion order (when the repo is known),
+        re-read now and then: the clusters watched follow the file."""
         if self.options.repo and time.monotonic() - self._order_time > ORDER_MAX_AGE:
             self._order_time = time.monotonic()
             repo = self.repos.get(None)
             if repo is not None:
                 try:
-                    self._order = [e.name for e in (await repo.project()).environments]
+                    environments = (await repo.project()).environments
                 except (GitError, ConfigError) as error:
-                    log.warning("environment order unknown: %s", error)
+                    log.warning("environments unknown: %s", error)
+                else:
+                    self._order = [e.name for e in environments]
+                    self.fleet.configure(environments)
         return self._order
 
     async def matrix(self, *, only: list[str] | None = None) -> views.Matrix:
@@ -106,7 +143,10 @@ class Dashboard:
         wanted = {name.strip() for value in only or [] for name in value.split(",")} - {""}
         if wanted:
             statuses = [s for s in statuses if s.scope in wanted]
-        return views.matrix(statuses, self.hub.versions, order=await self.order())
+        matrix = self.fleet.matrix(statuses, order=await self.order())
+        if wanted:  # an unreachable cluster's environments come without statuses
+            matrix.environments = [e for e in matrix.environments if e.name in wanted]
+        return matrix
 
     async def environment(self, name: str) -> list[AppStatus]:
         statuses = await self.statuses()
@@ -130,22 +170,47 @@ class Dashboard:
         )
 
     def version(self, status: AppStatus) -> str:
-        return self.hub.versions.get(status.name, (status.last_applied_revision or "")[:12])
+        return self.fleet.version(status)
+
+    def cluster(self, environment: str) -> WatchedCluster:
+        """The cluster an environment's statuses are read from, where it is acted on."""
+        cluster = self.fleet.cluster_of(environment)
+        if cluster is None:
+            why = self.fleet.unconfigured.get(environment, "none of the clusters read has it")
+            raise ActionError(409, f"the cluster of {environment!r} is unknown: {why}")
+        return cluster
+
+    def kube_for(self, status: AppStatus) -> KubeClient:
+        return self.cluster(status.scope).kube
+
+    def cell(self, status: AppStatus, version: str) -> views.Cell:
+        """An app's cell as the matrix shows it, stale mark included."""
+        shaped = views.cell(status, version)
+        cluster = self.fleet.cluster_of(status.scope)
+        if cluster is not None and not cluster.hub.reachable:
+            state = cluster.hub.state()
+            shaped.stale = (
+                f"cluster {cluster.name} unreachable; last read {state.last_read or 'never'}"
+            )
+        else:
+            shaped.stale = views.stale_reason(status, self.source(status.scope))
+        return shaped
 
     async def detail(self, status: AppStatus) -> views.AppDetail:
         return views.AppDetail(
-            **views.cell(status, self.version(status)).model_dump(),
+            **self.cell(status, self.version(status)).model_dump(),
             release=status.release,
             inventory=[r.to_dict() for r in status.inventory],
             actions=[a.name for a in self.actions.for_app(status)],
         )
 
-    def _source(self, environment: str) -> AppStatus | None:
-        return self.hub.statuses.get(resource_name(environment, ""))
+    def source(self, environment: str) -> AppStatus | None:
+        cluster = self.fleet.cluster_of(environment)
+        return cluster.hub.statuses.get(resource_name(environment, "")) if cluster else None
 
     async def history(self, status: AppStatus) -> views.History:
-        history = views.History(helm=await views.helm_history(self.kube, status))
-        source = self._source(status.scope)
+        history = views.History(helm=await views.helm_history(self.kube_for(status), status))
+        source = self.source(status.scope)
         repo = self.repos.get(source)
         if repo is None:
             history.notes.append(
@@ -186,7 +251,7 @@ class Dashboard:
     # -- ActionContext -------------------------------------------------------------------
 
     async def target(self, environment: str) -> Target:
-        source = self._source(environment)
+        source = self.source(environment)
         repo = self.repos.get(source)
         if repo is None:
             raise ActionError(
@@ -195,10 +260,16 @@ class Dashboard:
                 "`conveyor serve --repo URL` or reconcile it once from the CLI",
             )
         identity = EnvironmentIdentity.parse(source.source or "") if source else None
+        cluster = self.cluster(environment)
         try:
-            return await repo.target(environment, identity=identity)
+            target = await repo.target(environment, identity=identity)
         except (GitError, ConfigError) as error:
             raise ActionError(409, str(error)) from None
+        # The cluster the environment was read from, which its one writer (the agent
+        # there, asked through its status) runs in.
+        return dataclasses.replace(
+            target, kubeconfig=cluster.ref.kubeconfig, context=cluster.ref.context
+        )
 
     def background(self, key: str, work: Coroutine[Any, Any, None]) -> None:
         running = self._running.get(key)
@@ -249,13 +320,21 @@ class Dashboard:
             params=params or {},
         )
         try:
-            result = await action.handler(self, request)
+            cluster = self.cluster(environment)
+            if not cluster.hub.reachable:
+                state = cluster.hub.state()
+                raise ActionError(
+                    503,
+                    f"the cluster of {environment!r}, {cluster.name}, is unreachable "
+                    f"(last read {state.last_read or 'never'}: {state.error}); nothing was done",
+                )
+            result = await action.handler(ClusterContext(self, cluster), request)
         except ActionError as error:
             self._audit(principal, name, request, f"refused: {error}")
             raise
         self._audit(principal, name, request, result.message)
         because = f" ({reason})" if reason else ""
-        await self.events.record(
+        await EventRecorder(cluster.kube, component="conveyor-dashboard").record(
             subject,
             warning=False,
             reason=f"{name.capitalize()}Requested",

@@ -129,8 +129,8 @@ async def app_page(request: Request, environment: str, app: str, board: Dashboar
         "app.html",
         **await _app_context(board, status),
         history=await board.history(status),
-        objects=await views.objects(board.kube, status),
-        events=await views.events(board.kube, status),
+        objects=await views.objects(board.kube_for(status), status),
+        events=await views.events(board.kube_for(status), status),
     )
 
 
@@ -151,8 +151,8 @@ async def live_partial(
         request,
         board,
         "_live.html",
-        objects=await views.objects(board.kube, status),
-        events=await views.events(board.kube, status),
+        objects=await views.objects(board.kube_for(status), status),
+        events=await views.events(board.kube_for(status), status),
     )
 
 
@@ -191,16 +191,20 @@ async def page_stream(board: DashboardDep) -> StreamingResponse:
     """Each status change as the HTML of its matrix cell; a source change asks the page
     to redraw the matrix (its environment header)."""
 
-    def render(change: StatusChange) -> dict[str, Any]:
+    def render(change: StatusChange) -> dict[str, Any] | None:
         status = change.status
         scope, _, app = change.name.partition(".")
+        if not board.fleet.shown(change):
+            return None
+        if change.cluster is not None:  # a cluster came back or went away: redraw
+            return {"name": change.name, "html": {}, "refresh": True, "cluster": True}
         if not app:  # an environment's source (revision, fetch errors): redraw the matrix
             return {"name": change.name, "html": {}, "refresh": True}
-        cell = views.cell(status, change.version) if status is not None else None
+        cell = board.cell(status, change.version) if status is not None else None
         return {"name": change.name, "html": {f"cell-{scope}.{app}": render_cell(scope, app, cell)}}
 
     return StreamingResponse(
-        stream(board.hub, render),
+        stream(board.fleet, render),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )

@@ -50,6 +50,19 @@ class Cell(Model):
     drift: str | None = None
     suspended: bool = False
     since: str
+    # Why this cell may not be what runs now (its cluster is unreachable, or the last
+    # pass of its environment had no such app); None: as read from a live cluster.
+    stale: str | None = None
+
+
+class ClusterOut(Model):
+    """A cluster the dashboard reads, and whether it answers."""
+
+    name: str  # its kubeconfig context (`in-cluster` inside a Pod)
+    reachable: bool
+    last_read: str | None = None  # RFC 3339: the last good read of its statuses
+    error: str | None = None  # why it is unreachable
+    environments: list[str] = []  # conveyor.yaml's environments deployed there
 
 
 class Environment(Model):
@@ -59,12 +72,17 @@ class Environment(Model):
     message: str
     revision: str
     apps: int
+    ready: int = 0
+    cluster: str = ""  # ClusterOut.name; "" before the cluster is known
+    reachable: bool = True  # False: the columns below are the last read, not live
+    last_read: str | None = None
 
 
 class Matrix(Model):
     environments: list[Environment]
     apps: list[str]
     cells: list[Cell]
+    clusters: list[ClusterOut] = []
 
     def cell(self, environment: str, app: str) -> Cell | None:
         return next((c for c in self.cells if c.environment == environment and c.app == app), None)
@@ -235,17 +253,67 @@ def cell(status: AppStatus, version: str) -> Cell:
     )
 
 
+def _hidden(scope: str, apps: list[AppStatus], source: AppStatus | None) -> bool:
+    """A column of a live cluster that holds nothing current: no apps, none left in
+    git at its last pass, or apps stamped by an environment whose source status is
+    gone (a status without an owner, written by hand or before owners, stays)."""
+    if not apps or (source is not None and source.apps == []):
+        return True
+    return source is None and all(s.owner for s in apps)
+
+
+def stale_reason(status: AppStatus, source: AppStatus | None) -> str | None:
+    """Why a live cluster's status of an app may not be current: its environment's
+    last pass (`source`) had no such app, or another environment wrote it."""
+    if source is None:
+        return None
+    if source.apps is not None and status.app not in source.apps:
+        revision = (source.last_applied_revision or "")[:12]
+        return f"not in git at {revision}: left from an earlier pass"
+    if source.owner and status.owner and source.owner != status.owner:
+        return f"written by another environment ({status.source or status.owner})"
+    return None
+
+
 def matrix(
-    statuses: list[AppStatus], versions: dict[str, str], *, order: list[str] | None = None
+    statuses: list[AppStatus],
+    versions: dict[str, str],
+    *,
+    order: list[str] | None = None,
+    clusters: list[ClusterOut] | None = None,
+    cluster_of: dict[str, str] | None = None,
 ) -> Matrix:
-    """Environments in promotion order (conveyor.yaml), then any others by name."""
+    """Environments in promotion order (conveyor.yaml), then any others by name.
+
+    `clusters` says which clusters answer and `cluster_of` which cluster each scope
+    was read from: the columns of an unreachable cluster stay (its declared
+    environments too, read or not), their cells marked stale; columns of a live one
+    that hold nothing current disappear."""
+    known = {c.name: c for c in clusters or []}
+    placed = dict(cluster_of or {})
     apps = [s for s in statuses if s.kind != SOURCE_KIND]
     sources = {s.scope: s for s in statuses if s.kind == SOURCE_KIND}
-    scopes = {s.scope for s in statuses}
+    by_scope: dict[str, list[AppStatus]] = {}
+    for status in apps:
+        by_scope.setdefault(status.scope, []).append(status)
+    down = {name for name, c in known.items() if not c.reachable}
+    scopes = {s.scope for s in statuses} | {
+        e for c in known.values() if not c.reachable for e in c.environments
+    }
+    scopes = {
+        scope
+        for scope in scopes
+        if placed.get(scope) in down
+        or not _hidden(scope, by_scope.get(scope, []), sources.get(scope))
+    }
     ordered = [e for e in order or [] if e in scopes] + sorted(scopes - set(order or []))
     environments = []
+    cells = []
     for name in ordered:
         source = sources.get(name)
+        cluster = known.get(placed.get(name, ""))
+        reachable = cluster is None or cluster.reachable
+        here = by_scope.get(name, [])
         environments.append(
             Environment(
                 name=name,
@@ -253,13 +321,29 @@ def matrix(
                 reason=source.reason if source else "",
                 message=source.message if source else "",
                 revision=(source.last_applied_revision or "") if source else "",
-                apps=sum(1 for s in apps if s.scope == name),
+                apps=len(here),
+                ready=sum(s.ready for s in here),
+                cluster=cluster.name if cluster else "",
+                reachable=reachable,
+                last_read=cluster.last_read if cluster else None,
             )
         )
+        unreachable = (
+            f"cluster {cluster.name} unreachable; last read {cluster.last_read or 'never'}"
+            if cluster is not None and not reachable
+            else None
+        )
+        for status in here:
+            shaped = cell(
+                status, versions.get(status.name, (status.last_applied_revision or "")[:12])
+            )
+            shaped.stale = unreachable or stale_reason(status, source)
+            cells.append(shaped)
     return Matrix(
         environments=environments,
-        apps=sorted({s.app for s in apps}),
-        cells=[cell(s, versions.get(s.name, (s.last_applied_revision or "")[:12])) for s in apps],
+        apps=sorted({c.app for c in cells}),
+        cells=cells,
+        clusters=list(known.values()),
     )
 
 

@@ -22,7 +22,8 @@
         const keys = (region.dataset.keys || "").split(" ");
         const wanted = keys.includes("*") || keys.includes(change.name);
         const envs = (region.dataset.envs || "").split(",").filter(Boolean);
-        const shown = !envs.length || envs.includes(change.name.split(".")[0]);
+        const shown =
+          !envs.length || Boolean(change.cluster) || envs.includes(change.name.split(".")[0]);
         if (wanted || (missing && shown && region.dataset.live === "onmiss")) refresh(region);
       });
     });
