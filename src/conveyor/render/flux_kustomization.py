@@ -24,14 +24,13 @@ changes them after kustomize (substitution, and decryption where it is added).
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
@@ -45,6 +44,7 @@ from conveyor.config.kustomization import (
 )
 from conveyor.config.sources import GitRepository
 from conveyor.render.charts import ChartResolver
+from conveyor.render.data_objects import DataKind, data_entries, find_data_object
 from conveyor.render.discover import (
     KUSTOMIZATION_FILES,
     ApplyOptions,
@@ -69,7 +69,7 @@ ORIGIN_ANNOTATION = "config.kubernetes.io/origin"
 APP_KINDS = {"HelmRelease", "Kustomization"}
 BUILD_CONCURRENCY = 8
 
-DataLookup = Callable[[Literal["ConfigMap", "Secret"], str, str], Awaitable[dict[str, str] | None]]
+DataLookup = Callable[[DataKind, str, str], Awaitable[dict[str, str] | None]]
 """The data of a ConfigMap or Secret (kind, namespace, name) in the cluster, decoded;
 None when there is none."""
 
@@ -246,7 +246,12 @@ class _Builder:
         variables: dict[str, str] = {}
         unavailable = False
         for ref in post_build.substitute_from or []:
-            data = await self._data(ref.kind, kustomization.namespace, ref.name, within=within)
+            try:
+                data = await self._data(ref.kind, kustomization.namespace, ref.name, within=within)
+            except RenderError as error:
+                raise RenderError(
+                    f"postBuild.substituteFrom {error.detail}", file=doc.file, line=doc.line
+                ) from None
             if data is None:
                 where = f"postBuild.substituteFrom {ref.kind} {kustomization.namespace}/{ref.name}"
                 if ref.optional:
@@ -263,15 +268,15 @@ class _Builder:
         return substitute_documents(documents, variables, keep_undefined=unavailable)
 
     async def _data(
-        self, kind: Literal["ConfigMap", "Secret"], namespace: str, name: str, *, within: _Within
+        self, kind: DataKind, namespace: str, name: str, *, within: _Within
     ) -> dict[str, str] | None:
         """A ConfigMap's or Secret's data: from the environment folder's own manifests or
         the builds this one is nested in (what is applied before it), else from the
         cluster. Never from a sibling's build, which would depend on which ran first."""
         folder = [d for a in self.tree.apps if a.kind == "manifests" for d in a.documents]
-        found = find_object([*within.objects, *folder], kind, namespace, name)
+        found = find_data_object([*within.objects, *folder], kind, namespace, name)
         if found is not None:
-            return object_data(found.obj)
+            return data_entries(found.obj)
         if self.context.data_lookup is None:
             return None
         return await self.context.data_lookup(kind, namespace, name)
@@ -503,31 +508,3 @@ def _line_of(path: Path, root: Path, obj: dict[str, Any]) -> int:
         if doc.name in name:
             return doc.line
     return same_kind[0].line if same_kind else 0
-
-
-def _is(doc: Document, kind: str, namespace: str, name: str) -> bool:
-    metadata = doc.obj.get("metadata") or {}
-    return (
-        doc.kind == kind
-        and doc.api_version == "v1"
-        and doc.name == name
-        and (metadata.get("namespace") or "default") == namespace
-    )
-
-
-def object_data(obj: dict[str, Any]) -> dict[str, str]:
-    """The data of a ConfigMap or Secret object, decoded (a Secret's `data` is base64,
-    its `stringData` is not)."""
-    if obj.get("kind") == "Secret":
-        data = {
-            k: base64.b64decode(str(v)).decode(errors="replace")
-            for k, v in (obj.get("data") or {}).items()
-        }
-        data.update({k: str(v) for k, v in (obj.get("stringData") or {}).items()})
-        return data
-    return {k: str(v) for k, v in (obj.get("data") or {}).items()}
-
-
-def find_object(documents: list[Document], kind: str, namespace: str, name: str) -> Document | None:
-    """The ConfigMap or Secret `namespace/name` among `documents`."""
-    return next((d for d in documents if _is(d, kind, namespace, name)), None)
