@@ -33,9 +33,15 @@ def test_secret_data_is_base64_and_string_data_wins() -> None:
     assert data_value(obj, "b") == "plain"
     assert data_value(obj, "missing") is None
     assert data_entries(obj) == {"a": "one", "b": "plain"}
+    folded = base64.b64encode(b"x" * 100).decode()
+    # Folded over lines, as kustomize writes a generated Secret's long values.
+    lines = "\n".join(folded[i : i + 76] for i in range(0, len(folded), 76)) + "\n"
+    assert data_value(secret({"long": lines}), "long") == "x" * 100
 
 
-@pytest.mark.parametrize("raw", ["not base64!", base64.b64encode(b"\xff\xfe").decode()])
+@pytest.mark.parametrize(
+    "raw", ["not base64!", "b25l dHdv", base64.b64encode(b"\xff\xfe").decode()]
+)
 def test_a_value_the_api_server_would_refuse_is_an_error_naming_object_and_key(raw: str) -> None:
     with pytest.raises(RenderError) as failed:
         data_entries(secret({"token": raw}))

@@ -7,7 +7,8 @@ ConfigMaps and Secrets: from the cluster, or from the objects conveyor is about 
 - an object without a namespace is the one conveyor applies into `default`, as the API
   server's clients do;
 - a Secret's `stringData` wins over its `data` (the API server merges it so), and `data`
-  must be base64 of UTF-8 text: the API server refuses anything else, so a value that
+  must be base64 (line breaks aside) of UTF-8 text: the API server refuses anything
+  else (and Flux reads text), so a value that
   is not would never reach Flux. Decoding it leniently would render values no cluster
   ever holds; it is an error naming the object and the key instead, never quoting it.
 """
@@ -52,8 +53,11 @@ def data_value(obj: Obj, key: str) -> str | None:
         raw = (obj.get("data") or {}).get(key)
         if raw is None:
             return None
+        # The API server's decoder skips line breaks, which kustomize folds long values
+        # with (a generated Secret); any other character outside base64 is refused.
+        text = str(raw).replace("\r", "").replace("\n", "")
         try:
-            return base64.b64decode(str(raw), validate=True).decode()
+            return base64.b64decode(text, validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
             raise RenderError(f"{_named(obj)} key {key!r} is not base64 of UTF-8 text") from None
     value = (obj.get("data") or {}).get(key)
