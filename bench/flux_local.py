@@ -256,6 +256,7 @@ def main() -> int:
     parser.add_argument("--releases", type=int, default=50)
     parser.add_argument("--changed", type=int, default=5, help="releases whose values change")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--outputs", type=Path, help="write each tool's last diff here")
     args = parser.parse_args()
 
     flux_local = flux_local_venv()
@@ -326,6 +327,10 @@ def main() -> int:
                     + ", ".join(f"{tool} {times[tool][-1]:.2f} s" for tool in times)
                 )
 
+    if args.outputs is not None:
+        args.outputs.mkdir(parents=True, exist_ok=True)
+        for tool, out in outputs.items():
+            (args.outputs / f"{tool}.diff").write_text(out)
     found = {
         "conveyor": conveyor_changed(outputs["conveyor"]),
         "flux-local": flux_local_changed(outputs["flux-local"]),
