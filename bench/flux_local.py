@@ -27,6 +27,7 @@ import functools
 import http.server
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -230,15 +231,20 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 def timed(
     argv: list[str], *, cwd: Path, env: dict[str, str], ok: tuple[int, ...]
-) -> tuple[float, str]:
+) -> tuple[float, float, str]:
+    """Wall time, CPU time (user + system of the command and every process it waited
+    for: helm, kustomize, git) and standard output of one run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if result.returncode not in ok:
         raise SystemExit(
             f"{argv[0]} exited {result.returncode}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
         )
-    return elapsed, result.stdout
+    return elapsed, cpu, result.stdout
 
 
 def conveyor_changed(text: str) -> set[str]:
@@ -267,7 +273,8 @@ def main() -> int:
         "PATH": os.pathsep.join([str(peer_bin), str(sandbox_bin), os.environ.get("PATH", "")]),
         "PYTHONPATH": str(ROOT / "src"),
     }
-    changed = {index * (args.releases // args.changed) + 3 for index in range(args.changed)}
+    step = args.releases // args.changed
+    changed = {(i * step + 3) % args.releases for i in range(args.changed)}
     expected = {release_name(i) for i in changed}
 
     with tempfile.TemporaryDirectory(prefix="bench-flux-local-") as scratch:
@@ -311,20 +318,26 @@ def main() -> int:
                 "main",
             ]
             times: dict[str, list[float]] = {"conveyor": [], "flux-local": []}
+            cpu: dict[str, list[float]] = {"conveyor": [], "flux-local": []}
             outputs: dict[str, str] = {}
             for round_number in range(args.rounds):
                 # Alternate who goes first, so neither always runs on a warmer machine.
                 order = ["conveyor", "flux-local"][:: 1 if round_number % 2 == 0 else -1]
                 for tool in order:
                     if tool == "conveyor":
-                        elapsed, out = timed(conveyor_argv, cwd=work, env=env, ok=(0, 1))
+                        elapsed, used, out = timed(conveyor_argv, cwd=work, env=env, ok=(0, 1))
                     else:
-                        elapsed, out = timed(flux_local_argv, cwd=work, env=env, ok=(0,))
+                        elapsed, used, out = timed(flux_local_argv, cwd=work, env=env, ok=(0,))
                     times[tool].append(elapsed)
+                    cpu[tool].append(used)
                     outputs[tool] = out
                 print(
                     f"round {round_number + 1}: "
-                    + ", ".join(f"{tool} {times[tool][-1]:.2f} s" for tool in times)
+                    + ", ".join(
+                        f"{tool} {times[tool][-1]:.2f} s ({cpu[tool][-1]:.2f} s CPU)"
+                        for tool in times
+                    ),
+                    flush=True,
                 )
 
     if args.outputs is not None:
@@ -335,15 +348,17 @@ def main() -> int:
         "conveyor": conveyor_changed(outputs["conveyor"]),
         "flux-local": flux_local_changed(outputs["flux-local"]),
     }
-    conveyor_median = statistics.median(times["conveyor"])
-    peer_median = statistics.median(times["flux-local"])
     print(f"\n{args.releases} HelmReleases, {args.changed} changed, {args.rounds} rounds")
-    for tool, median in (
-        ("conveyor diff --base/--head", conveyor_median),
-        ("flux-local diff hr", peer_median),
-    ):
-        print(f"  {tool:28} median {median:6.2f} s")
-    print(f"  flux-local / conveyor: {peer_median / conveyor_median:.2f}x")
+    print(f"  load average at the end: {os.getloadavg()[0]:.1f} (2 CPUs)")
+    names = {"conveyor": "conveyor diff --base/--head", "flux-local": "flux-local diff hr"}
+    for tool, name in names.items():
+        print(
+            f"  {name:28} median {statistics.median(times[tool]):6.2f} s wall, "
+            f"{statistics.median(cpu[tool]):6.2f} s CPU"
+        )
+    for what, figures in (("wall", times), ("CPU", cpu)):
+        ratio = statistics.median(figures["flux-local"]) / statistics.median(figures["conveyor"])
+        print(f"  flux-local / conveyor ({what}): {ratio:.2f}x")
     agree = found["conveyor"] == found["flux-local"] == expected
     print(
         "  changed releases: "

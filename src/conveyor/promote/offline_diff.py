@@ -26,7 +26,7 @@ from conveyor.reconcile.target import data_lookup, decryptor, kube_client, value
 from conveyor.render.discover import AppSource, EnvironmentTree, discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError
-from conveyor.render.render import Renderer
+from conveyor.render.render import RenderedApp, Renderer
 from conveyor.render.sops import AgeKeys, local_keys
 from conveyor.source.git import default_branch, export_tree, origin_url, resolve_revision
 
@@ -77,28 +77,38 @@ async def expand_offline(
     return OfflineTree(tree, renderer)
 
 
-async def render_offline(expanded: OfflineTree | None, helm: HelmCLI) -> dict[str, RenderedObjects]:
-    """Every app of the folder rendered to objects, by app name; none if no folder."""
+async def render_offline(expanded: OfflineTree | None) -> dict[str, RenderedApp | RenderError]:
+    """Every app of the folder rendered (its objects and Helm plan, charts resolved), or
+    why it did not render, by app name; none if no folder."""
     if expanded is None:
         return {}
     slots = asyncio.Semaphore(RENDER_CONCURRENCY)
 
-    async def render(app: AppSource) -> RenderedObjects:
-        entry = RenderedObjects()
+    async def render(app: AppSource) -> RenderedApp | RenderError:
         async with slots:
             try:
-                rendered = await expanded.renderer.render(app)
-                entry.notes = rendered.notes
-                entry.objects = rendered.objects + await helm_objects(rendered, helm)
+                return await expanded.renderer.render(app)
             except RenderError as error:
-                entry.error = str(error)
-            except HelmError as error:
-                entry.error = f"helm template: {error.message}"
-        return entry
+                return error
 
     apps = expanded.tree.apps
-    entries = await asyncio.gather(*(render(app) for app in apps))
-    return {app.name: entry for app, entry in zip(apps, entries, strict=True)}
+    rendered = await asyncio.gather(*(render(app) for app in apps))
+    return {app.name: result for app, result in zip(apps, rendered, strict=True)}
+
+
+async def objects_offline(
+    rendered: RenderedApp | RenderError | None, helm: HelmCLI
+) -> RenderedObjects:
+    """An app's objects: its own and its release's as `helm template` renders them."""
+    if rendered is None:
+        return RenderedObjects()
+    if isinstance(rendered, RenderError):
+        return RenderedObjects(error=str(rendered))
+    try:
+        release = await helm_objects(rendered, helm)
+    except HelmError as error:
+        return RenderedObjects(notes=rendered.notes, error=f"helm template: {error.message}")
+    return RenderedObjects(objects=rendered.objects + release, notes=rendered.notes)
 
 
 def diff_objects_offline(before: list[Obj], after: list[Obj]) -> list[ObjectChange]:
@@ -154,11 +164,35 @@ async def diff_revisions(
         expand_offline(base_root, env_path, helm, age_keys=age_keys),
         expand_offline(head_root, env_path, helm, age_keys=age_keys),
     )
-    before = await render_offline(base_tree, helm)
-    after = await render_offline(head_tree, helm)
+    base_apps = await render_offline(base_tree)
+    head_apps = await render_offline(head_tree)
+    names = [*head_apps, *(n for n in base_apps if n not in head_apps)]
+    # An app whose fingerprint (objects, chart digest, values, release) is the same in
+    # both revisions renders the same: its chart is not templated at all.
+    unchanged = {
+        name: rendered
+        for name in names
+        if isinstance(rendered := head_apps.get(name), RenderedApp)
+        and isinstance(base_app := base_apps.get(name), RenderedApp)
+        and base_app.fingerprint == rendered.fingerprint
+    }
+    changed = [name for name in names if name not in unchanged]
+    slots = asyncio.Semaphore(RENDER_CONCURRENCY)
+
+    async def objects(app: RenderedApp | RenderError | None) -> RenderedObjects:
+        async with slots:
+            return await objects_offline(app, helm)
+
+    sides = await asyncio.gather(
+        *(objects(side.get(name)) for name in changed for side in (base_apps, head_apps))
+    )
+    templated = dict(zip(changed, zip(sides[::2], sides[1::2], strict=True), strict=True))
     plans = []
-    for name in [*after, *(n for n in before if n not in after)]:
-        was, now = before.get(name, RenderedObjects()), after.get(name, RenderedObjects())
+    for name in names:
+        if name in unchanged:
+            plans.append(PlanDiff(app=name, notes=list(unchanged[name].notes)))
+            continue
+        was, now = templated[name]
         plan = PlanDiff(app=name, notes=list(now.notes))
         if now.error:
             plan.error = now.error
