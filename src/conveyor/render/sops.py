@@ -49,6 +49,7 @@ from pydantic import ValidationError
 
 from conveyor.cluster.objects import Obj
 from conveyor.config.manifest import check_object, is_sops_encrypted
+from conveyor.config.userfile import USER_FILE
 from conveyor.config.validation import field_path
 from conveyor.render.documents import Document, RenderError
 
@@ -255,6 +256,9 @@ class Decryptor:
             return DecryptionError(f"cannot be decrypted: {reason}", file=file)
 
         try:
+            size = path.stat().st_size
+            if size > USER_FILE.max_bytes:  # as kustomize-controller bounds what it decrypts
+                raise failed(f"{size} bytes, more than {USER_FILE.max_bytes}")
             content = path.read_bytes()
         except OSError as error:
             raise failed(f"cannot be read: {error.strerror}") from None
