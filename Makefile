@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SANDBOX_NAME ?= default
 
 .PHONY: venv lock image image-context image-tools browser lint types unit fuzz cluster test demo \
-	sandbox-down bench clean
+	sandbox-down bench bench-flux-local clean
 
 # Installs are reproducible: every package comes from the lock (uv.lock, exported with
 # hashes to requirements/), the same lock `make image` installs from; conveyor itself
@@ -102,6 +102,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/agent_scale.py --results
 	$(BIN)/python bench/images_scan.py
 	$(BIN)/python bench/dashboard.py
+	$(BIN)/python bench/flux_local.py
+
+# The offline PR diff against flux-local's, on one generated Flux v2 repository. flux-local
+# goes into a venv of its own under ~/.cache/conveyor/bench (never into the lock);
+# kustomize and flux are built once from the Go module proxy. No cluster is started.
+bench-flux-local: $(STAMP)
+	$(BIN)/python bench/flux_local.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .image-context

@@ -395,6 +395,91 @@ def test_a_flux_kustomization_decrypts_with_its_decryption_secret_ref(
         sandbox.run("kubectl", "delete", "secret", secret_name, "-n", "flux-system", check=False)
 
 
+def test_generator_files_encrypted_with_sops_give_a_release_its_values(
+    keyed: tuple[SandboxHandle, Path, str], namespace: str, tmp_path: Path
+) -> None:
+    """A Flux Kustomization whose overlay generates a Secret from a SOPS-encrypted values
+    file (`files:`) and dotenv file (`envs:`): decrypted before the build, as Flux does,
+    into a copy (the checkout stays encrypted); a HelmRelease takes its values from the
+    generated Secret. A file for a key nobody has stalls the app naming the file."""
+    box, _key_file, recipient = keyed
+    password, token = f"pw-{uuid.uuid4().hex}", f"tk-{uuid.uuid4().hex}"
+    box.run("helm", "package", str(CHART), "--destination", str(tmp_path))
+    box.run(
+        "helm",
+        *("push", str(tmp_path / "service-0.1.0.tgz")),
+        *(f"oci://{box.registry}/sops-generated", "--plain-http"),
+    )
+    repo = ConfigRepo(tmp_path)
+    cluster, apps = f"clusters/{namespace}", f"apps/{namespace}"
+    repo.write(
+        f"{cluster}/apps.yaml",
+        flux_kustomization("apps", f"./{apps}", decryption={"provider": "sops"}),
+    )
+    repo.write(
+        f"{apps}/kustomization.yaml",
+        f"""
+        namespace: {namespace}
+        resources: [release.yaml]
+        secretGenerator:
+          - name: api-values
+            files: [values.yaml=values.sops.yaml]
+            envs: [api.env]
+        generatorOptions: {{disableNameSuffixHash: true}}
+        """,
+    )
+    repo.write(
+        f"{apps}/release.yaml",
+        f"""
+        apiVersion: source.toolkit.fluxcd.io/v1beta2
+        kind: OCIRepository
+        metadata: {{name: service-chart}}
+        spec:
+          url: oci://{box.registry}/sops-generated/service
+          ref: {{tag: 0.1.0}}
+        ---
+        apiVersion: helm.toolkit.fluxcd.io/v2
+        kind: HelmRelease
+        metadata: {{name: api}}
+        spec:
+          chartRef: {{kind: OCIRepository, name: service-chart}}
+          valuesFrom:
+            - {{kind: Secret, name: api-values, valuesKey: values.yaml}}
+            - {{kind: Secret, name: api-values, valuesKey: TOKEN, targetPath: token}}
+        """,
+    )
+    repo.write(f"{apps}/values.sops.yaml", f"replicaCount: 2\npassword: {password}\n")
+    repo.write(f"{apps}/api.env", f"TOKEN={token}\n")
+    for name in ("values.sops.yaml", "api.env"):
+        box.run("sops", "encrypt", "--in-place", "--age", recipient, str(repo.work / apps / name))
+    repo.commit("values in encrypted generator files")
+
+    code, report = reconcile_json(box, repo, cluster)
+    assert code == 0, json.dumps(report)
+    got = json.loads(box.run("helm", "get", "values", "api", "-n", namespace, "-o", "json").stdout)
+    assert got == {"replicaCount": 2, "password": password, "token": token}
+    live = kubectl_json(box, "get", "secret", "api-values", "-n", namespace)
+    assert live is not None
+    assert base64.b64decode(live["data"]["TOKEN"]).decode() == token
+    shown = json.dumps(report) + everything_conveyor_shows(box, namespace)
+    assert not [value for value in forms(password, token) if value in shown]
+
+    stranger = age_key(box, tmp_path / "stranger.agekey")
+    repo.write(f"{apps}/api.env", "TOKEN=other\n")
+    box.run("sops", "encrypt", "--in-place", "--age", stranger, str(repo.work / apps / "api.env"))
+    repo.commit("api.env for a key the cluster does not have")
+    code, report = reconcile_json(box, repo, cluster)
+    assert code == 1, report
+    failed = by_name(report)["apps"]
+    assert failed["reason"] == "RenderFailed", failed
+    assert failed["message"] == (
+        f"{cluster}/apps.yaml:1: Kustomization apps: {apps}/api.env: cannot be decrypted: "
+        "no age key given can decrypt it"
+    )
+    got = json.loads(box.run("helm", "get", "values", "api", "-n", namespace, "-o", "json").stdout)
+    assert got["token"] == token  # the release keeps what it had
+
+
 def test_sandbox_env_puts_sops_and_age_on_path(sandbox: SandboxHandle, tmp_path: Path) -> None:
     lines = conveyor(sandbox, "sandbox", "env", "--name", sandbox.sandbox.name, check=True).stdout
     shell = subprocess.run(

@@ -22,7 +22,9 @@ from conveyor.render.discover import FLUX_INSTALLATION_FOUND, AppSource, Environ
 from conveyor.render.documents import RenderError
 from conveyor.render.flux_kustomization import BuildContext, expand
 from conveyor.render.helm import HelmCLI
+from conveyor.render.kustomize import secret_generator_sources
 from conveyor.render.render import RenderedApp, Renderer
+from conveyor.render.sops import generator_format
 from conveyor.render.substitute import substitute_text
 from tests.cluster.gitops import chart_repo, flux_kustomization
 
@@ -713,4 +715,48 @@ def test_another_clusters_kustomization_is_refused_and_impersonation_noted(tmp_p
     assert found["tenant"].notes == [
         "spec.serviceAccountName 'team-a' is not impersonated; conveyor applies with its own "
         "identity"
+    ]
+
+
+def test_secret_generator_sources_follow_resources_and_components_inside_the_root(
+    tmp_path: Path,
+) -> None:
+    """What kustomize-controller decrypts before a build: the secretGenerator files of
+    the kustomization and of every folder its resources and components name, never one
+    outside the source (kustomize would refuse to read it anyway)."""
+    write(tmp_path, "outside.env", "A=1\n")
+    root = tmp_path / "repo"
+    write(
+        root,
+        "apps/web/kustomization.yaml",
+        """
+        resources: [../base, deploy.yaml, https://example.com/remote]
+        components: [../extra]
+        secretGenerator:
+          - name: web
+            files: [values.yaml=secret.yaml, token]
+            envs: [web.env, ../../../outside.env]
+        """,
+    )
+    for name in ("secret.yaml", "token", "web.env", "deploy.yaml"):
+        write(root, f"apps/web/{name}", "x\n")
+    write(root, "apps/base/kustomization.yaml", "secretGenerator: [{name: b, env: base.env}]\n")
+    write(root, "apps/base/base.env", "B=2\n")
+    write(root, "apps/extra/kustomization.yaml", "secretGenerator: [{name: c, files: [c.ini]}]\n")
+    write(root, "apps/extra/c.ini", "[c]\n")
+    found = secret_generator_sources(root / "apps" / "web", root=root)
+    shown = {(str(s.path.relative_to(root.resolve())), s.key, s.env) for s in found}
+    assert shown == {
+        ("apps/web/secret.yaml", "values.yaml", False),
+        ("apps/web/token", "token", False),
+        ("apps/web/web.env", "web.env", True),
+        ("apps/base/base.env", "base.env", True),
+        ("apps/extra/c.ini", "c.ini", False),
+    }
+    assert [generator_format(k, env=e) for _, k, e in sorted(shown)] == [
+        "dotenv",
+        "ini",
+        "yaml",  # by the entry's key, not the file's name
+        "binary",
+        "dotenv",
     ]

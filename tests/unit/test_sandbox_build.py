@@ -11,6 +11,7 @@ import pytest
 from conveyor.sandbox import build
 from conveyor.sandbox.versions import (
     GoToolchainError,
+    PeerToolVersions,
     ToolVersions,
     Versions,
     find_go,
@@ -92,6 +93,27 @@ def test_tools_have_a_cache_key_of_their_own() -> None:
     assert key != Versions().cache_key("go1.26.8")
     assert key != ToolVersions(age="v1.3.1").cache_key("go1.26.8")
     assert key != ToolVersions().cache_key("go1.26.9")
+
+
+def test_the_peers_tools_have_a_cache_key_apart_from_sops_and_kubernetes() -> None:
+    """kustomize and flux (for flux-local) never rebuild sops, age or Kubernetes."""
+    key = PeerToolVersions().cache_key("go1.26.8")
+    assert key.startswith("peers-kustomize-v5.8.2-")
+    assert key not in (ToolVersions().cache_key("go1.26.8"), Versions().cache_key("go1.26.8"))
+    assert key != PeerToolVersions(flux="v2.6.4").cache_key("go1.26.8")
+    assert ToolVersions().cache_key("go1.26.8").startswith("tools-sops-v3.13.3-")
+
+
+@pytest.mark.parametrize(
+    ("package", "command"),
+    [
+        ("sigs.k8s.io/kustomize/kustomize/v5", "kustomize"),
+        ("helm.sh/helm/v3/cmd/helm", "helm"),
+        ("filippo.io/age/cmd/age-keygen", "age-keygen"),
+    ],
+)
+def test_the_binary_go_install_names_after_a_package(package: str, command: str) -> None:
+    assert build.command_name(package) == command
 
 
 def test_tools_are_built_once_into_their_own_cache(

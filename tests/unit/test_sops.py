@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +25,11 @@ from conveyor.config.manifest import is_sops_encrypted
 from conveyor.config.project import Environment
 from conveyor.reconcile.target import decryptor as target_decryptor
 from conveyor.render import sops as sops_module
-from conveyor.render.discover import discover
+from conveyor.render.charts import ChartResolver
+from conveyor.render.discover import AppSource, discover
 from conveyor.render.documents import Document, load_documents
+from conveyor.render.flux_kustomization import BuildContext, expand
+from conveyor.render.helm import HelmCLI
 from conveyor.render.sops import (
     AgeKeys,
     DecryptionError,
@@ -37,6 +41,7 @@ from conveyor.render.sops import (
     secret_keys,
 )
 from conveyor.sandbox.build import ensure_tools
+from tests.cluster.gitops import flux_kustomization
 
 PASSWORD = "correct-horse-battery-staple"
 SECRET = f"""\
@@ -421,3 +426,95 @@ def test_a_decryption_secret_the_api_refuses_stalls_the_app_saying_so(
         "secret.yaml:1: Secret shop/db: SOPS-encrypted; decryption Secret "
         "conveyor-system/keys cannot be read: HTTP 403 Forbidden: no"
     )
+
+
+# -- files a kustomize secretGenerator reads ----------------------------------------------
+
+
+def generator_repo(root: Path, tools: Path, recipient: str) -> dict[str, bytes]:
+    """A Flux Kustomization whose build generates a Secret from a SOPS-encrypted values
+    file (`files:`) and dotenv file (`envs:`), plus a plain file; the encrypted bytes
+    as committed, by path."""
+    web = root / "apps" / "web"
+    web.mkdir(parents=True)
+    (web / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "secretGenerator": [
+                    {
+                        "name": "web-secrets",
+                        "namespace": "shop",
+                        "files": ["values.yaml=secret-values.yaml", "note.txt"],
+                        "envs": ["secret.env"],
+                    }
+                ],
+                "generatorOptions": {"disableNameSuffixHash": True},
+            }
+        )
+    )
+    (web / "secret-values.yaml").write_text(f"db:\n  password: {PASSWORD}\n")
+    (web / "secret.env").write_text(f"PASSWORD={PASSWORD}\nUSER=shop\n")
+    (web / "note.txt").write_text("plain\n")
+    for name in ("secret-values.yaml", "secret.env"):
+        encrypt(tools, web / name, recipient)
+    env = root / "env"
+    env.mkdir()
+    (env / "web.yaml").write_text(
+        flux_kustomization("web", "./apps/web", decryption={"provider": "sops"})
+    )
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for path in web.iterdir()
+        if path.name.startswith("secret")
+    }
+
+
+def expand_with(root: Path, decrypting: Decryptor) -> dict[str, AppSource]:
+    tree = discover(root, "env")
+    context = BuildContext(
+        repo_root=root,
+        charts=ChartResolver(root / ".cache", HelmCLI(binary="false"), tree.sources),
+        data_lookup=None,
+        decryptor=decrypting,
+    )
+    asyncio.run(expand(tree, context))
+    return {app.name: app for app in tree.apps}
+
+
+def test_generator_files_and_envs_are_decrypted_before_the_build_never_in_the_checkout(
+    tools: Path, keypair: tuple[Path, str], tmp_path: Path
+) -> None:
+    committed = generator_repo(tmp_path, tools, keypair[1])
+    web = expand_with(tmp_path, decryptor(tools, keys_of(keypair[0])))["web"]
+    assert web.error is None, web.error
+    (secret,) = [d for d in web.documents if d.kind == "Secret"]
+    data = {k: base64.b64decode(v).decode() for k, v in secret.obj["data"].items()}
+    assert yaml.safe_load(data["values.yaml"]) == {"db": {"password": PASSWORD}}
+    assert (data["PASSWORD"], data["USER"]) == (PASSWORD, "shop")
+    assert not any(key.startswith("sops") for key in data)  # no SOPS metadata as entries
+    assert data["note.txt"] == "plain\n"
+    assert secret.file == "apps/web"  # named by the folder, as any generated object
+    # The checkout still holds what was committed; no plaintext was left anywhere.
+    for path, content in committed.items():
+        assert (tmp_path / path).read_bytes() == content
+    leftovers = [p for p in Path(tempfile.gettempdir()).glob("conveyor-build-*")]
+    assert not any(
+        PASSWORD.encode() in f.read_bytes() for d in leftovers for f in d.rglob("*") if f.is_file()
+    )
+
+
+def test_an_undecryptable_generator_file_stalls_only_its_app_naming_the_file(
+    tools: Path, keypair: tuple[Path, str], other_key: Path, tmp_path: Path
+) -> None:
+    generator_repo(tmp_path, tools, keypair[1])
+    (tmp_path / "env" / "plain.yaml").write_text(flux_kustomization("plain", "./apps/plain"))
+    (tmp_path / "apps" / "plain").mkdir()
+    (tmp_path / "apps" / "plain" / "config.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: plain, namespace: shop}\n"
+    )
+    found = expand_with(tmp_path, decryptor(tools, keys_of(other_key)))
+    assert found["plain"].error is None
+    message = str(found["web"].error)
+    assert PASSWORD not in message
+    assert message.startswith("env/web.yaml:1: Kustomization web: apps/web/secret")
+    assert message.endswith(": cannot be decrypted: no age key given can decrypt it")

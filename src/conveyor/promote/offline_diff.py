@@ -11,6 +11,7 @@ dry run as `conveyor diff`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,17 @@ from conveyor.config.helmrelease import ValuesReference
 from conveyor.config.project import load_project
 from conveyor.reconcile.plan import PlanDiff, helm_objects, plan_environment
 from conveyor.reconcile.target import data_lookup, decryptor, kube_client, values_lookup
-from conveyor.render.discover import discover, scope_name
+from conveyor.render.discover import AppSource, EnvironmentTree, discover, scope_name
 from conveyor.render.documents import RenderError
 from conveyor.render.helm import HelmCLI, HelmError
-from conveyor.render.render import Renderer
+from conveyor.render.render import RenderedApp, Renderer
 from conveyor.render.sops import AgeKeys, local_keys
 from conveyor.source.git import default_branch, export_tree, origin_url, resolve_revision
+
+# Apps rendered at once (each a `helm template` for a release), as many as the agent's
+# helm slots: a pull request to a repository of a hundred releases must not wait for
+# them one by one, nor start a hundred helm processes on a CI runner.
+RENDER_CONCURRENCY = 4
 
 
 @dataclass
@@ -41,14 +47,23 @@ async def _unavailable(_ref: ValuesReference) -> str | None:
     return None
 
 
-async def render_offline(
+@dataclass
+class OfflineTree:
+    """A revision's folder, discovered and expanded (its kustomize builds run), with the
+    renderer that renders its apps."""
+
+    tree: EnvironmentTree
+    renderer: Renderer
+
+
+async def expand_offline(
     root: Path, env_path: str, helm: HelmCLI, *, age_keys: Callable[[], AgeKeys] = local_keys
-) -> dict[str, RenderedObjects]:
-    """Every app of the folder rendered to objects, by app name; none if no folder.
-    SOPS-encrypted files are decrypted with `age_keys` (there is no cluster to read a
-    decryption Secret from)."""
+) -> OfflineTree | None:
+    """The folder's apps, its kustomize builds run, without a cluster: SOPS-encrypted
+    files are decrypted with `age_keys` (there is no cluster to read a decryption Secret
+    from). None when the revision has no such folder."""
     if not (root / env_path).is_dir():
-        return {}
+        return None
     tree = discover(root, env_path)
     renderer = Renderer.of_tree(
         root,
@@ -59,18 +74,41 @@ async def render_offline(
         decryptor=decryptor(None, local=age_keys),
     )
     await renderer.expand(tree)
-    result: dict[str, RenderedObjects] = {}
-    for app in tree.apps:
-        entry = result.setdefault(app.name, RenderedObjects())
-        try:
-            rendered = await renderer.render(app)
-            entry.notes = rendered.notes
-            entry.objects = rendered.objects + await helm_objects(rendered, helm)
-        except RenderError as error:
-            entry.error = str(error)
-        except HelmError as error:
-            entry.error = f"helm template: {error.message}"
-    return result
+    return OfflineTree(tree, renderer)
+
+
+async def render_offline(expanded: OfflineTree | None) -> dict[str, RenderedApp | RenderError]:
+    """Every app of the folder rendered (its objects and Helm plan, charts resolved), or
+    why it did not render, by app name; none if no folder."""
+    if expanded is None:
+        return {}
+    slots = asyncio.Semaphore(RENDER_CONCURRENCY)
+
+    async def render(app: AppSource) -> RenderedApp | RenderError:
+        async with slots:
+            try:
+                return await expanded.renderer.render(app)
+            except RenderError as error:
+                return error
+
+    apps = expanded.tree.apps
+    rendered = await asyncio.gather(*(render(app) for app in apps))
+    return {app.name: result for app, result in zip(apps, rendered, strict=True)}
+
+
+async def objects_offline(
+    rendered: RenderedApp | RenderError | None, helm: HelmCLI
+) -> RenderedObjects:
+    """An app's objects: its own and its release's as `helm template` renders them."""
+    if rendered is None:
+        return RenderedObjects()
+    if isinstance(rendered, RenderError):
+        return RenderedObjects(error=str(rendered))
+    try:
+        release = await helm_objects(rendered, helm)
+    except HelmError as error:
+        return RenderedObjects(notes=rendered.notes, error=f"helm template: {error.message}")
+    return RenderedObjects(objects=rendered.objects + release, notes=rendered.notes)
 
 
 def diff_objects_offline(before: list[Obj], after: list[Obj]) -> list[ObjectChange]:
@@ -120,11 +158,41 @@ async def diff_revisions(
     base_root = export_tree(repo, base_sha, workdir / "base")
     head_root = export_tree(repo, head_sha, workdir / "head")
     env_path = environment_path(head_root, env=env, path=path)
-    before = await render_offline(base_root, env_path, helm, age_keys=age_keys)
-    after = await render_offline(head_root, env_path, helm, age_keys=age_keys)
+    # Both revisions' builds at once (kustomize, no shared state); their charts one
+    # revision after the other, so that the chart cache is filled once.
+    base_tree, head_tree = await asyncio.gather(
+        expand_offline(base_root, env_path, helm, age_keys=age_keys),
+        expand_offline(head_root, env_path, helm, age_keys=age_keys),
+    )
+    base_apps = await render_offline(base_tree)
+    head_apps = await render_offline(head_tree)
+    names = [*head_apps, *(n for n in base_apps if n not in head_apps)]
+    # An app whose fingerprint (objects, chart digest, values, release) is the same in
+    # both revisions renders the same: its chart is not templated at all.
+    unchanged = {
+        name: rendered
+        for name in names
+        if isinstance(rendered := head_apps.get(name), RenderedApp)
+        and isinstance(base_app := base_apps.get(name), RenderedApp)
+        and base_app.fingerprint == rendered.fingerprint
+    }
+    changed = [name for name in names if name not in unchanged]
+    slots = asyncio.Semaphore(RENDER_CONCURRENCY)
+
+    async def objects(app: RenderedApp | RenderError | None) -> RenderedObjects:
+        async with slots:
+            return await objects_offline(app, helm)
+
+    sides = await asyncio.gather(
+        *(objects(side.get(name)) for name in changed for side in (base_apps, head_apps))
+    )
+    templated = dict(zip(changed, zip(sides[::2], sides[1::2], strict=True), strict=True))
     plans = []
-    for name in [*after, *(n for n in before if n not in after)]:
-        was, now = before.get(name, RenderedObjects()), after.get(name, RenderedObjects())
+    for name in names:
+        if name in unchanged:
+            plans.append(PlanDiff(app=name, notes=list(unchanged[name].notes)))
+            continue
+        was, now = templated[name]
         plan = PlanDiff(app=name, notes=list(now.notes))
         if now.error:
             plan.error = now.error

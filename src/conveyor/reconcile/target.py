@@ -10,7 +10,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from conveyor.cluster import kubeconfig
 from conveyor.cluster.client import ApiError, KubeClient
@@ -26,11 +25,12 @@ from conveyor.config.project import (
 )
 from conveyor.paths import checkouts_cache
 from conveyor.reconcile.actions import RenderPast
+from conveyor.render.data_objects import DataKind, data_entries, data_value
 from conveyor.render.discover import EnvironmentTree, discover, scope_name
 from conveyor.render.documents import RenderError
-from conveyor.render.flux_kustomization import DataLookup, object_data
+from conveyor.render.flux_kustomization import DataLookup
 from conveyor.render.helm import HelmCLI
-from conveyor.render.render import RenderedApp, Renderer, ValuesLookup, values_text
+from conveyor.render.render import RenderedApp, Renderer, ValuesLookup
 from conveyor.render.sops import (
     AgeKeys,
     DecryptionError,
@@ -182,11 +182,9 @@ def data_lookup(kube: KubeClient) -> DataLookup:
     """The data of a ConfigMap or Secret in the cluster, decoded (a Flux Kustomization's
     postBuild.substituteFrom reads them, as Flux does)."""
 
-    async def lookup(
-        kind: Literal["ConfigMap", "Secret"], namespace: str, name: str
-    ) -> dict[str, str] | None:
+    async def lookup(kind: DataKind, namespace: str, name: str) -> dict[str, str] | None:
         obj = await kube.get("v1", kind, name, namespace=namespace)
-        return None if obj is None else object_data(obj)
+        return None if obj is None else data_entries(obj)
 
     return lookup
 
@@ -196,7 +194,7 @@ def values_lookup(kube: KubeClient) -> ValuesLookup:
 
     async def lookup(ref: ValuesReference) -> str | None:
         obj = await kube.get("v1", ref.kind, ref.name, namespace=ref.namespace)
-        return values_text(obj, ref) if obj is not None else None
+        return data_value(obj, ref.key) if obj is not None else None
 
     return lookup
 

@@ -18,23 +18,25 @@ its own way:
 
 Builds happen once per pass, before rendering (`expand`), because they decide which
 apps exist. Every build's documents pass through `_post_build`, the one place that
-changes them after kustomize (substitution, and decryption where it is added).
+changes them after kustomize (decryption, then substitution). Before kustomize, the
+SOPS-encrypted files a secretGenerator reads are decrypted into a temporary copy of the
+source that the build reads (`_decrypted_copy`), as kustomize-controller does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
+from conveyor.cluster.objects import Obj
 from conveyor.cluster.ownership import normalise_repository_url
 from conveyor.config.helmrelease import is_helmrelease, kustomize_fields
 from conveyor.config.kustomization import (
@@ -45,6 +47,7 @@ from conveyor.config.kustomization import (
 )
 from conveyor.config.sources import GitRepository
 from conveyor.render.charts import ChartResolver
+from conveyor.render.data_objects import DataKind, data_entries, find_data_object
 from conveyor.render.discover import (
     KUSTOMIZATION_FILES,
     ApplyOptions,
@@ -60,8 +63,8 @@ from conveyor.render.discover import (
     release_error,
 )
 from conveyor.render.documents import Document, RenderError, load_documents
-from conveyor.render.kustomize import kustomize_build
-from conveyor.render.sops import Decryptor, KeySource, SecretRef
+from conveyor.render.kustomize import GeneratorSource, kustomize_build, secret_generator_sources
+from conveyor.render.sops import Decryptor, KeySource, SecretRef, generator_format
 from conveyor.render.substitute import check_variable_names, substitute_documents
 
 ORIGIN_ANNOTATION = "config.kubernetes.io/origin"
@@ -69,7 +72,7 @@ ORIGIN_ANNOTATION = "config.kubernetes.io/origin"
 APP_KINDS = {"HelmRelease", "Kustomization"}
 BUILD_CONCURRENCY = 8
 
-DataLookup = Callable[[Literal["ConfigMap", "Secret"], str, str], Awaitable[dict[str, str] | None]]
+DataLookup = Callable[[DataKind, str, str], Awaitable[dict[str, str] | None]]
 """The data of a ConfigMap or Secret (kind, namespace, name) in the cluster, decoded;
 None when there is none."""
 
@@ -124,7 +127,7 @@ class _Builder:
             if app.kustomization is not None:
                 documents = await self._flux_build(app, app.kustomization, within=within)
             else:
-                built = await self._build(self.root / app.path, spec=None)
+                built = await self._build(self.root / app.path, spec=None, source_root=self.root)
                 # kustomize rewrites what it builds, so the MAC no longer holds (as in Flux).
                 documents = await self.context.decryptor.decrypt(built, verify_mac=False)
             return await self._split(app, documents, within=within)
@@ -171,7 +174,13 @@ class _Builder:
         if source_root == self.root:
             app.path = str(target.relative_to(self.root)) or "."
         try:
-            documents = await self._build(target, spec=kustomization, shown_as=origin)
+            documents = await self._build(
+                target,
+                spec=kustomization,
+                source_root=source_root,
+                secret_ref=_decryption_ref(kustomization),
+                shown_as=origin,
+            )
         except RenderError as failed:
             # Named by the Kustomization that asked for the build, like any of its errors.
             raise error(f"{failed.file or spec.path}: {failed.detail}") from None
@@ -221,11 +230,9 @@ class _Builder:
         every build of a Flux Kustomization passes here, and only here: decryption (with
         the keys of `spec.decryption.secretRef`, in the Kustomization's namespace), then
         postBuild substitution."""
-        decryption = kustomization.spec.decryption
-        secret = decryption.secret_ref if decryption is not None else None
         decrypted = await self.context.decryptor.decrypt(
             documents,
-            secret_ref=SecretRef(kustomization.namespace, secret.name) if secret else None,
+            secret_ref=_decryption_ref(kustomization),
             verify_mac=False,  # a build rewrites documents: the MAC no longer holds
         )
         return await self._substitute(app, kustomization, doc, decrypted, within=within)
@@ -246,7 +253,12 @@ class _Builder:
         variables: dict[str, str] = {}
         unavailable = False
         for ref in post_build.substitute_from or []:
-            data = await self._data(ref.kind, kustomization.namespace, ref.name, within=within)
+            try:
+                data = await self._data(ref.kind, kustomization.namespace, ref.name, within=within)
+            except RenderError as error:
+                raise RenderError(
+                    f"postBuild.substituteFrom {error.detail}", file=doc.file, line=doc.line
+                ) from None
             if data is None:
                 where = f"postBuild.substituteFrom {ref.kind} {kustomization.namespace}/{ref.name}"
                 if ref.optional:
@@ -263,15 +275,15 @@ class _Builder:
         return substitute_documents(documents, variables, keep_undefined=unavailable)
 
     async def _data(
-        self, kind: Literal["ConfigMap", "Secret"], namespace: str, name: str, *, within: _Within
+        self, kind: DataKind, namespace: str, name: str, *, within: _Within
     ) -> dict[str, str] | None:
         """A ConfigMap's or Secret's data: from the environment folder's own manifests or
         the builds this one is nested in (what is applied before it), else from the
         cluster. Never from a sibling's build, which would depend on which ran first."""
         folder = [d for a in self.tree.apps if a.kind == "manifests" for d in a.documents]
-        found = find_object([*within.objects, *folder], kind, namespace, name)
+        found = find_data_object([*within.objects, *folder], kind, namespace, name)
         if found is not None:
-            return object_data(found.obj)
+            return data_entries(found.obj)
         if self.context.data_lookup is None:
             return None
         return await self.context.data_lookup(kind, namespace, name)
@@ -279,31 +291,86 @@ class _Builder:
     # -- the build ---------------------------------------------------------------------
 
     async def _build(
-        self, target: Path, *, spec: FluxKustomization | None, shown_as: str = ""
+        self,
+        target: Path,
+        *,
+        spec: FluxKustomization | None,
+        source_root: Path,
+        secret_ref: SecretRef | None = None,
+        shown_as: str = "",
     ) -> list[Document]:
-        """`kubectl kustomize` of a generated overlay around `target`, which carries the
-        Kustomization's fields; documents name the file each object came from."""
+        """`kubectl kustomize` of a generated overlay around `target` (in `source_root`),
+        which carries the Kustomization's fields; documents name the file each object
+        came from."""
         scratch = Path(tempfile.mkdtemp(prefix="conveyor-build-"))
         try:
             overlay = scratch / "overlay"
             overlay.mkdir()
             copied: dict[Path, Path] = {}
+            shown = str(target.relative_to(self.root)) if target.is_relative_to(self.root) else ""
+            mirror = await self._decrypted_copy(
+                target, source_root, scratch / "source", secret_ref=secret_ref
+            )
+            if mirror is not None:
+                target = mirror / target.resolve().relative_to(source_root.resolve())
             resource = target
             if not any((target / name).is_file() for name in KUSTOMIZATION_FILES):
                 resource = _generate(target, scratch / "generated", copied)
             kustomization = _overlay(overlay, resource, target, spec)
             (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-            shown = str(target.relative_to(self.root)) if target.is_relative_to(self.root) else ""
             async with self.slots:
                 built = await kustomize_build(
                     overlay,
                     shown_as=shown or shown_as,
-                    hide=[f"{scratch}/overlay/", f"{self.root}/", f"{scratch}/"],
+                    hide=[
+                        f"{scratch}/overlay/",
+                        f"{scratch}/source/",
+                        f"{self.root}/",
+                        f"{scratch}/",
+                    ],
                     kubectl=self.context.kubectl,
                 )
+            if mirror is not None:
+                copied = {**copied, **_mirrored(built, overlay, mirror, source_root)}
             return [self._located(obj, overlay, copied, shown or shown_as) for obj in built]
         finally:
+            # The decrypted copy goes with it: plaintext never outlives the build.
             shutil.rmtree(scratch, ignore_errors=True)
+
+    async def _decrypted_copy(
+        self, target: Path, source_root: Path, copy: Path, *, secret_ref: SecretRef | None
+    ) -> Path | None:
+        """When a secretGenerator of the build reads SOPS-encrypted files (`files:`,
+        `envs:`): a copy of `source_root` at `copy` with those files decrypted, which the
+        build reads instead, as kustomize-controller decrypts them in its working copy
+        before building; None when none is encrypted. The checkout is never written."""
+        root = source_root.resolve()
+        sources = secret_generator_sources(target, root=root)
+        decryptor = self.context.decryptor
+
+        async def plaintext(source: GeneratorSource) -> tuple[GeneratorSource, bytes | None]:
+            shown = source.path.relative_to(root)
+            file = str(shown if root != self.root else source.path.relative_to(self.root))
+            fmt = generator_format(source.key, env=source.env)
+            text = await decryptor.decrypt_file(source.path, fmt, file=file, secret_ref=secret_ref)
+            return source, text
+
+        decrypted = [
+            (source, text)
+            for source, text in await asyncio.gather(*(plaintext(s) for s in sources))
+            if text is not None
+        ]
+        if not decrypted:
+            return None
+        await asyncio.to_thread(
+            shutil.copytree, root, copy, symlinks=True, ignore=shutil.ignore_patterns(".git")
+        )
+        for source, text in decrypted:
+            written = copy / source.path.relative_to(root)
+            written.unlink()
+            written.touch(mode=0o600)
+            written.write_bytes(text)
+        return copy
 
     def _located(
         self, obj: dict[str, Any], overlay: Path, copied: dict[Path, Path], fallback: str
@@ -379,6 +446,29 @@ class _Builder:
             *(self.app(k, within=inside) for k in nested if _identity(k) not in self.top_level)
         )
         return [app, *children, *(a for apps in followed for a in apps)]
+
+
+def _decryption_ref(kustomization: FluxKustomization) -> SecretRef | None:
+    """The Secret holding a Kustomization's keys (`spec.decryption.secretRef`), in its
+    namespace."""
+    decryption = kustomization.spec.decryption
+    secret = decryption.secret_ref if decryption is not None else None
+    return SecretRef(kustomization.namespace, secret.name) if secret else None
+
+
+def _mirrored(built: list[Obj], overlay: Path, mirror: Path, source_root: Path) -> dict[Path, Path]:
+    """Each file of the decrypted copy that an object came from, mapped back to the
+    source's own file, so that the object names the file in the repository."""
+    mapped: dict[Path, Path] = {}
+    for obj in built:
+        annotations = (obj.get("metadata") or {}).get("annotations") or {}
+        origin = yaml.safe_load(annotations.get(ORIGIN_ANNOTATION, "") or "{}") or {}
+        path = origin.get("path") if isinstance(origin, dict) else None
+        if isinstance(path, str):
+            found = (overlay / path).resolve()
+            if found.is_relative_to(mirror.resolve()):
+                mapped[found] = source_root.resolve() / found.relative_to(mirror.resolve())
+    return mapped
 
 
 def _identity(app: AppSource) -> str | None:
@@ -503,31 +593,3 @@ def _line_of(path: Path, root: Path, obj: dict[str, Any]) -> int:
         if doc.name in name:
             return doc.line
     return same_kind[0].line if same_kind else 0
-
-
-def _is(doc: Document, kind: str, namespace: str, name: str) -> bool:
-    metadata = doc.obj.get("metadata") or {}
-    return (
-        doc.kind == kind
-        and doc.api_version == "v1"
-        and doc.name == name
-        and (metadata.get("namespace") or "default") == namespace
-    )
-
-
-def object_data(obj: dict[str, Any]) -> dict[str, str]:
-    """The data of a ConfigMap or Secret object, decoded (a Secret's `data` is base64,
-    its `stringData` is not)."""
-    if obj.get("kind") == "Secret":
-        data = {
-            k: base64.b64decode(str(v)).decode(errors="replace")
-            for k, v in (obj.get("data") or {}).items()
-        }
-        data.update({k: str(v) for k, v in (obj.get("stringData") or {}).items()})
-        return data
-    return {k: str(v) for k, v in (obj.get("data") or {}).items()}
-
-
-def find_object(documents: list[Document], kind: str, namespace: str, name: str) -> Document | None:
-    """The ConfigMap or Secret `namespace/name` among `documents`."""
-    return next((d for d in documents if _is(d, kind, namespace, name)), None)

@@ -4,14 +4,20 @@ kustomize fetches remote bases with git itself, so it runs with conveyor's git
 environment (no prompts, only the transports conveyor allows: never `ext::`). It keeps
 its default load restrictions: no file outside a kustomization's own folder is read,
 so a repository cannot pull a file of the machine into an object.
+
+Before a build, the files its secretGenerators read are found (`secret_generator_sources`)
+so that SOPS-encrypted ones are decrypted first, as kustomize-controller does.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 from conveyor.cluster.objects import Obj
+from conveyor.config.userfile import ConfigError, load_yaml, read_text
+from conveyor.render.discover import KUSTOMIZATION_FILES
 from conveyor.render.documents import Document, RenderError, load_all
 from conveyor.source.git import git_env
 
@@ -51,3 +57,67 @@ async def kustomize_build(
         return [o for o in load_all(stdout) if o]
     except RenderError as error:
         raise RenderError(f"kustomize output: {error.detail}", file=shown_as) from None
+
+
+@dataclass(frozen=True)
+class GeneratorSource:
+    """A file a kustomize secretGenerator reads: `files:` (`key=path` or `path`) or
+    `envs:` (dotenv lines, one entry each)."""
+
+    path: Path  # resolved, inside the root it was found below
+    key: str  # the entry's key for `files:`, the file's path for `envs:`
+    env: bool
+
+
+def secret_generator_sources(folder: Path, *, root: Path) -> list[GeneratorSource]:
+    """The files that the secretGenerators of `folder`'s kustomization read, and those of
+    every kustomization its `resources` and `components` name, as kustomize-controller
+    walks them to decrypt them before the build. Only files inside `root`: kustomize
+    reads no other (and says so); a kustomization that cannot be read is left to
+    kustomize to name."""
+    root = root.resolve()
+    found: dict[Path, GeneratorSource] = {}
+    seen: set[Path] = set()
+
+    def visit(directory: Path) -> None:
+        directory = directory.resolve()
+        if directory in seen or not directory.is_relative_to(root) or not directory.is_dir():
+            return
+        seen.add(directory)
+        file = next((directory / n for n in KUSTOMIZATION_FILES if (directory / n).is_file()), None)
+        if file is None:
+            return
+        try:
+            kustomization = load_yaml(read_text(file), file=str(file.relative_to(root)))
+        except ConfigError:
+            return
+        if not isinstance(kustomization, dict):
+            return
+        for generator in _list(kustomization.get("secretGenerator")):
+            if not isinstance(generator, dict):
+                continue
+            for entry in _list(generator.get("files")):
+                key, _, path = str(entry).partition("=")
+                add(directory / (path or key), key=key, env=False)
+            for entry in [*_list(generator.get("envs")), *_list(generator.get("env"))]:
+                add(directory / str(entry), key=str(entry), env=True)
+        for ref in [
+            *_list(kustomization.get("resources")),
+            *_list(kustomization.get("components")),
+        ]:
+            if isinstance(ref, str) and "://" not in ref:
+                visit(directory / ref)
+
+    def add(path: Path, *, key: str, env: bool) -> None:
+        resolved = path.resolve()
+        if resolved.is_relative_to(root) and resolved.is_file() and resolved not in found:
+            found[resolved] = GeneratorSource(resolved, key, env)
+
+    visit(folder)
+    return list(found.values())
+
+
+def _list(value: object) -> list[object]:
+    if isinstance(value, list):
+        return value
+    return [value] if isinstance(value, str) else []

@@ -7,8 +7,6 @@ revision and the cluster shows no drift, the app costs no API write and no Helm 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import copy
 import hashlib
 import json
@@ -32,6 +30,7 @@ from conveyor.config.helmrelease import (
 from conveyor.config.validation import json_compatible
 from conveyor.paths import charts_cache
 from conveyor.render.charts import ChartResolver, ResolvedChart
+from conveyor.render.data_objects import data_value, find_data_object
 from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import Document, RenderError
 from conveyor.render.flux_kustomization import BuildContext, DataLookup, expand
@@ -97,41 +96,6 @@ def set_path(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return result
-
-
-def values_text(obj: Obj, ref: ValuesReference) -> str | None:
-    """The text under `ref.key` of a ConfigMap or Secret (a Secret's `data` decoded, or
-    its `stringData`), None when the key is absent. RenderError, quoting nothing, when a
-    Secret's value is not base64 text."""
-    if ref.kind == "Secret":
-        plain = (obj.get("stringData") or {}).get(ref.key)
-        if plain is not None:
-            return str(plain)
-        raw = (obj.get("data") or {}).get(ref.key)
-        if raw is None:
-            return None
-        try:
-            return base64.b64decode(str(raw), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            raise RenderError(
-                f"valuesFrom Secret {ref.namespace}/{ref.name} key {ref.key!r} is not base64 text"
-            ) from None
-    value = (obj.get("data") or {}).get(ref.key)
-    return str(value) if value is not None else None
-
-
-def _in_git(ref: ValuesReference, documents: list[Document]) -> Obj | None:
-    """The ConfigMap or Secret `ref` names, when the app itself brings it (decrypted)."""
-    for doc in documents:
-        metadata = doc.obj.get("metadata") or {}
-        if (
-            doc.kind == ref.kind
-            and doc.api_version == "v1"
-            and metadata.get("name") == ref.name
-            and (metadata.get("namespace") or ref.namespace) == ref.namespace
-        ):
-            return doc.obj
-    return None
 
 
 def fingerprint(payload: Any) -> str:
@@ -295,11 +259,16 @@ class Renderer:
             f"{unread} is not supported; rendered without it" for unread in spec.unread_values_from
         ]
         for ref in spec.values_from:
-            own = _in_git(ref, documents)
+            own = find_data_object(documents, ref.kind, ref.namespace, ref.name)
             try:
-                text = values_text(own, ref) if own is not None else await self.values_lookup(ref)
+                if own is not None:
+                    text = data_value(own.obj, ref.key)
+                else:
+                    text = await self.values_lookup(ref)
             except RenderError as error:
-                raise RenderError(error.detail, file=doc.file, line=doc.line) from None
+                raise RenderError(
+                    f"valuesFrom {error.detail}", file=doc.file, line=doc.line
+                ) from None
             if text is None:
                 if ref.optional:
                     continue

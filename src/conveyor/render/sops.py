@@ -5,7 +5,9 @@ decrypted; nothing else may ever see the plaintext. A document is encrypted when
 carries SOPS's metadata (`config.manifest.is_sops_encrypted`), in whatever layout it
 sits: such a document is always decrypted, never applied as it is. So is a Secret's data
 entry that holds a SOPS-encrypted file (what a kustomize secretGenerator makes of an
-encrypted `files:` entry), as Flux decrypts them.
+encrypted `files:` entry), as Flux decrypts them; and so are the files a secretGenerator
+reads (`files:` and `envs:`, `decrypt_file`), before kustomize builds, as Flux does: the
+plaintext goes into the build's temporary copy of the source, never into the checkout.
 
 `sops decrypt` runs as a subprocess, as Flux's kustomize-controller decrypts: the
 document goes in on stdin as JSON and comes back on stdout, never through a file. The
@@ -47,6 +49,7 @@ from pydantic import ValidationError
 
 from conveyor.cluster.objects import Obj
 from conveyor.config.manifest import check_object, is_sops_encrypted
+from conveyor.config.userfile import USER_FILE
 from conveyor.config.validation import field_path
 from conveyor.render.documents import Document, RenderError
 
@@ -64,10 +67,15 @@ _REASONS = {
     52: "it has no MAC: the file is corrupt",
     128: "no age key given can decrypt it",
 }
-# Decrypted objects by (document, keys, MAC check): an agent renders every app on every
-# pass, and sops costs a process per document. Kept in memory only, and bounded.
+_NO_KEY = (
+    "no age key is given (the cluster Secret of a Flux Kustomization's "
+    f"spec.decryption, ${KEY_FILE_ENV}, ${KEY_ENV} or --sops-age-key-file)"
+)
+# Decrypted objects by (document, keys, MAC check), and decrypted generator files by
+# (content, format, keys): an agent renders every app on every pass, and sops costs a
+# process per document. Kept in memory only, and bounded.
 _CACHE_SIZE = 1024
-_decrypted: OrderedDict[str, Obj] = OrderedDict()
+_decrypted: OrderedDict[str, Obj | bytes] = OrderedDict()
 _PARALLEL = 4  # sops processes at once, per render
 
 
@@ -237,6 +245,44 @@ class Decryptor:
         by_id = {id(old): new for old, new in zip(encrypted, decrypted, strict=True)}
         return [by_id.get(id(doc), doc) for doc in documents]
 
+    async def decrypt_file(
+        self, path: Path, fmt: str, *, file: str, secret_ref: SecretRef | None = None
+    ) -> bytes | None:
+        """The plaintext of the SOPS-encrypted file at `path` in its format `fmt`
+        (`generator_format`); None when the file is not encrypted. DecryptionError naming
+        `file` (as the repository shows it), never quoting it, when it cannot be."""
+
+        def failed(reason: str) -> DecryptionError:
+            return DecryptionError(f"cannot be decrypted: {reason}", file=file)
+
+        try:
+            size = path.stat().st_size
+            if size > USER_FILE.max_bytes:  # as kustomize-controller bounds what it decrypts
+                raise failed(f"{size} bytes, more than {USER_FILE.max_bytes}")
+            content = path.read_bytes()
+        except OSError as error:
+            raise failed(f"cannot be read: {error.strerror}") from None
+        if _MARKER[fmt] not in content:
+            return None
+        try:
+            keys = await self.key_source.keys(secret_ref)
+        except DecryptionError as error:
+            raise DecryptionError(f"SOPS-encrypted; {error.detail}", file=file) from None
+        if not keys:
+            raise failed(_NO_KEY)
+        cache_key = hashlib.sha256(
+            b"%s\0file:%s\0%s" % (keys.fingerprint().encode(), fmt.encode(), content)
+        ).hexdigest()
+        if isinstance(cached := _decrypted.get(cache_key), bytes):
+            _decrypted.move_to_end(cache_key)
+            return cached
+        try:
+            plain = await self._run(content, (fmt, fmt), keys, verify_mac=True)
+        except _SopsFailed as error:
+            raise failed(error.reason) from None
+        _remember(cache_key, plain)
+        return plain
+
     async def _document(self, doc: Document, keys: AgeKeys, *, verify_mac: bool) -> Document:
         def failed(reason: str) -> DecryptionError:
             return DecryptionError(
@@ -244,15 +290,12 @@ class Decryptor:
             )
 
         if not keys:
-            raise failed(
-                "no age key is given (the cluster Secret of a Flux Kustomization's "
-                f"spec.decryption, ${KEY_FILE_ENV}, ${KEY_ENV} or --sops-age-key-file)"
-            )
+            raise failed(_NO_KEY)
         payload = json.dumps(doc.obj, separators=(",", ":")).encode()
         cache_key = hashlib.sha256(
             b"%s\0%s\0%s" % (keys.fingerprint().encode(), b"mac" if verify_mac else b"", payload)
         ).hexdigest()
-        if (cached := _decrypted.get(cache_key)) is not None:
+        if isinstance(cached := _decrypted.get(cache_key), dict):
             _decrypted.move_to_end(cache_key)
             return replace(doc, obj=cached)
         if is_sops_encrypted(doc.obj):
@@ -272,9 +315,7 @@ class Decryptor:
             raise failed(
                 f"the decrypted object is not valid at {field_path(problem['loc'], inside)}"
             ) from None
-        _decrypted[cache_key] = checked
-        while len(_decrypted) > _CACHE_SIZE:
-            _decrypted.popitem(last=False)
+        _remember(cache_key, checked)
         return replace(doc, obj=checked)
 
     async def _entries(
@@ -331,6 +372,12 @@ class Decryptor:
         return stdout
 
 
+def _remember(cache_key: str, decrypted: Obj | bytes) -> None:
+    _decrypted[cache_key] = decrypted
+    while len(_decrypted) > _CACHE_SIZE:
+        _decrypted.popitem(last=False)
+
+
 class _SopsFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -362,6 +409,19 @@ _OUTPUT_BY_SUFFIX = {
     ".env": "dotenv",
     ".ini": "ini",
 }
+
+
+_MARKER = {fmt: marker for fmt, marker in _MARKERS} | {"binary": dict(_MARKERS)["json"]}
+
+
+def generator_format(key: str, *, env: bool) -> str:
+    """The SOPS format of a file a secretGenerator reads, as Flux tells it: by the
+    extension of the entry's key (`files:`) or of the file (`envs:`, dotenv unless it
+    says otherwise); a `.dockerconfigjson` is JSON; anything else is binary."""
+    if key.endswith(".dockerconfigjson"):
+        return "json"
+    fmt = _OUTPUT_BY_SUFFIX.get(Path(key).suffix, "binary")
+    return "dotenv" if env and fmt == "binary" else fmt
 
 
 def _entries(obj: Obj) -> dict[str, tuple[str, str]]:

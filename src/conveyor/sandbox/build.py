@@ -6,7 +6,8 @@ Helm are plain `go install pkg@version`. Every step is named so that a failure s
 which one broke and shows the tail of its output.
 
 sops and age (what users and tests encrypt secrets with) are cached in a directory of
-their own with their own key, so that a new sops never invalidates the Kubernetes build.
+their own with their own key, so that a new sops never invalidates the Kubernetes build;
+so are the peers' tools that benchmarks run (kustomize and flux, for flux-local).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from pathlib import Path
 
 from conveyor.errors import ConveyorError
 from conveyor.paths import cache_root
-from conveyor.sandbox.versions import TOOL_VERSIONS, ToolVersions, Versions, find_go
+from conveyor.sandbox.versions import (
+    PEER_TOOL_VERSIONS,
+    TOOL_VERSIONS,
+    PeerToolVersions,
+    ToolVersions,
+    Versions,
+    find_go,
+)
 
 # The multi-call binary answers to these names through symlinks.
 KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
@@ -38,6 +46,7 @@ KWOK_STAGES = (
 )
 BINARIES = ("kube", "etcd", "kwok", "registry", "helm")
 TOOLS = ("sops", "age", "age-keygen")
+PEER_TOOLS = ("kustomize", "flux")
 
 Progress = Callable[[str], None]
 
@@ -262,8 +271,6 @@ def ensure_tools(
     versions: ToolVersions = TOOL_VERSIONS, *, progress: Progress | None = None
 ) -> Path:
     """Return the directory holding sops, age and age-keygen, building them on first use."""
-    go, go_version = find_go()
-    bin_dir = cache_root() / "sandbox" / versions.cache_key(go_version) / "bin"
 
     def steps(
         builder: GoBuilder, _work: Path, bin_dir: Path
@@ -274,12 +281,40 @@ def ensure_tools(
             ("age-keygen", lambda: _build_age(builder, versions, "age-keygen", bin_dir)),
         ]
 
-    # A lock of their own: building sops never waits for a Kubernetes build.
+    return _ensure_apart(versions, TOOLS, steps, progress)
+
+
+def ensure_peer_tools(
+    versions: PeerToolVersions = PEER_TOOL_VERSIONS, *, progress: Progress | None = None
+) -> Path:
+    """Return the directory holding kustomize and flux, building them on first use."""
+
+    def steps(
+        builder: GoBuilder, work: Path, bin_dir: Path
+    ) -> list[tuple[str, Callable[[], None]]]:
+        return [
+            ("kustomize", lambda: _build_kustomize(builder, versions, bin_dir)),
+            ("flux", lambda: _build_flux(builder, versions, work, bin_dir)),
+        ]
+
+    return _ensure_apart(versions, PEER_TOOLS, steps, progress)
+
+
+def _ensure_apart(
+    versions: ToolVersions | PeerToolVersions,
+    names: tuple[str, ...],
+    steps: BuildSteps,
+    progress: Progress | None,
+) -> Path:
+    """Tools cached beside the sandbox's binaries under a key of their own, with a lock
+    of their own: building sops never waits for a Kubernetes build."""
+    go, go_version = find_go()
+    bin_dir = cache_root() / "sandbox" / versions.cache_key(go_version) / "bin"
     return _ensure_built(
         bin_dir,
         toolchain=(go, go_version),
         lock=bin_dir.parent / "build.lock",
-        names=TOOLS,
+        names=names,
         steps=steps,
         record=vars(versions),
         progress=progress,
@@ -337,6 +372,15 @@ def _build_etcd(builder: GoBuilder, versions: Versions, work: Path, bin_dir: Pat
     )
 
 
+def command_name(package: str) -> str:
+    """The binary `go install` makes of `package`: its last element, or the one before a
+    major version suffix (sigs.k8s.io/kustomize/kustomize/v5 → kustomize)."""
+    elements = package.split("/")
+    if len(elements) > 1 and re.fullmatch(r"v[0-9]+", elements[-1]):
+        return elements[-2]
+    return elements[-1]
+
+
 def _go_install(
     builder: GoBuilder, step: str, package: str, version: str, ldflags: str, target: Path
 ) -> None:
@@ -353,8 +397,7 @@ def _go_install(
             [builder.go, "install", "-trimpath", "-ldflags", ldflags, f"{package}@{version}"],
             cwd=target.parent,
         )
-        built = Path(gobin) / package.rsplit("/", 1)[1]
-        shutil.move(str(built), target)
+        shutil.move(str(Path(gobin) / command_name(package)), target)
 
 
 def _build_kwok(builder: GoBuilder, versions: Versions, work: Path, bin_dir: Path) -> None:
@@ -412,4 +455,43 @@ def _build_age(builder: GoBuilder, versions: ToolVersions, command: str, bin_dir
         versions.age,
         f"-s -w -X main.Version={versions.age}",
         bin_dir / command,
+    )
+
+
+def _build_kustomize(builder: GoBuilder, versions: PeerToolVersions, bin_dir: Path) -> None:
+    _go_install(
+        builder,
+        "kustomize: go install",
+        "sigs.k8s.io/kustomize/kustomize/v5",
+        versions.kustomize,
+        "-s -w",
+        bin_dir / "kustomize",
+    )
+
+
+def _build_flux(builder: GoBuilder, versions: PeerToolVersions, work: Path, bin_dir: Path) -> None:
+    """The flux CLI, built in a writable copy of its module: `go install` refuses it (its
+    go.mod has a replace directive), and cmd/flux embeds manifests that flux2's Makefile
+    generates, absent from the module. Only `flux install` reads them; a placeholder
+    stands in, so that `flux build` (what flux-local runs) is the released code."""
+    info = builder.module_info("github.com/fluxcd/flux2/v2", versions.flux, cwd=work)
+    source = work / f"flux2-{versions.flux}"
+    if not source.exists():
+        partial = source.with_suffix(".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        # The module cache is read-only: copy the files without their modes.
+        shutil.copytree(info["Dir"], partial, copy_function=shutil.copyfile)
+        for folder, _subfolders, _files in os.walk(partial):
+            os.chmod(folder, 0o700)
+        manifests = partial / "cmd" / "flux" / "manifests"
+        manifests.mkdir(exist_ok=True)
+        (manifests / "placeholder.yaml").write_text("# flux install is not built here\n")
+        partial.rename(source)
+    version = versions.flux.lstrip("v")
+    _build_into(
+        builder,
+        "flux: go build",
+        [builder.go, "build", "-trimpath", "-ldflags", f"-s -w -X main.VERSION={version}"],
+        cwd=source / "cmd" / "flux",
+        target=bin_dir / "flux",
     )

@@ -23,6 +23,9 @@ RECIPE = 1
 # The same for the secrets tools (sops, age), which are cached apart from Kubernetes: a
 # new sops must never make every machine rebuild kube (a quarter of an hour).
 TOOLS_RECIPE = 1
+# And for the peers' tools that benchmarks run (kustomize for flux-local), cached apart
+# again: conveyor itself never runs them.
+PEER_TOOLS_RECIPE = 1
 
 
 class GoToolchainError(ConveyorError, RuntimeError):
@@ -61,12 +64,30 @@ class ToolVersions:
     age: str = "v1.3.2"
 
     def cache_key(self, go_version: str) -> str:
-        fields = {**asdict(self), "go": go_version, "recipe": TOOLS_RECIPE}
-        digest = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:10]
-        return f"tools-sops-{self.sops}-{digest}"
+        return f"tools-sops-{self.sops}-{_digest(self, go_version, TOOLS_RECIPE)}"
 
 
 TOOL_VERSIONS = ToolVersions()
+
+
+@dataclass(frozen=True)
+class PeerToolVersions:
+    """What the peers measured by benchmarks need besides helm: flux-local runs a
+    standalone `kustomize` (conveyor runs `kubectl kustomize`) and `flux build`."""
+
+    kustomize: str = "v5.8.2"  # v5.8.3 requires Go 1.27
+    flux: str = "v2.9.5"
+
+    def cache_key(self, go_version: str) -> str:
+        return f"peers-kustomize-{self.kustomize}-{_digest(self, go_version, PEER_TOOLS_RECIPE)}"
+
+
+PEER_TOOL_VERSIONS = PeerToolVersions()
+
+
+def _digest(versions: ToolVersions | PeerToolVersions, go_version: str, recipe: int) -> str:
+    fields = {**asdict(versions), "go": go_version, "recipe": recipe}
+    return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:10]
 
 
 def parse_go_version(text: str) -> tuple[int, int, int]:
