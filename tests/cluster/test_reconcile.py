@@ -687,8 +687,8 @@ def test_failed_helm_upgrade_says_its_cause_and_where_the_value_is_written(
     code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "8")
     assert code == 1
     cause = (
-        f"{env_path}/api.yaml:{line} replicaCount: "
-        "Deployment api: spec.replicas: cannot unmarshal string into int32"
+        "Deployment api: spec.replicas: cannot unmarshal string into int32 "
+        f"(values: replicaCount in {env_path}/api.yaml:{line})"
     )
     api = by_name(report)["api"]
     assert api["message"].startswith(cause), api["message"]
@@ -719,10 +719,9 @@ def test_failed_helm_upgrade_says_its_cause_and_where_the_value_is_written(
     code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "8")
     assert code == 1
     message = by_name(report)["api"]["message"]
-    assert message.startswith(
-        f"{env_path}/api.yaml:{line} service: template: service/templates/service.yaml:1:"
-    ), message
+    assert message.startswith("template: service/templates/service.yaml:1:"), message
     assert "at <.Values.service.enabled>: nil pointer" in message
+    assert message.endswith(f"(values: service in {env_path}/api.yaml:{line})"), message
 
 
 def test_an_object_of_a_kind_the_cluster_does_not_serve_names_its_file_and_line(
