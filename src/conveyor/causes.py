@@ -32,8 +32,8 @@ def capped(text: str, limit: int = DETAILS_LIMIT) -> str:
     """`text` at most `limit` characters, saying how much was cut."""
     if len(text) <= limit:
         return text
-    note = f"... ({len(text) - limit} more characters)"
-    return text[: max(limit - len(note), 0)] + note
+    kept = max(limit - len(f"... ({len(text)} more characters)"), 0)
+    return text[:kept] + f"... ({len(text) - kept} more characters)"
 
 
 def short_cause(text: str) -> str:

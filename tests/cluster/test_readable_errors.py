@@ -76,10 +76,10 @@ def assert_readable(
     summary = by_name(report)[app]
     message = summary["message"]
     assert message.startswith(cause) and len(message) < 400 and "\n" not in message, message
-    assert full not in message and full in summary["details"]
+    assert full not in message and full not in json.dumps(report)
     scope = path.replace("/", "-")
     status, events = recorded(sandbox, scope, app)
-    assert status["message"] == message and status["details"] == summary["details"]
+    assert status["message"] == message and full in status["details"]
     assert len(status["details"]) <= DETAILS_LIMIT
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["message"] == message
@@ -113,7 +113,7 @@ def test_an_immutable_field_refused_with_a_422_reads_as_its_field(
         path,
         "migrate",
         f"Job {namespace}/migrate: spec.template: field is immutable",
-        full='"Image":"registry.local/migrate:2"',
+        full="Containers",
     )
 
 

@@ -36,13 +36,17 @@ class ApplyError(ConveyorError, RuntimeError):
 
     @classmethod
     def of(cls, failed: list[tuple[ObjectRef, BaseException]]) -> ApplyError:
-        return cls(
-            [
-                (ref, error.cause if isinstance(error, ApiError) else str(error))
-                for ref, error in failed
-            ],
-            details="\n".join(f"{ref}: {error}" for ref, error in failed),
-        )
+        """From each object's error. What the server said of a Secret stays out of the
+        details: a refusal may quote the object, and the details are shown to people."""
+        causes = [
+            (ref, error.cause if isinstance(error, ApiError) else str(error))
+            for ref, error in failed
+        ]
+        full = [
+            f"{ref}: {why if ref.kind == 'Secret' else error}"
+            for (ref, why), (_, error) in zip(causes, failed, strict=True)
+        ]
+        return cls(causes, details="\n".join(full))
 
 
 def labelled(obj: Obj, *, app: str, identity: EnvironmentIdentity, scope: str) -> Obj:

@@ -300,7 +300,6 @@ class AppStatus:
             "state": self.state,
             "reason": self.reason,
             "message": self.message,
-            "details": self.details,
             "revision": self.last_applied_revision or "",
             "lastAttemptedRevision": self.attempted_revision,
             "helmRevision": self.helm_revision,
