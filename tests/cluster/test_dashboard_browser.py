@@ -21,6 +21,7 @@ from conveyor.reconcile.status import WAITING_FOR_GATE, AppStatus, StatusStore
 from conveyor.render.discover import app_name
 from tests.cluster.gitops import (
     ConfigRepo,
+    by_name,
     deployment,
     kubectl_json,
     reconcile_json,
@@ -222,3 +223,30 @@ def test_gates_page_shows_what_an_environment_waits_for_live(site: Site, page: P
     tab.goto(f"/?env={scope}")
     expect(tab.locator(f'[id="cell-{scope}.api"] .badge').first).to_have_text(WAITING_FOR_GATE)
     expect(tab.locator(f'[id="cell-{scope}.api"] .gate')).to_contain_text("soak time")
+
+
+def test_a_failed_apply_shows_its_cause_and_the_full_text_behind_details(
+    site: Site, page: Page
+) -> None:
+    tab = page
+    refused = deployment("broken", site.namespace).replace("- name: main", "- name: Bad_Name")
+    site.repo.write(f"{site.path}/broken/deploy.yaml", refused)
+    site.repo.commit("a container name the API server refuses")
+    code, report = reconcile_json(site.sandbox, site.repo, site.path, "--timeout", "10")
+    assert code == 1, report
+    message = by_name(report)["broken"]["message"]
+    assert message.startswith(
+        f"Deployment {site.namespace}/broken: spec.template.spec.containers[0].name: "
+        'Invalid value: "Bad_Name": a lowercase RFC 1123 label'
+    ), message
+    tab.goto(f"/environments/{site.scope}/apps/broken")
+    shown = tab.locator("#message")
+    expect(shown).to_contain_text(message)
+    assert shown.evaluate("e => e.firstChild.textContent.trim()") == message
+    details = tab.locator("#details")
+    expect(details.locator("pre")).to_be_hidden()
+    details.locator("summary").click()
+    expect(details.locator("pre")).to_be_visible()
+    expect(details.locator("pre")).to_contain_text(
+        'HTTP 422 Invalid: Deployment.apps "broken" is invalid'
+    )

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from conveyor.causes import DETAILS_LIMIT
 from conveyor.cluster.helm_storage import decode_release, encode_release
 from tests.cluster.gitops import (
     CHART,
@@ -687,8 +688,8 @@ def test_failed_helm_upgrade_says_its_cause_and_where_the_value_is_written(
     code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "8")
     assert code == 1
     cause = (
-        f"{env_path}/api.yaml:{line} replicaCount: "
-        "Deployment api: spec.replicas: cannot unmarshal string into int32"
+        "Deployment api: spec.replicas: cannot unmarshal string into int32 "
+        f"(values: replicaCount in {env_path}/api.yaml:{line})"
     )
     api = by_name(report)["api"]
     assert api["message"].startswith(cause), api["message"]
@@ -696,6 +697,12 @@ def test_failed_helm_upgrade_says_its_cause_and_where_the_value_is_written(
     scope = env_path.replace("/", "-")
     status = kubectl_json(sandbox, "get", "conveyorapp", f"{scope}.api", "-n", "conveyor-system")
     assert status is not None and status["status"]["message"] == api["message"]
+    ready = next(c for c in status["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["message"] == api["message"]
+    # helm's own words are kept, capped, behind the cause: the status's details, the Event.
+    details = status["status"]["details"]
+    assert len(details) <= DETAILS_LIMIT and "details" not in api  # for scripts: the cause
+    assert details.startswith("Error: UPGRADE FAILED: cannot patch") and "\n" not in api["message"]
     events = kubectl_json(
         sandbox,
         "get",
@@ -706,7 +713,10 @@ def test_failed_helm_upgrade_says_its_cause_and_where_the_value_is_written(
         f"involvedObject.name={scope}.api",
     )
     assert events is not None
-    assert any(e["message"].startswith(cause) for e in events["items"]), events["items"]
+    assert any(
+        e["message"].startswith(cause) and "\n\nError: UPGRADE FAILED" in e["message"]
+        for e in events["items"]
+    ), events["items"]
     table = conveyor(sandbox, "get", "apps", "--scope", scope, "-o", "json")
     assert cause in table.stdout and '\\"apiVersion' not in table.stdout
 
@@ -719,10 +729,13 @@ def test_failed_helm_upgrade_says_its_cause_and_where_the_value_is_written(
     code, report = reconcile_json(sandbox, repo, env_path, "--timeout", "8")
     assert code == 1
     message = by_name(report)["api"]["message"]
-    assert message.startswith(
-        f"{env_path}/api.yaml:{line} service: template: service/templates/service.yaml:1:"
-    ), message
+    assert message.startswith("template: service/templates/service.yaml:1:"), message
     assert "at <.Values.service.enabled>: nil pointer" in message
+    assert (
+        "nil pointer evaluating interface {}.enabled "
+        f"(values: service in {env_path}/api.yaml:{line}); rolled back to Helm revision 1"
+        in message
+    )
 
 
 def test_an_object_of_a_kind_the_cluster_does_not_serve_names_its_file_and_line(

@@ -175,7 +175,7 @@ def test_a_refused_value_is_found_in_the_values_block(tmp_path: Path) -> None:
     # Two keys hold "two": the one named like the field is meant.
     cause = HelmCause("...", kind="Deployment", name="api", field="spec.replicas")
     manifest = deployment("replicas: two\n")
-    assert origin(tmp_path, cause, manifest) == "production/api.yaml:10 replicaCount"
+    assert origin(tmp_path, cause, manifest) == "replicaCount in production/api.yaml:10"
     containers = """
         template:
           spec:
@@ -191,7 +191,7 @@ def test_a_refused_value_is_found_in_the_values_block(tmp_path: Path) -> None:
     port = HelmCause(
         "...", kind="Deployment", field="spec.template.spec.containers.ports.containerPort"
     )
-    assert origin(tmp_path, port, deployment(containers)) == "production/api.yaml:14 image.tag"
+    assert origin(tmp_path, port, deployment(containers)) == "image.tag in production/api.yaml:14"
     value = HelmCause("...", kind="Deployment", field="spec.template.spec.containers[0].env[1]")
     assert origin(tmp_path, value, deployment(containers)) is None  # a map, not a value
 
@@ -205,7 +205,7 @@ def test_a_value_not_in_the_file_or_another_object_names_nothing(tmp_path: Path)
 
 def test_a_template_error_names_the_deepest_key_the_file_has(tmp_path: Path) -> None:
     tag = HelmCause("template: ...", values_key="image.tag")
-    assert origin(tmp_path, tag, "") == "production/api.yaml:14 image.tag"
+    assert origin(tmp_path, tag, "") == "image.tag in production/api.yaml:14"
     digest = HelmCause("template: ...", values_key="image.digest.sha")
-    assert origin(tmp_path, digest, "") == "production/api.yaml:12 image"
+    assert origin(tmp_path, digest, "") == "image in production/api.yaml:12"
     assert origin(tmp_path, HelmCause("template: ...", values_key="ingress.host"), "") is None

@@ -6,6 +6,7 @@ import typer
 
 from conveyor import __version__
 from conveyor.cli import (
+    candidates,
     channels,
     ci_privileges,
     gates,
@@ -48,6 +49,7 @@ app.command()(promote.notes)
 app.add_typer(gates.app, name="gate")
 app.command()(gates.approve)
 app.command()(channels.release)
+app.add_typer(candidates.app, name="candidates")
 app.command(name="bootstrap")(install.bootstrap_command)
 app.command(name="uninstall")(install.uninstall_command)
 

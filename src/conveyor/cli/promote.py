@@ -86,7 +86,7 @@ def _apply(
 
 
 @contextmanager
-def _refusals() -> Iterator[None]:
+def refusals() -> Iterator[None]:
     """Bad input: one line, exit 2; git that fails: exit 1 (a URL's password masked)."""
     try:
         yield
@@ -249,7 +249,7 @@ def rollback(
     """Restore the app's previous (or given) version by a git commit, then apply it, so
     git and the cluster agree. The commit pins the app against image automation (by
     --author-name, for --reason) until `conveyor unpin` or a promotion lifts the pin."""
-    with tempfile.TemporaryDirectory(prefix="conveyor-rollback-") as workdir, _refusals():
+    with tempfile.TemporaryDirectory(prefix="conveyor-rollback-") as workdir, refusals():
         result = rollback_in_repo(
             repo,
             Path(workdir),
@@ -295,7 +295,7 @@ def unpin(
 ) -> None:
     """Lift a rollback's pin (a Flux v1 lock or conveyor's pin) by a git commit, so image
     automation follows the app again. No commit when the app is not pinned."""
-    with tempfile.TemporaryDirectory(prefix="conveyor-unpin-") as workdir, _refusals():
+    with tempfile.TemporaryDirectory(prefix="conveyor-unpin-") as workdir, refusals():
         result = unpin_in_repo(
             Workspace(repo, Path(workdir), branch=branch),
             env=env,

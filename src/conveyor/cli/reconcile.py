@@ -410,7 +410,7 @@ class Against(StrEnum):
     live = "live"
 
 
-def _print_diff(text: str, fmt: DiffFormat, outfile: str | None) -> None:
+def print_diff(text: str, fmt: DiffFormat, outfile: str | None) -> None:
     if outfile:
         Path(outfile).write_text(text)
     elif fmt is DiffFormat.markdown:
@@ -524,7 +524,7 @@ def diff(
             kubeconfig=kubeconfig,
             context=context,
         )
-        _print_diff(text, DiffFormat.markdown, outfile)
+        print_diff(text, DiffFormat.markdown, outfile)
         raise typer.Exit(
             2 if any(p.error for p in plans) else 1 if any(p.changes for p in plans) else 0
         )
@@ -554,7 +554,7 @@ def diff(
     except (ConfigError, RenderError, KubeconfigError, ApiError, OSError) as error:
         fail(escape(str(error)))
     text = render_markdown(plans, title=title) if fmt is DiffFormat.markdown else render_text(plans)
-    _print_diff(text, fmt, outfile)
+    print_diff(text, fmt, outfile)
     if any(p.error for p in plans):
         raise typer.Exit(2)
     raise typer.Exit(1 if any(p.changes for p in plans) else 0)

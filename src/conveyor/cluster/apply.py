@@ -26,11 +26,27 @@ SCOPE_LABEL = "conveyor.dev/scope"
 
 
 class ApplyError(ConveyorError, RuntimeError):
-    """Applying some objects failed; `failures` names each one and why."""
+    """Applying some objects failed; `failures` names each one and why, in one line each
+    (the server's cause); `details`, what the server said in full."""
 
-    def __init__(self, failures: list[tuple[ObjectRef, str]]) -> None:
+    def __init__(self, failures: list[tuple[ObjectRef, str]], *, details: str = "") -> None:
         self.failures = failures
+        self.details = details
         super().__init__("; ".join(f"{ref}: {why}" for ref, why in failures))
+
+    @classmethod
+    def of(cls, failed: list[tuple[ObjectRef, BaseException]]) -> ApplyError:
+        """From each object's error. What the server said of a Secret stays out of the
+        details: a refusal may quote the object, and the details are shown to people."""
+        causes = [
+            (ref, error.cause if isinstance(error, ApiError) else str(error))
+            for ref, error in failed
+        ]
+        full = [
+            f"{ref}: {why if ref.kind == 'Secret' else error}"
+            for (ref, why), (_, error) in zip(causes, failed, strict=True)
+        ]
+        return cls(causes, details="\n".join(full))
 
 
 def labelled(obj: Obj, *, app: str, identity: EnvironmentIdentity, scope: str) -> Obj:
@@ -69,7 +85,7 @@ async def apply_objects(
     """Apply in order; returns the objects as the server stored them. Every failure is
     collected and reported together, not only the first."""
     applied: list[Obj] = []
-    failures: list[tuple[ObjectRef, str]] = []
+    failures: list[tuple[ObjectRef, BaseException]] = []
     ordered = sorted(objects, key=apply_order)
     for _, group in itertools.groupby(ordered, key=apply_order):
         batch = list(group)
@@ -82,7 +98,7 @@ async def apply_objects(
         )
         for obj, result in zip(batch, results, strict=True):
             if isinstance(result, ApiError | UnknownKindError):
-                failures.append((ObjectRef.of(obj), str(result)))
+                failures.append((ObjectRef.of(obj), result))
             elif isinstance(result, BaseException):
                 raise result
             else:
@@ -92,7 +108,7 @@ async def apply_objects(
                 kube, [o for o in applied if o.get("kind") == "CustomResourceDefinition"]
             )
     if failures:
-        raise ApplyError(failures)
+        raise ApplyError.of(failures)
     return applied
 
 
@@ -119,7 +135,7 @@ async def delete_objects(
     """Delete what left git: namespaced objects first, Namespaces and CRDs last. An
     object that another environment owns by now (it was adopted) is left alone."""
     deleted: list[ObjectRef] = []
-    failures: list[tuple[ObjectRef, str]] = []
+    failures: list[tuple[ObjectRef, BaseException]] = []
     last = {"Namespace", "CustomResourceDefinition"}
     for wave in ([r for r in refs if r.kind not in last], [r for r in refs if r.kind in last]):
         results = await asyncio.gather(
@@ -129,11 +145,11 @@ async def delete_objects(
             if isinstance(result, UnknownKindError):
                 continue  # its CRD is gone, and with it the object
             if isinstance(result, BaseException):
-                failures.append((ref, str(result)))
+                failures.append((ref, result))
             elif result:
                 deleted.append(ref)
     if failures:
-        raise ApplyError(failures)
+        raise ApplyError.of(failures)
     return deleted
 
 

@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 import httpx
 
+from conveyor.causes import short_cause
 from conveyor.cluster.kubeconfig import ClusterCredentials
 from conveyor.cluster.objects import Obj
 from conveyor.errors import ConveyorError, LocatedError
@@ -46,6 +47,20 @@ class ApiError(ConveyorError, RuntimeError):
         self.message = message
         self.body = body or {}
         super().__init__(f"HTTP {status} {reason}: {message}")
+
+    @property
+    def cause(self) -> str:
+        """What the server refused, in one line: the Status's causes by field
+        (`spec.replicas: ...`), values it quotes whole left out (conveyor.causes)."""
+        details = self.body.get("details")
+        causes = details.get("causes") if isinstance(details, dict) else None
+        parts = []
+        for cause in causes if isinstance(causes, list) else []:
+            if not isinstance(cause, dict) or not cause.get("message"):
+                continue
+            message, where = str(cause["message"]), str(cause.get("field") or "")
+            parts.append(f"{where}: {message}" if where and where not in message else message)
+        return short_cause("; ".join(parts) if parts else self.message)
 
     @property
     def conflict(self) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from conveyor.cluster.apply import ApplyError
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.flux import FluxInstallation, FluxObject, flux_origin, needs_takeover
 from conveyor.cluster.flux import refusal_message as flux_refusal_message
@@ -82,6 +83,15 @@ from conveyor.render.render import HelmPlan, RenderedApp, Renderer
 from conveyor.source.git import GitError, LogEntry, last_change
 
 log = logging.getLogger("conveyor.reconcile")
+
+
+def _details(error: BaseException) -> str | None:
+    """What a failure said in full, where it says more than its one-line summary."""
+    if isinstance(error, AppFailed | ApplyError):
+        return error.details
+    if isinstance(error, HelmError):
+        return error.output
+    return str(error)
 
 
 @dataclass
@@ -348,7 +358,7 @@ class Engine:
             if isinstance(error, UnknownKindError) and isinstance(rendered, RenderedApp):
                 error = rendered.located(error)
             log.warning("%s: %s", name, error, extra={"app": name})
-            ctx.set(status, Reason.API_ERROR, error_summary(error))
+            ctx.set(status, Reason.API_ERROR, error_summary(error), details=_details(error))
             result = "error"
         except Exception as error:  # a bug in one app's reconcile never stops the others
             log.error("%s: reconcile failed", name, exc_info=error, extra={"app": name})
@@ -616,7 +626,7 @@ class Engine:
         """Retries are exhausted for this content: roll back to what last worked, and
         leave this content alone until a new revision."""
         status.failed_fingerprint = app.fingerprint
-        message = str(error)
+        message, details = str(error), error.details
         try:
             restored = await roll_back(ctx, status, app)
         except (
@@ -628,7 +638,8 @@ class Engine:
             UnknownKindError,
             OSError,
         ) as failure:
-            message += f"; rollback failed: {failure}"
+            message += f"; rollback failed: {error_summary(failure)}"
+            details = "\n\n".join(d for d in (details, _details(failure)) if d)
         else:
             if restored is not None:
                 ctx.set(
@@ -636,9 +647,10 @@ class Engine:
                     Reason.ROLLED_BACK,
                     f"{message}; rolled back to {restored} (retries exhausted for this "
                     "revision; a new revision is tried again)",
+                    details=details,
                 )
                 return
-        ctx.set(status, error.reason, message)
+        ctx.set(status, error.reason, message, details=details)
 
     # -- ownership ---------------------------------------------------------------------
 
@@ -819,7 +831,11 @@ class Engine:
             return
         if changed_state:
             await self.events.record(
-                status, warning=warning, reason=status.reason, message=status.message
+                status,
+                warning=warning,
+                reason=status.reason,
+                message=status.message,
+                details=status.details,
             )
         if (
             self.notifier is not None

@@ -13,6 +13,7 @@ import uuid
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from conveyor.causes import capped, short_cause
 from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.notify.sinks import Notification
@@ -38,7 +39,8 @@ def error_summary(error: BaseException) -> str:
     name = type(error).__name__
     if not lines:
         return name
-    return lines[0] if type(error).__module__.startswith("conveyor.") else f"{name}: {lines[0]}"
+    first = short_cause(lines[0])
+    return first if type(error).__module__.startswith("conveyor.") else f"{name}: {first}"
 
 
 class Metrics:
@@ -93,7 +95,17 @@ class EventRecorder:
         self.kube = kube
         self.component = component
 
-    async def record(self, status: AppStatus, *, warning: bool, reason: str, message: str) -> None:
+    async def record(
+        self,
+        status: AppStatus,
+        *,
+        warning: bool,
+        reason: str,
+        message: str,
+        details: str | None = None,
+    ) -> None:
+        """An Event whose message is the one-line `message`, then the full text (capped);
+        the log hears the one line (helm's full output is logged where it fails)."""
         timestamp = now()
         event = {
             "apiVersion": "v1",
@@ -106,7 +118,7 @@ class EventRecorder:
                 "namespace": NAMESPACE,
             },
             "reason": reason,
-            "message": message[:1024],
+            "message": capped(f"{message}\n\n{details}" if details else message),
             "type": "Warning" if warning else "Normal",
             "source": {"component": self.component},
             "firstTimestamp": timestamp,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from conveyor.causes import MESSAGE_LIMIT, capped, short_cause
 from conveyor.cluster.apply import FIELD_MANAGER, apply_objects
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.objects import ObjectRef
@@ -179,7 +180,8 @@ class AppStatus:
     kind: str = "manifests"
     state: str = RECONCILING
     reason: str = "Progressing"
-    message: str = ""
+    message: str = ""  # one line: the Ready condition's message, the cause of a failure
+    details: str | None = None  # a failure's full text (capped), when it says more
     # The revision last worked on (applied, held or failed); lastAppliedRevision is the
     # one that runs. They differ while a newer revision is tried, held or given up on.
     attempted_revision: str = ""
@@ -214,6 +216,16 @@ class AppStatus:
     @property
     def ready(self) -> bool:
         return self.state == READY
+
+    def set_message(self, message: str, *, details: str | None = None) -> None:
+        """`message` as one line (its cause, when it is long or spans lines); the full
+        text, `details` or the long message itself, capped in `details`."""
+        cause = message
+        if len(message) > MESSAGE_LIMIT or not message.isprintable():
+            cause = short_cause(message)
+            details = details or message
+        self.message = cause
+        self.details = capped(details.strip()) if details and details.strip() != cause else None
 
     @property
     def applied_revisions(self) -> list[str]:
@@ -261,6 +273,7 @@ class AppStatus:
             "state": self.state,
             "reason": self.reason,
             "message": self.message,
+            "details": self.details,
             "lastAttemptedRevision": self.attempted_revision,
             "observedGeneration": self.generation,
             "kind": self.kind,
@@ -315,6 +328,7 @@ class AppStatus:
             state=raw.get("state", RECONCILING),
             reason=raw.get("reason", "Progressing"),
             message=raw.get("message", ""),
+            details=raw.get("details"),
             # `revision` is what versions before conditions called the attempted one.
             attempted_revision=raw.get("lastAttemptedRevision") or raw.get("revision", ""),
             helm_revision=raw.get("helmRevision"),

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conveyor.causes import CAUSE_LIMIT, DETAILS_LIMIT, LONG_QUOTE, UNMARSHAL, capped
 from conveyor.cluster.client import WriteGuard
 from conveyor.cluster.lease import NotLeaderError
 from conveyor.config.names import (
@@ -57,10 +58,10 @@ HELM_STOP_GRACE = 5.0
 _LOOPBACK = re.compile(r"^(oci://)?(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?(/|$)")
 
 
-# How much of a failed command's output goes to the log; its cause alone goes everywhere
-# else (a status, an Event, the dashboard, the CLI's table).
+# How much of a failed command's output goes to the log; its cause alone goes to a
+# status's message and the CLI's table, and DETAILS_LIMIT of it to a status's details
+# and an Event.
 LOGGED_OUTPUT = 16 * 1024
-_LONGEST_CAUSE = 500
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,21 @@ class HelmCause:
 
 
 class HelmError(ConveyorError, RuntimeError):
-    def __init__(self, command: str, message: str, *, cause: HelmCause | None = None) -> None:
+    """`message` is the cause in one line; `output`, what helm said in full (capped,
+    Secrets it quotes left out), when it said more."""
+
+    def __init__(
+        self,
+        command: str,
+        message: str,
+        *,
+        cause: HelmCause | None = None,
+        output: str | None = None,
+    ) -> None:
         self.command = command
         self.message = message
         self.cause = cause or HelmCause(message)
+        self.output = output
         super().__init__(f"helm {command}: {message}")
 
 
@@ -127,14 +139,9 @@ _PREFIXES = re.compile(
 # An object helm or the API server quotes whole (a patch, the live object): kilobytes of
 # escaped JSON in front of the cause.
 _QUOTED_OBJECT = re.compile(r'(?:\w+: )?Invalid value: "(?:[^"\\]|\\.){200,}": ')
-_LONG_QUOTE = re.compile(r'"(?:[^"\\]|\\.){200,}"')
 _PATCHED = re.compile(r'cannot patch "(?P<name>[^"]*)" with kind (?P<kind>\w+): ')
 _UNDECODABLE = re.compile(r'(?P<kind>\w+) in version "[^"]*" cannot be handled as an? \w+: ')
 _INVALID = re.compile(r'(?P<kind>\w+)(?:\.[\w.-]+)? "(?P<name>[^"]*)" is invalid: ')
-_UNMARSHAL = re.compile(
-    r"(?:json: )?cannot unmarshal (?P<got>\w+) into Go struct field "
-    r"\w+\.(?P<field>[\w.]+) of type (?P<want>[\w.\[\]*]+)"
-)
 _FIELD = re.compile(
     r"^(?P<kind>[A-Z]\w*)(?: (?P<name>[a-z0-9][\w.-]*))?: "
     r"(?:\[)?(?P<field>[A-Za-z]\w*(?:\[\d+\])?(?:\.\w+(?:\[\d+\])?)+): "
@@ -163,12 +170,12 @@ def helm_cause(stderr: str) -> HelmCause:
         text = pattern.sub("", text)
     text = _QUOTED_OBJECT.sub("", text)
     text = re.sub(r'\s*"" is invalid: ', "", text).strip()
-    text = _UNMARSHAL.sub(r"\g<field>: cannot unmarshal \g<got> into \g<want>", text)
-    text = _LONG_QUOTE.sub('"..."', text)
+    text = UNMARSHAL.sub(r"\g<field>: cannot unmarshal \g<got> into \g<want>", text)
+    text = LONG_QUOTE.sub('"..."', text)
     if kind is not None:
         text = f"{kind} {name}: {text}" if name else f"{kind}: {text}"
-    if len(text) > _LONGEST_CAUSE:
-        text = text[: _LONGEST_CAUSE - 3] + "..."
+    if len(text) > CAUSE_LIMIT:
+        text = text[: CAUSE_LIMIT - 3] + "..."
     field = _FIELD.match(text)
     values = _TEMPLATE_VALUES.match(text)
     return HelmCause(
@@ -180,7 +187,7 @@ def helm_cause(stderr: str) -> HelmCause:
     )
 
 
-def _logged_output(stderr: str) -> str:
+def _logged_output(stderr: str, limit: int = LOGGED_OUTPUT) -> str:
     """A failed command's output for the log: capped, and any Secret that helm quotes in
     it whole (a patch of one, the live object) left out."""
 
@@ -192,10 +199,7 @@ def _logged_output(stderr: str) -> str:
         secret = isinstance(obj, dict) and obj.get("kind") == "Secret"
         return '"(a Secret, not shown)"' if secret else quoted[0]
 
-    text = _LONG_QUOTE.sub(masked, stderr.strip())
-    if len(text) > LOGGED_OUTPUT:
-        text = text[:LOGGED_OUTPUT] + f"... ({len(text) - LOGGED_OUTPUT} more characters)"
-    return text
+    return capped(LONG_QUOTE.sub(masked, stderr.strip()), limit)
 
 
 @dataclass
@@ -253,7 +257,8 @@ class HelmCLI:
             if writes:  # a failed change is looked into; a read's "not found" is expected
                 subject = f" {positional[0]}" if positional else ""
                 log.info("helm %s%s failed: %s", args[0], subject, _logged_output(output))
-            raise HelmError(args[0], cause.text, cause=cause)
+            full = _logged_output(output, DETAILS_LIMIT)
+            raise HelmError(args[0], cause.text, cause=cause, output=full)
         for warning in _warnings(stderr.decode(errors="replace")):
             log.warning("helm %s: %s", args[0], warning)
         return stdout.decode()

@@ -1,6 +1,6 @@
-"""Where the value a failed Helm release was refused for is written: the HelmRelease's
-file, the line of the key in its `values:`, and the key (`production/api.yaml:48
-replicaCount`), so that a person goes straight to it.
+"""Where the value a failed Helm release was refused for is written: the key in the
+HelmRelease's `values:`, its file and line (`replicaCount in production/api.yaml:48`),
+so that a person goes straight to it.
 
 helm and the API server name the object and field they refused (`Deployment api:
 spec.replicas`), or the `.Values` key a template failed on, but not the file the value
@@ -28,7 +28,8 @@ _SHARED_PREFIX = 4  # `replicaCount` is named like `replicas`; `tag` is not like
 async def values_origin(
     plan: HelmPlan, release: Document, cause: HelmCause, *, helm: HelmCLI
 ) -> str | None:
-    """`file:line key` of the value in `release`'s values that `cause` is about, or None."""
+    """`key in file:line` of the value in `release`'s values that `cause` is about, or
+    None."""
     values = (release.obj.get("spec") or {}).get("values")
     if release.node is None or not isinstance(values, dict):
         return None
@@ -41,7 +42,7 @@ async def values_origin(
     if not path:
         return None
     _, line = locate(release.node, ("spec", "values", *path), at_key=True)
-    return f"{release.file}:{line} {_dotted(path)}"
+    return f"{_dotted(path)} in {release.file}:{line}"
 
 
 def _present(values: dict[str, Any], keys: list[str]) -> list[PathPart]:

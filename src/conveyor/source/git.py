@@ -16,6 +16,7 @@ import os
 import random
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -78,12 +79,14 @@ def run_git(
     env: Mapping[str, str] | None = None,
     check: bool = True,
     timeout: float = 300,
+    input: str | None = None,
 ) -> str:
     command = ["git", *args]
     result = subprocess.run(
         command,
         cwd=cwd,
         env=git_env(env),
+        input=input,
         capture_output=True,
         text=True,
         check=False,
@@ -217,6 +220,19 @@ class Checkout:
             return seen
         lease = f"--force-with-lease=refs/heads/{branch}:{seen or ''}"
         return self.head() if self._push(f"HEAD:refs/heads/{branch}", lease) else None
+
+    def replace_with(self, commit: str, branch: str, *, seen: str | None) -> bool:
+        """Make `branch` exactly `commit` (a review branch, force-pushed), if it is still
+        at `seen` (None: if it does not exist); False when someone moved it meanwhile."""
+        branch = _checked(git_ref, branch, command="push", what="branch")
+        commit = _checked(git_ref, commit, command="push", what="commit")
+        lease = f"--force-with-lease=refs/heads/{branch}:{seen or ''}"
+        return self._push(f"{commit}:refs/heads/{branch}", lease)
+
+    def delete_branch(self, branch: str, *, seen: str) -> bool:
+        """Delete the remote `branch` if it is still at `seen`; False when it moved."""
+        branch = _checked(git_ref, branch, command="push", what="branch")
+        return self._push(f":refs/heads/{branch}", f"--force-with-lease=refs/heads/{branch}:{seen}")
 
     def _push(self, refspec: str, *options: str) -> bool:
         """True when the push landed, False when it lost a race; other failures raise."""
@@ -581,3 +597,98 @@ def push_branch(repo: Path, branch: str, *, remote: str = "origin") -> None:
         ["push", "--quiet", "--end-of-options", remote, f"refs/heads/{branch}:refs/heads/{branch}"],
         cwd=repo,
     )
+
+
+def remote_heads(url: str) -> dict[str, str]:
+    """Every branch of the remote repository and its head commit, by branch name."""
+    url = _checked(git_url, url, command="ls-remote", what="repository URL")
+    heads = {}
+    for line in run_git(["ls-remote", "--heads", "--end-of-options", url]).splitlines():
+        sha, _, ref = line.partition("\t")
+        if ref.startswith("refs/heads/"):
+            heads[ref.removeprefix("refs/heads/")] = sha
+    return heads
+
+
+def commit_paths(
+    repo: Path,
+    revision: str,
+    paths: list[str],
+    *,
+    parent: str | None,
+    message: str,
+    author: Author,
+) -> str:
+    """A commit (not on any branch) whose tree holds only `paths` of `revision`, with
+    `parent` as its parent (none: a root commit). The working tree and index of `repo`
+    are left alone: the tree is built in an index of its own."""
+    (revision,) = _revisions("ls-tree", revision)
+    listed = run_git(
+        ["ls-tree", "-r", "-z", "--full-tree", "--end-of-options", revision, "--", *paths],
+        cwd=repo,
+    )
+    with tempfile.TemporaryDirectory(prefix="conveyor-index-") as scratch:
+        index = {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        run_git(["update-index", "-z", "--index-info"], cwd=repo, env=index, input=listed)
+        tree = run_git(["write-tree"], cwd=repo, env=index).strip()
+    parents = (
+        ["-p", _checked(git_ref, parent, command="commit-tree", what="parent")] if parent else []
+    )
+    return _commit_tree(repo, tree, parents, message=message, author=author)
+
+
+def _commit_tree(repo: Path, tree: str, parents: list[str], *, message: str, author: Author) -> str:
+    identity = {
+        "GIT_AUTHOR_NAME": author.name,
+        "GIT_AUTHOR_EMAIL": author.email,
+        "GIT_COMMITTER_NAME": author.name,
+        "GIT_COMMITTER_EMAIL": author.email,
+    }
+    # The message goes on stdin: from a branch name, it must never be read as an option.
+    return run_git(["commit-tree", *parents, tree], cwd=repo, env=identity, input=message).strip()
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    tree: str
+    parents: tuple[str, ...]
+    message: str
+
+
+def read_commit(repo: Path, revision: str) -> CommitInfo:
+    """The tree, parents and message of the commit `revision` names."""
+    (revision,) = _revisions("show", revision)
+    out = run_git(["show", "-s", "--format=%T%x1f%P%x1f%B", "--end-of-options", revision], cwd=repo)
+    tree, parents, message = out.split("\x1f", 2)
+    return CommitInfo(tree, tuple(parents.split()), message.strip())
+
+
+class MergeConflict(GitError):
+    """Two revisions do not merge without a person: the files in conflict."""
+
+    def __init__(self, base: str, head: str, files: list[str]) -> None:
+        self.files = files
+        super().__init__(["git", "merge-tree", base, head], 1, f"conflict in {', '.join(files)}")
+
+
+def merge_commit(repo: Path, base: str, head: str, *, message: str, author: Author) -> str:
+    """The commit that merging `head` into `base` would make (not on any branch), as a
+    pull request's merge is; MergeConflict naming the files when they conflict."""
+    base, head = (_checked(git_ref, r, command="merge-tree", what="revision") for r in (base, head))
+    result = subprocess.run(
+        ["git", "merge-tree", "--write-tree", "--name-only", "-z", base, head],
+        cwd=repo,
+        env=git_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode == 1:
+        # The tree, then the conflicted files, then an empty field and git's messages.
+        fields = result.stdout.split("\0")
+        files = sorted({f for f in fields[1 : fields.index("")] if f} if "" in fields else set())
+        raise MergeConflict(base, head, files)
+    if result.returncode != 0:
+        raise GitError(["git", "merge-tree", base, head], result.returncode, result.stderr)
+    tree = result.stdout.split("\0")[0].strip()
+    return _commit_tree(repo, tree, ["-p", base, "-p", head], message=message, author=author)

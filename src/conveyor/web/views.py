@@ -42,7 +42,8 @@ class Cell(Model):
     kind: str
     state: str
     reason: str
-    message: str
+    message: str  # one line: the cause of a failure
+    details: str | None = None  # a failure's full text, capped
     revision: str
     helm_revision: int | None = None
     version: str
@@ -107,7 +108,8 @@ class AppDetail(Cell):
 class EventOut(Model):
     type: str
     reason: str
-    message: str
+    message: str  # its first line: the cause
+    details: str | None = None  # the full text recorded after it
     time: str
     count: int
     component: str
@@ -243,6 +245,7 @@ def cell(status: AppStatus, version: str) -> Cell:
         state=status.state,
         reason=status.reason,
         message=status.message,
+        details=status.details,
         revision=status.last_applied_revision or "",
         helm_revision=status.helm_revision,
         version=version,
@@ -429,11 +432,13 @@ async def events(kube: KubeClient, status: AppStatus, *, limit: int = 50) -> lis
         involved = item.get("involvedObject") or {}
         if involved.get("apiVersion", API_VERSION) != API_VERSION:
             continue
+        message, _, details = str(item.get("message", "")).partition("\n\n")
         found.append(
             EventOut(
                 type=str(item.get("type", "")),
                 reason=str(item.get("reason", "")),
-                message=str(item.get("message", "")),
+                message=message,
+                details=details or None,
                 time=str(
                     item.get("lastTimestamp")
                     or item.get("eventTime")

@@ -29,10 +29,12 @@ RenderPast = Callable[[str, str], Awaitable[RenderedApp]]
 
 
 class AppFailed(ConveyorError):
-    """One attempt at an app failed; `reason` says how."""
+    """One attempt at an app failed; `reason` says how, the message why in one line,
+    `details` what the tool or server said in full (if it said more)."""
 
-    def __init__(self, reason: Reason, message: str) -> None:
+    def __init__(self, reason: Reason, message: str, *, details: str | None = None) -> None:
         self.reason = reason
+        self.details = details
         super().__init__(message)
 
 
@@ -111,10 +113,13 @@ class ActionContext:
             self.kube, app, status, identity=self.identity, scope=self.scope, prune=self.prune
         )
 
-    def set(self, status: AppStatus, reason: Reason, message: str) -> None:
+    def set(
+        self, status: AppStatus, reason: Reason, message: str, *, details: str | None = None
+    ) -> None:
         """The app's new state. The revision moves with the state, not with every commit
-        to the repo, so a commit that does not touch an app writes nothing for it."""
+        to the repo, so a commit that does not touch an app writes nothing for it. The
+        message is one line; a longer one is kept whole in `details`, as is `details`."""
         status.attempted_revision = self.revision
         status.state = reason.state
         status.reason = reason
-        status.message = message
+        status.set_message(message, details=details)

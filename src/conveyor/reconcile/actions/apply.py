@@ -45,14 +45,14 @@ async def apply_plain(ctx: ActionContext, status: AppStatus, plan: AppPlan) -> N
     except ApplyError as error:
         immutable = [ref for ref, why in error.failures if "immutable" in why]
         if not (plan.app.source.options.force and immutable):
-            raise AppFailed(Reason.APPLY_FAILED, str(error)) from None
+            raise AppFailed(Reason.APPLY_FAILED, str(error), details=error.details) from None
         await _recreate(ctx, plan, immutable)
     if plan.helm is not None:
         return
     try:
         await delete_objects(ctx.kube, plan.prune, identity=ctx.identity)
     except ApplyError as error:
-        raise AppFailed(Reason.PRUNE_FAILED, str(error)) from None
+        raise AppFailed(Reason.PRUNE_FAILED, str(error), details=error.details) from None
     # Applied, healthy or not: a later revision or a rollback prunes from here.
     status.inventory = sorted(plan.refs)
     ctx.desired.remember(plan.name, plan.desired)
@@ -66,7 +66,7 @@ async def _recreate(ctx: ActionContext, plan: AppPlan, immutable: list[ObjectRef
         await delete_objects(ctx.kube, immutable, identity=ctx.identity)
         ctx.live.seed(await apply_objects(ctx.kube, plan.objects))
     except ApplyError as error:
-        raise AppFailed(Reason.APPLY_FAILED, str(error)) from None
+        raise AppFailed(Reason.APPLY_FAILED, str(error), details=error.details) from None
 
 
 async def _upgrade_release(
@@ -97,8 +97,8 @@ async def _upgrade_release(
                 # pass tries again.
                 raise
             origin = source and await values_origin(plan, source, error.cause, helm=ctx.helm)
-            message = f"{origin}: {error.message}" if origin else error.message
-            raise AppFailed(Reason.UPGRADE_FAILED, message) from None
+            message = f"{error.message} (values: {origin})" if origin else error.message
+            raise AppFailed(Reason.UPGRADE_FAILED, message, details=error.output) from None
     status.helm_revision = int(release.get("version", 0)) or None
     return await release_objects(
         ctx.kube, parse_manifest(release.get("manifest", "")), namespace=spec.target_namespace

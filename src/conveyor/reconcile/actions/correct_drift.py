@@ -28,6 +28,8 @@ async def correct_drift(
                         )
                     )
                 except ApplyError as error:
-                    raise AppFailed(Reason.DRIFT_CORRECTION_FAILED, str(error)) from None
+                    raise AppFailed(
+                        Reason.DRIFT_CORRECTION_FAILED, str(error), details=error.details
+                    ) from None
     await wait_healthy(ctx, plan.app, desired)
     return desired

@@ -46,7 +46,7 @@ async def _roll_back_release(ctx: ActionContext, status: AppStatus, app: Rendere
                     timeout=app.helm.spec.timeout_seconds,
                 )
         except HelmError as error:
-            raise AppFailed(Reason.ROLLBACK_FAILED, error.message) from None
+            raise AppFailed(Reason.ROLLBACK_FAILED, error.message, details=error.output) from None
         ctx.desired.forget(app.name)
     history = await ctx.helm.history(release, namespace)
     status.helm_revision = int(history[-1]["revision"]) if history else None
