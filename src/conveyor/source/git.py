@@ -380,6 +380,29 @@ def default_branch(repo: str) -> str:
     return "main"
 
 
+def remote_commit(url: str, ref: str) -> str | None:
+    """The commit `ref` (a branch, tag or full ref) names in the remote `url`, by `git
+    ls-remote`; None when the remote has no such ref. A SHA is its own answer. Both come
+    from files (a chart's source), so both are checked first."""
+    url = _checked(git_url, url, command="ls-remote", what="repository URL")
+    ref = _checked(git_ref, ref, command="ls-remote", what="ref")
+    if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", ref):
+        return ref
+    listed = run_git(["ls-remote", "--end-of-options", url, ref])
+    found: dict[str, str] = {}
+    for line in listed.splitlines():
+        sha, _, name = line.partition("\t")
+        found[name] = sha
+    # A peeled tag (`^{}`) names the commit; an exact ref beats a suffix match.
+    for name in (f"{ref}^{{}}", ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}"):
+        if name in found:
+            return found[name]
+    for name in (f"refs/tags/{ref}", *found):
+        if name in found:
+            return found[name]
+    return None
+
+
 def resolve_revision(repo: Path, revision: str) -> str:
     """The commit SHA `revision` names; GitError when it names none."""
     (revision,) = _revisions("rev-parse", revision)
