@@ -17,6 +17,7 @@ from conveyor.cli import (
     reconcile,
     sandbox,
     serve,
+    stage,
     version,
 )
 
@@ -48,6 +49,8 @@ app.command()(promote.notes)
 app.add_typer(gates.app, name="gate")
 app.command()(gates.approve)
 app.command()(channels.release)
+app.command(name="stage")(stage.stage_command)
+app.command(name="unstage")(stage.unstage_command)
 app.command(name="bootstrap")(install.bootstrap_command)
 app.command(name="uninstall")(install.uninstall_command)
 

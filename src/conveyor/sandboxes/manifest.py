@@ -71,9 +71,13 @@ class SandboxApp:
     namespace: str | None
     release: str | None
     images: list[str] = field(default_factory=list)
+    state: str | None = None  # from the cluster's statuses (`stage.cluster_states`)
+    message: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
+            "state": self.state,
+            "message": self.message,
             "app": self.app,
             "ref": self.ref,
             "pinned": self.pinned,
@@ -97,9 +101,18 @@ class Sandbox:
     digest: str | None
     apps: list[SandboxApp]
 
+    @property
+    def state(self) -> str | None:
+        """Ready when every app is; else the first app's state that is not."""
+        states = [a.state for a in self.apps]
+        if any(s is None for s in states):
+            return None
+        return next((s for s in states if s != "Ready"), "Ready")
+
     def to_dict(self) -> dict[str, object]:
         return {
             "id": self.id,
+            "state": self.state,
             "file": self.file,
             "stagedBy": self.staged_by,
             "stagedAt": self.staged_at,

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from conveyor.cluster.client import KubeClient
 from conveyor.config.helmrelease import parse_duration
 from conveyor.config.project import Environment, Sandboxes
 from conveyor.promote.pipeline import Workspace, environment
+from conveyor.reconcile.status import StatusStore
 from conveyor.render.discover import app_namespace, discover, sandbox_of
 from conveyor.render.documents import RenderError
 from conveyor.sandboxes.candidates import (
@@ -357,3 +359,16 @@ def list_sandboxes(
 ) -> tuple[Environment, list[Sandbox]]:
     _, environment_ = sandbox_environment(workspace, env)
     return environment_, read_sandboxes(workspace.env_root(environment_), environment_.path)
+
+
+NOT_DEPLOYED = "NotDeployed"
+
+
+async def cluster_states(kube: KubeClient, sandboxes: list[Sandbox]) -> None:
+    """Each app's state as the agent reported it (its ConveyorApp, found by release)."""
+    statuses = {s.release: s for s in await StatusStore(kube).list_all() if s.release}
+    for sandbox in sandboxes:
+        for app in sandbox.apps:
+            status = statuses.get(f"{app.namespace}/{app.release}")
+            app.state = status.state if status else NOT_DEPLOYED
+            app.message = status.message if status else "no status yet: the agent has not run it"
