@@ -27,13 +27,13 @@ SHARED_API = """
 apiVersion: v1
 kind: Namespace
 metadata:
-  name: api-default
+  name: api-{shared}
 ---
 apiVersion: helm.fluxcd.io/v1
 kind: HelmRelease
 metadata:
   name: api
-  namespace: api-default
+  namespace: api-{shared}
   annotations:
     fluxcd.io/automated: "true"
 spec:
@@ -147,10 +147,17 @@ class CellenicsRepo:
     config: ConfigRepo
     charts: str  # URL of the chart repository
     shas: dict[str, str]  # chart repo ref → commit
+    pr: int = 42  # the api's pull request among the candidates
 
     @property
     def url(self) -> str:
         return self.config.url
+
+    def chart_ref(self, ref: str) -> None:
+        """`ref` in the chart repository too (a new pull request), at master's commit."""
+        bare = self.charts.removeprefix("file://")
+        run_git(["update-ref", ref, self.shas["refs/heads/master"]], cwd=Path(bare))
+        self.shas[ref] = self.shas["refs/heads/master"]
 
     def pull(self) -> None:
         """The working clone at the remote's head (after conveyor's own commits)."""
@@ -173,13 +180,13 @@ class CellenicsRepo:
         self.config.write(path, text)
 
 
-def _chart_commits(root: Path) -> tuple[str, dict[str, str]]:
+def _chart_commits(root: Path, pr: int) -> tuple[str, dict[str, str]]:
     bare, work = root / "charts.git", root / "charts"
     run_git(["init", "--quiet", "--bare", "--initial-branch", "master", str(bare)])
     run_git(["init", "--quiet", "--initial-branch", "master", str(work)])
     shutil.copytree(CHART, work / CHART.name)
     shas = {}
-    for ref in ("refs/heads/master", "refs/heads/my-branch", "refs/pull/42/merge"):
+    for ref in ("refs/heads/master", "refs/heads/my-branch", f"refs/pull/{pr}/merge"):
         (work / "ref.txt").write_text(ref)
         run_git(["add", "--all"], cwd=work)
         run_git(
@@ -190,15 +197,17 @@ def _chart_commits(root: Path) -> tuple[str, dict[str, str]]:
     return f"file://{bare}", shas
 
 
-def cellenics_repo(root: Path) -> CellenicsRepo:
-    charts, shas = _chart_commits(root)
+def cellenics_repo(root: Path, *, pr: int = 42, shared: str = "default") -> CellenicsRepo:
+    """The repo, its api's pull request `pr` among the candidates; the shared api runs
+    in `api-<shared>` (a cluster test's own, so that runs never meet)."""
+    charts, shas = _chart_commits(root, pr)
     config = ConfigRepo(root, branch="master")
-    repo = CellenicsRepo(config, charts, shas)
+    repo = CellenicsRepo(config, charts, shas, pr)
     config.write("conveyor.yaml", CONVEYOR_YAML)
-    config.write("staging/api.yaml", SHARED_API.format(charts=charts))
+    config.write("staging/api.yaml", SHARED_API.format(charts=charts, shared=shared))
     for app in ("ui", "api", "worker"):
         repo.candidate(app, "refs/heads/master", tag="master-1")
-    repo.candidate("api", "refs/pull/42/merge", tag="pr-42-1")
+    repo.candidate("api", f"refs/pull/{pr}/merge", tag=f"pr-{pr}-1")
     repo.candidate("ui", "refs/heads/my-branch", tag="my-branch-1")
     config.commit("staging and its candidates")
     return repo

@@ -421,10 +421,15 @@ def files_at(repo: Path, revision: str, paths: list[str]) -> list[str]:
 def fetch_tree(mirror: Path, url: str, ref: str, path: str) -> tuple[str, str]:
     """Fetch `ref` of `url` into the bare repository `mirror` (created when missing) and
     return the commit and the tree of `path` in it (`.` for the whole commit)."""
-    if not (mirror / "HEAD").exists():
-        mirror.mkdir(parents=True, exist_ok=True)
-        run_git(["init", "--quiet", "--bare", str(mirror)])
-    commit = fetch_commit(mirror, url, ref)
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    # One fetch at a time per mirror: each leaves its answer in FETCH_HEAD, which a
+    # concurrent fetch of another ref (apps rendered at once, one chart repository at
+    # several refs, as a staging sandbox beside the shared apps has) would overwrite.
+    with _exclusive(mirror.parent / f"{mirror.name}.lock"):
+        if not (mirror / "HEAD").exists():
+            mirror.mkdir(parents=True, exist_ok=True)
+            run_git(["init", "--quiet", "--bare", str(mirror)])
+        commit = fetch_commit(mirror, url, ref)
     tree_spec = f"{commit}:{path}" if path != "." else f"{commit}^{{tree}}"
     return commit, run_git(["rev-parse", tree_spec], cwd=mirror).strip()
 
