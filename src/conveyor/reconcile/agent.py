@@ -393,8 +393,6 @@ class Agent:
                     request, self._request = self._request, None
                     with self._pass_in_flight():
                         resolved = resolved or await self._fetch()
-                        if resolved is not None:
-                            resolved = await self._sandboxes(resolved)
                         if resolved is None and request is not None:
                             await self._answer(
                                 engine,
@@ -423,7 +421,7 @@ class Agent:
                 await self._failed(engine.options.scope, error, what="pass")
                 full_pass_due, resolved = True, None
 
-    async def _sandboxes(self, resolved: ResolvedTarget) -> ResolvedTarget | None:
+    async def _sandboxes(self, resolved: ResolvedTarget) -> ResolvedTarget:
         """As the writer of the sandboxes' environment: expire sandboxes and (auto mode)
         stage, restage and unstage them, each a commit (sandboxes/housekeeping.py); with
         a commit made, the pass runs on the revision it made. A failure is logged and the
@@ -444,7 +442,7 @@ class Agent:
         except Exception as error:  # git away, a push race lost: the next pass tries again
             log.error("sandbox housekeeping failed: %s", error_summary(error))
             return resolved
-        return (await self._fetch()) if commits else resolved
+        return (await self._fetch() or resolved) if commits else resolved
 
     async def _correct_drift(
         self, engine: Engine, elector: LeaderElector, drifted: list[str]
@@ -607,7 +605,9 @@ class Agent:
     async def _pass(
         self, engine: Engine, resolved: ResolvedTarget, *, request: ReconcileRequest | None = None
     ) -> None:
-        """A full pass, or the pass `request` asks for (which is then answered)."""
+        """A full pass, or the pass `request` asks for (which is then answered); sandbox
+        housekeeping first, so that the pass applies what it committed."""
+        resolved = await self._sandboxes(resolved)
         try:
             tree = discover_target(resolved)
         except RenderError as error:
