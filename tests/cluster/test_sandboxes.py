@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Page, expect, sync_playwright
 
 from conveyor.source.git import run_git
 from tests.cellenics import CellenicsRepo, cellenics_repo
 from tests.cluster.gitops import conveyor, kubectl_json, wait_for
+from tests.cluster.serve import ServeProcess
+from tests.cluster.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import SandboxHandle
 
 pytestmark = pytest.mark.cluster
@@ -31,6 +34,7 @@ class Staged:
     agent: subprocess.Popen[bytes]
     log: Path
     sandbox_id: str | None = None  # staged by the first test, unstaged by a later one
+    concurrent: list[str] | None = None  # staged at once, unstaged by the dashboard test
 
     def stage(self, *args: str) -> subprocess.CompletedProcess[str]:
         return conveyor(self.sandbox, "stage", *args, "--repo", self.repo.url)
@@ -142,6 +146,58 @@ def test_stage_deploys_the_sandbox_beside_the_shared_api(staged: Staged) -> None
     staged.sandbox_id = sandbox_id
 
 
+@pytest.fixture(scope="module")
+def dashboard(staged: Staged, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    serve = ServeProcess(
+        staged.sandbox, tmp_path_factory.mktemp("serve"), "--repo", staged.repo.url
+    )
+    yield serve
+    serve.stop()
+
+
+@pytest.fixture
+def page(dashboard: ServeProcess) -> Iterator[Page]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        context = browser.new_context(base_url=dashboard.url)
+        tab = context.new_page()
+        tab.set_default_timeout(30_000)
+        tab.on("dialog", lambda dialog: dialog.accept())
+        tab.goto("/login?next=/sandboxes")
+        tab.get_by_label("Token").fill(dashboard.token)
+        tab.get_by_role("button", name="Log in").click()
+        expect(tab.locator("#user")).to_have_text("alice")
+        yield tab
+        context.close()
+        browser.close()
+    print(dashboard.log.read_text()[-4000:])  # shown when the test failed
+
+
+def test_the_sandboxes_page_shows_the_sandbox_and_extends_it(staged: Staged, page: Page) -> None:
+    sandbox_id = staged.sandbox_id
+    assert sandbox_id, "the first test staged it"
+    row = page.locator(f'tr[data-sandbox="{sandbox_id}"]')
+    expect(row.locator("td.state .badge")).to_have_text("Ready")
+    expect(row.locator("a.url")).to_have_text(f"https://ui-{sandbox_id}.staging.test")
+    expect(row.locator('tr[data-app="api"] td.ref')).to_have_text(
+        f"refs/pull/{staged.repo.pr}/merge"
+    )
+    expect(row.locator('tr[data-app="api"] td.pin')).to_have_text("follows")
+    expect(row.locator('tr[data-app="worker"] td.pin')).to_have_text("pinned")
+    expect(row.locator('tr[data-app="worker"] td.chart')).to_have_text(
+        staged.repo.shas["refs/heads/master"][:12]
+    )
+    expect(row.locator('tr[data-app="ui"] td.images')).to_have_text("registry.local/ui:my-branch-1")
+    expect(row.locator("td.expires")).to_have_text("never")
+    row.get_by_label(f"TTL of {sandbox_id}").fill("48h")
+    row.get_by_role("button", name="Extend").click()
+    expect(page.locator(".notice")).to_contain_text(f"sandbox {sandbox_id} expires ")
+    assert staged.subjects(1)[0].startswith(f"Extend sandbox {sandbox_id} until ")
+    expect(page.locator(f'tr[data-sandbox="{sandbox_id}"] td.expires')).not_to_have_text("never")
+
+
 def test_refusals_write_nothing(staged: Staged) -> None:
     before = staged.head()
     taken = staged.sandbox_id or "api"
@@ -240,7 +296,21 @@ def test_two_concurrent_stages_both_land(staged: Staged) -> None:
         assert process.returncode == 0, err
         ids.append(json.loads(out)["id"])
     assert sorted(ids) == [f"{user}-ui-my-branch", f"{user}-ui-my-branch-2"]
-    result = conveyor(staged.sandbox, "unstage", *ids, "--repo", staged.repo.url)
+    staged.concurrent = ids
+
+
+def test_the_sandboxes_page_unstages_behind_the_token(
+    staged: Staged, page: Page, dashboard: ServeProcess
+) -> None:
+    ids = staged.concurrent
+    assert ids, "the test before staged them"
+    result = conveyor(staged.sandbox, "unstage", ids[0], "--repo", staged.repo.url)
     assert result.returncode == 0, result.stderr
+    page.goto("/sandboxes")
+    row = page.locator(f'tr[data-sandbox="{ids[1]}"]')
+    row.get_by_role("button", name="Unstage").click()
+    expect(page.locator(".notice")).to_contain_text(f"sandbox {ids[1]} unstaged")
+    assert staged.subjects(1)[0] == f"Unstage sandbox {ids[1]} (by alice from the dashboard)"
+    expect(page.locator(f'tr[data-sandbox="{ids[1]}"]')).to_have_count(0)
     for sandbox_id in ids:
         wait_for(lambda s=sandbox_id: staged.gone(f"ui-{s}"), timeout=120, what=sandbox_id)

@@ -184,7 +184,9 @@ def stage(
     checkout = workspace.checkout(env.branch)
     choices = parse_choices(request.specs, config)
     pins = decide_pins(choices, pin=request.pin, no_pin=request.no_pin)
-    ttl = request.ttl or config.ttl
+    # An automatic sandbox lives as long as its candidate: expiring it would only have
+    # the next pass stage it again.
+    ttl = request.ttl or (None if request.auto else config.ttl)
     seconds = ttl_seconds(ttl) if ttl else None
     resolved: dict[tuple[str, str], str | None] = {}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.cluster.client import ApiError, KubeClient
-from conveyor.cluster.ownership import EnvironmentIdentity
+from conveyor.cluster.ownership import EnvironmentIdentity, normalise_repository_url
 from conveyor.config.project import ConfigError
 from conveyor.reconcile.once import plan_target
 from conveyor.reconcile.report import EventRecorder
@@ -193,11 +193,14 @@ class Dashboard:
             repo = self.repos.get(source)
             if identity is None or repo is None:
                 continue
+            if identity.repository != normalise_repository_url(repo.url):
+                continue  # another repository's environment of the same name
             try:
                 project = await repo.project()
                 if project.sandboxes.env != identity.name:
                     continue
-                checkout = await repo.checkout()
+                # Fetched for each look: the page follows each extend or unstage at once.
+                checkout = await repo.checkout(max_age=0)
                 found = await asyncio.to_thread(read_sandboxes, checkout.path, identity.path)
             except (GitError, ConfigError) as error:
                 return views.Sandboxes(environment=source.scope, error=str(error))
