@@ -4,6 +4,7 @@ discovery names a sandbox's apps beside the shared ones."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import timedelta
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from conveyor.cli.main import app as cli
 from conveyor.config.project import Sandboxes
 from conveyor.promote.pipeline import Workspace
 from conveyor.render.discover import discover
@@ -335,3 +338,27 @@ def test_ids_and_choices() -> None:
     assert check_id(made) == made
     with pytest.raises(SandboxError, match="already taken from"):
         parse_choices(["api/1", "api/2"], config)
+
+
+def test_the_cli_refuses_with_one_clear_message_and_writes_nothing(
+    repo: CellenicsRepo, tmp_path: Path
+) -> None:
+    run_stage(repo, tmp_path, "api/42", sandbox_id="taken")
+    before = head(repo)
+    cases = {
+        ("ui/my-branch", "--id", "Not_OK"): "must be lower-case letters",
+        ("ui/my-branch", "--id", "x" * 27): "27 characters long; at most 26",
+        ("ui/my-branch", "--id", "taken"): "sandbox ID 'taken' is taken",
+        (
+            "api/999",
+            "--id",
+            "fine",
+        ): "api: no candidate staging-candidates/api/refs-pull-999-merge.yaml",
+    }
+    for args, message in cases.items():
+        result = CliRunner().invoke(cli, ["stage", *args, "--repo", repo.url], terminal_width=250)
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr, result.stderr
+    assert head(repo) == before
+    listed = CliRunner().invoke(cli, ["stage", "list", "--repo", repo.url, "-o", "json"])
+    assert [s["id"] for s in json.loads(listed.stdout)] == ["taken"]

@@ -9,13 +9,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from conveyor.cli.output import OutputFormat, console, err_console, fail, print_machine
 from conveyor.cli.reconcile import ContextOption, KubeconfigOption, RepoOption
-from conveyor.cluster.client import KubeClient
+from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.kubeconfig import KubeconfigError
 from conveyor.config.project import ConfigError
 from conveyor.promote.pipeline import PromotionError, Workspace
@@ -132,7 +133,8 @@ def _list(
                 context=context or environment.cluster.context,
             )
             asyncio.run(_states(kube, sandboxes))
-        except (KubeconfigError, OSError) as error:
+        except (KubeconfigError, ApiError, httpx.HTTPError, OSError) as error:
+            # The list is git's; the cluster only adds each app's state.
             err_console.print(f"no state from the cluster: {escape(str(error))}", highlight=False)
     if output is not OutputFormat.table:
         print_machine([s.to_dict() for s in sandboxes], output)

@@ -210,9 +210,7 @@ def _app_text(
     for document in documents:
         _labels(document)[SANDBOX_LABEL] = DoubleQuotedScalarString(staging.sandbox_id)
         if pinned and document.get("kind") == "ImageUpdateAutomation":
-            spec = document.setdefault("spec", CommentedMap())
-            if isinstance(spec, CommentedMap):
-                spec["suspend"] = True
+            _mapping(document, "spec")["suspend"] = True
     notes = {
         APP: choice.app,
         REF: choice.ref,
@@ -332,30 +330,21 @@ def _namespace(name: str | None) -> CommentedMap:
     return document
 
 
-def _metadata(document: CommentedMap) -> CommentedMap:
-    metadata = document.get("metadata")
-    if not isinstance(metadata, CommentedMap):
-        metadata = CommentedMap()
-        document["metadata"] = metadata
-    return metadata
+def _mapping(parent: CommentedMap, key: str) -> CommentedMap:
+    """`parent[key]`, made an empty mapping first when it is not one."""
+    child = parent.get(key)
+    if not isinstance(child, CommentedMap):
+        child = CommentedMap()
+        parent[key] = child
+    return child
 
 
 def _labels(document: CommentedMap) -> CommentedMap:
-    metadata = _metadata(document)
-    labels = metadata.get("labels")
-    if not isinstance(labels, CommentedMap):
-        labels = CommentedMap()
-        metadata["labels"] = labels
-    return labels
+    return _mapping(_mapping(document, "metadata"), "labels")
 
 
 def _annotations(document: CommentedMap) -> CommentedMap:
-    metadata = _metadata(document)
-    annotations = metadata.get("annotations")
-    if not isinstance(annotations, CommentedMap):
-        annotations = CommentedMap()
-        metadata["annotations"] = annotations
-    return annotations
+    return _mapping(_mapping(document, "metadata"), "annotations")
 
 
 def with_expiry(text: str, expires_at: str, *, source: str) -> str:

@@ -417,29 +417,7 @@ def sandboxes(environment: str, found: list[Sandbox], *, url: str | None) -> San
     return Sandboxes(
         environment=environment,
         sandboxes=[
-            SandboxOut(
-                id=s.id,
-                file=s.file,
-                staged_by=s.staged_by,
-                staged_at=s.staged_at,
-                expires_at=s.expires_at,
-                auto=s.auto,
-                state=s.state,
-                url=url.format(id=s.id) if url else None,
-                apps=[
-                    SandboxAppOut(
-                        app=a.app,
-                        ref=a.ref,
-                        pinned=a.pinned,
-                        chart_ref=a.chart_ref,
-                        namespace=a.namespace,
-                        images=a.images,
-                        state=a.state,
-                        message=a.message,
-                    )
-                    for a in s.apps
-                ],
-            )
+            SandboxOut.model_validate({**s.to_dict(), "url": url.format(id=s.id) if url else None})
             for s in found
         ],
     )
