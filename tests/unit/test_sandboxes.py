@@ -5,6 +5,7 @@ discovery names a sandbox's apps beside the shared ones."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from datetime import timedelta
@@ -15,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conveyor.cli.main import app as cli
-from conveyor.config.project import Sandboxes
+from conveyor.config.project import ConfigError, Sandboxes, parse_project
 from conveyor.promote.pipeline import Workspace
 from conveyor.render.discover import discover
 from conveyor.sandboxes.candidates import SandboxError, check_id, default_id, parse_choices
@@ -362,3 +363,38 @@ def test_the_cli_refuses_with_one_clear_message_and_writes_nothing(
     assert head(repo) == before
     listed = CliRunner().invoke(cli, ["stage", "list", "--repo", repo.url, "-o", "json"])
     assert [s["id"] for s in json.loads(listed.stdout)] == ["taken"]
+
+
+def test_an_upgrade_renames_no_app_of_an_existing_installation(tmp_path: Path) -> None:
+    """Where names were unique (every installation: duplicates were refused), each app
+    keeps the name its ConveyorApp `<scope>.<name>` was stored under."""
+    fixtures = Path(__file__).parent.parent / "fixtures" / "images"
+    names = {
+        env: [a.name for a in discover(fixtures, env).apps] for env in ("production", "staging")
+    }
+    assert names == {"production": ["ui", "worker"], "staging": ["api", "docs", "ui"]}
+    # The first of two releases named alike keeps the name it had when the second was
+    # refused; the second now runs too, under its own.
+    env = tmp_path / "staging"
+    env.mkdir()
+    for file, namespace in (("a.yaml", "api-default"), ("b.yaml", "team-b")):
+        (env / file).write_text(
+            "apiVersion: helm.fluxcd.io/v1\nkind: HelmRelease\n"
+            f"metadata: {{name: api, namespace: {namespace}}}\n"
+            "spec: {releaseName: api, chart: {git: 'https://example.test/c.git', path: c}}\n"
+        )
+    assert [a.name for a in discover(tmp_path, "staging").apps] == ["api", "api-team-b"]
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("  ttl: 3 days\n", "conveyor.yaml:2: sandboxes.ttl: invalid duration '3 days'"),
+        ("  namespace: shared\n", "conveyor.yaml:2: sandboxes.namespace: the namespace template"),
+        ("  hooks:\n    create: [[]]\n", "conveyor.yaml:3: sandboxes.hooks.create: a hook is"),
+        ("  candidates: ../elsewhere\n", "must stay inside the repository"),
+    ],
+)
+def test_a_bad_sandboxes_section_names_file_line_and_field(section: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_project(f"sandboxes:\n{section}", source="conveyor.yaml")
