@@ -8,7 +8,6 @@ the commit; a failing one stops everything, and nothing is committed.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,8 +39,6 @@ from conveyor.sandboxes.manifest import (
     with_expiry,
 )
 from conveyor.source.git import Author, RetryPolicy, change_trailer, commit_and_push, remote_commit
-
-log = logging.getLogger("conveyor.sandboxes")
 
 
 def now() -> datetime:
