@@ -393,7 +393,23 @@ def check_unique_names(tree: EnvironmentTree) -> None:
     - of other apps sharing a name, the first found keeps it (as when a duplicate was
       refused: no app of an existing installation is renamed, which would prune and
       reinstall it) and the others are named with their namespace;
-    - a name still taken after that is refused on the later app, naming the first."""
+    - a name still taken after that is refused on the later app, naming the first, and
+      so is an app that deploys what an earlier one does (the same Helm release)."""
+    identities: dict[tuple[str, str, str], AppSource] = {}
+    for app in tree.apps:
+        identity = app_identity(app)
+        if identity is None or app.error is not None:
+            continue
+        if identity in identities:
+            file, line = app.where()
+            app.error = RenderError(
+                f"{identity[0]} {identity[1]}/{identity[2]} is also used by "
+                f"{identities[identity].where()[0]}; remove one of them",
+                file=file,
+                line=line,
+            )
+        else:
+            identities[identity] = app
     for app in tree.apps:
         if not app.qualified and sandbox_of(app.kustomization or app.helm_release):
             _qualify(app)
@@ -411,6 +427,21 @@ def check_unique_names(tree: EnvironmentTree) -> None:
             )
         else:
             seen[app.name] = app
+
+
+def app_identity(app: AppSource) -> tuple[str, str, str] | None:
+    """What the app deploys, which no other app may: (`Helm release`, namespace, release
+    name) or (`Kustomization`, namespace, name); None for manifests (their folder is)."""
+    if app.helm_release is not None:
+        try:
+            spec = parse_helmrelease(app.helm_release.obj)
+        except HelmReleaseError:
+            return None
+        return ("Helm release", spec.target_namespace, spec.release_name)
+    if app.kustomization is not None:
+        namespace = app.kustomization.obj["metadata"].get("namespace") or "default"
+        return ("Kustomization", str(namespace), app.kustomization.name)
+    return None
 
 
 def app_namespace(app: AppSource) -> str | None:
