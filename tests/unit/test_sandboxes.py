@@ -31,7 +31,7 @@ from conveyor.sandboxes.stage import (
     stage,
     unstage,
 )
-from conveyor.source.git import run_git
+from conveyor.source.git import UnsafeGitArgument, remote_commit, run_git
 from tests.cellenics import CellenicsRepo, cellenics_repo
 
 
@@ -398,3 +398,25 @@ def test_an_upgrade_renames_no_app_of_an_existing_installation(tmp_path: Path) -
 def test_a_bad_sandboxes_section_names_file_line_and_field(section: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_project(f"sandboxes:\n{section}", source="conveyor.yaml")
+
+
+def test_remote_commit_is_the_commit_a_branch_tag_or_ref_names(tmp_path: Path) -> None:
+    work = tmp_path / "charts"
+    run_git(["init", "--quiet", "--initial-branch", "master", str(work)])
+
+    def commit(message: str) -> str:
+        run_git(["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+                 "-m", message], cwd=work)  # fmt: skip
+        return run_git(["rev-parse", "HEAD"], cwd=work).strip()
+
+    first = commit("first")
+    run_git(["-c", "user.name=t", "-c", "user.email=t@t", "tag", "-a", "v1", "-m", "v1"], cwd=work)
+    run_git(["branch", "feature/x"], cwd=work)
+    second = commit("second")
+    run_git(["branch", "x"], cwd=work)
+    url = work.as_uri()
+    found = {ref: remote_commit(url, ref) for ref in ("master", "x", "feature/x", "v1", "nope")}
+    # `x` is the branch x, not feature/x (which ls-remote's pattern matches as well)
+    assert found == {"master": second, "x": second, "feature/x": first, "v1": first, "nope": None}
+    with pytest.raises(UnsafeGitArgument):
+        remote_commit(url, "--upload-pack=touch /tmp/owned")

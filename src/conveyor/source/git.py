@@ -388,19 +388,17 @@ def remote_commit(url: str, ref: str) -> str | None:
     ref = _checked(git_ref, ref, command="ls-remote", what="ref")
     if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", ref):
         return ref
-    listed = run_git(["ls-remote", "--end-of-options", url, ref])
+    # The pattern `<ref>^{}` lists what an annotated tag peels to (`<ref>` alone does not).
+    listed = run_git(["ls-remote", "--end-of-options", url, ref, f"{ref}^{{}}"])
     found: dict[str, str] = {}
     for line in listed.splitlines():
         sha, _, name = line.partition("\t")
         found[name] = sha
-    # A peeled tag (`^{}`) names the commit; an exact ref beats a suffix match.
-    for name in (f"{ref}^{{}}", ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}"):
-        if name in found:
-            return found[name]
-    for name in (f"refs/tags/{ref}", *found):
-        if name in found:
-            return found[name]
-    return None
+    # ls-remote matches any ref ending in `/<ref>` (refs/heads/feature/<ref> too): only
+    # the ref itself, a branch or a tag of that name count; a peeled tag (`^{}`) names
+    # the commit, not the tag object.
+    names = (f"{ref}^{{}}", ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}")
+    return next((found[name] for name in names if name in found), None)
 
 
 def resolve_revision(repo: Path, revision: str) -> str:
