@@ -101,6 +101,10 @@ def staged(sandbox: SandboxHandle, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         agent.terminate()
         agent.wait(timeout=30)
+        # The shared api outlives the sandboxes; nothing of this run stays behind.
+        shared = f"api-default-{run}"
+        sandbox.run("helm", "uninstall", "api", "-n", shared, check=False)
+        sandbox.run("kubectl", "delete", "namespace", shared, "--wait=false", check=False)
 
 
 def test_stage_deploys_the_sandbox_beside_the_shared_api(staged: Staged) -> None:
