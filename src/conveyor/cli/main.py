@@ -18,6 +18,7 @@ from conveyor.cli import (
     reconcile,
     sandbox,
     serve,
+    stage,
     version,
 )
 
@@ -50,6 +51,8 @@ app.add_typer(gates.app, name="gate")
 app.command()(gates.approve)
 app.command()(channels.release)
 app.add_typer(candidates.app, name="candidates")
+app.command(name="stage")(stage.stage_command)
+app.command(name="unstage")(stage.unstage_command)
 app.command(name="bootstrap")(install.bootstrap_command)
 app.command(name="uninstall")(install.uninstall_command)
 

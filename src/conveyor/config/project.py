@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from conveyor.config.gates import Gate
+from conveyor.config.helmrelease import parse_duration
 from conveyor.config.userfile import ConfigError as ConfigError
 from conveyor.config.userfile import load_document, read_text, validate
 from conveyor.config.validation import ObjectName
@@ -223,8 +224,90 @@ class NotificationRule(Model):
         return event in self.events and (not self.environments or environment in self.environments)
 
 
+class SandboxPlaceholders(Model):
+    """The markers CI leaves in a candidate for `conveyor stage` to fill."""
+
+    sandbox_id: str = Field("STAGING_SANDBOX_ID", alias="sandbox-id")
+    rds_id: str = Field(
+        "STAGING_RDS_SANDBOX_ID",
+        alias="rds-id",
+        description="Filled with the sandbox's ID with --with-rds, else `rds-default`.",
+    )
+    chart_ref: str = Field("STAGING_CHART_REF", alias="chart-ref")
+
+
+class SandboxHooks(Model):
+    """Commands run for what a sandbox needs outside Kubernetes (a database, a topic), each
+    an argument list (never a shell line), with `SANDBOX_ID` in its environment."""
+
+    create: list[list[str]] = Field(default_factory=list)
+    delete: list[list[str]] = Field(default_factory=list)
+    timeout: float = Field(600.0, gt=0, description="Seconds each command may take.")
+
+    @field_validator("create", "delete")
+    @classmethod
+    def _commands(cls, value: list[list[str]]) -> list[list[str]]:
+        for command in value:
+            if not command or not command[0]:
+                raise ValueError("a hook is a non-empty list: the program, then its arguments")
+        return value
+
+
+SANDBOX_ID_MAX = 26
+SANDBOX_ID_PATTERN = r"^[a-z0-9][-a-z0-9]*[a-z0-9]$"
+
+
+class Sandboxes(Model):
+    """Staging sandboxes (`conveyor stage`): where the candidates CI writes are, which
+    apps a sandbox holds, and the markers to fill. The defaults are Cellenics' own."""
+
+    env: str = Field("staging", description="The environment sandboxes live in.")
+    candidates: str = Field(
+        "staging-candidates", description="Folder of `<app>/<REF_ID>.yaml` candidates."
+    )
+    apps: list[ObjectName] = Field(default_factory=lambda: ["ui", "api", "worker", "pipeline"])
+    default_branch: str = Field(
+        "master", alias="default-branch", description="An app not named comes from here."
+    )
+    placeholders: SandboxPlaceholders = Field(default_factory=SandboxPlaceholders)
+    rds_default: str = Field("default", alias="rds-default")
+    namespace: str = Field("{app}-{id}", description="Where an app of a sandbox runs.")
+    ttl: str | None = Field(None, description="Default lifetime (`72h`); none: no expiry.")
+    auto: bool = Field(
+        False, description="The agent stages a sandbox per pull-request candidate itself."
+    )
+    url: str | None = Field(
+        None, description="The sandbox's address, `{id}` filled: https://ui-{id}.staging.example"
+    )
+    hooks: SandboxHooks = Field(default_factory=SandboxHooks)
+
+    @field_validator("candidates")
+    @classmethod
+    def _inside_repo(cls, value: str) -> str:
+        return safe_relative_path(value)
+
+    @field_validator("ttl")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value, default=0.0)  # HelmReleaseError is a ValueError
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_template(cls, value: str) -> str:
+        if "{id}" not in value:
+            raise ValueError("the namespace template must hold {id}: sandboxes need their own")
+        try:
+            value.format(app="app", id="id")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("the namespace template may use only {app} and {id}") from None
+        return value
+
+
 class Project(Model):
     environments: list[Environment] = Field(default_factory=list)
+    sandboxes: Sandboxes = Field(default_factory=Sandboxes)
     guard: Guard = Field(default_factory=Guard)
     notifications: list[NotificationRule] = Field(default_factory=list)
     rollback: ChangeGates = Field(

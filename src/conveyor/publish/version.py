@@ -60,8 +60,12 @@ class BuildContext:
 
     @property
     def ref_id(self) -> str:
-        """Cellenics' REF_ID: the git ref with `/` replaced by `-`."""
-        return self.ref.replace("/", "-")
+        return ref_id(self.ref)
+
+
+def ref_id(ref: str) -> str:
+    """Cellenics' REF_ID: the git ref with `/` replaced by `-` (`refs-pull-42-merge`)."""
+    return ref.replace("/", "-")
 
 
 def _event_of_ref(ref: str) -> Event:

@@ -74,6 +74,7 @@ from conveyor.reconcile.target import (
     ResolvedTarget,
     Target,
     build_renderer,
+    checkout_path,
     discover_target,
     fetch_target,
     helm_cli,
@@ -83,6 +84,7 @@ from conveyor.reconcile.target import (
 from conveyor.render.discover import AppSource, EnvironmentTree
 from conveyor.render.documents import RenderError
 from conveyor.render.render import Renderer
+from conveyor.sandboxes.housekeeping import run_housekeeping
 from conveyor.source.git import GitError
 from conveyor.source.webhook import GitWebhook, ListenerLimits, listener_config
 
@@ -419,6 +421,29 @@ class Agent:
                 await self._failed(engine.options.scope, error, what="pass")
                 full_pass_due, resolved = True, None
 
+    async def _sandboxes(self, resolved: ResolvedTarget) -> ResolvedTarget:
+        """As the writer of the sandboxes' environment: expire sandboxes and (auto mode)
+        stage, restage and unstage them, each a commit (sandboxes/housekeeping.py); with
+        a commit made, the pass runs on the revision it made. A failure is logged and the
+        pass goes on with what git holds."""
+        project, environment = resolved.project, resolved.environment
+        if project is None or environment is None or project.sandboxes.env != environment.name:
+            return resolved
+        try:
+            commits = await asyncio.to_thread(
+                run_housekeeping,
+                self.target.repo,
+                checkout_path(self.target.repo, environment.branch, purpose="sandboxes"),
+                env=environment.name,
+                env_path=resolved.env_path,
+                checkout_root=resolved.checkout.path,
+                config=project.sandboxes,
+            )
+        except Exception as error:  # git away, a push race lost: the next pass tries again
+            log.error("sandbox housekeeping failed: %s", error_summary(error))
+            return resolved
+        return (await self._fetch() or resolved) if commits else resolved
+
     async def _correct_drift(
         self, engine: Engine, elector: LeaderElector, drifted: list[str]
     ) -> None:
@@ -580,7 +605,9 @@ class Agent:
     async def _pass(
         self, engine: Engine, resolved: ResolvedTarget, *, request: ReconcileRequest | None = None
     ) -> None:
-        """A full pass, or the pass `request` asks for (which is then answered)."""
+        """A full pass, or the pass `request` asks for (which is then answered); sandbox
+        housekeeping first, so that the pass applies what it committed."""
+        resolved = await self._sandboxes(resolved)
         try:
             tree = discover_target(resolved)
         except RenderError as error:

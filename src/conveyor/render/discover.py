@@ -42,6 +42,8 @@ SKIPPED_FILES = {"conveyor.yaml"}
 # (gotk-components.yaml) and the Kustomization syncing the folder (gotk-sync.yaml).
 FLUX_INSTALLATION_FILES = ("gotk-components.yaml", "gotk-sync.yaml")
 FLUX_INSTALLATION_FOUND = "Flux installation found; conveyor does not apply it"
+# The label of every object of a staging sandbox's file (sandboxes/): its ID.
+SANDBOX_LABEL = "conveyor.dev/sandbox"
 
 AppKind = Literal["manifests", "kustomize", "helm"]
 
@@ -91,6 +93,8 @@ class AppSource:
     # Apps a Kustomization's healthChecks name: what depends on it waits for them too.
     health_apps: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Named with its namespace (`check_unique_names`): its short name is another app's.
+    qualified: bool = False
 
     def where(self) -> tuple[str, int | None]:
         """The file and line that define the app, for messages."""
@@ -199,6 +203,8 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
         file_error: RenderError | None = None
         releases: list[tuple[Document, RenderError | None]] = []
         others: list[Document] = []
+        # How many releases came before each of `others`: a sandbox's file groups them.
+        releases_before: list[int] = []
         for doc in documents:
             if is_helmrelease(doc.obj):
                 releases.append((doc, release_error(doc)))
@@ -210,6 +216,7 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
                 continue
             if not is_flux_config(checked):
                 others.append(checked)
+                releases_before.append(len(releases))
                 continue
             has_flux_config = True
             flux_app = flux_object(checked, tree)
@@ -224,16 +231,15 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
             folder_error = folder_error or file_error
             continue
         has_releases = True
+        grouped = _grouped(releases, others, releases_before)
         for index, (release, broken) in enumerate(releases):
-            # The file's other objects (its Namespace, values ConfigMaps) go with the first
-            # release of the file, and are applied before it: a broken one fails that app.
             app_error = broken or (file_error if index == 0 else None)
             tree.apps.append(
                 AppSource(
                     name=release_app_name(release, fallback=path.stem),
                     kind="helm",
                     path=rel_path,
-                    documents=others if index == 0 and app_error is None else [],
+                    documents=grouped[index] if app_error is None else [],
                     helm_release=release if app_error is None else None,
                     error=app_error,
                 )
@@ -252,6 +258,35 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
         )
     for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         _walk(child, repo_root, env_root=env_root, tree=tree)
+
+
+def _grouped(
+    releases: list[tuple[Document, RenderError | None]],
+    others: list[Document],
+    releases_before: list[int],
+) -> list[list[Document]]:
+    """The other objects of a file, per release. They (its Namespace, values ConfigMaps)
+    go with the first release of the file and are applied before it: a broken one fails
+    that app. A sandbox's file (conveyor stage) holds several apps, each with its own
+    Namespace before its release: there each release takes the objects before it (the
+    last also those after), so that each app owns, and its removal deletes, its own
+    namespace. Only there: moving an object between apps of a running environment
+    would have one app prune what the other applies."""
+    grouped: list[list[Document]] = [[] for _ in releases]
+    if not releases:
+        return grouped
+    in_sandbox = all(sandbox_of(release) is not None for release, _ in releases)
+    for doc, before in zip(others, releases_before, strict=True):
+        grouped[min(before, len(releases) - 1) if in_sandbox else 0].append(doc)
+    return grouped
+
+
+def sandbox_of(doc: Document | None) -> str | None:
+    """The sandbox (`conveyor stage`) an object belongs to, by its label; None outside."""
+    metadata = doc.obj.get("metadata") if doc is not None else None
+    labels = metadata.get("labels") if isinstance(metadata, dict) else None
+    value = labels.get(SANDBOX_LABEL) if isinstance(labels, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 def flux_object(doc: Document, tree: EnvironmentTree) -> AppSource | None:
@@ -349,8 +384,39 @@ def release_app_name(doc: Document, *, fallback: str) -> str:
 
 
 def check_unique_names(tree: EnvironmentTree) -> None:
+    """Give every app a name of its own. An app is what its identity says (a release's
+    namespace and name, a Flux Kustomization's, else its file or folder); its name is
+    what people, dependsOn and its ConveyorApp see, and stays short where it can:
+
+    - an app of a staging sandbox is always named with its namespace (`api` in
+      `api-pr-7` is `api-pr-7`), so that it keeps its name whatever else comes and goes;
+    - of other apps sharing a name, the first found keeps it (as when a duplicate was
+      refused: no app of an existing installation is renamed, which would prune and
+      reinstall it) and the others are named with their namespace;
+    - a name still taken after that is refused on the later app, naming the first, and
+      so is an app that deploys what an earlier one does (the same Helm release)."""
+    identities: dict[tuple[str, str, str], AppSource] = {}
+    for app in tree.apps:
+        identity = app_identity(app)
+        if identity is None or app.error is not None:
+            continue
+        if identity in identities:
+            file, line = app.where()
+            app.error = RenderError(
+                f"{identity[0]} {identity[1]}/{identity[2]} is also used by "
+                f"{identities[identity].where()[0]}; remove one of them",
+                file=file,
+                line=line,
+            )
+        else:
+            identities[identity] = app
+    for app in tree.apps:
+        if not app.qualified and sandbox_of(app.kustomization or app.helm_release):
+            _qualify(app)
     seen: dict[str, AppSource] = {}
     for app in tree.apps:
+        if app.name in seen and not app.qualified:
+            _qualify(app)
         if app.name in seen:
             first = seen[app.name]
             file, line = app.where()
@@ -361,3 +427,44 @@ def check_unique_names(tree: EnvironmentTree) -> None:
             )
         else:
             seen[app.name] = app
+
+
+def app_identity(app: AppSource) -> tuple[str, str, str] | None:
+    """What the app deploys, which no other app may: (`Helm release`, namespace, release
+    name) or (`Kustomization`, namespace, name); None for manifests (their folder is)."""
+    if app.helm_release is not None:
+        try:
+            spec = parse_helmrelease(app.helm_release.obj)
+        except HelmReleaseError:
+            return None
+        return ("Helm release", spec.target_namespace, spec.release_name)
+    if app.kustomization is not None:
+        namespace = app.kustomization.obj["metadata"].get("namespace") or "default"
+        return ("Kustomization", str(namespace), app.kustomization.name)
+    return None
+
+
+def app_namespace(app: AppSource) -> str | None:
+    """Where the app's release installs (or where its Kustomization is); None for
+    manifests and for a release that cannot be read (its error says why)."""
+    if app.helm_release is not None:
+        try:
+            return parse_helmrelease(app.helm_release.obj).target_namespace
+        except HelmReleaseError:
+            return None
+    if app.kustomization is not None:
+        namespace = app.kustomization.obj["metadata"].get("namespace")
+        return namespace if isinstance(namespace, str) else None
+    return None
+
+
+def _qualify(app: AppSource) -> None:
+    """Name `app` with its namespace too: `api` in `team-b` is `api-team-b`, and in
+    `api-pr-7`, which already says it, `api-pr-7`."""
+    namespace = app_namespace(app)
+    if namespace is None:
+        return
+    app.qualified = True
+    app.name = app_name(
+        namespace if namespace.startswith(f"{app.name}-") else f"{app.name}-{namespace}"
+    )

@@ -396,6 +396,27 @@ def default_branch(repo: str) -> str:
     return "main"
 
 
+def remote_commit(url: str, ref: str) -> str | None:
+    """The commit `ref` (a branch, tag or full ref) names in the remote `url`, by `git
+    ls-remote`; None when the remote has no such ref. A SHA is its own answer. Both come
+    from files (a chart's source), so both are checked first."""
+    url = _checked(git_url, url, command="ls-remote", what="repository URL")
+    ref = _checked(git_ref, ref, command="ls-remote", what="ref")
+    if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", ref):
+        return ref
+    # The pattern `<ref>^{}` lists what an annotated tag peels to (`<ref>` alone does not).
+    listed = run_git(["ls-remote", "--end-of-options", url, ref, f"{ref}^{{}}"])
+    found: dict[str, str] = {}
+    for line in listed.splitlines():
+        sha, _, name = line.partition("\t")
+        found[name] = sha
+    # ls-remote matches any ref ending in `/<ref>` (refs/heads/feature/<ref> too): only
+    # the ref itself, a branch or a tag of that name count; a peeled tag (`^{}`) names
+    # the commit, not the tag object.
+    names = (f"{ref}^{{}}", ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}")
+    return next((found[name] for name in names if name in found), None)
+
+
 def resolve_revision(repo: Path, revision: str) -> str:
     """The commit SHA `revision` names; GitError when it names none."""
     (revision,) = _revisions("rev-parse", revision)
@@ -414,10 +435,15 @@ def files_at(repo: Path, revision: str, paths: list[str]) -> list[str]:
 def fetch_tree(mirror: Path, url: str, ref: str, path: str) -> tuple[str, str]:
     """Fetch `ref` of `url` into the bare repository `mirror` (created when missing) and
     return the commit and the tree of `path` in it (`.` for the whole commit)."""
-    if not (mirror / "HEAD").exists():
-        mirror.mkdir(parents=True, exist_ok=True)
-        run_git(["init", "--quiet", "--bare", str(mirror)])
-    commit = fetch_commit(mirror, url, ref)
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    # One fetch at a time per mirror: each leaves its answer in FETCH_HEAD, which a
+    # concurrent fetch of another ref (apps rendered at once, one chart repository at
+    # several refs, as a staging sandbox beside the shared apps has) would overwrite.
+    with _exclusive(mirror.parent / f"{mirror.name}.lock"):
+        if not (mirror / "HEAD").exists():
+            mirror.mkdir(parents=True, exist_ok=True)
+            run_git(["init", "--quiet", "--bare", str(mirror)])
+        commit = fetch_commit(mirror, url, ref)
     tree_spec = f"{commit}:{path}" if path != "." else f"{commit}^{{tree}}"
     return commit, run_git(["rev-parse", tree_spec], cwd=mirror).strip()
 

@@ -35,11 +35,15 @@ from conveyor.reconcile.requests import one_pass_identity
 from conveyor.reconcile.status import StatusStore
 from conveyor.reconcile.target import Target
 from conveyor.render.helm import HelmCLI
-from conveyor.source.git import Author, mask_url
+from conveyor.sandboxes.candidates import SandboxError
+from conveyor.sandboxes.stage import extend, unstage
+from conveyor.source.git import Author, GitError, PushRaceLost, mask_url
 
 log = logging.getLogger("conveyor.web")
 
-Scope = Literal["app", "environment"]
+# A "sandbox" action acts on one staging sandbox of an environment, named by its `id`
+# parameter (the Sandboxes page's buttons), not on the whole environment.
+Scope = Literal["app", "environment", "sandbox"]
 
 
 class ActionError(ConveyorError):
@@ -147,9 +151,13 @@ class ActionRegistry:
     def for_environment(self) -> list[Action]:
         return [a for a in self if "environment" in a.scopes]
 
+    def for_sandbox(self) -> list[Action]:
+        return [a for a in self if "sandbox" in a.scopes]
+
 
 def default_registry() -> ActionRegistry:
-    """Every action: reconcile now, suspend, resume, promote, approve, roll back."""
+    """Every action: reconcile now, suspend, resume, promote, approve, roll back, and
+    extend or remove a staging sandbox."""
     registry = ActionRegistry()
 
     @registry.action(
@@ -290,7 +298,64 @@ def default_registry() -> ActionRegistry:
         )
         return ActionResult(f"rollback of {request.subject} started", accepted=True)
 
+    @registry.action(
+        "extend-sandbox",
+        label="Extend",
+        scopes=("sandbox",),
+        description="Expire the sandbox `id` only `ttl` (24h unless given) from now: a commit.",
+    )
+    async def extend_sandbox(context: ActionContext, request: ActionRequest) -> ActionResult:
+        sandbox_id, target = _sandbox_id(request), await context.target(request.environment)
+        ttl = request.params.get("ttl") or "24h"
+
+        def run() -> str | None:
+            with tempfile.TemporaryDirectory(prefix="conveyor-stage-") as workdir:
+                workspace = Workspace(target.repo, Path(workdir))
+                return extend(workspace, sandbox_id, ttl, author=_author(request))
+
+        expires = await _sandbox_work(run)
+        return ActionResult(f"sandbox {sandbox_id} expires {expires}")
+
+    @registry.action(
+        "unstage",
+        label="Unstage",
+        scopes=("sandbox",),
+        description="Remove the sandbox `id` (a commit); the agent prunes what it ran. The "
+        "delete hooks are not run from the dashboard: run `conveyor unstage` for those.",
+        confirm="Remove this sandbox and everything it runs?",
+    )
+    async def unstage_sandbox(context: ActionContext, request: ActionRequest) -> ActionResult:
+        sandbox_id, target = _sandbox_id(request), await context.target(request.environment)
+
+        def run() -> str | None:
+            with tempfile.TemporaryDirectory(prefix="conveyor-stage-") as workdir:
+                workspace = Workspace(target.repo, Path(workdir))
+                reason = request.reason or f"by {request.actor} from the dashboard"
+                result = unstage(
+                    workspace, [sandbox_id], author=_author(request), reason=reason, hooks=False
+                )
+                return result.commit
+
+        commit = await _sandbox_work(run)
+        return ActionResult(f"sandbox {sandbox_id} unstaged ({(commit or '')[:12]})")
+
     return registry
+
+
+def _sandbox_id(request: ActionRequest) -> str:
+    sandbox_id = request.params.get("id")
+    if not sandbox_id:
+        raise ActionError(422, "name the sandbox: an `id` parameter")
+    return sandbox_id
+
+
+async def _sandbox_work(work: Callable[[], str | None]) -> str | None:
+    try:
+        return await asyncio.to_thread(work)
+    except (SandboxError, PromotionError, ConfigError) as error:
+        raise ActionError(422, str(error)) from None
+    except (GitError, PushRaceLost) as error:
+        raise ActionError(502, mask_url(str(error))) from None
 
 
 async def _reconcile(

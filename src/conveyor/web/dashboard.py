@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.cluster.client import ApiError, KubeClient
-from conveyor.cluster.ownership import EnvironmentIdentity
+from conveyor.cluster.ownership import EnvironmentIdentity, normalise_repository_url
 from conveyor.config.project import ConfigError
 from conveyor.reconcile.once import plan_target
 from conveyor.reconcile.report import EventRecorder
 from conveyor.reconcile.status import SOURCE_KIND, AppStatus, resource_name
 from conveyor.reconcile.target import ClusterRef, Target
 from conveyor.render.documents import RenderError
+from conveyor.sandboxes.manifest import read_sandboxes
+from conveyor.sandboxes.stage import cluster_states
 from conveyor.source.git import GitError
 from conveyor.web import views
 from conveyor.web.actions import ActionError, ActionRegistry, ActionRequest, ActionResult
@@ -248,6 +250,31 @@ class Dashboard:
         errors = [p.error for p in plans if p.error]
         return views.Diff(title=title, changes=changes, error="; ".join(errors) or None)
 
+    async def sandboxes(self) -> views.Sandboxes:
+        """The staging sandboxes of the environment conveyor.yaml's `sandboxes.env` names,
+        as its branch holds them, each app's state from its status."""
+        for source in [s for s in await self.statuses() if s.kind == SOURCE_KIND]:
+            identity = EnvironmentIdentity.parse(source.source or "") if source.source else None
+            repo = self.repos.get(source)
+            if identity is None or repo is None:
+                continue
+            if identity.repository != normalise_repository_url(repo.url):
+                continue  # another repository's environment of the same name
+            try:
+                project = await repo.project()
+                if project.sandboxes.env != identity.name:
+                    continue
+                # Fetched for each look: the page follows each extend or unstage at once.
+                checkout = await repo.checkout(max_age=0)
+                found = await asyncio.to_thread(read_sandboxes, checkout.path, identity.path)
+            except (GitError, ConfigError) as error:
+                return views.Sandboxes(environment=source.scope, error=str(error))
+            await cluster_states(self.kube, found)
+            return views.sandboxes(source.scope, found, url=project.sandboxes.url)
+        return views.Sandboxes(
+            error="no environment here runs sandboxes (conveyor.yaml's sandboxes.env)"
+        )
+
     # -- ActionContext -------------------------------------------------------------------
 
     async def target(self, environment: str) -> Target:
@@ -303,7 +330,7 @@ class Dashboard:
             raise NotFound(f"unknown action {name!r} (known: {known})")
         if app is None:
             await self.environment(environment)
-            if "environment" not in action.scopes:
+            if "environment" not in action.scopes and "sandbox" not in action.scopes:
                 raise ActionError(400, f"{name} acts on one app: name the app")
             subject = AppStatus(scope=environment, app="")
         else:

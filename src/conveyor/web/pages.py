@@ -284,6 +284,8 @@ async def _page_action(
     app: str | None,
     csrf: str,
     reason: str,
+    params: dict[str, str] | None = None,
+    back: str | None = None,
 ) -> Response:
     why = cross_site(request)
     if why is not None:
@@ -312,11 +314,16 @@ async def _page_action(
     principal = Principal(name=user, via="dashboard", remote=remote(request))
     try:
         result = await board.act(
-            action, principal, environment=environment, app=app, reason=reason or None
+            action,
+            principal,
+            environment=environment,
+            app=app,
+            reason=reason or None,
+            params=params,
         )
     except ActionError as error:
         return message_page(request, board, "Not done", str(error), status_code=error.status_code)
-    back = (
+    back = back or (
         f"/environments/{quote(environment)}/apps/{quote(app)}"
         if app
         else f"/environments/{quote(environment)}"
@@ -350,6 +357,45 @@ async def environment_action(
 ) -> Response:
     return await _page_action(
         request, board, action=action, environment=environment, app=None, csrf=csrf, reason=reason
+    )
+
+
+@router.get("/sandboxes", response_class=HTMLResponse)
+async def sandboxes_page(request: Request, board: DashboardDep) -> HTMLResponse:
+    return page(
+        request,
+        board,
+        "sandboxes.html",
+        view=await board.sandboxes(),
+        actions=board.actions.for_sandbox(),
+    )
+
+
+@router.post("/sandboxes/{environment}/{sandbox_id}/actions/{action}")
+async def sandbox_action(
+    request: Request,
+    environment: str,
+    sandbox_id: str,
+    action: str,
+    board: DashboardDep,
+    csrf: Annotated[str, Form()] = "",
+    ttl: Annotated[str, Form(max_length=20)] = "",
+) -> Response:
+    if board.actions.get(action) not in board.actions.for_sandbox():
+        return message_page(
+            request, board, "Not done", f"{action!r} is not a sandbox action", status_code=404
+        )
+    params = {"id": sandbox_id, **({"ttl": ttl} if ttl else {})}
+    return await _page_action(
+        request,
+        board,
+        action=action,
+        environment=environment,
+        app=None,
+        csrf=csrf,
+        reason="",
+        params=params,
+        back="/sandboxes",
     )
 
 

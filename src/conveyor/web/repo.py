@@ -213,8 +213,11 @@ def _belongs_to(doc: dict[str, Any], app: str) -> bool:
     if doc.get("kind") != "HelmRelease":
         return True
     spec = doc.get("spec") or {}
-    name = spec.get("releaseName") or (doc.get("metadata") or {}).get("name", "")
-    return app_name(str(name)) == app
+    metadata = doc.get("metadata") or {}
+    release = app_name(str(spec.get("releaseName") or metadata.get("name", "")))
+    # An app named with its namespace too (a sandbox's, see discover.check_unique_names).
+    namespace = str(spec.get("targetNamespace") or metadata.get("namespace") or "")
+    return app in (release, app_name(namespace), app_name(f"{release}-{namespace}"))
 
 
 class Repos:

@@ -28,6 +28,7 @@ from conveyor.reconcile.status import (
     split_release,
 )
 from conveyor.render.helm import parse_manifest
+from conveyor.sandboxes.manifest import Sandbox
 
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 
@@ -469,3 +470,43 @@ async def helm_history(kube: KubeClient, status: AppStatus) -> list[HelmRevision
         )
         for r in reversed(history)
     ]
+
+
+class SandboxAppOut(Model):
+    app: str
+    ref: str
+    pinned: bool
+    chart_ref: str | None = None
+    namespace: str | None = None
+    images: list[str] = []
+    state: str | None = None
+    message: str | None = None
+
+
+class SandboxOut(Model):
+    id: str
+    file: str
+    staged_by: str | None = None
+    staged_at: str | None = None
+    expires_at: str | None = None
+    auto: bool = False
+    state: str | None = None
+    url: str | None = None
+    apps: list[SandboxAppOut] = []
+
+
+class Sandboxes(Model):
+    environment: str | None = None  # the scope whose actions act on them
+    sandboxes: list[SandboxOut] = []
+    error: str | None = None
+
+
+def sandboxes(environment: str, found: list[Sandbox], *, url: str | None) -> Sandboxes:
+    """The page's (and the API's) view of the environment's sandboxes."""
+    return Sandboxes(
+        environment=environment,
+        sandboxes=[
+            SandboxOut.model_validate({**s.to_dict(), "url": url.format(id=s.id) if url else None})
+            for s in found
+        ],
+    )
