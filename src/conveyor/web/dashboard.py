@@ -269,7 +269,7 @@ class Dashboard:
                 found = await asyncio.to_thread(read_sandboxes, checkout.path, identity.path)
             except (GitError, ConfigError) as error:
                 return views.Sandboxes(environment=source.scope, error=str(error))
-            await cluster_states(self.kube, found)
+            await cluster_states(self.cluster(source.scope).kube, found)
             return views.sandboxes(source.scope, found, url=project.sandboxes.url)
         return views.Sandboxes(
             error="no environment here runs sandboxes (conveyor.yaml's sandboxes.env)"
