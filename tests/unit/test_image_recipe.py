@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -76,3 +77,48 @@ def test_the_api_docs_page_loads_only_swagger_files_the_image_keeps(tmp_path: Pa
     )
     assert all((kept / name).is_file() for name in loaded)
     assert not list(kept.glob("*.map"))  # what the trim is for
+
+
+# Runs in a fresh interpreter where `cryptography` cannot be imported, as in the image.
+WITHOUT_CRYPTOGRAPHY = """
+import importlib, pkgutil, sys
+import importlib.abc
+
+class NoCryptography(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "cryptography":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoCryptography())
+import conveyor
+from conveyor.sandbox.manager import SandboxError, _generate_pki
+
+for module in pkgutil.walk_packages(conveyor.__path__, "conveyor."):
+    # __main__ runs the CLI; certificates.py is the one module that needs cryptography.
+    if module.name.rsplit(".", 1)[-1] != "__main__" and module.name != "conveyor.sandbox.certificates":
+        importlib.import_module(module.name)
+try:
+    _generate_pki(__import__("pathlib").Path(sys.argv[1]), cluster_name="x")
+except SandboxError as error:
+    print(error)
+"""
+
+
+def test_nothing_but_making_a_sandbox_imports_cryptography(tmp_path: Path) -> None:
+    """`cryptography` is the sandbox extra (pyproject.toml), left out of the image:
+    every other module of conveyor imports without it, and a sandbox asked for without
+    it says what to install."""
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_CRYPTOGRAPHY, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == (
+        "a sandbox needs cryptography, which this install leaves out: "
+        "pip install 'conveyor[sandbox]'"
+    )
+    runtime = (ROOT / "requirements" / "runtime.txt").read_text()
+    assert "\ncryptography==" not in runtime and "\ncffi==" not in runtime
