@@ -96,7 +96,8 @@ from conveyor.sandbox.manager import SandboxError, _generate_pki
 
 for module in pkgutil.walk_packages(conveyor.__path__, "conveyor."):
     # __main__ runs the CLI; certificates.py is the one module that needs cryptography.
-    if module.name.rsplit(".", 1)[-1] != "__main__" and module.name != "conveyor.sandbox.certificates":
+    leaf = module.name.rsplit(".", 1)[-1]
+    if leaf != "__main__" and module.name != "conveyor.sandbox.certificates":
         importlib.import_module(module.name)
 try:
     _generate_pki(__import__("pathlib").Path(sys.argv[1]), cluster_name="x")
