@@ -79,7 +79,6 @@ class BuildContext:
     repo_root: Path
     charts: ChartResolver
     data_lookup: DataLookup | None  # None: no cluster (an offline diff)
-    kubectl: str = "kubectl"
     config_url: str | None = None  # the config repo, as a GitRepository may name it
     # SOPS documents of a build: by default decrypted with the local keys (render/sops.py).
     decryptor: Decryptor = field(default_factory=lambda: Decryptor(KeySource()))
@@ -299,7 +298,6 @@ class _Builder:
                     overlay,
                     shown_as=shown or shown_as,
                     hide=[f"{scratch}/overlay/", f"{self.root}/", f"{scratch}/"],
-                    kubectl=self.context.kubectl,
                 )
             return [self._located(obj, overlay, copied, shown or shown_as) for obj in built]
         finally:
