@@ -3,11 +3,36 @@
 # they are installed, on both build paths: by install.sh packages (Containerfile), and
 # as mmdebstrap's customize hook (make image), inside the root filesystem. File-level
 # cuts are dpkg.cfg's path filters; this removes whole packages.
+#
+# Nothing installs into this image once it is built, so what only installing needs goes
+# too, Essential or not: apt (on the Containerfile path), the package scripts' tools
+# (perl-base, debconf, adduser, init-system-helpers) and the tools of a system that
+# boots and logs users in (util-linux, login, passwd, PAM, e2fsprogs, mount). What stays
+# is what conveyor runs (python3, git with its HTTPS transport, ssh, sh, coreutils) and
+# what those link; tests/cluster/test_image.py checks that every ELF file of the image
+# finds its libraries. Removed with dpkg, so that the package database (which image
+# scanners read) says what is there; dpkg itself stays for that.
 set -eu
 
+purge() {
+    # --force-depends: what depends on these is removed too, or never runs them.
+    dpkg --purge --force-depends --force-remove-essential "$@"
+}
+
+# Their removal scripts use the tools removed last (perl, debconf, update-rc.d).
+purge apt libapt-pkg6.0 gpgv debian-archive-keyring libseccomp2 libstdc++6 libxxhash0 \
+    e2fsprogs logsave libext2fs2 libss2 mount tzdata \
+    util-linux-extra util-linux bsdutils sysvinit-utils hostname ncurses-bin \
+    login passwd adduser libpam-runtime libpam-modules libpam-modules-bin libpam0g \
+    libsemanage2 libsemanage-common libsepol2 libaudit1 libaudit-common libcap-ng0 \
+    libsmartcols1 libmount1 libblkid1 libsystemd0 libgcrypt20 libgpg-error0 liblz4-1 \
+    libcap2 libgdbm-compat4 libgdbm6 \
+    usrmerge libfile-find-rule-perl libnumber-compare-perl libtext-glob-perl
 # git depends on perl (48 MB with its modules) for a few commands only (send-email, svn,
 # cvs, instaweb, the old script of add -i): conveyor runs none of them, and git's
-# builtins do not need it. Removed with dpkg, so that the package database says what is
-# there (apt would ask to put it back: nothing installs into this image afterwards).
-# perl-base stays: it is Essential, and debconf needs it.
-dpkg --purge --force-depends perl perl-modules-5.36 libperl5.36 liberror-perl
+# builtins do not need it.
+purge perl perl-modules-5.36 libperl5.36 liberror-perl
+purge init-system-helpers debconf
+purge perl-base
+# What installing left behind: debconf's answers, apt's downloads, dpkg's backups.
+rm -rf /var/cache/debconf /var/cache/apt /var/lib/apt /var/lib/dpkg/*-old /var/log/*
