@@ -34,5 +34,12 @@ purge apt libapt-pkg6.0 gpgv debian-archive-keyring libseccomp2 libstdc++6 libxx
 purge perl perl-modules-5.36 libperl5.36 liberror-perl
 purge init-system-helpers debconf
 purge perl-base
+# Python's own test suite and help texts, with their compiled copies: regrtest, pydoc's
+# topics (help() in a REPL), turtle graphics, and the pure-Python decimal that _decimal
+# stands in for. Here and not in dpkg.cfg, as python3.11's postinst compiles each .py
+# file of its package and fails on one that is not there.
+stdlib=/usr/lib/python3.11
+rm -rf "$stdlib/test" "$stdlib/pydoc_data" "$stdlib/turtle.py" "$stdlib/_pydecimal.py" \
+    "$stdlib/__pycache__/turtle."* "$stdlib/__pycache__/_pydecimal."*
 # What installing left behind: debconf's answers, apt's downloads, dpkg's backups.
 rm -rf /var/cache/debconf /var/cache/apt /var/lib/apt /var/lib/dpkg/*-old /var/log/*
