@@ -26,7 +26,7 @@ purge apt libapt-pkg6.0 gpgv debian-archive-keyring libseccomp2 libstdc++6 libxx
     login passwd adduser libpam-runtime libpam-modules libpam-modules-bin libpam0g \
     libsemanage2 libsemanage-common libsepol2 libaudit1 libaudit-common libcap-ng0 \
     libsmartcols1 libmount1 libblkid1 libsystemd0 libgcrypt20 libgpg-error0 liblz4-1 \
-    libcap2 libgdbm-compat4 libgdbm6 \
+    libcap2 libgdbm-compat4 libgdbm6 libfido2-1 libcbor0.8 libudev1 libedit2 libbsd0 \
     usrmerge libfile-find-rule-perl libnumber-compare-perl libtext-glob-perl
 # git depends on perl (48 MB with its modules) for a few commands only (send-email, svn,
 # cvs, instaweb, the old script of add -i): conveyor runs none of them, and git's
@@ -41,5 +41,42 @@ purge perl-base
 stdlib=/usr/lib/python3.11
 rm -rf "$stdlib/test" "$stdlib/pydoc_data" "$stdlib/turtle.py" "$stdlib/_pydecimal.py" \
     "$stdlib/__pycache__/turtle."* "$stdlib/__pycache__/_pydecimal."*
+# The rest of the pure-Python standard library (23 MB of sources and compiled copies)
+# goes into /usr/lib/python311.zip, deflated (7 MB): Python looks there first (it is on
+# sys.path before /usr/lib/python3.11, as in Python's embeddable builds), imports from
+# it through zipimport, and tracebacks show the sources from it. Each module is there
+# with its bytecode (one level, unoptimised; unchecked hashes, as nothing rebuilds it),
+# so nothing compiles at start. What needs its own directory stays: os.py (the landmark
+# by which Python finds its prefix), venv (its scripts), lib-dynload (C modules).
+python3.11 -E -S - "$stdlib" <<'ZIP'
+import pathlib, py_compile, sys, tempfile, zipfile
+
+stdlib = pathlib.Path(sys.argv[1])
+archive = stdlib.with_name("python311.zip")
+stays = {"lib-dynload", "venv", "site-packages", "dist-packages"}
+moved = [
+    path for path in sorted(stdlib.rglob("*.py"))
+    if path.relative_to(stdlib).parts[0] not in stays and "__pycache__" not in path.parts
+]
+deflated = {"compression": zipfile.ZIP_DEFLATED, "compresslevel": 9}
+with tempfile.TemporaryDirectory() as scratch, zipfile.ZipFile(archive, "w", **deflated) as zipped:
+    compiled = pathlib.Path(scratch) / "module.pyc"
+    for path in moved:
+        name = str(path.relative_to(stdlib))
+        zipped.write(path, name)
+        py_compile.compile(
+            str(path), cfile=str(compiled), dfile=f"{archive}/{name}", doraise=True,
+            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        )
+        zipped.write(compiled, name + "c")
+for path in moved:
+    for cached in (path.parent / "__pycache__").glob(f"{path.stem}.*.pyc"):
+        cached.unlink()
+    if path != stdlib / "os.py":
+        path.unlink()
+for folder in sorted((p for p in stdlib.rglob("*") if p.is_dir()), reverse=True):
+    if not any(folder.iterdir()):
+        folder.rmdir()
+ZIP
 # What installing left behind: debconf's answers, apt's downloads, dpkg's backups.
 rm -rf /var/cache/debconf /var/cache/apt /var/lib/apt /var/lib/dpkg/*-old /var/log/*
