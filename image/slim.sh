@@ -34,6 +34,9 @@ purge apt libapt-pkg6.0 gpgv debian-archive-keyring libseccomp2 libstdc++6 libxx
 purge perl perl-modules-5.36 libperl5.36 liberror-perl
 purge init-system-helpers debconf
 purge perl-base
+# git ships itself twice, as the command and as git-core's (`git --exec-path`): one
+# file, linked twice.
+cmp -s /usr/bin/git /usr/lib/git-core/git && ln -f /usr/bin/git /usr/lib/git-core/git
 # Python's own test suite and help texts, with their compiled copies: regrtest, pydoc's
 # topics (help() in a REPL), turtle graphics, and the pure-Python decimal that _decimal
 # stands in for. Here and not in dpkg.cfg, as python3.11's postinst compiles each .py

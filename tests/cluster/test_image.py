@@ -45,6 +45,15 @@ PODMAN_RUN = [
 ]  # fmt: skip
 
 
+# Every ELF file of the image's programs and libraries, with each library that ldd does
+# not find: one line per file and library.
+LIBRARIES_NOT_FOUND = (
+    "find /usr/bin /usr/sbin /usr/lib /opt/conveyor -type f "
+    "\\( -perm -u+x -o -name '*.so*' \\) | while read -r file; do "
+    'ldd "$file" 2>/dev/null | grep "not found" | sed "s|^|$file: |"; done'
+)
+
+
 @dataclass(frozen=True)
 class BuiltImage:
     local: str
@@ -113,6 +122,19 @@ def test_image_runs_conveyor_and_its_tools_as_non_root(
     )
     python = ("--entrypoint", "/opt/conveyor/bin/python")
     assert podman_run(*python, image.pushed, "-c", clients).stdout.strip() == "3"
+    # cryptography is the sandbox extra, not in the image.
+    missing = podman_run(*python, image.pushed, "-c", "import cryptography", check=False)
+    assert "No module named 'cryptography'" in missing.stderr
+    # The standard library comes from its zip (image/slim.sh), tracebacks with sources.
+    failing_json = "import json; json.loads('{')"
+    traceback = podman_run(*python, image.pushed, "-c", failing_json, check=False).stderr
+    assert 'File "/usr/lib/python311.zip/json/decoder.py"' in traceback
+    assert "obj, end = self.scan_once(s, idx)" in traceback
+    # What slim.sh purged left no program or library without a library it links.
+    unresolved = podman_run(
+        "--entrypoint", "sh", image.pushed, "-c", LIBRARIES_NOT_FOUND
+    ).stdout  # fmt: skip
+    assert unresolved == ""
 
 
 @pytest.fixture
