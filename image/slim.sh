@@ -47,7 +47,9 @@ rm -rf "$stdlib/test" "$stdlib/pydoc_data" "$stdlib/turtle.py" "$stdlib/_pydecim
 # The rest of the pure-Python standard library (23 MB of sources and compiled copies)
 # goes into /usr/lib/python311.zip, deflated (7 MB): Python looks there first (it is on
 # sys.path before /usr/lib/python3.11, as in Python's embeddable builds), imports from
-# it through zipimport, and tracebacks show the sources from it. Each module is there
+# it through zipimport, and tracebacks formatted by the traceback module (logging's)
+# show the sources from it (rich's and the interpreter's last-resort printer show file
+# and line only: they read sources from the file system). Each module is there
 # with its bytecode (one level, unoptimised; unchecked hashes, as nothing rebuilds it),
 # so nothing compiles at start. What needs its own directory stays: os.py (the landmark
 # by which Python finds its prefix), venv (its scripts), lib-dynload (C modules).

@@ -125,8 +125,11 @@ def test_image_runs_conveyor_and_its_tools_as_non_root(
     # cryptography is the sandbox extra, not in the image.
     missing = podman_run(*python, image.pushed, "-c", "import cryptography", check=False)
     assert "No module named 'cryptography'" in missing.stderr
-    # The standard library comes from its zip (image/slim.sh), tracebacks with sources.
-    failing_json = "import json; json.loads('{')"
+    # The standard library comes from its zip (image/slim.sh); tracebacks formatted by
+    # the traceback module (logging's) show its sources.
+    failing_json = (
+        "import json, traceback\ntry: json.loads('{')\nexcept ValueError: traceback.print_exc()"
+    )
     traceback = podman_run(*python, image.pushed, "-c", failing_json, check=False).stderr
     assert 'File "/usr/lib/python311.zip/json/decoder.py"' in traceback
     assert "obj, end = self.scan_once(s, idx)" in traceback
