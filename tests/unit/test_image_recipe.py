@@ -13,6 +13,7 @@ from pathlib import Path
 
 import boto3
 import botocore
+import pygments
 import swagger_ui_bundle
 
 from tests.conftest import ROOT
@@ -40,7 +41,7 @@ def trimmed_site(tmp_path: Path) -> Path:
             n for n in names if Path(folder) == models and (models / n).is_dir() and n not in sample
         ],
     )
-    for module in (boto3, swagger_ui_bundle):
+    for module in (boto3, swagger_ui_bundle, pygments):
         package = Path(module.__file__ or "").parent
         shutil.copytree(package, site / package.name, ignore=shutil.ignore_patterns("*.pyc"))
     subprocess.run(["sh", str(INSTALL), "trim", str(site)], check=True)
@@ -77,6 +78,40 @@ def test_the_api_docs_page_loads_only_swagger_files_the_image_keeps(tmp_path: Pa
     )
     assert all((kept / name).is_file() for name in loaded)
     assert not list(kept.glob("*.map"))  # what the trim is for
+
+
+# What rich asks of Pygments: the lexer of a traceback's Python by name and by file
+# name (every entry of the map is loaded when guessing), a style; a language whose
+# lexer is gone is "not found", which rich shows as plain text.
+PYGMENTS_AS_RICH_USES_IT = """
+import pygments.lexers as lexers
+from pygments.styles import get_style_by_name
+from pygments.util import ClassNotFound
+print(lexers.get_lexer_by_name("python").name, lexers.get_lexer_for_filename("a.yaml").name)
+print(lexers.guess_lexer_for_filename("a.py", "import os").name, len(list(lexers.get_all_lexers())))
+get_style_by_name("monokai")
+try:
+    lexers.get_lexer_by_name("rust")
+except ClassNotFound:
+    print("rust: plain text")
+"""
+
+
+def test_pygments_keeps_the_lexers_rich_colours_tracebacks_with(tmp_path: Path) -> None:
+    site = trimmed_site(tmp_path)
+    kept = {path.stem for path in (site / "pygments" / "lexers").glob("*.py")}
+    assert kept == {"__init__", "_mapping", "python", "special", "data", "diff", "shell", "configs"}
+    shown = subprocess.run(
+        [sys.executable, "-S", "-c", PYGMENTS_AS_RICH_USES_IT],
+        env={"PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert shown[0] == "Python YAML"
+    guessed, known = shown[1].split()
+    assert guessed == "Python" and 20 < int(known) < 80  # of ~600 before the trim
+    assert shown[2] == "rust: plain text"
 
 
 # Runs in a fresh interpreter where `cryptography` cannot be imported, as in the image.
