@@ -3,11 +3,13 @@
 The Containerfile is the one recipe; this script feeds it what this machine has. No
 image registry is reachable here (only Debian's, PyPI and the Go proxy), so the base is
 built from Debian's packages by mmdebstrap instead of pulled as debian:bookworm-slim;
-helm and kubectl are the sandbox's own builds (~/.cache/conveyor/sandbox), the very
-binaries the tests run; the Python packages are the hashed lock export, downloaded once
-into a wheelhouse. buildah then runs the Containerfile with chroot isolation (no daemon
-and no OCI runtime, which this VM makes fragile: see tests/cluster/test_image.py) and
-pushes the result to the sandbox registry.
+helm is the sandbox's own build (~/.cache/conveyor/sandbox), the very binary the tests
+run, and kustomize is built beside it from the same Kubernetes module (the kustomize of
+the sandbox's kubectl, without the rest of kubectl: sandbox/build.py ensure_kustomize);
+the Python packages are the hashed lock export, downloaded once into a wheelhouse.
+buildah then runs the Containerfile with chroot isolation (no daemon and no OCI
+runtime, which this VM makes fragile: see tests/cluster/test_image.py) and pushes the
+result to the sandbox registry.
 
 Heavy pieces are cached under ~/.cache/conveyor/image, keyed by their inputs: the
 Debian base by the package list, the wheels by their hashes; buildah keeps the
@@ -38,13 +40,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from conveyor import __version__  # noqa: E402
 from conveyor.paths import cache_root  # noqa: E402
 from conveyor.sandbox import Sandbox, SandboxError  # noqa: E402
-from conveyor.sandbox.build import (  # noqa: E402
-    GoBuilder,
-    ensure_binaries,
-    ensure_tools,
-    kube_ldflags,
-)
-from conveyor.sandbox.versions import VERSIONS, find_go  # noqa: E402
+from conveyor.sandbox.build import ensure_binaries, ensure_kustomize, ensure_tools  # noqa: E402
+from conveyor.sandbox.versions import VERSIONS  # noqa: E402
 
 SUITE = "bookworm"
 MIRRORS = (
@@ -67,7 +64,6 @@ WHEEL_TARGET = (
     "--abi=cp311",
 )
 IMAGE = "localhost/conveyor"
-KUBECTL_PACKAGE = "k8s.io/kubernetes/cmd/kubectl"
 
 
 def say(message: str) -> None:
@@ -125,34 +121,6 @@ def wheelhouse(cache: Path) -> Path:
     return wheels
 
 
-def standalone_kubectl(bin_dir: Path, cache: Path) -> Path:
-    """kubectl alone. The sandbox's kubectl is its multi-call binary, which also holds
-    the apiserver, controller-manager and scheduler (128 MB); the image needs kubectl
-    only. Built from the sandbox's own module (same go.mod and go.sum, same ldflags), so
-    it is the same kubectl; with Go's build cache warm that is a link step (~10 s)."""
-    go, go_version = find_go()
-    sandbox_module = bin_dir.parent / "src" / "kube"
-    ldflags = kube_ldflags(VERSIONS)
-    inputs = [(sandbox_module / name).read_bytes() for name in ("go.mod", "go.sum")]
-    key = hashlib.sha256(b"\n".join([*inputs, ldflags.encode(), go_version.encode()]))
-    target = cache / f"kubectl-{key.hexdigest()[:16]}"
-    if target.exists():
-        return target
-    module = cache / "kubectl-module"
-    module.mkdir(exist_ok=True)
-    for name in ("go.mod", "go.sum"):
-        shutil.copy2(sandbox_module / name, module / name)
-    partial = target.with_suffix(".partial")
-    builder = GoBuilder(go=go, go_version=go_version, log_dir=cache / "logs")
-    builder.run(
-        "kubectl for the image",
-        [go, "build", "-trimpath", "-ldflags", ldflags, "-o", str(partial), KUBECTL_PACKAGE],
-        cwd=module,
-    )
-    partial.rename(target)
-    return target
-
-
 def stage_context(context: Path, cache: Path) -> None:
     """Everything the Containerfile reads, in one directory (also for podman/docker)."""
     started = time.monotonic()
@@ -163,7 +131,7 @@ def stage_context(context: Path, cache: Path) -> None:
     shutil.copy2(ROOT / "requirements" / "runtime.txt", context / "runtime.txt")
     bin_dir = ensure_binaries(VERSIONS, progress=say)
     (context / "bin").mkdir(exist_ok=True)
-    shutil.copy2(standalone_kubectl(bin_dir, cache), context / "bin" / "kubectl")
+    shutil.copy2(ensure_kustomize(VERSIONS, progress=say), context / "bin" / "kustomize")
     for tool in TOOLS:
         shutil.copy2(bin_dir / tool, context / "bin" / tool)
     shutil.copy2(ensure_tools(progress=say) / "sops", context / "bin" / "sops")

@@ -18,6 +18,8 @@ venv=/opt/conveyor
 # models of the other 400 services (28 MB) go. tests/unit/test_image_recipe.py checks
 # that every boto3.client() in src/ names one of these.
 aws_services="sqs cloudformation sts sso sso-oidc"
+# Pygments' lexer modules kept by trim: Python's, and those of the text around code.
+pygments_lexers="python special data diff shell configs"
 
 # Debian's pip wheel, run from the wheel file itself (pip supports this), so the venv
 # holds only what the lock lists.
@@ -63,6 +65,29 @@ trim)
         "$site"/swagger_ui_bundle/vendor/*/swagger-ui-es-bundle*.js \
         "$site"/swagger_ui_bundle/vendor/*/swagger-ui-standalone-preset.js \
         "$site"/swagger_ui_bundle/vendor/*/swagger-ui.js
+    # Pygments (which rich requires) colours conveyor's tracebacks, the only code rich
+    # highlights: Python, and the text around it. The lexers of the other 500 languages
+    # (8 MB) go, and so do their entries in the lexer map, which lookups by name or file
+    # name read (rich shows a language not in it as plain text).
+    lexers="$site"/pygments/lexers
+    for module in "$lexers"/*.py; do
+        name=$(basename "$module" .py)
+        case " $pygments_lexers __init__ _mapping " in
+        *" $name "*) ;;
+        *) rm -f "$module" "$lexers/__pycache__/$name".*.pyc ;;
+        esac
+    done
+    python3 - "$lexers/_mapping.py" $pygments_lexers <<'MAP'
+import pathlib, py_compile, sys
+mapping, kept = pathlib.Path(sys.argv[1]), {f"pygments.lexers.{m}" for m in sys.argv[2:]}
+namespace: dict = {}
+exec(mapping.read_text(), namespace)
+entries = "".join(
+    f"    {name!r}: {entry!r},\n" for name, entry in namespace["LEXERS"].items() if entry[0] in kept
+)
+mapping.write_text(f"# Pygments' map, cut to conveyor's image's lexers.\n\nLEXERS = {{\n{entries}}}\n")
+py_compile.compile(str(mapping), doraise=True)
+MAP
     ;;
 conveyor)
     pip install --no-index --no-deps "$2"/conveyor-*.whl

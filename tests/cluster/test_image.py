@@ -45,6 +45,15 @@ PODMAN_RUN = [
 ]  # fmt: skip
 
 
+# Every ELF file of the image's programs and libraries, with each library that ldd does
+# not find: one line per file and library.
+LIBRARIES_NOT_FOUND = (
+    "find /usr/bin /usr/sbin /usr/lib /opt/conveyor -type f "
+    "\\( -perm -u+x -o -name '*.so*' \\) | while read -r file; do "
+    'ldd "$file" 2>/dev/null | grep "not found" | sed "s|^|$file: |"; done'
+)
+
+
 @dataclass(frozen=True)
 class BuiltImage:
     local: str
@@ -92,16 +101,14 @@ def test_image_runs_conveyor_and_its_tools_as_non_root(
     agent_help = podman_run(image.pushed, "agent", "--help").stdout
     assert "--log-format" in agent_help and "--repo" in agent_help
     assert podman_run("--entrypoint", "id", image.pushed, "-u").stdout.strip() == str(IMAGE_USER)
-    # The image's helm is the sandbox's own build, and kubectl is that Kubernetes version.
+    # The image's helm is the sandbox's own build, and its kustomize the one of the
+    # sandbox's kubectl (the image has no kubectl: render/kustomize.py runs either).
     in_image = podman_run("--entrypoint", "helm", image.pushed, "version", "--short").stdout
     assert in_image == sandbox.run("helm", "version", "--short").stdout
-    kubectl = json.loads(
-        podman_run(
-            "--entrypoint", "kubectl", image.pushed, "version", "--client", "-o", "json"
-        ).stdout
-    )
-    server = json.loads(sandbox.run("kubectl", "version", "-o", "json").stdout)
-    assert kubectl["clientVersion"]["gitVersion"] == server["serverVersion"]["gitVersion"]
+    kustomize = podman_run("--entrypoint", "kustomize", image.pushed, "version").stdout
+    kubectl = json.loads(sandbox.run("kubectl", "version", "--client", "-o", "json").stdout)
+    assert kustomize.strip() == kubectl["kustomizeVersion"]
+    assert podman_run("--entrypoint", "kubectl", image.pushed, check=False).returncode != 0
     assert "git version" in podman_run("--entrypoint", "git", image.pushed, "--version").stdout
     # sops decrypts SOPS-encrypted manifests at render (Flux's decryption).
     sops = podman_run("--entrypoint", "sops", image.pushed, "--version")
@@ -115,6 +122,22 @@ def test_image_runs_conveyor_and_its_tools_as_non_root(
     )
     python = ("--entrypoint", "/opt/conveyor/bin/python")
     assert podman_run(*python, image.pushed, "-c", clients).stdout.strip() == "3"
+    # cryptography is the sandbox extra, not in the image.
+    missing = podman_run(*python, image.pushed, "-c", "import cryptography", check=False)
+    assert "No module named 'cryptography'" in missing.stderr
+    # The standard library comes from its zip (image/slim.sh); tracebacks formatted by
+    # the traceback module (logging's) show its sources.
+    failing_json = (
+        "import json, traceback\ntry: json.loads('{')\nexcept ValueError: traceback.print_exc()"
+    )
+    traceback = podman_run(*python, image.pushed, "-c", failing_json, check=False).stderr
+    assert 'File "/usr/lib/python311.zip/json/decoder.py"' in traceback
+    assert "obj, end = self.scan_once(s, idx)" in traceback
+    # What slim.sh purged left no program or library without a library it links.
+    unresolved = podman_run(
+        "--entrypoint", "sh", image.pushed, "-c", LIBRARIES_NOT_FOUND
+    ).stdout  # fmt: skip
+    assert unresolved == ""
 
 
 @pytest.fixture
@@ -134,7 +157,7 @@ def cluster_admin(sandbox: SandboxHandle, namespace: str) -> Iterator[str]:
 @dataclass(frozen=True)
 class Pod:
     """What the kubelet would hand the container, as podman arguments, and the config
-    repository it reads (a manifest app and a Helm chart from git)."""
+    repository it reads (a kustomization app and a Helm chart from git)."""
 
     args: tuple[str, ...]
     repo: ConfigRepo
@@ -150,6 +173,8 @@ def pod(sandbox: SandboxHandle, namespace: str, cluster_admin: str, tmp_path: Pa
     charts = chart_repo(work)
     path = f"envs/{namespace}"
     repo.write(f"{path}/web/deploy.yaml", deployment("web", namespace, replicas=2))
+    # A kustomization folder, so the image's kustomize builds it.
+    repo.write(f"{path}/web/kustomization.yaml", "resources: [deploy.yaml]\n")
     repo.write(f"{path}/ui.yaml", flux_v1_release("ui", namespace, charts, tag="1.0.0"))
     revision = repo.commit("two apps, one of them helm")
     # The repositories stand for a git server: owned by the image's user, as git

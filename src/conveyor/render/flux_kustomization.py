@@ -82,7 +82,6 @@ class BuildContext:
     repo_root: Path
     charts: ChartResolver
     data_lookup: DataLookup | None  # None: no cluster (an offline diff)
-    kubectl: str = "kubectl"
     config_url: str | None = None  # the config repo, as a GitRepository may name it
     # SOPS documents of a build: by default decrypted with the local keys (render/sops.py).
     decryptor: Decryptor = field(default_factory=lambda: Decryptor(KeySource()))
@@ -328,7 +327,6 @@ class _Builder:
                         f"{self.root}/",
                         f"{scratch}/",
                     ],
-                    kubectl=self.context.kubectl,
                 )
             if mirror is not None:
                 copied = {**copied, **_mirrored(built, overlay, mirror, source_root)}

@@ -1,4 +1,10 @@
-"""Run `kubectl kustomize`, the kustomize the teams use, on a folder.
+"""Run kustomize, the kustomize the teams use, on a folder.
+
+Where kubectl is installed that is `kubectl kustomize`, what teams run; without it, a
+standalone `kustomize build` (conveyor's image ships kustomize alone: the build of the
+same kustomize that its Kubernetes version's kubectl holds, at a third of the size;
+src/conveyor/sandbox/build.py `ensure_kustomize`). Both are one command of kustomize's
+own code, with the same defaults.
 
 kustomize fetches remote bases with git itself, so it runs with conveyor's git
 environment (no prompts, only the transports conveyor allows: never `ext::`). It keeps
@@ -12,6 +18,7 @@ so that SOPS-encrypted ones are decrypted first, as kustomize-controller does.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,26 +28,44 @@ from conveyor.render.discover import KUSTOMIZATION_FILES
 from conveyor.render.documents import Document, RenderError, load_all
 from conveyor.source.git import git_env
 
+KustomizeCommand = tuple[str, ...]
+"""The arguments before the folder: ("kubectl", "kustomize") or ("kustomize", "build")."""
+KUBECTL_KUSTOMIZE: KustomizeCommand = ("kubectl", "kustomize")
+KUSTOMIZE_BUILD: KustomizeCommand = ("kustomize", "build")
 
-async def render_kustomization(
-    directory: Path, *, repo_root: Path, kubectl: str = "kubectl"
-) -> list[Document]:
+
+def find_kustomize() -> KustomizeCommand | None:
+    """kubectl's kustomize if kubectl is on PATH, else a standalone kustomize's, else None."""
+    for command in (KUBECTL_KUSTOMIZE, KUSTOMIZE_BUILD):
+        if shutil.which(command[0]):
+            return command
+    return None
+
+
+async def render_kustomization(directory: Path, *, repo_root: Path) -> list[Document]:
     """The build of a kustomization folder of `repo_root`, as documents of that folder."""
     rel = str(directory.relative_to(repo_root))
-    built = await kustomize_build(
-        directory, shown_as=rel, hide=[str(repo_root) + "/"], kubectl=kubectl
-    )
+    built = await kustomize_build(directory, shown_as=rel, hide=[str(repo_root) + "/"])
     return [Document(obj=o, file=rel, line=0) for o in built]
 
 
 async def kustomize_build(
-    directory: Path, *, shown_as: str, hide: list[str], kubectl: str = "kubectl"
+    directory: Path,
+    *,
+    shown_as: str,
+    hide: list[str],
+    command: KustomizeCommand | None = None,
 ) -> list[Obj]:
     """The objects of the build of `directory`. RenderError names `shown_as`; `hide`
-    are path prefixes (scratch folders, the checkout) left out of kustomize's message."""
+    are path prefixes (scratch folders, the checkout) left out of kustomize's message.
+    `command`: which kustomize runs (by default the one `find_kustomize` finds)."""
+    command = command or find_kustomize()
+    if command is None:
+        raise RenderError(
+            "kustomize build failed: neither kubectl nor kustomize is on PATH", file=shown_as
+        )
     process = await asyncio.create_subprocess_exec(
-        kubectl,
-        "kustomize",
+        *command,
         "--",
         str(directory),
         stdout=asyncio.subprocess.PIPE,
@@ -50,6 +75,8 @@ async def kustomize_build(
     stdout, stderr = await process.communicate()
     if process.returncode != 0:
         message = stderr.decode(errors="replace").strip()
+        # kubectl says "error: ...", kustomize (cobra) "Error: ...": one message either way.
+        message = message.removeprefix("error: ").removeprefix("Error: ")
         for prefix in hide:
             message = message.replace(prefix, "")
         raise RenderError(f"kustomize build failed: {message}", file=shown_as)

@@ -39,16 +39,14 @@ def write_stages(folder: Path, renderers: list[dict[str, Any]]) -> None:
         (stage / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
 
 
-async def post_render(folder: Path, manifests: str, *, kubectl: str = "kubectl") -> str:
+async def post_render(folder: Path, manifests: str) -> str:
     """`manifests` through each stage of `folder` in turn."""
     for stage in sorted(p for p in folder.iterdir() if p.is_dir()):
         with tempfile.TemporaryDirectory(prefix="conveyor-postrender-") as scratch:
             work = Path(scratch)
             (work / MANIFESTS).write_text(manifests)
             (work / "kustomization.yaml").write_text((stage / "kustomization.yaml").read_text())
-            objects = await kustomize_build(
-                work, shown_as="postRenderers", hide=[f"{work}/"], kubectl=kubectl
-            )
+            objects = await kustomize_build(work, shown_as="postRenderers", hide=[f"{work}/"])
         manifests = yaml.safe_dump_all(objects, sort_keys=False)
     return manifests
 

@@ -118,7 +118,6 @@ class Renderer:
         *,
         charts: ChartResolver,
         values_lookup: ValuesLookup,
-        kubectl: str = "kubectl",
         drift_default: DriftMode = "enabled",
         offline: bool = False,
         decryptor: Decryptor | None = None,
@@ -135,7 +134,6 @@ class Renderer:
         self.repo_root = repo_root
         self.charts = charts
         self.values_lookup = values_lookup
-        self.kubectl = kubectl
         self.drift_default = drift_default
         self.offline = offline
         self.decryptor = decryptor or Decryptor(KeySource())
@@ -176,7 +174,6 @@ class Renderer:
             charts=self.charts,
             data_lookup=self.data_lookup,
             decryptor=self.decryptor,
-            kubectl=self.kubectl,
             config_url=self.config_url,
         )
         await expand(tree, context)

@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 
 from conveyor.errors import ConveyorError
-from conveyor.sandbox import pki as pki_module
 from conveyor.sandbox import process
 from conveyor.sandbox.build import ensure_binaries, ensure_tools
 from conveyor.sandbox.components import (
@@ -292,7 +291,7 @@ class Sandbox:
         ):
             directory.mkdir(parents=True, exist_ok=True)
         ports = choose_free_ports(PORT_NAMES)
-        pki = pki_module.generate(layout.pki_dir, cluster_name=self.name, service_ip=SERVICE_IP)
+        pki = _generate_pki(layout.pki_dir, cluster_name=self.name)
         layout.kubeconfig.write_text(
             kubeconfig_text(
                 name=self.name, server=f"https://127.0.0.1:{ports['apiserver']}", pki=pki
@@ -397,6 +396,19 @@ def _ignore_missing(
 ) -> None:
     if not isinstance(error[1], FileNotFoundError):
         raise error[1]
+
+
+def _generate_pki(directory: Path, *, cluster_name: str) -> Pki:
+    # Imported here, not at the top: `cryptography` is the sandbox extra, and every
+    # command (the image's too) imports this module through the CLI.
+    try:
+        from conveyor.sandbox.certificates import generate
+    except ModuleNotFoundError as missing:
+        raise SandboxError(
+            f"a sandbox needs {missing.name}, which this install leaves out: "
+            "pip install 'conveyor[sandbox]'"
+        ) from None
+    return generate(directory, cluster_name=cluster_name, service_ip=SERVICE_IP)
 
 
 def _ssl_context(pki: Pki) -> ssl.SSLContext:
