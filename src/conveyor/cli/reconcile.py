@@ -39,6 +39,7 @@ from conveyor.cli.output import (
 from conveyor.cluster.client import ApiError
 from conveyor.cluster.kubeconfig import KubeconfigError
 from conveyor.cluster.lease import NotLeaderError
+from conveyor.cluster.shards import shard_owners
 from conveyor.config.helmrelease import parse_duration
 from conveyor.config.names import UnsafeValueError, kubernetes_namespace
 from conveyor.config.project import ConfigError
@@ -116,13 +117,19 @@ def show_progress(spinner: Status) -> Callable[[str], None]:
     return show
 
 
-def status_table(statuses: list[AppStatus], *, title: str) -> Table:
+def status_table(
+    statuses: list[AppStatus], *, title: str, shards: dict[str, str] | None = None
+) -> Table:
+    """`shards`: the shard that owns each app (by status name), for sharded environments."""
     table = Table(title=title)
-    for column in ("app", "kind", "state", "reason", "revision", "helm", "applied", "message"):
+    columns = ["app", "kind", "state", "reason", "revision", "helm", "applied", "message"]
+    if shards:
+        columns.insert(1, "shard")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for s in sorted(statuses, key=lambda s: s.app):
         style = STATE_STYLE.get(s.state, "yellow")
-        table.add_row(
+        cells = [
             s.app or "(source)",
             s.kind,
             f"[{style}]{s.state}",
@@ -131,7 +138,10 @@ def status_table(statuses: list[AppStatus], *, title: str) -> Table:
             str(s.helm_revision or ""),
             s.last_applied_time or "",
             escape(s.message),
-        )
+        ]
+        if shards:
+            cells.insert(1, shards.get(s.name, ""))
+        table.add_row(*cells)
     return table
 
 
@@ -247,25 +257,27 @@ def get_apps(
         _get_all_environments(repo, branch, ClusterRef(kubeconfig, context), output)
         return
 
-    async def load() -> list[AppStatus]:
+    async def load() -> tuple[list[AppStatus], dict[str, str]]:
         async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
-            return await StatusStore(kube).list_all(scope=scope)
+            statuses = await StatusStore(kube).list_all(scope=scope)
+            keys = [(s.name, s.owner, s.app) for s in statuses if s.owner]
+            return statuses, await shard_owners(kube, keys, namespace=STATUS_NAMESPACE)
 
     try:
-        statuses = asyncio.run(load())
+        statuses, shards = asyncio.run(load())
     except (KubeconfigError, ApiError, OSError) as error:
         fail(str(error))
     apps = [s for s in statuses if s.kind != SOURCE_KIND]
     if output is not OutputFormat.table:
         print_machine(
             {
-                "items": [s.to_summary() for s in apps],
+                "items": [{**s.to_summary(), "shard": shards.get(s.name)} for s in apps],
                 "sources": [s.to_summary() for s in statuses if s.kind == SOURCE_KIND],
             },
             output,
         )
         return
-    console.print(status_table(statuses, title="apps"))
+    console.print(status_table(statuses, title="apps", shards=shards))
 
 
 def _get_all_environments(
@@ -584,6 +596,13 @@ def agent(
         "only these, creates no namespace, refuses objects elsewhere. conveyor-system is "
         "always among them.",
     ),
+    shards: int | None = typer.Option(
+        None,
+        "--shards",
+        help="Split the environment's apps over N agent replicas (run N, each with "
+        "--shards N): each holds a Lease of its own and owns the apps consistent hashing "
+        "gives it among the live shards.",
+    ),
     kubeconfig: str | None = KubeconfigOption,
     context: str | None = ContextOption,
     log_format: LogFormat | None = LogFormatOption,
@@ -603,6 +622,8 @@ def agent(
         check_listen(listen)
     if lease_duration <= 0:
         fail(f"--lease-duration must be positive, not {lease_duration}")
+    if shards is not None and shards < 1:
+        fail(f"--shards must be at least 1, not {shards}")
     if shutdown_grace < 0:
         fail(f"--shutdown-grace must not be negative, not {shutdown_grace}")
     try:
@@ -624,6 +645,7 @@ def agent(
         lease_duration=lease_duration,
         shutdown_grace=shutdown_grace,
         namespaces=frozenset([*namespaces, STATUS_NAMESPACE]) if namespaces else None,
+        shards=shards,
     )
     target = Target(
         repo=repo, branch=branch, path=path, env=env, kubeconfig=kubeconfig, context=context

@@ -74,6 +74,7 @@ class LeaderElector:
         renew_interval: float = 5.0,
         retry_interval: float | None = None,
         write_margin: float | None = None,
+        labels: dict[str, str] | None = None,
     ) -> None:
         if not 0 < renew_interval < lease_duration:
             raise ValueError("renew_interval must be positive and shorter than lease_duration")
@@ -97,6 +98,9 @@ class LeaderElector:
         self.identity = identity
         self.lease_duration = lease_duration
         self.renew_interval = renew_interval
+        self.labels = dict(labels or {})  # on the Lease, so that a set of them can be listed
+        # Put on the Lease with each acquire and renewal (a shard's load): no extra write.
+        self.annotations: dict[str, str] = {}
         self.lost = asyncio.Event()
         """Set when this candidate stops being leader: lease lost, expired or released."""
         self._renewed_at: float | None = None  # monotonic time the last successful write was sent
@@ -287,6 +291,13 @@ class LeaderElector:
             "leaseTransitions": transitions if ours or spec is None else transitions + 1,
         }
 
+    def _stamp(self, lease: Obj) -> None:
+        metadata = lease["metadata"]
+        if self.labels:
+            metadata["labels"] = {**(metadata.get("labels") or {}), **self.labels}
+        if self.annotations:
+            metadata["annotations"] = {**(metadata.get("annotations") or {}), **self.annotations}
+
     async def _try_acquire_or_renew(self) -> bool:
         sent_at = time.monotonic()
         lease = await self._read()
@@ -299,6 +310,7 @@ class LeaderElector:
                 "metadata": {"name": self.name, "namespace": self.namespace},
                 "spec": self._next_spec(None),
             }
+            self._stamp(lease)
         else:
             spec = lease.get("spec") or {}
             self._observe(spec)
@@ -310,6 +322,7 @@ class LeaderElector:
             method = "PUT"
             path = await self._path()
             lease["spec"] = self._next_spec(spec)  # metadata keeps the resourceVersion read
+            self._stamp(lease)
         try:
             written = await self.client.request(method, path, json_body=lease)
         except ApiError as error:

@@ -24,6 +24,14 @@ helm upgrade in flight to stop (helm marks the release failed, not pending; see
 render/helm.py). Either way the Lease is released on the way out, so a standby takes
 over within its retry interval (2 s) instead of waiting for the lease to expire.
 
+With `shards` (agent --shards N, the chart's sharding), each replica holds a Lease of its
+own and works on the apps it owns by consistent hashing over the live shard Leases
+(cluster/shards.py): every write asks whether this shard owns that write's app under a
+fresh view. Each shard prunes only its own apps; the source's status and the answers to
+whole-environment requests are written by the shard that owns the environment's key; a
+request for one app is handled by that app's owner. A change of the live set starts a
+pass, so a dead shard's apps are taken over once its Lease has expired.
+
 The leader also answers requests (`conveyor reconcile`, the dashboard, `promote --apply`
 write one on the source's status, see reconcile/requests.py): it polls that one object
 each second and runs the pass asked for, then records the request as handled. Every
@@ -51,6 +59,7 @@ from starlette.routing import Route
 
 from conveyor.cluster.client import KubeClient
 from conveyor.cluster.lease import LeaderElector
+from conveyor.cluster.shards import ENVIRONMENT_KEY, ShardSet, writing_for
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.actions.hold import GateHold, GateVerdict
@@ -69,7 +78,7 @@ from conveyor.reconcile.requests import (
     read_source,
     record_handled,
 )
-from conveyor.reconcile.status import STALLED, Reason, StatusStore
+from conveyor.reconcile.status import NAMESPACE, STALLED, Reason, StatusStore
 from conveyor.reconcile.target import (
     ResolvedTarget,
     Target,
@@ -89,6 +98,8 @@ from conveyor.source.git import GitError
 from conveyor.source.webhook import GitWebhook, ListenerLimits, listener_config
 
 log = logging.getLogger("conveyor.agent")
+
+SHARD_LABEL = "conveyor.dev/shard"  # on a Helm release's revisions: the shard that wrote it
 
 # The environment's gates for a fetched revision, the apps it would change, and whether
 # apps left git.
@@ -132,9 +143,17 @@ class AgentOptions:
     # Confined to these namespaces (the chart's namespaced RBAC): watches per namespace,
     # helm creates none. None: cluster-wide.
     namespaces: frozenset[str] | None = None
+    # Replicas expected to share the environment's apps (agent --shards N); None: one
+    # writer for the whole environment, elected through the environment's Lease.
+    shards: int | None = None
     identity: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     )
+
+
+def _label_value(identity: str) -> str:
+    """A shard identity as a label value (63 characters, alphanumeric at the ends)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in identity)[:63].strip("-_.")
 
 
 class _Listener(uvicorn.Server):
@@ -181,6 +200,7 @@ class Agent:
         # goes through, guarded by the lease) and its candidacy for the lease.
         self._engine: Engine | None = None
         self._elector: LeaderElector | None = None
+        self._shards: ShardSet | None = None  # this replica's shard, when sharded
 
     # -- HTTP: webhook, metrics, probes ---------------------------------------------
 
@@ -299,13 +319,28 @@ class Agent:
                     break
                 except Exception as error:  # away, or refusing (RBAC): both can be mended
                     await self._cluster_not_ready(error)
-            elector = environment_elector(
-                lease_kube,
-                scope,
-                identity=self.options.identity,
-                lease_duration=self.options.lease_duration,
-            )
+            shards = None
+            if self.options.shards is not None:
+                shards = ShardSet(
+                    lease_kube,
+                    namespace=NAMESPACE,
+                    scope=scope,
+                    environment=resolved.identity.id,
+                    identity=self.options.identity,
+                    lease_duration=self.options.lease_duration,
+                )
+                elector = shards.elector
+            else:
+                elector = environment_elector(
+                    lease_kube,
+                    scope,
+                    identity=self.options.identity,
+                    lease_duration=self.options.lease_duration,
+                )
             helm = helm_cli(resolved, create_namespace=self.options.namespaces is None)
+            if shards is not None:
+                # Each revision of a release says which shard wrote it (helm history).
+                helm.labels = {SHARD_LABEL: _label_value(self.options.identity)}
             engine = build_engine(
                 kube,
                 helm,
@@ -314,11 +349,13 @@ class Agent:
                     identity=resolved.identity,
                     timeout=self.options.timeout,
                     namespaces=self.options.namespaces,
+                    shard=self.options.identity if shards else None,
                 ),
                 metrics=self.metrics,
-                may_write=lambda: elector.may_write,
+                may_write=(lambda: shards.may_write) if shards else (lambda: elector.may_write),
                 notifier=self.notifier,
                 render_past=past_renders(resolved, kube, helm),
+                owns=shards.owns if shards else None,
             )
             while True:  # the apiserver may still be starting: wait for it, do not exit
                 try:
@@ -329,15 +366,16 @@ class Agent:
             self._backoff.reset()
             # From here on, every write waits on the lease (installing came first: it is
             # idempotent, and a standby must not be refused it).
-            kube.write_guard = helm.write_guard = elector.write_budget
-            self._engine, self._elector = engine, elector
+            guard = shards.write_budget if shards else elector.write_budget
+            kube.write_guard = helm.write_guard = guard
+            self._engine, self._elector, self._shards = engine, elector, shards
             try:
                 await self._lead(elector, engine, resolved)
             finally:
-                self._engine = self._elector = None
+                self._engine = self._elector = self._shards = None
                 await engine.close()
                 with contextlib.suppress(Exception):
-                    await elector.release()
+                    await (shards.leave() if shards else elector.release())
                 await kube.aclose()
                 await lease_kube.aclose()
         finally:
@@ -355,6 +393,12 @@ class Agent:
         self, elector: LeaderElector, engine: Engine, resolved: ResolvedTarget | None
     ) -> None:
         while True:
+            if self._shards is not None:
+                await self._join(self._shards, engine)
+                resolved = None
+                if self._stopping:
+                    return
+                continue
             log.info("waiting to lead %s as %s", engine.options.scope, self.options.identity)
             try:
                 # One attempt first: only a Lease another replica holds makes this a standby.
@@ -382,6 +426,39 @@ class Agent:
             log.warning("lost the lease for %s; standing by", engine.options.scope)
             resolved = None
 
+    async def _join(self, shards: ShardSet, engine: Engine) -> None:
+        """One term of a shard: take its own Lease, wait out the views older than it,
+        then reconcile its apps until the Lease lapses or the agent stops."""
+        scope = engine.options.scope
+        try:
+            await shards.join()
+        except Exception as error:  # refused for good (RBAC): fixable without a restart
+            await self._failed(scope, error, what="taking the shard's lease")
+            return
+        log.info("shard %s of %s: settling for %.1fs", shards.identity, scope, shards.settles_in())
+        tasks = [
+            asyncio.create_task(shards.elector.run_renewals()),
+            asyncio.create_task(shards.run_refreshes()),
+            asyncio.create_task(self._watch_requests(engine)),
+        ]
+        try:
+            while (wait := shards.settles_in()) > 0 and shards.elector.is_leader:
+                await asyncio.sleep(wait)
+            log.info("shard %s of %s: reconciling its apps", shards.identity, scope)
+            await self._loop(engine, shards.elector, None)
+        finally:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if not self._stopping:
+            log.warning("shard %s lost its lease; joining again", shards.identity)
+
+    def _owns(self, key: str) -> bool:
+        """Whether this agent writes for `key` (an app, or ENVIRONMENT_KEY): always
+        when it is the environment's one writer, by the hash when it is a shard."""
+        return self._shards is None or self._shards.owns(key)
+
     async def _loop(
         self, engine: Engine, elector: LeaderElector, resolved: ResolvedTarget | None
     ) -> None:
@@ -391,6 +468,8 @@ class Agent:
             try:
                 if full_pass_due:
                     request, self._request = self._request, None
+                    if self._shards is not None:
+                        self._shards.changed.clear()  # this pass sees the set as it is now
                     with self._pass_in_flight():
                         resolved = resolved or await self._fetch()
                         if resolved is None and request is not None:
@@ -499,7 +578,7 @@ class Agent:
                     lease_duration=self.options.lease_duration,
                     progress=log.info,
                 )
-            elif not elector.may_write:
+            elif not elector.may_write or not self._owns(ENVIRONMENT_KEY):
                 log.info("standing by: the failure is not recorded on the source's status")
             else:
                 options = engine.options
@@ -521,9 +600,12 @@ class Agent:
                 log.debug("cannot read reconcile requests: %s", error)
                 request = None
             if request is not None and request != self._request_seen:
-                log.info("reconcile of %s requested", request.app or "all apps")
-                self._request = self._request_seen = request
-                self.trigger.set()
+                self._request_seen = request
+                # A shard runs a request for all apps, and one for an app it owns.
+                if request.app is None or self._owns(request.app):
+                    log.info("reconcile of %s requested", request.app or "all apps")
+                    self._request = request
+                    self.trigger.set()
             await asyncio.sleep(self.options.request_poll)
 
     async def _answer(
@@ -534,17 +616,22 @@ class Agent:
         result: PassResult | None = None,
         source_failure: str | None = None,
     ) -> None:
-        """Record on the source's status that `request` was handled, and how it went."""
-        await record_handled(
-            engine.kube,
-            engine.options.scope,
-            request,
-            by=self.options.identity,
-            revision=result.revision if result else "",
-            writes=result.writes if result else 0,
-            pruned_apps=result.pruned_apps if result else [],
-            source_failure=source_failure,
-        )
+        """Record on the source's status that `request` was handled, and how it went.
+        Among shards, the app's owner answers, or for all apps the environment's."""
+        key = request.app or ENVIRONMENT_KEY
+        if not self._owns(key):
+            return
+        with writing_for(key):
+            await record_handled(
+                engine.kube,
+                engine.options.scope,
+                request,
+                by=self.options.identity,
+                revision=result.revision if result else "",
+                writes=result.writes if result else 0,
+                pruned_apps=result.pruned_apps if result else [],
+                source_failure=source_failure,
+            )
 
     async def _wait_trigger(
         self, timeout: float, *, engine: Engine | None = None, elector: LeaderElector | None = None
@@ -552,6 +639,9 @@ class Agent:
         """Wait for the interval, a webhook, or drifted apps. Returns whether a full pass
         is due, and the apps that drifted."""
         waiters: list[asyncio.Task[object]] = [asyncio.create_task(self.trigger.wait())]
+        shards = self._shards
+        if shards is not None:
+            waiters.append(asyncio.create_task(shards.changed.wait()))
         if engine is not None:
             waiters.append(asyncio.create_task(engine.drifted.get()))
         if elector is not None:
@@ -567,8 +657,17 @@ class Agent:
             while not engine.drifted.empty():
                 drifted.append(engine.drifted.get_nowait())
         full_pass_due = not done or self.trigger.is_set()
+        if shards is not None and shards.changed.is_set():
+            full_pass_due = True  # the apps this shard owns changed
         self.trigger.clear()
         return full_pass_due, sorted(set(drifted))
+
+    def _publish_load(self, scope: str, shards: ShardSet, apps: int, seconds: float) -> None:
+        shards.publish_load(apps=apps, pass_seconds=seconds)
+        self.metrics.shard_apps.labels(scope, shards.identity).set(apps)
+        self.metrics.shard_pass.labels(scope, shards.identity).set(seconds)
+        if shards.view is not None:
+            self.metrics.shards_live.labels(scope).set(len(shards.view.live))
 
     def _gate_check(self, resolved: ResolvedTarget | None) -> GateCheck | None:
         gate = self.gate
@@ -636,14 +735,17 @@ class Agent:
             self.metrics.revision.labels(engine.options.scope, resolved.revision).set(1)
         self.last_revision = resolved.revision
         self.passes += 1
-        await engine.store.save(
-            source_fetched(
-                self.target,
-                resolved,
-                scope=engine.options.scope,
-                apps=[a.name for a in tree.apps],
+        if self._owns(ENVIRONMENT_KEY):
+            await engine.store.save(
+                source_fetched(
+                    self.target,
+                    resolved,
+                    scope=engine.options.scope,
+                    apps=[a.name for a in tree.apps],
+                )
             )
-        )
+        if self._shards is not None and request is None:
+            self._publish_load(engine.options.scope, self._shards, len(result.statuses), seconds)
         if request is not None:
             await self._answer(engine, request, result=result)
         ready = sum(s.ready for s in result.statuses.values())

@@ -37,6 +37,7 @@ from conveyor.cluster.helm_storage import (
     move_release,
     release_ownership,
 )
+from conveyor.cluster.lease import NotLeaderError
 from conveyor.cluster.live import LiveCache, OutsideNamespacesError
 from conveyor.cluster.ownership import (
     EnvironmentIdentity,
@@ -45,6 +46,7 @@ from conveyor.cluster.ownership import (
     foreign_owner,
     owner_of,
 )
+from conveyor.cluster.shards import writing_for
 from conveyor.notify.notifier import Notifier
 from conveyor.reconcile.actions import (
     ActionContext,
@@ -108,6 +110,8 @@ class EngineOptions:
     # An agent confined to these namespaces (namespaced RBAC) watches only them; None
     # watches cluster-wide.
     namespaces: frozenset[str] | None = None
+    # This engine's shard identity (agent --shards), recorded in the statuses it writes.
+    shard: str | None = None
 
 
 # Called with the apps whose content would change, and whether apps left git (to be
@@ -147,6 +151,7 @@ class Engine:
         may_write: Callable[[], bool] = lambda: True,
         notifier: Notifier | None = None,
         render_past: RenderPast | None = None,
+        owns: Callable[[str], bool] | None = None,
     ) -> None:
         self.kube = kube
         self.helm = helm
@@ -159,6 +164,10 @@ class Engine:
         self.may_write = may_write
         self.notifier = notifier
         self.render_past = render_past
+        # A shard's: which apps are its own (cluster/shards.py). The others' statuses are
+        # read afresh each pass (their dependants read them), never written or pruned.
+        self.owns = owns
+        self._owned: set[str] = set()  # the apps owned in the last pass
         self.statuses: dict[str, AppStatus] = {}
         # Statuses of this scope written before identities: claimed when rendered again.
         self._legacy: dict[str, AppStatus] = {}
@@ -221,14 +230,14 @@ class Engine:
                 log.error("%s: render failed", app.name, exc_info=error, extra={"app": app.name})
                 rendered[app.name] = RenderError(error_summary(error), file=app.path)
 
-        apps = [a for a in tree.apps if only is None or a.name == only]
+        apps = [a for a in tree.apps if (only is None or a.name == only) and self._is_own(a.name)]
         names = [a.name for a in apps]
         known = {a.name for a in tree.apps}
         await asyncio.gather(*(render(a) for a in apps))
         resolve_dependencies(rendered)
         verdict = GateVerdict()
         changed = self._changed(names, rendered)
-        leaving = only is None and self.options.prune and bool(apps_left(self.statuses, names))
+        leaving = only is None and self.options.prune and bool(self._left(known))
         if gate is not None and (changed or leaving):
             verdict = await gate([r.source for r in changed], leaving)
         held = verdict.held
@@ -238,17 +247,18 @@ class Engine:
 
         async def run(name: str) -> None:
             try:
-                done[name].set_result(
-                    await self._reconcile_one(
-                        ctx,
-                        name,
-                        rendered[name],
-                        done,
-                        verdict.apps.get(name),
-                        root=renderer.repo_root,
-                        known=known,
+                with writing_for(name):  # a shard's write guard asks whether it owns `name`
+                    done[name].set_result(
+                        await self._reconcile_one(
+                            ctx,
+                            name,
+                            rendered[name],
+                            done,
+                            verdict.apps.get(name),
+                            root=renderer.repo_root,
+                            known=known,
+                        )
                     )
-                )
             except asyncio.CancelledError:
                 done[name].cancel()  # a dependant waiting on it is cancelled too
                 raise
@@ -264,9 +274,9 @@ class Engine:
         if held is not None and only is None:
             log.info("revision %s waits for gate %s: %s", revision[:12], held.gate, held.message)
         elif only is None and self.options.prune and not render_failed:
-            result.pruned_apps = await self._prune_missing_apps(ctx, set(names))
+            result.pruned_apps = await self._prune_missing_apps(ctx, known)
         elif only is None:
-            missing = sorted(s.app for s in apps_left(self.statuses, names))
+            missing = sorted(s.app for s in self._left(known))
             if missing:
                 log.warning(
                     "not pruning apps missing from git (%s): a render failed", ", ".join(missing)
@@ -289,9 +299,18 @@ class Engine:
                 result.append(app)
         return result
 
+    def _is_own(self, app: str) -> bool:
+        return self.owns is None or self.owns(app)
+
+    def _left(self, present: set[str]) -> list[AppStatus]:
+        """The apps that left git and are this engine's to prune."""
+        return [s for s in apps_left(self.statuses, present) if self._is_own(s.app)]
+
     async def _load(self) -> None:
         """Statuses from the cluster on the first pass; later passes only pick up what
-        people change there (suspend/resume, adopt), one list call."""
+        people change there (suspend/resume, adopt), one list call. A shard also takes
+        afresh the statuses of the apps it did not own in its last pass: another shard
+        wrote them (an app that comes to it starts from what its last owner recorded)."""
         if not self._loaded:
             await self.store.install()
         loaded, legacy = await self.store.load_environment(
@@ -301,11 +320,24 @@ class Engine:
             self.statuses = {n: s for n, s in loaded.items() if s.kind != SOURCE_KIND}
             self._legacy = {n: s for n, s in legacy.items() if s.kind != SOURCE_KIND}
             self._loaded = True
+        if self.owns is not None:
+            self._take_others(loaded)
         for name, stored in loaded.items():
             if name in self.statuses:
                 self.statuses[name].suspended = stored.suspended
                 self.statuses[name].adopt_from = stored.adopt_from
                 self.statuses[name].generation = stored.generation
+
+    def _take_others(self, loaded: dict[str, AppStatus]) -> None:
+        for name in [n for n in self.statuses if n not in self._owned and n not in loaded]:
+            del self.statuses[name]  # pruned by the shard that owned it
+        for name, stored in loaded.items():
+            if stored.kind != SOURCE_KIND and name not in self._owned:
+                self.statuses[name] = stored
+        owned = {name for name in self.statuses if self._is_own(name)}
+        for name in self._owned - owned:
+            self.desired.forget(name)  # its drift is its new owner's to correct
+        self._owned = owned
 
     def _status_for(self, name: str) -> AppStatus:
         """The app's status: its own, a claimed one from before identities, or new."""
@@ -360,6 +392,11 @@ class Engine:
             log.warning("%s: %s", name, error, extra={"app": name})
             ctx.set(status, Reason.API_ERROR, error_summary(error), details=_details(error))
             result = "error"
+        except NotLeaderError as error:
+            # No longer this writer's to write (the Lease lost, or the app now another
+            # shard's): its status is not ours to write either; its writer reports it.
+            log.info("%s: left alone: %s", name, error, extra={"app": name})
+            return status
         except Exception as error:  # a bug in one app's reconcile never stops the others
             log.error("%s: reconcile failed", name, exc_info=error, extra={"app": name})
             ctx.set(status, Reason.INTERNAL_ERROR, error_summary(error))
@@ -790,18 +827,19 @@ class Engine:
 
     async def _prune_missing_apps(self, ctx: ActionContext, present: set[str]) -> list[str]:
         pruned = []
-        for status in apps_left(self.statuses, present):
+        for status in self._left(present):
             name = status.app
             if not self.may_write():
                 break
-            await prune_app(ctx, status)
-            await self.events.record(
-                status,
-                warning=False,
-                reason="Pruned",
-                message=f"{name} left git; deleted its objects",
-            )
-            await self.store.delete(status)
+            with writing_for(name):
+                await prune_app(ctx, status)
+                await self.events.record(
+                    status,
+                    warning=False,
+                    reason="Pruned",
+                    message=f"{name} left git; deleted its objects",
+                )
+                await self.store.delete(status)
             del self.statuses[name]
             pruned.append(name)
         return pruned
@@ -871,6 +909,7 @@ def build_engine(
     may_write: Callable[[], bool] = lambda: True,
     notifier: Notifier | None = None,
     render_past: RenderPast | None = None,
+    owns: Callable[[str], bool] | None = None,
 ) -> Engine:
     """An engine with the usual parts: statuses in ConveyorApps, a watch cache that
     reports drift of what the engine applied, Events."""
@@ -879,7 +918,7 @@ def build_engine(
         kube,
         helm,
         options=options,
-        store=StatusStore(kube),
+        store=StatusStore(kube, writer=options.shard),
         live=LiveCache(kube, on_change=desired.on_change, namespaces=options.namespaces),
         desired=desired,
         events=EventRecorder(kube),
@@ -887,6 +926,7 @@ def build_engine(
         may_write=may_write,
         notifier=notifier,
         render_past=render_past,
+        owns=owns,
     )
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from conveyor.cluster.client import KubeClient
 from conveyor.cluster.lease import LeaderElector, LeaseNotAcquiredError
 from conveyor.cluster.ownership import EnvironmentIdentity
+from conveyor.cluster.shards import live_shards
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.engine import EngineOptions, PassResult, build_engine
@@ -25,7 +27,14 @@ from conveyor.reconcile.requests import (
     request_reconcile,
     wait_handled,
 )
-from conveyor.reconcile.status import SOURCE_KIND, STALLED, AppStatus, Reason, StatusStore
+from conveyor.reconcile.status import (
+    NAMESPACE,
+    SOURCE_KIND,
+    STALLED,
+    AppStatus,
+    Reason,
+    StatusStore,
+)
 from conveyor.reconcile.target import (
     ResolvedTarget,
     Target,
@@ -91,7 +100,29 @@ async def reconcile_once(
             lease_kube, scope, identity=writer, lease_duration=lease_duration
         )
         deadline = time.monotonic() + timeout
+
+        async def shards_live() -> bool:
+            return bool(
+                await live_shards(lease_kube, namespace=NAMESPACE, environment=resolved.identity.id)
+            )
+
         while True:
+            if await shards_live():  # sharded agents write this environment: ask them
+                answer = await _ask_holder(
+                    kube,
+                    resolved,
+                    "the environment's shards",
+                    still_asked=shards_live,
+                    scope=scope,
+                    app=app,
+                    timeout=timeout,
+                    say=say,
+                )
+                if answer is not None:
+                    return answer
+                if time.monotonic() > deadline:
+                    raise RequestTimeoutError(f"the shards of {scope} did not answer")
+                continue
             with contextlib.suppress(LeaseNotAcquiredError):
                 async with elector.hold(timeout=0):
                     say(f"holding lease {elector.name} as {writer}")
@@ -112,7 +143,14 @@ async def reconcile_once(
             left = deadline - time.monotonic()
             if answers_requests(holder) and elector.holder_renews():
                 answer = await _ask_holder(
-                    kube, elector, resolved, holder, scope=scope, app=app, timeout=timeout, say=say
+                    kube,
+                    resolved,
+                    f"agent {holder} (lease {elector.name})",
+                    still_asked=partial(_still_held, elector, holder),
+                    scope=scope,
+                    app=app,
+                    timeout=timeout,
+                    say=say,
                 )
                 if answer is not None:
                     return answer
@@ -189,37 +227,36 @@ async def _own_pass(
     return result
 
 
+async def _still_held(elector: LeaderElector, holder: str) -> bool:
+    return await elector.observe() == holder
+
+
 async def _ask_holder(
     kube: KubeClient,
-    elector: LeaderElector,
     resolved: ResolvedTarget,
     holder: str,
     *,
+    still_asked: Callable[[], Awaitable[bool]],
     scope: str,
     app: str | None,
     timeout: float,
     say: Progress,
 ) -> PassResult | SourceFailure | None:
-    """Ask the agent holding the Lease for the pass and wait for its answer; None when it
-    stops holding the lease before answering."""
+    """Ask the writer (`holder` says who: an agent holding the Lease, or the shards)
+    for the pass and wait for its answer; None when `still_asked` turns False first."""
     token = await request_reconcile(kube, scope, app=app)
     if token is None:  # its first pass has not ended: wait for it like for any holder
-        say(f"waiting for {holder}'s first pass to end")
+        say(f"waiting for the first pass of {holder} to end")
         await asyncio.sleep(1.0)
         return None
-
-    async def still_held() -> bool:
-        return await elector.observe() == holder
-
     handled = await wait_handled(
         kube,
         scope,
         token,
         timeout=timeout,
-        still_asked=still_held,
+        still_asked=still_asked,
         progress=lambda elapsed: say(
-            f"asked agent {holder} (lease {elector.name}) to reconcile "
-            f"{app or 'all apps'}; waiting for it ({elapsed:.0f}s)"
+            f"asked {holder} to reconcile {app or 'all apps'}; waiting for it ({elapsed:.0f}s)"
         ),
     )
     if handled is None:

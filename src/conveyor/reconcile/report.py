@@ -88,6 +88,25 @@ class Metrics:
             ["scope", "revision"],
             registry=self.registry,
         )
+        # A shard's load (agent --shards): its own apps and how long its last pass took.
+        self.shard_apps = Gauge(
+            "conveyor_shard_apps",
+            "Apps this shard owned in its last pass",
+            ["scope", "shard"],
+            registry=self.registry,
+        )
+        self.shard_pass = Gauge(
+            "conveyor_shard_pass_seconds",
+            "Duration of this shard's last full pass",
+            ["scope", "shard"],
+            registry=self.registry,
+        )
+        self.shards_live = Gauge(
+            "conveyor_shards_live",
+            "Shards of the environment this shard sees live",
+            ["scope"],
+            registry=self.registry,
+        )
 
 
 class EventRecorder:

@@ -212,6 +212,8 @@ class AppStatus:
     # And the apps that revision has (None: written before sources listed them): an
     # app status beside them that is not among them was left by an earlier pass.
     apps: list[str] | None = None
+    # The shard (agent --shards) that wrote this status last; None when not sharded.
+    shard: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -294,6 +296,8 @@ class AppStatus:
             body["repository"], body["branch"] = self.repository, self.branch
             if self.apps is not None:
                 body["apps"] = list(self.apps)
+        if self.shard:
+            body["shard"] = self.shard
         return body
 
     def to_summary(self) -> dict[str, Any]:
@@ -313,6 +317,7 @@ class AppStatus:
             "drift": self.drift,
             "suspended": self.suspended,
             "source": self.source,
+            "lastWrittenBy": self.shard,
         }
 
     @classmethod
@@ -355,14 +360,18 @@ class AppStatus:
             repository=raw.get("repository"),
             apps=[str(a) for a in raw["apps"]] if isinstance(raw.get("apps"), list) else None,
             branch=raw.get("branch"),
+            shard=raw.get("shard"),
         )
 
 
 class StatusStore:
     """Reads and writes ConveyorApp objects; remembers what it last wrote."""
 
-    def __init__(self, kube: KubeClient) -> None:
+    def __init__(self, kube: KubeClient, *, writer: str | None = None) -> None:
         self.kube = kube
+        # A shard's identity, recorded in each status it writes (`AppStatus.shard`); the
+        # status is not written again for that alone, so a moved app costs no write.
+        self.writer = writer
         self._written: dict[str, dict[str, Any]] = {}
         self._owners: dict[str, str | None] = {}  # the owner label as last read or written
         self._generations: dict[str, int | None] = {}
@@ -518,8 +527,12 @@ class StatusStore:
             # A status made afresh (a source's, each pass) observes what is stored; a
             # ConveyorApp that does not exist yet is created at generation 1.
             status.generation = self._generations.get(status.name) or 1
-        body = status.status_body()
         previous = self._written.get(status.name)
+        if self.writer is not None:
+            status.shard = (previous or {}).get("shard")  # as stored, unless written below
+            if previous is None or _without_time(previous) != _without_time(status.status_body()):
+                status.shard = self.writer
+        body = status.status_body()
         claimed = self._owners.get(status.name) != status.owner
         if previous is not None:
             if _without_time(previous) == _without_time(body) and not claimed:

@@ -212,6 +212,8 @@ class HelmCLI:
     # An agent confined to its namespaces may not create one: its releases' namespaces
     # exist already, and helm's create would be refused even for those.
     create_namespace: bool = True
+    # Put on every release revision this CLI writes, beside the caller's (a shard's name).
+    labels: dict[str, str] = field(default_factory=dict)
 
     def _global_args(self) -> list[str]:
         args = []
@@ -356,6 +358,7 @@ class HelmCLI:
             ]
             if description:
                 args.append(f"--description={description}")
+            labels = {**(labels or {}), **self.labels}
             if labels:
                 args.append("--labels=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())))
             out = await self.run(*args, positional=[release, chart], writes=True)

@@ -1,0 +1,212 @@
+"""Shards on the sandbox: real `conveyor agent --shards` processes on one environment,
+two, then three, then one killed with SIGKILL in the middle of a rollout.
+
+Writers are told apart by their User-Agent (`conveyor/<shard identity>`), which the
+sandbox's apiserver audit log records with each write's times, and by the shard label
+each Helm release revision carries. Field managers stay `conveyor` for every shard: an
+app that moves to another shard must still own the fields it applied before, or fields
+it later drops would stay behind, co-owned by the shard it left.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conveyor.cluster.shards import owner_of
+from tests.cluster.gitops import (
+    ConfigRepo,
+    chart_repo,
+    conveyor,
+    conveyor_apps,
+    flux_v1_release,
+    kubectl_json,
+    wait_for,
+)
+from tests.cluster.test_agent import AgentProcess, sign
+from tests.cluster.test_one_writer import AuditedWrite, audited_writes
+from tests.conftest import SandboxHandle
+
+pytestmark = pytest.mark.cluster
+APPS = 12
+LEASE = "10"  # seconds: short, so that a takeover fits in the test's budget
+
+
+def write_apps(repo: ConfigRepo, folder: str, namespace: str, version: str, chart: str) -> None:
+    for i in range(APPS):
+        repo.write(
+            f"{folder}/c{i:02d}/app.yaml",
+            f"""
+            apiVersion: v1
+            kind: ConfigMap
+            metadata: {{name: c{i:02d}, namespace: {namespace}}}
+            data: {{version: "{version}"}}
+            """,
+        )
+    repo.write(
+        f"{folder}/web.yaml",
+        flux_v1_release("web", namespace, chart, tag=f"1.0.{version}"),
+    )
+
+
+def shard_of_apps(box: SandboxHandle, scope: str) -> dict[str, dict[str, object]]:
+    result = conveyor(box, "get", "apps", "--scope", scope, "-o", "json", check=True)
+    return {item["name"]: item for item in json.loads(result.stdout)["items"]}
+
+
+def all_ready(box: SandboxHandle, scope: str, version_revision: str) -> bool:
+    apps = [a for a in conveyor_apps(box, scope) if a["spec"]["app"]]
+    return len(apps) == APPS + 1 and all(
+        (a.get("status") or {}).get("state") == "Ready"
+        and (a.get("status") or {}).get("lastAppliedRevision") == version_revision
+        for a in apps
+    )
+
+
+def identity_of(agent: AgentProcess) -> str:
+    """The shard identity the agent logged when it joined."""
+    for line in agent.log.read_text().splitlines():
+        message = json.loads(line).get("message", "")
+        if message.startswith("shard ") and "settling" in message:
+            return str(message.split()[1])
+    raise AssertionError(f"no shard identity in {agent.log}")
+
+
+def writers(writes: list[AuditedWrite], identities: list[str]) -> list[AuditedWrite]:
+    agents = {f"conveyor/{i}" for i in identities}
+    return [w for w in writes if w.user_agent in agents and w.code < 300]
+
+
+def test_shards_split_the_apps_take_a_killed_ones_over_and_never_write_one_app_twice(
+    sandbox: SandboxHandle, namespace: str, tmp_path: Path
+) -> None:
+    folder = f"shard{uuid.uuid4().hex[:6]}"
+    chart = chart_repo(tmp_path)
+    repo = ConfigRepo(tmp_path)
+    write_apps(repo, folder, namespace, "1", chart)
+    first = repo.commit("apps")
+    started = dt.datetime.now(dt.UTC)
+    # The interval retries what an overloaded apiserver answered too late for.
+    common = ("--shards", "3", "--lease-duration", LEASE, "--interval", "20s")
+    agents = [
+        AgentProcess(sandbox, repo, folder, tmp_path, *common, name=f"shard{k}") for k in range(2)
+    ]
+    try:
+        # Two shards: all apps Ready, split between them as hashing says.
+        wait_for(lambda: all_ready(sandbox, folder, first), timeout=120, what="apps Ready")
+        two = [identity_of(a) for a in agents]
+        owners = shard_of_apps(sandbox, folder)
+        names = [*(f"c{i:02d}" for i in range(APPS)), "web"]
+        assert {n: owners[n]["shard"] for n in names} == {n: owner_of(n, two) for n in names}
+        assert set(two) == {owners[n]["shard"] for n in names}  # both have work
+        assert all(owners[n]["lastWrittenBy"] == owner_of(n, two) for n in names)
+
+        # A third shard joins: only the apps it now ranks first for move, to it, and
+        # nothing is reinstalled or pruned for the move.
+        joined = dt.datetime.now(dt.UTC)
+        agents.append(AgentProcess(sandbox, repo, folder, tmp_path, *common, name="shard2"))
+        three = [*two, identity_of_when_logged(agents[2])]
+        wait_for(
+            lambda: {v["shard"] for v in shard_of_apps(sandbox, folder).values()} == set(three),
+            timeout=60,
+            what="three shards owning apps",
+        )
+        wait_for(lambda: agents[2].passes() >= 1, timeout=60, what="the new shard's first pass")
+        moved = [n for n in names if owner_of(n, two) != owner_of(n, three)]
+        assert all(owner_of(n, three) == three[2] for n in moved)
+        assert 1 <= len(moved) <= APPS // 2  # about a third of 13
+        objects = writers(audited_writes(sandbox, since=joined), three)
+        assert not [w for w in objects if w.namespace == namespace], "a move re-applied objects"
+
+        # A rollout to every app; the shard owning most apps is killed in the middle.
+        write_apps(repo, folder, namespace, "2", chart)
+        second = repo.commit("version 2")
+        victim = max(range(3), key=lambda k: sum(owner_of(n, three) == three[k] for n in names))
+        for agent in agents:
+            agent.hook(b'{"ref":"refs/heads/main"}', sign(b'{"ref":"refs/heads/main"}'))
+        wait_for(
+            lambda: f"revision {second[:12]}" in agents[victim].log.read_text(),
+            timeout=60,
+            what="the victim applying the new revision",
+        )
+        agents[victim].stop(signal.SIGKILL)
+        killed = dt.datetime.now(dt.UTC)
+        killed_at = time.monotonic()
+        survivors = [i for k, i in enumerate(three) if k != victim]
+        wait_for(lambda: all_ready(sandbox, folder, second), timeout=90, what="the takeover")
+        taken_over_s = time.monotonic() - killed_at
+        owners = shard_of_apps(sandbox, folder)
+        assert {n: owners[n]["shard"] for n in names} == {n: owner_of(n, survivors) for n in names}
+        assert taken_over_s < 2 * int(LEASE) + 20, taken_over_s
+
+        # No app was written by two shards at once: per object, each shard's writes are
+        # one run, the next shard's first write received after the last one's answered;
+        # nothing of the killed shard after its death.
+        writes = writers(audited_writes(sandbox, since=started), three)
+        assert not [
+            w for w in writes if w.user_agent == f"conveyor/{three[victim]}" and w.done > killed
+        ]
+        for key, ordered in by_object(writes):
+            runs = [ordered[0]]
+            for before, after in itertools.pairwise(ordered):
+                if before.user_agent != after.user_agent:
+                    assert before.done < after.received, (key, before, after)
+                    runs.append(after)
+            agents_in_order = [w.user_agent for w in runs]
+            assert len(agents_in_order) == len(set(agents_in_order)), (key, agents_in_order)
+        # Helm: each revision of the release says which shard wrote it; revisions are
+        # sequential, and each was written by the release's owner of its time.
+        history = helm_revisions(sandbox, namespace, "web")
+        assert [r for r, _ in history] == list(range(1, len(history) + 1))
+        assert {shard for _, shard in history} <= set(three)
+        assert history[-1][1] == owner_of("web", survivors)
+        status = kubectl_json(
+            sandbox, "get", "configmap", "c00", "-n", namespace
+        )  # one manager for every shard's applies
+        managers = {m["manager"] for m in (status or {})["metadata"]["managedFields"]}
+        assert managers == {"conveyor"}, managers
+    finally:
+        for agent in agents:
+            agent.stop(signal.SIGKILL)
+
+
+def identity_of_when_logged(agent: AgentProcess) -> str:
+    return wait_for(lambda: _try_identity(agent), timeout=60, what="the shard to join")
+
+
+def _try_identity(agent: AgentProcess) -> str | None:
+    try:
+        return identity_of(agent)
+    except AssertionError:
+        return None
+
+
+def by_object(writes: list[AuditedWrite]) -> list[tuple[str, list[AuditedWrite]]]:
+    """Writes to the same object, in order, for the objects the apps consist of (Leases
+    and Events are every shard's own)."""
+    grouped: dict[str, list[AuditedWrite]] = {}
+    for write in writes:
+        if write.resource in ("leases", "events") or not write.name:
+            continue
+        key = f"{write.resource}/{write.namespace}/{write.name}"
+        grouped.setdefault(key, []).append(write)
+    return [(k, sorted(v, key=lambda w: w.received)) for k, v in grouped.items()]
+
+
+def helm_revisions(box: SandboxHandle, namespace: str, release: str) -> list[tuple[int, str]]:
+    """(revision, shard label) of each revision Helm stored for `release`."""
+    listing = kubectl_json(
+        box, "get", "secrets", "-n", namespace, "-l", f"owner=helm,name={release}"
+    )
+    revisions = []
+    for secret in (listing or {}).get("items", []):
+        labels = secret["metadata"]["labels"]
+        revisions.append((int(labels["version"]), str(labels.get("conveyor.dev/shard", ""))))
+    return sorted(revisions)
