@@ -35,7 +35,7 @@ from tests.cluster.test_one_writer import AuditedWrite, audited_writes
 from tests.conftest import SandboxHandle
 
 pytestmark = pytest.mark.cluster
-APPS = 12
+APPS = 24  # ConfigMaps, and one Helm release
 LEASE = "10"  # seconds: short, so that a takeover fits in the test's budget
 
 
@@ -50,6 +50,23 @@ def write_apps(repo: ConfigRepo, folder: str, namespace: str, version: str, char
             data: {{version: "{version}"}}
             """,
         )
+    # Rolls out slowly (Available 12 s after its Pod is Ready): the shard that owns it is
+    # killed while it waits for it.
+    repo.write(
+        f"{folder}/slow/app.yaml",
+        f"""
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {{name: slow, namespace: {namespace}}}
+        spec:
+          replicas: 1
+          minReadySeconds: 12
+          selector: {{matchLabels: {{app: slow}}}}
+          template:
+            metadata: {{labels: {{app: slow}}}}
+            spec: {{containers: [{{name: main, image: "registry.local/slow:{version}"}}]}}
+        """,
+    )
     repo.write(
         f"{folder}/web.yaml",
         flux_v1_release("web", namespace, chart, tag=f"1.0.{version}"),
@@ -63,7 +80,7 @@ def shard_of_apps(box: SandboxHandle, scope: str) -> dict[str, dict[str, object]
 
 def all_ready(box: SandboxHandle, scope: str, version_revision: str) -> bool:
     apps = [a for a in conveyor_apps(box, scope) if a["spec"]["app"]]
-    return len(apps) == APPS + 1 and all(
+    return len(apps) == APPS + 2 and all(
         (a.get("status") or {}).get("state") == "Ready"
         and (a.get("status") or {}).get("lastAppliedRevision") == version_revision
         for a in apps
@@ -103,7 +120,7 @@ def test_shards_split_the_apps_take_a_killed_ones_over_and_never_write_one_app_t
         wait_for(lambda: all_ready(sandbox, folder, first), timeout=120, what="apps Ready")
         two = [identity_of(a) for a in agents]
         owners = shard_of_apps(sandbox, folder)
-        names = [*(f"c{i:02d}" for i in range(APPS)), "web"]
+        names = [*(f"c{i:02d}" for i in range(APPS)), "slow", "web"]
         assert {n: owners[n]["shard"] for n in names} == {n: owner_of(n, two) for n in names}
         assert set(two) == {owners[n]["shard"] for n in names}  # both have work
         assert all(owners[n]["lastWrittenBy"] == owner_of(n, two) for n in names)
@@ -121,20 +138,23 @@ def test_shards_split_the_apps_take_a_killed_ones_over_and_never_write_one_app_t
         wait_for(lambda: agents[2].passes() >= 1, timeout=60, what="the new shard's first pass")
         moved = [n for n in names if owner_of(n, two) != owner_of(n, three)]
         assert all(owner_of(n, three) == three[2] for n in moved)
-        assert 1 <= len(moved) <= APPS // 2  # about a third of 13
+        # About a third moves (a third of 26 is 9; more than 17 has odds of 1 in 1000
+        # with random shard names; tests/unit/test_shards.py measures it on 300 apps).
+        assert 1 <= len(moved) <= 17, moved
         objects = writers(audited_writes(sandbox, since=joined), three)
         assert not [w for w in objects if w.namespace == namespace], "a move re-applied objects"
 
-        # A rollout to every app; the shard owning most apps is killed in the middle.
+        # A rollout to every app; the shard that owns `slow` is killed while it waits
+        # for it to roll out.
         write_apps(repo, folder, namespace, "2", chart)
         second = repo.commit("version 2")
-        victim = max(range(3), key=lambda k: sum(owner_of(n, three) == three[k] for n in names))
+        victim = three.index(owner_of("slow", three))
         for agent in agents:
             agent.hook(b'{"ref":"refs/heads/main"}', sign(b'{"ref":"refs/heads/main"}'))
         wait_for(
-            lambda: f"revision {second[:12]}" in agents[victim].log.read_text(),
+            lambda: image_of(sandbox, namespace, "slow") == "registry.local/slow:2",
             timeout=60,
-            what="the victim applying the new revision",
+            what="the victim applying the new revision of slow",
         )
         agents[victim].stop(signal.SIGKILL)
         killed = dt.datetime.now(dt.UTC)
@@ -167,14 +187,21 @@ def test_shards_split_the_apps_take_a_killed_ones_over_and_never_write_one_app_t
         assert [r for r, _ in history] == list(range(1, len(history) + 1))
         assert {shard for _, shard in history} <= set(three)
         assert history[-1][1] == owner_of("web", survivors)
-        status = kubectl_json(
-            sandbox, "get", "configmap", "c00", "-n", namespace
-        )  # one manager for every shard's applies
-        managers = {m["manager"] for m in (status or {})["metadata"]["managedFields"]}
-        assert managers == {"conveyor"}, managers
+        # One field manager for every shard's applies, so a moved app owns its fields.
+        live = kubectl_json(
+            sandbox, "get", "deployment", "slow", "-n", namespace, "--show-managed-fields"
+        )
+        fields = (live or {})["metadata"]["managedFields"]
+        applied = {m["manager"] for m in fields if m["operation"] == "Apply"}
+        assert applied == {"conveyor"}, applied
     finally:
         for agent in agents:
             agent.stop(signal.SIGKILL)
+
+
+def image_of(box: SandboxHandle, namespace: str, name: str) -> str | None:
+    live = kubectl_json(box, "get", "deployment", name, "-n", namespace)
+    return str(live["spec"]["template"]["spec"]["containers"][0]["image"]) if live else None
 
 
 def identity_of_when_logged(agent: AgentProcess) -> str:
