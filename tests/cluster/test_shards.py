@@ -166,9 +166,9 @@ def test_shards_split_the_apps_take_a_killed_ones_over_and_never_write_one_app_t
         assert {n: owners[n]["shard"] for n in names} == {n: owner_of(n, survivors) for n in names}
         assert taken_over_s < 2 * int(LEASE) + 20, taken_over_s
 
-        # No app was written by two shards at once: per object, each shard's writes are
-        # one run, the next shard's first write received after the last one's answered;
-        # nothing of the killed shard after its death.
+        # No app was written by two shards at once: per object, a new writer's first
+        # write is received after the last one's was answered, and writers change only
+        # with the live set; nothing of the killed shard after its death.
         writes = writers(audited_writes(sandbox, since=started), three)
         assert not [
             w for w in writes if w.user_agent == f"conveyor/{three[victim]}" and w.done > killed
@@ -179,8 +179,9 @@ def test_shards_split_the_apps_take_a_killed_ones_over_and_never_write_one_app_t
                 if before.user_agent != after.user_agent:
                     assert before.done < after.received, (key, before, after)
                     runs.append(after)
-            agents_in_order = [w.user_agent for w in runs]
-            assert len(agents_in_order) == len(set(agents_in_order)), (key, agents_in_order)
+            # The set changed twice (a join, a death): at most two changes of writer
+            # (an app the third shard took goes back to its first owner when it dies).
+            assert len(runs) <= 3, (key, [w.user_agent for w in runs])
         # Helm: each revision of the release says which shard wrote it; revisions are
         # sequential, and each was written by the release's owner of its time.
         history = helm_revisions(sandbox, namespace, "web")
