@@ -55,6 +55,7 @@ class Cell(Model):
     # Why this cell may not be what runs now (its cluster is unreachable, or the last
     # pass of its environment had no such app); None: as read from a live cluster.
     stale: str | None = None
+    shard: str | None = None  # the agent shard that wrote the status last (agent --shards)
 
 
 class ClusterOut(Model):
@@ -254,6 +255,7 @@ def cell(status: AppStatus, version: str) -> Cell:
         drift=status.drift,
         suspended=status.suspended,
         since=status.transition_time,
+        shard=status.shard,
     )
 
 
