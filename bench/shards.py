@@ -140,6 +140,7 @@ def measure(bench: Bench, n: int, shard_count: int) -> dict[str, object]:
         )
         row["ready_s"] = time.monotonic() - started
         row["first_writes"] = sum(sum(p[2] for p in s.passes()) for s in shards)
+        progress(row)
         counts = [len(s.passes()) for s in shards]
         for shard in shards:
             shard.hook()
@@ -154,6 +155,7 @@ def measure(bench: Bench, n: int, shard_count: int) -> dict[str, object]:
         row["noop_writes"] = sum(p[2] for p in noop)
         row["apps_per_shard"] = [p[1] for p in noop]
         row["rss_mib"] = [peak_rss(s.proc.pid) / 2**20 for s in shards]
+        progress(row)
         if shard_count > 1:
             victim, survivor = shards[-1], shards[0]
             count = len(survivor.passes())
@@ -173,6 +175,11 @@ def measure(bench: Bench, n: int, shard_count: int) -> dict[str, object]:
     row["load"] = os.getloadavg()
     bench.cleanup(namespace)
     return row
+
+
+def progress(row: dict[str, object]) -> None:
+    """What is measured so far, in case the run is cut short."""
+    print(f"  so far: {row} | load {os.getloadavg()}", flush=True)
 
 
 def print_row(row: dict[str, object]) -> None:
