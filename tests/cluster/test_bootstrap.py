@@ -102,6 +102,11 @@ def test_chart_lints_clean_and_renders_what_the_apiserver_accepts(
         sandbox, chart_values(metrics={"serviceMonitor": {"enabled": True}}), tmp_path
     )
     assert "kind: ServiceMonitor" in with_monitor
+    sharded = helm_template(
+        sandbox, chart_values(agent={"replicas": 3, "sharding": {"enabled": True}}), tmp_path
+    )
+    assert "- --shards=3" in sharded and "replicas: 3" in sharded
+    assert "--shards" not in helm_template(sandbox, chart_values(), tmp_path)
     refused = sandbox.run(
         "helm", "template", "conveyor", str(CHART_DIR), "--namespace", SYSTEM,
         "--set", "git.url=x", "--set", "git.path=p", "--set", "rbac.mode=namespaced",
