@@ -59,6 +59,9 @@ class LeasesApi:
             if (lease["metadata"].get("labels") or {}).get(label) == value
         ]
 
+    async def get(self, api_version: str, kind: str, name: str, **_: str) -> Obj | None:
+        return dict(self.leases[name]) if name in self.leases else None
+
     async def delete(self, api_version: str, kind: str, name: str, **_: str) -> None:
         self.leases.pop(name, None)
 
@@ -188,3 +191,26 @@ def test_a_shard_publishes_its_load_on_its_lease_at_the_next_renewal(clock: list
     asyncio.run(a.elector.renew())
     annotations = api.leases[a.elector.name]["metadata"]["annotations"]
     assert annotations[APPS_ANNOTATION] == "120"
+
+
+def test_no_shard_writes_while_an_unsharded_writer_holds_the_environments_lease(
+    clock: list[float],
+) -> None:
+    api = LeasesApi()
+    a = shard(api, "agent-a")
+    asyncio.run(a.join())
+    for _ in range(3):
+        clock[0] += a.view_ttl / 3
+        asyncio.run(a.elector.renew())
+    asyncio.run(a.refresh())
+    assert may_write(a, APPS[0])
+    lease = {
+        "metadata": {"name": "conveyor-staging", "namespace": "conveyor-system"},
+        "spec": {"holderIdentity": "cli-host-1-abcd", "leaseDurationSeconds": 15},
+    }
+    api.leases["conveyor-staging"] = lease  # a command's one pass (or an old agent) leads
+    asyncio.run(a.refresh())
+    assert not any(may_write(a, app) for app in [*APPS, ENVIRONMENT_KEY])
+    api.leases["conveyor-staging"] = {**lease, "spec": {"leaseDurationSeconds": 1}}  # released
+    asyncio.run(a.refresh())
+    assert all(may_write(a, app) for app in APPS)

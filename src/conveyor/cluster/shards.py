@@ -82,6 +82,11 @@ def owner_of(key: str, shards: tuple[str, ...] | list[str] | frozenset[str]) -> 
     return max(shards, key=lambda shard: rank(shard, key), default=None)
 
 
+def environment_lease_name(scope: str) -> str:
+    """The environment's own Lease: its one writer's when it runs without shards."""
+    return f"conveyor-{scope}"[:63]
+
+
 def shard_lease_name(scope: str, identity: str) -> str:
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return f"conveyor-{scope[:36]}-shard-{digest}"
@@ -93,6 +98,9 @@ class ShardView:
 
     live: frozenset[str]
     read_at: float  # monotonic
+    # A live holder of the environment's own Lease (an agent without --shards, or a
+    # command's one pass): while there is one, no shard writes.
+    single_writer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,34 +235,53 @@ class ShardSet:
         leases = await list_shard_leases(
             self.client, namespace=self.namespace, environment=self.environment
         )
+        single = await self.client.get(
+            LEASE_API_VERSION, "Lease", environment_lease_name(self.scope), namespace=self.namespace
+        )
         live = set()
         names = set()
+        single_writer = None
+        if single is not None:
+            names.add(environment_lease_name(self.scope))
+            if self._judge(single, sent_at):
+                single_writer = str(single["spec"]["holderIdentity"])
         for lease in leases:
-            name = str(lease["metadata"]["name"])
-            names.add(name)
-            spec = lease.get("spec") or {}
-            seen = self._seen.get(name)
-            if seen is None or seen.spec != spec:
-                seen = self._seen[name] = _Seen(dict(spec), sent_at)
-            holder = spec.get("holderIdentity")
-            if not holder:
-                continue
+            names.add(str(lease["metadata"]["name"]))
+            holder = (lease.get("spec") or {}).get("holderIdentity")
             if holder == self.identity:
                 if self.elector.is_leader:
                     live.add(str(holder))
-                continue
-            duration = int(spec.get("leaseDurationSeconds") or math.ceil(self.lease_duration))
-            if time.monotonic() < seen.at + duration:
+            elif self._judge(lease, sent_at):
                 live.add(str(holder))
         for gone in set(self._seen) - names:
             del self._seen[gone]
         if self.elector.is_leader:
             live.add(self.identity)  # our own, even if the list raced our acquire
         previous = self.view
-        self.view = ShardView(live=frozenset(live), read_at=sent_at)
+        self.view = ShardView(live=frozenset(live), read_at=sent_at, single_writer=single_writer)
+        if single_writer and (previous is None or previous.single_writer != single_writer):
+            log.warning(
+                "shards of %s: %s holds the environment's Lease; writing nothing meanwhile",
+                self.scope,
+                single_writer,
+            )
         if previous is None or previous.live != self.view.live:
             log.info("shards of %s: %d live (%s)", self.scope, len(live), ", ".join(sorted(live)))
             self.changed.set()
+
+    def _judge(self, lease: Obj, sent_at: float) -> bool:
+        """Whether another holder has `lease` and, by this replica's clock, from when it
+        saw the record last change, has not let it expire."""
+        name = str(lease["metadata"]["name"])
+        spec = lease.get("spec") or {}
+        seen = self._seen.get(name)
+        if seen is None or seen.spec != spec:
+            seen = self._seen[name] = _Seen(dict(spec), sent_at)
+        holder = spec.get("holderIdentity")
+        if not holder or holder == self.identity:
+            return False
+        duration = int(spec.get("leaseDurationSeconds") or math.ceil(self.lease_duration))
+        return time.monotonic() < seen.at + duration
 
     async def run_refreshes(self) -> None:
         """Refresh the view every `refresh_interval` while the Lease is held; a failed
@@ -320,6 +347,12 @@ class ShardSet:
         view = self.view
         if view is None:
             raise NotShardOwnerError(self.identity, _writing_for.get(), "no view of the shards")
+        if view.single_writer is not None:
+            raise NotShardOwnerError(
+                self.identity,
+                _writing_for.get(),
+                f"{view.single_writer} holds the environment's Lease",
+            )
         fresh = view.read_at + self.view_ttl - time.monotonic() - self.elector.write_margin
         if fresh <= 0:
             raise NotShardOwnerError(

@@ -59,7 +59,7 @@ from starlette.routing import Route
 
 from conveyor.cluster.client import KubeClient
 from conveyor.cluster.lease import LeaderElector
-from conveyor.cluster.shards import ENVIRONMENT_KEY, ShardSet, writing_for
+from conveyor.cluster.shards import ENVIRONMENT_KEY, ShardSet, live_shards, writing_for
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.actions.hold import GateHold, GateVerdict
@@ -401,6 +401,7 @@ class Agent:
                 continue
             log.info("waiting to lead %s as %s", engine.options.scope, self.options.identity)
             try:
+                await self._wait_for_no_shards(engine, elector)
                 # One attempt first: only a Lease another replica holds makes this a standby.
                 if not await elector.acquire(timeout=0):
                     self._standing_by = True
@@ -453,6 +454,19 @@ class Agent:
                     await task
         if not self._stopping:
             log.warning("shard %s lost its lease; joining again", shards.identity)
+
+    async def _wait_for_no_shards(self, engine: Engine, elector: LeaderElector) -> None:
+        """An agent without --shards does not take the environment's Lease while shards
+        of the environment are live (a rollout between the two modes): they write."""
+        warned = False
+        while await live_shards(
+            engine.kube, namespace=NAMESPACE, environment=engine.options.identity.id
+        ):
+            if not warned:
+                log.warning("shards of %s are live: standing by", engine.options.scope)
+                warned = True
+            self._standing_by = True
+            await asyncio.sleep(elector.retry_interval)
 
     def _owns(self, key: str) -> bool:
         """Whether this agent writes for `key` (an app, or ENVIRONMENT_KEY): always

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.lease import LeaderElector
+from conveyor.cluster.shards import environment_lease_name
 from conveyor.errors import ConveyorError
 from conveyor.reconcile.status import API_VERSION, KIND, NAMESPACE, resource_name
 
@@ -73,7 +74,7 @@ def environment_elector(
     return LeaderElector(
         kube,
         namespace=NAMESPACE,
-        name=f"conveyor-{scope}"[:63],
+        name=environment_lease_name(scope),
         identity=identity,
         lease_duration=lease_duration,
         renew_interval=lease_duration / 3,
