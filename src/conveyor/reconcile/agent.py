@@ -722,7 +722,9 @@ class Agent:
         housekeeping first, so that the pass applies what it committed."""
         resolved = await self._sandboxes(resolved)
         try:
-            tree = discover_target(resolved)
+            # In a thread: reading ten thousand apps' files takes long enough to starve
+            # the Lease's renewals if the event loop did it.
+            tree = await asyncio.to_thread(discover_target, resolved)
         except RenderError as error:
             await self._record_source_failure(
                 str(error), resolved=resolved, reason=Reason.FETCH_FAILED
