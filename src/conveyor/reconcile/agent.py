@@ -582,7 +582,11 @@ class Agent:
         the cluster is what failed, only logged."""
         engine, elector = self._engine, self._elector
         try:
-            if engine is None or elector is None:
+            if (engine is None or elector is None) and self.options.shards is not None:
+                # Taking the environment's Lease for this write would write beside the
+                # shards: the one that owns the environment's key records its own fetch.
+                log.info("a shard: the failure is not recorded on the source's status")
+            elif engine is None or elector is None:
                 await record_source_failure(
                     self.target,
                     message,

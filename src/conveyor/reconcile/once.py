@@ -356,6 +356,11 @@ async def record_source_failure(
             scope = await store.scope_for(resolved.identity, scope=resolved.scope)
         else:
             identity, scope = await store.find_source(target.repo, name=name)
+        if identity is not None and await live_shards(
+            lease_kube, namespace=NAMESPACE, environment=identity.id
+        ):
+            say("not recording the failure on the source's status: its shards run, and fetch it")
+            return scope
         elector = environment_elector(
             lease_kube, scope, identity=writer, lease_duration=lease_duration
         )
