@@ -17,7 +17,7 @@ import random
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -509,12 +509,18 @@ def log_entries(repo: Path, base: str, head: str, *, first_parent: bool = False)
     return _log(repo, ["--first-parent"] if first_parent else [], [f"{base}..{head}"], [])
 
 
-def export_tree(repo: Path, revision: str, destination: Path) -> Path:
-    """The files of `revision` in `destination` (no .git), to render a past revision."""
+def export_tree(repo: Path, revision: str, destination: Path, *, paths: Sequence[str] = ()) -> Path:
+    """The files of `revision` in `destination` (no .git), to render a past revision;
+    only those under `paths` when given (GitError when one is not in that revision)."""
     (revision,) = _revisions("archive", revision)
     destination.mkdir(parents=True, exist_ok=True)
     archive = destination / ".export.tar"
-    run_git(["archive", "--format=tar", "-o", str(archive), "--end-of-options", revision], cwd=repo)
+    # Literal pathspecs: a folder's name is never read as git's pathspec magic.
+    literal = [f":(literal){path}" for path in paths]
+    run_git(
+        ["archive", "--format=tar", "-o", str(archive), "--end-of-options", revision, *literal],
+        cwd=repo,
+    )
     try:
         subprocess.run(
             ["tar", "-xf", str(archive), "-C", str(destination)], check=True, capture_output=True

@@ -3,6 +3,10 @@
 Everything shown comes from the ConveyorApp status the CLI reads (watched once, see
 `sse.StatusHub`), the live cluster, and the config repository; every action goes through
 the action registry, which calls the same code as the CLI and records who acted.
+
+A version is what promotion copies (`promote/versions.py`), read from git at the
+revision an app runs; git is read off the pages' path (when a status changes, or in the
+background), so a page is served from what is already known and never waits for git.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from typing import Any
 
 from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.ownership import EnvironmentIdentity
-from conveyor.config.project import ConfigError
+from conveyor.config.project import ConfigError, Project
 from conveyor.reconcile.once import plan_target
 from conveyor.reconcile.report import EventRecorder
-from conveyor.reconcile.status import SOURCE_KIND, AppStatus, resource_name
+from conveyor.reconcile.status import SOURCE_KIND, WAITING_FOR_GATE, AppStatus, resource_name
 from conveyor.reconcile.target import Target
 from conveyor.render.documents import RenderError
 from conveyor.source.git import GitError
@@ -28,12 +32,13 @@ from conveyor.web import views
 from conveyor.web.actions import ActionError, ActionRegistry, ActionRequest, ActionResult
 from conveyor.web.actions import default_registry as default_actions
 from conveyor.web.auth import Auth, Principal
-from conveyor.web.repo import Repos
+from conveyor.web.repo import ConfigRepo, Repos
 from conveyor.web.sse import StatusHub
 
 log = logging.getLogger("conveyor.web")
 audit = logging.getLogger("conveyor.audit")
 ORDER_MAX_AGE = 30.0
+HEAD_MAX_AGE = 10.0  # how stale the dashboard's own view of git's head may get
 
 
 class NotFound(LookupError):
@@ -60,7 +65,7 @@ class Dashboard:
         self.kube = kube
         self.auth = Auth(options.tokens)
         self.actions = actions or default_actions()
-        self.hub = StatusHub(kube, version_of=lambda s: views.live_version(kube, s))
+        self.hub = StatusHub(kube, version_of=self.version_of)
         self.repos = Repos(
             default=options.repo,
             branch=options.branch,
@@ -68,13 +73,17 @@ class Dashboard:
             context=options.context,
         )
         self.events = EventRecorder(kube, component="conveyor-dashboard")
-        self._order: list[str] = []
+        self._project: Project | None = None
         self._order_time = 0.0
+        self._head_time = 0.0
         self._running: dict[str, asyncio.Task[None]] = {}
         self._diff_lock = asyncio.Lock()
+        self._head_refresh: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
         await self.hub.close()
+        if self._head_refresh is not None:
+            self._head_refresh.cancel()
         for task in self._running.values():
             task.cancel()
         for task in self._running.values():
@@ -88,25 +97,110 @@ class Dashboard:
             await asyncio.wait_for(self.hub.synced.wait(), 10.0)
         return self.hub.snapshot()
 
-    async def order(self) -> list[str]:
-        """Environments in conveyor.yaml's promotion order (when the repo is known)."""
+    async def project(self) -> Project | None:
+        """conveyor.yaml of `--repo`, read again every 30 s; None without `--repo`."""
         if self.options.repo and time.monotonic() - self._order_time > ORDER_MAX_AGE:
             self._order_time = time.monotonic()
             repo = self.repos.get(None)
             if repo is not None:
                 try:
-                    self._order = [e.name for e in (await repo.project()).environments]
+                    self._project = await repo.project()
                 except (GitError, ConfigError) as error:
                     log.warning("environment order unknown: %s", error)
-        return self._order
+        return self._project
+
+    async def order(self) -> list[str]:
+        """Environments in conveyor.yaml's promotion order (when the repo is known)."""
+        project = await self.project()
+        return [e.name for e in project.environments] if project else []
 
     async def matrix(self, *, only: list[str] | None = None) -> views.Matrix:
         """The matrix of every environment, or of those in `only` (names or `a,b` lists)."""
-        statuses = await self.statuses()
-        wanted = {name.strip() for value in only or [] for name in value.split(",")} - {""}
-        if wanted:
-            statuses = [s for s in statuses if s.scope in wanted]
-        return views.matrix(statuses, self.hub.versions, order=await self.order())
+        statuses = _only(await self.statuses(), only)
+        return views.matrix(statuses, self.versions(statuses), order=await self.order())
+
+    async def pipeline(self, *, only: list[str] | None = None) -> views.Pipeline:
+        """Environments in promotion order, with what waits to reach each cell."""
+        statuses = _only(await self.statuses(), only)
+        project = await self.project()
+        self._refresh_head()
+        return self._pipeline(statuses, project)
+
+    def pipeline_row(self, app: str) -> views.Pipeline:
+        """One app's row of the pipeline, from what is known now (for the live stream)."""
+        statuses = [s for s in self.hub.snapshot() if s.app == app or s.kind == SOURCE_KIND]
+        return self._pipeline(statuses, self._project)
+
+    def _pipeline(self, statuses: list[AppStatus], project: Project | None) -> views.Pipeline:
+        desired: dict[str, str] = {}
+        held: dict[str, str] = {}
+        for status in statuses:
+            if status.kind == SOURCE_KIND:
+                continue
+            repo = self.repos.get(self._source(status.scope))
+            if repo is None:
+                continue
+            if status.state == WAITING_FOR_GATE and status.attempted_revision:
+                held[status.name] = self._release(repo, status, status.attempted_revision)
+            revision = self._git_revision(repo, status, project)
+            if revision:
+                desired[status.name] = self._release(repo, status, revision)
+        environments = project.environments if project else []
+        return views.pipeline(
+            statuses,
+            self.versions(statuses),
+            order=[e.name for e in environments],
+            desired=desired,
+            held=held,
+            approvals={e.name for e in environments if any(g.type == "approval" for g in e.gates)},
+        )
+
+    def _git_revision(
+        self, repo: ConfigRepo, status: AppStatus, project: Project | None
+    ) -> str | None:
+        """The newest revision of git known for the app's environment: the dashboard's
+        own fetch of its branch, once that has the revision the app runs (so it is not
+        behind the cluster), else what the environment's writer last fetched."""
+        source = self._source(status.scope)
+        branch = next(
+            (e.branch for e in (project.environments if project else []) if e.name == status.scope),
+            source.branch if source else None,
+        )
+        applied = status.last_applied_revision
+        if (
+            repo.head
+            and branch == repo.branch_name
+            and applied
+            and repo.known_releases(status.scope, applied) is not None
+        ):
+            return repo.head
+        return source.attempted_revision if source and source.attempted_revision else None
+
+    def _release(self, repo: ConfigRepo, status: AppStatus, revision: str) -> str:
+        """The app's release version at `revision` if git was read there; else "" and
+        git is read in the background for the next page."""
+        known = repo.known_releases(status.scope, revision)
+        if known is None:
+            repo.request(status.scope, revision)
+            return ""
+        return known.get(status.app, "")
+
+    def _refresh_head(self) -> None:
+        """Fetch the dashboard's clone in the background, at most every 10 s, so that a
+        commit no writer has applied yet shows as git ahead of the cluster."""
+        repo = self.repos.get(None)
+        running = self._head_refresh is not None and not self._head_refresh.done()
+        if repo is None or running or time.monotonic() - self._head_time < HEAD_MAX_AGE:
+            return
+        self._head_time = time.monotonic()
+
+        async def fetch() -> None:
+            try:
+                await repo.checkout(max_age=HEAD_MAX_AGE)
+            except (GitError, ConfigError, OSError) as error:
+                log.warning("git head unknown: %s", error)
+
+        self._head_refresh = asyncio.create_task(fetch())
 
     async def environment(self, name: str) -> list[AppStatus]:
         statuses = await self.statuses()
@@ -129,8 +223,34 @@ class Dashboard:
             f"(known: {', '.join(known) or 'none'})"
         )
 
+    async def version_of(self, status: AppStatus) -> str:
+        """For the hub, on each change of what an app runs: read git's release versions
+        at its revisions (so pages find them known), and the image tags running now,
+        shown when git cannot be read."""
+        repo = self.repos.get(self._source(status.scope))
+        if repo is not None:
+            revisions = {status.last_applied_revision, status.attempted_revision} - {None, ""}
+            for revision in sorted(r for r in revisions if r):
+                try:
+                    await repo.releases(status.scope, revision)
+                except (GitError, ConfigError, OSError) as error:
+                    log.warning("versions of %s at %s unknown: %s", status.scope, revision, error)
+        return await views.live_version(self.kube, status)
+
     def version(self, status: AppStatus) -> str:
-        return self.hub.versions.get(status.name, (status.last_applied_revision or "")[:12])
+        """The release the app runs: its version in git at the revision it runs (as
+        promotion reads it), else the image tags running, else (nothing names a version)
+        the revision."""
+        repo = self.repos.get(self._source(status.scope))
+        applied = status.last_applied_revision
+        if repo is not None and applied:
+            known = repo.known_releases(status.scope, applied)
+            if known and known.get(status.app):
+                return known[status.app]
+        return self.hub.versions.get(status.name, (applied or "")[:12])
+
+    def versions(self, statuses: list[AppStatus]) -> dict[str, str]:
+        return {s.name: self.version(s) for s in statuses if s.kind != SOURCE_KIND}
 
     async def detail(self, status: AppStatus) -> views.AppDetail:
         return views.AppDetail(
@@ -293,3 +413,9 @@ class Dashboard:
             why,
             extra={"remote": remote, "action": request_path},
         )
+
+
+def _only(statuses: list[AppStatus], only: list[str] | None) -> list[AppStatus]:
+    """The statuses of the environments in `only` (names or `a,b` lists); all without."""
+    wanted = {name.strip() for value in only or [] for name in value.split(",")} - {""}
+    return [s for s in statuses if s.scope in wanted] if wanted else statuses

@@ -1,5 +1,6 @@
 """What the dashboard and the API show, shaped once for both from the stored status and
-the live cluster: matrix cells, versions, objects with their health, events, gates.
+the live cluster: the pipeline and the matrix, versions, objects with their health,
+events, gates, and where each version went.
 
 The models are the API's schema (camelCase, like `conveyor get apps -o json`); pages
 render the same objects, so the two never disagree.
@@ -8,9 +9,12 @@ render the same objects, so the two never disagree.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import datetime as dt
+import re
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 from pydantic.alias_generators import to_camel
 
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
@@ -22,7 +26,9 @@ from conveyor.reconcile.status import (
     API_VERSION,
     KIND,
     NAMESPACE,
+    READY,
     SOURCE_KIND,
+    STALLED,
     WAITING_FOR_GATE,
     AppStatus,
     split_release,
@@ -61,13 +67,43 @@ class Environment(Model):
     apps: int
 
 
-class Matrix(Model):
+class Waiting(Model):
+    """What would change the version a cell runs, and why it has not yet."""
+
+    kind: str  # previous (a newer version there) | gate (closed) | git (ahead of the cluster)
+    version: str  # the version waiting; "" when unknown
+    message: str  # one line: `staging runs 1.5.0`, the gate's message, `git has 1.5.0`
+    environment: str | None = None  # for `previous`: the environment it runs in
+
+
+class PipelineCell(Cell):
+    waiting: list[Waiting] = []
+    promote_from: str | None = None  # promote applies: copy from this environment
+    approve_version: str | None = None  # approve applies: the version a gate holds
+    diff: bool = False  # git differs from the cluster: the diff has something to show
+
+
+CellT = TypeVar("CellT", bound=Cell)
+
+
+class Grid(Model, Generic[CellT]):
     environments: list[Environment]
     apps: list[str]
-    cells: list[Cell]
+    cells: list[CellT]
+    _index: dict[tuple[str, str], CellT] | None = PrivateAttr(None)
 
-    def cell(self, environment: str, app: str) -> Cell | None:
-        return next((c for c in self.cells if c.environment == environment and c.app == app), None)
+    def cell(self, environment: str, app: str) -> CellT | None:
+        if self._index is None:  # pages look up every cell: 720 and more
+            self._index = {(c.environment, c.app): c for c in self.cells}
+        return self._index.get((environment, app))
+
+
+class Matrix(Grid[Cell]):
+    """Environments by apps, as they are."""
+
+
+class Pipeline(Grid[PipelineCell]):
+    """Environments in promotion order by apps, with what waits to reach each cell."""
 
 
 class ObjectOut(Model):
@@ -129,6 +165,31 @@ class History(Model):
     helm: list[HelmRevision] = []
     notes: list[str] = []
     pin: PinOut | None = None
+
+
+class Arrival(Model):
+    """A commit that brought a version to an environment."""
+
+    sha: str
+    date: str
+    change: str  # publish | image-automation | promotion | rollback | manual
+    author: str
+    subject: str
+
+
+class JourneyRow(Model):
+    version: str
+    arrivals: dict[str, list[Arrival]]  # environment → its arrivals there, newest first
+
+
+class Journey(Model):
+    """Where each version of an app went and when, per environment, newest first."""
+
+    app: str
+    environments: list[str]
+    running: dict[str, str]  # environment → the version it runs
+    versions: list[JourneyRow]
+    notes: list[str] = []
 
 
 class Change(Model):
@@ -236,7 +297,7 @@ def cell(status: AppStatus, version: str) -> Cell:
 
 
 def matrix(
-    statuses: list[AppStatus], versions: dict[str, str], *, order: list[str] | None = None
+    statuses: list[AppStatus], versions: Mapping[str, str], *, order: list[str] | None = None
 ) -> Matrix:
     """Environments in promotion order (conveyor.yaml), then any others by name."""
     apps = [s for s in statuses if s.kind != SOURCE_KIND]
@@ -261,6 +322,141 @@ def matrix(
         apps=sorted({s.app for s in apps}),
         cells=[cell(s, versions.get(s.name, (s.last_applied_revision or "")[:12])) for s in apps],
     )
+
+
+def pipeline(
+    statuses: list[AppStatus],
+    versions: Mapping[str, str],
+    *,
+    order: list[str],
+    desired: Mapping[str, str],
+    held: Mapping[str, str],
+    approvals: set[str],
+) -> Pipeline:
+    """The matrix with what waits per cell. `versions`: the version each app runs;
+    `desired`: the one git has for it (newest known revision); `held`: the one a closed
+    gate holds; all by ConveyorApp name. `order` is conveyor.yaml's promotion order (an
+    environment outside it has no previous); `approvals`: environments with an approval
+    gate."""
+    grid = matrix(statuses, versions, order=order)
+    previous = dict(zip(order[1:], order, strict=False))
+    by_name = {s.name: s for s in statuses}
+    cells = []
+    for plain in grid.cells:
+        status = by_name[f"{plain.environment}.{plain.app}"]
+        before = previous.get(plain.environment)
+        cells.append(
+            pipeline_cell(
+                plain,
+                status,
+                upstream=grid.cell(before, plain.app) if before else None,
+                desired=desired.get(status.name, ""),
+                held=held.get(status.name, ""),
+                approvals=approvals,
+            )
+        )
+    return Pipeline(environments=grid.environments, apps=grid.apps, cells=cells)
+
+
+def pipeline_cell(
+    plain: Cell,
+    status: AppStatus,
+    *,
+    upstream: Cell | None,
+    desired: str,
+    held: str,
+    approvals: set[str],
+) -> PipelineCell:
+    running = plain.version
+    waiting: list[Waiting] = []
+    cell = PipelineCell(**plain.model_dump())
+    if status.state == WAITING_FOR_GATE:
+        waiting.append(Waiting(kind="gate", version=held, message=status.message))
+        if plain.environment in approvals and held:
+            cell.approve_version = held
+        cell.diff = True
+    if desired and desired not in (running, held):
+        why = f" ({status.reason})" if status.state == STALLED else ""
+        waiting.append(Waiting(kind="git", version=desired, message=f"git has {desired}{why}"))
+        cell.diff = True
+    if (
+        upstream is not None
+        and upstream.version
+        and upstream.version not in (running, desired, held)
+        and not _older(upstream.version, running)
+    ):
+        state = "" if upstream.state == READY else f" ({upstream.state})"
+        waiting.append(
+            Waiting(
+                kind="previous",
+                version=upstream.version,
+                message=f"{upstream.environment} runs {upstream.version}{state}",
+                environment=upstream.environment,
+            )
+        )
+        cell.promote_from = upstream.environment
+    cell.waiting = waiting
+    return cell
+
+
+_NUMBERED = re.compile(r"^v?(\d+(?:\.\d+)*)")
+
+
+def _older(version: str, than: str) -> bool:
+    """Whether `version` is an older release than `than`, when both are numbered (1.4.2,
+    v2.0); unknown otherwise (tags such as SHAs), which counts as not older."""
+    a, b = _NUMBERED.match(version), _NUMBERED.match(than)
+    if a is None or b is None:
+        return False
+    return tuple(map(int, a.group(1).split("."))) < tuple(map(int, b.group(1).split(".")))
+
+
+def journey(
+    app: str,
+    commits: Mapping[str, list[GitCommit]],
+    *,
+    running: Mapping[str, str],
+    notes: list[str] | None = None,
+) -> Journey:
+    """Each environment's commits to the app (newest first, in promotion order) turned
+    into arrivals: a commit whose version differs from the one before it there."""
+    rows: dict[str, dict[str, list[Arrival]]] = {}
+    for environment, history in commits.items():
+        known = [c for c in history if c.version]
+        for index, commit in enumerate(known):
+            earlier = known[index + 1].version if index + 1 < len(known) else None
+            if commit.version == earlier:
+                continue
+            arrival = Arrival(
+                sha=commit.sha,
+                date=commit.date,
+                change=commit.change,
+                author=commit.author,
+                subject=commit.subject,
+            )
+            rows.setdefault(commit.version, {}).setdefault(environment, []).append(arrival)
+
+    def first_seen(version: str) -> str:
+        return min(_utc(a.date) for found in rows[version].values() for a in found)
+
+    return Journey(
+        app=app,
+        environments=list(commits),
+        running=dict(running),
+        versions=[
+            JourneyRow(version=v, arrivals=rows[v])
+            for v in sorted(rows, key=first_seen, reverse=True)
+        ],
+        notes=notes or [],
+    )
+
+
+def _utc(date: str) -> str:
+    """An ISO 8601 time with an offset as UTC text, which sorts as time does."""
+    try:
+        return dt.datetime.fromisoformat(date).astimezone(dt.UTC).isoformat()
+    except ValueError:
+        return date
 
 
 def gates(statuses: list[AppStatus]) -> list[Gate]:
