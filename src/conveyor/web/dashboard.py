@@ -38,6 +38,7 @@ from conveyor.web.sse import StatusHub
 log = logging.getLogger("conveyor.web")
 audit = logging.getLogger("conveyor.audit")
 ORDER_MAX_AGE = 30.0
+JOURNEY_COMMITS = 20  # per environment: a version's way through the last few releases
 HEAD_MAX_AGE = 10.0  # how stale the dashboard's own view of git's head may get
 
 
@@ -116,22 +117,28 @@ class Dashboard:
 
     async def matrix(self, *, only: list[str] | None = None) -> views.Matrix:
         """The matrix of every environment, or of those in `only` (names or `a,b` lists)."""
-        statuses = _only(await self.statuses(), only)
+        statuses = await self.statuses()
+        wanted = {name.strip() for value in only or [] for name in value.split(",")} - {""}
+        if wanted:
+            statuses = [s for s in statuses if s.scope in wanted]
         return views.matrix(statuses, self.versions(statuses), order=await self.order())
 
     async def pipeline(self, *, only: list[str] | None = None) -> views.Pipeline:
-        """Environments in promotion order, with what waits to reach each cell."""
-        statuses = _only(await self.statuses(), only)
-        project = await self.project()
+        """The matrix in promotion order, with what waits to reach each cell."""
+        grid = await self.matrix(only=only)
         self._refresh_head()
-        return self._pipeline(statuses, project)
+        return self._pipeline(grid, await self.statuses(), await self.project())
 
     def pipeline_row(self, app: str) -> views.Pipeline:
         """One app's row of the pipeline, from what is known now (for the live stream)."""
         statuses = [s for s in self.hub.snapshot() if s.app == app or s.kind == SOURCE_KIND]
-        return self._pipeline(statuses, self._project)
+        order = [e.name for e in self._project.environments] if self._project else []
+        grid = views.matrix(statuses, self.versions(statuses), order=order)
+        return self._pipeline(grid, statuses, self._project)
 
-    def _pipeline(self, statuses: list[AppStatus], project: Project | None) -> views.Pipeline:
+    def _pipeline(
+        self, grid: views.Matrix, statuses: list[AppStatus], project: Project | None
+    ) -> views.Pipeline:
         desired: dict[str, str] = {}
         held: dict[str, str] = {}
         for status in statuses:
@@ -147,8 +154,8 @@ class Dashboard:
                 desired[status.name] = self._release(repo, status, revision)
         environments = project.environments if project else []
         return views.pipeline(
-            statuses,
-            self.versions(statuses),
+            grid,
+            {s.name: s for s in statuses},
             order=[e.name for e in environments],
             desired=desired,
             held=held,
@@ -286,6 +293,33 @@ class Dashboard:
             history.pin = views.PinOut(**pin.to_dict(), text=pin.describe())
         return history
 
+    async def journey(self, app: str) -> views.Journey:
+        """Where each version of `app` went and when: the commits to its files in each
+        environment that has it, in promotion order."""
+        order = await self.order()
+        rank = {name: index for index, name in enumerate(order)}
+        found = [s for s in await self.statuses() if s.app == app and s.kind != SOURCE_KIND]
+        found.sort(key=lambda s: (rank.get(s.scope, len(rank)), s.scope))
+        commits: dict[str, list[views.GitCommit]] = {}
+        notes = []
+        for status in found:
+            source = self._source(status.scope)
+            repo = self.repos.get(source)
+            if repo is None:
+                notes.append(f"{status.scope}: git history needs the config repository")
+                continue
+            wanted = status.attempted_revision or (source.attempted_revision if source else None)
+            try:
+                history = await repo.history(
+                    status.scope, app, revision=wanted or None, limit=JOURNEY_COMMITS
+                )
+            except (GitError, ConfigError) as error:
+                notes.append(f"{status.scope}: git history unavailable: {error}")
+                continue
+            commits[status.scope] = [views.GitCommit(**c.__dict__) for c in history]
+        running = {s.scope: self.version(s) for s in found}
+        return views.journey(app, commits, running=running, notes=notes)
+
     async def diff(self, status: AppStatus) -> views.Diff:
         target = await self.target(status.scope)
         async with self._diff_lock:  # one clone for diffs: one diff at a time
@@ -413,9 +447,3 @@ class Dashboard:
             why,
             extra={"remote": remote, "action": request_path},
         )
-
-
-def _only(statuses: list[AppStatus], only: list[str] | None) -> list[AppStatus]:
-    """The statuses of the environments in `only` (names or `a,b` lists); all without."""
-    wanted = {name.strip() for value in only or [] for name in value.split(",")} - {""}
-    return [s for s in statuses if s.scope in wanted] if wanted else statuses

@@ -82,6 +82,18 @@ def render_cell(environment: str, app: str, cell: views.Cell | None) -> str:
     return templates.get_template("_cell.html").render(environment=environment, app=app, cell=cell)
 
 
+def render_pipeline_cells(row: views.Pipeline, app: str, **context: Any) -> dict[str, str]:
+    """Every cell of an app's pipeline row: a change in one environment changes what
+    waits in the next."""
+    template = templates.get_template("_pipeline_cell.html")
+    return {
+        f"pipe-{env.name}.{app}": template.render(
+            environment=env.name, app=app, cell=row.cell(env.name, app), **context
+        )
+        for env in row.environments
+    }
+
+
 router = APIRouter(include_in_schema=False)
 
 
@@ -89,6 +101,20 @@ EnvironmentFilter = Annotated[list[str] | None, Query(alias="env")]
 
 
 @router.get("/", response_class=HTMLResponse)
+async def pipeline_page(
+    request: Request, board: DashboardDep, env: EnvironmentFilter = None
+) -> HTMLResponse:
+    return page(request, board, "pipeline.html", pipeline=await board.pipeline(only=env))
+
+
+@router.get("/partials/pipeline", response_class=HTMLResponse)
+async def pipeline_partial(
+    request: Request, board: DashboardDep, env: EnvironmentFilter = None
+) -> HTMLResponse:
+    return page(request, board, "_pipeline.html", pipeline=await board.pipeline(only=env))
+
+
+@router.get("/matrix", response_class=HTMLResponse)
 async def matrix_page(
     request: Request, board: DashboardDep, env: EnvironmentFilter = None
 ) -> HTMLResponse:
@@ -156,6 +182,14 @@ async def live_partial(
     )
 
 
+@router.get("/partials/journey/{environment}/{app}", response_class=HTMLResponse)
+async def journey_partial(
+    request: Request, environment: str, app: str, board: DashboardDep
+) -> Response:
+    status = await board.status(environment, app)
+    return page(request, board, "_journey.html", journey=await board.journey(status.app))
+
+
 @router.get("/partials/diff/{environment}/{app}", response_class=HTMLResponse)
 async def diff_partial(
     request: Request, environment: str, app: str, board: DashboardDep
@@ -187,17 +221,21 @@ async def environment_page(request: Request, environment: str, board: DashboardD
 
 
 @router.get("/stream")
-async def page_stream(board: DashboardDep) -> StreamingResponse:
-    """Each status change as the HTML of its matrix cell; a source change asks the page
-    to redraw the matrix (its environment header)."""
+async def page_stream(request: Request, board: DashboardDep) -> StreamingResponse:
+    """Each status change as the HTML of its matrix cell and of its app's pipeline row;
+    a source change asks the page to redraw (its environment header)."""
+    # The pipeline's cells carry forms: rendered for this page's session.
+    context = _context(request, board)
 
     def render(change: StatusChange) -> dict[str, Any]:
         status = change.status
         scope, _, app = change.name.partition(".")
         if not app:  # an environment's source (revision, fetch errors): redraw the matrix
             return {"name": change.name, "html": {}, "refresh": True}
-        cell = views.cell(status, change.version) if status is not None else None
-        return {"name": change.name, "html": {f"cell-{scope}.{app}": render_cell(scope, app, cell)}}
+        cell = views.cell(status, board.version(status)) if status is not None else None
+        html = {f"cell-{scope}.{app}": render_cell(scope, app, cell)}
+        html |= render_pipeline_cells(board.pipeline_row(app), app, **context)
+        return {"name": change.name, "html": html}
 
     return StreamingResponse(
         stream(board.hub, render),
@@ -280,6 +318,7 @@ async def _page_action(
     app: str | None,
     csrf: str,
     reason: str,
+    params: dict[str, str] | None = None,
 ) -> Response:
     why = cross_site(request)
     if why is not None:
@@ -308,7 +347,12 @@ async def _page_action(
     principal = Principal(name=user, via="dashboard", remote=remote(request))
     try:
         result = await board.act(
-            action, principal, environment=environment, app=app, reason=reason or None
+            action,
+            principal,
+            environment=environment,
+            app=app,
+            reason=reason or None,
+            params=params,
         )
     except ActionError as error:
         return message_page(request, board, "Not done", str(error), status_code=error.status_code)
@@ -329,9 +373,21 @@ async def app_action(
     board: DashboardDep,
     csrf: Annotated[str, Form()] = "",
     reason: Annotated[str, Form(max_length=500)] = "",
+    source: Annotated[str, Form(alias="from", max_length=253)] = "",
+    version: Annotated[str, Form(max_length=128)] = "",
 ) -> Response:
+    """A button's action; the pipeline's promote and approve buttons name the
+    environment to promote from and the version to approve (checked by the action)."""
+    params = {k: v for k, v in (("from", source), ("version", version)) if v}
     return await _page_action(
-        request, board, action=action, environment=environment, app=app, csrf=csrf, reason=reason
+        request,
+        board,
+        action=action,
+        environment=environment,
+        app=app,
+        csrf=csrf,
+        reason=reason,
+        params=params,
     )
 
 

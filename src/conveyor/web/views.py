@@ -325,25 +325,25 @@ def matrix(
 
 
 def pipeline(
-    statuses: list[AppStatus],
-    versions: Mapping[str, str],
+    grid: Matrix,
+    statuses: Mapping[str, AppStatus],
     *,
     order: list[str],
     desired: Mapping[str, str],
     held: Mapping[str, str],
     approvals: set[str],
 ) -> Pipeline:
-    """The matrix with what waits per cell. `versions`: the version each app runs;
-    `desired`: the one git has for it (newest known revision); `held`: the one a closed
-    gate holds; all by ConveyorApp name. `order` is conveyor.yaml's promotion order (an
-    environment outside it has no previous); `approvals`: environments with an approval
-    gate."""
-    grid = matrix(statuses, versions, order=order)
+    """The matrix (its environments and cells as read, from however many clusters) with
+    what waits per cell. `statuses`, `desired` (the version git has for an app, at the
+    newest revision known) and `held` (the version a closed gate holds) are by
+    ConveyorApp name. `order` is conveyor.yaml's promotion order (an environment outside
+    it has no previous); `approvals`: the environments with an approval gate."""
     previous = dict(zip(order[1:], order, strict=False))
-    by_name = {s.name: s for s in statuses}
     cells = []
     for plain in grid.cells:
-        status = by_name[f"{plain.environment}.{plain.app}"]
+        status = statuses.get(f"{plain.environment}.{plain.app}")
+        if status is None:
+            continue
         before = previous.get(plain.environment)
         cells.append(
             pipeline_cell(
