@@ -388,11 +388,17 @@ def resolve_revision(repo: Path, revision: str) -> str:
     ).strip()
 
 
-def files_at(repo: Path, revision: str, paths: list[str]) -> list[str]:
-    """The files under `paths` at `revision`, recursively, as repository paths."""
-    (revision,) = _revisions("ls-tree", revision)
-    listed = run_git(["ls-tree", "-r", "--name-only", "-z", revision, "--", *paths], cwd=repo)
-    return [path for path in listed.split("\0") if path]
+def tree_at(repo: Path, revision: str, path: str) -> str | None:
+    """The id of the folder `path` in commit `revision`: equal ids, equal contents. None
+    when the commit is not in `repo` or has no such folder."""
+    (revision,) = _revisions("rev-parse", revision)
+    folder = "" if path in ("", ".") else path  # `REV:` is the commit's whole tree
+    found = run_git(
+        ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}:{folder}"],
+        cwd=repo,
+        check=False,
+    ).strip()
+    return found or None
 
 
 def fetch_tree(mirror: Path, url: str, ref: str, path: str) -> tuple[str, str]:

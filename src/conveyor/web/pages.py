@@ -7,6 +7,7 @@ token, and need the session that logging in with the token gives.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -39,6 +40,17 @@ STATE_CLASS = {
 }
 templates.env.filters["state_class"] = lambda state: STATE_CLASS.get(str(state), "unknown")
 templates.env.filters["short"] = lambda sha: str(sha or "")[:12]
+_LONG_HEX = re.compile(r"[0-9a-f]{12,}")
+
+
+def brief(version: str) -> str:
+    """A version as a narrow cell shows it (the whole one is its title): Cellenics'
+    `refs-heads-master-<40 hex>-<time>` as `master-<7 hex>-<time>`."""
+    shown = re.sub(r"^refs-(heads|tags)-", "", str(version or ""))
+    return _LONG_HEX.sub(lambda found: found.group(0)[:7], shown)
+
+
+templates.env.filters["brief"] = brief
 templates.env.globals["quote"] = lambda text: quote(str(text), safe="")
 
 

@@ -26,7 +26,14 @@ from conveyor.reconcile.status import AppStatus
 from conveyor.reconcile.target import Target, checkout_path
 from conveyor.render.discover import AppSource, discover, scope_name
 from conveyor.render.documents import RenderError
-from conveyor.source.git import Checkout, GitError, change_kind, default_branch, file_log
+from conveyor.source.git import (
+    Checkout,
+    GitError,
+    change_kind,
+    default_branch,
+    file_log,
+    tree_at,
+)
 
 # Release versions of (scope, revision) kept: a commit's versions never change, and an
 # entry is a few hundred bytes (an environment's app names and versions).
@@ -60,7 +67,8 @@ class ConfigRepo:
         self._fetched = 0.0
         self._lock = threading.Lock()
         self.head: str | None = None  # the branch's head as last fetched
-        self._releases: OrderedDict[tuple[str, str], Releases] = OrderedDict()
+        self._releases: OrderedDict[tuple[str, str], Releases] = OrderedDict()  # by revision
+        self._by_tree: OrderedDict[tuple[str, str], Releases] = OrderedDict()  # by folder id
         self._releases_lock = threading.Lock()
         self._pending: dict[tuple[str, str], asyncio.Task[Releases]] = {}
         self._folders: dict[str, str | None] = {}
@@ -209,16 +217,22 @@ class ConfigRepo:
             if key in self._releases:
                 return self._releases[key]
         folder = self._folder(checkout.path, scope)
-        if folder is None or not _has_commit(checkout, revision):
+        tree = tree_at(checkout.path, revision, folder) if folder is not None else None
+        if folder is None or tree is None:
             return {}  # not kept: a later fetch may bring the commit
-        found = {
-            name: version.version or ""
-            for name, version in environment_versions(checkout.path, folder, revision).items()
-        }
+        # A commit changes a folder or two: the others' versions are read once per tree.
         with self._releases_lock:
-            self._releases[key] = found
-            while len(self._releases) > RELEASES_KEPT:
-                self._releases.popitem(last=False)
+            found = self._by_tree.get((folder, tree))
+        if found is None:
+            found = {
+                name: version.version or ""
+                for name, version in environment_versions(checkout.path, folder, revision).items()
+            }
+        with self._releases_lock:
+            for cache, entry in ((self._releases, key), (self._by_tree, (folder, tree))):
+                cache[entry] = found
+                while len(cache) > RELEASES_KEPT:
+                    cache.popitem(last=False)
         return found
 
     async def pin(self, scope: str, app: str, *, revision: str | None = None) -> Pin | None:

@@ -12,12 +12,18 @@
     const source = new EventSource("/stream");
     source.addEventListener("status", function (event) {
       const change = JSON.parse(event.data);
-      let missing = Boolean(change.refresh);
-      for (const [id, html] of Object.entries(change.html || {})) {
+      // A change comes as the cells of each view (the matrix's, the pipeline's row); a
+      // page shows one view, so it redraws only when it found none of them (a new row).
+      const cells = Object.entries(change.html || {});
+      let replaced = 0;
+      for (const [id, html] of cells) {
         const element = document.getElementById(id);
-        if (element) element.outerHTML = html;
-        else missing = true;
+        if (element) {
+          element.outerHTML = html;
+          replaced += 1;
+        }
       }
+      const missing = Boolean(change.refresh) || (cells.length > 0 && replaced === 0);
       document.querySelectorAll("[data-live]").forEach(function (region) {
         const keys = (region.dataset.keys || "").split(" ");
         const wanted = keys.includes("*") || keys.includes(change.name);
