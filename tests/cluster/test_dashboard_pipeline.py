@@ -7,26 +7,15 @@ views, with a screenshot kept as an artifact."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from conveyor.cluster import kubeconfig
-from conveyor.cluster.client import KubeClient
-from conveyor.reconcile.status import (
-    READY,
-    SOURCE_KIND,
-    STALLED,
-    WAITING_FOR_GATE,
-    AppStatus,
-    StatusStore,
-)
 from tests.cluster.gitops import ConfigRepo, conveyor, deployment, kubectl_json, wait_for
+from tests.cluster.scale import APPS, ENVIRONMENTS, HELD, Fleet, app_name, tag
 from tests.cluster.serve import ServeProcess
 from tests.cluster.test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import SandboxHandle
@@ -108,7 +97,9 @@ def test_the_pipeline_shows_what_waits_and_promotes_through_the_page(
         wait_for(lambda: tab.evaluate("document.documentElement.dataset.stream") == "connected")
         tab.evaluate("window.__sameDocument = true")
         tab.locator(cell(production, "web")).get_by_role("button", name="promote").click()
-        expect(tab.locator(".notice")).to_contain_text(f"promotion into {production}/web started")
+        expect(tab.locator(".notice")).to_contain_text(
+            f"promotion into {production}/web started", timeout=60_000
+        )
         tab.goto(f"/?env={staging},{production}")
         wait_for(lambda: tab.evaluate("document.documentElement.dataset.stream") == "connected")
         tab.evaluate("window.__sameDocument = true")
@@ -148,148 +139,32 @@ def test_the_pipeline_shows_what_waits_and_promotes_through_the_page(
         sandbox.run("kubectl", "delete", "namespace", prod_ns, "--wait=false", check=False)
 
 
-ENVIRONMENTS = 12
-APPS = 60
-# Cellenics' tags: the ref, the commit and the build time, 69 characters.
-LONG_TAG = "refs-heads-master-{sha}-1733050000"
-
-
-def scale_repo(root: Path, prefix: str) -> tuple[ConfigRepo, list[str], str, str]:
-    """A config repo of 12 environments x 60 apps with Cellenics-long tags: the first
-    commit is what runs; a second gives the last environment newer versions, held there
-    by its approval gate."""
-    repo = ConfigRepo(root)
-    names = [f"{prefix}-{index:02d}" for index in range(ENVIRONMENTS)]
-    lines = ["environments:"]
-    for name in names:
-        gate = "\n    gates: [{type: approval}]" if name == names[-1] else ""
-        lines.append(f"  - name: {name}\n    path: {name}{gate}")
-    repo.write("conveyor.yaml", "\n".join(lines) + "\n")
-    for env_index, name in enumerate(names):
-        for index in range(APPS):
-            app = f"service-with-a-long-name-{index:02d}"
-            sha = f"{(index * 7 + env_index) % 16:x}" * 40
-            tag = LONG_TAG.format(sha=sha) if index % 3 else f"1.{index}.{env_index // 4}"
-            repo.write(
-                f"{name}/{app}/deploy.yaml", deployment(app, "default", image=f"{app}:{tag}")
-            )
-    running = repo.commit("twelve environments")
-    for index in range(0, APPS, 5):
-        app = f"service-with-a-long-name-{index:02d}"
-        repo.write(
-            f"{names[-1]}/{app}/deploy.yaml", deployment(app, "default", image=f"{app}:9.9.9")
-        )
-    held = repo.commit("Update from https://github.com/acme/services/commit/89ab")
-    return repo, names, running, held
-
-
-def scale_statuses(names: list[str], running: str, held: str) -> list[AppStatus]:
-    statuses = []
-    for env_index, name in enumerate(names):
-        statuses.append(
-            AppStatus(
-                scope=name,
-                app="",
-                kind=SOURCE_KIND,
-                state=READY,
-                reason="Fetched",
-                attempted_revision=running,
-                last_applied_revision=running,
-            )
-        )
-        for index in range(APPS):
-            state, reason, message, attempted = READY, "ReconciliationSucceeded", "", running
-            if name == names[-1] and index % 5 == 0:
-                state, reason, attempted = WAITING_FOR_GATE, "GateClosed", held
-                message = "approval: 0 of 1 approvals of 9.9.9 for this environment"
-            elif (index + env_index) % 17 == 0:
-                state, reason = STALLED, "HealthCheckFailed"
-                message = "Deployment/default/x: 0 of 1 replicas available " * 4
-            statuses.append(
-                AppStatus(
-                    scope=name,
-                    app=f"service-with-a-long-name-{index:02d}",
-                    state=state,
-                    reason=reason,
-                    message=message,
-                    attempted_revision=attempted,
-                    last_applied_revision=running,
-                    last_applied_time="2026-12-01T10:00:00Z",
-                )
-            )
-    return statuses
-
-
-def save_statuses(sandbox: SandboxHandle, statuses: list[AppStatus]) -> None:
-    async def run() -> None:
-        async with KubeClient(kubeconfig.load(sandbox.kubeconfig), max_connections=32) as kube:
-            store = StatusStore(kube)
-            await store.install()  # the CRD, on a sandbox nothing reconciled on yet
-            await store.list_all()
-            limit = asyncio.Semaphore(32)
-
-            async def one(status: AppStatus) -> None:
-                async with limit:
-                    await store.save(status)
-
-            await asyncio.gather(*(one(s) for s in statuses))
-
-    # Playwright's sync API owns this thread's event loop: write from another thread.
-    failures: list[BaseException] = []
-    writer = threading.Thread(target=lambda: _collect(failures, lambda: asyncio.run(run())))
-    writer.start()
-    writer.join(timeout=120)
-    assert not writer.is_alive(), "writing the statuses took over 120 s"
-    if failures:
-        raise failures[0]
-
-
-def delete_statuses(sandbox: SandboxHandle, scopes: list[str]) -> None:
-    """One delete of every status of the scopes (the shared sandbox keeps no leftovers)."""
-    selector = f"conveyor.dev/scope in ({','.join(scopes)})"
-    sandbox.run(
-        "kubectl", "delete", "conveyorapps", "-n", "conveyor-system", "-l", selector, "--wait=false"
-    )
-
-
-def _collect(failures: list[BaseException], work: Callable[[], None]) -> None:
-    try:
-        work()
-    except BaseException as error:  # re-raised in the test's thread
-        failures.append(error)
-
-
 def test_twelve_environments_by_sixty_apps_fit_1280_pixels(
     sandbox: SandboxHandle, tmp_path: Path, browser: Browser
 ) -> None:
-    prefix = f"fit{uuid.uuid4().hex[:4]}"
-    repo, names, running, held = scale_repo(tmp_path, prefix)
-    statuses = scale_statuses(names, running, held)
-    save_statuses(sandbox, statuses)
-    serve = ServeProcess(sandbox, tmp_path, "--repo", repo.url)
+    fleet = Fleet(tmp_path, f"fit{uuid.uuid4().hex[:4]}")
+    names = fleet.names
+    fleet.save(sandbox.kubeconfig)
+    serve = ServeProcess(sandbox, tmp_path, "--repo", fleet.repo.url)
     tab = open_page(browser, serve.url)
     query = "env=" + ",".join(names)
     try:
         tab.goto(f"/?{query}")
         assert tab.locator("table.pipeline tbody tr").count() == APPS
         assert tab.locator("table.pipeline thead th").count() == ENVIRONMENTS + 1
-        # Versions come from git (after the first read); the page never scrolls sideways.
-        app = "service-with-a-long-name-01"
-        tag = LONG_TAG.format(sha=f"{7 % 16:x}" * 40)
-
-        def versions_read() -> bool:
-            tab.goto(f"/?{query}")
-            return tab.locator(f"{cell(names[0], app)} .version").get_attribute("title") == tag
-
-        wait_for(versions_read, timeout=60, what="versions read from git")
-        version = tab.locator(f"{cell(names[0], app)} .version")
-        assert version.inner_text() == f"master-{'7' * 7}-1733050000"  # the whole on hover
-        box = version.bounding_box()
-        assert box is not None and box["width"] < 1280 / ENVIRONMENTS
-        gated = tab.locator(cell(names[-1], "service-with-a-long-name-05"))
-        expect(gated.locator(".waiting-gate")).to_contain_text("approval: 0 of 1")
+        # Versions are read from git in the background (once per folder), and the page
+        # redrawn as they come; the held version last, of the last environment's commit.
+        gated = tab.locator(cell(names[-1], app_name(5)))
         approve = gated.locator("form", has=tab.get_by_role("button", name="approve"))
-        expect(approve.locator('input[name="version"]')).to_have_value("9.9.9")  # held there
+        expect(approve.locator('input[name="version"]')).to_have_value(HELD, timeout=120_000)
+        long_one = tab.locator(f"{cell(names[0], app_name(1))} .version")
+        assert long_one.get_attribute("title") == tag(0, 1)
+        assert long_one.inner_text() == f"master-{'7' * 7}-1733050000"  # whole on hover
+        box = long_one.bounding_box()
+        assert box is not None and box["width"] < 1280 / ENVIRONMENTS
+        expect(gated.locator(".waiting-gate")).to_contain_text("approval: 0 of 1")
+        upstream = tab.locator(f"{cell(names[1], app_name(1))} .waiting-previous")
+        expect(upstream).to_have_text(f"{names[0]} runs master-{'7' * 7}-1733050000")
         assert tab.evaluate(NO_SIDEWAYS_SCROLL), tab.evaluate(
             "[document.documentElement.scrollWidth, window.innerWidth]"
         )
@@ -309,4 +184,4 @@ def test_twelve_environments_by_sixty_apps_fit_1280_pixels(
     finally:
         tab.context.close()
         serve.stop()
-        delete_statuses(sandbox, names)
+        fleet.delete(sandbox.kubeconfig)

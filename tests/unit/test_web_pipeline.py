@@ -192,3 +192,19 @@ def test_release_versions_at_a_revision_are_what_promotion_reads(
     at_first, known, history = asyncio.run(read())
     assert at_first == {"api": tag, "settings": ""} and known == at_first
     assert history == ["1.5.0", tag]
+
+    # A commit the clone cannot reach is asked for once, and never announced as known
+    # (the announcement redraws pages, which would ask again, in a loop).
+    async def unreachable() -> tuple[list[str], bool]:
+        repo = ConfigRepo(str(origin), branch="main", kubeconfig=None, context=None)
+        announced: list[str] = []
+        missing = "f" * 40
+        repo.request("staging", missing, then=lambda: announced.append("missing"))
+        repo.request("staging", first, then=lambda: announced.append("first"))
+        while repo._pending or any(not t.done() for t in repo._requests):
+            await asyncio.sleep(0.05)
+        repo.request("staging", missing, then=lambda: announced.append("again"))
+        return announced, bool(repo._requests and not all(t.done() for t in repo._requests))
+
+    announced, asked_again = asyncio.run(unreachable())
+    assert announced == ["first"] and not asked_again

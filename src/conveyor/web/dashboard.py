@@ -188,7 +188,7 @@ class Dashboard:
         git is read in the background for the next page."""
         known = repo.known_releases(status.scope, revision)
         if known is None:
-            repo.request(status.scope, revision)
+            self._want(repo, status.scope, revision)
             return ""
         return known.get(status.app, "")
 
@@ -231,18 +231,20 @@ class Dashboard:
         )
 
     async def version_of(self, status: AppStatus) -> str:
-        """For the hub, on each change of what an app runs: read git's release versions
-        at its revisions (so pages find them known), and the image tags running now,
-        shown when git cannot be read."""
+        """For the hub, on each change of what an app runs: the image tags running now,
+        shown until git's release versions at its revisions are read; those are asked
+        for in the background (a cold read of a folder takes seconds, and the hub's
+        watch must not wait), and the pages told when they are known."""
         repo = self.repos.get(self._source(status.scope))
         if repo is not None:
-            revisions = {status.last_applied_revision, status.attempted_revision} - {None, ""}
-            for revision in sorted(r for r in revisions if r):
-                try:
-                    await repo.releases(status.scope, revision)
-                except (GitError, ConfigError, OSError) as error:
-                    log.warning("versions of %s at %s unknown: %s", status.scope, revision, error)
+            for revision in {status.last_applied_revision, status.attempted_revision}:
+                if revision:
+                    self._want(repo, status.scope, revision)
         return await views.live_version(self.kube, status)
+
+    def _want(self, repo: ConfigRepo, scope: str, revision: str) -> None:
+        """Read the versions at `revision` unless known; then redraw the pages' `scope`."""
+        repo.request(scope, revision, then=lambda: self.hub.touch(resource_name(scope, "")))
 
     def version(self, status: AppStatus) -> str:
         """The release the app runs: its version in git at the revision it runs (as

@@ -44,9 +44,9 @@ _LONG_HEX = re.compile(r"[0-9a-f]{12,}")
 
 
 def brief(version: str) -> str:
-    """A version as a narrow cell shows it (the whole one is its title): Cellenics'
-    `refs-heads-master-<40 hex>-<time>` as `master-<7 hex>-<time>`."""
-    shown = re.sub(r"^refs-(heads|tags)-", "", str(version or ""))
+    """A version (or a line naming one) as a narrow cell shows it, the whole being its
+    title: Cellenics' `refs-heads-master-<40 hex>-<time>` as `master-<7 hex>-<time>`."""
+    shown = re.sub(r"\brefs-(heads|tags)-", "", str(version or ""))
     return _LONG_HEX.sub(lambda found: found.group(0)[:7], shown)
 
 

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class ConfigRepo:
         self._folders: dict[str, str | None] = {}
         self._failed: dict[tuple[str, str], float] = {}
         self._requests: set[asyncio.Future[None]] = set()  # kept until done
+        self._readers = asyncio.Semaphore(2)
 
     def _sync(self, max_age: float, wanted: str | None) -> Checkout:
         with self._lock:
@@ -170,9 +172,11 @@ class ConfigRepo:
         """The branch cloned: `--branch`, else the default branch once known."""
         return self._checkout.branch if self._checkout is not None else self.branch
 
-    def request(self, scope: str, revision: str) -> None:
+    def request(self, scope: str, revision: str, *, then: Callable[[], None] | None = None) -> None:
         """Read the release versions at `revision` in the background, unless known, being
-        read, or failed within the last 30 s."""
+        read, or failed (or not there) within the last 30 s; call `then` once they are
+        known. (`then` redraws pages, which ask again: only what became known calls it,
+        or a commit the clone cannot reach would ask for itself in a loop.)"""
         key = (scope, revision)
         failed = self._failed.get(key)
         if key in self._pending or (failed and time.monotonic() - failed < RETRY_SECONDS):
@@ -186,6 +190,11 @@ class ConfigRepo:
             except (GitError, ConfigError, OSError) as error:
                 self._failed[key] = time.monotonic()
                 log.warning("versions of %s at %s unknown: %s", scope, revision[:12], error)
+                return
+            if self.known_releases(scope, revision) is None:  # no such commit or folder
+                self._failed[key] = time.monotonic()
+            elif then is not None:
+                then()
 
         self._requests.add(asyncio.ensure_future(read()))
         self._requests = {t for t in self._requests if not t.done()}
@@ -204,7 +213,10 @@ class ConfigRepo:
             async def read() -> Releases:
                 try:
                     checkout = await self.checkout(max_age=float("inf"), wanted=revision)
-                    return await asyncio.to_thread(self._releases_at, checkout, scope, revision)
+                    # YAML read round-trip costs ~10 ms a file: two folders at a time
+                    # leave the server's own thread its share of the interpreter.
+                    async with self._readers:
+                        return await asyncio.to_thread(self._releases_at, checkout, scope, revision)
                 finally:
                     self._pending.pop(key, None)
 
