@@ -1,7 +1,8 @@
 """The pipeline view in Debian's Chromium, driven by Playwright, on the sandbox: two
 environments of one conveyor.yaml reconciled for real show what waits (a newer version
 upstream, git ahead of the cluster) with their actions, a promotion through the page
-reaches the cluster and the page follows live; and 12 environments x 60 apps (statuses
+reaches the cluster and the page follows live, the release notes between two
+environments' versions are one click away; and 12 environments x 60 apps (statuses
 written directly, git read for their versions) stay inside a 1280 px window on both
 views, with a screenshot kept as an artifact."""
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from conveyor.source.git import run_git
 from tests.cluster.gitops import ConfigRepo, conveyor, deployment, kubectl_json, wait_for
 from tests.cluster.scale import APPS, ENVIRONMENTS, HELD, Fleet, app_name, tag
 from tests.cluster.serve import ServeProcess
@@ -48,6 +50,25 @@ def cell(environment: str, app: str) -> str:
     return f'[id="pipe-{environment}.{app}"]'
 
 
+def web_repo(root: Path) -> tuple[str, dict[str, str]]:
+    """The app's own repository: the commit 1.0.0 was built from, then a pull request
+    (squash-merged) that 2.0.0 was built from."""
+    bare, work = root / "web.git", root / "web"
+    run_git(["init", "--quiet", "--bare", "--initial-branch", "main", str(bare)])
+    run_git(["init", "--quiet", "--initial-branch", "main", str(work)])
+    built = {}
+    for version, subject in (
+        ("1.0.0", "Start the web app"),
+        ("2.0.0", "Show the build time (#12)"),
+    ):
+        (work / "app.py").write_text(f"VERSION = {version!r}\n")
+        run_git(["add", "--all"], cwd=work)
+        run_git(["-c", "user.name=dev", "-c", "user.email=d@d", "commit", "-qm", subject], cwd=work)
+        built[version] = run_git(["rev-parse", "HEAD"], cwd=work).strip()
+    run_git(["push", "--quiet", str(bare), "HEAD:main"], cwd=work)
+    return str(bare), built
+
+
 def test_the_pipeline_shows_what_waits_and_promotes_through_the_page(
     sandbox: SandboxHandle, namespace: str, tmp_path: Path, browser: Browser
 ) -> None:
@@ -64,12 +85,15 @@ def test_the_pipeline_shows_what_waits_and_promotes_through_the_page(
           - {{name: {production}, path: {production}}}
         """,
     )
-    repo.write(f"{staging}/web/deploy.yaml", deployment("web", namespace, image="web:2.0.0"))
+    app_repo, built = web_repo(tmp_path)
+    repo.write(f"{staging}/web/deploy.yaml", deployment("web", namespace, image="web:1.0.0"))
     repo.write(f"{production}/web/deploy.yaml", deployment("web", prod_ns, image="web:1.0.0"))
     settings = "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: settings, namespace: {}}}\n"
     repo.write(f"{staging}/settings/cm.yaml", settings.format(namespace))
     repo.write(f"{production}/settings/cm.yaml", settings.format(prod_ns))
-    first = repo.commit("Update from https://github.com/acme/web/commit/0123abc")
+    repo.commit(f"Update from {app_repo}/commit/{built['1.0.0']}")
+    repo.write(f"{staging}/web/deploy.yaml", deployment("web", namespace, image="web:2.0.0"))
+    first = repo.commit(f"Update from {app_repo}/commit/{built['2.0.0']}")
     for env in (staging, production):
         result = conveyor(sandbox, "reconcile", "--repo", repo.url, "--env", env)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -88,6 +112,12 @@ def test_the_pipeline_shows_what_waits_and_promotes_through_the_page(
         # A ConfigMap names no version: its revision, the only thing there is.
         expect(tab.locator(f"{cell(staging, 'settings')} .version")).to_have_text(first[:7])
         assert tab.evaluate(NO_SIDEWAYS_SCROLL)
+
+        # The release notes between the two environments' versions, one click away.
+        tab.locator(f"{cell(production, 'web')} a.version").click()
+        tab.get_by_role("link", name=f"Release notes: what {staging} runs (2.0.0)").click()
+        expect(tab.locator("#notes")).to_contain_text("#12 Show the build time")
+        assert "Start the web app" not in tab.locator("#notes").inner_text()  # 1.0.0 had it
 
         # Promote through the page: log in, press the cell's button; the cell follows live.
         tab.goto(f"/login?next=/%3Fenv%3D{staging},{production}")
@@ -114,6 +144,7 @@ def test_the_pipeline_shows_what_waits_and_promotes_through_the_page(
 
         # Git ahead of the cluster: a commit nobody applied yet, seen by the dashboard's
         # own fetch of the branch, with the diff one click away.
+        run_git(["pull", "--quiet", "origin", "main"], cwd=repo.work)  # the promotion
         repo.write(f"{staging}/web/deploy.yaml", deployment("web", namespace, image="web:2.1.0"))
         repo.commit("Update from https://github.com/acme/web/commit/4567def")
 

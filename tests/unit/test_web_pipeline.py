@@ -14,7 +14,7 @@ import pytest
 from conveyor.promote.pipeline import environment_versions
 from conveyor.reconcile.status import READY, STALLED, WAITING_FOR_GATE, AppStatus
 from conveyor.web import views
-from conveyor.web.repo import ConfigRepo
+from conveyor.web.repo import ConfigRepo, built_from
 
 ORDER = ["dev", "staging", "production"]
 
@@ -208,3 +208,13 @@ def test_release_versions_at_a_revision_are_what_promotion_reads(
 
     announced, asked_again = asyncio.run(unreachable())
     assert announced == ["first"] and not asked_again
+
+
+def test_a_publish_commit_names_the_app_commit_its_version_was_built_from() -> None:
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    github = f"Update from https://github.com/hms-dbmi-cellenics/ui/commit/{sha}"
+    assert built_from(github) == ("https://github.com/hms-dbmi-cellenics/ui", sha)
+    gitlab = "Update from https://gitlab.com/acme/api/-/commit/abc1234 (pipeline 7)"
+    assert built_from(gitlab) == ("https://gitlab.com/acme/api", "abc1234")
+    assert built_from("Promote api from staging") is None
+    assert built_from(f"Update from {sha}") is None  # a bare SHA: no repository named

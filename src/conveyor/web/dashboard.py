@@ -22,17 +22,18 @@ from typing import Any
 from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.config.project import ConfigError, Project
+from conveyor.promote.pipeline import PromotionError
 from conveyor.reconcile.once import plan_target
 from conveyor.reconcile.report import EventRecorder
 from conveyor.reconcile.status import SOURCE_KIND, WAITING_FOR_GATE, AppStatus, resource_name
 from conveyor.reconcile.target import Target
 from conveyor.render.documents import RenderError
-from conveyor.source.git import GitError
+from conveyor.source.git import GitError, mask_url
 from conveyor.web import views
 from conveyor.web.actions import ActionError, ActionRegistry, ActionRequest, ActionResult
 from conveyor.web.actions import default_registry as default_actions
 from conveyor.web.auth import Auth, Principal
-from conveyor.web.repo import ConfigRepo, Repos
+from conveyor.web.repo import ConfigRepo, Repos, app_release_notes, built_from
 from conveyor.web.sse import StatusHub
 
 log = logging.getLogger("conveyor.web")
@@ -321,6 +322,46 @@ class Dashboard:
             commits[status.scope] = [views.GitCommit(**c.__dict__) for c in history]
         running = {s.scope: self.version(s) for s in found}
         return views.journey(app, commits, running=running, notes=notes)
+
+    async def notes(self, app: str, *, base: str, head: str) -> views.Notes:
+        """The release notes between the versions `base` and `head` run: the pull
+        requests and commits of the app's repository between the commits their versions
+        were built from (the publish commits that brought them name both)."""
+        journey = await self.journey(app)
+        notes = views.Notes(
+            app=app,
+            base=base,
+            head=head,
+            base_version=journey.running.get(base, ""),
+            head_version=journey.running.get(head, ""),
+        )
+        built: dict[str, tuple[str, str]] = {}
+        for row in journey.versions:
+            for arrival in (a for found in row.arrivals.values() for a in found):
+                source = built_from(arrival.subject)
+                if source is not None and arrival.change == "publish":
+                    built.setdefault(row.version, source)
+        missing = [v for v in (notes.base_version, notes.head_version) if v not in built]
+        if missing:
+            notes.error = (
+                f"no publish commit of {app} names the commit {missing[0] or 'its version'} "
+                "was built from (`Update from <repository>/commit/<sha>`)"
+            )
+            return notes
+        (base_repo, base_sha), (head_repo, head_sha) = (
+            built[notes.base_version],
+            built[notes.head_version],
+        )
+        if base_repo != head_repo:
+            notes.error = (
+                f"{notes.base_version} and {notes.head_version} come from two repositories"
+            )
+            return notes
+        try:
+            notes.text = await app_release_notes(head_repo, base_sha, head_sha)
+        except (GitError, PromotionError) as error:
+            notes.error = f"release notes unavailable: {mask_url(str(error))}"
+        return notes
 
     async def diff(self, status: AppStatus) -> views.Diff:
         target = await self.target(status.scope)

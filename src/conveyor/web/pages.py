@@ -202,6 +202,18 @@ async def journey_partial(
     return page(request, board, "_journey.html", journey=await board.journey(status.app))
 
 
+@router.get("/environments/{environment}/apps/{app}/notes", response_class=HTMLResponse)
+async def notes_page(
+    request: Request, environment: str, app: str, board: DashboardDep, since: str
+) -> Response:
+    """Release notes of what `environment` runs since what `since` (another environment)
+    runs."""
+    status = await board.status(environment, app)
+    await board.status(since, app)  # 404 naming the environments that have the app
+    notes = await board.notes(status.app, base=since, head=environment)
+    return page(request, board, "notes.html", notes=notes)
+
+
 @router.get("/partials/diff/{environment}/{app}", response_class=HTMLResponse)
 async def diff_partial(
     request: Request, environment: str, app: str, board: DashboardDep

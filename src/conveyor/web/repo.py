@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -20,6 +21,7 @@ from pathlib import Path
 from conveyor.cluster.ownership import EnvironmentIdentity, normalise_repository_url
 from conveyor.config.project import ConfigError, Project, load_project
 from conveyor.images.pins import Pin
+from conveyor.promote.notes import release_notes, render_notes
 from conveyor.promote.pinning import app_pin
 from conveyor.promote.pipeline import environment_versions
 from conveyor.promote.versions import VersionError
@@ -335,3 +337,28 @@ class Repos:
                 url, branch=branch, kubeconfig=self.kubeconfig, context=self.context
             )
         return self._repos[key]
+
+
+# A publish commit's message names the app's commit it was built from (publish/: "Update
+# from {server}/{owner}/{repo}/commit/{sha}", GitLab's `/-/commit/`).
+_BUILT_FROM = re.compile(r"^Update from (\S+?)/(?:-/)?commit/([0-9a-f]{7,40})\b")
+
+
+def built_from(subject: str) -> tuple[str, str] | None:
+    """The app repository and commit a publish commit's subject names, if any."""
+    found = _BUILT_FROM.match(subject)
+    return (found.group(1), found.group(2)) if found else None
+
+
+async def app_release_notes(url: str, base: str, head: str) -> str:
+    """`conveyor notes` between two commits of an app's repository, in markdown, from
+    the dashboard's own clone of its default branch (GitError, PromotionError)."""
+
+    def notes() -> str:
+        branch = default_branch(url)
+        checkout = Checkout.open(
+            url, checkout_path(url, branch, purpose="web-notes"), branch=branch
+        )
+        return render_notes(release_notes(checkout.path, base, head))
+
+    return await asyncio.to_thread(notes)

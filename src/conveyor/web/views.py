@@ -192,6 +192,18 @@ class Journey(Model):
     notes: list[str] = []
 
 
+class Notes(Model):
+    """`conveyor notes` between the versions two environments run."""
+
+    app: str
+    base: str  # the environment whose version the notes start from
+    head: str
+    base_version: str
+    head_version: str
+    text: str = ""  # markdown
+    error: str | None = None
+
+
 class Change(Model):
     object: str
     action: str
