@@ -159,7 +159,6 @@ def _in_thread(path: Path, work: Any) -> None:
 
     writer = threading.Thread(target=target)
     writer.start()
-    writer.join(timeout=300)
-    assert not writer.is_alive(), "the statuses took over 300 s"
+    writer.join()  # each request has the client's timeout: no write outlives this
     if failures:
         raise failures[0]

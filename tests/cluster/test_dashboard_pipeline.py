@@ -175,8 +175,12 @@ def test_twelve_environments_by_sixty_apps_fit_1280_pixels(
 ) -> None:
     fleet = Fleet(tmp_path, f"fit{uuid.uuid4().hex[:4]}")
     names = fleet.names
-    fleet.save(sandbox.kubeconfig)
-    serve = ServeProcess(sandbox, tmp_path, "--repo", fleet.repo.url)
+    try:
+        fleet.save(sandbox.kubeconfig)
+        serve = ServeProcess(sandbox, tmp_path, "--repo", fleet.repo.url)
+    except BaseException:
+        fleet.delete(sandbox.kubeconfig)
+        raise
     tab = open_page(browser, serve.url)
     query = "env=" + ",".join(names)
     try:
