@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -112,6 +113,13 @@ def test_the_pipeline_shows_what_waits_and_promotes_through_the_page(
         # A ConfigMap names no version: its revision, the only thing there is.
         expect(tab.locator(f"{cell(staging, 'settings')} .version")).to_have_text(first[:7])
         assert tab.evaluate(NO_SIDEWAYS_SCROLL)
+
+        # The API says the same, in the same model.
+        shaped = httpx.get(f"{serve.url}/api/v1/pipeline", params={"env": [staging, production]})
+        cells = {(c["environment"], c["app"]): c for c in shaped.json()["cells"]}
+        waiting = cells[(production, "web")]
+        assert waiting["version"] == "1.0.0" and waiting["promoteFrom"] == staging
+        assert [w["kind"] for w in waiting["waiting"]] == ["previous"]
 
         # The release notes between the two environments' versions, one click away.
         tab.locator(f"{cell(production, 'web')} a.version").click()
