@@ -117,9 +117,9 @@ def test_the_pipeline_shows_what_waits_and_promotes_through_the_page(
         # The API says the same, in the same model.
         shaped = httpx.get(f"{serve.url}/api/v1/pipeline", params={"env": [staging, production]})
         cells = {(c["environment"], c["app"]): c for c in shaped.json()["cells"]}
-        waiting = cells[(production, "web")]
-        assert waiting["version"] == "1.0.0" and waiting["promoteFrom"] == staging
-        assert [w["kind"] for w in waiting["waiting"]] == ["previous"]
+        prod_web = cells[(production, "web")]
+        assert prod_web["version"] == "1.0.0" and prod_web["promoteFrom"] == staging
+        assert [w["kind"] for w in prod_web["waiting"]] == ["previous"]
 
         # The release notes between the two environments' versions, one click away.
         tab.locator(f"{cell(production, 'web')} a.version").click()
