@@ -97,10 +97,12 @@ def render_cell(environment: str, app: str, cell: views.Cell | None) -> str:
 def render_pipeline_cells(row: views.Pipeline, app: str, **context: Any) -> dict[str, str]:
     """Every cell of an app's pipeline row: a change in one environment changes what
     waits in the next."""
-    template = templates.get_template("_pipeline_cell.html")
+    module = templates.get_template("_pipeline_cell.html").make_module(context)
+    pipeline_cell = module.pipeline_cell  # type: ignore[attr-defined]  # the macro
+    qapp = quote(app, safe="")
     return {
-        f"pipe-{env.name}.{app}": template.render(
-            environment=env.name, app=app, cell=row.cell(env.name, app), **context
+        f"pipe-{env.name}.{app}": str(
+            pipeline_cell(env.name, app, row.cell(env.name, app), quote(env.name, safe=""), qapp)
         )
         for env in row.environments
     }

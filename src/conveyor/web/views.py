@@ -381,16 +381,17 @@ def pipeline_cell(
 ) -> PipelineCell:
     running = plain.version
     waiting: list[Waiting] = []
-    cell = PipelineCell(**plain.model_dump())
+    approve_version = promote_from = None
+    diff = False
     if status.state == WAITING_FOR_GATE:
         waiting.append(Waiting(kind="gate", version=held, message=status.message))
         if plain.environment in approvals and held:
-            cell.approve_version = held
-        cell.diff = True
+            approve_version = held
+        diff = True
     if desired and desired not in (running, held):
         why = f" ({status.reason})" if status.state == STALLED else ""
         waiting.append(Waiting(kind="git", version=desired, message=f"git has {desired}{why}"))
-        cell.diff = True
+        diff = True
     if (
         upstream is not None
         and upstream.version
@@ -406,9 +407,16 @@ def pipeline_cell(
                 environment=upstream.environment,
             )
         )
-        cell.promote_from = upstream.environment
-    cell.waiting = waiting
-    return cell
+        promote_from = upstream.environment
+    # From the cell's __dict__: pydantic's dump (or model_construct) costs several times
+    # the validation, and a page shapes every cell.
+    return PipelineCell(
+        **plain.__dict__,
+        waiting=waiting,
+        promote_from=promote_from,
+        approve_version=approve_version,
+        diff=diff,
+    )
 
 
 _NUMBERED = re.compile(r"^v?(\d+(?:\.\d+)*)")
