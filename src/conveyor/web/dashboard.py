@@ -142,10 +142,13 @@ class Dashboard:
     ) -> views.Pipeline:
         desired: dict[str, str] = {}
         held: dict[str, str] = {}
+        repos: dict[str, ConfigRepo | None] = {}  # by scope: a page asks 720 times
         for status in statuses:
             if status.kind == SOURCE_KIND:
                 continue
-            repo = self.repos.get(self._source(status.scope))
+            if status.scope not in repos:
+                repos[status.scope] = self.repos.get(self._source(status.scope))
+            repo = repos[status.scope]
             if repo is None:
                 continue
             if status.state == WAITING_FOR_GATE and status.attempted_revision:

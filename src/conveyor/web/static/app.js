@@ -46,7 +46,8 @@
   }
 
   document.addEventListener("submit", function (event) {
-    const question = event.target.dataset.confirm;
+    const button = event.submitter;
+    const question = (button && button.dataset.confirm) || event.target.dataset.confirm;
     if (question && !window.confirm(question)) event.preventDefault();
   });
   document.querySelectorAll("[data-lazy]").forEach(refresh);
