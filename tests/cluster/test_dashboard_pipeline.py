@@ -202,7 +202,7 @@ def test_twelve_environments_by_sixty_apps_fit_1280_pixels(
         expect(approve).to_have_attribute("value", HELD, timeout=120_000)
         long_one = tab.locator(f"{cell(names[0], app_name(1))} .version")
         assert long_one.get_attribute("title") == tag(0, 1)
-        assert long_one.inner_text() == f"master-{'7' * 7}-1733050000"  # whole on hover
+        expect(long_one).to_have_text(f"master-{'7' * 7}-1733050000")  # whole on hover
         box = long_one.bounding_box()
         assert box is not None and box["width"] < 1280 / ENVIRONMENTS
         expect(gated.locator(".waiting-gate")).to_contain_text("approval: 0 of 1")

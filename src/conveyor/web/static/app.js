@@ -3,9 +3,24 @@
 (function () {
   "use strict";
 
+  // One fetch per region at a time: changes that come while one runs (a pass over 60
+  // apps, versions read from git) are folded into a single fetch after it.
+  const again = new Map();
+
   async function refresh(region) {
-    const response = await fetch(region.dataset.src, { headers: { Accept: "text/html" } });
-    if (response.ok) region.innerHTML = await response.text();
+    if (again.has(region)) {
+      again.set(region, true);
+      return;
+    }
+    again.set(region, false);
+    try {
+      const response = await fetch(region.dataset.src, { headers: { Accept: "text/html" } });
+      if (response.ok) region.innerHTML = await response.text();
+    } finally {
+      const wanted = again.get(region);
+      again.delete(region);
+      if (wanted) refresh(region);
+    }
   }
 
   function connect() {
