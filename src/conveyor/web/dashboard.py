@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -81,8 +82,13 @@ class Dashboard:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._diff_lock = asyncio.Lock()
         self._head_refresh: asyncio.Task[None] | None = None
+        # Every change the hub publishes, counted: a rendered page stays valid until one.
+        self._changes = self.hub.subscribe()
+        self._generation = 0
+        self.rendered: OrderedDict[tuple[object, ...], str] = OrderedDict()  # pages.py's
 
     async def close(self) -> None:
+        self.hub.unsubscribe(self._changes)
         await self.hub.close()
         if self._head_refresh is not None:
             self._head_refresh.cancel()
@@ -127,8 +133,24 @@ class Dashboard:
     async def pipeline(self, *, only: list[str] | None = None) -> views.Pipeline:
         """The matrix in promotion order, with what waits to reach each cell."""
         grid = await self.matrix(only=only)
-        self._refresh_head()
+        self.refresh_head()
         return self._pipeline(grid, await self.statuses(), await self.project())
+
+    def generation(self) -> tuple[object, ...]:
+        """What the pages show depends on beyond the request: it changes with every
+        status change the hub publishes (versions read from git included), git's head,
+        the versions known and conveyor.yaml."""
+        while True:
+            try:
+                change = self._changes.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            self._generation += 1
+            if change is None:  # fell behind (the hub dropped this queue): again
+                self._changes = self.hub.subscribe()
+        repo = self.repos.get(None)
+        known = (repo.head, repo.known_count) if repo is not None else None
+        return (self._generation, known, id(self._project))
 
     def pipeline_row(self, app: str) -> views.Pipeline:
         """One app's row of the pipeline, from what is known now (for the live stream)."""
@@ -196,7 +218,7 @@ class Dashboard:
             return ""
         return known.get(status.app, "")
 
-    def _refresh_head(self) -> None:
+    def refresh_head(self) -> None:
         """Fetch the dashboard's clone in the background, at most every 10 s, so that a
         commit no writer has applied yet shows as git ahead of the cluster."""
         repo = self.repos.get(None)

@@ -15,6 +15,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
 from conveyor.reconcile.status import SOURCE_KIND, AppStatus
 from conveyor.web import views
@@ -114,18 +115,38 @@ router = APIRouter(include_in_schema=False)
 EnvironmentFilter = Annotated[list[str] | None, Query(alias="env")]
 
 
+RENDERED_KEPT = 32  # pipelines rendered (per filter and session) kept until a change
+
+
+async def pipeline_html(request: Request, board: Dashboard, env: list[str] | None) -> Markup:
+    """The pipeline's table, rendered again only after a change: 720 cells cost tens of
+    milliseconds to render, and open pages reload it on every status change."""
+    board.refresh_head()  # also when nothing changed: git may have moved
+    context = _context(request, board)
+    key = (board.generation(), tuple(env or ()), context["user"], context["csrf"])
+    html = board.rendered.get(key)
+    if html is None:
+        html = templates.get_template("_pipeline.html").render(
+            pipeline=await board.pipeline(only=env), **context
+        )
+        board.rendered[key] = html
+        while len(board.rendered) > RENDERED_KEPT:
+            board.rendered.popitem(last=False)
+    return Markup(html)  # noqa: S704 (rendered by Jinja with autoescape)
+
+
 @router.get("/", response_class=HTMLResponse)
 async def pipeline_page(
     request: Request, board: DashboardDep, env: EnvironmentFilter = None
 ) -> HTMLResponse:
-    return page(request, board, "pipeline.html", pipeline=await board.pipeline(only=env))
+    return page(request, board, "pipeline.html", table=await pipeline_html(request, board, env))
 
 
 @router.get("/partials/pipeline", response_class=HTMLResponse)
 async def pipeline_partial(
     request: Request, board: DashboardDep, env: EnvironmentFilter = None
 ) -> HTMLResponse:
-    return page(request, board, "_pipeline.html", pipeline=await board.pipeline(only=env))
+    return HTMLResponse(await pipeline_html(request, board, env))
 
 
 @router.get("/matrix", response_class=HTMLResponse)

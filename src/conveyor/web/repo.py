@@ -164,6 +164,11 @@ class ConfigRepo:
 
     # -- release versions, as promotion reads them ----------------------------------------
 
+    @property
+    def known_count(self) -> int:
+        """How many (scope, revision) pairs have their versions read."""
+        return len(self._releases)
+
     def known_releases(self, scope: str, revision: str) -> Releases | None:
         """The release versions of `scope`'s apps at `revision`, if already read."""
         with self._releases_lock:
