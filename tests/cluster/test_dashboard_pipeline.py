@@ -203,8 +203,9 @@ def test_twelve_environments_by_sixty_apps_fit_1280_pixels(
         long_one = tab.locator(f"{cell(names[0], app_name(1))} .version")
         assert long_one.get_attribute("title") == tag(0, 1)
         expect(long_one).to_have_text(f"master-{'7' * 7}-1733050000")  # whole on hover
-        box = long_one.bounding_box()
-        assert box is not None and box["width"] < 1280 / ENVIRONMENTS
+        # Awaited like any locator action (a live redraw may swap the element meanwhile).
+        width = long_one.evaluate("element => element.getBoundingClientRect().width")
+        assert width < 1280 / ENVIRONMENTS
         expect(gated.locator(".waiting-gate")).to_contain_text("approval: 0 of 1")
         upstream = tab.locator(f"{cell(names[1], app_name(1))} .waiting-previous")
         expect(upstream).to_have_text(f"{names[0]} runs master-{'7' * 7}-1733050000")
