@@ -201,7 +201,7 @@ def test_twelve_environments_by_sixty_apps_fit_1280_pixels(
         approve = gated.get_by_role("button", name="approve")
         expect(approve).to_have_attribute("value", HELD, timeout=120_000)
         long_one = tab.locator(f"{cell(names[0], app_name(1))} .version")
-        assert long_one.get_attribute("title") == tag(0, 1)
+        expect(long_one).to_have_attribute("title", tag(0, 1), timeout=60_000)
         expect(long_one).to_have_text(f"master-{'7' * 7}-1733050000")  # whole on hover
         # Awaited like any locator action (a live redraw may swap the element meanwhile).
         width = long_one.evaluate("element => element.getBoundingClientRect().width")
