@@ -1,4 +1,5 @@
-"""The dashboard in Debian's Chromium, driven by Playwright, on the sandbox: the matrix,
+"""The dashboard in Debian's Chromium, driven by Playwright, on the sandbox: the matrix
+(`/matrix`; the pipeline, the front page, is tests/cluster/test_dashboard_pipeline.py),
 live updates without reload, actions through the page, refusals without the token, and
 environments waiting for a gate."""
 
@@ -104,7 +105,7 @@ def page(site: Site) -> Iterator[Page]:
 
 def test_matrix_shows_the_deployed_versions(site: Site, page: Page) -> None:
     tab = page
-    tab.goto(f"/?env={site.scope}")  # the shared sandbox holds other tests' environments
+    tab.goto(f"/matrix?env={site.scope}")  # the shared sandbox holds other tests' environments
     expect(tab.locator(f"{site.cell('frontend')} .version")).to_have_text("3.4.1")
     expect(tab.locator(f"{site.cell('api')} .version")).to_have_text("1.0.0")
     expect(tab.locator(f"{site.cell('api')} .badge").first).to_have_text("Ready")
@@ -115,7 +116,7 @@ def test_matrix_shows_the_deployed_versions(site: Site, page: Page) -> None:
 
 def test_a_commit_shows_without_reload(site: Site, page: Page) -> None:
     tab = page
-    tab.goto("/")
+    tab.goto("/matrix")
     expect(tab.locator(f"{site.cell('api')} .version")).to_have_text("1.0.0")
     wait_for(lambda: tab.evaluate("document.documentElement.dataset.stream") == "connected")
     tab.evaluate("window.__sameDocument = true")
@@ -220,7 +221,7 @@ def test_gates_page_shows_what_an_environment_waits_for_live(site: Site, page: P
     writer.join(timeout=30)
     row = tab.locator("tr", has_text=scope)
     expect(row).to_contain_text("waiting for approval (release-managers)", timeout=15_000)
-    tab.goto(f"/?env={scope}")
+    tab.goto(f"/matrix?env={scope}")
     expect(tab.locator(f'[id="cell-{scope}.api"] .badge').first).to_have_text(WAITING_FOR_GATE)
     expect(tab.locator(f'[id="cell-{scope}.api"] .gate')).to_contain_text("soak time")
 

@@ -245,7 +245,7 @@ def test_a_stopped_cluster_shows_unreachable_while_the_other_updates_live(
     fleet: Fleet, page: Page
 ) -> None:
     tab = page
-    tab.goto(f"/?env={fleet.staging}&env={fleet.production}")
+    tab.goto(f"/matrix?env={fleet.staging}&env={fleet.production}")
     cell = f'[id="cell-{fleet.staging}.api"]'
     expect(tab.locator(f"{cell} .version")).to_have_text("1.1.0")
     expect(tab.locator(f'[id="cell-{fleet.production}.api"] .version')).to_have_text("1.0.0")

@@ -80,13 +80,26 @@ class Workspace:
 def app_version_at(root: Path, path: str, app: str, revision: str) -> AppVersion | None:
     """The version fields of `app` in the environment folder `path` as of `revision` of
     the checkout at `root`; None when that revision or app is unknown."""
+    return environment_versions(root, path, revision).get(app)
+
+
+def environment_versions(root: Path, path: str, revision: str) -> dict[str, AppVersion]:
+    """The version fields of every app in the environment folder `path` as of `revision`
+    of the checkout at `root` (only that folder is exported); empty when that revision or
+    folder is unknown. An app whose files cannot be read is left out."""
     with tempfile.TemporaryDirectory(prefix="conveyor-revision-") as scratch:
         try:
-            exported = export_tree(root, revision, Path(scratch))
-            apps = {a.name: a for a in discover(exported, path).apps}
-            return read_app_version(exported, apps[app]) if app in apps else None
-        except (GitError, RenderError, VersionError):
-            return None
+            exported = export_tree(root, revision, Path(scratch), paths=[path])
+            apps = discover(exported, path).apps
+        except (GitError, RenderError):
+            return {}
+        found = {}
+        for app in apps:
+            try:
+                found[app.name] = read_app_version(exported, app)
+            except VersionError:
+                continue
+        return found
 
 
 def environment(project: Project, name: str) -> Environment:

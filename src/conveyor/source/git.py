@@ -18,7 +18,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -425,11 +425,17 @@ def resolve_revision(repo: Path, revision: str) -> str:
     ).strip()
 
 
-def files_at(repo: Path, revision: str, paths: list[str]) -> list[str]:
-    """The files under `paths` at `revision`, recursively, as repository paths."""
-    (revision,) = _revisions("ls-tree", revision)
-    listed = run_git(["ls-tree", "-r", "--name-only", "-z", revision, "--", *paths], cwd=repo)
-    return [path for path in listed.split("\0") if path]
+def tree_at(repo: Path, revision: str, path: str) -> str | None:
+    """The id of the folder `path` in commit `revision`: equal ids, equal contents. None
+    when the commit is not in `repo` or has no such folder."""
+    (revision,) = _revisions("rev-parse", revision)
+    folder = "" if path in ("", ".") else path  # `REV:` is the commit's whole tree
+    found = run_git(
+        ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}:{folder}"],
+        cwd=repo,
+        check=False,
+    ).strip()
+    return found or None
 
 
 def fetch_tree(mirror: Path, url: str, ref: str, path: str) -> tuple[str, str]:
@@ -551,12 +557,18 @@ def log_entries(repo: Path, base: str, head: str, *, first_parent: bool = False)
     return _log(repo, ["--first-parent"] if first_parent else [], [f"{base}..{head}"], [])
 
 
-def export_tree(repo: Path, revision: str, destination: Path) -> Path:
-    """The files of `revision` in `destination` (no .git), to render a past revision."""
+def export_tree(repo: Path, revision: str, destination: Path, *, paths: Sequence[str] = ()) -> Path:
+    """The files of `revision` in `destination` (no .git), to render a past revision;
+    only those under `paths` when given (GitError when one is not in that revision)."""
     (revision,) = _revisions("archive", revision)
     destination.mkdir(parents=True, exist_ok=True)
     archive = destination / ".export.tar"
-    run_git(["archive", "--format=tar", "-o", str(archive), "--end-of-options", revision], cwd=repo)
+    # Literal pathspecs: a folder's name is never read as git's pathspec magic.
+    literal = [f":(literal){path}" for path in paths]
+    run_git(
+        ["archive", "--format=tar", "-o", str(archive), "--end-of-options", revision, *literal],
+        cwd=repo,
+    )
     try:
         subprocess.run(
             ["tar", "-xf", str(archive), "-C", str(destination)], check=True, capture_output=True

@@ -101,6 +101,17 @@ async def list_clusters(board: DashboardDep) -> list[views.ClusterOut]:
     return (await board.matrix()).clusters
 
 
+@router.get("/pipeline", response_model=views.Pipeline, tags=["status"])
+async def get_pipeline(
+    board: DashboardDep,
+    env: Annotated[list[str] | None, Query(description="Only these environments.")] = None,
+) -> views.Pipeline:
+    """The matrix in promotion order, with what waits to reach each cell: a version the
+    previous environment runs, a closed gate (and the version it holds), git ahead of
+    the cluster; and the action that applies (promote from, approve, diff)."""
+    return await board.pipeline(only=env)
+
+
 @router.get("/environments", response_model=list[views.Environment], tags=["status"])
 async def list_environments(board: DashboardDep) -> list[views.Environment]:
     return (await board.matrix()).environments
@@ -129,6 +140,14 @@ async def get_app(environment: str, app: str, board: DashboardDep) -> views.AppD
 async def get_history(environment: str, app: str, board: DashboardDep) -> views.History:
     """Commits that changed the app's file (and what made them), and its Helm revisions."""
     return await board.history(await board.status(environment, app))
+
+
+@router.get(
+    "/environments/{environment}/apps/{app}/journey", response_model=views.Journey, tags=["app"]
+)
+async def get_journey(environment: str, app: str, board: DashboardDep) -> views.Journey:
+    """Where each version of the app went and when, per environment in promotion order."""
+    return await board.journey((await board.status(environment, app)).app)
 
 
 @router.get("/environments/{environment}/apps/{app}/diff", response_model=views.Diff, tags=["app"])

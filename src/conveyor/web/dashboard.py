@@ -4,6 +4,10 @@ Everything shown comes from the ConveyorApp status the CLI reads (watched once p
 cluster, see `fleet.Fleet`), the live clusters, and the config repository; every action
 goes through the action registry, which calls the same code as the CLI, against the
 cluster of the environment it acts on, and records who acted.
+
+A version is what promotion copies (`promote/versions.py`), read from git at the
+revision an app runs; git is read off the pages' path (when a status changes, or in the
+background), so a page is served from what is already known and never waits for git.
 """
 
 from __future__ import annotations
@@ -13,31 +17,35 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.ownership import EnvironmentIdentity, normalise_repository_url
-from conveyor.config.project import ConfigError
+from conveyor.config.project import ConfigError, Project
+from conveyor.promote.pipeline import PromotionError
 from conveyor.reconcile.once import plan_target
 from conveyor.reconcile.report import EventRecorder
-from conveyor.reconcile.status import SOURCE_KIND, AppStatus, resource_name
+from conveyor.reconcile.status import SOURCE_KIND, WAITING_FOR_GATE, AppStatus, resource_name
 from conveyor.reconcile.target import ClusterRef, Target
 from conveyor.render.documents import RenderError
 from conveyor.sandboxes.manifest import read_sandboxes
 from conveyor.sandboxes.stage import cluster_states
-from conveyor.source.git import GitError
+from conveyor.source.git import GitError, mask_url
 from conveyor.web import views
 from conveyor.web.actions import ActionError, ActionRegistry, ActionRequest, ActionResult
 from conveyor.web.actions import default_registry as default_actions
 from conveyor.web.auth import Auth, Principal
 from conveyor.web.fleet import Clients, Fleet, WatchedCluster, default_clients
-from conveyor.web.repo import Repos
+from conveyor.web.repo import ConfigRepo, Repos, app_release_notes, built_from
 
 log = logging.getLogger("conveyor.web")
 audit = logging.getLogger("conveyor.audit")
 ORDER_MAX_AGE = 30.0
+JOURNEY_COMMITS = 20  # per environment: a version's way through the last few releases
+HEAD_MAX_AGE = 10.0  # how stale the dashboard's own view of git's head may get
 
 
 class NotFound(LookupError):
@@ -89,7 +97,10 @@ class Dashboard:
         self.auth = Auth(options.tokens)
         self.actions = actions or default_actions()
         self.fleet = Fleet(
-            default=ClusterRef(options.kubeconfig, options.context), kube=kube, clients=clients
+            default=ClusterRef(options.kubeconfig, options.context),
+            kube=kube,
+            clients=clients,
+            version_of=self.version_of,
         )
         self.repos = Repos(
             default=options.repo,
@@ -97,10 +108,16 @@ class Dashboard:
             kubeconfig=options.kubeconfig,
             context=options.context,
         )
-        self._order: list[str] = []
+        self._project: Project | None = None
         self._order_time = 0.0
+        self._head_time = 0.0
         self._running: dict[str, asyncio.Task[None]] = {}
         self._diff_lock = asyncio.Lock()
+        self._head_refresh: asyncio.Task[None] | None = None
+        # Every change the hub publishes, counted: a rendered page stays valid until one.
+        self._changes = self.fleet.subscribe()
+        self._generation = 0
+        self.rendered: OrderedDict[tuple[object, ...], str] = OrderedDict()  # pages.py's
 
     async def start(self) -> None:
         """Watch every environment's cluster (conveyor.yaml's, with --repo), else the
@@ -110,7 +127,10 @@ class Dashboard:
             self.fleet.configure([])
 
     async def close(self) -> None:
+        self.fleet.unsubscribe(self._changes)
         await self.fleet.close()
+        if self._head_refresh is not None:
+            self._head_refresh.cancel()
         for task in self._running.values():
             task.cancel()
         for task in self._running.values():
@@ -123,21 +143,25 @@ class Dashboard:
         await self.fleet.settled()
         return self.fleet.snapshot()
 
-    async def order(self) -> list[str]:
-        """Environments in conveyor.yaml's promotion order (when the repo is known),
-        re-read now and then: the clusters watched follow the file."""
+    async def project(self) -> Project | None:
+        """conveyor.yaml of `--repo`, read again every 30 s; None without `--repo`."""
         if self.options.repo and time.monotonic() - self._order_time > ORDER_MAX_AGE:
             self._order_time = time.monotonic()
             repo = self.repos.get(None)
             if repo is not None:
                 try:
-                    environments = (await repo.project()).environments
+                    self._project = await repo.project()
                 except (GitError, ConfigError) as error:
                     log.warning("environments unknown: %s", error)
                 else:
-                    self._order = [e.name for e in environments]
-                    self.fleet.configure(environments)
-        return self._order
+                    self.fleet.configure(self._project.environments)
+        return self._project
+
+    async def order(self) -> list[str]:
+        """Environments in conveyor.yaml's promotion order (when the repo is known),
+        re-read now and then: the clusters watched follow the file."""
+        project = await self.project()
+        return [e.name for e in project.environments] if project else []
 
     async def matrix(self, *, only: list[str] | None = None) -> views.Matrix:
         """The matrix of every environment, or of those in `only` (names or `a,b` lists)."""
@@ -145,10 +169,115 @@ class Dashboard:
         wanted = {name.strip() for value in only or [] for name in value.split(",")} - {""}
         if wanted:
             statuses = [s for s in statuses if s.scope in wanted]
-        matrix = self.fleet.matrix(statuses, order=await self.order())
+        matrix = self.fleet.matrix(statuses, order=await self.order(), version=self.version)
         if wanted:  # an unreachable cluster's environments come without statuses
             matrix.environments = [e for e in matrix.environments if e.name in wanted]
         return matrix
+
+    async def pipeline(self, *, only: list[str] | None = None) -> views.Pipeline:
+        """The matrix in promotion order, with what waits to reach each cell."""
+        grid = await self.matrix(only=only)
+        self.refresh_head()
+        return self._pipeline(grid, await self.statuses(), await self.project())
+
+    def generation(self) -> tuple[object, ...]:
+        """What the pages show depends on beyond the request: it changes with every
+        status change the hub publishes (versions read from git included), git's head,
+        the versions known and conveyor.yaml."""
+        while True:
+            try:
+                change = self._changes.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            self._generation += 1
+            if change is None:  # fell behind (the hub dropped this queue): again
+                self._changes = self.fleet.subscribe()
+        repo = self.repos.get(None)
+        known = (repo.head, repo.known_count) if repo is not None else None
+        return (self._generation, known, id(self._project))
+
+    def pipeline_row(self, app: str) -> views.Pipeline:
+        """One app's row of the pipeline, from what is known now (for the live stream)."""
+        statuses = [s for s in self.fleet.snapshot() if s.app == app or s.kind == SOURCE_KIND]
+        order = [e.name for e in self._project.environments] if self._project else []
+        grid = self.fleet.matrix(statuses, order=order, version=self.version)
+        return self._pipeline(grid, statuses, self._project)
+
+    def _pipeline(
+        self, grid: views.Matrix, statuses: list[AppStatus], project: Project | None
+    ) -> views.Pipeline:
+        desired: dict[str, str] = {}
+        held: dict[str, str] = {}
+        repos: dict[str, ConfigRepo | None] = {}  # by scope: a page asks 720 times
+        for status in statuses:
+            if status.kind == SOURCE_KIND:
+                continue
+            if status.scope not in repos:
+                repos[status.scope] = self.repos.get(self.source(status.scope))
+            repo = repos[status.scope]
+            if repo is None:
+                continue
+            if status.state == WAITING_FOR_GATE and status.attempted_revision:
+                held[status.name] = self._release(repo, status, status.attempted_revision)
+            revision = self._git_revision(repo, status, project)
+            if revision:
+                desired[status.name] = self._release(repo, status, revision)
+        environments = project.environments if project else []
+        return views.pipeline(
+            grid,
+            {s.name: s for s in statuses},
+            order=[e.name for e in environments],
+            desired=desired,
+            held=held,
+            approvals={e.name for e in environments if any(g.type == "approval" for g in e.gates)},
+        )
+
+    def _git_revision(
+        self, repo: ConfigRepo, status: AppStatus, project: Project | None
+    ) -> str | None:
+        """The newest revision of git known for the app's environment: the dashboard's
+        own fetch of its branch, once that has the revision the app runs (so it is not
+        behind the cluster), else what the environment's writer last fetched."""
+        source = self.source(status.scope)
+        branch = next(
+            (e.branch for e in (project.environments if project else []) if e.name == status.scope),
+            source.branch if source else None,
+        )
+        applied = status.last_applied_revision
+        if (
+            repo.head
+            and branch == repo.branch_name
+            and applied
+            and repo.known_releases(status.scope, applied) is not None
+        ):
+            return repo.head
+        return source.attempted_revision if source and source.attempted_revision else None
+
+    def _release(self, repo: ConfigRepo, status: AppStatus, revision: str) -> str:
+        """The app's release version at `revision` if git was read there; else "" and
+        git is read in the background for the next page."""
+        known = repo.known_releases(status.scope, revision)
+        if known is None:
+            self._want(repo, status.scope, revision)
+            return ""
+        return known.get(status.app, "")
+
+    def refresh_head(self) -> None:
+        """Fetch the dashboard's clone in the background, at most every 10 s, so that a
+        commit no writer has applied yet shows as git ahead of the cluster."""
+        repo = self.repos.get(None)
+        running = self._head_refresh is not None and not self._head_refresh.done()
+        if repo is None or running or time.monotonic() - self._head_time < HEAD_MAX_AGE:
+            return
+        self._head_time = time.monotonic()
+
+        async def fetch() -> None:
+            try:
+                await repo.checkout(max_age=HEAD_MAX_AGE)
+            except (GitError, ConfigError, OSError) as error:
+                log.warning("git head unknown: %s", error)
+
+        self._head_refresh = asyncio.create_task(fetch())
 
     async def environment(self, name: str) -> list[AppStatus]:
         statuses = await self.statuses()
@@ -171,7 +300,38 @@ class Dashboard:
             f"(known: {', '.join(known) or 'none'})"
         )
 
+    async def version_of(self, kube: KubeClient, status: AppStatus) -> str:
+        """For a cluster's hub, on each change of what an app runs: the image tags running now,
+        shown until git's release versions at its revisions are read; those are asked
+        for in the background (a cold read of a folder takes seconds, and the hub's
+        watch must not wait), and the pages told when they are known."""
+        repo = self.repos.get(self.source(status.scope))
+        if repo is not None:
+            for revision in {status.last_applied_revision, status.attempted_revision}:
+                if revision:
+                    self._want(repo, status.scope, revision)
+        return await views.live_version(kube, status)
+
+    def _want(self, repo: ConfigRepo, scope: str, revision: str) -> None:
+        """Read the versions at `revision` unless known; then redraw the pages' `scope`."""
+
+        def redraw() -> None:
+            cluster = self.fleet.cluster_of(scope)
+            if cluster is not None:
+                cluster.hub.touch(resource_name(scope, ""))
+
+        repo.request(scope, revision, then=redraw)
+
     def version(self, status: AppStatus) -> str:
+        """The release the app runs: its version in git at the revision it runs (as
+        promotion reads it), else the image tags running, else (nothing names a version)
+        the revision."""
+        repo = self.repos.get(self.source(status.scope))
+        applied = status.last_applied_revision
+        if repo is not None and applied:
+            known = repo.known_releases(status.scope, applied)
+            if known and known.get(status.app):
+                return known[status.app]
         return self.fleet.version(status)
 
     def cluster(self, environment: str) -> WatchedCluster:
@@ -232,6 +392,73 @@ class Dashboard:
         if pin is not None:
             history.pin = views.PinOut(**pin.to_dict(), text=pin.describe())
         return history
+
+    async def journey(self, app: str) -> views.Journey:
+        """Where each version of `app` went and when: the commits to its files in each
+        environment that has it, in promotion order."""
+        order = await self.order()
+        rank = {name: index for index, name in enumerate(order)}
+        found = [s for s in await self.statuses() if s.app == app and s.kind != SOURCE_KIND]
+        found.sort(key=lambda s: (rank.get(s.scope, len(rank)), s.scope))
+        commits: dict[str, list[views.GitCommit]] = {}
+        notes = []
+        for status in found:
+            source = self.source(status.scope)
+            repo = self.repos.get(source)
+            if repo is None:
+                notes.append(f"{status.scope}: git history needs the config repository")
+                continue
+            wanted = status.attempted_revision or (source.attempted_revision if source else None)
+            try:
+                history = await repo.history(
+                    status.scope, app, revision=wanted or None, limit=JOURNEY_COMMITS
+                )
+            except (GitError, ConfigError) as error:
+                notes.append(f"{status.scope}: git history unavailable: {error}")
+                continue
+            commits[status.scope] = [views.GitCommit(**c.__dict__) for c in history]
+        running = {s.scope: self.version(s) for s in found}
+        return views.journey(app, commits, running=running, notes=notes)
+
+    async def notes(self, app: str, *, base: str, head: str) -> views.Notes:
+        """The release notes between the versions `base` and `head` run: the pull
+        requests and commits of the app's repository between the commits their versions
+        were built from (the publish commits that brought them name both)."""
+        journey = await self.journey(app)
+        notes = views.Notes(
+            app=app,
+            base=base,
+            head=head,
+            base_version=journey.running.get(base, ""),
+            head_version=journey.running.get(head, ""),
+        )
+        built: dict[str, tuple[str, str]] = {}
+        for row in journey.versions:
+            for arrival in (a for found in row.arrivals.values() for a in found):
+                source = built_from(arrival.subject)
+                if source is not None and arrival.change == "publish":
+                    built.setdefault(row.version, source)
+        missing = [v for v in (notes.base_version, notes.head_version) if v not in built]
+        if missing:
+            notes.error = (
+                f"no publish commit of {app} names the commit {missing[0] or 'its version'} "
+                "was built from (`Update from <repository>/commit/<sha>`)"
+            )
+            return notes
+        (base_repo, base_sha), (head_repo, head_sha) = (
+            built[notes.base_version],
+            built[notes.head_version],
+        )
+        if base_repo != head_repo:
+            notes.error = (
+                f"{notes.base_version} and {notes.head_version} come from two repositories"
+            )
+            return notes
+        try:
+            notes.text = await app_release_notes(head_repo, base_sha, head_sha)
+        except (GitError, PromotionError) as error:
+            notes.error = f"release notes unavailable: {mask_url(str(error))}"
+        return notes
 
     async def diff(self, status: AppStatus) -> views.Diff:
         target = await self.target(status.scope)

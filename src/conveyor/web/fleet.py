@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from conveyor.cluster.client import KubeClient
@@ -27,6 +27,7 @@ from conveyor.web.sse import ClusterState, StatusChange, StatusHub, Subscribers
 log = logging.getLogger("conveyor.web")
 SETTLE_SECONDS = 10.0  # a page waits at most this long for a cluster's first read
 Clients = Callable[[ClusterRef], KubeClient]
+ClusterVersionOf = Callable[[KubeClient, AppStatus], Awaitable[str]]
 
 
 @dataclass
@@ -61,8 +62,12 @@ class Fleet:
         default: ClusterRef,
         kube: KubeClient | None = None,
         clients: Clients = default_clients,
+        version_of: ClusterVersionOf = views.live_version,
     ) -> None:
+        """`version_of` gives the version a hub shows for an app, read with the client
+        of the app's cluster."""
         self.default = default
+        self._version_of = version_of
         self._default_kube = kube  # given by the caller (tests): used for `default`
         self._clients = clients
         self.subscribers = Subscribers()
@@ -122,7 +127,7 @@ class Fleet:
         kube = self._default_kube if injected and self._default_kube else self._clients(ref)
         hub = StatusHub(
             kube,
-            version_of=lambda status: views.live_version(kube, status),
+            version_of=lambda status: self._version_of(kube, status),
             cluster=name,
             subscribers=self.subscribers,
         )
@@ -198,10 +203,23 @@ class Fleet:
         fallback = (status.last_applied_revision or "")[:12]
         return cluster.hub.versions.get(status.name, fallback) if cluster else fallback
 
-    def matrix(self, statuses: list[AppStatus], *, order: list[str]) -> views.Matrix:
+    def matrix(
+        self,
+        statuses: list[AppStatus],
+        *,
+        order: list[str],
+        version: Callable[[AppStatus], str] | None = None,
+    ) -> views.Matrix:
+        """The matrix of these statuses; `version` names what each app runs (default:
+        what its hub read)."""
         placed = self.placed()
         wanted = {s.name for s in statuses}
-        versions = {s.name: c.hub.versions[s.name] for c, s in placed if s.name in c.hub.versions}
+        if version is not None:
+            versions = {s.name: version(s) for _c, s in placed if s.name in wanted}
+        else:
+            versions = {
+                s.name: c.hub.versions[s.name] for c, s in placed if s.name in c.hub.versions
+            }
         cluster_of = {s.scope: c.name for c, s in placed}
         cluster_of |= {env: name for env, name in self.declared.items() if env not in cluster_of}
         clusters = [c.out() for c in self.clusters.values()]

@@ -7,6 +7,7 @@ token, and need the session that logging in with the token gives.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -14,6 +15,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
 from conveyor.reconcile.status import SOURCE_KIND, AppStatus
 from conveyor.web import views
@@ -39,6 +41,17 @@ STATE_CLASS = {
 }
 templates.env.filters["state_class"] = lambda state: STATE_CLASS.get(str(state), "unknown")
 templates.env.filters["short"] = lambda sha: str(sha or "")[:12]
+_LONG_HEX = re.compile(r"[0-9a-f]{12,}")
+
+
+def brief(version: str) -> str:
+    """A version (or a line naming one) as a narrow cell shows it, the whole being its
+    title: Cellenics' `refs-heads-master-<40 hex>-<time>` as `master-<7 hex>-<time>`."""
+    shown = re.sub(r"\brefs-(heads|tags)-", "", str(version or ""))
+    return _LONG_HEX.sub(lambda found: found.group(0)[:7], shown)
+
+
+templates.env.filters["brief"] = brief
 templates.env.globals["quote"] = lambda text: quote(str(text), safe="")
 
 
@@ -82,13 +95,61 @@ def render_cell(environment: str, app: str, cell: views.Cell | None) -> str:
     return templates.get_template("_cell.html").render(environment=environment, app=app, cell=cell)
 
 
+def render_pipeline_cells(row: views.Pipeline, app: str, **context: Any) -> dict[str, str]:
+    """Every cell of an app's pipeline row: a change in one environment changes what
+    waits in the next."""
+    module = templates.get_template("_pipeline_cell.html").make_module(context)
+    pipeline_cell = module.pipeline_cell  # type: ignore[attr-defined]  # the macro
+    qapp = quote(app, safe="")
+    return {
+        f"pipe-{env.name}.{app}": str(
+            pipeline_cell(env.name, app, row.cell(env.name, app), quote(env.name, safe=""), qapp)
+        )
+        for env in row.environments
+    }
+
+
 router = APIRouter(include_in_schema=False)
 
 
 EnvironmentFilter = Annotated[list[str] | None, Query(alias="env")]
 
 
+RENDERED_KEPT = 32  # pipelines rendered (per filter and session) kept until a change
+
+
+async def pipeline_html(request: Request, board: Dashboard, env: list[str] | None) -> Markup:
+    """The pipeline's table, rendered again only after a change: 720 cells cost tens of
+    milliseconds to render, and open pages reload it on every status change."""
+    board.refresh_head()  # also when nothing changed: git may have moved
+    context = _context(request, board)
+    key = (board.generation(), tuple(env or ()), context["user"], context["csrf"])
+    html = board.rendered.get(key)
+    if html is None:
+        html = templates.get_template("_pipeline.html").render(
+            pipeline=await board.pipeline(only=env), **context
+        )
+        board.rendered[key] = html
+        while len(board.rendered) > RENDERED_KEPT:
+            board.rendered.popitem(last=False)
+    return Markup(html)  # noqa: S704 (rendered by Jinja with autoescape)
+
+
 @router.get("/", response_class=HTMLResponse)
+async def pipeline_page(
+    request: Request, board: DashboardDep, env: EnvironmentFilter = None
+) -> HTMLResponse:
+    return page(request, board, "pipeline.html", table=await pipeline_html(request, board, env))
+
+
+@router.get("/partials/pipeline", response_class=HTMLResponse)
+async def pipeline_partial(
+    request: Request, board: DashboardDep, env: EnvironmentFilter = None
+) -> HTMLResponse:
+    return HTMLResponse(await pipeline_html(request, board, env))
+
+
+@router.get("/matrix", response_class=HTMLResponse)
 async def matrix_page(
     request: Request, board: DashboardDep, env: EnvironmentFilter = None
 ) -> HTMLResponse:
@@ -156,6 +217,26 @@ async def live_partial(
     )
 
 
+@router.get("/partials/journey/{environment}/{app}", response_class=HTMLResponse)
+async def journey_partial(
+    request: Request, environment: str, app: str, board: DashboardDep
+) -> Response:
+    status = await board.status(environment, app)
+    return page(request, board, "_journey.html", journey=await board.journey(status.app))
+
+
+@router.get("/environments/{environment}/apps/{app}/notes", response_class=HTMLResponse)
+async def notes_page(
+    request: Request, environment: str, app: str, board: DashboardDep, since: str
+) -> Response:
+    """Release notes of what `environment` runs since what `since` (another environment)
+    runs."""
+    status = await board.status(environment, app)
+    await board.status(since, app)  # 404 naming the environments that have the app
+    notes = await board.notes(status.app, base=since, head=environment)
+    return page(request, board, "notes.html", notes=notes)
+
+
 @router.get("/partials/diff/{environment}/{app}", response_class=HTMLResponse)
 async def diff_partial(
     request: Request, environment: str, app: str, board: DashboardDep
@@ -187,9 +268,11 @@ async def environment_page(request: Request, environment: str, board: DashboardD
 
 
 @router.get("/stream")
-async def page_stream(board: DashboardDep) -> StreamingResponse:
-    """Each status change as the HTML of its matrix cell; a source change asks the page
-    to redraw the matrix (its environment header)."""
+async def page_stream(request: Request, board: DashboardDep) -> StreamingResponse:
+    """Each status change as the HTML of its matrix cell and of its app's pipeline row;
+    a source change asks the page to redraw (its environment header)."""
+    # The pipeline's cells carry forms: rendered for this page's session.
+    context = _context(request, board)
 
     def render(change: StatusChange) -> dict[str, Any] | None:
         status = change.status
@@ -200,8 +283,10 @@ async def page_stream(board: DashboardDep) -> StreamingResponse:
             return {"name": change.name, "html": {}, "refresh": True, "cluster": True}
         if not app:  # an environment's source (revision, fetch errors): redraw the matrix
             return {"name": change.name, "html": {}, "refresh": True}
-        cell = board.cell(status, change.version) if status is not None else None
-        return {"name": change.name, "html": {f"cell-{scope}.{app}": render_cell(scope, app, cell)}}
+        cell = board.cell(status, board.version(status)) if status is not None else None
+        html = {f"cell-{scope}.{app}": render_cell(scope, app, cell)}
+        html |= render_pipeline_cells(board.pipeline_row(app), app, **context)
+        return {"name": change.name, "html": html}
 
     return StreamingResponse(
         stream(board.fleet, render),
@@ -340,9 +425,21 @@ async def app_action(
     board: DashboardDep,
     csrf: Annotated[str, Form()] = "",
     reason: Annotated[str, Form(max_length=500)] = "",
+    source: Annotated[str, Form(alias="from", max_length=253)] = "",
+    version: Annotated[str, Form(max_length=128)] = "",
 ) -> Response:
+    """A button's action; the pipeline's promote and approve buttons name the
+    environment to promote from and the version to approve (checked by the action)."""
+    params = {k: v for k, v in (("from", source), ("version", version)) if v}
     return await _page_action(
-        request, board, action=action, environment=environment, app=app, csrf=csrf, reason=reason
+        request,
+        board,
+        action=action,
+        environment=environment,
+        app=app,
+        csrf=csrf,
+        reason=reason,
+        params=params,
     )
 
 

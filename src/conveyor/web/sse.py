@@ -157,6 +157,13 @@ class StatusHub:
     def unsubscribe(self, queue: asyncio.Queue[StatusChange | None]) -> None:
         self.subscribers.unsubscribe(queue)
 
+    def touch(self, name: str) -> None:
+        """Tell the pages that what they show of `name` changed though its status did
+        not (the versions of its environment were read from git)."""
+        status = self.statuses.get(name)
+        if status is not None:
+            self._publish(StatusChange(name, status, self.versions.get(name, "")))
+
     def _publish(self, change: StatusChange) -> None:
         self.subscribers.publish(change)
 

@@ -1,5 +1,6 @@
 """What the dashboard and the API show, shaped once for both from the stored status and
-the live cluster: matrix cells, versions, objects with their health, events, gates.
+the live cluster: the pipeline and the matrix, versions, objects with their health,
+events, gates, and where each version went.
 
 The models are the API's schema (camelCase, like `conveyor get apps -o json`); pages
 render the same objects, so the two never disagree.
@@ -8,9 +9,12 @@ render the same objects, so the two never disagree.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import datetime as dt
+import re
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 from pydantic.alias_generators import to_camel
 
 from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
@@ -22,7 +26,9 @@ from conveyor.reconcile.status import (
     API_VERSION,
     KIND,
     NAMESPACE,
+    READY,
     SOURCE_KIND,
+    STALLED,
     WAITING_FOR_GATE,
     AppStatus,
     split_release,
@@ -81,14 +87,44 @@ class Environment(Model):
     last_read: str | None = None
 
 
-class Matrix(Model):
+class Waiting(Model):
+    """What would change the version a cell runs, and why it has not yet."""
+
+    kind: str  # previous (a newer version there) | gate (closed) | git (ahead of the cluster)
+    version: str  # the version waiting; "" when unknown
+    message: str  # one line: `staging runs 1.5.0`, the gate's message, `git has 1.5.0`
+    environment: str | None = None  # for `previous`: the environment it runs in
+
+
+class PipelineCell(Cell):
+    waiting: list[Waiting] = []
+    promote_from: str | None = None  # promote applies: copy from this environment
+    approve_version: str | None = None  # approve applies: the version a gate holds
+    diff: bool = False  # git differs from the cluster: the diff has something to show
+
+
+CellT = TypeVar("CellT", bound=Cell)
+
+
+class Grid(Model, Generic[CellT]):
     environments: list[Environment]
     apps: list[str]
-    cells: list[Cell]
+    cells: list[CellT]
     clusters: list[ClusterOut] = []
+    _index: dict[tuple[str, str], CellT] | None = PrivateAttr(None)
 
-    def cell(self, environment: str, app: str) -> Cell | None:
-        return next((c for c in self.cells if c.environment == environment and c.app == app), None)
+    def cell(self, environment: str, app: str) -> CellT | None:
+        if self._index is None:  # pages look up every cell: 720 and more
+            self._index = {(c.environment, c.app): c for c in self.cells}
+        return self._index.get((environment, app))
+
+
+class Matrix(Grid[Cell]):
+    """Environments by apps, as they are."""
+
+
+class Pipeline(Grid[PipelineCell]):
+    """Environments in promotion order by apps, with what waits to reach each cell."""
 
 
 class ObjectOut(Model):
@@ -151,6 +187,43 @@ class History(Model):
     helm: list[HelmRevision] = []
     notes: list[str] = []
     pin: PinOut | None = None
+
+
+class Arrival(Model):
+    """A commit that brought a version to an environment."""
+
+    sha: str
+    date: str
+    change: str  # publish | image-automation | promotion | rollback | manual
+    author: str
+    subject: str
+
+
+class JourneyRow(Model):
+    version: str
+    arrivals: dict[str, list[Arrival]]  # environment → its arrivals there, newest first
+
+
+class Journey(Model):
+    """Where each version of an app went and when, per environment, newest first."""
+
+    app: str
+    environments: list[str]
+    running: dict[str, str]  # environment → the version it runs
+    versions: list[JourneyRow]
+    notes: list[str] = []
+
+
+class Notes(Model):
+    """`conveyor notes` between the versions two environments run."""
+
+    app: str
+    base: str  # the environment whose version the notes start from
+    head: str
+    base_version: str
+    head_version: str
+    text: str = ""  # markdown
+    error: str | None = None
 
 
 class Change(Model):
@@ -283,7 +356,7 @@ def stale_reason(status: AppStatus, source: AppStatus | None) -> str | None:
 
 def matrix(
     statuses: list[AppStatus],
-    versions: dict[str, str],
+    versions: Mapping[str, str],
     *,
     order: list[str] | None = None,
     clusters: list[ClusterOut] | None = None,
@@ -351,6 +424,151 @@ def matrix(
         cells=cells,
         clusters=list(known.values()),
     )
+
+
+def pipeline(
+    grid: Matrix,
+    statuses: Mapping[str, AppStatus],
+    *,
+    order: list[str],
+    desired: Mapping[str, str],
+    held: Mapping[str, str],
+    approvals: set[str],
+) -> Pipeline:
+    """The matrix (its environments and cells as read, from however many clusters) with
+    what waits per cell. `statuses`, `desired` (the version git has for an app, at the
+    newest revision known) and `held` (the version a closed gate holds) are by
+    ConveyorApp name. `order` is conveyor.yaml's promotion order (an environment outside
+    it has no previous); `approvals`: the environments with an approval gate."""
+    previous = dict(zip(order[1:], order, strict=False))
+    cells = []
+    for plain in grid.cells:
+        status = statuses.get(f"{plain.environment}.{plain.app}")
+        if status is None:
+            continue
+        before = previous.get(plain.environment)
+        cells.append(
+            pipeline_cell(
+                plain,
+                status,
+                upstream=grid.cell(before, plain.app) if before else None,
+                desired=desired.get(status.name, ""),
+                held=held.get(status.name, ""),
+                approvals=approvals,
+            )
+        )
+    return Pipeline(
+        environments=grid.environments, apps=grid.apps, cells=cells, clusters=grid.clusters
+    )
+
+
+def pipeline_cell(
+    plain: Cell,
+    status: AppStatus,
+    *,
+    upstream: Cell | None,
+    desired: str,
+    held: str,
+    approvals: set[str],
+) -> PipelineCell:
+    running = plain.version
+    waiting: list[Waiting] = []
+    approve_version = promote_from = None
+    diff = False
+    if status.state == WAITING_FOR_GATE:
+        waiting.append(Waiting(kind="gate", version=held, message=status.message))
+        if plain.environment in approvals and held:
+            approve_version = held
+        diff = True
+    if desired and desired not in (running, held):
+        why = f" ({status.reason})" if status.state == STALLED else ""
+        waiting.append(Waiting(kind="git", version=desired, message=f"git has {desired}{why}"))
+        diff = True
+    if (
+        upstream is not None
+        and upstream.version
+        and upstream.version not in (running, desired, held)
+        and not _older(upstream.version, running)
+    ):
+        state = "" if upstream.state == READY else f" ({upstream.state})"
+        waiting.append(
+            Waiting(
+                kind="previous",
+                version=upstream.version,
+                message=f"{upstream.environment} runs {upstream.version}{state}",
+                environment=upstream.environment,
+            )
+        )
+        promote_from = upstream.environment
+    # From the cell's __dict__: pydantic's dump (or model_construct) costs several times
+    # the validation, and a page shapes every cell.
+    return PipelineCell(
+        **plain.__dict__,
+        waiting=waiting,
+        promote_from=promote_from,
+        approve_version=approve_version,
+        diff=diff,
+    )
+
+
+_NUMBERED = re.compile(r"^v?(\d+(?:\.\d+)*)")
+
+
+def _older(version: str, than: str) -> bool:
+    """Whether `version` is an older release than `than`, when both are numbered (1.4.2,
+    v2.0); unknown otherwise (tags such as SHAs), which counts as not older."""
+    a, b = _NUMBERED.match(version), _NUMBERED.match(than)
+    if a is None or b is None:
+        return False
+    return tuple(map(int, a.group(1).split("."))) < tuple(map(int, b.group(1).split(".")))
+
+
+def journey(
+    app: str,
+    commits: Mapping[str, list[GitCommit]],
+    *,
+    running: Mapping[str, str],
+    notes: list[str] | None = None,
+) -> Journey:
+    """Each environment's commits to the app (newest first, in promotion order) turned
+    into arrivals: a commit whose version differs from the one before it there."""
+    rows: dict[str, dict[str, list[Arrival]]] = {}
+    for environment, history in commits.items():
+        known = [c for c in history if c.version]
+        for index, commit in enumerate(known):
+            earlier = known[index + 1].version if index + 1 < len(known) else None
+            if commit.version == earlier:
+                continue
+            arrival = Arrival(
+                sha=commit.sha,
+                date=commit.date,
+                change=commit.change,
+                author=commit.author,
+                subject=commit.subject,
+            )
+            rows.setdefault(commit.version, {}).setdefault(environment, []).append(arrival)
+
+    def first_seen(version: str) -> str:
+        return min(_utc(a.date) for found in rows[version].values() for a in found)
+
+    return Journey(
+        app=app,
+        environments=list(commits),
+        running=dict(running),
+        versions=[
+            JourneyRow(version=v, arrivals=rows[v])
+            for v in sorted(rows, key=first_seen, reverse=True)
+        ],
+        notes=notes or [],
+    )
+
+
+def _utc(date: str) -> str:
+    """An ISO 8601 time with an offset as UTC text, which sorts as time does."""
+    try:
+        return dt.datetime.fromisoformat(date).astimezone(dt.UTC).isoformat()
+    except ValueError:
+        return date
 
 
 def gates(statuses: list[AppStatus]) -> list[Gate]:

@@ -3,21 +3,42 @@
 (function () {
   "use strict";
 
+  // One fetch per region at a time: changes that come while one runs (a pass over 60
+  // apps, versions read from git) are folded into a single fetch after it.
+  const again = new Map();
+
   async function refresh(region) {
-    const response = await fetch(region.dataset.src, { headers: { Accept: "text/html" } });
-    if (response.ok) region.innerHTML = await response.text();
+    if (again.has(region)) {
+      again.set(region, true);
+      return;
+    }
+    again.set(region, false);
+    try {
+      const response = await fetch(region.dataset.src, { headers: { Accept: "text/html" } });
+      if (response.ok) region.innerHTML = await response.text();
+    } finally {
+      const wanted = again.get(region);
+      again.delete(region);
+      if (wanted) refresh(region);
+    }
   }
 
   function connect() {
     const source = new EventSource("/stream");
     source.addEventListener("status", function (event) {
       const change = JSON.parse(event.data);
-      let missing = Boolean(change.refresh);
-      for (const [id, html] of Object.entries(change.html || {})) {
+      // A change comes as the cells of each view (the matrix's, the pipeline's row); a
+      // page shows one view, so it redraws only when it found none of them (a new row).
+      const cells = Object.entries(change.html || {});
+      let replaced = 0;
+      for (const [id, html] of cells) {
         const element = document.getElementById(id);
-        if (element) element.outerHTML = html;
-        else missing = true;
+        if (element) {
+          element.outerHTML = html;
+          replaced += 1;
+        }
       }
+      const missing = Boolean(change.refresh) || (cells.length > 0 && replaced === 0);
       document.querySelectorAll("[data-live]").forEach(function (region) {
         const keys = (region.dataset.keys || "").split(" ");
         const wanted = keys.includes("*") || keys.includes(change.name);
@@ -41,7 +62,8 @@
   }
 
   document.addEventListener("submit", function (event) {
-    const question = event.target.dataset.confirm;
+    const button = event.submitter;
+    const question = (button && button.dataset.confirm) || event.target.dataset.confirm;
     if (question && !window.confirm(question)) event.preventDefault();
   });
   document.querySelectorAll("[data-lazy]").forEach(refresh);
