@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -244,13 +245,25 @@ def page(fleet: Fleet) -> Iterator[Page]:
 def test_a_stopped_cluster_shows_unreachable_while_the_other_updates_live(
     fleet: Fleet, page: Page
 ) -> None:
+    # The matrix and the pipeline (the front page), side by side: both read the fleet.
     tab = page
     tab.goto(f"/matrix?env={fleet.staging}&env={fleet.production}")
     cell = f'[id="cell-{fleet.staging}.api"]'
     expect(tab.locator(f"{cell} .version")).to_have_text("1.1.0")
     expect(tab.locator(f'[id="cell-{fleet.production}.api"] .version')).to_have_text("1.0.0")
-    wait_for(lambda: tab.evaluate("document.documentElement.dataset.stream") == "connected")
-    tab.evaluate("window.__sameDocument = true")
+    pipe = tab.context.new_page()
+    pipe.set_default_timeout(30_000)
+    pipe.goto(f"/?env={fleet.staging}&env={fleet.production}")
+    pipe_cell = f'[id="pipe-{fleet.staging}.api"]'
+    expect(pipe.locator(f"{pipe_cell} .version")).to_have_text("1.1.0")
+    expect(pipe.locator(f'[id="pipe-{fleet.production}.api"] .version')).to_have_text("1.0.0")
+    for shown in (tab, pipe):
+        wait_for(
+            lambda shown=shown: (
+                shown.evaluate("document.documentElement.dataset.stream") == "connected"
+            )
+        )
+        shown.evaluate("window.__sameDocument = true")
 
     box = fleet.second.sandbox
     state = box.state()
@@ -262,6 +275,11 @@ def test_a_stopped_cluster_shows_unreachable_while_the_other_updates_live(
         expect(header.locator(".cluster-down")).to_contain_text("unreachable", timeout=20_000)
         expect(tab.locator(f'[id="cell-{fleet.production}.api"]')).to_have_class(
             "cell state-ready stale"
+        )
+        pipe_header = pipe.locator(f'[id="env-{fleet.production}"]')
+        expect(pipe_header.locator(".cluster-down")).to_contain_text("unreachable")
+        expect(pipe.locator(f'[id="pipe-{fleet.production}.api"]')).to_have_class(
+            re.compile(r"\bstale\b")
         )
         code, every = fleet.all_environments()
         assert code == 1, every
@@ -283,9 +301,12 @@ def test_a_stopped_cluster_shows_unreachable_while_the_other_updates_live(
         fleet.repo.commit("staging: api 1.2.0")
         fleet.reconcile(fleet.staging)
         expect(tab.locator(f"{cell} .version")).to_have_text("1.2.0", timeout=15_000)
+        expect(pipe.locator(f"{pipe_cell} .version")).to_have_text("1.2.0", timeout=15_000)
         assert tab.evaluate("window.__sameDocument") is True
+        assert pipe.evaluate("window.__sameDocument") is True
         ARTIFACTS.mkdir(exist_ok=True)
         tab.screenshot(path=str(ARTIFACTS / "dashboard-cluster-unreachable.png"), full_page=True)
+        pipe.screenshot(path=str(ARTIFACTS / "pipeline-cluster-unreachable.png"), full_page=True)
     finally:
         box.restart_component("kube-apiserver")
     expect(tab.locator(f'[id="env-{fleet.production}"] .cluster-down')).to_have_count(
