@@ -162,7 +162,7 @@ class StatusHub:
         not (the versions of its environment were read from git)."""
         status = self.statuses.get(name)
         if status is not None:
-            self._publish(StatusChange(name, status, self.versions.get(name, "")))
+            self._publish(StatusChange(name, status, self.versions.get(name, ""), hub=self.cluster))
 
     def _publish(self, change: StatusChange) -> None:
         self.subscribers.publish(change)
