@@ -8,6 +8,7 @@ the commit; a failing one stops everything, and nothing is committed.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -255,9 +256,13 @@ def stage(
             f"Staged by {who}"
             + (f" ({request.reason})" if request.reason else "")
             + (f", expires {result.expires_at}" if result.expires_at else "")
-            + f".\n\n{change_trailer('stage')}"
+            + f".\n\n{change_trailer('stage')}\nConveyor-Request: {request_id}"
         )
 
+    # Two identical requests in the same second would make byte-identical commits (same
+    # tree, parent, author, time): the second push would "land" as the first's, and both
+    # would claim one ID. A trailer of this run's own keeps every attempt's commit apart.
+    request_id = uuid.uuid4().hex[:12]
     commit = commit_and_push(
         checkout, change, message=message, author=author or Author(name=request.user), retry=retry
     )
