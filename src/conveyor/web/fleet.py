@@ -208,18 +208,12 @@ class Fleet:
         statuses: list[AppStatus],
         *,
         order: list[str],
-        version: Callable[[AppStatus], str] | None = None,
+        version: Callable[[AppStatus], str],
     ) -> views.Matrix:
-        """The matrix of these statuses; `version` names what each app runs (default:
-        what its hub read)."""
+        """The matrix of these statuses; `version` names what each app runs."""
         placed = self.placed()
         wanted = {s.name for s in statuses}
-        if version is not None:
-            versions = {s.name: version(s) for _c, s in placed if s.name in wanted}
-        else:
-            versions = {
-                s.name: c.hub.versions[s.name] for c, s in placed if s.name in c.hub.versions
-            }
+        versions = {s.name: version(s) for _c, s in placed if s.name in wanted}
         cluster_of = {s.scope: c.name for c, s in placed}
         cluster_of |= {env: name for env, name in self.declared.items() if env not in cluster_of}
         clusters = [c.out() for c in self.clusters.values()]
