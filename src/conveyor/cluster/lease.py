@@ -21,19 +21,22 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import httpx
 
 from conveyor.cluster.client import ApiError, KubeClient
+from conveyor.cluster.lease_loop import CrossLoopEvent, LeaseLoop
 from conveyor.cluster.objects import Obj
 from conveyor.errors import ConveyorError
 
 LEASE_API_VERSION = "coordination.k8s.io/v1"
 RETRY_INTERVAL = 2.0  # seconds between a candidate's attempts to acquire
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LeaseNotAcquiredError(ConveyorError, RuntimeError):
@@ -75,7 +78,10 @@ class LeaderElector:
         retry_interval: float | None = None,
         write_margin: float | None = None,
         labels: dict[str, str] | None = None,
+        runner: LeaseLoop | None = None,
     ) -> None:
+        """`runner`: the loop this candidate's traffic and renewals run on (the agent's
+        lease loop); `client` is then used on that loop only."""
         if not 0 < renew_interval < lease_duration:
             raise ValueError("renew_interval must be positive and shorter than lease_duration")
         # How often a candidate that is not leader tries again: client-go's RetryPeriod
@@ -101,7 +107,8 @@ class LeaderElector:
         self.labels = dict(labels or {})  # on the Lease, so that a set of them can be listed
         # Put on the Lease with each acquire and renewal (a shard's load): no extra write.
         self.annotations: dict[str, str] = {}
-        self.lost = asyncio.Event()
+        self.runner = runner
+        self.lost = CrossLoopEvent()
         """Set when this candidate stops being leader: lease lost, expired or released."""
         self._renewed_at: float | None = None  # monotonic time the last successful write was sent
         self._observed_spec: Obj | None = None
@@ -158,9 +165,16 @@ class LeaderElector:
         duration = int((self._observed_spec or {}).get("leaseDurationSeconds") or 0)
         return renewed is not None and renewed < duration
 
+    async def on_runner(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Await `coroutine` on this candidate's runner (here when it has none)."""
+        return await (coroutine if self.runner is None else self.runner.run(coroutine))
+
     async def observe(self) -> str | None:
         """Read the Lease without writing: its holder while live by this candidate's
         judgement (another one's, not yet expired), else None."""
+        return await self.on_runner(self._observe_lease())
+
+    async def _observe_lease(self) -> str | None:
         lease = await self._read()
         spec = (lease or {}).get("spec") or {}
         self._observe(spec)
@@ -170,6 +184,9 @@ class LeaderElector:
         """Become leader: create the Lease, take over an expired or released one, or renew
         our own. Retries every `retry_interval` until `timeout` (None: until acquired; 0:
         one attempt). Returns whether this candidate is now leader."""
+        return await self.on_runner(self._acquire(timeout))
+
+    async def _acquire(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -190,6 +207,9 @@ class LeaderElector:
     async def renew(self) -> bool:
         """Extend the lease while leader. False when not leader or the renewal failed; a
         failed renewal leaves `is_leader` to run out, a lease taken by another ends it."""
+        return await self.on_runner(self._renew())
+
+    async def _renew(self) -> bool:
         if not self.is_leader:
             return False
         try:
@@ -201,6 +221,9 @@ class LeaderElector:
     async def release(self) -> None:
         """Stop being leader and clear holderIdentity, so a successor need not wait for the
         lease to run out. A failed release is logged: the lease then simply expires."""
+        await self.on_runner(self._release())
+
+    async def _release(self) -> None:
         was_holding = self._renewed_at is not None
         self._renewed_at = None
         self.lost.set()
@@ -221,6 +244,9 @@ class LeaderElector:
 
     async def run_renewals(self) -> None:
         """Renew every `renew_interval` while leader; set `lost` and return once not."""
+        await self.on_runner(self._run_renewals())
+
+    async def _run_renewals(self) -> None:
         while (left := self._validity_left()) > 0:
             await asyncio.sleep(min(self.renew_interval, left))
             left = self._validity_left()
@@ -228,13 +254,13 @@ class LeaderElector:
                 break
             try:
                 async with asyncio.timeout(left):
-                    await self.renew()
+                    await self._renew()
             except TimeoutError:
                 log.warning("lease %s/%s: renew timed out", self.namespace, self.name)
         self.lost.set()
 
     @asynccontextmanager
-    async def hold(self, *, timeout: float | None = None) -> AsyncIterator[asyncio.Event]:
+    async def hold(self, *, timeout: float | None = None) -> AsyncIterator[CrossLoopEvent]:
         """Acquire (or raise LeaseNotAcquiredError), renew in the background, release on
         exit. Yields `lost`: work done under the lease must stop once it is set."""
         if not await self.acquire(timeout=timeout):

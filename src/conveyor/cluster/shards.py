@@ -41,6 +41,7 @@ import httpx
 
 from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.lease import LEASE_API_VERSION, LeaderElector, NotLeaderError
+from conveyor.cluster.lease_loop import CrossLoopEvent, LeaseLoop
 from conveyor.cluster.objects import Obj
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,8 @@ class ShardSet:
     refresh_interval: float = 2.0
     elector: LeaderElector = field(init=False)
     view: ShardView | None = field(default=None, init=False)
-    changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    runner: LeaseLoop | None = None  # the loop `client`'s traffic runs on (the agent's)
+    changed: CrossLoopEvent = field(default_factory=CrossLoopEvent, init=False)
     """Set when the live set changes: the apps this shard owns may have changed."""
     _joined_at: float | None = field(default=None, init=False)
     _seen: dict[str, _Seen] = field(default_factory=dict, init=False)
@@ -201,6 +203,7 @@ class ShardSet:
             lease_duration=self.lease_duration,
             renew_interval=self.lease_duration / 3,
             labels={SHARDS_LABEL: self.environment},
+            runner=self.runner,
         )
         if not 0 < self.refresh_interval < self.view_ttl:
             raise ValueError("refresh_interval must be shorter than the lease duration")
@@ -231,6 +234,9 @@ class ShardSet:
     async def refresh(self) -> None:
         """List the shard Leases and judge which are live (from when each record was last
         seen to change); sets `changed` when the live set differs from the last view."""
+        await self.elector.on_runner(self._refresh())
+
+    async def _refresh(self) -> None:
         sent_at = time.monotonic()
         leases = await list_shard_leases(
             self.client, namespace=self.namespace, environment=self.environment
@@ -286,9 +292,12 @@ class ShardSet:
     async def run_refreshes(self) -> None:
         """Refresh the view every `refresh_interval` while the Lease is held; a failed
         list leaves the view to lapse (writes are refused until a list succeeds)."""
+        await self.elector.on_runner(self._run_refreshes())
+
+    async def _run_refreshes(self) -> None:
         while self.elector.is_leader:
             try:
-                await self.refresh()
+                await self._refresh()
             except (ApiError, httpx.HTTPError) as error:
                 log.warning("shards of %s: cannot list the shard Leases: %s", self.scope, error)
             await asyncio.sleep(self.refresh_interval)
@@ -298,8 +307,10 @@ class ShardSet:
         (a Deployment's replicas get new names: a Lease kept would only pile up)."""
         await self.elector.release()
         with contextlib.suppress(ApiError, httpx.HTTPError):
-            await self.client.delete(
-                LEASE_API_VERSION, "Lease", self.elector.name, namespace=self.namespace
+            await self.elector.on_runner(
+                self.client.delete(
+                    LEASE_API_VERSION, "Lease", self.elector.name, namespace=self.namespace
+                )
             )
 
     def publish_load(self, *, apps: int, pass_seconds: float) -> None:

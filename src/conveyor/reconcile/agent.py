@@ -59,6 +59,7 @@ from starlette.routing import Route
 
 from conveyor.cluster.client import KubeClient
 from conveyor.cluster.lease import LeaderElector
+from conveyor.cluster.lease_loop import LeaseLoop
 from conveyor.cluster.shards import ENVIRONMENT_KEY, ShardSet, live_shards, writing_for
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
@@ -308,7 +309,10 @@ class Agent:
                 await self._wait_trigger(self.options.interval)
                 resolved = await self._fetch()
             kube = self._kube = kube_client(resolved)
-            lease_kube = kube_client(resolved)  # lease traffic apart from reconcile writes
+            # Lease traffic apart from reconcile writes, and on a loop of its own so that
+            # a pass over thousands of apps cannot hold back a renewal (cluster/lease_loop).
+            lease_kube = kube_client(resolved)
+            lease_loop = LeaseLoop()
             for client in (kube, lease_kube):
                 client.identify(self.options.identity)
             while True:  # the apiserver may still be starting: wait for it, do not exit
@@ -328,6 +332,7 @@ class Agent:
                     environment=resolved.identity.id,
                     identity=self.options.identity,
                     lease_duration=self.options.lease_duration,
+                    runner=lease_loop,
                 )
                 elector = shards.elector
             else:
@@ -336,6 +341,7 @@ class Agent:
                     scope,
                     identity=self.options.identity,
                     lease_duration=self.options.lease_duration,
+                    runner=lease_loop,
                 )
             helm = helm_cli(resolved, create_namespace=self.options.namespaces is None)
             if shards is not None:
@@ -377,7 +383,8 @@ class Agent:
                 with contextlib.suppress(Exception):
                     await (shards.leave() if shards else elector.release())
                 await kube.aclose()
-                await lease_kube.aclose()
+                await lease_loop.run(lease_kube.aclose())
+                lease_loop.close()
         finally:
             await self.notifier.close(grace=2.0)
             server.cancel()

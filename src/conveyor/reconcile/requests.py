@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from conveyor.cluster.client import ApiError, KubeClient
 from conveyor.cluster.lease import LeaderElector
+from conveyor.cluster.lease_loop import LeaseLoop
 from conveyor.cluster.shards import environment_lease_name
 from conveyor.errors import ConveyorError
 from conveyor.reconcile.status import API_VERSION, KIND, NAMESPACE, resource_name
@@ -68,7 +69,12 @@ class RequestTimeoutError(ConveyorError):
 
 
 def environment_elector(
-    kube: KubeClient, scope: str, *, identity: str, lease_duration: float = LEASE_DURATION
+    kube: KubeClient,
+    scope: str,
+    *,
+    identity: str,
+    lease_duration: float = LEASE_DURATION,
+    runner: LeaseLoop | None = None,
 ) -> LeaderElector:
     """The candidate for the Lease of the environment with `scope`: the one writer."""
     return LeaderElector(
@@ -78,6 +84,7 @@ def environment_elector(
         identity=identity,
         lease_duration=lease_duration,
         renew_interval=lease_duration / 3,
+        runner=runner,
     )
 
 
