@@ -61,3 +61,22 @@ def test_both_clients_use_the_given_transport() -> None:
         ("GET", "/api/v1/namespaces/team/configmaps"),
     ]
     assert {token for _, _, token in seen} == {"Bearer tok"}
+
+
+def test_tasks_that_wait_for_one_discovery_send_no_discovery_of_their_own() -> None:
+    discoveries: list[str] = []
+
+    async def apiserver(request: httpx.Request) -> httpx.Response:
+        discoveries.append(request.url.path)
+        await asyncio.sleep(0.05)  # the others queue behind the first one meanwhile
+        resources = [{"name": "configmaps", "kind": "ConfigMap", "namespaced": True}]
+        return httpx.Response(200, json={"resources": resources})
+
+    async def scenario() -> None:
+        credentials = ClusterCredentials(server="https://kube.test", context="t", token="tok")
+        async with KubeClient(credentials, transport=httpx.MockTransport(apiserver)) as kube:
+            found = await asyncio.gather(*(kube.resource("v1", "ConfigMap") for _ in range(200)))
+            assert {r.plural for r in found} == {"configmaps"}
+
+    asyncio.run(scenario())
+    assert discoveries == ["/api/v1"]
