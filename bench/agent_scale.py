@@ -127,7 +127,15 @@ class Bench:
         run_git(["push", "-q", str(bare), f"HEAD:{branch}"], cwd=work)
 
     def namespace(self, name: str) -> None:
-        self.run("kubectl", "create", "namespace", name, check=False)
+        """A new, empty namespace: one of a previous run still terminating (thousands of
+        objects take minutes to go) is waited out, or its deletion would take the new
+        run's objects with it."""
+        deadline = time.monotonic() + 1800
+        while self.run("kubectl", "get", "namespace", name, check=False).returncode == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"namespace {name} is still there after 30 minutes")
+            time.sleep(2)
+        self.run("kubectl", "create", "namespace", name)
 
     def cleanup(self, namespace: str) -> None:
         self.run(
