@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from conveyor.cluster.flux import needs_takeover
 from conveyor.cluster.live import LiveCache, OutsideNamespacesError
 from conveyor.cluster.objects import ObjectRef
 
@@ -59,3 +60,25 @@ def test_an_agent_confined_to_namespaces_watches_each_and_refuses_the_rest() -> 
     cluster_scoped = ObjectRef("v1", "Namespace", "", "payments")
     with pytest.raises(OutsideNamespacesError, match="Namespace payments: cluster-scoped"):
         asyncio.run(cache.ensure(cluster_scoped))
+
+
+def test_the_cache_keeps_who_manages_an_object_but_not_the_fields_each_manages() -> None:
+    """The field sets are a third of a Deployment and read by nothing that reads the
+    cache; the managers stay, for the Flux takeover's check."""
+    cache = LiveCache(kube=None)  # type: ignore[arg-type]
+    cache._watches[("apps/v1", "Deployment", "")] = None  # type: ignore[assignment]
+    written = deployment("20", 3)
+    fields = {"f:spec": {"f:replicas": {}}}
+    written["metadata"]["managedFields"] = [
+        {"manager": "kustomize-controller", "operation": "Apply", "fieldsV1": fields},
+        {"manager": "conveyor", "operation": "Apply", "apiVersion": "apps/v1"},
+    ]
+    cache.seed([written])
+    cached = cache.get(ObjectRef.of(written))
+    assert cached is not None
+    assert cached["metadata"]["managedFields"] == [
+        {"manager": "kustomize-controller", "operation": "Apply"},
+        {"manager": "conveyor", "operation": "Apply", "apiVersion": "apps/v1"},
+    ]
+    assert needs_takeover(cached)
+    assert written["metadata"]["managedFields"][0]["fieldsV1"] == fields  # the caller's copy
