@@ -127,9 +127,10 @@ class Bench:
         run_git(["push", "-q", str(bare), f"HEAD:{branch}"], cwd=work)
 
     def namespace(self, name: str) -> None:
-        """A new, empty namespace: one of a previous run still terminating (thousands of
-        objects take minutes to go) is waited out, or its deletion would take the new
-        run's objects with it."""
+        """A new, empty namespace: one a previous run left (it was stopped, or its
+        deletion of thousands of objects is still going on) is deleted and waited out,
+        or its deletion would take the new run's objects with it."""
+        self.run("kubectl", "delete", "namespace", name, "--ignore-not-found", "--wait=false")
         deadline = time.monotonic() + 1800
         while self.run("kubectl", "get", "namespace", name, check=False).returncode == 0:
             if time.monotonic() > deadline:
