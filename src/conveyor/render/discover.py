@@ -27,7 +27,7 @@ from conveyor.config.helmrelease import HelmReleaseError, is_helmrelease, parse_
 from conveyor.config.kustomization import is_flux_kustomization
 from conveyor.config.manifest import check_metadata, check_object, is_sops_encrypted
 from conveyor.config.validation import describe
-from conveyor.render.documents import Document, RenderError, load_documents, yaml_files
+from conveyor.render.documents import Document, Listing, RenderError, load_documents
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 FLUX_SOURCE_KINDS = {"GitRepository", "HelmRepository", "OCIRepository", "HelmChart", "Bucket"}
@@ -147,8 +147,8 @@ def discover(repo_root: Path, env_path: str) -> EnvironmentTree:
     return tree
 
 
-def is_flux_installation(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in FLUX_INSTALLATION_FILES)
+def is_flux_installation(listing: Listing) -> bool:
+    return any(name in listing.files for name in FLUX_INSTALLATION_FILES)
 
 
 def _flux_installation(folder: Path, repo_root: Path, tree: EnvironmentTree) -> None:
@@ -175,17 +175,18 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
     folder_app_name = app_name(
         str(folder.relative_to(env_root)).replace("/", "-") if folder != env_root else env_root.name
     )
-    if is_flux_installation(folder):
+    listing = Listing.of(folder)
+    if is_flux_installation(listing):
         _flux_installation(folder, repo_root, tree)
         return
-    if any((folder / name).is_file() for name in KUSTOMIZATION_FILES):
+    if any(name in listing.files for name in KUSTOMIZATION_FILES):
         tree.apps.append(AppSource(name=folder_app_name, kind="kustomize", path=str(rel_folder)))
         return
     plain: list[Document] = []
     has_releases = False
     has_flux_config = False
     folder_error: RenderError | None = None
-    files = [p for p in yaml_files(folder) if p.name not in SKIPPED_FILES]
+    files = [p for p in listing.yaml_files(folder) if p.name not in SKIPPED_FILES]
     for path in files:
         rel_path = str(path.relative_to(repo_root))
         try:
@@ -256,8 +257,8 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
                 error=folder_error,
             )
         )
-    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        _walk(child, repo_root, env_root=env_root, tree=tree)
+    for child in listing.folders:
+        _walk(folder / child, repo_root, env_root=env_root, tree=tree)
 
 
 def _grouped(
