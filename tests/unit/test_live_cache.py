@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -82,3 +83,22 @@ def test_the_cache_keeps_who_manages_an_object_but_not_the_fields_each_manages()
     ]
     assert needs_takeover(cached)
     assert written["metadata"]["managedFields"][0]["fieldsV1"] == fields  # the caller's copy
+
+
+def test_copies_of_one_key_or_short_value_in_cached_objects_are_one_string() -> None:
+    cache = LiveCache(kube=None)  # type: ignore[arg-type]
+    cache._watches[("apps/v1", "Deployment", "")] = None  # type: ignore[assignment]
+    cached = []
+    for name in ("web", "api"):
+        # Parsed one event at a time, as a watch does: nothing shared between them.
+        obj = json.loads(json.dumps({**deployment("1", 1), "status": {"phase": "Available"}}))
+        obj["metadata"]["name"] = name
+        cache.seed([obj])
+        cached.append(cache.get(ObjectRef.of(obj)))
+    first, second = cached
+    assert first is not None and second is not None
+    assert first == {**deployment("1", 1), "status": {"phase": "Available"}}
+    [key_1] = [k for k in first if k == "status"]
+    [key_2] = [k for k in second if k == "status"]
+    assert key_1 is key_2
+    assert first["status"]["phase"] is second["status"]["phase"]
