@@ -16,14 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 
 from conveyor.cluster.client import ApiError, KubeClient
-from conveyor.cluster.objects import Obj, ObjectRef
+from conveyor.cluster.objects import Obj, ObjectRef, interned
 from conveyor.errors import ConveyorError
 
 log = logging.getLogger(__name__)
@@ -195,21 +193,7 @@ def _compact(obj: Obj) -> Obj:
             for e in metadata["managedFields"]
         ]
         obj = {**obj, "metadata": {**metadata, "managedFields": managers}}
-    compacted: Obj = _interned(obj)
-    return compacted
-
-
-def _interned(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {sys.intern(str(k)): _interned(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interned(v) for v in value]
-    if isinstance(value, str) and len(value) <= _INTERNED_LENGTH:
-        return sys.intern(value)
-    return value
-
-
-_INTERNED_LENGTH = 24  # names, reasons, enum values, timestamps; not uids or images
+    return interned(obj)
 
 
 def _newer(obj: Obj, old: Obj) -> bool:

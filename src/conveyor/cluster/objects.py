@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 Obj = dict[str, Any]
 
@@ -161,3 +162,22 @@ def differences(desired: Any, live: Any, path: str = "") -> list[str]:
     if str(desired).lower() == str(live).lower():
         return []
     return [path]
+
+
+_INTERNED_LENGTH = 24  # names, reasons, enum values, timestamps; not uids or images
+T = TypeVar("T")
+
+
+def interned(value: T) -> T:
+    """`value` (parsed JSON or YAML) with its keys and short strings interned: each
+    parse makes its own copy of every "metadata" and "ClusterFirst", and the agent keeps
+    the objects of 10,000 apps, from git and from the cluster."""
+    if isinstance(value, dict):
+        return {  # type: ignore[return-value]
+            sys.intern(k) if isinstance(k, str) else k: interned(v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [interned(v) for v in value]  # type: ignore[return-value]
+    if isinstance(value, str) and len(value) <= _INTERNED_LENGTH:
+        return sys.intern(value)  # type: ignore[return-value]
+    return value

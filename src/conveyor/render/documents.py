@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from conveyor.cluster.objects import Obj
+from conveyor.cluster.objects import Obj, interned
 from conveyor.config.userfile import GENERATED, UserFileError, read_text
 from conveyor.config.userfile import load_documents as load_yaml_documents
 from conveyor.errors import LocatedError
@@ -91,7 +91,7 @@ def _parse(path: Path, rel: str) -> list[Document]:
         raise RenderError(error.detail, file=rel, line=error.line) from None
     return [
         Document(
-            obj=_check_object(d.data, rel, d.line),
+            obj=interned(_check_object(d.data, rel, d.line)),
             file=rel,
             line=d.line,
             node=d.node
