@@ -159,6 +159,23 @@ def hold_lease(
     sandbox.run("kubectl", "replace", "-f", "-", input=json.dumps(lease))
 
 
+def write_configmap_apps(
+    repo: ConfigRepo, folder: str, namespace: str, *, count: int, version: str
+) -> None:
+    """`count` apps `c0`, `c1`... in `folder`, each one ConfigMap saying `version`: the
+    cheapest apps to apply, for tests of who applies them."""
+    for i in range(count):
+        repo.write(
+            f"{folder}/c{i}/app.yaml",
+            f"""
+            apiVersion: v1
+            kind: ConfigMap
+            metadata: {{name: c{i}, namespace: {namespace}}}
+            data: {{version: "{version}"}}
+            """,
+        )
+
+
 def shard_lease(
     sandbox: SandboxHandle,
     scope: str,

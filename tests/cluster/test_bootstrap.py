@@ -42,7 +42,14 @@ import yaml
 from conveyor.cluster.shards import SHARDS_LABEL, owner_of
 from conveyor.install.chart import CHART_DIR
 from conveyor.source.git import run_git
-from tests.cluster.gitops import ConfigRepo, conveyor, deployment, kubectl_json, wait_for
+from tests.cluster.gitops import (
+    ConfigRepo,
+    conveyor,
+    deployment,
+    kubectl_json,
+    wait_for,
+    write_configmap_apps,
+)
 from tests.cluster.test_in_cluster import apiserver, pod_files
 from tests.cluster.test_readme_cluster import as_run
 from tests.conftest import SandboxHandle
@@ -420,16 +427,7 @@ def test_the_charts_sharded_replicas_split_the_apps_and_take_a_deleted_pods_over
     repo = ConfigRepo(tmp_path / "repo")
 
     def write_apps(version: str) -> str:
-        for i in range(APPS_SHARDED):
-            repo.write(
-                f"{name}/c{i}/app.yaml",
-                f"""
-                apiVersion: v1
-                kind: ConfigMap
-                metadata: {{name: c{i}, namespace: {namespace}}}
-                data: {{version: "{version}"}}
-                """,
-            )
+        write_configmap_apps(repo, name, namespace, count=APPS_SHARDED, version=version)
         return repo.commit(f"version {version}")
 
     first = write_apps("1")

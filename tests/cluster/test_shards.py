@@ -30,6 +30,7 @@ from tests.cluster.gitops import (
     kubectl_json,
     reconcile_json,
     wait_for,
+    write_configmap_apps,
 )
 from tests.cluster.test_agent import AgentProcess, sign
 from tests.cluster.test_one_writer import AuditedWrite, audited_writes
@@ -222,16 +223,7 @@ def test_a_reconcile_of_all_apps_waits_for_every_shard_and_names_one_that_died(
 ) -> None:
     folder = f"all{uuid.uuid4().hex[:6]}"
     repo = ConfigRepo(tmp_path)
-    for i in range(6):
-        repo.write(
-            f"{folder}/c{i}/app.yaml",
-            f"""
-            apiVersion: v1
-            kind: ConfigMap
-            metadata: {{name: c{i}, namespace: {namespace}}}
-            data: {{version: "1"}}
-            """,
-        )
+    write_configmap_apps(repo, folder, namespace, count=6, version="1")
     revision = repo.commit("apps")
     common = ("--shards", "2", "--lease-duration", LEASE, "--interval", "10m")
     agents = [
