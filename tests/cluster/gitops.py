@@ -14,6 +14,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from conveyor.cluster.ownership import OWNER_LABEL
+from conveyor.cluster.shards import (
+    APPS_ANNOTATION,
+    PASS_ANNOTATION,
+    SHARDS_LABEL,
+    shard_lease_name,
+)
 from conveyor.source.git import run_git
 from tests.conftest import ROOT, SandboxHandle
 
@@ -150,6 +157,68 @@ def hold_lease(
         "leaseTransitions": 1,
     }
     sandbox.run("kubectl", "replace", "-f", "-", input=json.dumps(lease))
+
+
+def write_configmap_apps(
+    repo: ConfigRepo, folder: str, namespace: str, *, count: int, version: str
+) -> None:
+    """`count` apps `c0`, `c1`... in `folder`, each one ConfigMap saying `version`: the
+    cheapest apps to apply, for tests of who applies them."""
+    for i in range(count):
+        repo.write(
+            f"{folder}/c{i}/app.yaml",
+            f"""
+            apiVersion: v1
+            kind: ConfigMap
+            metadata: {{name: c{i}, namespace: {namespace}}}
+            data: {{version: "{version}"}}
+            """,
+        )
+
+
+def shard_lease(
+    sandbox: SandboxHandle,
+    scope: str,
+    holder: str,
+    *,
+    apps: int,
+    pass_seconds: float,
+    renewed_ago: float = 0,
+    duration: int = 600,
+) -> None:
+    """A shard Lease of the environment with `scope`, held by `holder` with the load a
+    shard publishes, renewed `renewed_ago` seconds ago: a shard for the readers (`get
+    apps`, the dashboard) without an agent. Delete them with `delete_shard_leases`."""
+    renewed = (datetime.now(UTC) - timedelta(seconds=renewed_ago)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": shard_lease_name(scope, holder),
+            "namespace": "conveyor-system",
+            "labels": {SHARDS_LABEL: environment_id(sandbox, scope)},
+            "annotations": {APPS_ANNOTATION: str(apps), PASS_ANNOTATION: f"{pass_seconds:.3f}"},
+        },
+        "spec": {
+            "holderIdentity": holder,
+            "leaseDurationSeconds": duration,
+            "acquireTime": renewed,
+            "renewTime": renewed,
+        },
+    }
+    sandbox.run("kubectl", "apply", "-f", "-", input=json.dumps(lease))
+
+
+def delete_shard_leases(sandbox: SandboxHandle, scope: str) -> None:
+    selector = f"{SHARDS_LABEL}={environment_id(sandbox, scope)}"
+    sandbox.run("kubectl", "delete", "lease", "-n", "conveyor-system", "-l", selector)
+
+
+def environment_id(sandbox: SandboxHandle, scope: str) -> str:
+    """The id of the environment with `scope`, from its source status."""
+    source = kubectl_json(sandbox, "get", "conveyorapp", scope, "-n", "conveyor-system")
+    assert source is not None, f"no source status for {scope}"
+    return str(source["metadata"]["labels"][OWNER_LABEL])
 
 
 def wait_for(check: Callable[[], T], *, timeout: float = 60.0, what: str = "condition") -> T:

@@ -39,9 +39,17 @@ from typing import Any
 import pytest
 import yaml
 
+from conveyor.cluster.shards import SHARDS_LABEL, owner_of
 from conveyor.install.chart import CHART_DIR
 from conveyor.source.git import run_git
-from tests.cluster.gitops import ConfigRepo, conveyor, deployment, kubectl_json, wait_for
+from tests.cluster.gitops import (
+    ConfigRepo,
+    conveyor,
+    deployment,
+    kubectl_json,
+    wait_for,
+    write_configmap_apps,
+)
 from tests.cluster.test_in_cluster import apiserver, pod_files
 from tests.cluster.test_readme_cluster import as_run
 from tests.conftest import SandboxHandle
@@ -50,6 +58,7 @@ from tests.unit.test_readme import readme_commands
 pytestmark = pytest.mark.cluster
 SYSTEM = "conveyor-system"
 ACCOUNT = "system:serviceaccount:conveyor-system:conveyor"
+APPS_SHARDED = 10  # both of two shards own some: all to one has odds of 1 in 512
 
 
 def chart_values(**overrides: Any) -> dict[str, Any]:
@@ -402,6 +411,79 @@ def test_bootstrap_cluster_wide_with_a_deploy_key(
     assert kubectl_json(sandbox, "get", "secret", "conveyor-git", "-n", SYSTEM) is None
     assert kubectl_json(sandbox, "get", "clusterrolebinding", "conveyor") is None
     assert kubectl_json(sandbox, "get", "deployment", "web", "-n", namespace) is not None
+
+
+def test_the_charts_sharded_replicas_split_the_apps_and_take_a_deleted_pods_over(
+    sandbox: SandboxHandle,
+    namespace: str,
+    tmp_path: Path,
+    no_conveyor_release: None,
+    kubelet: Kubelet,
+) -> None:
+    """`agent.replicas=2` with `agent.sharding.enabled`: each Pod's agent holds a shard
+    Lease and reconciles its share of the apps; a deleted Pod's agent (SIGTERM) leaves,
+    and the other shards apply its apps' next revision."""
+    name = f"shard-{namespace[2:]}"
+    repo = ConfigRepo(tmp_path / "repo")
+
+    def write_apps(version: str) -> str:
+        write_configmap_apps(repo, name, namespace, count=APPS_SHARDED, version=version)
+        return repo.commit(f"version {version}")
+
+    first = write_apps("1")
+    values = chart_values(
+        git={"url": repo.url, "path": name},
+        agent={"replicas": 2, "sharding": {"enabled": True}, "leaseDuration": 10,
+               "interval": "5s"},
+    )  # fmt: skip
+    values_file = tmp_path / "sharded.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    sandbox.run(
+        "helm", "install", "conveyor", str(CHART_DIR), "--namespace", SYSTEM,
+        "--create-namespace", "--values", str(values_file),
+    )  # fmt: skip
+
+    def apps() -> dict[str, dict[str, Any]]:
+        result = conveyor(sandbox, "get", "apps", "--env", name, "-o", "json", check=True)
+        return {item["name"]: item for item in json.loads(result.stdout)["items"]}
+
+    def settled(revision: str) -> dict[str, dict[str, Any]] | None:
+        """The apps once all are Ready at `revision`, each owned by a running Pod's shard."""
+        shown, pods = apps(), kubelet.running()
+        ready = len(shown) == APPS_SHARDED and all(
+            a["state"] == "Ready"
+            and a["revision"] == revision
+            and any(str(a["shard"]).startswith(f"{pod}-") for pod in pods)
+            for a in shown.values()
+        )
+        return shown if ready else None
+
+    # Both Pods' agents hold shard Leases and split the apps as hashing says.
+    shown = wait_for(lambda: settled(first), timeout=120, what="the apps Ready, by both shards")
+    shards = sorted({str(a["shard"]) for a in shown.values()})
+    leases = kubectl_json(sandbox, "get", "leases", "-n", SYSTEM, "-l", SHARDS_LABEL)
+    holders = sorted(str(lease["spec"]["holderIdentity"]) for lease in (leases or {})["items"])
+    assert holders == shards and len(shards) == 2, (holders, shards)
+    assert all(a["shard"] == owner_of(n, shards) for n, a in shown.items())
+    assert all(a["lastWrittenBy"] == a["shard"] for a in shown.values())
+
+    # A Pod deleted: its agent gets SIGTERM, releases and deletes its Lease, and exits 0;
+    # the next revision of its apps is applied by the others (its replacement among them).
+    victim_pod = next(p for p in kubelet.running() if shards[0].startswith(f"{p}-"))
+    victim_apps = [n for n, a in shown.items() if a["shard"] == shards[0]]
+    sandbox.run("kubectl", "delete", "pod", victim_pod, "-n", SYSTEM, "--wait=false")
+    wait_for(
+        lambda: kubelet.pods[victim_pod].process.poll() is not None,
+        timeout=60,
+        what="the deleted Pod's agent to exit",
+    )
+    assert kubelet.pods[victim_pod].process.returncode == 0, kubelet.pods[victim_pod].output()
+    second = write_apps("2")
+    shown = wait_for(lambda: settled(second), timeout=120, what="version 2 Ready, taken over")
+    assert shards[0] not in {a["shard"] for a in shown.values()}
+    assert all(shown[n]["lastWrittenBy"] not in (shards[0], None) for n in victim_apps), shown
+    live = sorted({str(a["shard"]) for a in shown.values()})
+    assert all(a["shard"] == owner_of(n, live) for n, a in shown.items())
 
 
 def test_bootstrap_without_a_deploy_key_for_an_ssh_repo_says_how_to_make_one(

@@ -18,14 +18,17 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from conveyor.cluster import kubeconfig
 from conveyor.cluster.client import KubeClient
+from conveyor.cluster.shards import owner_of
 from conveyor.reconcile.status import WAITING_FOR_GATE, AppStatus, StatusStore
 from conveyor.render.discover import app_name
 from tests.cluster.gitops import (
     ConfigRepo,
     by_name,
+    delete_shard_leases,
     deployment,
     kubectl_json,
     reconcile_json,
+    shard_lease,
     wait_for,
 )
 from tests.cluster.serve import ServeProcess
@@ -112,6 +115,37 @@ def test_matrix_shows_the_deployed_versions(site: Site, page: Page) -> None:
     expect(tab.locator(f'[id="env-{site.scope}"]')).to_contain_text(site.scope)
     ARTIFACTS.mkdir(exist_ok=True)
     tab.screenshot(path=str(ARTIFACTS / "dashboard-matrix.png"), full_page=True)
+
+
+def test_the_environment_page_shows_each_shards_load_readably_at_1280px(
+    site: Site, page: Page
+) -> None:
+    tab = page
+    tab.set_viewport_size({"width": 1280, "height": 800})
+    # Identities as a Deployment's Pods have them: host (the Pod's name), pid, random;
+    # listed in the order of their names.
+    shards = [
+        "conveyor-agent-6d5f7c9b8-m7wzp-1-b04e2d",
+        "conveyor-agent-6d5f7c9b8-x2k4q-1-3fa9c1",
+    ]
+    for shard, seconds in zip(shards, (12.5, 8.0), strict=True):
+        shard_lease(site.sandbox, site.scope, shard, apps=1, pass_seconds=seconds)
+    try:
+        tab.goto(f"/environments/{site.scope}")
+        rows = tab.locator("#shards tbody tr")
+        expect(rows).to_have_count(2)
+        owned = {app: owner_of(app, shards) for app in ("frontend", "api")}
+        for row, shard, seconds in zip(rows.all(), shards, ("12.5 s", "8.0 s"), strict=True):
+            cells = row.locator("td")
+            expect(cells.nth(0)).to_have_text(shard)
+            expect(cells.nth(1)).to_have_text(str(list(owned.values()).count(shard)))
+            expect(cells.nth(3)).to_have_text(seconds)
+            expect(cells.nth(0)).to_be_in_viewport()
+        assert tab.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        ARTIFACTS.mkdir(exist_ok=True)
+        tab.screenshot(path=str(ARTIFACTS / "dashboard-shards-1280.png"), full_page=True)
+    finally:
+        delete_shard_leases(site.sandbox, site.scope)
 
 
 def test_a_commit_shows_without_reload(site: Site, page: Page) -> None:

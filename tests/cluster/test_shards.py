@@ -30,6 +30,7 @@ from tests.cluster.gitops import (
     kubectl_json,
     reconcile_json,
     wait_for,
+    write_configmap_apps,
 )
 from tests.cluster.test_agent import AgentProcess, sign
 from tests.cluster.test_one_writer import AuditedWrite, audited_writes
@@ -212,6 +213,57 @@ def test_shards_split_the_apps_take_a_killed_ones_over_and_never_write_one_app_t
         source = next(a for a in conveyor_apps(sandbox, folder) if not a["spec"]["app"])
         handled = source["status"]["lastHandledReconcile"]
         assert (handled["app"], handled["by"]) == (app, owner_of(app, survivors))
+    finally:
+        for agent in agents:
+            agent.stop(signal.SIGKILL)
+
+
+def test_a_reconcile_of_all_apps_waits_for_every_shard_and_names_one_that_died(
+    sandbox: SandboxHandle, namespace: str, tmp_path: Path
+) -> None:
+    folder = f"all{uuid.uuid4().hex[:6]}"
+    repo = ConfigRepo(tmp_path)
+    write_configmap_apps(repo, folder, namespace, count=6, version="1")
+    revision = repo.commit("apps")
+    common = ("--shards", "2", "--lease-duration", LEASE, "--interval", "10m")
+    agents = [
+        AgentProcess(sandbox, repo, folder, tmp_path, *common, name=f"all{k}") for k in range(2)
+    ]
+    try:
+        shards = [identity_of_when_logged(a) for a in agents]
+        wait_for(
+            lambda: (
+                sum(a.passes() >= 1 for a in agents) == 2
+                and len(shard_of_apps(sandbox, folder)) == 6
+                and all(v["state"] == "Ready" for v in shard_of_apps(sandbox, folder).values())
+            ),
+            timeout=60,
+            what="both shards' first pass",
+        )
+        # Answered with each shard's part: every app, and who did which.
+        code, report = reconcile_json(sandbox, repo, folder)
+        assert code == 0, report
+        parts = {part["shard"]: part for part in report["shards"]}
+        assert sorted(parts) == sorted(shards), report
+        assert sum(part["apps"] for part in parts.values()) == 6
+        assert {part["revision"] for part in parts.values()} == {revision}
+        assert report["goneShards"] == []
+        assert len(report["items"]) == 6
+
+        # The shard that answers for the environment stops (SIGSTOP: it neither answers
+        # nor renews): the other answers once its Lease has lapsed, naming it.
+        victim = owner_of("", shards)
+        assert victim is not None
+        survivor = next(s for s in shards if s != victim)
+        agents[shards.index(victim)].process.send_signal(signal.SIGSTOP)
+        asked = time.monotonic()
+        code, report = reconcile_json(sandbox, repo, folder)
+        waited = time.monotonic() - asked
+        assert [part["shard"] for part in report["shards"]] == [survivor], report
+        assert report["goneShards"] == [victim], report
+        assert waited < 3 * int(LEASE), waited
+        source = next(a for a in conveyor_apps(sandbox, folder) if not a["spec"]["app"])
+        assert source["status"]["lastHandledReconcile"]["by"] == survivor
     finally:
         for agent in agents:
             agent.stop(signal.SIGKILL)

@@ -18,14 +18,17 @@ import pytest
 
 from conveyor.cluster import kubeconfig
 from conveyor.cluster.client import KubeClient
+from conveyor.cluster.shards import owner_of
 from conveyor.reconcile.status import WAITING_FOR_GATE, AppStatus, StatusStore
 from conveyor.render.discover import app_name
 from tests.cluster.gitops import (
     ConfigRepo,
     by_name,
+    delete_shard_leases,
     deployment,
     kubectl_json,
     reconcile_json,
+    shard_lease,
     wait_for,
 )
 from tests.cluster.serve import ServeProcess
@@ -164,6 +167,30 @@ def test_gates_show_what_an_environment_waits_for(setup: Setup) -> None:
     assert "approval by release-managers" in gates[0]["message"]
     cell = setup.get(f"{API}/environments/{scope}/apps/api").json()
     assert cell["state"] == WAITING_FOR_GATE
+
+
+def test_shards_show_their_load_and_the_apps_each_owns(setup: Setup) -> None:
+    shards = f"{API}/environments/{setup.scope}/shards"
+    assert setup.get(shards).json() == []  # unsharded
+    shard_lease(setup.sandbox, setup.scope, "agent-a", apps=1, pass_seconds=2.25)
+    shard_lease(setup.sandbox, setup.scope, "agent-b", apps=1, pass_seconds=0.5)
+    # A Lease not renewed within its duration is no live shard.
+    shard_lease(setup.sandbox, setup.scope, "agent-c", apps=2, pass_seconds=9, renewed_ago=900)
+    try:
+        shown = setup.get(shards).json()
+        assert [s["shard"] for s in shown] == ["agent-a", "agent-b"]
+        owners = {app: owner_of(app, ["agent-a", "agent-b"]) for app in ("web", "worker")}
+        assert [s["apps"] for s in shown] == [
+            sum(o == shard for o in owners.values()) for shard in ("agent-a", "agent-b")
+        ]
+        assert [(s["lastPassApps"], s["passSeconds"]) for s in shown] == [(1, 2.25), (1, 0.5)]
+        assert setup.get(f"{API}/environments/nowhere/shards").status_code == 404
+        page = setup.get(f"/environments/{setup.scope}").text
+        assert 'id="shards"' in page and "agent-a" in page and "2.2 s" in page
+        assert "agent-c" not in page
+    finally:
+        delete_shard_leases(setup.sandbox, setup.scope)
+    assert 'id="shards"' not in setup.get(f"/environments/{setup.scope}").text
 
 
 def test_unknown_environment_app_and_action_are_404_with_a_clear_message(setup: Setup) -> None:

@@ -19,12 +19,17 @@ from conveyor.cluster.lease import LeaderElector, NotLeaderError
 from conveyor.reconcile.requests import (
     REQUESTED_APP,
     REQUESTED_AT,
+    SHARD_ANSWERS,
+    AnswerCollector,
     ReconcileRequest,
+    ShardAnswer,
     answers_requests,
+    handled_request,
     is_handled,
     next_token,
     one_pass_identity,
     pending_request,
+    shard_answers,
 )
 from conveyor.render import helm as helm_module
 from conveyor.render.helm import HelmCLI
@@ -267,3 +272,81 @@ def test_a_cancelled_helm_write_is_asked_to_stop_before_it_is_killed(
     helm = HelmCLI(binary=str(stubborn), write_guard=lambda: 60.0)
     seconds = cancelled_after(0.3, helm.rollback("web", "apps", 3, timeout=60))
     assert 0.8 <= seconds < 3  # its grace, then SIGKILL (to the whole group: sleep too)
+
+
+def answered(token: str, shards: dict[str, str], **extra: Obj) -> Obj:
+    """A source status with the request `token` and each shard's answer (shard: token)."""
+    answers = {
+        shard: {"token": at, "revision": "abc", "apps": 3, "writes": 2, **extra.get(shard, {})}
+        for shard, at in shards.items()
+    }
+    return {
+        "metadata": {"name": "staging", "annotations": {REQUESTED_AT: token}},
+        "status": {SHARD_ANSWERS: answers},
+    }
+
+
+def test_a_request_for_all_apps_is_answered_once_every_live_shard_has_answered() -> None:
+    token = next_token(now=NOON)
+    older = next_token(now=NOON - dt.timedelta(seconds=5))
+    request = ReconcileRequest(token=token, app=None)
+    collector = AnswerCollector()
+    live = frozenset({"agent-a", "agent-b"})
+    assert collector.collect(answered(token, {}), request, live=live) is None
+    # b's answer is to an older request: it has not run this one yet.
+    source = answered(token, {"agent-a": token, "agent-b": older})
+    assert collector.collect(source, request, live=live) is None
+    source = answered(token, {"agent-a": token, "agent-b": token})
+    collected = collector.collect(source, request, live=live)
+    assert collected is not None
+    assert [a.shard for a in collected.answers] == ["agent-a", "agent-b"]
+    assert (collected.gone, collected.stale, collected.revision) == ([], [], "abc")
+    assert collected.source_failure is None
+
+
+def test_a_shard_that_dies_before_answering_is_named_not_waited_for() -> None:
+    token = next_token(now=NOON)
+    request = ReconcileRequest(token=token, app=None)
+    collector = AnswerCollector()
+    both, survivor = frozenset({"agent-a", "agent-b"}), frozenset({"agent-a"})
+    source = answered(token, {"agent-a": token})
+    assert collector.collect(source, request, live=both) is None  # b still live: waited for
+    collected = collector.collect(source, request, live=survivor)  # b's Lease lapsed
+    assert collected is not None
+    assert ([a.shard for a in collected.answers], collected.gone) == (["agent-a"], ["agent-b"])
+    # A later request starts afresh: b was not asked this time, and the old answer of a
+    # shard no longer live is dropped once answered.
+    later = ReconcileRequest(token=next_token(token, now=NOON), app=None)
+    source = answered(later.token, {"agent-a": later.token, "agent-c": token})
+    collected = collector.collect(source, later, live=survivor)
+    assert collected is not None
+    assert (collected.gone, collected.stale) == ([], ["agent-c"])
+
+
+def test_the_answer_for_all_apps_reads_back_with_each_shards_part() -> None:
+    token = next_token(now=NOON)
+    failure = {"sourceFailure": "fetch failed: no such branch"}
+    source = answered(token, {"agent-a": token, "agent-b": token}, **{"agent-b": failure})
+    collected = AnswerCollector().collect(
+        source, ReconcileRequest(token, None), live=frozenset({"agent-a", "agent-b"})
+    )
+    assert collected is not None
+    assert collected.source_failure == "fetch failed: no such branch"
+    outcome = {
+        "by": "agent-a",
+        "shards": [a.to_json() for a in collected.answers],
+        "goneShards": ["agent-c"],
+    }
+    status = {"lastHandledReconcileAt": token, "lastHandledReconcile": outcome}
+    handled = handled_request({"status": status})
+    assert handled is not None
+    assert handled.shards == collected.answers
+    assert handled.gone_shards == ["agent-c"]
+    assert shard_answers(source)["agent-b"] == ShardAnswer(
+        shard="agent-b",
+        token=token,
+        revision="abc",
+        apps=3,
+        writes=2,
+        source_failure="fetch failed: no such branch",
+    )

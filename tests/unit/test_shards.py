@@ -21,6 +21,7 @@ from conveyor.cluster.shards import (
     ShardSet,
     owner_of,
     writing_for,
+    writing_own,
 )
 
 Obj = dict[str, Any]
@@ -214,3 +215,25 @@ def test_no_shard_writes_while_an_unsharded_writer_holds_the_environments_lease(
     api.leases["conveyor-staging"] = {**lease, "spec": {"leaseDurationSeconds": 1}}  # released
     asyncio.run(a.refresh())
     assert all(may_write(a, app) for app in APPS)
+
+
+def test_every_settled_shard_may_write_its_own_answer_and_no_one_elses_apps(
+    clock: list[float],
+) -> None:
+    api = LeasesApi()
+    a, b = shard(api, "agent-a"), shard(api, "agent-b")
+    for s in (a, b):
+        asyncio.run(s.join())
+    with writing_own(), pytest.raises(NotShardOwnerError, match="may not write its own answer"):
+        a.write_budget()  # settling: not even its own record
+    for _ in range(3):
+        clock[0] += a.view_ttl / 3
+        for s in (a, b):
+            asyncio.run(s.elector.renew())
+    for s in (a, b):
+        asyncio.run(s.refresh())
+    for s in (a, b):
+        with writing_own():
+            assert s.write_budget() > 0
+    # The environment's key stays one shard's.
+    assert [may_write(s, ENVIRONMENT_KEY) for s in (a, b)].count(True) == 1

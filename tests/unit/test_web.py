@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from starlette.requests import Request
 
+from conveyor.cluster.shards import ShardLoad, owner_of
 from conveyor.reconcile.status import READY, SOURCE_KIND, WAITING_FOR_GATE, AppStatus
 from conveyor.source.git import change_kind
 from conveyor.web import views
@@ -228,3 +229,23 @@ def test_serve_refuses_a_weak_token_file_with_one_line(
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_each_live_shard_shows_the_apps_it_owns_now_and_its_last_pass() -> None:
+    apps = [f"app-{i}" for i in range(40)]
+    loads = [
+        ShardLoad(identity="agent-a", apps=25, pass_seconds=3.5),
+        ShardLoad(identity="agent-b", apps=None, pass_seconds=None),  # no pass published yet
+    ]
+    shown = views.shards(loads, apps)
+    assert [s.shard for s in shown] == ["agent-a", "agent-b"]
+    assert sum(s.apps for s in shown) == len(apps)
+    assert shown[0].apps == sum(owner_of(a, ["agent-a", "agent-b"]) == "agent-a" for a in apps)
+    assert shown[0].model_dump(by_alias=True) == {
+        "shard": "agent-a",
+        "apps": shown[0].apps,
+        "lastPassApps": 25,
+        "passSeconds": 3.5,
+    }
+    assert (shown[1].last_pass_apps, shown[1].pass_seconds) == (None, None)
+    assert views.shards([], apps) == []

@@ -214,6 +214,8 @@ def _print_result(result: PassResult, output: OutputFormat, *, seconds: float) -
                 "pruned": result.pruned_apps,
                 "undeliveredNotifications": result.undelivered,
                 "items": [s.to_summary() for s in statuses],
+                "shards": [a.to_json() for a in result.shards],
+                "goneShards": result.gone_shards,
             },
             output,
         )
@@ -224,6 +226,18 @@ def _print_result(result: PassResult, output: OutputFormat, *, seconds: float) -
     console.print(
         f"{ready}/{len(statuses)} apps Ready in {seconds:.1f}s, {result.writes} API writes{pruned}"
     )
+    for answer in result.shards:
+        failure = f", source failed: {answer.source_failure}" if answer.source_failure else ""
+        console.print(
+            escape(f"shard {answer.shard}: {answer.apps} apps, {answer.writes} writes{failure}"),
+            highlight=False,
+        )
+    for shard in result.gone_shards:
+        console.print(
+            f"[yellow]shard {escape(shard)}: died before answering[/]; "
+            "the other shards take its apps over",
+            highlight=False,
+        )
 
 
 get_app = typer.Typer(help="Show status kept in the cluster.", no_args_is_help=True)

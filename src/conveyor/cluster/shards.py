@@ -21,7 +21,8 @@ Each write carries the smallest of those budgets as its deadline, minus the elec
 write margin, as the environment's one Lease does for a single writer. Which app a write
 is for is the `writing_for` context of the task that sends it; a write outside any app
 (the source's status, a request's answer) is for `ENVIRONMENT_KEY`, which one shard owns
-like an app.
+like an app; a write of this shard's own record (`writing_own`: its part of the answer to
+a request for all apps, which no other shard writes) needs every rule but ownership.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ SHARDS_LABEL = "conveyor.dev/shards-of"  # on a shard Lease: the environment's i
 APPS_ANNOTATION = "conveyor.dev/shard-apps"  # on a shard Lease: apps it owned last pass
 PASS_ANNOTATION = "conveyor.dev/shard-pass-seconds"  # noqa: S105 (a name) and how long that pass took
 ENVIRONMENT_KEY = ""  # the key of writes for no app: the source's status, answers
+# The key of the writes only this shard makes, whoever owns the apps: its own answer to
+# a request for all apps (no app name holds a NUL).
+OWN_KEY = "\0own"
 
 _writing_for: ContextVar[str] = ContextVar("conveyor_shard_key", default=ENVIRONMENT_KEY)
 
@@ -64,11 +68,18 @@ def writing_for(app: str) -> Iterator[None]:
         _writing_for.reset(token)
 
 
+def writing_own() -> contextlib.AbstractContextManager[None]:
+    """Writes sent inside this block are this shard's own record, no app's."""
+    return writing_for(OWN_KEY)
+
+
 class NotShardOwnerError(NotLeaderError):
     """A write refused because this shard does not own its app under a fresh view."""
 
     def __init__(self, identity: str, key: str, why: str) -> None:
         what = f"app {key}" if key else "the environment's own status"
+        if key == OWN_KEY:
+            what = "its own answer"
         # NotLeaderError's own message names a Lease; this one says which rule refused.
         Exception.__init__(self, f"shard {identity} may not write {what}: {why}")
 
@@ -345,7 +356,7 @@ class ShardSet:
         or NotLeaderError (NotShardOwnerError) when it must not be sent."""
         key = _writing_for.get()
         budget, view = self._budget()
-        if owner_of(key, view.live) != self.identity:
+        if key != OWN_KEY and owner_of(key, view.live) != self.identity:
             raise NotShardOwnerError(self.identity, key, "another shard owns it")
         return budget
 

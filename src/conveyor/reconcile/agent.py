@@ -27,10 +27,13 @@ over within its retry interval (2 s) instead of waiting for the lease to expire.
 With `shards` (agent --shards N, the chart's sharding), each replica holds a Lease of its
 own and works on the apps it owns by consistent hashing over the live shard Leases
 (cluster/shards.py): every write asks whether this shard owns that write's app under a
-fresh view. Each shard prunes only its own apps; the source's status and the answers to
-whole-environment requests are written by the shard that owns the environment's key; a
-request for one app is handled by that app's owner. A change of the live set starts a
-pass, so a dead shard's apps are taken over once its Lease has expired.
+fresh view. Each shard prunes only its own apps; the source's status is written by the
+shard that owns the environment's key; a request for one app is handled by that app's
+owner (or, when it dies first, by the app's next owner); a request for all apps is run by
+every shard, each recording its own outcome, and answered by the environment key's owner
+once every live shard has answered (reconcile/requests.py `AnswerCollector`). A change
+of the live set starts a pass, so a dead shard's apps are taken over once its Lease has
+expired.
 
 The leader also answers requests (`conveyor reconcile`, the dashboard, `promote --apply`
 write one on the source's status, see reconcile/requests.py): it polls that one object
@@ -60,7 +63,14 @@ from starlette.routing import Route
 from conveyor.cluster.client import KubeClient
 from conveyor.cluster.lease import LeaderElector
 from conveyor.cluster.lease_loop import LeaseLoop
-from conveyor.cluster.shards import ENVIRONMENT_KEY, ShardSet, live_shards, writing_for
+from conveyor.cluster.objects import Obj
+from conveyor.cluster.shards import (
+    ENVIRONMENT_KEY,
+    ShardSet,
+    live_shards,
+    writing_for,
+    writing_own,
+)
 from conveyor.config.project import ConfigError
 from conveyor.notify.notifier import Notifier, project_rules
 from conveyor.reconcile.actions.hold import GateHold, GateVerdict
@@ -73,11 +83,14 @@ from conveyor.reconcile.once import (
 )
 from conveyor.reconcile.report import Metrics, error_summary
 from conveyor.reconcile.requests import (
+    AnswerCollector,
     ReconcileRequest,
+    ShardAnswer,
     environment_elector,
     pending_request,
     read_source,
     record_handled,
+    record_shard_answer,
 )
 from conveyor.reconcile.status import NAMESPACE, STALLED, Reason, StatusStore
 from conveyor.reconcile.target import (
@@ -192,7 +205,8 @@ class Agent:
         self._git_error: str | None = None  # the last fetch's, when git could not be reached
         self._backoff = Backoff(first=options.backoff_first, cap=options.backoff_cap)
         self._request: ReconcileRequest | None = None  # seen, not yet taken by a pass
-        self._request_seen: ReconcileRequest | None = None
+        self._request_taken: ReconcileRequest | None = None  # the last one it ran
+        self._answers = AnswerCollector()  # for a request for all apps among shards
         self._task: asyncio.Task[None] | None = None  # `run`, which `stop` ends
         self._stopping = False
         self._busy = False  # a pass in flight: what `stop` lets finish
@@ -620,18 +634,53 @@ class Agent:
         scope = engine.options.scope
         while True:
             try:
-                request = pending_request(await read_source(engine.kube, scope))
+                source = await read_source(engine.kube, scope)
             except Exception as error:  # the apiserver away: the loop's own errors say so
                 log.debug("cannot read reconcile requests: %s", error)
-                request = None
-            if request is not None and request != self._request_seen:
-                self._request_seen = request
-                # A shard runs a request for all apps, and one for an app it owns.
-                if request.app is None or self._owns(request.app):
-                    log.info("reconcile of %s requested", request.app or "all apps")
-                    self._request = request
-                    self.trigger.set()
+                source = None
+            request = pending_request(source)
+            # A shard runs a request for all apps, and one for an app it owns: also one
+            # whose owner died before answering, once the app is this shard's.
+            if (
+                request is not None
+                and request != self._request_taken
+                and (request.app is None or self._owns(request.app))
+            ):
+                log.info("reconcile of %s requested", request.app or "all apps")
+                self._request_taken = self._request = request
+                self.trigger.set()
+            if request is not None and request.app is None and self._shards is not None:
+                await self._collect_answers(engine, self._shards, source, request)
             await asyncio.sleep(self.options.request_poll)
+
+    async def _collect_answers(
+        self, engine: Engine, shards: ShardSet, source: Obj | None, request: ReconcileRequest
+    ) -> None:
+        """Among shards: note who is live while a request for all apps waits, and, as the
+        owner of the environment's key, answer it once every live shard has."""
+        view = shards.view
+        if view is None:
+            return
+        collected = self._answers.collect(source, request, live=view.live)
+        if collected is None or not self._owns(ENVIRONMENT_KEY):
+            return
+        if collected.gone:
+            log.warning(
+                "reconcile of all apps: shard(s) %s died before answering",
+                ", ".join(collected.gone),
+            )
+        try:
+            with writing_for(ENVIRONMENT_KEY):
+                await record_handled(
+                    engine.kube,
+                    engine.options.scope,
+                    request,
+                    by=self.options.identity,
+                    revision="",
+                    collected=collected,
+                )
+        except Exception as error:  # refused or away: the next poll answers it
+            log.warning("cannot answer the reconcile request: %s", error_summary(error))
 
     async def _answer(
         self,
@@ -642,7 +691,21 @@ class Agent:
         source_failure: str | None = None,
     ) -> None:
         """Record on the source's status that `request` was handled, and how it went.
-        Among shards, the app's owner answers, or for all apps the environment's."""
+        Among shards, the app's owner answers; for all apps each shard records its own
+        outcome, which the environment key's owner sums up (`_collect_answers`)."""
+        if self._shards is not None and request.app is None:
+            answer = ShardAnswer(
+                shard=self.options.identity,
+                token=request.token,
+                revision=result.revision if result else "",
+                apps=len(result.statuses) if result else 0,
+                writes=result.writes if result else 0,
+                pruned_apps=result.pruned_apps if result else [],
+                source_failure=source_failure,
+            )
+            with writing_own():
+                await record_shard_answer(engine.kube, engine.options.scope, answer)
+            return
         key = request.app or ENVIRONMENT_KEY
         if not self._owns(key):
             return

@@ -66,6 +66,7 @@ from conveyor.reconcile.actions.unlock import unlock_release
 from conveyor.reconcile.actions.verify import drift_of, release_objects, watched
 from conveyor.reconcile.plan import AppPlan, Desired, apps_left
 from conveyor.reconcile.report import EventRecorder, Metrics, error_summary, notification_for
+from conveyor.reconcile.requests import ShardAnswer
 from conveyor.reconcile.state import AppState, Attempt, Observation, determine_state
 from conveyor.reconcile.status import (
     READY,
@@ -127,6 +128,9 @@ class PassResult:
     writes: int = 0
     held: GateHold | None = None  # every hold of the pass as one
     undelivered: int = 0  # notifications a one-shot pass could not deliver before exit
+    # Asked of shards, for all apps: each shard's part, and those that died before theirs.
+    shards: list[ShardAnswer] = field(default_factory=list)
+    gone_shards: list[str] = field(default_factory=list)
 
     @property
     def all_ready(self) -> bool:

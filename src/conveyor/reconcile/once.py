@@ -274,6 +274,8 @@ async def _ask_holder(
         statuses=statuses,
         pruned_apps=handled.pruned_apps,
         writes=handled.writes,
+        shards=handled.shards,
+        gone_shards=handled.gone_shards,
     )
 
 

@@ -9,6 +9,13 @@ the apiserver accepted them, whatever the requesters' clocks. The holder runs on
 for the newest request it sees, which covers every older one, and records that token as
 `status.lastHandledReconcileAt`; a requester is answered once that is at least its own.
 Requests for different apps that meet before being handled become one whole pass.
+
+Among shards (cluster/shards.py) a request for one app is run and answered by the app's
+owner. A request for all apps is run by every shard, and each records its own outcome
+under `status.shardAnswers.<shard>`; the shard that owns the environment's key answers
+the request once every shard it sees live has answered it (`AnswerCollector`), with
+each shard's outcome, and names those seen live since the request that died before
+answering (they are not waited for: their Leases lapse, and the others take their apps).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -42,6 +49,7 @@ REQUESTED_APP = "conveyor.dev/requestedApp"
 REQUEST_MANAGER = "conveyor-request"
 HANDLED_MANAGER = "conveyor-request-handled"
 REQUEST_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+SHARD_ANSWERS = "shardAnswers"  # status field: each shard's answer to a request for all
 
 Obj = dict[str, Any]
 
@@ -50,6 +58,43 @@ Obj = dict[str, Any]
 class ReconcileRequest:
     token: str
     app: str | None  # None: the whole environment
+
+
+@dataclass(frozen=True)
+class ShardAnswer:
+    """One shard's outcome of a request for all apps: the pass over the apps it owns."""
+
+    shard: str
+    token: str  # the request it ran
+    revision: str
+    apps: int  # the apps it reconciled
+    writes: int
+    pruned_apps: list[str] = field(default_factory=list)
+    source_failure: str | None = None
+
+    def to_json(self) -> Obj:
+        return {
+            "shard": self.shard,
+            "token": self.token,
+            "revision": self.revision,
+            "apps": self.apps,
+            "writes": self.writes,
+            "prunedApps": self.pruned_apps,
+            "sourceFailure": self.source_failure,
+        }
+
+    @classmethod
+    def from_json(cls, shard: str, raw: Obj) -> ShardAnswer:
+        failure = raw.get("sourceFailure")
+        return cls(
+            shard=shard,
+            token=str(raw.get("token") or ""),
+            revision=str(raw.get("revision") or ""),
+            apps=int(raw.get("apps") or 0),
+            writes=int(raw.get("writes") or 0),
+            pruned_apps=[str(a) for a in raw.get("prunedApps") or []],
+            source_failure=str(failure) if failure else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -62,6 +107,10 @@ class HandledRequest:
     writes: int
     pruned_apps: list[str]
     source_failure: str | None  # the fetch or render failed: nothing was applied
+    # Among shards, for a request for all apps: each shard's outcome, and the shards
+    # seen live since the request that died before answering.
+    shards: list[ShardAnswer] = field(default_factory=list)
+    gone_shards: list[str] = field(default_factory=list)
 
 
 class RequestTimeoutError(ConveyorError):
@@ -146,7 +195,62 @@ def handled_request(source: Obj | None) -> HandledRequest | None:
         writes=int(outcome.get("writes") or 0),
         pruned_apps=list(outcome.get("prunedApps") or []),
         source_failure=outcome.get("sourceFailure"),
+        shards=[
+            ShardAnswer.from_json(str(raw.get("shard") or ""), raw)
+            for raw in outcome.get("shards") or []
+        ],
+        gone_shards=[str(shard) for shard in outcome.get("goneShards") or []],
     )
+
+
+def shard_answers(source: Obj | None) -> dict[str, ShardAnswer]:
+    """The answers the shards recorded on a source status, by shard."""
+    raw = ((source or {}).get("status") or {}).get(SHARD_ANSWERS) or {}
+    return {str(shard): ShardAnswer.from_json(str(shard), answer) for shard, answer in raw.items()}
+
+
+@dataclass(frozen=True)
+class CollectedAnswers:
+    """Every live shard's answer to one request for all apps: the request is handled."""
+
+    answers: list[ShardAnswer]  # those for this request (or a later one), by shard
+    gone: list[str]  # seen live since the request, gone without answering it
+    stale: list[str]  # answers of shards no longer live: removed once this is recorded
+
+    @property
+    def revision(self) -> str:
+        return max((a.revision for a in self.answers), default="")
+
+    @property
+    def source_failure(self) -> str | None:
+        return next((a.source_failure for a in self.answers if a.source_failure), None)
+
+
+@dataclass
+class AnswerCollector:
+    """What the owner of the environment's key needs to answer a request for all apps
+    among shards: the shards seen live since the request came (every shard keeps this,
+    so that whichever owns the key next knows who was asked)."""
+
+    token: str | None = None
+    asked: set[str] = field(default_factory=set)
+
+    def collect(
+        self, source: Obj | None, request: ReconcileRequest, *, live: frozenset[str]
+    ) -> CollectedAnswers | None:
+        """The answers once every shard in `live` has answered `request`, else None."""
+        if request.token != self.token:
+            self.token, self.asked = request.token, set()
+        self.asked |= live
+        answers = shard_answers(source)
+        done = {s: a for s, a in answers.items() if is_handled(request.token, a.token)}
+        if not live <= done.keys():
+            return None
+        return CollectedAnswers(
+            answers=[done[s] for s in sorted(done)],
+            gone=sorted(self.asked - live - done.keys()),
+            stale=sorted(answers.keys() - live),
+        )
 
 
 async def read_source(kube: KubeClient, scope: str) -> Obj | None:
@@ -198,28 +302,56 @@ async def record_handled(
     writes: int = 0,
     pruned_apps: list[str] | None = None,
     source_failure: str | None = None,
+    collected: CollectedAnswers | None = None,
 ) -> None:
-    """The holder's answer: which request it handled, and how the pass went."""
+    """The holder's answer: which request it handled, and how the pass went; among
+    shards, for all apps, summed up from `collected` (each shard's outcome beside)."""
+    outcome: Obj = {
+        "by": by,
+        "app": request.app,
+        "revision": revision,
+        "writes": writes,
+        "prunedApps": pruned_apps or [],
+        "sourceFailure": source_failure,
+    }
+    if collected is not None:
+        outcome |= {
+            "revision": collected.revision,
+            "writes": sum(a.writes for a in collected.answers),
+            "prunedApps": sorted({app for a in collected.answers for app in a.pruned_apps}),
+            "sourceFailure": collected.source_failure,
+            "shards": [a.to_json() for a in collected.answers],
+            "goneShards": collected.gone,
+        }
     await kube.apply(
         {
             "apiVersion": API_VERSION,
             "kind": KIND,
             "metadata": {"name": resource_name(scope, ""), "namespace": NAMESPACE},
-            "status": {
-                "lastHandledReconcileAt": request.token,
-                "lastHandledReconcile": {
-                    "by": by,
-                    "app": request.app,
-                    "revision": revision,
-                    "writes": writes,
-                    "prunedApps": pruned_apps or [],
-                    "sourceFailure": source_failure,
-                },
-            },
+            "status": {"lastHandledReconcileAt": request.token, "lastHandledReconcile": outcome},
         },
         field_manager=HANDLED_MANAGER,
         force=True,
         subresource="status",
+    )
+    if collected is not None and collected.stale:
+        # Shards of a Deployment get new names: answers of those gone would pile up.
+        await _patch_status(kube, scope, {SHARD_ANSWERS: dict.fromkeys(collected.stale)})
+
+
+async def record_shard_answer(kube: KubeClient, scope: str, answer: ShardAnswer) -> None:
+    """A shard's own outcome of a request for all apps, beside the other shards' (a merge
+    patch of its key alone: no shard's answer undoes another's)."""
+    await _patch_status(kube, scope, {SHARD_ANSWERS: {answer.shard: answer.to_json()}})
+
+
+async def _patch_status(kube: KubeClient, scope: str, status: Obj) -> None:
+    await kube.request(
+        "PATCH",
+        await _path(kube, scope) + "/status",
+        params={"fieldManager": HANDLED_MANAGER},
+        content=json.dumps({"status": status}).encode(),
+        content_type="application/merge-patch+json",
     )
 
 

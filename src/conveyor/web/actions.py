@@ -390,4 +390,9 @@ def _outcome(result: PassResult | SourceFailure) -> str:
     if isinstance(result, SourceFailure):
         return f"source failed: {result.message}"
     ready = sum(s.ready for s in result.statuses.values())
-    return f"{ready}/{len(result.statuses)} Ready at {result.revision[:12]}"
+    outcome = f"{ready}/{len(result.statuses)} Ready at {result.revision[:12]}"
+    if result.shards:
+        outcome += f" by {len(result.shards)} shard(s)"
+    if result.gone_shards:
+        outcome += f"; died before answering: {', '.join(result.gone_shards)}"
+    return outcome

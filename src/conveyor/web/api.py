@@ -128,6 +128,15 @@ async def list_apps(environment: str, board: DashboardDep) -> list[views.Cell]:
 
 
 @router.get(
+    "/environments/{environment}/shards", response_model=list[views.ShardOut], tags=["status"]
+)
+async def list_shards(environment: str, board: DashboardDep) -> list[views.ShardOut]:
+    """The live shards of an environment split over agent replicas (agent --shards): the
+    apps each owns now, and the apps and seconds of its last pass. Empty when unsharded."""
+    return await board.shards(environment)
+
+
+@router.get(
     "/environments/{environment}/apps/{app}", response_model=views.AppDetail, tags=["status"]
 )
 async def get_app(environment: str, app: str, board: DashboardDep) -> views.AppDetail:

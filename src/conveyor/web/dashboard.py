@@ -366,6 +366,14 @@ class Dashboard:
             actions=[a.name for a in self.actions.for_app(status)],
         )
 
+    async def shards(self, environment: str) -> list[views.ShardOut]:
+        """The live shards of `environment` and the load each published; none when it
+        runs unsharded."""
+        statuses = await self.environment(environment)
+        apps = [s.app for s in statuses if s.kind != SOURCE_KIND]
+        kube = self.cluster(environment).kube
+        return await views.environment_shards(kube, self.source(environment), apps)
+
     def source(self, environment: str) -> AppStatus | None:
         cluster = self.fleet.cluster_of(environment)
         return cluster.hub.statuses.get(resource_name(environment, "")) if cluster else None

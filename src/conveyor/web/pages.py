@@ -263,6 +263,7 @@ async def environment_page(request: Request, environment: str, board: DashboardD
         "environment.html",
         environment=environment,
         cells=cells,
+        shards=await board.shards(environment),
         actions=board.actions.for_environment(),
     )
 

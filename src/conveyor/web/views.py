@@ -21,6 +21,7 @@ from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.health import assess
 from conveyor.cluster.helm_storage import ReleaseRevision, release_history
 from conveyor.cluster.objects import ObjectRef
+from conveyor.cluster.shards import ShardLoad, live_shards, owner_of
 from conveyor.images.reference import split_reference
 from conveyor.reconcile.status import (
     API_VERSION,
@@ -85,6 +86,16 @@ class Environment(Model):
     cluster: str = ""  # ClusterOut.name; "" before the cluster is known
     reachable: bool = True  # False: the columns below are the last read, not live
     last_read: str | None = None
+
+
+class ShardOut(Model):
+    """A live shard of an environment split over agent replicas (agent --shards), and
+    its load as it last published it on its Lease."""
+
+    shard: str  # its identity, as `conveyor get apps` names it
+    apps: int  # the apps it owns now, by hashing over the live shards
+    last_pass_apps: int | None = None  # the apps its last pass reconciled
+    pass_seconds: float | None = None  # how long that pass took
 
 
 class Waiting(Model):
@@ -310,6 +321,32 @@ def _release_tags(revision: ReleaseRevision) -> list[str]:
 
 
 # -- shaping statuses ----------------------------------------------------------------
+
+
+def shards(loads: list[ShardLoad], apps: list[str]) -> list[ShardOut]:
+    """Each live shard with the apps it owns now among `apps` and its published load."""
+    live = [load.identity for load in loads]
+    owners = [owner_of(app, live) for app in apps]
+    return [
+        ShardOut(
+            shard=load.identity,
+            apps=owners.count(load.identity),
+            last_pass_apps=load.apps,
+            pass_seconds=load.pass_seconds,
+        )
+        for load in loads
+    ]
+
+
+async def environment_shards(
+    kube: KubeClient, source: AppStatus | None, apps: list[str]
+) -> list[ShardOut]:
+    """The live shards of the environment whose source status is `source` (none when
+    it runs unsharded, or before its first pass)."""
+    if source is None or not source.owner:
+        return []
+    loads = await live_shards(kube, namespace=NAMESPACE, environment=source.owner)
+    return shards(loads, apps)
 
 
 def cell(status: AppStatus, version: str) -> Cell:
