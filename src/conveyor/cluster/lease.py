@@ -248,8 +248,21 @@ class LeaderElector:
 
     async def _run_renewals(self) -> None:
         while (left := self._validity_left()) > 0:
-            await asyncio.sleep(min(self.renew_interval, left))
+            pause = min(self.renew_interval, left)
+            slept_from = time.monotonic()
+            await asyncio.sleep(pause)
+            late = time.monotonic() - slept_from - pause
             left = self._validity_left()
+            if late > self.write_margin:
+                # The loop this runs on was held up (on the agent's own loop: by a pass's
+                # steps; on the lease loop: by the process holding the GIL).
+                log.warning(
+                    "lease %s/%s: renewal %.1fs late; %.1fs of the lease left",
+                    self.namespace,
+                    self.name,
+                    late,
+                    left,
+                )
             if left <= 0:
                 break
             try:

@@ -318,7 +318,7 @@ class Engine:
         if not self._loaded:
             await self.store.install()
         loaded, legacy = await self.store.load_environment(
-            self.options.identity, scope=self.options.scope
+            self.options.identity, scope=self.options.scope, with_legacy=not self._loaded
         )
         if not self._loaded:
             self.statuses = {n: s for n, s in loaded.items() if s.kind != SOURCE_KIND}

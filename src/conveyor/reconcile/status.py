@@ -410,8 +410,13 @@ class StatusStore:
     ) -> list[AppStatus]:
         """Every stored status (of one scope or owner, or of all), remembering what is
         stored."""
+        # An owner's statuses are picked out by the apiserver, by their owner label (the
+        # same test as `owner_of`): in a shared cluster the others' are not sent at all.
+        selector = f"{OWNER_LABEL}={owner}" if owner else None
         try:
-            items = await self.kube.list(API_VERSION, KIND, namespace=NAMESPACE)
+            items = await self.kube.list(
+                API_VERSION, KIND, namespace=NAMESPACE, label_selector=selector
+            )
         except UnknownKindError:
             return []  # no agent has run on this cluster yet
         except ApiError as error:
@@ -435,14 +440,16 @@ class StatusStore:
         return {s.app: s for s in await self.list_all(scope=scope)}
 
     async def load_environment(
-        self, identity: EnvironmentIdentity, *, scope: str
+        self, identity: EnvironmentIdentity, *, scope: str, with_legacy: bool = True
     ) -> tuple[dict[str, AppStatus], dict[str, AppStatus]]:
         """The environment's own statuses by app name, and, apart, the statuses of its
         scope written before identities existed: those are claimed only by rendering
-        the app again, and never pruned for lacking the identity."""
+        the app again, and never pruned for lacking the identity. `with_legacy=False`
+        lists only the environment's own (the legacy ones come empty)."""
         own: dict[str, AppStatus] = {}
         legacy: dict[str, AppStatus] = {}
-        for status in await self.list_all(scope=scope):
+        owner = None if with_legacy else identity.id
+        for status in await self.list_all(scope=scope, owner=owner):
             if status.owner == identity.id:
                 own[status.app] = status
             elif status.owner is None:
@@ -619,7 +626,15 @@ def _resource(status: AppStatus) -> dict[str, Any]:
 
 
 def _without_time(body: dict[str, Any]) -> dict[str, Any]:
-    stripped = copy.deepcopy(body)
-    for condition in stripped.get("conditions", []):
-        condition.pop("lastTransitionTime", None)
-    return stripped
+    """`body` to compare with another, its conditions' transition times left out. Built
+    anew, never deep-copied: a no-op pass compares every app's status, twice."""
+    conditions = body.get("conditions")
+    if not isinstance(conditions, list):
+        return body
+    return {
+        **body,
+        "conditions": [
+            {k: v for k, v in c.items() if k != "lastTransitionTime"} if isinstance(c, dict) else c
+            for c in conditions
+        ],
+    }
