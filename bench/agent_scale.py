@@ -138,14 +138,14 @@ class Bench:
             time.sleep(2)
         self.run("kubectl", "create", "namespace", name)
 
-    def cleanup(self, namespace: str) -> None:
+    def cleanup(self, namespace: str, *, timeout: int = 300) -> None:
         self.run(
             "kubectl",
             "delete",
             "namespace",
             namespace,
             "--wait=true",
-            "--timeout=300s",
+            f"--timeout={timeout}s",
             check=False,
         )
 
