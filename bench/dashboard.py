@@ -394,7 +394,7 @@ def main() -> None:
     def event_row(what: str, index: int, latencies: list[float]) -> str:
         event_ms = [latency * 1000 for latency in latencies]
         ok = "met" if max(event_ms) < EVENT_GOAL_S * 1000 else "MISSED"
-        where = f"cluster {index + 1} ({contexts[index]}: {splits[index][0]}…{splits[index][-1]})"
+        where = f"cluster {index + 1} ({contexts[index]})"
         return row(
             f"status change in {where} to {what}",
             event_ms,
@@ -405,7 +405,7 @@ def main() -> None:
     plural = "s" if clusters > 1 else ""
     heading = f"### {clusters} cluster{plural} ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)"
     split = "; ".join(
-        f"{contexts[i]}: {len(names)} environments ({names[0]}…{names[-1]})"
+        f"cluster {i + 1}, {contexts[i]}: {len(names)} environments ({names[0]}…{names[-1]})"
         for i, names in enumerate(splits)
     )
     afresh_ratio = statistics.median(afresh) / statistics.median(matrix)
