@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SANDBOX_NAME ?= default
 
 .PHONY: venv lock image image-context image-tools browser lint types unit fuzz cluster test demo \
-	sandbox-down bench bench-flux-local clean
+	sandbox-down bench bench-dashboard bench-flux-local clean
 
 # Installs are reproducible: every package comes from the lock (uv.lock, exported with
 # hashes to requirements/), the same lock `make image` installs from; conveyor itself
@@ -103,6 +103,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/images_scan.py
 	$(BIN)/python bench/dashboard.py
 	$(BIN)/python bench/flux_local.py
+
+# The dashboard alone: 60 apps x 12 environments over two sandboxes ("bench" and
+# "bench2", started if down and stopped after), a change in each timed to an open page
+# (the SSE stream and Chromium; `make browser` installs it).
+bench-dashboard: $(STAMP)
+	$(BIN)/python bench/dashboard.py
 
 # The offline PR diff against flux-local's, on one generated Flux v2 repository. flux-local
 # goes into a venv of its own under ~/.cache/conveyor/bench (never into the lock);

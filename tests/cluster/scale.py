@@ -1,13 +1,15 @@
 """A fleet's worth of dashboard data: 12 environments x 60 apps in a real config repo
 (Cellenics-long tags, an approval gate at the end of the pipeline) and their ConveyorApp
-statuses, written straight to a sandbox with no agent. Shared by the browser test and
+statuses, written straight to a sandbox with no agent, or split in promotion order over
+several clusters (each environment's `cluster.context`). Shared by the browser test and
 bench/dashboard.py, which look at the same picture."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +53,27 @@ def held(index: int) -> bool:
 
 class Fleet:
     """The repo and the statuses: the first commit is what runs everywhere; a second
-    gives the last environment's held apps a new version, which its approval gate holds."""
+    gives the last environment's held apps a new version, which its approval gate holds.
+    With `contexts`, the environments are split over those clusters in promotion order
+    (the first ones in the first cluster), as teams run staging and production apart."""
 
-    def __init__(self, root: Path, prefix: str) -> None:
+    def __init__(self, root: Path, prefix: str, *, contexts: Sequence[str] = ()) -> None:
         self.repo = ConfigRepo(root)
         self.names = [f"{prefix}-{index:02d}" for index in range(ENVIRONMENTS)]
+        # environment → the index of its cluster in `contexts` (0 with none given)
+        self.cluster_index = {
+            name: index * len(contexts) // ENVIRONMENTS if contexts else 0
+            for index, name in enumerate(self.names)
+        }
         lines = ["environments:"]
         for name in self.names:
             gate = "\n    gates: [{type: approval}]" if name == self.names[-1] else ""
-            lines.append(f"  - name: {name}\n    path: {name}{gate}")
+            cluster = (
+                f"\n    cluster: {{context: {contexts[self.cluster_index[name]]}}}"
+                if contexts
+                else ""
+            )
+            lines.append(f"  - name: {name}\n    path: {name}{gate}{cluster}")
         self.repo.write("conveyor.yaml", "\n".join(lines) + "\n")
         for env_index, name in enumerate(self.names):
             for index in range(APPS):
@@ -109,10 +123,15 @@ class Fleet:
             )
         return found
 
-    def save(self, kubeconfig_path: Path) -> None:
-        """Every status written (two API writes each), 32 at a time."""
+    def statuses_in(self, cluster: int) -> list[AppStatus]:
+        """The statuses of the environments in cluster `cluster` (an index of `contexts`)."""
+        return [s for s in self.statuses if self.cluster_index[s.scope] == cluster]
 
-        async def save(kube: KubeClient) -> None:
+    def save(self, *kubeconfig_paths: Path) -> None:
+        """Every status written (two API writes each), 32 at a time per cluster, each in
+        its environment's cluster: one kubeconfig per context, in their order."""
+
+        async def save(kube: KubeClient, *, statuses: list[AppStatus]) -> None:
             store = StatusStore(kube)
             await store.install()  # the CRD, on a sandbox nothing reconciled on yet
             await store.list_all()
@@ -122,13 +141,14 @@ class Fleet:
                 async with limit:
                     await store.save(status)
 
-            await asyncio.gather(*(one(s) for s in self.statuses))
+            await asyncio.gather(*(one(s) for s in statuses))
 
-        _in_thread(kubeconfig_path, save)
+        for cluster, kubeconfig_path in enumerate(kubeconfig_paths):
+            _in_thread(kubeconfig_path, functools.partial(save, statuses=self.statuses_in(cluster)))
 
-    def delete(self, kubeconfig_path: Path) -> None:
-        """One delete of every status of the fleet's scopes (a shared sandbox keeps no
-        leftovers)."""
+    def delete(self, *kubeconfig_paths: Path) -> None:
+        """One delete per cluster of every status of the fleet's scopes (a shared sandbox
+        keeps no leftovers)."""
 
         async def delete(kube: KubeClient) -> None:
             selector = f"conveyor.dev/scope in ({','.join(self.names)})"
@@ -138,7 +158,8 @@ class Fleet:
                 params={"labelSelector": selector},
             )
 
-        _in_thread(kubeconfig_path, delete)
+        for kubeconfig_path in kubeconfig_paths:
+            _in_thread(kubeconfig_path, delete)
 
 
 def _in_thread(path: Path, work: Any) -> None:
