@@ -113,7 +113,9 @@ def audit_log(layout: Layout) -> Path:
 
 
 def node_manifest(sandbox: str) -> dict[str, object]:
-    """One fake Node. No kwok NoSchedule taint, so ordinary Pods land on it."""
+    """One fake Node. No kwok NoSchedule taint, so ordinary Pods land on it. Room for
+    50,000 Pods: the shards benchmark's 10,000 apps need 10,000 (at 5,000, half of them
+    stayed Pending and their apps never Ready)."""
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -129,8 +131,8 @@ def node_manifest(sandbox: str) -> dict[str, object]:
             "annotations": {"node.alpha.kubernetes.io/ttl": "0", "kwok.x-k8s.io/node": "fake"},
         },
         "status": {
-            "capacity": {"cpu": "64", "memory": "256Gi", "pods": "5000"},
-            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "5000"},
+            "capacity": {"cpu": "64", "memory": "256Gi", "pods": "50000"},
+            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "50000"},
         },
     }
 
