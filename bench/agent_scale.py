@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SECRET = b"bench"
 
 
-def app_manifest(name: str, namespace: str, *, image_tag: str = "1") -> str:
+def app_manifest(name: str, namespace: str, *, image_tag: str = "1", replicas: int = 1) -> str:
     return f"""apiVersion: v1
 kind: ServiceAccount
 metadata: {{name: {name}, namespace: {namespace}}}
@@ -48,7 +48,7 @@ apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: {name}, namespace: {namespace}}}
 spec:
-  replicas: 1
+  replicas: {replicas}
   selector: {{matchLabels: {{app: {name}}}}}
   template:
     metadata: {{labels: {{app: {name}}}}}
