@@ -58,7 +58,7 @@ from tests.unit.test_readme import readme_commands
 pytestmark = pytest.mark.cluster
 SYSTEM = "conveyor-system"
 ACCOUNT = "system:serviceaccount:conveyor-system:conveyor"
-APPS_SHARDED = 10  # both of two shards own some: all to one has odds of 1 in 512
+APPS_SHARDED = 20  # both of two shards own some: all to one has odds of 1 in 524,288
 
 
 def chart_values(**overrides: Any) -> dict[str, Any]:
