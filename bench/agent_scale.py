@@ -426,23 +426,17 @@ def print_row(row: dict[str, object]) -> None:
     )
 
 
-def append_results(results: list[dict[str, object]]) -> None:
+def append_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A dated section of bench/RESULTS.md: `title`, then one table (the file is made
+    with its heading if missing)."""
     lines = [
         "",
-        f"## Agent at scale ({time.strftime('%Y-%m-%d')}, 2 cores, sandbox)",
+        f"## {title} ({time.strftime('%Y-%m-%d')}, 2 cores, sandbox)",
         "",
-        "| apps | commit → all Ready | API writes | no-op resync | no-op writes | "
-        "webhook → applied | agent peak RSS | peer | peer time | peer ÷ conveyor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(row) + " |" for row in rows),
     ]
-    for r in results:
-        ratio = float(r["peer_s"]) / float(r["ready_s"])  # type: ignore[arg-type]
-        lines.append(
-            f"| {r['label']} | {r['ready_s']:.1f} s | {r['first_writes']} | "
-            f"{r['noop_s']:.2f} s | {r['noop_writes']} | {r['change_s']:.2f} s | "
-            f"{r['rss_mib']:.0f} MiB | {r['peer']} | {r['peer_s']:.1f} s | "
-            f"{ratio:.2f}x |"
-        )
     results_file = ROOT / "bench" / "RESULTS.md"
     if not results_file.exists():
         results_file.write_text(
@@ -451,6 +445,31 @@ def append_results(results: list[dict[str, object]]) -> None:
         )
     with results_file.open("a") as handle:
         handle.write("\n".join(lines) + "\n")
+
+
+def append_results(results: list[dict[str, object]]) -> None:
+    rows = []
+    for r in results:
+        ratio = float(r["peer_s"]) / float(r["ready_s"])  # type: ignore[arg-type]
+        rows.append(
+            [
+                str(r["label"]),
+                f"{r['ready_s']:.1f} s",
+                str(r["first_writes"]),
+                f"{r['noop_s']:.2f} s",
+                str(r["noop_writes"]),
+                f"{r['change_s']:.2f} s",
+                f"{r['rss_mib']:.0f} MiB",
+                str(r["peer"]),
+                f"{r['peer_s']:.1f} s",
+                f"{ratio:.2f}x",
+            ]
+        )
+    columns = [
+        "apps", "commit → all Ready", "API writes", "no-op resync", "no-op writes",
+        "webhook → applied", "agent peak RSS", "peer", "peer time", "peer ÷ conveyor",
+    ]  # fmt: skip
+    append_table("Agent at scale", columns, rows)
     print(json.dumps(results, indent=1, default=str))
 
 

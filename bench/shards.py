@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent_scale import ROOT, SECRET, Bench, app_manifest, free_port, hook, peak_rss
+from agent_scale import SECRET, Bench, app_manifest, append_table, free_port, hook, peak_rss
 
 from conveyor.sandbox import Sandbox
 
@@ -207,25 +207,30 @@ def print_row(row: dict[str, object]) -> None:
 
 
 def append_results(rows: list[dict[str, object]]) -> None:
-    lines = [
-        "",
-        f"## Shards ({time.strftime('%Y-%m-%d')}, 2 cores, sandbox, bench/shards.py)",
-        "",
-        "| shards | apps | start → all Ready | API writes | no-op resync | no-op writes | "
-        "apps per shard | peak RSS per shard | failover after kill -9 | load average |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    table = []
     for r in rows:
         rss = ", ".join(f"{x:.0f} MiB" for x in r["rss_mib"])  # type: ignore[attr-defined]
         failover = f"{r['failover_s']:.1f} s" if "failover_s" in r else "—"
         load = " ".join(f"{x:.1f}" for x in r["load"])  # type: ignore[attr-defined]
-        lines.append(
-            f"| {r['shards']} | {r['n']} | {r['ready_s']:.1f} s | {r['first_writes']} | "
-            f"{r['noop_s']:.2f} s | {r['noop_writes']} | {r['apps_per_shard']} | {rss} | "
-            f"{failover} | {load} |"
+        table.append(
+            [
+                str(r["shards"]),
+                str(r["n"]),
+                f"{r['ready_s']:.1f} s",
+                str(r["first_writes"]),
+                f"{r['noop_s']:.2f} s",
+                str(r["noop_writes"]),
+                str(r["apps_per_shard"]),
+                rss,
+                failover,
+                load,
+            ]
         )
-    with (ROOT / "bench" / "RESULTS.md").open("a") as handle:
-        handle.write("\n".join(lines) + "\n")
+    columns = [
+        "shards", "apps", "start → all Ready", "API writes", "no-op resync", "no-op writes",
+        "apps per shard", "peak RSS per shard", "failover after kill -9", "load average",
+    ]  # fmt: skip
+    append_table("Shards, bench/shards.py", columns, table)
 
 
 def main() -> int:
