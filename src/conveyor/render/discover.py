@@ -186,7 +186,7 @@ def _walk(folder: Path, repo_root: Path, *, env_root: Path, tree: EnvironmentTre
     has_releases = False
     has_flux_config = False
     folder_error: RenderError | None = None
-    files = [p for p in listing.yaml_files(folder) if p.name not in SKIPPED_FILES]
+    files = [p for p in listing.yaml_files() if p.name not in SKIPPED_FILES]
     for path in files:
         rel_path = str(path.relative_to(repo_root))
         try:

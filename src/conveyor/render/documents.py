@@ -123,6 +123,7 @@ class Listing:
     say what they are, where a stat per name (is_file, is_dir) cost discovery of 10,000
     app folders most of its time once their files were parsed."""
 
+    folder: Path
     files: frozenset[str]
     folders: tuple[str, ...]  # sorted; hidden ones left out
 
@@ -135,12 +136,12 @@ class Listing:
                     files.add(entry.name)
                 elif entry.is_dir() and not entry.name.startswith("."):
                     folders.append(entry.name)
-        return cls(frozenset(files), tuple(sorted(folders)))
+        return cls(folder, frozenset(files), tuple(sorted(folders)))
 
-    def yaml_files(self, folder: Path) -> list[Path]:
-        """The YAML files (as paths in `folder`), sorted for a stable order."""
+    def yaml_files(self) -> list[Path]:
+        """The folder's YAML files, sorted for a stable order."""
         return [
-            folder / name
+            self.folder / name
             for name in sorted(self.files)
             if name.endswith((".yaml", ".yml")) and not name.startswith(".")
         ]
@@ -148,4 +149,4 @@ class Listing:
 
 def yaml_files(folder: Path) -> list[Path]:
     """YAML files directly in `folder`, sorted for a stable order."""
-    return Listing.of(folder).yaml_files(folder)
+    return Listing.of(folder).yaml_files()
