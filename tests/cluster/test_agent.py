@@ -307,7 +307,7 @@ def test_kill_9_mid_rollout_of_50_apps_then_restart_converges(
 
     def all_ready() -> bool:
         items = [i for i in conveyor_apps(sandbox, scope) if i["spec"].get("app")]
-        return len(items) == 50 and all(i["status"].get("state") == "Ready" for i in items)
+        return len(items) == 50 and all(i.get("status", {}).get("state") == "Ready" for i in items)
 
     wait_for(all_ready, timeout=240, what="all 50 apps Ready after the restart")
     releases = json.loads(sandbox.run("helm", "list", "-n", namespace, "-a", "-o", "json").stdout)

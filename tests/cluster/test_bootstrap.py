@@ -312,7 +312,7 @@ def test_bootstrap_namespaced_agent_reconciles_upgrades_through_git_uninstall_ke
         return {
             item["spec"]["app"]
             for item in (statuses or {}).get("items", [])
-            if item["spec"].get("scope") == name and item["status"].get("state") == "Ready"
+            if item["spec"].get("scope") == name and item.get("status", {}).get("state") == "Ready"
         }
 
     wait_for(lambda: {"web", "conveyor"} <= ready_apps(), timeout=120, what="web and conveyor")

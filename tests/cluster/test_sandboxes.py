@@ -58,7 +58,9 @@ class Staged:
         """The ConveyorApps of the Helm release `namespace/name`."""
         found = kubectl_json(self.sandbox, "get", "conveyorapps", "-n", "conveyor-system")
         items = found["items"] if found else []
-        return {i["metadata"]["name"] for i in items if i["status"].get("release") == release}
+        return {
+            i["metadata"]["name"] for i in items if i.get("status", {}).get("release") == release
+        }
 
     def gone(self, namespace: str) -> bool:
         return kubectl_json(self.sandbox, "get", "namespace", namespace) is None

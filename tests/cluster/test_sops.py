@@ -333,7 +333,7 @@ def test_the_agent_decrypts_with_the_agekey_of_the_secret_conveyor_yaml_names(
     def web_ready() -> bool:
         items = [i for i in conveyor_apps(sandbox, env_name) if i["spec"].get("app") == "web"]
         assert agent.poll() is None, log.read_text()
-        return bool(items) and items[0]["status"].get("state") == "Ready"
+        return bool(items) and items[0].get("status", {}).get("state") == "Ready"
 
     try:
         wait_for(web_ready, timeout=180, what="the agent to apply the decrypted Secret")
