@@ -33,6 +33,7 @@ RUNS_ON_CLUSTER = {
     "conveyor get apps [-o json|yaml]": 0,
     # the environment names no cluster: the sandbox, $KUBECONFIG's
     "conveyor get apps --all-environments --repo URL [-o json]": 0,
+    "conveyor get shards --env NAME [-o json]": 0,  # it runs unsharded: no shards
     "conveyor diff --repo URL (--path DIR | --env NAME) [--format markdown]": 0,
     "conveyor suspend APP --env NAME": 0,
     "conveyor resume APP --env NAME": 0,
@@ -63,3 +64,5 @@ def test_the_readme_command_lines_for_a_cluster_run_as_written(
         assert result.returncode == RUNS_ON_CLUSTER[line], f"{line}\n{result.stdout}{result.stderr}"
         if line.startswith("conveyor get apps"):  # the table folds names at 80 columns
             assert "web" in result.stdout and "Ready" in result.stdout
+        if line.startswith("conveyor get shards"):
+            assert f"{name} runs unsharded" in result.stdout, result.stdout

@@ -16,6 +16,7 @@ import json
 import signal
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,25 @@ def test_shards_split_the_apps_take_a_killed_ones_over_and_never_write_one_app_t
         assert {n: owners[n]["shard"] for n in names} == {n: owner_of(n, two) for n in names}
         assert set(two) == {owners[n]["shard"] for n in names}  # both have work
         assert all(owners[n]["lastWrittenBy"] == owner_of(n, two) for n in names)
+
+        # `get shards` says the same split, with each shard's last pass (published on
+        # the shard's Lease at its next renewal).
+        def shares() -> list[dict[str, object]]:
+            shown = conveyor(sandbox, "get", "shards", "--env", folder, "-o", "json", check=True)
+            return list(json.loads(shown.stdout)["shards"])
+
+        wait_for(
+            lambda: all(s["passSeconds"] is not None for s in shares()),
+            timeout=30,
+            what="each shard's last pass on its Lease",
+        )
+        split = Counter(owner_of(n, two) for n in names)
+        assert {s["shard"]: s["apps"] for s in shares()} == split
+        table = conveyor(sandbox, "get", "shards", "--env", folder, check=True).stdout
+        assert all(identity[:20] in table for identity in two), table
+        unknown = conveyor(sandbox, "get", "shards", "--env", f"{folder}-nowhere")
+        assert unknown.returncode == 2 and "no environment" in unknown.stderr, unknown.stderr
+        assert len(unknown.stderr.strip().splitlines()) == 1
 
         # A third shard joins: only the apps it now ranks first for move, to it, and
         # nothing is reinstalled or pruned for the move.

@@ -39,7 +39,7 @@ from conveyor.cli.output import (
 from conveyor.cluster.client import ApiError
 from conveyor.cluster.kubeconfig import KubeconfigError
 from conveyor.cluster.lease import NotLeaderError
-from conveyor.cluster.shards import shard_owners
+from conveyor.cluster.shards import ShardShare, live_shards, shard_owners, shard_shares
 from conveyor.config.helmrelease import parse_duration
 from conveyor.config.names import UnsafeValueError, kubernetes_namespace
 from conveyor.config.project import ConfigError
@@ -292,6 +292,60 @@ def get_apps(
         )
         return
     console.print(status_table(statuses, title="apps", shards=shards))
+
+
+@get_app.command("shards")
+def get_shards(
+    scope: str = typer.Option(..., "--env", "--scope", help="Environment (or path scope)."),
+    kubeconfig: str | None = KubeconfigOption,
+    context: str | None = ContextOption,
+    output: OutputFormat = typer.Option(OutputFormat.table, "--output", "-o"),
+) -> None:
+    """The live shards of an environment split over agent replicas (agent --shards): the
+    apps each owns now, and its last pass. None when the environment runs unsharded."""
+
+    async def load() -> list[ShardShare] | None:
+        async with kube_client(kubeconfig_path=kubeconfig, context=context) as kube:
+            statuses = await StatusStore(kube).list_all(scope=scope)
+            source = next((s for s in statuses if s.kind == SOURCE_KIND), None)
+            if source is None or not source.owner:
+                return None
+            loads = await live_shards(kube, namespace=STATUS_NAMESPACE, environment=source.owner)
+            return shard_shares(loads, [s.app for s in statuses if s.kind != SOURCE_KIND])
+
+    try:
+        shares = asyncio.run(load())
+    except (KubeconfigError, ApiError, OSError) as error:
+        fail(str(error))
+    if shares is None:
+        fail(f"no environment {scope} in this cluster: no agent or reconcile has run it yet")
+    if output is not OutputFormat.table:
+        rows = [
+            {
+                "shard": share.load.identity,
+                "apps": share.owned,
+                "lastPassApps": share.load.apps,
+                "passSeconds": share.load.pass_seconds,
+            }
+            for share in shares
+        ]
+        print_machine({"environment": scope, "shards": rows}, output)
+        return
+    if not shares:
+        console.print(f"{escape(scope)} runs unsharded: one agent holds its Lease")
+        return
+    table = Table(title=f"shards of {escape(scope)}")
+    for column in ("shard", "apps", "last pass: apps", "last pass: seconds"):
+        table.add_column(column, overflow="fold")
+    for share in shares:
+        seconds = share.load.pass_seconds
+        table.add_row(
+            escape(share.load.identity),
+            str(share.owned),
+            "" if share.load.apps is None else str(share.load.apps),
+            "" if seconds is None else f"{seconds:.1f}",
+        )
+    console.print(table)
 
 
 def _get_all_environments(

@@ -168,6 +168,23 @@ async def live_shards(kube: KubeClient, *, namespace: str, environment: str) -> 
     return sorted(result, key=lambda s: s.identity)
 
 
+@dataclass(frozen=True)
+class ShardShare:
+    """A live shard with the apps it owns now (by hashing over the live shards) beside
+    the load it last published: what `conveyor get shards` and the dashboard show."""
+
+    load: ShardLoad
+    owned: int
+
+
+def shard_shares(loads: list[ShardLoad], apps: list[str]) -> list[ShardShare]:
+    """Each of `loads` with how many of `apps` it owns now; none when there are none
+    (an environment that runs unsharded)."""
+    live = [load.identity for load in loads]
+    owners = [owner_of(app, live) for app in apps]
+    return [ShardShare(load=load, owned=owners.count(load.identity)) for load in loads]
+
+
 async def shard_owners(
     kube: KubeClient, apps: list[tuple[str, str, str]], *, namespace: str
 ) -> dict[str, str]:

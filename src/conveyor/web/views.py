@@ -21,7 +21,7 @@ from conveyor.cluster.client import ApiError, KubeClient, UnknownKindError
 from conveyor.cluster.health import assess
 from conveyor.cluster.helm_storage import ReleaseRevision, release_history
 from conveyor.cluster.objects import ObjectRef
-from conveyor.cluster.shards import ShardLoad, live_shards, owner_of
+from conveyor.cluster.shards import ShardLoad, live_shards, shard_shares
 from conveyor.images.reference import split_reference
 from conveyor.reconcile.status import (
     API_VERSION,
@@ -325,16 +325,14 @@ def _release_tags(revision: ReleaseRevision) -> list[str]:
 
 def shards(loads: list[ShardLoad], apps: list[str]) -> list[ShardOut]:
     """Each live shard with the apps it owns now among `apps` and its published load."""
-    live = [load.identity for load in loads]
-    owners = [owner_of(app, live) for app in apps]
     return [
         ShardOut(
-            shard=load.identity,
-            apps=owners.count(load.identity),
-            last_pass_apps=load.apps,
-            pass_seconds=load.pass_seconds,
+            shard=share.load.identity,
+            apps=share.owned,
+            last_pass_apps=share.load.apps,
+            pass_seconds=share.load.pass_seconds,
         )
-        for load in loads
+        for share in shard_shares(loads, apps)
     ]
 
 
