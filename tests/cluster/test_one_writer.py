@@ -5,6 +5,7 @@ what the tests read to tell who wrote. The fixture always resumes and takes it d
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import datetime as dt
 import json
@@ -21,19 +22,24 @@ from typing import Any
 import httpx
 import pytest
 
+from conveyor.reconcile import once
+from conveyor.reconcile.engine import PassResult
 from conveyor.reconcile.requests import REQUEST_MANAGER
+from conveyor.reconcile.target import ResolvedTarget, Target
+from conveyor.render.discover import EnvironmentTree
 from conveyor.sandbox.components import audit_log
 from tests.cluster.gitops import (
     ConfigRepo,
     chart_repo,
     conveyor,
+    deployment,
     flux_v1_release,
     hold_lease,
     kubectl_json,
     wait_for,
 )
 from tests.cluster.serve import ServeProcess
-from tests.cluster.test_agent import AgentProcess, sign
+from tests.cluster.test_agent import AgentProcess, sign, spec_replicas
 from tests.conftest import SandboxHandle, start_sandbox
 
 pytestmark = pytest.mark.cluster
@@ -437,3 +443,28 @@ def terms(
                 end = write.received + dt.timedelta(seconds=seconds)
                 held.setdefault(write.user_agent, []).append((write.done, end))
     return held
+
+
+def test_a_one_pass_reconcile_keeps_its_lease_through_a_step_longer_than_the_lease(
+    sandbox: SandboxHandle, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`conveyor reconcile`'s own pass renews on a loop of its own, as an agent does: a
+    step that holds the pass's loop for 2.5 leases (rendering thousands of apps does)
+    no longer costs it the Lease, and with it every write after."""
+    lease = 4.0
+    repo = ConfigRepo(tmp_path)
+    path = f"envs/busy-{namespace}"
+    for name in ("a", "b", "c"):
+        repo.write(f"{path}/{name}/deploy.yaml", deployment(name, namespace))
+    repo.commit("three apps")
+    discover = once.discover_target
+
+    def held_loop(resolved: ResolvedTarget) -> EnvironmentTree:
+        time.sleep(2.5 * lease)  # blocking, as CPU-bound rendering is
+        return discover(resolved)
+
+    monkeypatch.setattr(once, "discover_target", held_loop)
+    target = Target(repo=repo.url, path=path, kubeconfig=str(sandbox.kubeconfig))
+    result = asyncio.run(once.reconcile_once(target, lease_duration=lease, notify_grace=0))
+    assert isinstance(result, PassResult) and result.all_ready, result
+    assert sorted(spec_replicas(sandbox, namespace, n) for n in ("a", "b", "c")) == [1, 1, 1]

@@ -96,3 +96,19 @@ def test_an_event_set_on_another_thread_wakes_its_waiter() -> None:
     assert event.is_set()
     event.clear()
     assert not event.is_set()
+
+
+def test_work_under_hold_that_holds_the_loop_from_its_start_keeps_the_lease() -> None:
+    """`hold` hands the renewals to the lease loop before the work under it starts (a
+    one-pass reconcile renders before it first yields)."""
+
+    async def leader_after_blocking_at_once(candidate: LeaderElector) -> bool:
+        async with candidate.hold(timeout=0):
+            time.sleep(2.5)
+            return candidate.is_leader
+
+    runner = LeaseLoop()
+    try:
+        assert asyncio.run(leader_after_blocking_at_once(elector(LeaseApi(), runner)))
+    finally:
+        runner.close()

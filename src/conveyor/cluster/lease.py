@@ -279,6 +279,10 @@ class LeaderElector:
         if not await self.acquire(timeout=timeout):
             raise LeaseNotAcquiredError(self.namespace, self.name, self.holder)
         renewals = asyncio.create_task(self.run_renewals())
+        # One turn of this loop so the task hands the renewals to the runner now: work
+        # under the lease that holds this loop from the start would otherwise delay
+        # them until it yields, lease loop or not.
+        await asyncio.sleep(0)
         try:
             yield self.lost
         finally:

@@ -12,6 +12,7 @@ from functools import partial
 
 from conveyor.cluster.client import KubeClient
 from conveyor.cluster.lease import LeaderElector, LeaseNotAcquiredError
+from conveyor.cluster.lease_loop import LeaseLoop
 from conveyor.cluster.ownership import EnvironmentIdentity
 from conveyor.cluster.shards import live_shards
 from conveyor.config.project import ConfigError
@@ -87,7 +88,10 @@ async def reconcile_once(
         )
         return SourceFailure(scope=scope, message=str(error))
     kube = kube_client(resolved)
-    lease_kube = kube_client(resolved)  # lease traffic apart from the pass's writes
+    # Lease traffic apart from the pass's writes, on a loop of its own (as an agent's):
+    # a pass's steps over thousands of apps cannot hold back a renewal.
+    lease_kube = kube_client(resolved)
+    lease_loop = LeaseLoop()
     for client in (kube, lease_kube):
         client.identify(writer)
     try:
@@ -97,14 +101,13 @@ async def reconcile_once(
         await store.install()
         scope = await store.scope_for(resolved.identity, scope=resolved.scope)
         elector = environment_elector(
-            lease_kube, scope, identity=writer, lease_duration=lease_duration
+            lease_kube, scope, identity=writer, lease_duration=lease_duration, runner=lease_loop
         )
         deadline = time.monotonic() + timeout
 
         async def shards_live() -> bool:
-            return bool(
-                await live_shards(lease_kube, namespace=NAMESPACE, environment=resolved.identity.id)
-            )
+            listed = live_shards(lease_kube, namespace=NAMESPACE, environment=resolved.identity.id)
+            return bool(await elector.on_runner(listed))
 
         while True:
             if await shards_live():  # sharded agents write this environment: ask them
@@ -168,7 +171,8 @@ async def reconcile_once(
             await asyncio.sleep(min(1.0, left))
     finally:
         await kube.aclose()
-        await lease_kube.aclose()
+        await lease_loop.run(lease_kube.aclose())
+        lease_loop.close()
 
 
 async def _own_pass(
