@@ -91,11 +91,13 @@ test: $(STAMP) browser image-tools
 	$(BIN)/mypy
 	@# The unit tests (four minutes of one core) run beside the cluster tests, which spend
 	@# much of their time waiting on the control plane; their output follows.
-	@unit_log=$$(mktemp); \
-	$(BIN)/pytest -m "not cluster" -p no:cacheprovider tests >"$$unit_log" 2>&1 & unit=$$!; \
+	@# Their temporary files go apart: a pytest session prunes others' old ones.
+	@unit=$$(mktemp -d); \
+	$(BIN)/pytest -m "not cluster" -p no:cacheprovider --basetemp "$$unit/tmp" tests \
+		>"$$unit/log" 2>&1 & pid=$$!; \
 	status=0; $(BIN)/pytest -m cluster tests || status=$$?; \
-	wait $$unit || status=$$?; echo "--- the unit tests, run beside them ---"; \
-	cat "$$unit_log"; rm -f "$$unit_log"; exit $$status
+	wait $$pid || status=$$?; echo "--- the unit tests, run beside them ---"; \
+	cat "$$unit/log"; rm -rf "$$unit"; exit $$status
 
 demo: $(STAMP)
 	$(BIN)/python -m conveyor.demo
